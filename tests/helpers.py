@@ -1,0 +1,29 @@
+"""Shared helpers for tests: load a tiny model with its basis and parametrize it."""
+
+import torch
+
+from acip_core.basis import build_basis
+from acip_core.data import load_text, token_windows
+from acip_core.models import load_base
+from acip_core.parametrize import parametrize_, target_linears
+
+
+def calib_windows(tokenizer, n=8, seq_len=32):
+    return token_windows(tokenizer, load_text("corpus:train")[:100_000], seq_len, n)
+
+
+def model_and_basis(folder, kind="whitened"):
+    model, tok = load_base(folder)
+    linears = target_linears(model)
+    basis = build_basis(model, linears, kind, calib_windows(tok) if kind == "whitened" else None)
+    return model, tok, linears, basis
+
+
+def random_ids(vocab, shape=(2, 24), seed=0):
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def parametrized_copy(folder, kind="whitened", **kw):
+    model, tok, linears, basis = model_and_basis(folder, kind)
+    originals = parametrize_(model, basis, **kw)
+    return model, tok, basis, originals

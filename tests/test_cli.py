@@ -1,0 +1,36 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def _cli(*args):
+    proc = subprocess.run([sys.executable, "-m", "acip_core", *args, "--json"], capture_output=True,
+                          text=True, timeout=300)
+    return proc.returncode, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_size_eval_generate_on_an_artifact(tiny_artifact):
+    rc, size = _cli("size", "--artifact", str(tiny_artifact), "--size-ratio", "0.6")
+    assert rc == 0 and 0.6 <= size["size_ratio"] <= 0.61 and size["bytes"]["float32"] == 4 * size["params"]
+    rc, budget = _cli("size", "--artifact", str(tiny_artifact), "--budget-gb", str(size["params"] * 2 / 1e9),
+                      "--dtype", "bfloat16")
+    assert rc == 0 and budget["params"] >= size["params"] and budget["budget_left_gb"] >= 0
+    rc, ev = _cli("eval", "--artifact", str(tiny_artifact), "--size-ratio", "0.6", "--seq-len", "32",
+                  "--max-windows", "4")
+    assert rc == 0 and ev["perplexity"] > 1 and ev["tokens"] == 128
+    rc, gen = _cli("generate", "--artifact", str(tiny_artifact), "--size-ratio", "0.6", "--prompt", "Debian",
+                   "--max-new-tokens", "5", "--no-chat")
+    assert rc == 0 and isinstance(gen["text"], str)
+
+
+@pytest.mark.parametrize("ratio", ["nan", "-0.2", "1.5"])
+def test_out_of_range_sizes_are_clear_errors(tiny_artifact, ratio):
+    rc, out = _cli("size", "--artifact", str(tiny_artifact), "--size-ratio", ratio)
+    assert rc == 2 and "size_ratio must be within [0, 1]" in out["error"]
+
+
+def test_budget_too_small(tiny_artifact):
+    rc, out = _cli("size", "--artifact", str(tiny_artifact), "--budget-gb", "0.0000001")
+    assert rc == 2 and "smaller than the smallest model" in out["error"]

@@ -1,0 +1,121 @@
+import threading
+
+import pytest
+import torch
+
+from acip_core.evaluate import generate_text
+from acip_core.materialize import AnySizeModel, count_params
+from acip_core.models import load_base
+from acip_core.parametrize import acip_layers, parametrize_, replace_modules_
+from helpers import model_and_basis, random_ids
+
+LORA_RANK, LORA_ALPHA = 4, 8.0
+
+
+def _any_size(folder, seed=0):
+    model, tok, linears, basis = model_and_basis(folder)
+    g = torch.Generator().manual_seed(seed)
+    scores = {n: torch.randn(len(f.s), generator=g) for n, f in basis.items()}
+    adapters = {}
+    for n, f in basis.items():
+        adapters[f"{n}.lora_A"] = 0.1 * torch.randn(LORA_RANK, f.Vh.shape[1], generator=g)
+        adapters[f"{n}.lora_B"] = 0.1 * torch.randn(f.U.shape[0], LORA_RANK, generator=g)
+    return AnySizeModel(model, tok, basis, scores, adapters, LORA_RANK, LORA_ALPHA), basis, adapters
+
+
+def _reference(folder, any_size, basis, adapters, ranks):
+    """The slow path: the scoring-form model with masks set to the ranks, dense layers restored."""
+    model, _ = load_base(folder)
+    originals = parametrize_(model, basis, lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0)
+    dense = {}
+    with torch.no_grad():
+        for n, layer in acip_layers(model).items():
+            order = any_size.index.orders[n]
+            layer.mask.fill_(-0.02)
+            layer.mask[order[:ranks[n]]] = 0.02
+            layer.lora_A.copy_(adapters[f"{n}.lora_A"])
+            layer.lora_B.copy_(adapters[f"{n}.lora_B"])
+            if any_size.shapes[n].runs_dense(ranks[n], LORA_RANK):
+                dense[n] = originals[n]
+    replace_modules_(model, dense)
+    return model.eval()
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.6, 0.85])
+def test_materialized_equals_slow_reference(tiny_model_dir, ratio):
+    any_size, basis, adapters = _any_size(tiny_model_dir)
+    size = any_size.size_for_ratio(ratio)
+    fast = any_size.materialize(size)
+    slow = _reference(tiny_model_dir, any_size, basis, adapters, size.ranks)
+    ids = random_ids(len(any_size.tokenizer))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(ids).logits, slow(ids).logits, atol=1e-4, rtol=1e-4)
+    assert count_params(fast) == size.params
+
+
+def test_full_size_is_the_original_model_exactly(tiny_model_dir):
+    any_size, _, _ = _any_size(tiny_model_dir)
+    original, _ = load_base(tiny_model_dir)
+    full = any_size.materialize(any_size.size_for_ratio(1.0))
+    assert any_size.size_for_ratio(1.0).dense_layers == len(any_size.targets)
+    ids = random_ids(len(any_size.tokenizer))
+    with torch.no_grad():
+        assert torch.equal(full(ids).logits, original(ids).logits)
+
+
+def test_sizes_share_tensors_and_leave_the_base_untouched(tiny_llama):
+    any_size, _, _ = _any_size(tiny_llama)
+    before = {k: v.clone() for k, v in any_size.base.state_dict().items()}
+    small = any_size.materialize(any_size.size_for_ratio(0.4))
+    assert small.model.embed_tokens.weight is any_size.base.model.embed_tokens.weight
+    any_size.materialize(any_size.size_for_ratio(0.9))
+    for k, v in any_size.base.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_budget_picks_largest_size_that_fits(tiny_llama):
+    any_size, _, _ = _any_size(tiny_llama)
+    full_gb = any_size.full_size().gigabytes("float32")
+    size = any_size.size_for_budget(full_gb * 0.8, "float32")
+    assert size.gigabytes("float32") <= full_gb * 0.8
+    assert count_params(any_size.materialize(size)) == size.params
+    with pytest.raises(ValueError, match="smaller than the smallest model"):
+        any_size.size_for_budget(1e-9, "float32")
+    for bad in (float("nan"), -1.0, 0.0):
+        with pytest.raises(ValueError):
+            any_size.size_for_budget(bad)
+
+
+def test_two_sizes_generate_concurrently_without_interfering(tiny_llama):
+    any_size, _, _ = _any_size(tiny_llama)
+    tok = any_size.tokenizer
+    models = {r: any_size.materialize(any_size.size_for_ratio(r)) for r in (0.4, 1.0)}
+    prompt = "The package manager installs"
+    alone = {r: generate_text(m, tok, prompt, 24, chat=False, repetition_penalty=1.0) for r, m in models.items()}
+    assert alone[0.4] != alone[1.0]
+    results, errors = {}, []
+
+    def work(r):
+        try:
+            for i in range(3):
+                results[(r, i)] = generate_text(models[r], tok, prompt, 24, chat=False, repetition_penalty=1.0)
+        except Exception as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in (0.4, 1.0)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert all(text == alone[r] for (r, _), text in results.items())
+
+
+def test_bfloat16_materialization_runs_and_stays_close(tiny_llama):
+    any_size, _, _ = _any_size(tiny_llama)
+    size = any_size.size_for_ratio(0.7)
+    ids = random_ids(len(any_size.tokenizer))
+    with torch.no_grad():
+        a = any_size.materialize(size, "float32")(ids).logits
+        b = any_size.materialize(size, "bfloat16")(ids).logits.float()
+    assert (a - b).abs().max() < 0.1 * a.abs().max()

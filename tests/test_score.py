@@ -1,0 +1,88 @@
+import json
+
+import pytest
+import torch
+
+from acip_core import ScoreConfig, load_artifact, run_scoring
+from acip_core.score import update_scores
+
+
+def test_algorithm_1_on_a_hand_made_mask_trajectory():
+    trajectory = [torch.tensor([0.03, 0.02, 0.01, 0.02]),
+                  torch.tensor([0.04, -0.01, 0.005, 0.02]),  # entry 1 pruned at step 2
+                  torch.tensor([0.05, -0.02, -0.001, 0.0]),  # entries 2, 3 pruned at step 3
+                  torch.tensor([0.06, -0.03, -0.002, -0.01])]
+    scores = None
+    for masks in trajectory:
+        scores = update_scores(scores, {"l": masks})
+    # alive: its mask value; pruned at step t of T=4: -(T - t + 1); same step -> same score
+    assert torch.equal(scores["l"], torch.tensor([0.06, -3.0, -2.0, -2.0]))
+    assert scores["l"].dtype == torch.float32
+
+
+def _cfg(**kw):
+    base = dict(steps=400, batch_size=2, seq_len=32, lr=2e-3, reg_init=1e-2, reg_growth=1.05,
+                stop_ratio=0.4, post_tune_steps=5, checkpoint_every=7, precision="fp32")
+    base.update(kw)
+    return ScoreConfig(**base)
+
+
+def test_tiny_run_reaches_its_stop_ratio_and_writes_a_valid_artifact(tiny_artifact):
+    art = load_artifact(tiny_artifact)
+    result = art.meta["result"]
+    assert result["stopped_by"] == "stop_ratio" and result["size_ratio_reached"] <= 0.4
+    assert result["post_tune_steps"] == 5
+    log = [json.loads(l) for l in (tiny_artifact / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == list(range(1, result["steps"] + 1))
+    assert {"loss", "nll", "reg_weight", "size_ratio", "seconds"} <= set(log[0])
+    assert not (tiny_artifact / "checkpoint.safetensors").exists()
+    # pruned entries have negative integer scores, alive ones their positive mask value
+    s = torch.cat(list(art.scores.values()))
+    assert (s < 0).any() and (s > 0).any() and torch.equal(s[s < 0], s[s < 0].round())
+    assert set(art.curve.method) == {"original", "acip"}
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(tiny_llama, tmp_path):
+    cfg = _cfg(steps=12, post_tune_steps=3)
+    full = run_scoring(tiny_llama, "corpus:train", tmp_path / "full", "svd", cfg, eval_windows=0,
+                       curve_sizes=[0.5])
+    calls = {"n": 0}
+
+    def stop_after_8():
+        calls["n"] += 1
+        return calls["n"] >= 8
+
+    part = tmp_path / "part"
+    assert run_scoring(tiny_llama, "corpus:train", part, "svd", cfg, should_stop=stop_after_8,
+                       eval_windows=0, curve_sizes=[0.5]) is None
+    assert json.loads((part / "checkpoint.json").read_text())["step"] == 8
+    resumed = run_scoring(tiny_llama, "corpus:train", part, "svd", cfg, resume=True, eval_windows=0,
+                          curve_sizes=[0.5])
+    for n in full.scores:
+        torch.testing.assert_close(resumed.scores[n], full.scores[n], atol=1e-6, rtol=0)
+    for n in full.adapters:
+        torch.testing.assert_close(resumed.adapters[n], full.adapters[n], atol=1e-6, rtol=1e-5)
+    steps = [json.loads(l)["step"] for l in (part / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 16))
+
+
+def test_a_second_run_into_a_finished_folder_is_refused(tiny_artifact, tiny_llama):
+    with pytest.raises(FileExistsError, match="already holds an artifact"):
+        run_scoring(tiny_llama, "corpus:train", tiny_artifact, "svd", _cfg())
+
+
+def test_a_live_run_locks_its_folder(tiny_llama, tmp_path):
+    from acip_core.pipeline import RunLock, RunLockedError
+
+    with RunLock(tmp_path):
+        with pytest.raises(RunLockedError, match="already writing"):
+            run_scoring(tiny_llama, "corpus:train", tmp_path, "svd", _cfg())
+    (tmp_path / ".lock").write_text("999999")  # a killed run's stale lock is taken over
+    with RunLock(tmp_path):
+        pass
+
+
+@pytest.mark.parametrize("bad", [dict(stop_ratio=1.5), dict(steps=0), dict(lr=-1.0), dict(precision="fp8")])
+def test_bad_config_is_rejected(bad):
+    with pytest.raises(ValueError):
+        _cfg(**bad)
