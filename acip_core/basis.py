@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 BASIS_KINDS = ("whitened", "svd")
 WHITENING_EPS = 1e-2  # relative ridge on the Gram matrix (platform-notes.md)
+BASIS_VERSION = 2  # bump when the construction changes, so cached bases are rebuilt
 
 
 @dataclass
@@ -170,10 +171,11 @@ def basis_for(model: nn.Module, tokenizer, linears: dict[str, nn.Linear], recipe
     from .data import load_text, token_windows
     from .models import cache_dir
 
+    text = load_text(recipe["data"]) if recipe["kind"] == "whitened" else ""
+
     def build():
         windows = None
         if recipe["kind"] == "whitened":
-            text = load_text(recipe["data"])
             windows = token_windows(tokenizer, text, recipe["seq_len"])
             # evenly spaced windows: the whole calibration text, not only its first part
             pick = torch.linspace(0, len(windows) - 1, min(recipe["windows"], len(windows))).long()
@@ -184,6 +186,8 @@ def basis_for(model: nn.Module, tokenizer, linears: dict[str, nn.Linear], recipe
                  time.perf_counter() - start)
         return basis
 
-    key = dict(recipe, model=model_fingerprint, layers=len(linears))
+    # the key holds the text's hash too: an edited corpus file must not reuse a stale basis
+    key = dict(recipe, model=model_fingerprint, layers=len(linears), version=BASIS_VERSION,
+               text=hashlib.sha256(text.encode()).hexdigest()[:16])
     basis = cached_basis(key, build, cache_dir())
     return {n: basis[n] for n in linears}

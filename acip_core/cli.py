@@ -79,16 +79,19 @@ def cmd_size(args):
 def cmd_eval(args):
     from .data import load_text, token_windows
     from .evaluate import perplexity
-    from .pipeline import open_artifact
+    from .pipeline import method_size, open_method
 
-    model = open_artifact(args.artifact)
-    size = _pick_size(model, args)
+    model, artifact = open_method(args.artifact, args.method)
+    if args.method == "block-removal" and args.budget_gb is not None:
+        raise ValueError("block-removal takes --size-ratio, not --budget-gb")
+    size = method_size(args.method, model, artifact, args.size_ratio) if args.size_ratio is not None \
+        else _pick_size(model, args)
     windows = token_windows(model.tokenizer, load_text(args.data), args.seq_len, args.max_windows)
     result = perplexity(model.materialize(size, args.dtype), windows, args.batch_size)
-    result.update(size_ratio=round(size.size_ratio, 5), params=size.params, data=args.data)
-    _emit(args, result, f"perplexity {result['perplexity']:.3f} on {result['tokens']} tokens "
-                        f"({result['windows']} windows) in {result['seconds']:.1f} s at size "
-                        f"{size.size_ratio:.4f}")
+    result.update(method=args.method, size_ratio=round(size.size_ratio, 5), params=size.params, data=args.data)
+    _emit(args, result, f"{args.method}: perplexity {result['perplexity']:.3f} on {result['tokens']} tokens "
+                        f"({result['windows']} windows, nll std {result['nll_std']:.3f}) in "
+                        f"{result['seconds']:.1f} s at size {size.size_ratio:.4f}")
 
 
 @command
@@ -121,7 +124,58 @@ def cmd_size_latency(args):
     _emit(args, result, f"size + materialize: median {result['median_ms']:.1f} ms over {args.n}")
 
 
+@command
+def cmd_self_text(args):
+    from .artifact import atomic_write_bytes
+    from .models import load_base
+    from .selftext import sample_text
+
+    model, tokenizer = load_base(args.model, torch_dtype(args.dtype))
+    text = sample_text(model, tokenizer, args.prompts, args.max_new_tokens, args.batch_size, args.seed)
+    atomic_write_bytes(args.out, text.encode())
+    _emit(args, dict(out=args.out, characters=len(text)), f"wrote {len(text)} characters to {args.out}")
+
+
+@command
+def cmd_curve(args):
+    import pandas as pd
+
+    from .artifact import load_artifact, write_curve
+    from .baselines import METHODS
+    from .curve import method_curve
+    from .data import load_text, token_windows
+    from .models import load_base
+
+    methods = METHODS if args.methods == "all" else args.methods.split(",")
+    lo, hi, step = (float(x) for x in args.sizes.split(":"))
+    sizes = [round(lo + i * step, 4) for i in range(int(round((hi - lo) / step)) + 1)]
+    artifact = load_artifact(args.artifact)
+    _, tokenizer = load_base(artifact.meta["model"]["source"])
+    evals = {}
+    for spec in args.eval:
+        name, _, source = spec.partition("=")
+        evals[name] = token_windows(tokenizer, load_text(source), args.seq_len, args.windows)
+    calib = token_windows(tokenizer, load_text("corpus:train"), args.seq_len, 8)
+    frames = [] if args.replace or artifact.curve is None else [artifact.curve[~artifact.curve.method.isin(
+        list(methods) + ["original"])]]
+    for method in methods:
+        start = time.perf_counter()
+        frames.append(method_curve(args.artifact, method, evals, sizes, args.dtype, args.batch_size, calib))
+        print(f"{method}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    curve = pd.concat(frames, ignore_index=True)
+    curve.attrs = {}
+    write_curve(args.artifact, curve)
+    _emit(args, dict(rows=len(curve), methods=list(methods)), curve.to_string())
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .baselines import METHODS
     from .basis import BASIS_KINDS
     from .models import EMBEDDED
 
@@ -147,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity of one size on a text")
     _size_args(p, budget=True)
     p.add_argument("--data", default="corpus:heldout")
+    p.add_argument("--method", default="acip", choices=METHODS)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--max-windows", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=4)
@@ -159,6 +214,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifact", required=True)
     p.add_argument("--n", type=int, default=100)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p = sub.add_parser("curve", help="measure every method at every size; writes the artifact's curve.csv")
+    p.add_argument("--artifact", required=True)
+    p.add_argument("--methods", default="all", help="all, or a comma list of acip,svd-magnitude,...")
+    p.add_argument("--sizes", default="0.30:1.00:0.05", help="LO:HI:STEP")
+    p.add_argument("--eval", action="append", default=None,
+                   help="NAME=SOURCE, repeatable (default heldout=corpus:heldout, domain=corpus:domain)")
+    p.add_argument("--windows", type=int, default=32, help="windows per eval set")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--replace", action="store_true", help="drop the other methods' rows")
+
+    p = sub.add_parser("self-text", help="sample calibration text from the model itself")
+    p.add_argument("--model", default=EMBEDDED)
+    p.add_argument("--out", required=True)
+    p.add_argument("--prompts", type=int, default=96)
+    p.add_argument("--max-new-tokens", type=int, default=320)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     for p in sub.choices.values():
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     return parser
@@ -166,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "eval", "x") is None:
+        args.eval = ["heldout=corpus:heldout", "domain=corpus:domain"]
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     try:

@@ -47,3 +47,41 @@ def acip_curve(model: AnySizeModel, evals: dict[str, torch.Tensor], sizes=DEFAUL
         if on_progress:
             on_progress(i + 1, len(sizes))
     return pd.DataFrame(rows)
+
+
+def method_curve(folder, method: str, evals: dict[str, torch.Tensor], sizes=DEFAULT_SIZES, dtype="bfloat16",
+                 batch_size: int = 4, calib_windows: torch.Tensor | None = None, on_progress=None) -> pd.DataFrame:
+    """Rows of one method at every size (block removal: at each of its own discrete sizes)."""
+    from .artifact import save_artifact
+    from .baselines import block_removal_order, block_removal_sizes
+    from .pipeline import open_method
+
+    any_size, artifact = open_method(folder, method)
+    if method == "block-removal":
+        order = artifact.meta.get("baselines", {}).get("block_removal_order")
+        if order is None:
+            order = block_removal_order(any_size, calib_windows, on_progress)
+            artifact.meta.setdefault("baselines", {})["block_removal_order"] = order
+            save_artifact(folder, artifact)
+        points = [(None, s) for s in block_removal_sizes(any_size, order) if s.size_ratio >= min(sizes) - 1e-9]
+    else:
+        points = [(t, any_size.size_for_ratio(t)) for t in sizes]
+    rows = []
+    for i, (target, size) in enumerate(points):
+        row = size_row(method, target, size)
+        net = any_size.materialize(size, dtype)
+        for name, windows in evals.items():
+            result = perplexity(net, windows, batch_size)
+            row[f"ppl_{name}"], row[f"nll_std_{name}"] = result["perplexity"], result["nll_std"]
+        del net
+        rows.append(row)
+        log.info("%s %.3f: %s", method, size.size_ratio, {k: round(v, 3) for k, v in row.items() if k.startswith("ppl")})
+        if on_progress:
+            on_progress(i + 1, len(points))
+    if method == "acip":  # the reference line, measured the same way
+        row = size_row("original", 1.0, any_size.full_size())
+        for name, windows in evals.items():
+            result = perplexity(any_size.materialize(any_size.full_size(), dtype), windows, batch_size)
+            row[f"ppl_{name}"], row[f"nll_std_{name}"] = result["perplexity"], result["nll_std"]
+        rows.insert(0, row)
+    return pd.DataFrame(rows)

@@ -188,3 +188,42 @@ def any_size_from(artifact: Artifact, model, tokenizer, on_progress=None) -> Any
     lora = artifact.meta.get("lora", {})
     return AnySizeModel(model, tokenizer, basis, artifact.scores, artifact.adapters,
                         int(lora.get("rank", 0)), float(lora.get("alpha", 16.0)), meta=artifact.meta)
+
+
+def open_method(folder: str | Path, method: str = "acip"):
+    """The AnySizeModel of a method on the artifact's base model (baselines carry no LoRA).
+
+    Returns (any_size, artifact). For block-removal the size is chosen with
+    baselines.block_removal_size and the artifact's stored block order.
+    """
+    from .baselines import METHODS, magnitude_scores, uniform_scores
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    artifact = load_artifact(folder)
+    model, tokenizer = load_base(artifact.meta["model"]["source"])
+    if method == "acip":
+        return any_size_from(artifact, model, tokenizer), artifact
+    linears = target_linears(model, artifact.meta.get("targets", DEFAULT_TARGETS))
+    fp = target_fingerprint(linears)
+    recipe = artifact.meta["basis"]["recipe"]
+    if method in ("svd-magnitude", "block-removal"):
+        recipe = default_recipe("svd")
+    elif recipe["kind"] != "whitened":
+        recipe = default_recipe("whitened")
+    basis = basis_for(model, tokenizer, linears, recipe, fp)
+    scores = uniform_scores(basis) if method == "uniform-whitened" else magnitude_scores(basis)
+    return AnySizeModel(model, tokenizer, basis, scores, meta=artifact.meta), artifact
+
+
+def method_size(method: str, any_size: AnySizeModel, artifact: Artifact, size_ratio: float):
+    """The Size of `method` for a target ratio (block removal: its nearest discrete size above)."""
+    if method != "block-removal":
+        return any_size.size_for_ratio(size_ratio)
+    from .baselines import block_removal_size
+
+    order = artifact.meta.get("baselines", {}).get("block_removal_order")
+    if order is None:
+        raise ArtifactError(f"{artifact.path} has no block-removal order yet: run "
+                            f"python -m acip_core curve --artifact {artifact.path}")
+    return block_removal_size(any_size, order, size_ratio)

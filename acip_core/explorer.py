@@ -1,0 +1,520 @@
+"""The app's engine: one artifact's any-size model, a small cache of materialized sizes, and the
+thread-safe jobs the UI asks for (summaries, chat, perplexity, lm-eval, export). Never imports gradio.
+
+Every public method takes a size_ratio (a float in [0, 1]); a size is looked up by its global prefix,
+so two ratios that select the same ranks share one materialized model. Materialized models are
+independent module trees over shared read-only factors (materialize.py), so concurrent calls at
+different sizes never interfere and nothing global is mutated under a running generation.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import re
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .artifact import load_artifact
+from .data import load_text, token_windows
+from .evaluate import Cancelled, perplexity
+from .jobs import ScoringJobs  # noqa: F401  (re-exported: the app's other engine)
+from .materialize import AnySizeModel, Size
+from .prune import DTYPE_BYTES
+
+log = logging.getLogger(__name__)
+
+DTYPE_CHOICES = ("float32", "bfloat16")
+MAX_PROMPT_CHARS = 8000
+MAX_NEW_TOKENS = 1024
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffe\uffff]")  # keeps \t \n \r
+
+
+# -- validation ---------------------------------------------------------------------------------
+def check_ratio(value, name: str = "size_ratio") -> float:
+    """A size ratio as a float in [0, 1]; ValueError with a clear message otherwise."""
+    try:
+        ratio = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number within [0, 1], got {value!r}") from None
+    if not math.isfinite(ratio) or not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"{name} must be within [0, 1], got {value!r}")
+    return ratio
+
+
+def check_dtype(dtype: str) -> str:
+    if dtype not in DTYPE_CHOICES:
+        raise ValueError(f"dtype must be one of {list(DTYPE_CHOICES)}, got {dtype!r}")
+    return dtype
+
+
+def clean_prompt(text, cap: int = MAX_PROMPT_CHARS) -> str:
+    """The prompt without control/binary characters; refuses empty and over-long prompts."""
+    if not isinstance(text, str):
+        raise ValueError(f"the prompt must be text, got {type(text).__name__}")
+    text = _CONTROL.sub("", text.replace("\r\n", "\n")).strip()
+    if not text:
+        raise ValueError("the prompt is empty: type a message first")
+    if len(text) > cap:
+        raise ValueError(f"the prompt is {len(text):,} characters long; the limit is {cap:,}. "
+                         "Shorten it (or split it over several messages).")
+    return text
+
+
+def _int_in(value, lo: int, hi: int, name: str) -> int:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a whole number in [{lo}, {hi}], got {value!r}") from None
+    if not math.isfinite(number) or number != int(number) or not lo <= number <= hi:
+        raise ValueError(f"{name} must be a whole number in [{lo}, {hi}], got {value!r}")
+    return int(number)
+
+
+def _float_in(value, lo: float, hi: float, name: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number in [{lo}, {hi}], got {value!r}") from None
+    if not math.isfinite(number) or not lo <= number <= hi:
+        raise ValueError(f"{name} must be a number in [{lo}, {hi}], got {value!r}")
+    return number
+
+
+def message_text(content) -> str:
+    """The text of a chat message's content (a string, or Gradio's list of content blocks)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return str(content.get("text") or content.get("content") or "")
+    if isinstance(content, (list, tuple)):
+        return "".join(message_text(c) for c in content)
+    return ""
+
+
+# -- streaming generation -----------------------------------------------------------------------
+class Generation:
+    """One greedy generation running in its own thread; poll() drains its streamed text.
+
+    Fields readable at any time: text, tokens, first_token_s, tokens_per_s, done, error, truncated.
+    """
+
+    def __init__(self, model, tokenizer, ids: torch.Tensor, max_new_tokens: int,
+                 repetition_penalty: float, truncated: bool = False):
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        gen = self
+
+        class _Streamer(TextIteratorStreamer):
+            def put(self, value):
+                if not (self.skip_prompt and self.next_tokens_are_prompt):
+                    gen.tokens += value.numel()
+                    now = time.perf_counter()
+                    if gen.first_token_s is None:
+                        gen.first_token_s, gen._first_at = now - gen._start, now
+                    gen._last_at = now
+                super().put(value)
+
+        class _Stop(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), gen._stop.is_set(), dtype=torch.bool)
+
+        self.text, self.tokens, self.first_token_s, self.error = "", 0, None, None
+        self.done, self.truncated, self.prompt_tokens = False, truncated, ids.shape[1]
+        self._stop = threading.Event()
+        self._start = self._first_at = self._last_at = time.perf_counter()
+        self._streamer = _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        device = next(model.parameters()).device
+        kwargs = dict(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
+                      do_sample=False, max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
+                      pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                      else tokenizer.eos_token_id,
+                      streamer=self._streamer, stopping_criteria=StoppingCriteriaList([_Stop()]))
+        self._thread = threading.Thread(target=self._run, args=(model, kwargs), daemon=True)
+        self._thread.start()
+
+    def _run(self, model, kwargs):
+        try:
+            with torch.inference_mode():
+                model.generate(**kwargs)
+        except BaseException as err:  # surfaced to the consumer by poll()
+            self.error = err
+            self._streamer.text_queue.put(self._streamer.stop_signal)
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Decode speed after the first token (the first one includes the prompt's prefill)."""
+        if self.tokens < 2 or self._last_at <= self._first_at:
+            return None
+        return (self.tokens - 1) / (self._last_at - self._first_at)
+
+    def poll(self, timeout: float = 0.05) -> bool:
+        """Takes the text streamed so far; True if anything changed. Raises the thread's error."""
+        import queue
+
+        changed, wait = False, timeout
+        while not self.done:
+            try:
+                piece = self._streamer.text_queue.get(timeout=wait)
+            except queue.Empty:
+                break
+            wait = 0.0
+            if piece is self._streamer.stop_signal:
+                self.done = changed = True
+                self._thread.join(timeout=5)
+            else:
+                self.text += piece
+                changed = True
+        if self.done and self.error is not None:
+            raise RuntimeError(f"generation failed: {self.error}") from self.error
+        return changed
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def snapshot(self, size_ratio: float) -> dict:
+        return dict(text=self.text, tokens=self.tokens, first_token_s=self.first_token_s,
+                    tokens_per_s=self.tokens_per_s, done=self.done, truncated=self.truncated,
+                    prompt_tokens=self.prompt_tokens, size_ratio=size_ratio)
+
+
+# -- the explorer -------------------------------------------------------------------------------
+class Explorer:
+    """One artifact, ready to answer: sizes, tables, chat, measurements, exports.
+
+    Args:
+        any_size: the artifact's AnySizeModel.
+        curve: the artifact's curve.csv as a DataFrame (None when it has none).
+        name: a display name (the artifact folder's name).
+        cache_size: how many materialized (size, dtype) models to keep.
+    """
+
+    def __init__(self, any_size: AnySizeModel, curve: pd.DataFrame | None = None, name: str = "",
+                 folder: str | Path | None = None, cache_size: int = 4):
+        self.any_size, self.curve, self.name = any_size, curve, name
+        self.folder = Path(folder) if folder else None
+        self.tokenizer = any_size.tokenizer
+        self.full = any_size.full_size()
+        self._sizes: OrderedDict = OrderedDict()  # rounded ratio -> Size
+        self._models: OrderedDict = OrderedDict()  # (prefix, dtype) -> nn.Module
+        self._windows: dict = {}
+        self._cache_size = cache_size
+        self._lock = threading.RLock()
+        self._results: list[dict] = []
+
+    @classmethod
+    def open(cls, folder: str | Path, on_progress=None, cache_size: int = 4) -> "Explorer":
+        """Loads an artifact folder (base model, cached or rebuilt basis) into an Explorer."""
+        from .models import load_base
+        from .pipeline import any_size_from
+
+        artifact = load_artifact(folder)
+        model, tokenizer = load_base(artifact.meta["model"]["source"])
+        any_size = any_size_from(artifact, model, tokenizer, on_progress)
+        return cls(any_size, artifact.curve, Path(folder).name, folder, cache_size)
+
+    # -- sizes --------------------------------------------------------------------------------
+    def size(self, ratio) -> Size:
+        key = round(check_ratio(ratio), 6)
+        with self._lock:
+            if key not in self._sizes:
+                self._sizes[key] = self.any_size.size_for_ratio(key)
+                if len(self._sizes) > 256:
+                    self._sizes.popitem(last=False)
+            self._sizes.move_to_end(key)
+            return self._sizes[key]
+
+    def _summary(self, size: Size) -> dict:
+        total_rank = sum(self.any_size.shapes[n].full_rank for n in size.ranks)
+        return dict(size_ratio=size.size_ratio, params=size.params, original_params=self.full.params,
+                    params_fraction=size.params / self.full.params,
+                    gb_float32=size.gigabytes("float32"), gb_bfloat16=size.gigabytes("bfloat16"),
+                    dense_layers=size.dense_layers, low_rank_layers=len(size.ranks) - size.dense_layers,
+                    layers=len(size.ranks), kept_rank_fraction=sum(size.ranks.values()) / total_rank)
+
+    def size_for(self, ratio) -> dict:
+        """Summary of the size for a ratio: size_ratio, params, GB per dtype, dense layers, ..."""
+        target = check_ratio(ratio)
+        return dict(self._summary(self.size(target)), target=target)
+
+    def size_for_budget(self, gigabytes, dtype: str = "float32") -> dict:
+        """The largest size whose weights fit in `gigabytes` (1e9 bytes) in `dtype`, and what is left."""
+        check_dtype(dtype)
+        try:
+            budget = float(gigabytes)
+        except (TypeError, ValueError):
+            raise ValueError(f"the budget must be a number of GB, got {gigabytes!r}") from None
+        if not math.isfinite(budget) or budget <= 0:
+            raise ValueError(f"the budget must be a positive number of GB, got {gigabytes!r}")
+        size = self.any_size.size_for_budget(budget, dtype)
+        summary = self._summary(size)
+        return dict(summary, budget_gb=budget, dtype=dtype, budget_left_gb=budget - summary[f"gb_{dtype}"])
+
+    def smallest_gb(self, dtype: str = "float32") -> float:
+        return self.any_size.index.smallest_params() * DTYPE_BYTES[check_dtype(dtype)] / 1e9
+
+    # -- models -------------------------------------------------------------------------------
+    def model(self, ratio, dtype: str = "float32"):
+        """The materialized model at a size (cached; shared by every caller of that size)."""
+        check_dtype(dtype)
+        size = self.size(ratio)
+        key = (size.prefix, dtype)
+        with self._lock:
+            if key not in self._models:
+                self._models[key] = self.any_size.materialize(size, dtype)
+                while len(self._models) > self._cache_size:
+                    self._models.popitem(last=False)
+            self._models.move_to_end(key)
+            return self._models[key]
+
+    def cached_sizes(self) -> list[tuple[int, str]]:
+        with self._lock:
+            return list(self._models)
+
+    # -- tables -------------------------------------------------------------------------------
+    def _layer_cells(self, size: Size):
+        """(block, module type, kept rank, full rank, dense) for every target layer."""
+        for n, r in size.ranks.items():
+            numbers = [int(p) for p in n.split(".") if p.isdigit()]
+            shape = self.any_size.shapes[n]
+            yield (numbers[0] if numbers else 0, n.rsplit(".", 1)[-1], r, shape.full_rank,
+                   shape.runs_dense(r, self.any_size.lora_rank))
+
+    def _as_size(self, size) -> Size:
+        return size if isinstance(size, Size) else self.size(size)
+
+    def layer_table(self, size) -> pd.DataFrame:
+        """Per module type: layers, full rank, mean kept rank (and %), layers dense vs low-rank."""
+        cells = pd.DataFrame(list(self._layer_cells(self._as_size(size))),
+                             columns=["block", "module", "kept", "full", "dense"])
+        order = list(dict.fromkeys(cells.module))
+        rows = []
+        for module in order + ["all"]:
+            c = cells if module == "all" else cells[cells.module == module]
+            rows.append(dict(module=module, layers=len(c), full_rank=round(c.full.mean(), 1),
+                             mean_kept_rank=round(c.kept.mean(), 1),
+                             kept_percent=round(100 * c.kept.sum() / c.full.sum(), 1),
+                             dense=int(c.dense.sum()), low_rank=int((~c.dense).sum())))
+        return pd.DataFrame(rows)
+
+    def rank_heatmap(self, size) -> dict:
+        """Kept-rank fraction as a matrix [blocks × module types] (+ ranks and dense flags)."""
+        cells = list(self._layer_cells(self._as_size(size)))
+        blocks = sorted({c[0] for c in cells})
+        types = list(dict.fromkeys(c[1] for c in cells))
+        shape = (len(blocks), len(types))
+        kept, full = np.zeros(shape, dtype=int), np.ones(shape, dtype=int)
+        dense = np.zeros(shape, dtype=bool)
+        for b, t, r, k, d in cells:
+            i, j = blocks.index(b), types.index(t)
+            kept[i, j], full[i, j], dense[i, j] = r, k, d
+        return dict(blocks=blocks, types=types, fraction=kept / full, kept=kept, full=full, dense=dense)
+
+    # -- chat ---------------------------------------------------------------------------------
+    def _chat_ids(self, history, message: str, max_new_tokens: int):
+        """Prompt ids through the chat template (oldest turns dropped to fit the context)."""
+        messages = [dict(role=m["role"], content=message_text(m.get("content")))
+                    for m in (history or []) if isinstance(m, dict) and m.get("role") in ("user", "assistant")]
+        messages = [m for m in messages if m["content"]] + [dict(role="user", content=message)]
+        limit = int(getattr(self.any_size.base.config, "max_position_embeddings", 2048) or 2048)
+        budget = max(limit - max_new_tokens, 8)
+        truncated = False
+        while True:
+            if getattr(self.tokenizer, "chat_template", None):
+                ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                         return_tensors="pt", return_dict=True)["input_ids"]
+            else:
+                text = "\n".join(m["content"] for m in messages)
+                ids = self.tokenizer(text, return_tensors="pt").input_ids
+            if ids.shape[1] <= budget:
+                return ids, truncated
+            if len(messages) > 1:  # drop the oldest turn first
+                messages, truncated = messages[1:], True
+                continue
+            return ids[:, -budget:], True  # the message alone is too long: keep its end
+
+    def start_chat(self, ratio, history, message, max_new_tokens=128, repetition_penalty=1.15,
+                   dtype: str = "float32") -> Generation:
+        """Starts a streamed, greedy chat reply at a size; returns the running Generation."""
+        message = clean_prompt(message)
+        max_new_tokens = _int_in(max_new_tokens, 1, MAX_NEW_TOKENS, "max_new_tokens")
+        repetition_penalty = _float_in(repetition_penalty, 1.0, 2.0, "repetition_penalty")
+        model = self.model(ratio, dtype)
+        limit = int(getattr(self.any_size.base.config, "max_position_embeddings", 2048) or 2048)
+        max_new_tokens = min(max_new_tokens, max(limit - 8, 1))
+        ids, truncated = self._chat_ids(history, message, max_new_tokens)
+        return Generation(model, self.tokenizer, ids, max_new_tokens, repetition_penalty, truncated)
+
+    def stream_chat(self, ratio, history, message, max_new_tokens=128, repetition_penalty=1.15,
+                    dtype: str = "float32"):
+        """Yields snapshots dict(text, tokens, first_token_s, tokens_per_s, done, ...) as text streams.
+
+        Closing the generator (a cancelled request) stops the generation thread.
+        """
+        size_ratio = self.size(ratio).size_ratio
+        gen = self.start_chat(ratio, history, message, max_new_tokens, repetition_penalty, dtype)
+        try:
+            while not gen.done:
+                if gen.poll(0.05):
+                    yield gen.snapshot(size_ratio)
+        finally:
+            gen.stop()
+
+    def compare(self, ratio_a, ratio_b, message, history_a=None, history_b=None, max_new_tokens=128,
+                repetition_penalty=1.15, dtype: str = "float32"):
+        """Streams two sizes at once; yields (snapshot_a, snapshot_b) whenever either changes."""
+        ra, rb = self.size(ratio_a).size_ratio, self.size(ratio_b).size_ratio
+        a = self.start_chat(ratio_a, history_a, message, max_new_tokens, repetition_penalty, dtype)
+        try:
+            b = self.start_chat(ratio_b, history_b, message, max_new_tokens, repetition_penalty, dtype)
+        except BaseException:
+            a.stop()
+            raise
+        try:
+            while not (a.done and b.done):
+                changed = a.poll(0.03) | b.poll(0.03)
+                if changed:
+                    yield a.snapshot(ra), b.snapshot(rb)
+        finally:
+            a.stop()
+            b.stop()
+
+    # -- measurements -------------------------------------------------------------------------
+    def _eval_windows(self, data: str, seq_len: int) -> torch.Tensor:
+        key = (data, seq_len)
+        with self._lock:
+            cached = self._windows.get(key)
+        if cached is None:
+            cached = token_windows(self.tokenizer, load_text(data), seq_len)
+            with self._lock:
+                self._windows[key] = cached
+        return cached
+
+    def _row(self, kind: str, size: Size, dtype: str, **values) -> dict:
+        row = dict(time=datetime.datetime.now().strftime("%H:%M:%S"), artifact=self.name, kind=kind,
+                   size_ratio=round(size.size_ratio, 5), params=size.params,
+                   gb_float32=size.gigabytes("float32"), gb_bfloat16=size.gigabytes("bfloat16"),
+                   dtype=dtype, **values)
+        with self._lock:
+            self._results.append(row)
+        return row
+
+    def measure_perplexity(self, ratio, data: str = "corpus:heldout", windows: int = 8, seq_len: int = 256,
+                           dtype: str = "float32", batch_size: int = 4, on_progress=None,
+                           should_stop=None) -> dict:
+        """Perplexity of one size on `windows` non-overlapping windows of `data`; adds a results row.
+
+        Raises Cancelled when should_stop() turns True.
+        """
+        windows = _int_in(windows, 1, 1024, "windows")
+        seq_len = _int_in(seq_len, 8, 8192, "seq_len")
+        size = self.size(ratio)
+        limit = int(getattr(self.any_size.base.config, "max_position_embeddings", seq_len) or seq_len)
+        if seq_len > limit:
+            raise ValueError(f"seq_len {seq_len} exceeds the model's context of {limit} tokens")
+        all_windows = self._eval_windows(data, seq_len)
+        picked = all_windows[:windows]
+        model = self.model(ratio, dtype)
+        result = perplexity(model, picked, batch_size, on_progress, should_stop)
+        return self._row("perplexity", size, dtype, data=data, windows=result["windows"],
+                         seq_len=seq_len, tokens=result["tokens"], perplexity=result["perplexity"],
+                         seconds=round(result["seconds"], 2), tokens_per_s=round(result["tokens_per_s"], 1))
+
+    def measure_lm_eval(self, ratio, tasks, limit=None, batch_size: int = 8, dtype: str = "float32",
+                        should_stop=None) -> dict:
+        """lm-eval tasks on one size (acip_core.lmeval); adds a results row with every metric."""
+        from .lmeval import run_lm_eval  # lazy: lm-eval is a heavy import
+
+        if isinstance(tasks, str):
+            tasks = [t.strip() for t in tasks.split(",")]
+        tasks = [t for t in (tasks or []) if t]
+        if not tasks:
+            raise ValueError("choose at least one lm-eval task")
+        if limit is not None:
+            limit = _int_in(limit, 1, 100_000, "limit")
+        batch_size = _int_in(batch_size, 1, 512, "batch_size")
+        size = self.size(ratio)
+        model = self.model(ratio, dtype)
+        start = time.perf_counter()
+        result = run_lm_eval(model, self.tokenizer, tasks, limit, batch_size, should_stop)
+        seconds = time.perf_counter() - start
+        metrics = _flatten_metrics(result)
+        return self._row("lm-eval", size, dtype, data=",".join(tasks), limit=limit,
+                         seconds=round(seconds, 2), **metrics)
+
+    def results(self) -> pd.DataFrame:
+        """Every measurement of this session so far (newest last)."""
+        with self._lock:
+            return pd.DataFrame(list(self._results))
+
+    def clear_results(self) -> None:
+        with self._lock:
+            self._results.clear()
+
+    def results_csv(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.results().to_csv(path, index=False)
+        return path
+
+    # -- export -------------------------------------------------------------------------------
+    def export(self, ratio, out: str | Path, dense: bool = False, dtype: str = "float32",
+               zip_path: str | Path | None = None) -> dict:
+        """Writes the size to `out` (low-rank with remote code, or dense in the base architecture)."""
+        from . import export as exporter  # lazy: written alongside
+
+        check_dtype(dtype)
+        size = self.size(ratio)
+        out = Path(out)
+        start = time.perf_counter()
+        if dense:
+            exporter.export_dense(self.any_size, size, out, dtype)
+        else:
+            exporter.export_lowrank(self.any_size, size, out, dtype, self._card(size))
+        info = dict(folder=str(out), kind="dense" if dense else "low-rank", dtype=dtype,
+                    size_ratio=size.size_ratio, params=size.params,
+                    bytes=sum(f.stat().st_size for f in out.rglob("*") if f.is_file()))
+        if zip_path is not None:
+            info["zip"] = str(exporter.zip_folder(out, zip_path) or zip_path)
+        info["seconds"] = time.perf_counter() - start
+        return info
+
+    def _card(self, size: Size) -> dict:
+        """What the model card states: source, size, and this size's measured numbers."""
+        measured = self.results()
+        if len(measured):
+            measured = measured[measured.size_ratio == round(size.size_ratio, 5)]
+        curve_rows = []
+        if self.curve is not None:
+            near = self.curve[(self.curve.size_ratio - size.size_ratio).abs() < 0.005]
+            curve_rows = near.to_dict("records")
+        return dict(artifact=self.name, base_model=self.any_size.meta.get("model", {}).get("source"),
+                    size_ratio=size.size_ratio, params=size.params, original_params=self.full.params,
+                    dense_layers=size.dense_layers, measurements=measured.to_dict("records"),
+                    curve=curve_rows)
+
+
+def _flatten_metrics(result) -> dict:
+    """{task: {metric: value}} (or lm-eval's {"results": ...}) -> {"task/metric": float}."""
+    if isinstance(result, dict) and isinstance(result.get("results"), dict):
+        result = result["results"]
+    flat = {}
+    for task, metrics in (result or {}).items():
+        if isinstance(metrics, dict):
+            for metric, value in metrics.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and "stderr" not in metric:
+                    flat[f"{task}/{metric.split(',')[0]}"] = float(value)
+        elif isinstance(metrics, (int, float)):
+            flat[str(task)] = float(metrics)
+    return flat
+
+
+__all__ = ["Explorer", "Generation", "ScoringJobs", "Cancelled", "check_ratio", "clean_prompt",
+           "DTYPE_CHOICES", "MAX_PROMPT_CHARS"]

@@ -1,0 +1,164 @@
+"""Plotly figures for the app: the trade-off curve, the kept-rank heatmap, a scoring run's progress."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from .prune import DTYPE_BYTES
+
+COLORS = {"acip": "#4f46e5", "original": "#6b7280", "measured": "#f97316", "current": "#dc2626"}
+_PALETTE = ["#0891b2", "#16a34a", "#ca8a04", "#9333ea", "#db2777", "#475569"]
+_LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=20, t=50, b=50),
+               legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="left", x=0))
+
+
+def empty_figure(message: str) -> go.Figure:
+    fig = go.Figure()
+    fig.add_annotation(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
+                       font=dict(size=14, color="#6b7280"))
+    fig.update_layout(**_LAYOUT, xaxis=dict(visible=False), yaxis=dict(visible=False), height=420)
+    return fig
+
+
+def ppl_columns(curve: pd.DataFrame | None) -> list[str]:
+    """The curve's perplexity columns (ppl_<evalset>), in file order."""
+    return [c for c in (curve.columns if curve is not None else []) if c.startswith("ppl_")]
+
+
+def _x_of(frame: pd.DataFrame, x: str, dtype: str) -> pd.Series:
+    if x == "size_ratio":
+        return frame["size_ratio"]
+    column = f"gb_{dtype}"
+    if column in frame:
+        return frame[column]
+    return frame["params"] * DTYPE_BYTES[dtype] / 1e9
+
+
+def _interp_log(xs, ys, x0):
+    """log-linear interpolation of the curve at x0 (None outside its range)."""
+    pts = sorted((float(a), float(b)) for a, b in zip(xs, ys) if b > 0 and np.isfinite(b))
+    if len(pts) < 2 or not pts[0][0] <= x0 <= pts[-1][0]:
+        return None
+    xa, ya = zip(*pts)
+    return float(math.exp(np.interp(x0, xa, np.log(ya))))
+
+
+def curve_figure(curve: pd.DataFrame | None, x: str = "size_ratio", dtype: str = "float32",
+                 metric: str | None = None, current: dict | None = None,
+                 measured: pd.DataFrame | None = None, title: str = "") -> go.Figure:
+    """Perplexity (log y) vs size ratio or GB: one line per method, the original as a reference line,
+    the current size as a marker, and live measurements as points.
+
+    Args:
+        curve: rows of curve.csv (method, size_ratio, params, gb_*, ppl_*).
+        x: "size_ratio" or "gb".
+        metric: which ppl_<evalset> column (default: the first).
+        current: a summary dict (size_ratio, params, gb_*) of the selected size.
+        measured: the results table (kind, size_ratio, params, data, perplexity).
+    """
+    metric = metric or (ppl_columns(curve)[0] if ppl_columns(curve) else None)
+    xlabel = "size ratio (kept fraction of the target layers)" if x == "size_ratio" \
+        else f"weights in GB ({dtype})"
+    if curve is None or metric is None or metric not in curve:
+        fig = empty_figure("this artifact has no perplexity curve yet; measure sizes in the Measure tab")
+        fig.update_layout(xaxis=dict(visible=True, title=xlabel), yaxis=dict(visible=True, type="log",
+                                                                             title="perplexity"))
+    else:
+        fig = go.Figure()
+        data = curve[curve[metric].notna()]
+        original = data[data.method == "original"]
+        methods = [m for m in dict.fromkeys(data.method) if m != "original"]
+        for i, method in enumerate(methods):
+            rows = data[data.method == method].sort_values("size_ratio")
+            fig.add_trace(go.Scatter(
+                x=_x_of(rows, x, dtype), y=rows[metric], mode="lines+markers", name=method,
+                line=dict(color=COLORS.get(method, _PALETTE[i % len(_PALETTE)]), width=2.5),
+                customdata=np.stack([rows.size_ratio, rows.params / 1e6], axis=-1),
+                hovertemplate=f"{method}<br>size %{{customdata[0]:.3f}}<br>%{{customdata[1]:.1f}} M params"
+                              "<br>perplexity %{y:.4g}<extra></extra>"))
+        if len(original):
+            ref = float(original[metric].iloc[0])
+            fig.add_hline(y=ref, line=dict(color=COLORS["original"], dash="dash"),
+                          annotation_text=f"original {ref:.4g}", annotation_position="bottom right")
+        fig.update_layout(xaxis_title=xlabel, yaxis=dict(type="log", title=f"perplexity ({metric[4:]}, log)"))
+        if current is not None:
+            xc = current["size_ratio"] if x == "size_ratio" else current["params"] * DTYPE_BYTES[dtype] / 1e9
+            fig.add_vline(x=xc, line=dict(color=COLORS["current"], width=1, dash="dot"))
+            acip = data[data.method == methods[0]] if methods else data
+            yc = _interp_log(_x_of(acip, x, dtype), acip[metric], xc)
+            if yc is not None:
+                fig.add_trace(go.Scatter(
+                    x=[xc], y=[yc], mode="markers", name="current size",
+                    marker=dict(color=COLORS["current"], size=14, symbol="diamond",
+                                line=dict(color="white", width=1.5)),
+                    hovertemplate=f"current size {current['size_ratio']:.3f}<br>"
+                                  "perplexity ≈ %{y:.4g} (interpolated)<extra></extra>"))
+    if measured is not None and len(measured) and "perplexity" in measured:
+        points = measured[measured.perplexity.notna()] if "perplexity" in measured else measured
+        for i, (data_name, rows) in enumerate(points.groupby("data", sort=False)):
+            xs = rows.size_ratio if x == "size_ratio" else rows.params * DTYPE_BYTES[dtype] / 1e9
+            fig.add_trace(go.Scatter(
+                x=xs, y=rows.perplexity, mode="markers", name=f"measured: {data_name}",
+                marker=dict(color=COLORS["measured"] if i == 0 else _PALETTE[i % len(_PALETTE)], size=11,
+                            symbol="circle-open", line=dict(width=3)),
+                customdata=np.stack([rows.size_ratio, rows.windows, rows.dtype], axis=-1),
+                hovertemplate="measured at %{customdata[0]:.3f} (%{customdata[2]})<br>"
+                              "perplexity %{y:.4g}<br>%{customdata[1]} windows<extra></extra>"))
+        fig.update_layout(yaxis_type="log")
+    fig.update_layout(**_LAYOUT, height=440, title=dict(text=title, x=0.01, y=0.98, font=dict(size=14)))
+    if x == "size_ratio":
+        fig.update_xaxes(range=[-0.02, 1.04])
+    return fig
+
+
+def heatmap_figure(heat: dict, title: str = "") -> go.Figure:
+    """Kept-rank fraction per block (rows) and module type (columns); dense layers are marked."""
+    types = [t.removesuffix("_proj") for t in heat["types"]]
+    hover = np.empty(heat["fraction"].shape, dtype=object)
+    for (i, j), f in np.ndenumerate(heat["fraction"]):
+        state = "dense (original weight)" if heat["dense"][i, j] else "low-rank"
+        hover[i, j] = f"rank {heat['kept'][i, j]} / {heat['full'][i, j]} ({100 * f:.0f} %), {state}"
+    text = np.where(heat["dense"], "D", "")
+    fig = go.Figure(go.Heatmap(
+        z=heat["fraction"], x=types, y=[str(b) for b in heat["blocks"]], zmin=0, zmax=1,
+        colorscale="Viridis", customdata=hover, text=text, texttemplate="%{text}",
+        textfont=dict(color="white", size=9), colorbar=dict(title="kept", tickformat=".0%"),
+        hovertemplate="block %{y}, %{x}<br>%{customdata}<extra></extra>"))
+    fig.update_layout(**_LAYOUT, height=max(300, 60 + 16 * len(heat["blocks"])),
+                      title=dict(text=title or "kept rank per layer (D = runs dense)", x=0.01, font=dict(size=14)))
+    fig.update_yaxes(title="block", autorange="reversed", type="category")
+    fig.update_xaxes(title="module", side="top", type="category")
+    fig.update_layout(margin=dict(l=60, r=20, t=80, b=20))
+    return fig
+
+
+def run_figure(history: pd.DataFrame, stop_ratio: float | None = None, title: str = "") -> go.Figure:
+    """A scoring run's loss (and NLL), λ (log) and size ratio vs step."""
+    if history is None or not len(history):
+        return empty_figure("no steps logged yet")
+    fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.06,
+                        subplot_titles=("loss", "λ (L1 weight)", "size ratio"))
+    fig.add_trace(go.Scatter(x=history.step, y=history.loss, name="loss", line=dict(color="#4f46e5")), 1, 1)
+    if "nll" in history:
+        fig.add_trace(go.Scatter(x=history.step, y=history.nll, name="NLL", line=dict(color="#0891b2")), 1, 1)
+    fig.add_trace(go.Scatter(x=history.step, y=history.reg_weight, name="λ", line=dict(color="#ca8a04"),
+                             showlegend=False), 2, 1)
+    fig.add_trace(go.Scatter(x=history.step, y=history.size_ratio, name="size ratio",
+                             line=dict(color="#dc2626"), showlegend=False), 3, 1)
+    if stop_ratio:
+        fig.add_hline(y=stop_ratio, row=3, col=1, line=dict(color="#6b7280", dash="dash"),
+                      annotation_text=f"stop {stop_ratio}", annotation_position="bottom left")
+    post = history[history.phase != "acip"] if "phase" in history else history.iloc[0:0]
+    if len(post):
+        fig.add_vrect(x0=post.step.iloc[0] - 0.5, x1=post.step.iloc[-1] + 0.5, fillcolor="#e5e7eb",
+                      opacity=0.5, line_width=0, annotation_text="post-tune", annotation_position="top left")
+    fig.update_yaxes(type="log", row=2, col=1)
+    fig.update_yaxes(range=[0, 1.02], row=3, col=1)
+    fig.update_xaxes(title="step", row=3, col=1)
+    fig.update_layout(**_LAYOUT, height=560, title=dict(text=title, x=0.01, font=dict(size=14)))
+    return fig

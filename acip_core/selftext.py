@@ -1,0 +1,59 @@
+"""Calibration text sampled from the model itself: always available offline, and it covers what the
+model knows (broad, like the paper's C4) rather than one book. `python -m acip_core self-text`."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from .evaluate import chat_input_ids
+
+log = logging.getLogger(__name__)
+
+SUBJECTS = [
+    "a lighthouse keeper who finds a message in a bottle", "how bread rises", "the French Revolution",
+    "photosynthesis", "a first day at a new school", "how vaccines train the immune system",
+    "the history of the printing press", "a dragon who is afraid of heights", "how to plant tomatoes",
+    "the water cycle", "a detective solving a theft at a museum", "why the sky is blue",
+    "the Roman Empire's roads", "learning to play the violin", "how airplanes stay in the air",
+    "a trip to the mountains in winter", "the life of honeybees", "the causes of the First World War",
+    "how a bill becomes a law", "a robot that wants to paint", "the rules of chess",
+    "the benefits of regular exercise", "volcanoes and earthquakes", "a family recipe for soup",
+    "the invention of the telephone", "a cat's adventure in a big city", "how money and banks work",
+    "the solar system's planets", "friendship between two neighbours", "the Renaissance painters",
+    "how to write a good essay", "climate and weather", "the ancient Egyptian pyramids",
+    "a sailor caught in a storm", "how the human heart works", "the story of the Olympic Games",
+    "saving money as a student", "the discovery of penicillin", "a haunted old house",
+    "how electricity reaches our homes", "the great migration of birds", "a job interview",
+    "Shakespeare's plays", "the importance of sleep", "deserts and the animals that live there",
+    "a misunderstanding at a birthday party", "the history of jazz", "how computers store numbers",
+]
+FORMS = ["Write a short story about {}.", "Explain {} to a curious teenager.",
+         "Write an encyclopedia article about {}.", "Write a blog post about {}."]
+
+
+@torch.no_grad()
+def sample_text(model, tokenizer, n_prompts: int = 96, max_new_tokens: int = 320, batch_size: int = 16,
+                seed: int = 0, on_progress=None) -> str:
+    """Sampled answers (T = 0.8, top-p 0.95) to diverse writing prompts, separated by blank lines."""
+    torch.manual_seed(seed)
+    prompts = [FORMS[i % len(FORMS)].format(SUBJECTS[i % len(SUBJECTS)]) for i in range(n_prompts)]
+    tokenizer.padding_side = "left"
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    texts, start = [], time.perf_counter()
+    for i in range(0, len(prompts), batch_size):
+        rows = [chat_input_ids(tokenizer, p)[0] for p in prompts[i:i + batch_size]]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad)
+        mask = torch.zeros_like(ids)
+        for j, r in enumerate(rows):
+            ids[j, width - len(r):], mask[j, width - len(r):] = r, 1
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=0.8, top_p=0.95,
+                             repetition_penalty=1.1, max_new_tokens=max_new_tokens, pad_token_id=pad)
+        texts += [tokenizer.decode(o[width:], skip_special_tokens=True).strip() for o in out]
+        log.info("%d/%d prompts, %.0f s", i + len(rows), len(prompts), time.perf_counter() - start)
+        if on_progress:
+            on_progress(i + len(rows), len(prompts))
+    return "\n\n".join(t for t in texts if t)
