@@ -159,9 +159,10 @@ def _unflatten(tensors: dict[str, torch.Tensor]) -> dict[str, Factors]:
     return {n: Factors(tensors[f"{n}.U"], tensors[f"{n}.s"], tensors[f"{n}.Vh"]) for n in names}
 
 
-def default_recipe(kind: str = "whitened") -> dict:
-    """How the basis is (re)built; stored in the artifact so a later load rebuilds the same one."""
-    return {"kind": kind, "data": "corpus:train", "windows": 64, "seq_len": 256} if kind == "whitened" \
+def default_recipe(kind: str = "whitened", data: str = "corpus:train") -> dict:
+    """How the basis is (re)built; stored in the artifact so a later load rebuilds the same one.
+    The whitening statistics come from the same text as the scoring run."""
+    return {"kind": kind, "data": data, "windows": 64, "seq_len": 256} if kind == "whitened" \
         else {"kind": kind}
 
 

@@ -57,10 +57,19 @@ def cmd_score(args):
             print(f"step {e['step']:5d} {e['phase']:9s} loss {e['loss']:.4f} nll {e['nll']:.4f} "
                   f"λ {e['reg_weight']:.3g} size {e['size_ratio']:.3f} {e['seconds']:.0f}s", flush=True)
 
-    artifact = run_scoring(args.model, args.data, args.out, args.basis, cfg, args.resume, on_step,
-                           eval_data=args.eval_data, eval_windows=args.eval_windows)
-    _emit(args, dict(out=args.out, result=artifact.meta["result"]),
-          f"wrote {args.out}: {json.dumps(artifact.meta['result'])}")
+    from .distributed import DistContext
+
+    dist = DistContext.from_env()  # set up by torchrun / accelerate launch
+    try:
+        artifact = run_scoring(args.model, args.data, args.out, args.basis, cfg, args.resume,
+                               on_step if dist is None or dist.rank == 0 else None,
+                               eval_data=args.eval_data, eval_windows=args.eval_windows, dist=dist)
+    finally:
+        if dist:
+            dist.close()
+    if dist is None or dist.rank == 0:
+        _emit(args, dict(out=args.out, result=artifact.meta["result"]),
+              f"wrote {args.out}: {json.dumps(artifact.meta['result'])}")
 
 
 @command
@@ -168,10 +177,62 @@ def cmd_curve(args):
     _emit(args, dict(rows=len(curve), methods=list(methods)), curve.to_string())
 
 
+@command
+def cmd_export(args):
+    from pathlib import Path
+
+    from .export import export_dense, export_lowrank
+    from .pipeline import open_artifact
+
+    model = open_artifact(args.artifact)
+    size = model.size_for_ratio(args.size_ratio)
+    export = export_dense if args.dense else export_lowrank
+    out = export(model, size, args.out, args.dtype, card=dict(artifact=Path(args.artifact).name))
+    files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
+    result = dict(out=str(out), kind="dense" if args.dense else "lowrank", dtype=args.dtype,
+                  size_ratio=round(size.size_ratio, 5), params=size.params, files=files)
+    load = "" if args.dense else ", trust_remote_code=True"
+    _emit(args, result, f"wrote {out} ({sum(files.values()) / 1e6:.1f} MB, size {size.size_ratio:.4f}); "
+                        f"load with AutoModelForCausalLM.from_pretrained({str(out)!r}{load})")
+
+
+@command
+def cmd_bench(args):
+    from .bench import compare_speed
+    from .pipeline import open_artifact
+
+    result = compare_speed(open_artifact(args.artifact), args.size_ratio, args.dtype, args.prompt_tokens,
+                           args.new_tokens, args.rounds)
+    _emit(args, result, "\n".join(
+        [f"size {result['size_ratio']:.3f} vs original, {args.dtype}, {result['threads']} threads, batch 1:",
+         f"  decode  {result['decode_tok_s_compressed']:8.1f} vs {result['decode_tok_s_original']:8.1f} tok/s"
+         f"  = {result['decode_speedup']:.2f}x",
+         f"  prefill {result['prefill_tok_s_compressed']:8.1f} vs {result['prefill_tok_s_original']:8.1f} tok/s"
+         f"  = {result['prefill_speedup']:.2f}x"]))
+
+
 def torch_dtype(name: str):
     import torch
 
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+@command
+def cmd_lm_eval(args):
+    from .lmeval import check_tasks, run_lm_eval
+    from .pipeline import open_artifact
+
+    tasks = check_tasks(args.tasks.split(","))  # a bad name fails before the model loads
+    model = open_artifact(args.artifact)
+    size = _pick_size(model, args)
+    start = time.perf_counter()
+    scores = run_lm_eval(model.materialize(size, args.dtype), model.tokenizer, tasks, args.limit,
+                         args.batch_size)
+    result = dict(size_ratio=round(size.size_ratio, 5), params=size.params, limit=args.limit,
+                  tasks=scores, seconds=time.perf_counter() - start)
+    _emit(args, result, "\n".join(f"{t}: acc {r['acc']:.4f} ± {r['acc_stderr'] or 0:.4f}, acc_norm "
+                                  f"{r['acc_norm']:.4f} ({r['samples']} items)" for t, r in scores.items())
+          + f"\nat size {size.size_ratio:.4f} in {result['seconds']:.1f} s")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,6 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--replace", action="store_true", help="drop the other methods' rows")
 
+    p = sub.add_parser("bench", help="decode/prefill tokens/s of a size vs the original, one process")
+    p.add_argument("--artifact", required=True)
+    p.add_argument("--size-ratio", type=float, required=True)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--prompt-tokens", type=int, default=256)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=3)
+
     p = sub.add_parser("self-text", help="sample calibration text from the model itself")
     p.add_argument("--model", default=EMBEDDED)
     p.add_argument("--out", required=True)
@@ -234,6 +303,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p = sub.add_parser("lm-eval", help="zero-shot accuracy of one size on lm-eval tasks")
+    _size_args(p, budget=True)
+    p.add_argument("--tasks", default="acip_next_sentence,acip_last_word",
+                   help="comma-separated: acip_next_sentence, acip_last_word (+ _domain; offline) or "
+                        "the paper's piqa, hellaswag, winogrande, arc_challenge, arc_easy, openbookqa, "
+                        "mathqa (need the internet)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many items per task")
+    p.add_argument("--batch-size", type=int, default=16)
+    p = sub.add_parser("export", help="write one size as a Hugging Face model folder")
+    p.add_argument("--artifact", required=True, help="artifact folder")
+    p.add_argument("--size-ratio", type=float, required=True, help="kept fraction of the target layers, in [0, 1]")
+    p.add_argument("--out", required=True, help="output folder (new, empty, or a previous export)")
+    p.add_argument("--dense", action="store_true",
+                   help="multiply the factors out: a plain base-architecture folder (no remote code, full size)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     for p in sub.choices.values():
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     return parser

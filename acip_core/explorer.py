@@ -441,7 +441,7 @@ class Explorer:
             limit = _int_in(limit, 1, 100_000, "limit")
         batch_size = _int_in(batch_size, 1, 512, "batch_size")
         size = self.size(ratio)
-        model = self.model(ratio, dtype)
+        model = self.any_size.materialize(size, dtype)  # its own tree: lm-eval's hooks stay on it
         start = time.perf_counter()
         result = run_lm_eval(model, self.tokenizer, tasks, limit, batch_size, should_stop)
         seconds = time.perf_counter() - start
@@ -487,18 +487,22 @@ class Explorer:
         return info
 
     def _card(self, size: Size) -> dict:
-        """What the model card states: source, size, and this size's measured numbers."""
+        """What the model card states (export.model_card keys): the latest perplexity measured at
+        this size, and the original's on the same text when it was measured too."""
+        card = dict(base_model=self.any_size.meta.get("model", {}).get("source"))
         measured = self.results()
-        if len(measured):
-            measured = measured[measured.size_ratio == round(size.size_ratio, 5)]
-        curve_rows = []
-        if self.curve is not None:
-            near = self.curve[(self.curve.size_ratio - size.size_ratio).abs() < 0.005]
-            curve_rows = near.to_dict("records")
-        return dict(artifact=self.name, base_model=self.any_size.meta.get("model", {}).get("source"),
-                    size_ratio=size.size_ratio, params=size.params, original_params=self.full.params,
-                    dense_layers=size.dense_layers, measurements=measured.to_dict("records"),
-                    curve=curve_rows)
+        if not len(measured) or "perplexity" not in measured:
+            return card
+        ppl = measured[(measured.kind == "perplexity") & measured.perplexity.notna()]
+        here = ppl[ppl.size_ratio == round(size.size_ratio, 5)]
+        if len(here):
+            last = here.iloc[-1]
+            card.update(perplexity=float(last.perplexity), perplexity_data=str(last.data),
+                        perplexity_tokens=int(last.tokens))
+            base = ppl[(ppl.size_ratio == 1.0) & (ppl.data == last.data) & (ppl.tokens == last.tokens)]
+            if len(base):
+                card["base_perplexity"] = float(base.iloc[-1].perplexity)
+        return card
 
 
 def _flatten_metrics(result) -> dict:

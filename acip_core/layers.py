@@ -2,9 +2,10 @@
 
 ACIPLinear (scoring form):  y = U·diag(s ⊙ m/c)·Vh·x + b + (α/r)·B·A·dropout(x)
     m = c·1[m̂ > 0] in the forward, ∂m/∂m̂ = 1[m̂ > 0] in the backward (straight-through estimator).
-    Computed as W − U·diag(s ⊙ (1 − m/c))·Vh, the same in exact arithmetic, but in floating point it
-    subtracts only what is pruned: at full size it is W bit for bit (fp32-rounded factors of a
-    30-layer model otherwise shift the logits by ~1e-4).
+    In eval mode computed as W − U·diag(s ⊙ (1 − m/c))·Vh, the same in exact arithmetic, but in floating
+    point it subtracts only what is pruned: at full size it is W bit for bit (fp32-rounded factors of a
+    30-layer model otherwise shift the logits by ~1e-4). In training mode (scoring) the plain factored
+    form, which is cheaper.
 LowRankLinear (materialized form):  y = Ut_rᵀ·(D_r·x) + b, two skinny matmuls over views of shared factors.
 """
 
@@ -59,15 +60,18 @@ class ACIPLinear(nn.Module):
         return self.s - self.s * ste_mask(self.mask, self.mask_scale) / self.mask_scale  # [k]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        drop = self.pruned_scale()  # [k]
         tokens = x.numel() // self.in_features
         n_in, n_out = self.in_features, self.out_features
-        # Forming W_eff costs k·out·in once; the correction path costs tokens·k·(in+out) on top of
-        # the dense product. Short inputs go through the factors, long batches (scoring) through W_eff.
-        if tokens * (n_in + n_out) < n_out * n_in:
-            y = F.linear(x, self.weight, self.bias) - F.linear(F.linear(x, self.Vh) * drop, self.U)
-        else:
-            y = F.linear(x, self.weight - (self.U * drop.to(self.U.dtype)) @ self.Vh, self.bias)
+        if self.training:
+            # Scoring: the plain factored form, whose forward + backward cost tokens·k·(in+out) each,
+            # less than any form that touches W (its rounding is irrelevant to the gradients).
+            scale = self.s * ste_mask(self.mask, self.mask_scale) / self.mask_scale  # [k]
+            y = F.linear(F.linear(x, self.Vh) * scale, self.U, self.bias)  # [..., k] -> [..., out]
+        elif tokens * (n_in + n_out) < n_out * n_in:
+            # Evaluation, short inputs: W·x minus the pruned directions (exactly W·x at full size)
+            y = F.linear(x, self.weight, self.bias) - F.linear(F.linear(x, self.Vh) * self.pruned_scale(), self.U)
+        else:  # evaluation, long inputs: form W_eff once (k·out·in), then one dense product
+            y = F.linear(x, self.weight - (self.U * self.pruned_scale().to(self.U.dtype)) @ self.Vh, self.bias)
         if self.lora_rank:
             y = y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.lora_scaling
         return y

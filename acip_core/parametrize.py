@@ -40,6 +40,7 @@ def parametrize_(model: nn.Module, basis: dict[str, Factors], mask_scale=0.02, l
         new[name] = ACIPLinear(linear.weight, f.U.to(device), f.s.to(device), f.Vh.to(device),
                                bias=linear.bias, mask_scale=mask_scale, lora_rank=lora_rank,
                                lora_alpha=lora_alpha, lora_dropout=lora_dropout).to(device)
+        new[name].train(model.training)  # a fresh module is in training mode; follow the model
     replace_modules_(model, new)
     return originals
 

@@ -105,7 +105,7 @@ def run_scoring(model_source: str, data: str, out: str | Path, basis_kind: str =
         if not linears:
             raise ValueError(f"{model_source}: no linear layers named {targets}")
         fp = target_fingerprint(linears)
-        recipe = default_recipe(basis_kind)
+        recipe = default_recipe(basis_kind, data)
         basis = basis_for(model, tokenizer, linears, recipe, fp)
         windows = token_windows(tokenizer, load_text(data), cfg.seq_len)
         stream = BatchStream(windows, cfg.batch_size, cfg.seed)
@@ -124,6 +124,8 @@ def run_scoring(model_source: str, data: str, out: str | Path, basis_kind: str =
                                    reduce_grads=dist.reducer(layers) if dist else None, is_writer=writer)
         if state.phase != "done":
             return None
+        if dist:
+            dist.check_identical(layers)  # every rank must end with the same masks and LoRA
         adapters = {f"{n}.{k}": getattr(l, k).detach().cpu() for n, l in layers.items()
                     for k in ("lora_A", "lora_B")}
         replace_modules_(model, originals)

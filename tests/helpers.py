@@ -27,3 +27,17 @@ def parametrized_copy(folder, kind="whitened", **kw):
     model, tok, linears, basis = model_and_basis(folder, kind)
     originals = parametrize_(model, basis, **kw)
     return model, tok, basis, originals
+
+
+def random_any_size(folder, seed=0, lora_rank=4, lora_alpha=8.0):
+    """An AnySizeModel of a tiny model with random scores and random LoRA adapters."""
+    from acip_core.materialize import AnySizeModel
+
+    model, tok, linears, basis = model_and_basis(folder)
+    g = torch.Generator().manual_seed(seed)
+    scores = {n: torch.randn(len(f.s), generator=g) for n, f in basis.items()}
+    adapters = {}
+    for n, f in basis.items():
+        adapters[f"{n}.lora_A"] = 0.1 * torch.randn(lora_rank, f.Vh.shape[1], generator=g)
+        adapters[f"{n}.lora_B"] = 0.1 * torch.randn(f.U.shape[0], lora_rank, generator=g)
+    return AnySizeModel(model, tok, basis, scores, adapters, lora_rank, lora_alpha), basis, adapters

@@ -20,12 +20,16 @@ def test_ste_forward_binary_and_gradient_zero_where_pruned():
     assert torch.equal(mask.grad, torch.tensor([1.0, 2.0, 0.0, 0.0, 0.0]))
 
 
-def test_acip_linear_reproduces_linear_both_paths():
+def test_acip_linear_reproduces_linear_on_every_path():
     lin, acip = _layer()
-    short = torch.randn(1, 3, 8)  # factored path
-    long = torch.randn(4, 64, 8)  # effective-weight path (tokens > rank)
-    for x in (short, long):
-        torch.testing.assert_close(acip(x), lin(x), atol=1e-5, rtol=1e-5)
+    short = torch.randn(1, 3, 8)  # eval: W·x minus pruned directions
+    long = torch.randn(4, 64, 8)  # eval: effective weight formed once
+    for training in (True, False):  # training: the plain factored form
+        acip.train(training)
+        for x in (short, long):
+            torch.testing.assert_close(acip(x), lin(x), atol=1e-5, rtol=1e-5)
+    acip.eval()
+    assert torch.equal(acip(short), lin(short))  # exact at full size
     torch.testing.assert_close(acip.dense_weight(), lin.weight, atol=1e-5, rtol=1e-5)
 
 
@@ -38,8 +42,10 @@ def test_pruned_entries_and_lora_change_the_output_as_the_formula_says():
     keep = torch.ones(8)
     keep[[1, 5]] = 0
     expected = (acip.U * (acip.s * keep)) @ acip.Vh.double().float() + acip.lora_scaling * acip.lora_B @ acip.lora_A
-    x = torch.randn(2, 5, 8)
-    torch.testing.assert_close(acip(x), x @ expected.T + lin.bias, atol=1e-5, rtol=1e-5)
+    for training, x in ((True, torch.randn(2, 5, 8)), (False, torch.randn(2, 5, 8)), (False, torch.randn(4, 64, 8))):
+        acip.train(training)
+        acip.dropout.p = 0.0
+        torch.testing.assert_close(acip(x), x @ expected.T + lin.bias, atol=1e-5, rtol=1e-5)
 
 
 def test_mask_gradient_is_zero_for_pruned_entries_in_a_layer():

@@ -4,23 +4,16 @@ import pytest
 import torch
 
 from acip_core.evaluate import generate_text
-from acip_core.materialize import AnySizeModel, count_params
+from acip_core.materialize import count_params
 from acip_core.models import load_base
 from acip_core.parametrize import acip_layers, parametrize_, replace_modules_
-from helpers import model_and_basis, random_ids
+from helpers import random_any_size, random_ids
 
 LORA_RANK, LORA_ALPHA = 4, 8.0
 
 
 def _any_size(folder, seed=0):
-    model, tok, linears, basis = model_and_basis(folder)
-    g = torch.Generator().manual_seed(seed)
-    scores = {n: torch.randn(len(f.s), generator=g) for n, f in basis.items()}
-    adapters = {}
-    for n, f in basis.items():
-        adapters[f"{n}.lora_A"] = 0.1 * torch.randn(LORA_RANK, f.Vh.shape[1], generator=g)
-        adapters[f"{n}.lora_B"] = 0.1 * torch.randn(f.U.shape[0], LORA_RANK, generator=g)
-    return AnySizeModel(model, tok, basis, scores, adapters, LORA_RANK, LORA_ALPHA), basis, adapters
+    return random_any_size(folder, seed, LORA_RANK, LORA_ALPHA)
 
 
 def _reference(folder, any_size, basis, adapters, ranks):

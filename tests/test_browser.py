@@ -1,0 +1,106 @@
+"""The app in a real Chromium (Playwright): load, drag the size, set a budget, chat. Screenshots go to
+test-output/. Runs on the tiny artifact; ACIP_BROWSER_ARTIFACT=folder points it at a real one."""
+
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+OUT = Path(__file__).resolve().parent.parent / "test-output"
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory, request):
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is missing: install it with `apt-get install chromium` (as root)")
+    pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    import app
+    from acip_core.jobs import ScoringJobs
+
+    artifact = os.environ.get("ACIP_BROWSER_ARTIFACT") or str(request.getfixturevalue("tiny_artifact"))
+    app.DEFAULT_ARTIFACT = artifact
+    app.JOBS = ScoringJobs(tmp_path_factory.mktemp("runs"))
+    app.PRECOMPUTED = tmp_path_factory.mktemp("precomputed")
+    demo = app.build_demo([artifact])
+    _, url, _ = demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True,
+                                    **app.launch_options())
+    yield url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def page(app_url):
+    from playwright.sync_api import sync_playwright
+
+    OUT.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(app_url)
+        page.get_by_text(re.compile(r"^Loaded")).wait_for(timeout=600_000)
+        yield page
+        browser.close()
+
+
+def _size_cell(page) -> str:
+    row = page.locator("tr", has_text="size ratio (target layers)").first
+    return row.locator("td").last.inner_text().strip()
+
+
+def _wait_change(read, before, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        now = read()
+        if now != before:
+            return now
+        time.sleep(0.2)
+    raise AssertionError(f"still {before!r} after {timeout} s")
+
+
+def _curve_marker(page) -> str:
+    """The current-size line of the curve (a plotly shape): its path moves with the size."""
+    return page.locator("#curve .shapelayer path").evaluate_all("els => els.map(e => e.getAttribute('d')).join('|')")
+
+
+def test_load_drag_budget_and_chat(page):
+    page.screenshot(path=OUT / "01-loaded.png", full_page=True)
+    assert page.locator("#curve .js-plotly-plot").count() == 1
+    before, marker = _size_cell(page), _curve_marker(page)
+
+    slider = page.locator("#size-slider input[type=range]")
+    box = slider.bounding_box()
+    page.mouse.click(box["x"] + 0.3 * box["width"], box["y"] + box["height"] / 2)  # fires .release
+    after = _wait_change(lambda: _size_cell(page), before)
+    assert 0.2 < float(after) < 0.4
+    _wait_change(lambda: _curve_marker(page), marker)  # the plot moved its marker
+    page.screenshot(path=OUT / "02-size-0.3.png", full_page=True)
+
+    budget = page.locator("#budget input")
+    full_gb = float(re.search(r"of ([\d.]+) M", page.locator("tr", has_text="parameters").first
+                              .inner_text()).group(1)) * 1e6 * 4 / 1e9
+    budget.fill(f"{full_gb * 1.001:.6f}")
+    budget.press("Enter")
+    page.get_by_text(re.compile("GB left")).wait_for(timeout=60_000)
+    assert float(_wait_change(lambda: _size_cell(page), after)) > 0.99  # the slider moved to what fits
+    page.screenshot(path=OUT / "03-budget.png", full_page=True)
+
+    page.get_by_role("tab", name="Chat").click()
+    box = page.locator("#chat-input textarea")
+    box.fill("What is Debian?")
+    box.press("Enter")
+    speed = page.locator("#speed")
+    deadline = time.time() + 180
+    while time.time() < deadline and not re.search(r"B size .*tok/s", speed.inner_text()):
+        time.sleep(0.3)  # both replies streamed to the end (B's line appears with its speed)
+    assert re.search(r"A size .*tok/s", speed.inner_text()), speed.inner_text()
+    for pane in ("#chat-a", "#chat-b"):
+        bot = page.locator(f"{pane} .message.bot, {pane} [data-testid=bot]").last
+        assert bot.inner_text().strip(), f"the reply in {pane} is empty"
+    page.screenshot(path=OUT / "04-chat.png", full_page=True)

@@ -1,0 +1,59 @@
+"""The distributed scoring path on CPU: 2 processes over gloo, under torchrun and accelerate launch."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from acip_core import load_artifact
+
+ARGS = ["score", "--data", "corpus:train", "--basis", "svd", "--steps", "12", "--post-tune-steps", "2",
+        "--batch-size", "4", "--seq-len", "32", "--lr", "2e-3", "--reg-init", "1e-2", "--reg-growth", "1.05",
+        "--lora-dropout", "0.0", "--precision", "fp32", "--eval-windows", "0", "--json"]
+
+
+def _run(cmd, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=os.getcwd())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _compare(a, b):
+    a, b = load_artifact(a), load_artifact(b)
+    assert a.meta["result"]["steps"] == b.meta["result"]["steps"]
+    for n in a.scores:  # same pruning order: scores equal (fp reduction order may differ slightly)
+        torch.testing.assert_close(a.scores[n], b.scores[n], atol=1e-4, rtol=0)
+    for n in a.adapters:
+        torch.testing.assert_close(a.adapters[n], b.adapters[n], atol=1e-4, rtol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def single(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "run"
+    _run([sys.executable, "-m", "acip_core", *ARGS, "--model", tiny_llama, "--out", str(out)], out)
+    return out
+
+
+def test_torchrun_two_processes_equal_single_process(single, tiny_llama, tmp_path):
+    out = tmp_path / "ddp"
+    proc = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                 "-m", "acip_core", *ARGS, "--model", tiny_llama, "--out", str(out)], tmp_path)
+    assert load_artifact(out).meta["scoring"]["processes"] == 2
+    assert not (out / ".lock").exists() and len((out / "log.jsonl").read_text().splitlines()) == 14
+    _compare(single, out)
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None and not os.path.exists(
+    os.path.join(os.path.dirname(sys.executable), "accelerate")), reason="accelerate CLI not installed")
+def test_accelerate_launch_two_processes(single, tiny_llama, tmp_path):
+    out = tmp_path / "acc"
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    _run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "acip_core", *ARGS,
+          "--model", tiny_llama, "--out", str(out)], tmp_path)
+    _compare(single, out)

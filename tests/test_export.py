@@ -1,0 +1,210 @@
+import json
+import os
+import struct
+import zipfile
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from acip_core.export import TEMPLATE, export_dense, export_lowrank, zip_folder
+from acip_core.layers import LowRankLinear
+from acip_core.materialize import count_params
+from helpers import random_any_size, random_ids
+
+
+def _load(folder, remote=True, dtype=torch.float32):
+    kw = dict(trust_remote_code=True) if remote else {}
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, **kw).eval()
+
+
+def _greedy(model, ids, n=12):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, repetition_penalty=1.0, pad_token_id=0)
+
+
+def _data_bytes(path):
+    """Bytes of tensor data in a safetensors file (the file minus its JSON header)."""
+    with open(path, "rb") as f:
+        header = struct.unpack("<Q", f.read(8))[0]
+    return os.path.getsize(path) - 8 - header
+
+
+@pytest.fixture
+def any_size(tiny_model_dir):
+    return random_any_size(tiny_model_dir)[0]
+
+
+def test_lowrank_export_reloads_offline_with_the_same_logits_and_tokens(any_size, tmp_path):
+    size = any_size.size_for_ratio(0.5)
+    out = export_lowrank(any_size, size, tmp_path / "lowrank", card=dict(perplexity=12.345, artifact="tiny"))
+    assert {"config.json", "model.safetensors", "modeling_acip.py", "generation_config.json", "README.md",
+            "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    assert (out / "modeling_acip.py").read_bytes() == TEMPLATE.read_bytes()
+    assert "acip_core" not in (out / "modeling_acip.py").read_text()
+    config = json.loads((out / "config.json").read_text())
+    base_type = any_size.base.config.model_type
+    assert config["model_type"] == f"acip_lowrank_{base_type}" and config["acip_base_model_type"] == base_type
+    assert set(config["auto_map"]) == {"AutoConfig", "AutoModelForCausalLM"}
+    materialized = any_size.materialize(size)
+    factorized = {n: m.rank for n, m in materialized.named_modules() if isinstance(m, LowRankLinear)}
+    assert factorized and config["acip_ranks"] == factorized  # only the low-rank layers, LoRA rank included
+    assert all(r >= any_size.lora_rank for r in factorized.values())
+
+    loaded = _load(out)
+    assert type(loaded).__name__ == f"ACIPForCausalLM__{base_type}"
+    assert sum(p.numel() for p in loaded.parameters()) == count_params(materialized) == size.params
+    lowrank = {n: m for n, m in loaded.named_modules() if type(m).__name__ == "LowRankLinear"}
+    assert {n: m.down.weight.shape[0] for n, m in lowrank.items()} == factorized
+    ids = random_ids(len(any_size.tokenizer))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, materialized(ids).logits, atol=1e-5, rtol=1e-5)
+    prompt = ids[:1, :8]
+    assert torch.equal(_greedy(loaded, prompt), _greedy(materialized, prompt))
+
+    readme = (out / "README.md").read_text()
+    assert f"{size.size_ratio:.4f}" in readme and "12.345" in readme and "trust_remote_code=True" in readme
+    assert f"{size.params:,}" in readme and "ACIP" in readme and "`tiny`" in readme
+
+
+def test_safetensors_shrinks_in_proportion_to_params(any_size, tmp_path):
+    half, full = any_size.size_for_ratio(0.5), any_size.size_for_ratio(1.0)
+    a = export_lowrank(any_size, half, tmp_path / "half")
+    b = export_lowrank(any_size, full, tmp_path / "full")
+    bytes_half, bytes_full = (_data_bytes(f / "model.safetensors") for f in (a, b))
+    assert bytes_half == 4 * half.params and bytes_full == 4 * full.params
+    assert (a / "model.safetensors").stat().st_size < (b / "model.safetensors").stat().st_size
+    assert json.loads((b / "config.json").read_text())["acip_ranks"] == {}  # 1.0 is the base model
+    loaded = _load(b)
+    ids = random_ids(len(any_size.tokenizer))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, any_size.base(ids).logits)
+
+
+def test_bfloat16_lowrank_export_holds_the_bfloat16_numbers(tiny_llama, tmp_path):
+    any_size = random_any_size(tiny_llama)[0]
+    size = any_size.size_for_ratio(0.6)
+    out = export_lowrank(any_size, size, tmp_path / "bf16", dtype="bfloat16")
+    assert _data_bytes(out / "model.safetensors") == 2 * size.params
+    loaded = _load(out, dtype=torch.bfloat16)
+    ids = random_ids(len(any_size.tokenizer))
+    with torch.no_grad():
+        a = loaded(ids).logits.float()
+        b = any_size.materialize(size, "bfloat16")(ids).logits.float()
+    assert (a - b).abs().max() <= 0.02 * b.abs().max()
+
+
+@pytest.fixture(scope="module")
+def tied_llama(tmp_path_factory, tiny_tokenizer):
+    """A tiny Llama whose lm_head is its embedding, like the embedded SmolLM2."""
+    from transformers import LlamaConfig
+
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         tie_word_embeddings=True, eos_token_id=tiny_tokenizer.eos_token_id,
+                         pad_token_id=tiny_tokenizer.pad_token_id)
+    folder = tmp_path_factory.mktemp("tied")
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_tied_embeddings_are_stored_once_and_tied_back(tied_llama, tmp_path, dense):
+    from safetensors import safe_open
+
+    any_size = random_any_size(tied_llama)[0]
+    size = any_size.size_for_ratio(0.5)
+    out = (export_dense if dense else export_lowrank)(any_size, size, tmp_path / "tied")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "model.embed_tokens.weight" in keys and "lm_head.weight" not in keys
+    loaded = _load(out, remote=not dense)
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    ids = random_ids(len(any_size.tokenizer))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, any_size.materialize(size)(ids).logits,
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_dense_export_loads_without_remote_code(any_size, tmp_path):
+    size = any_size.size_for_ratio(0.5)
+    out = export_dense(any_size, size, tmp_path / "dense")
+    config = json.loads((out / "config.json").read_text())
+    assert "auto_map" not in config and "acip_ranks" not in config
+    assert config["model_type"] == any_size.base.config.model_type
+    assert not (out / "modeling_acip.py").exists()
+    loaded = _load(out, remote=False)
+    assert type(loaded) is type(any_size.base)
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in any_size.base.parameters())
+    materialized = any_size.materialize(size)
+    ids = random_ids(len(any_size.tokenizer))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, materialized(ids).logits, atol=1e-4, rtol=1e-4)
+    prompt = ids[:1, :8]
+    assert torch.equal(_greedy(loaded, prompt), _greedy(materialized, prompt))
+    assert "trust_remote_code" not in (out / "README.md").read_text()
+
+
+def test_zip_refuses_paths_outside_the_base(tiny_llama, tmp_path):
+    any_size = random_any_size(tiny_llama)[0]
+    folder = export_lowrank(any_size, 0.5, tmp_path / "exports" / "m")
+    base = tmp_path / "exports"
+    target = zip_folder(folder, "m.zip", base)
+    assert target == (base / "m.zip").resolve()
+    with zipfile.ZipFile(target) as zf:
+        names = set(zf.namelist())
+        assert {"m/config.json", "m/model.safetensors", "m/modeling_acip.py", "m/README.md"} <= names
+        assert zf.read("m/config.json") == (folder / "config.json").read_bytes()
+    outside = tmp_path / "elsewhere.zip"
+    (base / "link").symlink_to(tmp_path, target_is_directory=True)
+    for bad in ("../x.zip", "sub/../../x.zip", str(outside), "/etc/x.zip", "link/x.zip"):
+        with pytest.raises(ValueError, match="refusing"):
+            zip_folder(folder, bad, base)
+    with pytest.raises(ValueError, match="inside the folder"):
+        zip_folder(folder, "m/self.zip", base)
+    assert not outside.exists() and not (tmp_path / "x.zip").exists()
+    assert not [p for p in base.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_refuses_to_overwrite_a_foreign_folder_but_replaces_an_export(tiny_llama, tmp_path):
+    any_size = random_any_size(tiny_llama)[0]
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    for fn in (export_lowrank, export_dense):
+        with pytest.raises(FileExistsError, match="not a previous ACIP export"):
+            fn(any_size, 0.5, foreign)
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="not a folder"):
+        export_lowrank(any_size, 0.5, tmp_path / "file")
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    export_lowrank(any_size, 0.5, empty)
+    export_dense(any_size, 0.7, empty)  # a previous export is replaced as a whole
+    assert not (empty / "modeling_acip.py").exists()
+    assert json.loads((empty / "config.json").read_text())["acip_export"]["kind"] == "dense"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file", "mine"]  # no temp leftovers
+
+
+def test_cli_export(tiny_llama, tmp_path, monkeypatch, capsys):
+    import acip_core.pipeline
+    from acip_core.cli import main
+
+    any_size = random_any_size(tiny_llama)[0]
+    monkeypatch.setattr(acip_core.pipeline, "open_artifact", lambda folder: any_size)
+    out = tmp_path / "cli"
+    assert main(["export", "--artifact", "art", "--size-ratio", "0.5", "--out", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["kind"] == "lowrank" and result["out"] == str(out) and result["size_ratio"] >= 0.5
+    assert (out / "modeling_acip.py").exists()
+    assert main(["export", "--artifact", "art", "--size-ratio", "0.5", "--out", str(out), "--dense",
+                 "--dtype", "bfloat16", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["kind"] == "dense" and result["dtype"] == "bfloat16"
+    assert main(["export", "--artifact", "art", "--size-ratio", "0.5", "--out", str(tmp_path), "--json"]) == 2
+    assert "not a previous ACIP export" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["error"]

@@ -1,0 +1,89 @@
+import json
+import os
+import time
+
+import pytest
+import torch
+
+from acip_core.evaluate import Cancelled
+from acip_core.lmeval import (OFFLINE_TASKS, PAPER_TASKS, TaskUnavailableError, check_tasks,
+                              run_lm_eval)
+from acip_core.models import load_base
+from acip_core.tasks_build import ASSET_DIR, N_CHOICES, TASK_SPECS, build_task, to_jsonl
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama):
+    return load_base(tiny_llama)
+
+
+@pytest.mark.parametrize("task", OFFLINE_TASKS)
+def test_task_files_are_complete_and_reproducible(task):
+    path = ASSET_DIR / f"{task}.jsonl"
+    text = path.read_text(encoding="utf-8")
+    items = [json.loads(line) for line in text.splitlines()]
+    assert 150 <= len(items) <= 300 and len({it["id"] for it in items}) == len(items)
+    for it in items:
+        assert set(it) == {"id", "source", "context", "choices", "label", "answer"}
+        assert it["source"] == TASK_SPECS[task][1] and it["context"]
+        assert len(it["choices"]) == N_CHOICES == len(set(it["choices"]))
+        assert it["choices"][it["label"]] == it["answer"]
+    assert {it["label"] for it in items} == set(range(N_CHOICES))  # the answer moves around
+    assert text == to_jsonl(build_task(task))  # the committed items are what the builder makes
+    assert "@DATA_FILE@" in (ASSET_DIR / f"{task}.yaml").read_text()
+
+
+def test_offline_tasks_run_through_lm_eval(tiny):
+    model, tok = tiny
+    out = run_lm_eval(model, tok, ["acip_next_sentence", "acip_last_word"], limit=4, batch_size=8)
+    assert set(out) == {"acip_next_sentence", "acip_last_word"}
+    for r in out.values():
+        assert 0 <= r["acc"] <= 1 and 0 <= r["acc_norm"] <= 1 and r["samples"] == 4
+        assert r["acc_stderr"] is not None
+
+
+def test_a_materialized_size_runs_and_can_be_cancelled(tiny_llama):
+    from acip_core.materialize import AnySizeModel
+    from helpers import model_and_basis
+
+    model, tok, _, basis = model_and_basis(tiny_llama)
+    g = torch.Generator().manual_seed(0)
+    any_size = AnySizeModel(model, tok, basis, {n: torch.randn(len(f.s), generator=g) for n, f in basis.items()})
+    small = any_size.materialize(any_size.size_for_ratio(0.5))
+    out = run_lm_eval(small, tok, ["acip_last_word_domain"], limit=2, batch_size=4)
+    assert 0 <= out["acip_last_word_domain"]["acc"] <= 1
+    with pytest.raises(Cancelled):
+        run_lm_eval(small, tok, ["acip_next_sentence"], limit=2, should_stop=lambda: True)
+    assert not small._forward_pre_hooks  # the stop hook is removed again
+
+
+def test_unknown_and_unreachable_tasks_are_clear_errors(tiny):
+    with pytest.raises(ValueError, match="unknown lm-eval task.*'nope'.*acip_next_sentence.*piqa"):
+        check_tasks(["acip_last_word", "nope"])
+    with pytest.raises(ValueError, match="no task"):
+        check_tasks([" "])
+    assert set(PAPER_TASKS) == {"piqa", "hellaswag", "winogrande", "arc_challenge", "arc_easy",
+                                "openbookqa", "mathqa"}
+    model, tok = tiny
+    start = time.perf_counter()
+    with pytest.raises(TaskUnavailableError, match="piqa.*baber/piqa.*hub.*offline tasks"):
+        run_lm_eval(model, tok, ["piqa"], limit=2)  # HF offline in the tests: no dataset
+    assert time.perf_counter() - start < 20
+
+
+def test_cli_lm_eval(tiny_llama, monkeypatch, capsys):
+    from acip_core import cli, pipeline
+    from acip_core.materialize import AnySizeModel
+    from helpers import model_and_basis
+
+    model, tok, _, basis = model_and_basis(tiny_llama)
+    scores = {n: torch.linspace(1, 0, len(f.s)) for n, f in basis.items()}
+    monkeypatch.setattr(pipeline, "open_artifact", lambda folder: AnySizeModel(model, tok, basis, scores))
+    rc = cli.main(["lm-eval", "--artifact", "unused", "--size-ratio", "0.6", "--tasks",
+                   "acip_next_sentence,acip_last_word", "--limit", "2", "--json"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0 and out["size_ratio"] >= 0.6 and set(out["tasks"]) == {"acip_next_sentence", "acip_last_word"}
+    rc = cli.main(["lm-eval", "--artifact", "unused", "--size-ratio", "0.6", "--tasks", "bogus", "--json"])
+    assert rc == 2 and "unknown lm-eval task" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["error"]
