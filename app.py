@@ -42,7 +42,6 @@ EXAMPLES = ["What is the capital of France?", "Explain what a package manager do
 CSS = """
 #title h1 {margin-bottom: 0}
 #status {min-height: 1.5em}
-.compact-table table {font-size: 0.9em}
 footer {display: none !important}
 """
 
@@ -217,6 +216,13 @@ def summary_frame(s: dict, ppl: float | None = None, ref: float | None = None) -
     return pd.DataFrame(rows, columns=["", "this size"])
 
 
+def layers_frame(table: pd.DataFrame) -> pd.DataFrame:
+    table = table.rename(columns={"full_rank": "full rank", "mean_kept_rank": "kept (mean)",
+                                  "kept_percent": "kept %", "low_rank": "low-rank"})
+    table["module"] = table["module"].str.removesuffix("_proj")
+    return table
+
+
 def _curve_ppl(ex: Explorer, size_ratio: float, metric: str | None):
     curve, cols = ex.curve, plots.ppl_columns(ex.curve)
     metric = metric if metric in cols else (cols[0] if cols else None)
@@ -261,7 +267,7 @@ def on_start():
     for line in wait_loaded(folder):
         yield (dd, note + line) + (gr.update(),) * 7
     ex = get_explorer(folder)
-    ratio = suggested_ratio(ex)
+    ratio = math.ceil(suggested_ratio(ex) * 1000) / 1000
     budget = math.ceil(ex.size_for(ratio)["gb_float32"] * 1000) / 1000
     yield (dd, note + status_text(folder), ratio, budget, metric_update(ex)) + \
         on_size(folder, ratio, "size ratio", "float32", None)
@@ -313,7 +319,7 @@ def on_size(folder, ratio, x_axis, dtype, metric):
     summary = ex.size_for(ratio)
     ppl, ref = _curve_ppl(ex, summary["size_ratio"], metric)
     size = ex.size(ratio)
-    return (summary_frame(summary, ppl, ref), ex.layer_table(size),
+    return (summary_frame(summary, ppl, ref), layers_frame(ex.layer_table(size)),
             plots.heatmap_figure(ex.rank_heatmap(size)), _curve(ex, summary, x_axis, dtype, metric))
 
 
@@ -537,13 +543,21 @@ def on_score_resume(run):
 
 
 def on_score_poll(run, known):
-    """Timer tick: the runs table, the selected run's plots, and new artifacts in the selector."""
+    """Timer tick: the runs table, the selected run's plots; the run and artifact lists only when
+    they changed (re-sending choices would close a dropdown the user has open)."""
+    known = dict(known or {})
     choices = artifact_choices()
-    folders = [f for _, f in choices]
-    artifacts = gr.update(choices=choices) if folders != (known or []) else gr.update()
-    names = [r["name"] for r in JOBS.list()]
-    fig, text = _run_view(run)
-    return _runs_frame(), gr.update(choices=names), fig, text, artifacts, folders
+    folders, names = [f for _, f in choices], [r["name"] for r in JOBS.list()]
+    artifacts = gr.update(choices=choices) if folders != known.get("artifacts") else gr.update()
+    runs = gr.update(choices=names) if names != known.get("runs") else gr.update()
+    frame = _runs_frame()
+    row = frame[frame.run == run]
+    plot_key = [run, None if row.empty else str(row.iloc[0].to_dict())]
+    if plot_key != known.get("plot"):  # redraw only on news: a redraw resets the user's zoom
+        fig, text = _run_view(run)
+    else:
+        fig, text = gr.update(), gr.update()
+    return frame, runs, fig, text, artifacts, dict(artifacts=folders, runs=names, plot=plot_key)
 
 
 def on_runs_list():
@@ -556,7 +570,7 @@ def build_demo(artifact_dirs=None) -> gr.Blocks:
     _EXTRA_ARTIFACTS[:] = [str(a) for a in (artifact_dirs or [])]
     offline_tasks, all_tasks = lm_eval_tasks()
     with gr.Blocks(title="ACIP Studio") as demo:
-        known = gr.State([])
+        known = gr.State({})
         with gr.Row(equal_height=True):
             gr.Markdown("# ACIP Studio\nScore a model once, then get a model of **any size** in milliseconds: "
                         "pick a size or a memory budget, see the trade-off, chat, measure, export.",
@@ -580,11 +594,15 @@ def build_demo(artifact_dirs=None) -> gr.Blocks:
                             budget = gr.Number(label="memory budget (GB)", value=None, minimum=0,
                                                elem_id="budget", scale=2)
                             fit = gr.Button("fit budget", scale=1)
-                        budget_text = gr.Markdown()
-                        summary = gr.Dataframe(label="this size", interactive=False, elem_classes="compact-table")
+                        budget_text = gr.Markdown(elem_id="budget-text")
+                        summary = gr.Dataframe(label="this size", interactive=False, wrap=True,
+                                               column_widths=["48%", "52%"], elem_id="summary")
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        heatmap = gr.Plot(label="kept rank per layer", elem_id="heatmap")
+                    with gr.Column(scale=2):
                         layers = gr.Dataframe(label="kept rank per module type", interactive=False,
-                                              elem_classes="compact-table")
-                heatmap = gr.Plot(label="kept rank per layer")
+                                              wrap=True, elem_id="layers")
             with gr.Tab("Chat", id="chat"):
                 gr.Markdown("Greedy decoding, so two sizes can be compared word for word. "
                             "**A** uses the size chosen in Explore; **B** defaults to the original model.")
@@ -602,7 +620,7 @@ def build_demo(artifact_dirs=None) -> gr.Blocks:
                 with gr.Row():
                     side_by_side = gr.Checkbox(value=True, label="side by side with B")
                     ratio_b = gr.Slider(0.0, 1.0, value=1.0, step=0.001, label="B: size ratio")
-                    max_new = gr.Slider(1, 512, value=128, step=1, label="max new tokens")
+                    max_new = gr.Slider(1, 512, value=128, step=1, label="max new tokens", elem_id="max-new")
                     penalty = gr.Slider(1.0, 2.0, value=1.15, step=0.01, label="repetition penalty")
             with gr.Tab("Measure", id="measure"):
                 gr.Markdown("Measurements at the size chosen in Explore; each one becomes a point on the curve.")

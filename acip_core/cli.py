@@ -164,7 +164,7 @@ def cmd_curve(args):
     for spec in args.eval:
         name, _, source = spec.partition("=")
         evals[name] = token_windows(tokenizer, load_text(source), args.seq_len, args.windows)
-    calib = token_windows(tokenizer, load_text("corpus:train"), args.seq_len, 8)
+    calib = token_windows(tokenizer, load_text("corpus:train"), 128, 4)  # block-removal order: small, like IteRABRe
     frames = [] if args.replace or artifact.curve is None else [artifact.curve[~artifact.curve.method.isin(
         list(methods) + ["original"])]]
     for method in methods:

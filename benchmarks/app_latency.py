@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from acip_core.explorer import message_text  # noqa: E402
 
 
 def wait_for_server(url: str, proc, timeout: float = 600) -> None:
@@ -47,7 +49,7 @@ def chat_numbers(client, artifact: str, ratio: float, tokens: int, dtype: str) -
                         1.15, dtype, api_name="/chat")
     first_text = None
     for hist_a, _, _, _ in job:
-        if first_text is None and hist_a and hist_a[-1]["content"]:
+        if first_text is None and hist_a and message_text(hist_a[-1]["content"]).strip():
             first_text = time.perf_counter() - start
     hist_a, _, speed, _ = job.result()
     first = re.search(r"first token ([\d.]+) s", speed)
@@ -56,7 +58,7 @@ def chat_numbers(client, artifact: str, ratio: float, tokens: int, dtype: str) -
     return dict(size_ratio=ratio, dtype=dtype, first_token_s=float(first.group(1)) if first else None,
                 tokens_per_s=float(rate.group(1)) if rate else None, tokens=int(count.group(1)) if count else None,
                 client_first_text_s=first_text, total_s=time.perf_counter() - start,
-                text=hist_a[-1]["content"][:120])
+                text=message_text(hist_a[-1]["content"])[:160])
 
 
 def main() -> None:

@@ -46,8 +46,8 @@ def client(tiny_artifact, tmp_path_factory):
 
 
 def test_start_loads_the_default_artifact(client, tiny_artifact):
-    artifact, status, ratio, metric, summary, layers, heatmap, curve = client.predict(api_name="/start")
-    assert "Loaded **tiny**" in status and 0 <= ratio <= 1
+    artifact, status, ratio, budget, metric, summary, layers, heatmap, curve = client.predict(api_name="/start")
+    assert "Loaded **tiny**" in status and 0 <= ratio <= 1 and budget > 0
     assert summary["data"][0][0] == "size ratio (target layers)"
     assert layers["headers"][:2] == ["module", "layers"]
 
@@ -146,3 +146,20 @@ def test_export_reloads_with_transformers_and_gives_the_same_greedy_tokens(clien
         ours = ex.model(0.6).generate(**kwargs)
         theirs = loaded.generate(**kwargs)
     assert torch.equal(ours, theirs)
+
+
+def test_score_tab_starts_polls_and_cancels_a_run(client, tiny_llama):
+    import time
+
+    table, runs, plot, text = client.predict("app-run", tiny_llama, "corpus:train", 400, "whitened", 0.4, 2, 32,
+                                             api_name="/score_start")
+    assert table["data"][0][0] == "app-run" and "app-run" in text
+    deadline = time.time() + 180
+    while time.time() < deadline:  # (gradio_client leaves the gr.State input/output out)
+        table, _, _, text, _ = client.predict("app-run", api_name="/score_poll")
+        if table["data"][0][2] not in (None, "", "NaN") and float(table["data"][0][2]) >= 1:
+            break
+        time.sleep(1)
+    assert table["data"][0][1] in ("running", "evaluating"), table
+    table, plot, text = client.predict("app-run", api_name="/score_cancel")
+    assert table["data"][0][1] == "cancelled" and "resume" in text

@@ -31,27 +31,28 @@ def app_url(tmp_path_factory, request):
     demo = app.build_demo([artifact])
     _, url, _ = demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True,
                                     **app.launch_options())
-    yield url
+    yield url, Path(artifact).name
     demo.close()
 
 
 @pytest.fixture(scope="module")
 def page(app_url):
+    url, name = app_url
     from playwright.sync_api import sync_playwright
 
     OUT.mkdir(exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(app_url)
+        page.goto(url)
+        page.shot = lambda step: page.screenshot(path=OUT / f"{name}-{step}.png", full_page=True)
         page.get_by_text(re.compile(r"^Loaded")).wait_for(timeout=600_000)
         yield page
         browser.close()
 
 
 def _size_cell(page) -> str:
-    row = page.locator("tr", has_text="size ratio (target layers)").first
-    return row.locator("td").last.inner_text().strip()
+    return page.locator("#summary [data-testid=cell-0-1]").inner_text().strip()  # row 0: size ratio
 
 
 def _wait_change(read, before, timeout=60):
@@ -69,8 +70,15 @@ def _curve_marker(page) -> str:
     return page.locator("#curve .shapelayer path").evaluate_all("els => els.map(e => e.getAttribute('d')).join('|')")
 
 
+def _wait_plots(page):
+    for plot in ("#curve", "#heatmap"):
+        page.locator(f"{plot} .main-svg").first.wait_for(timeout=60_000)
+    time.sleep(1)  # plotly finishes drawing
+
+
 def test_load_drag_budget_and_chat(page):
-    page.screenshot(path=OUT / "01-loaded.png", full_page=True)
+    _wait_plots(page)
+    page.shot("01-loaded")
     assert page.locator("#curve .js-plotly-plot").count() == 1
     before, marker = _size_cell(page), _curve_marker(page)
 
@@ -80,18 +88,23 @@ def test_load_drag_budget_and_chat(page):
     after = _wait_change(lambda: _size_cell(page), before)
     assert 0.2 < float(after) < 0.4
     _wait_change(lambda: _curve_marker(page), marker)  # the plot moved its marker
-    page.screenshot(path=OUT / "02-size-0.3.png", full_page=True)
+    _wait_plots(page)
+    page.shot("02-size-0.3")
 
     budget = page.locator("#budget input")
-    full_gb = float(re.search(r"of ([\d.]+) M", page.locator("tr", has_text="parameters").first
-                              .inner_text()).group(1)) * 1e6 * 4 / 1e9
+    params = page.locator("#summary [data-testid=cell-1-1]").inner_text()  # "N of FULL (x %)"
+    full = re.search(r"of ([\d.,]+)( M)?", params)
+    full_gb = float(full.group(1).replace(",", "")) * (1e6 if full.group(2) else 1) * 4 / 1e9
     budget.fill(f"{full_gb * 1.001:.6f}")
     budget.press("Enter")
     page.get_by_text(re.compile("GB left")).wait_for(timeout=60_000)
     assert float(_wait_change(lambda: _size_cell(page), after)) > 0.99  # the slider moved to what fits
-    page.screenshot(path=OUT / "03-budget.png", full_page=True)
+    page.shot("03-budget")
 
     page.get_by_role("tab", name="Chat").click()
+    max_new = page.locator("#max-new input[type=number]")
+    max_new.fill("24")  # short replies: this runs on a CPU
+    max_new.press("Enter")
     box = page.locator("#chat-input textarea")
     box.fill("What is Debian?")
     box.press("Enter")
@@ -103,4 +116,4 @@ def test_load_drag_budget_and_chat(page):
     for pane in ("#chat-a", "#chat-b"):
         bot = page.locator(f"{pane} .message.bot, {pane} [data-testid=bot]").last
         assert bot.inner_text().strip(), f"the reply in {pane} is empty"
-    page.screenshot(path=OUT / "04-chat.png", full_page=True)
+    page.shot("04-chat")

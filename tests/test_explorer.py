@@ -235,3 +235,16 @@ def test_scoring_job_runs_cancels_resumes_and_finishes(tmp_path, tiny_llama):
     assert status["state"] == "finished", jobs.output_tail("tiny")
     assert jobs.artifacts() == [tmp_path / "runs" / "tiny"]
     assert Explorer.open(tmp_path / "runs" / "tiny").size_for(0.5)["size_ratio"] >= 0.5
+
+
+def test_lm_eval_row(explorer):
+    pytest.importorskip("acip_core.lmeval", reason="acip_core/lmeval.py has not landed yet")
+    from acip_core.lmeval import OFFLINE_TASKS
+
+    row = explorer.measure_lm_eval(0.7, [OFFLINE_TASKS[0]], limit=4, batch_size=4)
+    assert row["kind"] == "lm-eval" and 0 <= row[f"{OFFLINE_TASKS[0]}/acc"] <= 1
+    assert row[f"{OFFLINE_TASKS[0]}/samples"] == 4
+    with pytest.raises(ValueError, match="at least one"):
+        explorer.measure_lm_eval(0.7, [])
+    with pytest.raises(Cancelled):
+        explorer.measure_lm_eval(0.7, [OFFLINE_TASKS[0]], limit=4, should_stop=lambda: True)
