@@ -42,6 +42,7 @@ EXAMPLES = ["What is the capital of France?", "Explain what a package manager do
 CSS = """
 #title h1 {margin-bottom: 0}
 #status {min-height: 1.5em}
+#size-badge {text-align: right}
 footer {display: none !important}
 """
 
@@ -201,7 +202,8 @@ def _millions(n: int) -> str:
     return f"{n / 1e6:,.1f} M" if n >= 1e5 else f"{n:,}"
 
 
-def summary_frame(s: dict, ppl: float | None = None, ref: float | None = None) -> pd.DataFrame:
+def summary_frame(s: dict, ppl: float | None = None, ref: float | None = None,
+                  span: tuple | None = None) -> pd.DataFrame:
     rows = [("size ratio (target layers)", f"{s['size_ratio']:.4f}"),
             ("parameters", f"{_millions(s['params'])} of {_millions(s['original_params'])} "
                            f"({100 * s['params_fraction']:.1f} %)"),
@@ -213,11 +215,14 @@ def summary_frame(s: dict, ppl: float | None = None, ref: float | None = None) -
         rows.append((f"budget left ({s['dtype']})", f"{s['budget_left_gb']:.4f} GB of {s['budget_gb']:g} GB"))
     if ppl is not None:
         rows.append(("perplexity (curve, interpolated)", f"≈ {ppl:.4g}" + (f" (original {ref:.4g})" if ref else "")))
+    elif span is not None:
+        rows.append(("perplexity (curve)", f"outside the curve's sizes {span[0]:.2f}–{span[1]:.2f}: "
+                                           "measure it in the Measure tab"))
     return pd.DataFrame(rows, columns=["", "this size"])
 
 
 def layers_frame(table: pd.DataFrame) -> pd.DataFrame:
-    table = table.rename(columns={"full_rank": "full rank", "mean_kept_rank": "kept (mean)",
+    table = table.rename(columns={"full_rank": "full rank", "mean_kept_rank": "kept rank",
                                   "kept_percent": "kept %", "low_rank": "low-rank"})
     table["module"] = table["module"].str.removesuffix("_proj")
     return table
@@ -227,12 +232,13 @@ def _curve_ppl(ex: Explorer, size_ratio: float, metric: str | None):
     curve, cols = ex.curve, plots.ppl_columns(ex.curve)
     metric = metric if metric in cols else (cols[0] if cols else None)
     if metric is None:
-        return None, None
+        return None, None, None
     acip = curve[(curve.method != "original") & curve[metric].notna()]
     acip = acip[acip.method == acip.method.iloc[0]] if len(acip) else acip
     ref = curve[curve.method == "original"][metric]
+    span = (float(acip.size_ratio.min()), float(acip.size_ratio.max())) if len(acip) else None
     return (plots._interp_log(acip.size_ratio, acip[metric], size_ratio),
-            float(ref.iloc[0]) if len(ref) else None)
+            float(ref.iloc[0]) if len(ref) else None, span)
 
 
 def _curve(ex: Explorer, summary: dict | None, x_axis: str, dtype: str, metric: str | None):
@@ -250,6 +256,8 @@ def _speed(tag: str, snap: dict) -> str:
     parts.append(f"{snap['tokens']} tokens")
     if snap["truncated"]:
         parts.append("(older turns dropped to fit the context)")
+    if snap["done"]:
+        parts.append("done")
     return " · ".join(parts)
 
 
@@ -262,11 +270,17 @@ def on_start():
     dd = gr.update(choices=artifact_choices(), value=folder)
     if folder is None:
         empty = plots.empty_figure("no artifact loaded")
-        yield (dd, note, gr.update(), gr.update(), gr.update(), empty, None, None, empty)
+        yield (dd, note, gr.update(), gr.update(), gr.update(), None, None, empty, empty, "")
         return
     for line in wait_loaded(folder):
-        yield (dd, note + line) + (gr.update(),) * 7
-    ex = get_explorer(folder)
+        yield (dd, note + line) + (gr.update(),) * 8
+    try:
+        ex = get_explorer(folder)
+    except gr.Error as err:  # said in the status line, where it stays visible
+        empty = plots.empty_figure("the artifact could not be loaded")
+        yield (dd, f"{note}**{err.message}** Pick another artifact above, or create one in the Score tab.",
+               gr.update(), gr.update(), gr.update(), None, None, empty, empty, "")
+        return
     ratio = math.ceil(suggested_ratio(ex) * 1000) / 1000
     budget = math.ceil(ex.size_for(ratio)["gb_float32"] * 1000) / 1000
     yield (dd, note + status_text(folder), ratio, budget, metric_update(ex)) + \
@@ -307,8 +321,12 @@ def status_text(folder: str) -> str:
 @ui_errors
 def on_artifact(folder, ratio, x_axis, dtype):
     for line in wait_loaded(folder):
-        yield (line,) + (gr.update(),) * 5
-    ex = get_explorer(folder)
+        yield (line,) + (gr.update(),) * 6
+    try:
+        ex = get_explorer(folder)
+    except gr.Error as err:
+        yield (f"**{err.message}** Pick another artifact.",) + (gr.update(),) * 6
+        return
     yield (status_text(folder), metric_update(ex)) + on_size(folder, ratio, x_axis, dtype, None)
 
 
@@ -317,10 +335,17 @@ def on_size(folder, ratio, x_axis, dtype, metric):
     """Slider released: summary, layer table, heatmap, curve with the marker."""
     ex = get_explorer(folder)
     summary = ex.size_for(ratio)
-    ppl, ref = _curve_ppl(ex, summary["size_ratio"], metric)
+    ppl, ref, span = _curve_ppl(ex, summary["size_ratio"], metric)
     size = ex.size(ratio)
-    return (summary_frame(summary, ppl, ref), layers_frame(ex.layer_table(size)),
-            plots.heatmap_figure(ex.rank_heatmap(size)), _curve(ex, summary, x_axis, dtype, metric))
+    return (summary_frame(summary, ppl, ref, span), layers_frame(ex.layer_table(size)),
+            plots.heatmap_figure(ex.rank_heatmap(size)), _curve(ex, summary, x_axis, dtype, metric),
+            size_badge(summary))
+
+
+def size_badge(s: dict) -> str:
+    """One line, visible on every tab: the size that Chat (A), Measure and Export use."""
+    return (f"**Selected size {s['size_ratio']:.3f}**: {_millions(s['params'])} params, "
+            f"{s['gb_float32']:.3f} GB float32 / {s['gb_bfloat16']:.3f} GB bfloat16")
 
 
 @ui_errors
@@ -478,6 +503,8 @@ def on_export(folder, ratio, kind, dtype, progress=gr.Progress()):
         info = ex.export(ratio, work / name, dense=dense, dtype=dtype, zip_path=work / f"{name}.zip")
     except ImportError as err:
         raise gr.Error(f"Export is not available yet ({err}).") from None
+    finally:
+        shutil.rmtree(work / name, ignore_errors=True)  # the zip is what is downloaded
     how = ("`AutoModelForCausalLM.from_pretrained(folder)` in any runtime" if dense else
            "`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`")
     text = (f"Exported size **{info['size_ratio']:.3f}** ({info['kind']}, {dtype}, "
@@ -577,7 +604,9 @@ def build_demo(artifact_dirs=None) -> gr.Blocks:
                         elem_id="title")
             artifact = gr.Dropdown(choices=[], label="artifact", scale=0, min_width=280)
             dtype = gr.Radio(list(DTYPE_CHOICES), value="float32", label="weights dtype", scale=0, min_width=220)
-        status = gr.Markdown("Loading the model…", elem_id="status")
+        with gr.Row():
+            status = gr.Markdown("Loading the model…", elem_id="status")
+            badge = gr.Markdown(elem_id="size-badge")
         with gr.Tabs():
             with gr.Tab("Explore", id="explore"):
                 with gr.Row():
@@ -598,9 +627,9 @@ def build_demo(artifact_dirs=None) -> gr.Blocks:
                         summary = gr.Dataframe(label="this size", interactive=False, wrap=True,
                                                column_widths=["48%", "52%"], elem_id="summary")
                 with gr.Row():
-                    with gr.Column(scale=3):
+                    with gr.Column(scale=1):
                         heatmap = gr.Plot(label="kept rank per layer", elem_id="heatmap")
-                    with gr.Column(scale=2):
+                    with gr.Column(scale=1):
                         layers = gr.Dataframe(label="kept rank per module type", interactive=False,
                                               wrap=True, elem_id="layers")
             with gr.Tab("Chat", id="chat"):
@@ -629,10 +658,10 @@ def build_demo(artifact_dirs=None) -> gr.Blocks:
                         data = gr.Dropdown(DATA_CHOICES, value="corpus:heldout", label="text",
                                            info="held-out text never used for calibration")
                         with gr.Row():
-                            windows = gr.Slider(1, 64, value=8, step=1, label="windows")
+                            windows = gr.Slider(1, 64, value=8, step=1, label="windows", elem_id="windows")
                             seq_len = gr.Dropdown([128, 256, 512, 1024], value=256, label="tokens per window")
                         with gr.Row():
-                            run_ppl = gr.Button("Measure perplexity", variant="primary")
+                            run_ppl = gr.Button("Measure perplexity", variant="primary", elem_id="run-ppl")
                             cancel = gr.Button("Cancel")
                     with gr.Column():
                         tasks = gr.Dropdown(all_tasks, value=offline_tasks[:1], multiselect=True,
@@ -642,7 +671,7 @@ def build_demo(artifact_dirs=None) -> gr.Blocks:
                             limit = gr.Number(value=50, precision=0, minimum=1, label="limit (items per task)")
                             batch = gr.Number(value=8, precision=0, minimum=1, label="batch size")
                         run_eval = gr.Button("Run lm-eval")
-                measure_text = gr.Markdown()
+                measure_text = gr.Markdown(elem_id="measure-text")
                 results = gr.Dataframe(label="results", interactive=False)
                 with gr.Row():
                     download = gr.DownloadButton("Download CSV", value=None)
@@ -654,7 +683,7 @@ def build_demo(artifact_dirs=None) -> gr.Blocks:
                     kind = gr.Radio(["low-rank (smallest; trust_remote_code)", "dense (base architecture)"],
                                     value="low-rank (smallest; trust_remote_code)", label="format")
                     export_btn = gr.Button("Export", variant="primary")
-                export_text = gr.Markdown()
+                export_text = gr.Markdown(elem_id="export-text")
                 export_file = gr.File(label="download", interactive=False)
             with gr.Tab("Score", id="score"):
                 gr.Markdown("Start a new scoring run in the background (a separate process: it survives page "
@@ -681,7 +710,7 @@ def build_demo(artifact_dirs=None) -> gr.Blocks:
                 timer = gr.Timer(3.0)
 
         # -- wiring ---------------------------------------------------------------------------
-        explore_out = [summary, layers, heatmap, curve]
+        explore_out = [summary, layers, heatmap, curve, badge]
         demo.load(on_start, None, [artifact, status, ratio, budget, metric] + explore_out, api_name="start",
                   show_progress="minimal")
         demo.load(on_runs_list, None, runs, api_name="runs")

@@ -398,10 +398,11 @@ class Explorer:
         return cached
 
     def _row(self, kind: str, size: Size, dtype: str, **values) -> dict:
-        row = dict(time=datetime.datetime.now().strftime("%H:%M:%S"), artifact=self.name, kind=kind,
-                   size_ratio=round(size.size_ratio, 5), params=size.params,
-                   gb_float32=size.gigabytes("float32"), gb_bfloat16=size.gigabytes("bfloat16"),
-                   dtype=dtype, **values)
+        row = dict(time=datetime.datetime.now().strftime("%H:%M:%S"), kind=kind,
+                   size_ratio=round(size.size_ratio, 5), dtype=dtype)
+        row.update(values)  # what was measured comes before the size's bookkeeping
+        row.update(params=size.params, gb_float32=size.gigabytes("float32"),
+                   gb_bfloat16=size.gigabytes("bfloat16"), artifact=self.name)
         with self._lock:
             self._results.append(row)
         return row

@@ -221,7 +221,7 @@ class ScoringJobs:
         path = folder / OUTPUT_FILE
         if not path.is_file():
             return None
-        lines = [l for l in path.read_text(errors="replace").splitlines() if l.strip()]
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
         tail = lines[-1] if lines else ""
         return tail[:300] if tail.startswith("error:") or "Error" in tail else None
 

@@ -81,11 +81,21 @@ def curve_figure(curve: pd.DataFrame | None, x: str = "size_ratio", dtype: str =
                 customdata=np.stack([rows.size_ratio, rows.params / 1e6], axis=-1),
                 hovertemplate=f"{method}<br>size %{{customdata[0]:.3f}}<br>%{{customdata[1]:.1f}} M params"
                               "<br>perplexity %{y:.4g}<extra></extra>"))
-        if len(original):
-            ref = float(original[metric].iloc[0])
-            fig.add_hline(y=ref, line=dict(color=COLORS["original"], dash="dash"),
-                          annotation_text=f"original {ref:.4g}", annotation_position="bottom right")
+        ref = float(original[metric].iloc[0]) if len(original) else None
+        if ref is not None:  # a trace, not add_hline: layout shapes take log10 units on a log axis
+            xs = _x_of(data, x, dtype)
+            fig.add_trace(go.Scatter(
+                x=[0.0, float(xs.max()) * 1.02], y=[ref, ref], mode="lines",
+                name=f"original ({ref:.4g})", line=dict(color=COLORS["original"], dash="dash", width=1.5),
+                hovertemplate=f"original model: perplexity {ref:.4g}<extra></extra>"))
         fig.update_layout(xaxis_title=xlabel, yaxis=dict(type="log", title=f"perplexity ({metric[4:]}, log)"))
+        focus = list(data[data.method == methods[0]][metric]) if methods else []
+        focus += [ref] if ref is not None else []
+        if measured is not None and len(measured) and "perplexity" in measured:
+            focus += list(measured.perplexity.dropna())
+        focus = [v for v in focus if v > 0 and math.isfinite(v)]
+        if focus:  # frame ACIP and the reference; far-off baselines are clipped (autoscale shows all)
+            fig.update_yaxes(range=[math.log10(min(focus) / 1.5), math.log10(max(max(focus) * 3, min(focus) * 10))])
         if current is not None:
             xc = current["size_ratio"] if x == "size_ratio" else current["params"] * DTYPE_BYTES[dtype] / 1e9
             fig.add_vline(x=xc, line=dict(color=COLORS["current"], width=1, dash="dot"))
@@ -109,7 +119,6 @@ def curve_figure(curve: pd.DataFrame | None, x: str = "size_ratio", dtype: str =
                 customdata=np.stack([rows.size_ratio, rows.windows, rows.dtype], axis=-1),
                 hovertemplate="measured at %{customdata[0]:.3f} (%{customdata[2]})<br>"
                               "perplexity %{y:.4g}<br>%{customdata[1]} windows<extra></extra>"))
-        fig.update_layout(yaxis_type="log")
     fig.update_layout(**_LAYOUT, height=440, title=dict(text=title, x=0.01, y=0.98, font=dict(size=14)))
     if x == "size_ratio":
         fig.update_xaxes(range=[-0.02, 1.04])
@@ -127,7 +136,7 @@ def heatmap_figure(heat: dict, title: str = "") -> go.Figure:
     fig = go.Figure(go.Heatmap(
         z=heat["fraction"], x=types, y=[str(b) for b in heat["blocks"]], zmin=0, zmax=1,
         colorscale="Viridis", customdata=hover, text=text, texttemplate="%{text}",
-        textfont=dict(color="white", size=9), colorbar=dict(title="kept", tickformat=".0%"),
+        textfont=dict(color="rgba(0,0,0,0.65)", size=9), colorbar=dict(title="kept", tickformat=".0%"),
         hovertemplate="block %{y}, %{x}<br>%{customdata}<extra></extra>"))
     fig.update_layout(**_LAYOUT, height=max(300, 60 + 16 * len(heat["blocks"])),
                       title=dict(text=title or "kept rank per layer (D = runs dense)", x=0.01, font=dict(size=14)))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -147,7 +146,11 @@ def advance(state: RunState, cfg: ScoreConfig, layers, shapes, scores):
 
 
 # -- checkpoints -------------------------------------------------------------------------------
-CHECKPOINT_TENSORS, CHECKPOINT_STATE = "checkpoint.safetensors", "checkpoint.json"
+# checkpoint.json names its tensor file by content hash. Saving writes the new tensor file, then
+# swaps checkpoint.json, then deletes the old tensor file: a kill -9 at any moment leaves a json
+# whose tensor file exists and matches (two fixed names would leave new tensors beside old state).
+CHECKPOINT_STATE = "checkpoint.json"
+CHECKPOINT_GLOB = "checkpoint-*.safetensors"
 
 
 def save_checkpoint(folder: Path, state: RunState, params, opt, scores) -> None:
@@ -159,17 +162,25 @@ def save_checkpoint(folder: Path, state: RunState, params, opt, scores) -> None:
                 tensors[f"adam/{k}/{name}"] = st[name].detach().reshape(-1) if name == "step" else st[name]
     tensors.update({f"score/{k}": v for k, v in (scores or {}).items()})
     blob = save({k: v.contiguous().cpu() for k, v in tensors.items()})
-    atomic_write_bytes(folder / CHECKPOINT_TENSORS, blob)
+    sha = _sha(blob)
+    blob_name = f"checkpoint-{sha[:16]}.safetensors"
+    atomic_write_bytes(folder / blob_name, blob)
     meta = {k: v for k, v in asdict(state).items() if k != "history"}
-    atomic_write_bytes(folder / CHECKPOINT_STATE, json.dumps(dict(meta, sha256=_sha(blob))).encode())
+    atomic_write_bytes(folder / CHECKPOINT_STATE, json.dumps(dict(meta, tensors=blob_name, sha256=sha)).encode())
+    for old in folder.glob(CHECKPOINT_GLOB):
+        if old.name != blob_name:
+            old.unlink(missing_ok=True)
 
 
 def load_checkpoint(folder: Path, params, opt):
     """Restores params and optimizer state in place; returns (RunState, scores) or None."""
-    meta_path, blob_path = folder / CHECKPOINT_STATE, folder / CHECKPOINT_TENSORS
+    meta_path = folder / CHECKPOINT_STATE
     if not meta_path.is_file():
         return None
     meta = json.loads(meta_path.read_text())
+    blob_path = folder / meta.pop("tensors")
+    if not blob_path.is_file():
+        raise ValueError(f"{blob_path} is missing: the checkpoint cannot be resumed")
     blob = blob_path.read_bytes()
     if _sha(blob) != meta.pop("sha256"):
         raise ValueError(f"{blob_path} is corrupted or truncated (checksum mismatch)")
@@ -252,6 +263,6 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 def remove_checkpoint(folder: Path) -> None:
-    for name in (CHECKPOINT_TENSORS, CHECKPOINT_STATE):
-        if (folder / name).exists():
-            os.remove(folder / name)
+    (folder / CHECKPOINT_STATE).unlink(missing_ok=True)  # first: a json never points at nothing
+    for blob in folder.glob(CHECKPOINT_GLOB):
+        blob.unlink(missing_ok=True)

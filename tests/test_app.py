@@ -46,19 +46,21 @@ def client(tiny_artifact, tmp_path_factory):
 
 
 def test_start_loads_the_default_artifact(client, tiny_artifact):
-    artifact, status, ratio, budget, metric, summary, layers, heatmap, curve = client.predict(api_name="/start")
+    artifact, status, ratio, budget, metric, summary, layers, heatmap, curve, badge = client.predict(
+        api_name="/start")
     assert "Loaded **tiny**" in status and 0 <= ratio <= 1 and budget > 0
     assert summary["data"][0][0] == "size ratio (target layers)"
     assert layers["headers"][:2] == ["module", "layers"]
 
 
 def test_size_summary(client, tiny_artifact):
-    summary, layers, heatmap, curve = client.predict(str(tiny_artifact), 0.6, "size ratio", "float32", None,
+    summary, layers, heatmap, curve, badge = client.predict(str(tiny_artifact), 0.6, "size ratio", "float32", None,
                                                      api_name="/size")
     cells = dict(summary["data"])
     assert 0.6 <= float(cells["size ratio (target layers)"]) < 0.62
     assert "GB" in cells["weights in bfloat16"]
     assert [row[0] for row in layers["data"]][-1] == "all"
+    assert badge.startswith("**Selected size 0.6")
 
 
 @pytest.mark.parametrize("bad", [1.5, -0.1])
@@ -163,3 +165,28 @@ def test_score_tab_starts_polls_and_cancels_a_run(client, tiny_llama):
     assert table["data"][0][1] in ("running", "evaluating"), table
     table, plot, text = client.predict("app-run", api_name="/score_cancel")
     assert table["data"][0][1] == "cancelled" and "resume" in text
+
+
+def test_start_without_any_artifact_says_what_to_do(monkeypatch, tmp_path):
+    import app
+    from acip_core.jobs import ScoringJobs
+
+    monkeypatch.setattr(app, "DEFAULT_ARTIFACT", str(tmp_path / "missing"))
+    monkeypatch.setattr(app, "PRECOMPUTED", tmp_path / "none")
+    monkeypatch.setattr(app, "JOBS", ScoringJobs(tmp_path / "runs"))
+    monkeypatch.setattr(app, "_EXTRA_ARTIFACTS", [])
+    (out,) = list(app.on_start())
+    assert "is not there yet" in out[1] and "Score" in out[1]
+
+
+def test_a_broken_artifact_is_reported_in_the_status_line(monkeypatch, tmp_path, tiny_artifact):
+    import shutil
+
+    import app
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_artifact, broken)
+    (broken / "scores.safetensors").write_bytes(b"garbage")
+    monkeypatch.setattr(app, "DEFAULT_ARTIFACT", str(broken))
+    outs = list(app.on_start())
+    assert "Could not load the artifact" in outs[-1][1] and "corrupted" in outs[-1][1]

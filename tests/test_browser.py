@@ -55,11 +55,12 @@ def _size_cell(page) -> str:
     return page.locator("#summary [data-testid=cell-0-1]").inner_text().strip()  # row 0: size ratio
 
 
-def _wait_change(read, before, timeout=60):
+def _wait_change(read, before, timeout=180):
+    """The first new, non-empty value of read() (a table cell is blank while it re-renders)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         now = read()
-        if now != before:
+        if now and now != before:
             return now
         time.sleep(0.2)
     raise AssertionError(f"still {before!r} after {timeout} s")
@@ -77,10 +78,19 @@ def _wait_plots(page):
 
 
 def test_load_drag_budget_and_chat(page):
+    try:
+        _steps(page)
+    except Exception:
+        page.shot("failure")  # what the page looked like when it went wrong
+        raise
+
+
+def _steps(page):
     _wait_plots(page)
     page.shot("01-loaded")
     assert page.locator("#curve .js-plotly-plot").count() == 1
-    before, marker = _size_cell(page), _curve_marker(page)
+    before = _wait_change(lambda: _size_cell(page), "")
+    marker = _curve_marker(page)
 
     slider = page.locator("#size-slider input[type=range]")
     box = slider.bounding_box()
@@ -109,11 +119,37 @@ def test_load_drag_budget_and_chat(page):
     box.fill("What is Debian?")
     box.press("Enter")
     speed = page.locator("#speed")
-    deadline = time.time() + 180
-    while time.time() < deadline and not re.search(r"B size .*tok/s", speed.inner_text()):
-        time.sleep(0.3)  # both replies streamed to the end (B's line appears with its speed)
-    assert re.search(r"A size .*tok/s", speed.inner_text()), speed.inner_text()
+    deadline = time.time() + 300
+    while time.time() < deadline and speed.inner_text().count("done") < 2:
+        time.sleep(0.3)  # both replies streamed to the end
+    assert re.search(r"A size .*tok/s.*done", speed.inner_text()), speed.inner_text()
+    assert re.search(r"B size 1.000 .*tok/s.*done", speed.inner_text()), speed.inner_text()
     for pane in ("#chat-a", "#chat-b"):
         bot = page.locator(f"{pane} .message.bot, {pane} [data-testid=bot]").last
         assert bot.inner_text().strip(), f"the reply in {pane} is empty"
     page.shot("04-chat")
+
+
+def test_measure_export_and_score_tabs(page):
+    try:
+        page.get_by_role("tab", name="Measure").click()
+        windows = page.locator("#windows input[type=number]")
+        windows.fill("2")
+        windows.press("Enter")
+        page.locator("#run-ppl").click()
+        page.locator("#measure-text").get_by_text(re.compile("Added to the curve")).wait_for(timeout=180_000)
+        page.shot("05-measure")
+        page.get_by_role("tab", name="Explore").click()
+        page.locator("#curve .legend").get_by_text(re.compile("measured")).first.wait_for(timeout=60_000)
+        page.shot("06-measured-point")
+        page.get_by_role("tab", name="Export").click()
+        page.get_by_role("button", name="Export", exact=True).click()
+        page.locator("#export-text").get_by_text(re.compile("Exported size")).wait_for(timeout=300_000)
+        page.shot("07-export")
+        page.get_by_role("tab", name="Score").click()
+        page.get_by_text("Start a new scoring run").wait_for(timeout=10_000)
+        time.sleep(4)  # one timer tick fills the runs table and the plot
+        page.shot("08-score")
+    except Exception:
+        page.shot("failure-tabs")
+        raise

@@ -203,7 +203,7 @@ def test_jobs_status_from_the_folder(tmp_path):
                                                      config=dict(steps=100, post_tune_steps=10, stop_ratio=0.4))))
     lines = [dict(step=i, phase="acip", loss=3.0 - i / 10, nll=2.0, reg_weight=1e-3 * 1.01 ** i,
                   size_ratio=1.0 - i / 100, seconds=2.0 * i) for i in range(1, 11)]
-    (folder / "log.jsonl").write_text("\n".join(json.dumps(l) for l in lines) + "\n{\"step\": 11, \"ph")
+    (folder / "log.jsonl").write_text("\n".join(json.dumps(row) for row in lines) + "\n{\"step\": 11, \"ph")
     jobs = ScoringJobs(tmp_path / "runs")
     (status,) = jobs.list()
     assert status["name"] == "old" and status["state"] == "stopped" and status["step"] == 10

@@ -35,7 +35,7 @@ def test_tiny_run_reaches_its_stop_ratio_and_writes_a_valid_artifact(tiny_artifa
     log = [json.loads(l) for l in (tiny_artifact / "log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log] == list(range(1, result["steps"] + 1))
     assert {"loss", "nll", "reg_weight", "size_ratio", "seconds"} <= set(log[0])
-    assert not (tiny_artifact / "checkpoint.safetensors").exists()
+    assert not list(tiny_artifact.glob("checkpoint*"))
     # pruned entries have negative integer scores, alive ones their positive mask value
     s = torch.cat(list(art.scores.values()))
     assert (s < 0).any() and (s > 0).any() and torch.equal(s[s < 0], s[s < 0].round())
@@ -86,3 +86,29 @@ def test_a_live_run_locks_its_folder(tiny_llama, tmp_path):
 def test_bad_config_is_rejected(bad):
     with pytest.raises(ValueError):
         _cfg(**bad)
+
+
+def test_a_save_killed_before_the_state_swap_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    from acip_core import score
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([p])
+    score.save_checkpoint(tmp_path, score.RunState(step=4), {"p": p}, opt, None)
+    with torch.no_grad():
+        p.fill_(7.0)
+    real_write = score.atomic_write_bytes
+
+    def die_on_state(path, data):
+        if path.name == score.CHECKPOINT_STATE:
+            raise KeyboardInterrupt("killed")  # the new tensors are on disk, the state is not
+        real_write(path, data)
+
+    monkeypatch.setattr(score, "atomic_write_bytes", die_on_state)
+    with pytest.raises(KeyboardInterrupt):
+        score.save_checkpoint(tmp_path, score.RunState(step=8), {"p": p}, opt, None)
+    monkeypatch.undo()
+    state, _ = score.load_checkpoint(tmp_path, {"p": p}, opt)
+    assert state.step == 4 and torch.equal(p.detach(), torch.ones(3))
+    score.save_checkpoint(tmp_path, score.RunState(step=8), {"p": p}, opt, None)
+    assert len(list(tmp_path.glob(score.CHECKPOINT_GLOB))) == 1  # the stale tensor file is gone
+    score.remove_checkpoint(tmp_path)
+    assert not list(tmp_path.glob("checkpoint*"))
