@@ -84,10 +84,8 @@ def cmd_size(args):
     _emit(args, result, "\n".join(f"{k}: {v}" for k, v in result.items()))
 
 
-@command
-def cmd_eval(args):
-    from .data import load_text, token_windows
-    from .evaluate import perplexity
+def _open_method_size(args):
+    """The model of --method and its size for --size-ratio / --budget-gb."""
     from .pipeline import method_size, open_method
 
     model, artifact = open_method(args.artifact, args.method)
@@ -95,6 +93,15 @@ def cmd_eval(args):
         raise ValueError("block-removal takes --size-ratio, not --budget-gb")
     size = method_size(args.method, model, artifact, args.size_ratio) if args.size_ratio is not None \
         else _pick_size(model, args)
+    return model, size
+
+
+@command
+def cmd_eval(args):
+    from .data import load_text, token_windows
+    from .evaluate import perplexity
+
+    model, size = _open_method_size(args)
     windows = token_windows(model.tokenizer, load_text(args.data), args.seq_len, args.max_windows)
     result = perplexity(model.materialize(size, args.dtype), windows, args.batch_size)
     result.update(method=args.method, size_ratio=round(size.size_ratio, 5), params=size.params, data=args.data)
@@ -220,15 +227,13 @@ def torch_dtype(name: str):
 @command
 def cmd_lm_eval(args):
     from .lmeval import check_tasks, run_lm_eval
-    from .pipeline import open_artifact
 
     tasks = check_tasks(args.tasks.split(","))  # a bad name fails before the model loads
-    model = open_artifact(args.artifact)
-    size = _pick_size(model, args)
+    model, size = _open_method_size(args)
     start = time.perf_counter()
     scores = run_lm_eval(model.materialize(size, args.dtype), model.tokenizer, tasks, args.limit,
                          args.batch_size)
-    result = dict(size_ratio=round(size.size_ratio, 5), params=size.params, limit=args.limit,
+    result = dict(method=args.method, size_ratio=round(size.size_ratio, 5), params=size.params, limit=args.limit,
                   tasks=scores, seconds=time.perf_counter() - start)
     _emit(args, result, "\n".join(f"{t}: acc {r['acc']:.4f} ± {r['acc_stderr'] or 0:.4f}, acc_norm "
                                   f"{r['acc_norm']:.4f} ({r['samples']} items)" for t, r in scores.items())
@@ -309,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated: acip_next_sentence, acip_last_word (+ _domain; offline) or "
                         "the paper's piqa, hellaswag, winogrande, arc_challenge, arc_easy, openbookqa, "
                         "mathqa (need the internet)")
+    p.add_argument("--method", default="acip", choices=METHODS)
     p.add_argument("--limit", type=int, default=None, help="at most this many items per task")
     p.add_argument("--batch-size", type=int, default=16)
     p = sub.add_parser("export", help="write one size as a Hugging Face model folder")

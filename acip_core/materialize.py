@@ -1,12 +1,12 @@
 """Any size in real time: ranks -> a runnable model built from views of shared factors.
 
 Each target layer's factors are stored once, permuted into its score order, with s folded into
-the input factor: SVh = diag(s)·Vh [k, in] and Ut = Uᵀ [k, out]. Keeping rank r is then the
-row prefix SVh[:r], Ut[:r] of both (contiguous views, no copy). The LoRA is merged exactly
-(paper Remark 2.3): [Ut_r ; Bᵀ]ᵀ·[SVh_r ; (α/r)·A] is one rank-(r + r_lora) pair. A layer runs dense
+the input factor and the LoRA merged exactly in front (paper Remark 2.3):
+down = [(α/r)·A ; diag(s)·Vh] [r_lora + k, in] and up_t = [Bᵀ ; Uᵀ] [r_lora + k, out]. Keeping
+rank r is then the row prefix [:r_lora + r] of both: contiguous views, no copy. A layer runs dense
 (original weight, no LoRA: App. D.3) when the factorized form would not be smaller, so size 1.0
-is the original model. Every materialized size is its own module tree; the base's other
-modules and tensors are shared read-only, so sizes can run concurrently without interfering.
+is the original model. Every materialized size is its own module tree (modules shallow-copied,
+targets swapped); all tensors are shared read-only, so sizes can run concurrently.
 """
 
 from __future__ import annotations
@@ -72,12 +72,11 @@ class AnySizeModel:
         factors = {}
         for n, f in basis.items():
             order = self.index.orders[n]
-            lora = None
+            down, up_t = f.s[order, None] * f.Vh[order], f.U[:, order].t()  # [k, in], [k, out]
             if self.lora_rank:
-                lora = (scaling * adapters[f"{n}.lora_A"].float(),  # [r_l, in]
-                        adapters[f"{n}.lora_B"].float().t().contiguous())  # [r_l, out]
-            factors[n] = ((f.s[order, None] * f.Vh[order]).contiguous(),  # SVh [k, in]
-                          f.U[:, order].t().contiguous(), lora)  # Ut [k, out]
+                down = torch.cat([scaling * adapters[f"{n}.lora_A"].float(), down])
+                up_t = torch.cat([adapters[f"{n}.lora_B"].float().t(), up_t])
+            factors[n] = (down.contiguous(), up_t.contiguous())
         self._per_dtype[torch.float32] = (self.base, factors)
 
     # -- choosing a size ------------------------------------------------------------------------
@@ -111,11 +110,8 @@ class AnySizeModel:
         with self._lock:
             if dtype not in self._per_dtype:
                 base, factors = self._per_dtype[torch.float32]
-                cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-                self._per_dtype[dtype] = (
-                    copy.deepcopy(base).to(dtype),
-                    {n: (cast(a), cast(b), None if l is None else (cast(l[0]), cast(l[1])))
-                     for n, (a, b, l) in factors.items()})
+                self._per_dtype[dtype] = (copy.deepcopy(base).to(dtype),
+                                          {n: (a.to(dtype), b.to(dtype)) for n, (a, b) in factors.items()})
             return self._per_dtype[dtype]
 
     def materialize(self, size: Size | dict, dtype: str | torch.dtype = "float32") -> nn.Module:
@@ -123,24 +119,36 @@ class AnySizeModel:
         dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         ranks = size.ranks if isinstance(size, Size) else size
         base, factors = self._for_dtype(dtype)
-        memo = {}
+        swap = {}
         for n in self.targets:
             original = base.get_submodule(n)
             r = int(ranks[n])
             if not 0 <= r <= self.shapes[n].full_rank:
                 raise ValueError(f"{n}: rank {r} outside [0, {self.shapes[n].full_rank}]")
             if self.shapes[n].runs_dense(r, self.lora_rank):
-                memo[id(original)] = original  # shared module: the original weight, no LoRA
+                swap[id(original)] = original  # shared module: the original weight, no LoRA
                 continue
-            svh, ut, lora = factors[n]
-            down, up_t = svh[:r], ut[:r]  # views
-            if lora is not None:
-                down, up_t = torch.cat([down, lora[0]]), torch.cat([up_t, lora[1]])
-            memo[id(original)] = LowRankLinear(down, up_t, original.bias)
-        for t in list(base.parameters()) + list(base.buffers()):
-            memo[id(t)] = t  # everything else is shared, not copied
-        model = copy.deepcopy(base, memo)
-        return model.eval()
+            down, up_t = factors[n]
+            keep = self.lora_rank + r
+            swap[id(original)] = LowRankLinear(down[:keep], up_t[:keep], original.bias).eval()  # views
+        model = _clone_tree(base, swap)
+        model.generation_config = copy.deepcopy(base.generation_config)  # generate() may edit it
+        return model
+
+
+def _clone_tree(module: nn.Module, swap: dict[int, nn.Module]) -> nn.Module:
+    """A new module tree over the same tensors: each module shallow-copied, swapped ones replaced.
+
+    A deepcopy with every tensor memoized gives the same result but walks every attribute of
+    every object (~40 ms for SmolLM2); modules only own their child dicts, so copying those is enough.
+    """
+    if id(module) in swap:
+        return swap[id(module)]
+    new = copy.copy(module)
+    new.__dict__.update(  # not through Module.__setattr__: these are its own bookkeeping dicts
+        _parameters=dict(module._parameters), _buffers=dict(module._buffers),
+        _modules={k: None if c is None else _clone_tree(c, swap) for k, c in module._modules.items()})
+    return new
 
 
 def count_params(model: nn.Module) -> int:

@@ -107,13 +107,12 @@ class RankIndex:
 
     def _cumulative(self, pos: torch.Tensor, params) -> torch.Tensor:
         """Parameters of the first p entries for p = 0..N (int64)."""
-        start, deltas = 0, torch.zeros(len(pos), dtype=torch.int64)
-        for lid, name in enumerate(self.names):
-            sh = self.shapes[name]
-            table = params(sh)  # [k+1]: parameters at rank 0..k
-            start += int(table[0])
-            sel = self.layer_of == lid
-            deltas[sel] = table[pos[sel] + 1] - table[pos[sel]]
+        tables = [params(self.shapes[n]) for n in self.names]  # per layer: parameters at rank 0..k
+        offsets = torch.tensor([0] + [len(t) for t in tables[:-1]]).cumsum(0)
+        flat = torch.cat(tables)
+        at = offsets[self.layer_of] + pos  # keeping entry p takes its layer from rank pos to pos+1
+        deltas = flat[at + 1] - flat[at]
+        start = int(sum(t[0] for t in tables))
         return torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(deltas, 0)]) + start
 
     def ranks_at(self, p: int) -> dict[str, int]:

@@ -54,11 +54,12 @@ def main():
     with tempfile.TemporaryDirectory() as cache:
         result["load_cold_s"] = load_seconds(cache)
         result["load_cached_s"] = min(load_seconds(cache) for _ in range(3))
-    # the cached load inside one process, without interpreter start-up
+    # the cached load inside one process: the first pays for importing transformers, the second not
     from acip_core.models import load_base
-    t = time.perf_counter()
-    load_base()
-    result["load_cached_in_process_s"] = time.perf_counter() - t
+    for key in ("load_cached_in_process_first_s", "load_cached_in_process_s"):
+        t = time.perf_counter()
+        load_base()
+        result[key] = time.perf_counter() - t
     result.update(llama7b_threshold_ms())
     if os.path.exists(os.path.join(args.artifact, "acip.json")):
         from acip_core.pipeline import open_artifact

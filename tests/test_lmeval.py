@@ -80,10 +80,17 @@ def test_cli_lm_eval(tiny_llama, monkeypatch, capsys):
 
     model, tok, _, basis = model_and_basis(tiny_llama)
     scores = {n: torch.linspace(1, 0, len(f.s)) for n, f in basis.items()}
-    monkeypatch.setattr(pipeline, "open_artifact", lambda folder: AnySizeModel(model, tok, basis, scores))
+    opened = []
+
+    def open_method(folder, method="acip"):
+        opened.append(method)
+        return AnySizeModel(model, tok, basis, scores), None
+
+    monkeypatch.setattr(pipeline, "open_method", open_method)
     rc = cli.main(["lm-eval", "--artifact", "unused", "--size-ratio", "0.6", "--tasks",
-                   "acip_next_sentence,acip_last_word", "--limit", "2", "--json"])
+                   "acip_next_sentence,acip_last_word", "--limit", "2", "--method", "uniform-whitened", "--json"])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rc == 0 and out["size_ratio"] >= 0.6 and set(out["tasks"]) == {"acip_next_sentence", "acip_last_word"}
+    assert opened == ["uniform-whitened"] and out["method"] == "uniform-whitened"
     rc = cli.main(["lm-eval", "--artifact", "unused", "--size-ratio", "0.6", "--tasks", "bogus", "--json"])
     assert rc == 2 and "unknown lm-eval task" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["error"]
