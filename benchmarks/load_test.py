@@ -9,10 +9,11 @@
    summary) of each size, the /budget answer of each budget, the perplexity at a few sizes. The
    app's RSS is read after each new (size, dtype) was first chatted at: how memory grows with the
    number of materialized sizes, up to the Explorer's cache limit.
-3. Load: N threads, each with its own Client (its own session), loop for `seconds` doing a random
-   mix of slider moves (/size), budget queries (/budget, then the slider moves to the fitted
-   size), chats (alone or side by side with a second size) and perplexity runs. Every answer is
-   compared with the lone user's; the app's RSS is sampled every 0.5 s.
+3. Load: N threads, each with its own Client (its own session, opened with the page-load /start),
+   loop for `seconds` doing a random mix of slider moves (/size), budget queries (/budget, then the
+   slider moves to the fitted size), chats (alone or side by side with a second size) and
+   perplexity runs. Every answer is compared with the lone user's; the app's RSS is sampled every
+   0.5 s.
 
 The report: requests, errors and mismatches per kind, latency p50/p95/max per kind (client side,
 queueing included), RSS (after loading, after the lone user, peak under load, the kernel's VmHWM)
@@ -140,19 +141,19 @@ class RssSampler(threading.Thread):
     def __init__(self, pid: int, every: float = 0.5):
         super().__init__(daemon=True, name="rss")
         self.pid, self.every, self.samples = pid, every, []
-        self._stop = threading.Event()
+        self._done = threading.Event()
 
     def run(self) -> None:
         start = time.perf_counter()
-        while not self._stop.is_set():
+        while not self._done.is_set():
             try:
                 self.samples.append((round(time.perf_counter() - start, 2), rss_bytes(self.pid)[0]))
             except OSError:
                 return
-            self._stop.wait(self.every)
+            self._done.wait(self.every)
 
     def stop(self) -> list:
-        self._stop.set()
+        self._done.set()
         self.join(timeout=5)
         return self.samples
 
@@ -206,8 +207,10 @@ def _cell(summary_rows, label: str) -> str:
     return dict((row[0], row[1]) for row in summary_rows)[label]
 
 
-def _gb(summary_rows) -> float:
-    return float(_cell(summary_rows, "weights in float32").split()[0])
+def _params(summary_rows) -> float:
+    """The parameter count of a /size summary ("134.5 M of ..." or "12,345 of ...")."""
+    number = _cell(summary_rows, "parameters").split(" of ")[0].replace(",", "")
+    return float(number[:-2]) * 1e6 if number.endswith(" M") else float(number)
 
 
 # -- the lone user ------------------------------------------------------------------------------
@@ -221,7 +224,8 @@ def lone_user(app: AppProcess, req: Requests, ratios, bf16_ratio, ppl_ratios, pr
     # budgets halfway between consecutive sizes' float32 GB: each fits a size between the two
     ordered = sorted(ratios, reverse=True)
     for hi, lo in zip(ordered, ordered[1:]):
-        gb = round((_gb(ref["size"][(hi, "float32")][1]) + _gb(ref["size"][(lo, "float32")][1])) / 2, 4)
+        params = (_params(ref["size"][(hi, "float32")][1]) + _params(ref["size"][(lo, "float32")][1])) / 2
+        gb = float(f"{params * 4 / 1e9:.4g}")
         fitted, text = ref["budget"][gb] = req.budget(client, gb)
         if fitted not in ratios:
             ratios.append(fitted)
@@ -331,6 +335,8 @@ def explorer_cache_limit() -> int | None:
     try:
         import inspect
 
+        if str(ROOT) not in sys.path:
+            sys.path.insert(0, str(ROOT))
         from acip_core.explorer import Explorer
         return inspect.signature(Explorer.open).parameters["cache_size"].default
     except Exception:
@@ -391,12 +397,16 @@ def run(artifact: str | Path = DEFAULT_ARTIFACT, clients: int = 8, seconds: floa
         mismatches=sum(v["mismatches"] for v in per_kind.values()),
         requests_per_s=round(sum(len(v) for v in tally.latency.values()) / load_s, 2),
         per_kind=per_kind, samples=tally.samples, server_tracebacks=tracebacks, server_log_tail=log_tail,
+        distinct_replies=dict(sorted((p, len({t for (_, _, q), t in ref["chat"].items() if q == p}))
+                                     for p in prompts)),
         cached_sizes=dict(distinct_keys_used=len(ref["keys"]), keys=[f"{r:g}/{d}" for r, d in ref["keys"]],
                           explorer_cache_limit=explorer_cache_limit()),
         rss=dict(after_load_mb=round(rss_loaded / MB, 1), after_lone_user_mb=round(rss_ref / MB, 1),
                  peak_load_mb=round(peak / MB, 1),
                  first_half_peak_mb=round(max((b for _, b in samples[:half]), default=0) / MB, 1),
                  second_half_peak_mb=round(max((b for _, b in samples[half:]), default=0) / MB, 1),
+                 first_half_low_mb=round(min((b for _, b in samples[:half]), default=0) / MB, 1),
+                 second_half_low_mb=round(min((b for _, b in samples[half:]), default=0) / MB, 1),
                  end_mb=round(rss_end / MB, 1), vm_hwm_mb=round(hwm / MB, 1),
                  by_cached_sizes=ref["rss_by_cached_sizes"],
                  timeline_mb=[(t, round(b / MB, 1)) for t, b in samples[::4]]),
@@ -408,15 +418,17 @@ def summary(report: dict) -> str:
     rss, cache = report["rss"], report["cached_sizes"]
     lines = [f"{report['clients']} clients × {report['load_wall_s']} s on {report['artifact']}: "
              f"{report['requests']} requests ({report['requests_per_s']}/s), {report['errors']} errors, "
-             f"{report['mismatches']} mismatches with the lone user, {report['server_tracebacks']} server tracebacks",
+             f"{report['mismatches']} mismatches with the lone user, {report['server_tracebacks']} server tracebacks "
+             f"(app ready in {report['app_ready_s']} s, lone user {report['lone_user_s']} s)",
              f"{'kind':<11}{'requests':>9}{'errors':>8}{'mismatch':>9}{'p50 s':>9}{'p95 s':>9}{'max s':>9}"]
     for kind, v in report["per_kind"].items():
         lines.append(f"{kind:<11}{v['requests']:>9}{v['errors']:>8}{v['mismatches']:>9}"
                      f"{v['p50_s']:>9.3f}{v['p95_s']:>9.3f}{v['max_s']:>9.3f}")
     steps = ", ".join(f"{s['rss_mb']:.0f}" for s in rss["by_cached_sizes"])
     lines += [f"RSS: {rss['after_load_mb']:.0f} MB loaded, {rss['after_lone_user_mb']:.0f} MB after the lone user, "
-              f"peak {rss['peak_load_mb']:.0f} MB under load (1st half {rss['first_half_peak_mb']:.0f}, "
-              f"2nd half {rss['second_half_peak_mb']:.0f}), VmHWM {rss['vm_hwm_mb']:.0f} MB",
+              f"peak {rss['peak_load_mb']:.0f} MB under load (low/peak 1st half {rss['first_half_low_mb']:.0f}/"
+              f"{rss['first_half_peak_mb']:.0f}, 2nd half {rss['second_half_low_mb']:.0f}/"
+              f"{rss['second_half_peak_mb']:.0f}), VmHWM {rss['vm_hwm_mb']:.0f} MB",
               f"RSS after chatting at 0..{len(rss['by_cached_sizes']) - 1} sizes ({', '.join(cache['keys'])}): "
               f"{steps} MB; {cache['distinct_keys_used']} (size, dtype) keys used, "
               f"Explorer cache limit {cache['explorer_cache_limit']}"]

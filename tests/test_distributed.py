@@ -1,6 +1,5 @@
 """The distributed scoring path on CPU: 2 processes over gloo, under torchrun and accelerate launch."""
 
-import json
 import os
 import shutil
 import subprocess
@@ -41,8 +40,8 @@ def single(tiny_llama, tmp_path_factory):
 
 def test_torchrun_two_processes_equal_single_process(single, tiny_llama, tmp_path):
     out = tmp_path / "ddp"
-    proc = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                 "-m", "acip_core", *ARGS, "--model", tiny_llama, "--out", str(out)], tmp_path)
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+          "-m", "acip_core", *ARGS, "--model", tiny_llama, "--out", str(out)], tmp_path)
     assert load_artifact(out).meta["scoring"]["processes"] == 2
     assert not (out / ".lock").exists() and len((out / "log.jsonl").read_text().splitlines()) == 14
     _compare(single, out)

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# lm-eval accuracies of ACIP and the best baseline (block removal) at sizes 0.4..1.0, through lm-eval's
+# own harness on the in-memory model; one JSON object per line in benchmarks/lmeval_sweep.jsonl.
+#   benchmarks/lmeval_sweep.sh [TASKS] [DTYPE]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+tasks=${1:-acip_next_sentence,acip_last_word,acip_next_sentence_domain,acip_last_word_domain}
+dtype=${2:-bfloat16}
+out=benchmarks/lmeval_sweep.jsonl
+: > "$out"
+for method in acip block-removal; do
+  for r in 1.0 0.9 0.8 0.7 0.6 0.5 0.4; do
+    [ "$method" = block-removal ] && [ "$r" = 1.0 ] && continue  # the same model as ACIP at 1.0
+    .venv/bin/python -m acip_core lm-eval --artifact precomputed/smollm2-135m-instruct --method "$method" \
+      --size-ratio "$r" --dtype "$dtype" --tasks "$tasks" --json 2>/dev/null | tail -1 >> "$out"
+  done
+done
