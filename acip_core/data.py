@@ -3,6 +3,8 @@
 Named corpus splits (files in assets/corpus/, see its SOURCES.md):
 - corpus:train    calibration mix (broad on purpose): the first 80 % of the handbook, the first 30 %
                   of the fortunes, and text sampled from SmolLM2 itself on diverse prompts
+- corpus:broad    a broader mix: corpus:train with half its fortunes and 0.8 MB of manual pages
+                  (assets/corpus/make_manpages.py) of another kind of reference prose
 - corpus:heldout  in-domain held-out text: the last 20 % of the handbook (never calibrated on)
 - corpus:domain   a held-out *domain*: Python's help topics (never calibrated on)
 - corpus:<file>   one whole file, e.g. corpus:fortunes
@@ -18,10 +20,12 @@ import torch
 
 CORPUS_DIR = Path(__file__).resolve().parent.parent / "assets" / "corpus"
 CORPUS_FILES = {"handbook": "debian_handbook.txt", "fortunes": "fortunes.txt", "pydoc": "pydoc_topics.txt",
-                "samples": "smollm2_samples.txt"}
+                "samples": "smollm2_samples.txt", "manpages": "manpages.txt"}
 TRAIN_FRACTION = 0.8
 SPLITS = {
     "train": [("handbook", 0.0, TRAIN_FRACTION), ("fortunes", 0.0, 0.3), ("samples", 0.0, 1.0)],
+    "broad": [("handbook", 0.0, TRAIN_FRACTION), ("fortunes", 0.0, 0.15), ("samples", 0.0, 1.0),
+              ("manpages", 0.0, 1.0)],
     "train-books": [("handbook", 0.0, TRAIN_FRACTION), ("fortunes", 0.0, TRAIN_FRACTION)],
     "heldout": [("handbook", TRAIN_FRACTION, 1.0)],
     "domain": [("pydoc", 0.0, 1.0)],
