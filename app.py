@@ -24,7 +24,7 @@ import gradio as gr
 import pandas as pd
 
 from acip_core import plots
-from acip_core.data import DATA_CHOICES
+from acip_core.data import DATA_CHOICES, DEFAULT_DATA
 from acip_core.evaluate import Cancelled
 from acip_core.explorer import DTYPE_CHOICES, MAX_PROMPT_CHARS, Explorer, ScoringJobs
 from acip_core.models import EMBEDDED
@@ -546,7 +546,7 @@ def _run_view(run: str | None):
 @ui_errors
 def on_score_start(name, model, data, steps, basis, stop_ratio, batch_size, seq_len):
     name = (name or "").strip() or time.strftime("run-%Y%m%d-%H%M%S")
-    JOBS.start(name, model=(model or EMBEDDED).strip(), data=data or "corpus:train", steps=int(steps),
+    JOBS.start(name, model=(model or EMBEDDED).strip(), data=data or DEFAULT_DATA, steps=int(steps),
                basis=basis, stop_ratio=float(stop_ratio), batch_size=int(batch_size), seq_len=int(seq_len),
                checkpoint_every=10)
     fig, text = _run_view(name)
@@ -691,7 +691,7 @@ def build_demo(artifact_dirs=None) -> gr.Blocks:
                 with gr.Row():
                     run_name = gr.Textbox(label="run name", placeholder="e.g. smollm2-quick (letters, digits, -_.)")
                     model = gr.Textbox(value=EMBEDDED, label="model", info="embedded default, local folder or hub id")
-                    score_data = gr.Dropdown(DATA_CHOICES, value="corpus:train", allow_custom_value=True,
+                    score_data = gr.Dropdown(DATA_CHOICES, value=DEFAULT_DATA, allow_custom_value=True,
                                              label="calibration text")
                 with gr.Row():
                     steps = gr.Number(value=200, precision=0, minimum=1, label="max steps")

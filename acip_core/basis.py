@@ -20,6 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .data import DEFAULT_DATA
+
 log = logging.getLogger(__name__)
 
 BASIS_KINDS = ("whitened", "svd")
@@ -159,7 +161,7 @@ def _unflatten(tensors: dict[str, torch.Tensor]) -> dict[str, Factors]:
     return {n: Factors(tensors[f"{n}.U"], tensors[f"{n}.s"], tensors[f"{n}.Vh"]) for n in names}
 
 
-def default_recipe(kind: str = "whitened", data: str = "corpus:train") -> dict:
+def default_recipe(kind: str = "whitened", data: str = DEFAULT_DATA) -> dict:
     """How the basis is (re)built; stored in the artifact so a later load rebuilds the same one.
     The whitening statistics come from the same text as the scoring run."""
     return {"kind": kind, "data": data, "windows": 64, "seq_len": 256} if kind == "whitened" \

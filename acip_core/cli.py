@@ -10,6 +10,7 @@ import sys
 import time
 from dataclasses import fields
 
+from .data import DEFAULT_DATA
 from .score import ScoreConfig
 
 COMMANDS = {}
@@ -172,8 +173,8 @@ def cmd_curve(args):
         name, _, source = spec.partition("=")
         evals[name] = token_windows(tokenizer, load_text(source), args.seq_len, args.windows)
     calib = token_windows(tokenizer, load_text("corpus:train"), 128, 4)  # block-removal order: small, like IteRABRe
-    frames = [] if args.replace or artifact.curve is None else [artifact.curve[~artifact.curve.method.isin(
-        list(methods) + ["original"])]]
+    remeasured = list(methods) + (["original"] if "acip" in methods else [])  # acip's rows bring the original's
+    frames = [] if args.replace or artifact.curve is None else [artifact.curve[~artifact.curve.method.isin(remeasured)]]
     for method in methods:
         start = time.perf_counter()
         frames.append(method_curve(args.artifact, method, evals, sizes, args.dtype, args.batch_size, calib))
@@ -251,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("score", help="run ACIP scoring and write an artifact")
     p.add_argument("--model", default=EMBEDDED, help=f"{EMBEDDED}, a local directory, or a hub id")
-    p.add_argument("--data", default="corpus:train", help="corpus:train, a text file, or hf:NAME[:CONFIG][:SPLIT]")
+    p.add_argument("--data", default=DEFAULT_DATA, help=f"{DEFAULT_DATA}, a text file, or hf:NAME[:CONFIG][:SPLIT]")
     p.add_argument("--out", required=True, help="output folder of the artifact")
     p.add_argument("--basis", default="whitened", choices=BASIS_KINDS)
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")

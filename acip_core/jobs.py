@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .data import DEFAULT_DATA
 from .score import ScoreConfig
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class ScoringJobs:
         return self.root / name
 
     # -- launching ----------------------------------------------------------------------------
-    def start(self, name: str, model: str, data: str = "corpus:train", steps: int = 200,
+    def start(self, name: str, model: str, data: str = DEFAULT_DATA, steps: int = 200,
               basis: str = "whitened", stop_ratio: float = 0.4, **options) -> dict:
         """Launches a new run; `options` are further ScoreConfig fields (e.g. batch_size=2)."""
         folder = self.folder(name)
