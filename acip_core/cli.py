@@ -60,7 +60,9 @@ def cmd_score(args):
 
     from .distributed import DistContext
 
-    dist = DistContext.from_env()  # set up by torchrun / accelerate launch
+    dist = DistContext.from_env(fsdp=args.fsdp)  # set up by torchrun / accelerate launch
+    if args.fsdp and dist is None:
+        logging.getLogger(__name__).warning("--fsdp needs more than one process (torchrun / accelerate launch); running unsharded")
     try:
         artifact = run_scoring(args.model, args.data, args.out, args.basis, cfg, args.resume,
                                on_step if dist is None or dist.rank == 0 else None,
@@ -256,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder of the artifact")
     p.add_argument("--basis", default="whitened", choices=BASIS_KINDS)
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun/accelerate: shard the frozen tensors across processes (FSDP) "
+                        "instead of holding the whole model on each (also: accelerate launch --use_fsdp)")
     p.add_argument("--eval-data", default="corpus:heldout", help="text for the artifact's quick curve")
     p.add_argument("--eval-windows", type=int, default=8, help="256-token windows for that curve (0: none)")
     defaults = ScoreConfig()

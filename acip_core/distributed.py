@@ -1,9 +1,15 @@
-"""Data-parallel scoring under torchrun / accelerate launch (they set RANK, WORLD_SIZE, MASTER_ADDR…).
+"""Distributed scoring under torchrun / accelerate launch (they set RANK, WORLD_SIZE, MASTER_ADDR…).
 
-Every rank holds the whole frozen model; the global batch of a step is the same as in a single-process
-run and is split by rows across ranks; the gradients of the trainable tensors (masks and LoRA, ~10 M
-values) are averaged with one all-reduce per step (what DDP does), so masks and LoRA stay identical on
-every rank and the score map is computed from full mask tensors. Only rank 0 writes files.
+The global batch of a step is the same as in a single-process run and is split by rows across ranks;
+the gradients of the trainable tensors (masks and LoRA, ~10 M values for a 135M model) are averaged with
+one all-reduce per step (what DDP does), so masks and LoRA stay identical on every rank and the score
+map is computed from full mask tensors. Only rank 0 writes files.
+
+Where the model fits on each device, every rank holds the whole frozen model. Where it does not,
+`shard_frozen` hands the frozen tensors (weights, U, Vh, embeddings, norms) to PyTorch's
+FullyShardedDataParallel: each rank keeps 1/N of them and a decoder block's are all-gathered only
+while that block runs (forward and backward). Masks and LoRA are FSDP's ignored states: whole on
+every rank, averaged by the same all-reduce, so the scoring loop does not change.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +30,14 @@ class DistContext:
     rank: int
     world_size: int
     device: torch.device
+    fsdp: bool = False  # shard the frozen tensors (FSDP) instead of replicating them
 
     @classmethod
-    def from_env(cls) -> "DistContext | None":
-        """A context when launched by torchrun/accelerate with more than one process, else None."""
+    def from_env(cls, fsdp: bool = False) -> "DistContext | None":
+        """A context when launched by torchrun/accelerate with more than one process, else None.
+
+        fsdp: shard the frozen tensors; also on when `accelerate launch --use_fsdp` set ACCELERATE_USE_FSDP.
+        """
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return None
@@ -37,8 +48,9 @@ class DistContext:
         device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
         if cuda:
             torch.cuda.set_device(device)
-        ctx = cls(dist.get_rank(), dist.get_world_size(), device)
-        log.info("rank %d of %d on %s", ctx.rank, ctx.world_size, device)
+        fsdp = fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+        ctx = cls(dist.get_rank(), dist.get_world_size(), device, fsdp)
+        log.info("rank %d of %d on %s%s", ctx.rank, ctx.world_size, device, ", FSDP" if fsdp else "")
         return ctx
 
     def shard_stream(self, stream):
@@ -48,6 +60,39 @@ class DistContext:
         for layer in layers.values():
             for p in (layer.mask, layer.lora_A, layer.lora_B):
                 dist.broadcast(p.data, src=0)
+
+    def shard_frozen(self, model: nn.Module, layers, dtype: torch.dtype | None = None) -> nn.Module:
+        """Wraps `model` in FSDP (one unit per decoder block) so each rank holds 1/N of the frozen tensors.
+
+        The factors of every ACIPLinear become frozen Parameters (FSDP shards parameters, not buffers).
+        FSDP flattens each unit into one tensor of one dtype, so under bf16 autocast every frozen tensor
+        is stored in bf16 (the unsharded path keeps norms and embeddings in fp32). The caller must drop
+        its own references to the full tensors (the basis, the original linears) for the memory to go.
+        """
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp import ShardingStrategy
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        for layer in layers.values():
+            for name in ("weight", "U", "Vh"):
+                layer.register_parameter(name, nn.Parameter(layer._buffers.pop(name), requires_grad=False))
+        trainable = [p for l in layers.values() for p in (l.mask, l.lora_A, l.lora_B)]
+        keep = {id(p) for p in trainable}
+        total = 0
+        for p in model.parameters():
+            if id(p) not in keep:
+                if dtype is not None:
+                    p.data = p.data.to(dtype)
+                total += p.numel()
+        block_names = set(getattr(model, "_no_split_modules", None) or [])  # transformers: the decoder block
+        blocks = {type(m) for m in model.modules() if type(m).__name__ in block_names}
+        wrapped = FSDP(model, auto_wrap_policy=ModuleWrapPolicy(blocks) if blocks else None,
+                       sharding_strategy=ShardingStrategy.FULL_SHARD, use_orig_params=True,
+                       ignored_states=trainable, device_id=self.device)
+        held = sum(p.numel() for p in wrapped.parameters() if id(p) not in keep)
+        log.info("FSDP: rank %d holds %d of %d frozen values (%.0f %%), %d units", self.rank, held, total,
+                 100 * held / max(total, 1), sum(isinstance(m, FSDP) for m in wrapped.modules()))
+        return wrapped
 
     def reducer(self, layers):
         params = [p for l in layers.values() for p in (l.mask, l.lora_A, l.lora_B)]

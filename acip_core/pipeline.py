@@ -19,7 +19,7 @@ from .data import BatchStream, load_text, token_windows
 from .materialize import AnySizeModel
 from .models import fingerprint, load_base, pick_device
 from .parametrize import DEFAULT_TARGETS, acip_layers, parametrize_, replace_modules_, target_linears
-from .score import ScoreConfig, remove_checkpoint, score_loop
+from .score import ScoreConfig, autocast_dtype, remove_checkpoint, score_loop
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,13 @@ def run_scoring(model_source: str, data: str, out: str | Path, basis_kind: str =
                 p.requires_grad_(True)
         if dist:
             dist.broadcast_params(layers)
-        scores, state = score_loop(model, layers, stream, cfg, out, resume, on_step, should_stop,
+        check = basis_check(basis)
+        shapes = {n: [m.out_features, m.in_features, m.bias is not None] for n, m in linears.items()}
+        train_model = model
+        if dist and dist.fsdp:
+            train_model = dist.shard_frozen(model, layers, autocast_dtype(cfg.precision, device))
+            basis = originals = linears = None  # the full frozen tensors now live only in FSDP's shards
+        scores, state = score_loop(train_model, layers, stream, cfg, out, resume, on_step, should_stop,
                                    reduce_grads=dist.reducer(layers) if dist else None, is_writer=writer)
         if state.phase != "done":
             return None
@@ -128,18 +134,19 @@ def run_scoring(model_source: str, data: str, out: str | Path, basis_kind: str =
             dist.check_identical(layers)  # every rank must end with the same masks and LoRA
         adapters = {f"{n}.{k}": getattr(l, k).detach().cpu() for n, l in layers.items()
                     for k in ("lora_A", "lora_B")}
-        replace_modules_(model, originals)
-        model.cpu()
+        if originals is not None:
+            replace_modules_(model, originals)
+            model.cpu()
         meta = dict(
             model=dict(source=model_source, fingerprint=fp, architecture=type(model).__name__,
                        model_type=model.config.model_type),
             targets=list(targets),
-            layers={n: [m.out_features, m.in_features, m.bias is not None] for n, m in linears.items()},
-            basis=dict(recipe=recipe, check=basis_check(basis)),
+            layers=shapes,
+            basis=dict(recipe=recipe, check=check),
             mask_scale=cfg.mask_scale,
             lora=dict(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout),
             scoring=dict(asdict(cfg), data=data, device=str(device),
-                         processes=dist.world_size if dist else 1),
+                         processes=dist.world_size if dist else 1, fsdp=bool(dist and dist.fsdp)),
             result=dict(steps=state.step, acip_steps=state.acip_steps, post_tune_steps=state.post_steps,
                         size_ratio_reached=round(state.size_ratio, 5),
                         stopped_by="stop_ratio" if state.size_ratio <= cfg.stop_ratio else "max_steps",
@@ -149,6 +156,11 @@ def run_scoring(model_source: str, data: str, out: str | Path, basis_kind: str =
         )
         artifact = Artifact(meta, scores, adapters)
         if not writer:
+            return artifact
+        if basis is None:  # FSDP: no rank holds the whole model; the curve is measured afterwards
+            log.info("sharded run: no curve; measure it with `python -m acip_core curve --artifact %s`", out)
+            save_artifact(out, artifact)
+            remove_checkpoint(out)
             return artifact
         any_size = AnySizeModel(model, tokenizer, basis, scores, adapters, cfg.lora_rank, cfg.lora_alpha)
         evals = {}

@@ -214,7 +214,8 @@ def score_loop(model, layers: dict[str, ACIPLinear], stream, cfg: ScoreConfig, f
     amp_dtype = autocast_dtype(cfg.precision, device)
     if amp_dtype is not None:  # frozen factors stored in the compute dtype: no per-step casts
         for l in layers.values():
-            l.weight, l.U, l.Vh = l.weight.to(amp_dtype), l.U.to(amp_dtype), l.Vh.to(amp_dtype)
+            if l.U.dtype != amp_dtype:  # (FSDP-sharded factors were cast before sharding)
+                l.weight, l.U, l.Vh = l.weight.to(amp_dtype), l.U.to(amp_dtype), l.Vh.to(amp_dtype)
     state, scores = RunState(reg_weight=cfg.reg_init), None
     log_path = folder / "log.jsonl"
     if resume:

@@ -1,6 +1,7 @@
 """The distributed scoring path on CPU: 2 processes over gloo, under torchrun and accelerate launch."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -51,12 +52,29 @@ def test_torchrun_two_processes_equal_single_process(single, tiny_llama, tmp_pat
     _compare(single, out)
 
 
+def test_fsdp_shards_the_frozen_tensors_and_equals_single_process(single, tiny_llama, tmp_path):
+    out = tmp_path / "fsdp"
+    proc = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                 "-m", "acip_core", "-v", *ARGS, "--fsdp", "--model", tiny_llama, "--out", str(out)], tmp_path)
+    held = [tuple(map(int, m)) for m in re.findall(r"FSDP: rank \d holds (\d+) of (\d+) frozen values", proc.stderr)]
+    assert len(held) == 2, proc.stderr[-2000:]
+    print("\nFSDP: frozen values held per rank: " + ", ".join(f"{h:,} of {t:,}" for h, t in held))
+    assert sum(h for h, _ in held) == held[0][1]  # the two ranks split the frozen tensors between them
+    assert all(h <= 0.6 * total for h, total in held), held  # each holds about half, not the whole model
+    meta = load_artifact(out).meta
+    assert meta["scoring"]["processes"] == 2 and meta["scoring"]["fsdp"] is True
+    _compare(single, out)
+
+
 @pytest.mark.skipif(shutil.which("accelerate") is None and not os.path.exists(
     os.path.join(os.path.dirname(sys.executable), "accelerate")), reason="accelerate CLI not installed")
-def test_accelerate_launch_two_processes(single, tiny_llama, tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_accelerate_launch_two_processes(single, tiny_llama, tmp_path, fsdp):
     out = tmp_path / "acc"
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    _run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    mode = ["--use_fsdp"] if fsdp else ["--multi_gpu"]  # --use_fsdp: our --fsdp, through accelerate's env
+    _run([accelerate, "launch", *mode, "--num_processes", "2", "--num_machines", "1",
           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "acip_core", *ARGS,
           "--model", tiny_llama, "--out", str(out)], tmp_path)
+    assert load_artifact(out).meta["scoring"]["fsdp"] is fsdp
     _compare(single, out)
