@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/lmeval_table.py [benchmarks/lmeval_sweep.jsonl]
 One row per (method, size), one column per task: acc (acc_norm for next-sentence), ± its stderr.
+acc_norm for next-sentence because its 4 choices differ in length; last-word choices are single words.
 """
 
 import json
@@ -23,7 +24,8 @@ def main():
             cells.append("—" if s is None else f"{s[metric]:.3f} ± {s.get(metric + '_stderr') or 0:.3f}")
         print(f"| {r['method']} | {r['size_ratio']:.3f} | {r['params'] / 1e6:.1f} M | " + " | ".join(cells)
               + f" | {r['seconds']:.0f} |")
-    print(f"\n{rows[0]['tasks'][tasks[0]]['samples']} items in {tasks[0]}; chance: 0.25 for next-sentence (4 choices)")
+    items = ", ".join(f"{t} {rows[0]['tasks'][t]['samples']}" for t in tasks)
+    print(f"\nitems: {items}; every task has 4 choices (chance 0.25)")
 
 
 if __name__ == "__main__":
