@@ -122,8 +122,9 @@ def run_scoring(model_source: str, data: str, out: str | Path, basis_kind: str =
             dist.broadcast_params(layers)
         check = basis_check(basis)
         shapes = {n: [m.out_features, m.in_features, m.bias is not None] for n, m in linears.items()}
+        sharded = bool(dist and dist.fsdp)
         train_model = model
-        if dist and dist.fsdp:
+        if sharded:
             train_model = dist.shard_frozen(model, layers, autocast_dtype(cfg.precision, device))
             basis = originals = linears = None  # the full frozen tensors now live only in FSDP's shards
         scores, state = score_loop(train_model, layers, stream, cfg, out, resume, on_step, should_stop,
@@ -134,7 +135,7 @@ def run_scoring(model_source: str, data: str, out: str | Path, basis_kind: str =
             dist.check_identical(layers)  # every rank must end with the same masks and LoRA
         adapters = {f"{n}.{k}": getattr(l, k).detach().cpu() for n, l in layers.items()
                     for k in ("lora_A", "lora_B")}
-        if originals is not None:
+        if not sharded:
             replace_modules_(model, originals)
             model.cpu()
         meta = dict(
@@ -146,7 +147,7 @@ def run_scoring(model_source: str, data: str, out: str | Path, basis_kind: str =
             mask_scale=cfg.mask_scale,
             lora=dict(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout),
             scoring=dict(asdict(cfg), data=data, device=str(device),
-                         processes=dist.world_size if dist else 1, fsdp=bool(dist and dist.fsdp)),
+                         processes=dist.world_size if dist else 1, fsdp=sharded),
             result=dict(steps=state.step, acip_steps=state.acip_steps, post_tune_steps=state.post_steps,
                         size_ratio_reached=round(state.size_ratio, 5),
                         stopped_by="stop_ratio" if state.size_ratio <= cfg.stop_ratio else "max_steps",
@@ -157,18 +158,16 @@ def run_scoring(model_source: str, data: str, out: str | Path, basis_kind: str =
         artifact = Artifact(meta, scores, adapters)
         if not writer:
             return artifact
-        if basis is None:  # FSDP: no rank holds the whole model; the curve is measured afterwards
+        if sharded:  # no rank holds the whole model: the curve is measured afterwards
             log.info("sharded run: no curve; measure it with `python -m acip_core curve --artifact %s`", out)
-            save_artifact(out, artifact)
-            remove_checkpoint(out)
-            return artifact
-        any_size = AnySizeModel(model, tokenizer, basis, scores, adapters, cfg.lora_rank, cfg.lora_alpha)
-        evals = {}
-        if eval_data and eval_windows:
-            evals["heldout"] = token_windows(tokenizer, load_text(eval_data), 256, eval_windows)
-        start = time.perf_counter()
-        artifact.curve = acip_curve(any_size, evals, curve_sizes or [0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
-        log.info("curve in %.1f s", time.perf_counter() - start)
+        else:
+            any_size = AnySizeModel(model, tokenizer, basis, scores, adapters, cfg.lora_rank, cfg.lora_alpha)
+            evals = {}
+            if eval_data and eval_windows:
+                evals["heldout"] = token_windows(tokenizer, load_text(eval_data), 256, eval_windows)
+            start = time.perf_counter()
+            artifact.curve = acip_curve(any_size, evals, curve_sizes or [0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+            log.info("curve in %.1f s", time.perf_counter() - start)
         save_artifact(out, artifact)
         remove_checkpoint(out)
         return artifact

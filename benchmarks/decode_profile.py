@@ -25,7 +25,7 @@ MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::mv", "aten::addmv",
 def profile_decode(model, ids, new_tokens: int):
     kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
     model.generate(**kwargs, max_new_tokens=4, min_new_tokens=4)  # warm-up
-    with profile(activities=[ProfilerActivity.CPU]) as prof:  # prefill of a 1-token prompt is negligible
+    with profile(activities=[ProfilerActivity.CPU]) as prof:  # the 4-token prefill is negligible
         model.generate(**kwargs, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events) / 1e3
