@@ -41,6 +41,14 @@ def svd_factors(weight: torch.Tensor) -> Factors:
     return Factors(U.float().contiguous(), s.float(), Vh.float().contiguous())
 
 
+def meta_basis(linears: dict[str, nn.Linear]) -> dict[str, Factors]:
+    """Factors with every basis' shapes (k = min(out, in)) on the meta device: no memory, no values."""
+    def meta(*shape):
+        return torch.empty(*shape, device="meta")
+    return {n: Factors(meta(m.out_features, min(m.weight.shape)), meta(min(m.weight.shape)),
+                       meta(min(m.weight.shape), m.in_features)) for n, m in linears.items()}
+
+
 def whitened_factors(weight: torch.Tensor, gram: torch.Tensor) -> Factors:
     g = gram.double()
     g = g + WHITENING_EPS * g.diagonal().mean().clamp_min(1e-12) * torch.eye(len(g), dtype=g.dtype)

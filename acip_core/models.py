@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +36,14 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_base(source: str = EMBEDDED, dtype: torch.dtype = torch.float32):
+def load_base(source: str = EMBEDDED, dtype: torch.dtype = torch.float32, meta: bool = False):
     """Loads a causal LM and its tokenizer.
 
     Args:
         source: `smollm2-135m-instruct` (embedded, offline), a local model directory, or a hub id.
         dtype: the dtype of the returned weights.
+        meta: build the architecture on the meta device and read no weights (FSDP ranks other than 0
+            get their shards from rank 0, so a model too big for one process is never loaded twice).
     Returns:
         (model in eval mode, tokenizer)
     """
@@ -52,16 +54,24 @@ def load_base(source: str = EMBEDDED, dtype: torch.dtype = torch.float32):
     elif Path(source).expanduser().exists():
         raise ModelSourceError(f"{source!r} is a file; give a model directory, a hub id or {EMBEDDED!r}")
     else:
-        return _load_from_hub(source, dtype)
+        return _load_from_hub(source, dtype, meta)
     if not (folder / "config.json").is_file():
         raise ModelSourceError(f"{folder} has no config.json: not a transformers model directory")
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    model = _model(folder, dtype, meta)
     model.eval()
     return model, tokenizer
 
 
-def _load_from_hub(model_id: str, dtype: torch.dtype):
+def _model(name_or_folder, dtype: torch.dtype, meta: bool, **kwargs):
+    if not meta:
+        return AutoModelForCausalLM.from_pretrained(name_or_folder, dtype=dtype, **kwargs)
+    config = AutoConfig.from_pretrained(name_or_folder, **kwargs)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def _load_from_hub(model_id: str, dtype: torch.dtype, meta: bool = False):
     if model_id.count("/") != 1 or any(c.isspace() for c in model_id):
         raise ModelSourceError(
             f"unknown model {model_id!r}: give {EMBEDDED!r}, an existing local directory, "
@@ -69,7 +79,7 @@ def _load_from_hub(model_id: str, dtype: torch.dtype):
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     try:  # a copy already in the local HF cache works offline too
         tokenizer = AutoTokenizer.from_pretrained(model_id, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, local_files_only=True)
+        model = _model(model_id, dtype, meta, local_files_only=True)
     except OSError:
         if offline:
             raise ModelSourceError(
@@ -78,7 +88,7 @@ def _load_from_hub(model_id: str, dtype: torch.dtype):
                 f"directory, or use the embedded {EMBEDDED!r}.") from None
         try:
             tokenizer = AutoTokenizer.from_pretrained(model_id)
-            model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype)
+            model = _model(model_id, dtype, meta)
         except OSError as err:
             raise ModelSourceError(
                 f"could not load {model_id!r} from the Hugging Face hub ({err.__class__.__name__}: "

@@ -13,7 +13,7 @@ import torch
 
 from . import __version__
 from .artifact import Artifact, ArtifactError, load_artifact, save_artifact
-from .basis import basis_check, basis_for, default_recipe, verify_basis
+from .basis import basis_check, basis_for, default_recipe, meta_basis, verify_basis
 from .curve import acip_curve
 from .data import BatchStream, load_text, token_windows
 from .materialize import AnySizeModel
@@ -99,19 +99,28 @@ def run_scoring(model_source: str, data: str, out: str | Path, basis_kind: str =
     try:
         torch.manual_seed(cfg.seed)
         device = dist.device if dist else pick_device()
-        model, tokenizer = load_base(model_source)
-        model.to(device)
+        sharded = bool(dist and dist.fsdp)
+        loads = dist is None or dist.loads_weights  # under FSDP only rank 0 reads weights, builds the basis
+        if not loads:
+            dist.barrier()  # rank 0 has the model (converted/downloaded once) and the basis
+        model, tokenizer = load_base(model_source, meta=not loads)
+        if not sharded:
+            model.to(device)  # sharded: FSDP moves each rank's shard to the device, never the whole model
         linears = target_linears(model, targets)
         if not linears:
             raise ValueError(f"{model_source}: no linear layers named {targets}")
-        fp = target_fingerprint(linears)
+        fp = target_fingerprint(linears) if loads else None
         recipe = default_recipe(basis_kind, data)
-        basis = basis_for(model, tokenizer, linears, recipe, fp)
+        basis = basis_for(model, tokenizer, linears, recipe, fp) if loads else meta_basis(linears)
+        if sharded and loads:
+            dist.barrier()
         windows = token_windows(tokenizer, load_text(data), cfg.seq_len)
         stream = BatchStream(windows, cfg.batch_size, cfg.seed)
         if dist:
             stream = dist.shard_stream(stream)
         originals = parametrize_(model, basis, cfg.mask_scale, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+        if not loads:
+            dist.real_trainables(acip_layers(model))
         for p in model.parameters():
             p.requires_grad_(False)
         layers = acip_layers(model)
@@ -120,9 +129,8 @@ def run_scoring(model_source: str, data: str, out: str | Path, basis_kind: str =
                 p.requires_grad_(True)
         if dist:
             dist.broadcast_params(layers)
-        check = basis_check(basis)
+        check = basis_check(basis) if loads else None
         shapes = {n: [m.out_features, m.in_features, m.bias is not None] for n, m in linears.items()}
-        sharded = bool(dist and dist.fsdp)
         train_model = model
         if sharded:
             train_model = dist.shard_frozen(model, layers, autocast_dtype(cfg.precision, device))

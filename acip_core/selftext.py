@@ -29,9 +29,35 @@ SUBJECTS = [
     "how electricity reaches our homes", "the great migration of birds", "a job interview",
     "Shakespeare's plays", "the importance of sleep", "deserts and the animals that live there",
     "a misunderstanding at a birthday party", "the history of jazz", "how computers store numbers",
+    # Wider ground (added for the corpus:broad v2 mix): what a small general model was trained on besides
+    # stories — code in several languages, maths, science, practical and civic reference text. Python is
+    # left out on purpose: Python's help topics are the held-out *domain* (corpus:domain).
+    "how a hash table finds a key", "writing a for loop in JavaScript", "SQL joins between two tables",
+    "pointers and memory in C", "recursion with a factorial example in Java", "regular expressions",
+    "version control with git branches", "how a web browser loads a page", "sorting algorithms compared",
+    "a shell script that backs up a folder", "unit testing a small function", "how TCP connections work",
+    "the difference between a compiler and an interpreter", "object-oriented design with classes in C++",
+    "binary search on a sorted array", "how public-key encryption works", "JSON and how programs exchange data",
+    "Rust's ownership rules", "a stack and a queue", "how operating systems schedule processes",
+    "handling errors and exceptions in programs", "reading a CSV file in R", "HTML forms and CSS layout",
+    "fractions and decimals", "solving a quadratic equation", "the Pythagorean theorem", "prime numbers",
+    "probability with dice", "derivatives in calculus", "how to read a graph of a function", "matrices",
+    "statistics: mean, median and mode", "compound interest", "the geometry of circles",
+    "Newton's laws of motion", "the periodic table", "DNA and genes", "plate tectonics", "black holes",
+    "the chemistry of cooking", "how batteries store energy", "the human digestive system",
+    "renewable energy sources", "antibiotic resistance", "the theory of evolution", "ocean currents",
+    "filling in a tax form", "renting a first apartment", "writing a formal letter of complaint",
+    "the rules of a football match", "first aid for a burn", "caring for a houseplant",
+    "the parts of a bicycle and how to repair a flat tyre", "how elections are run", "the United Nations",
+    "the Industrial Revolution", "the history of the internet", "ancient Greek philosophy", "the Silk Road",
+    "the American civil rights movement", "the Cold War", "Japanese tea ceremony", "Indian classical music",
+    "a startup founder's first year", "negotiating a salary", "the basics of marketing", "supply and demand",
+    "a nurse's night shift", "a farmer's year", "a scientist's failed experiment", "moving to a new country",
+    "an old photograph found in an attic", "a chess tournament", "a lost dog finding its way home",
 ]
 FORMS = ["Write a short story about {}.", "Explain {} to a curious teenager.",
-         "Write an encyclopedia article about {}.", "Write a blog post about {}."]
+         "Write an encyclopedia article about {}.", "Write a blog post about {}.",
+         "Write a step-by-step tutorial, with examples, about {}.", "Write a textbook section about {}."]
 
 
 @torch.no_grad()

@@ -52,13 +52,23 @@ def test_torchrun_two_processes_equal_single_process(single, tiny_llama, tmp_pat
     _compare(single, out)
 
 
-def test_fsdp_shards_the_frozen_tensors_and_equals_single_process(single, tiny_llama, tmp_path):
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied-embeddings"])
+def test_fsdp_shards_the_frozen_tensors_and_equals_single_process(single, tiny_llama, tiny_llama_tied, tmp_path,
+                                                                    tied):
+    model = tiny_llama_tied if tied else tiny_llama
+    if tied:
+        single = tmp_path / "single"
+        _run([sys.executable, "-m", "acip_core", *ARGS, "--model", model, "--out", str(single)], tmp_path)
     out = tmp_path / "fsdp"
     proc = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                 "-m", "acip_core", "-v", *ARGS, "--fsdp", "--model", tiny_llama, "--out", str(out)], tmp_path)
+                 "-m", "acip_core", "-v", *ARGS, "--fsdp", "--model", model, "--out", str(out)], tmp_path)
+    # only rank 0 reads the weights; rank 1 builds on the meta device and receives its shards
+    before = dict(re.findall(r"FSDP: rank (\d) has (\d+) of \d+ frozen values in memory before", proc.stderr))
     held = [tuple(map(int, m)) for m in re.findall(r"FSDP: rank \d holds (\d+) of (\d+) frozen values", proc.stderr)]
-    assert len(held) == 2, proc.stderr[-2000:]
-    print("\nFSDP: frozen values held per rank: " + ", ".join(f"{h:,} of {t:,}" for h, t in held))
+    assert len(held) == 2 and len(before) == 2, proc.stderr[-2000:]
+    print(f"\nFSDP ({'tied' if tied else 'untied'}): frozen values before sharding: rank 0 {int(before['0']):,}, "
+          f"rank 1 {int(before['1']):,}; held after: " + ", ".join(f"{h:,} of {t:,}" for h, t in held))
+    assert int(before["0"]) == held[0][1] and int(before["1"]) == 0
     assert sum(h for h, _ in held) == held[0][1]  # the two ranks split the frozen tensors between them
     assert all(h <= 0.6 * total for h, total in held), held  # each holds about half, not the whole model
     meta = load_artifact(out).meta
