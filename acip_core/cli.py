@@ -12,6 +12,7 @@ from dataclasses import fields
 
 from .data import DEFAULT_DATA
 from .score import ScoreConfig
+from .selftext import HELD_OUT_DOMAIN
 
 COMMANDS = {}
 
@@ -150,7 +151,8 @@ def cmd_self_text(args):
     from .selftext import sample_text
 
     model, tokenizer = load_base(args.model, torch_dtype(args.dtype))
-    text = sample_text(model, tokenizer, args.prompts, args.max_new_tokens, args.batch_size, args.seed)
+    text = sample_text(model, tokenizer, args.prompts, args.max_new_tokens, args.batch_size, args.seed,
+                       drop=args.drop)
     atomic_write_bytes(args.out, text.encode())
     _emit(args, dict(out=args.out, characters=len(text)), f"wrote {len(text)} characters to {args.out}")
 
@@ -314,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--drop", default=HELD_OUT_DOMAIN,
+                   help="leave out paragraphs matching this regex (default: about/in Python, the held-out domain)")
     p = sub.add_parser("lm-eval", help="zero-shot accuracy of one size on lm-eval tasks")
     _size_args(p, budget=True)
     p.add_argument("--tasks", default="acip_next_sentence,acip_last_word",

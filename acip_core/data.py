@@ -4,6 +4,8 @@ Named corpus splits (files in assets/corpus/, see its SOURCES.md):
 - corpus:broad    the default calibration mix: the first 80 % of the handbook, the first 15 % of the
                   fortunes, text sampled from SmolLM2 itself on diverse prompts, and 0.8 MB of manual
                   pages (assets/corpus/make_manpages.py), another kind of reference prose
+- corpus:broad-wide  corpus:broad with the model's own text on 122 subjects (code, maths, science,
+                  practical and civic topics as well as stories) instead of 48: smollm2_samples_wide.txt
 - corpus:train    the first mix (no manual pages, 30 % of the fortunes): narrower; kept for comparison
 - corpus:heldout  in-domain held-out text: the last 20 % of the handbook (never calibrated on)
 - corpus:domain   a held-out *domain*: Python's help topics (never calibrated on)
@@ -20,12 +22,15 @@ import torch
 
 CORPUS_DIR = Path(__file__).resolve().parent.parent / "assets" / "corpus"
 CORPUS_FILES = {"handbook": "debian_handbook.txt", "fortunes": "fortunes.txt", "pydoc": "pydoc_topics.txt",
-                "samples": "smollm2_samples.txt", "manpages": "manpages.txt"}
+                "samples": "smollm2_samples.txt", "manpages": "manpages.txt",
+                "samples-wide": "smollm2_samples_wide.txt"}
 TRAIN_FRACTION = 0.8
 SPLITS = {
     "train": [("handbook", 0.0, TRAIN_FRACTION), ("fortunes", 0.0, 0.3), ("samples", 0.0, 1.0)],
     "broad": [("handbook", 0.0, TRAIN_FRACTION), ("fortunes", 0.0, 0.15), ("samples", 0.0, 1.0),
               ("manpages", 0.0, 1.0)],
+    "broad-wide": [("handbook", 0.0, TRAIN_FRACTION), ("fortunes", 0.0, 0.15), ("samples-wide", 0.0, 1.0),
+                   ("manpages", 0.0, 1.0)],
     "train-books": [("handbook", 0.0, TRAIN_FRACTION), ("fortunes", 0.0, TRAIN_FRACTION)],
     "heldout": [("handbook", TRAIN_FRACTION, 1.0)],
     "domain": [("pydoc", 0.0, 1.0)],

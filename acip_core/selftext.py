@@ -4,6 +4,7 @@ model knows (broad, like the paper's C4) rather than one book. `python -m acip_c
 from __future__ import annotations
 
 import logging
+import re
 import time
 
 import torch
@@ -55,6 +56,10 @@ SUBJECTS = [
     "a nurse's night shift", "a farmer's year", "a scientist's failed experiment", "moving to a new country",
     "an old photograph found in an attic", "a chess tournament", "a lost dog finding its way home",
 ]
+# Paragraphs about Python or in Python are dropped: Python's help topics are the held-out domain, and the
+# model brings Python up by itself (e.g. for "regular expressions"); 42 of 1,404 paragraphs in the file.
+HELD_OUT_DOMAIN = r"python|^\s*def \w+\(|^\s*import \w+|^\s*from \w+ import|print\("
+
 FORMS = ["Write a short story about {}.", "Explain {} to a curious teenager.",
          "Write an encyclopedia article about {}.", "Write a blog post about {}.",
          "Write a step-by-step tutorial, with examples, about {}.", "Write a textbook section about {}."]
@@ -62,8 +67,9 @@ FORMS = ["Write a short story about {}.", "Explain {} to a curious teenager.",
 
 @torch.no_grad()
 def sample_text(model, tokenizer, n_prompts: int = 96, max_new_tokens: int = 320, batch_size: int = 16,
-                seed: int = 0, on_progress=None) -> str:
-    """Sampled answers (T = 0.8, top-p 0.95) to diverse writing prompts, separated by blank lines."""
+                seed: int = 0, on_progress=None, drop: str | None = HELD_OUT_DOMAIN) -> str:
+    """Sampled answers (T = 0.8, top-p 0.95) to diverse writing prompts, separated by blank lines;
+    paragraphs that match the regular expression `drop` (case-insensitive) are left out."""
     torch.manual_seed(seed)
     prompts = [FORMS[i % len(FORMS)].format(SUBJECTS[i % len(SUBJECTS)]) for i in range(n_prompts)]
     tokenizer.padding_side = "left"
@@ -82,4 +88,13 @@ def sample_text(model, tokenizer, n_prompts: int = 96, max_new_tokens: int = 320
         log.info("%d/%d prompts, %.0f s", i + len(rows), len(prompts), time.perf_counter() - start)
         if on_progress:
             on_progress(i + len(rows), len(prompts))
-    return "\n\n".join(t for t in texts if t)
+    return drop_paragraphs("\n\n".join(t for t in texts if t), drop)
+
+
+def drop_paragraphs(text: str, pattern: str | None) -> str:
+    if not pattern:
+        return text
+    match = re.compile(pattern, re.IGNORECASE | re.MULTILINE).search
+    kept = [p for p in text.split("\n\n") if not match(p)]
+    log.info("dropped %d paragraphs matching %r", text.count("\n\n") + 1 - len(kept), pattern)
+    return "\n\n".join(kept)
