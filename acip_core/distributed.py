@@ -11,8 +11,8 @@ FullyShardedDataParallel: each rank keeps 1/N of them and a decoder block's are 
 while that block runs (forward and backward). Masks and LoRA are FSDP's ignored states: whole on
 every rank, averaged by the same all-reduce, so the scoring loop does not change. Under FSDP only
 rank 0 reads the weights and builds the basis; the other ranks build the same modules on the meta
-device (no memory) and receive their shards from rank 0 (FSDP's sync_module_states), so a node's
-start-up holds the model once, not once per process.
+device (no memory) and receive rank 0's tensors one decoder block at a time before FSDP shards it, so
+a node's start-up holds the model once, not once per process.
 """
 
 from __future__ import annotations

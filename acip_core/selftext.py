@@ -30,7 +30,7 @@ SUBJECTS = [
     "how electricity reaches our homes", "the great migration of birds", "a job interview",
     "Shakespeare's plays", "the importance of sleep", "deserts and the animals that live there",
     "a misunderstanding at a birthday party", "the history of jazz", "how computers store numbers",
-    # Wider ground (added for the corpus:broad v2 mix): what a small general model was trained on besides
+    # Wider ground (added for corpus:broad-wide): what a small general model was trained on besides
     # stories — code in several languages, maths, science, practical and civic reference text. Python is
     # left out on purpose: Python's help topics are the held-out *domain* (corpus:domain).
     "how a hash table finds a key", "writing a for loop in JavaScript", "SQL joins between two tables",
