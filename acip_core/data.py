@@ -4,6 +4,8 @@ Named corpus splits (files in assets/corpus/, see its SOURCES.md):
 - corpus:broad    the default calibration mix: the first 80 % of the handbook, the first 15 % of the
                   fortunes, text sampled from SmolLM2 itself on diverse prompts, and 0.8 MB of manual
                   pages (assets/corpus/make_manpages.py), another kind of reference prose
+- corpus:broad-code  corpus:broad with 0.6 MB of programming reference as well: manual pages of C
+                  system calls and library functions and of Perl modules (sections 2 and 3; never Python)
 - corpus:broad-wide  corpus:broad with the model's own text on 122 subjects (code, maths, science,
                   practical and civic topics as well as stories) instead of 48: smollm2_samples_wide.txt
 - corpus:train    the first mix (no manual pages, 30 % of the fortunes): narrower; kept for comparison
@@ -23,12 +25,14 @@ import torch
 CORPUS_DIR = Path(__file__).resolve().parent.parent / "assets" / "corpus"
 CORPUS_FILES = {"handbook": "debian_handbook.txt", "fortunes": "fortunes.txt", "pydoc": "pydoc_topics.txt",
                 "samples": "smollm2_samples.txt", "manpages": "manpages.txt",
-                "samples-wide": "smollm2_samples_wide.txt"}
+                "samples-wide": "smollm2_samples_wide.txt", "manpages-dev": "manpages_dev.txt"}
 TRAIN_FRACTION = 0.8
 SPLITS = {
     "train": [("handbook", 0.0, TRAIN_FRACTION), ("fortunes", 0.0, 0.3), ("samples", 0.0, 1.0)],
     "broad": [("handbook", 0.0, TRAIN_FRACTION), ("fortunes", 0.0, 0.15), ("samples", 0.0, 1.0),
               ("manpages", 0.0, 1.0)],
+    "broad-code": [("handbook", 0.0, TRAIN_FRACTION), ("fortunes", 0.0, 0.15), ("samples", 0.0, 1.0),
+                   ("manpages", 0.0, 1.0), ("manpages-dev", 0.0, 1.0)],
     "broad-wide": [("handbook", 0.0, TRAIN_FRACTION), ("fortunes", 0.0, 0.15), ("samples-wide", 0.0, 1.0),
                    ("manpages", 0.0, 1.0)],
     "train-books": [("handbook", 0.0, TRAIN_FRACTION), ("fortunes", 0.0, TRAIN_FRACTION)],

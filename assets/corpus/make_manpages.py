@@ -1,6 +1,8 @@
 """Build manpages.txt: English prose from the manual pages installed on a Debian machine.
 
     python assets/corpus/make_manpages.py [--max-chars 800000] [--out assets/corpus/manpages.txt]
+    python assets/corpus/make_manpages.py --sections man2,man3 --max-chars 600000 \
+        --out assets/corpus/manpages_dev.txt       # programming reference: C and Perl, code included
 
 Reference prose of another kind than the handbook (command options, file formats, overviews in
 sections 1, 5, 7, 8; nothing about Python, whose help topics are the held-out domain), rendered by `man` without hyphenation or justification so that a paragraph is
@@ -31,10 +33,11 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--max-chars", type=int, default=800_000)
     parser.add_argument("--out", default=str(Path(__file__).with_name("manpages.txt")))
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated man directories")
     args = parser.parse_args()
     pages, families = [], set()
-    for page in sorted(p for s in SECTIONS for p in (Path("/usr/share/man") / s).glob("*.gz")):
-        family = re.split(r"[-_.]", page.name)[0].lower()  # one page per family (gcloud has thousands)
+    for page in sorted(p for s in args.sections.split(",") for p in (Path("/usr/share/man") / s).glob("*.gz")):
+        family = re.split(r"[-_.]|::", page.name)[0].lower()  # one page per family (gcloud has thousands)
         if family not in families and not family.startswith("py"):  # Python is the held-out domain
             families.add(family)
             pages.append(page)
