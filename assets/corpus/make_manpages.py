@@ -18,6 +18,8 @@ from pathlib import Path
 
 SECTIONS = ("man1", "man5", "man7", "man8")
 PAGE_CAP = 12_000  # characters per page
+TABLE_RULE = re.compile(r"[\u2500-\u257f\s]+")
+WIDE_GAP = re.compile(r"[ \t]{9,}")
 
 
 def render(path: Path) -> str:
@@ -25,6 +27,9 @@ def render(path: Path) -> str:
     out = subprocess.run(["man", "--nh", "--nj", "-l", str(path)], capture_output=True, env=env, timeout=30)
     text = subprocess.run(["col", "-b"], input=out.stdout, capture_output=True).stdout.decode("utf-8", "replace")
     lines = [line.strip() for line in text.splitlines()[1:-1]]  # drop the header and footer lines
+    # drop table rules: at MANWIDTH=10000 each one is thousands of box-drawing characters
+    lines = [line for line in lines if not TABLE_RULE.fullmatch(line) or not line]
+    lines = [WIDE_GAP.sub("\t", line) for line in lines]  # and table cells padded with a thousand tabs
     text = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
     return text[:text.rfind("\n", 0, PAGE_CAP)] if len(text) > PAGE_CAP else text
 
