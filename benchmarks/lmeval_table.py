@@ -13,6 +13,7 @@ from pathlib import Path
 def main():
     path = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).with_name("lmeval_sweep.jsonl"))
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows.sort(key=lambda r: (r["method"] != "acip", r["method"], -r["size_ratio"]))  # file order varies
     tasks = sorted({t for r in rows for t in r["tasks"]})
     print("| method | size ratio | params | " + " | ".join(tasks) + " | seconds |")
     print("|---|---|---|" + "---|" * len(tasks) + "---|")
