@@ -28,7 +28,7 @@ def render(path: Path) -> str:
     text = subprocess.run(["col", "-b"], input=out.stdout, capture_output=True).stdout.decode("utf-8", "replace")
     lines = [line.strip() for line in text.splitlines()[1:-1]]  # drop the header and footer lines
     # drop table rules: at MANWIDTH=10000 each one is thousands of box-drawing characters
-    lines = [line for line in lines if not TABLE_RULE.fullmatch(line) or not line]
+    lines = [line for line in lines if not TABLE_RULE.fullmatch(line)]
     lines = [WIDE_GAP.sub("\t", line) for line in lines]  # and table cells padded with a thousand tabs
     text = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
     return text[:text.rfind("\n", 0, PAGE_CAP)] if len(text) > PAGE_CAP else text
