@@ -11,10 +11,11 @@ from .materialize import AnySizeModel
 
 
 @torch.no_grad()
-def _timed_generate(model, ids: torch.Tensor, new_tokens: int) -> float:
+def timed_generate(model, ids: torch.Tensor, new_tokens: int, **options) -> float:
+    """Seconds for a greedy generation of exactly `new_tokens` (options: more generate() arguments)."""
     start = time.perf_counter()
     model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                   max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+                   max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0, **options)
     return time.perf_counter() - start
 
 
@@ -27,7 +28,7 @@ def _timed_prefill(model, ids: torch.Tensor) -> float:
 
 def speed(model, ids: torch.Tensor, new_tokens: int) -> dict:
     prefill = _timed_prefill(model, ids)
-    total = _timed_generate(model, ids, new_tokens + 1)  # the first new token comes from the prefill
+    total = timed_generate(model, ids, new_tokens + 1)  # the first new token comes from the prefill
     decode = max(total - prefill, 1e-9)
     return dict(prefill_tok_s=ids.numel() / prefill, decode_tok_s=new_tokens / decode)
 

@@ -23,26 +23,21 @@ from transformers import CompileConfig, StaticCache
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from acip_core.bench import timed_generate  # noqa: E402
 from acip_core.pipeline import open_artifact  # noqa: E402
 
 
 CACHE_LEN = 512  # prompt (256) + the longest generation
 
 
-@torch.no_grad()
 def generate_seconds(model, ids, new_tokens: int, compiled: bool) -> float:
-    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0,
-                  max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-    if compiled:
-        config = CompileConfig(fullgraph=False, dynamic=False)
-        config._compile_all_devices = True  # transformers compiles on accelerators only, unless told
-        # one cache length for every call: a new length would be a new shape, hence a recompile
-        kwargs.update(past_key_values=StaticCache(config=model.config, max_cache_len=CACHE_LEN), compile_config=config)
-    else:
-        kwargs.update(disable_compile=True)
-    start = time.perf_counter()
-    model.generate(**kwargs)
-    return time.perf_counter() - start
+    if not compiled:
+        return timed_generate(model, ids, new_tokens, disable_compile=True)
+    config = CompileConfig(fullgraph=False, dynamic=False)
+    config._compile_all_devices = True  # transformers compiles on accelerators only, unless told
+    # one cache length for every call: a new length would be a new shape, hence a recompile
+    cache = StaticCache(config=model.config, max_cache_len=CACHE_LEN)
+    return timed_generate(model, ids, new_tokens, past_key_values=cache, compile_config=config)
 
 
 def decode_tok_s(model, ids, new_tokens: int, compiled: bool) -> float:

@@ -30,8 +30,9 @@ def main():
                                                                          values=[col, "params"])
         methods = [m for m in BASELINES if m in table[col]]
         print(f"\n#### perplexity on `{col[4:]}` (original {ref:.2f}; ratio to it in brackets)\n")
-        print("| size | ACIP params | acip | " + " | ".join(methods) + " | block-removal (its size) |")
-        print("|---|---|---|" + "---|" * len(methods) + "---|")
+        columns = ["size", "ACIP params", "acip", *methods, "block-removal (its size)"]
+        print("| " + " | ".join(columns) + " |")
+        print("|" + "---|" * len(columns))
         for target, row in table.iterrows():
             cells = [f"{row[(col, m)]:.4g} ({row[(col, m)] / ref:.2f}×)" for m in ["acip"] + methods]
             above = blocks[blocks.size_ratio >= target - 1e-9]

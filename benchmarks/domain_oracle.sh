@@ -19,8 +19,5 @@ rm -rf runs/oracle/base && cp -r runs/compare-whitened runs/oracle/base
 for art in runs/oracle/base runs/oracle/art; do
   .venv/bin/python -m acip_core curve --artifact "$art" --methods acip --sizes 0.5:0.9:0.1 --windows 16 \
     --eval heldout=corpus:heldout --eval domain_b=runs/oracle/domain_b.txt --replace >/dev/null
-  echo "$art"; .venv/bin/python -c "
-import pandas as pd; c = pd.read_csv('$art/curve.csv'); o = c[c.method == 'original'].iloc[0]
-for _, r in c[c.method == 'acip'].iterrows():
-    print(f'  {r.target:.1f}: heldout {r.ppl_heldout / o.ppl_heldout:.2f}x  domain_b {r.ppl_domain_b / o.ppl_domain_b:.2f}x')"
+  echo "### $art"; .venv/bin/python benchmarks/curve_table.py --artifact "$art"
 done
