@@ -71,7 +71,7 @@ def block_removal_order(any_size: AnySizeModel, windows: torch.Tensor, on_progre
     return removed
 
 
-def block_removal_size(any_size: AnySizeModel, order: list[int], size_ratio: float) -> Size:
+def block_removal_size(any_size: AnySizeModel, order: list[int], size_ratio: float, fmt="float32") -> Size:
     """The most blocks removed (in `order`) whose size ratio is still >= the target."""
     from .prune import size_ratio as ratio_of
 
@@ -83,18 +83,21 @@ def block_removal_size(any_size: AnySizeModel, order: list[int], size_ratio: flo
         if ratio_of(any_size.shapes, ranks) < size_ratio:
             break
         best = ranks
-    return sized(any_size, best)
+    return sized(any_size, best, fmt)
 
 
-def block_removal_sizes(any_size: AnySizeModel, order: list[int]) -> list[Size]:
+def block_removal_sizes(any_size: AnySizeModel, order: list[int], fmt="float32") -> list[Size]:
     """Every discrete size of the method: 0, 1, 2, … blocks removed."""
-    return [sized(any_size, ranks_without(any_size, set(order[:j]))) for j in range(len(order) + 1)]
+    return [sized(any_size, ranks_without(any_size, set(order[:j])), fmt) for j in range(len(order) + 1)]
 
 
-def sized(any_size: AnySizeModel, ranks: dict[str, int]) -> Size:
+def sized(any_size: AnySizeModel, ranks: dict[str, int], fmt="float32") -> Size:
+    from .formats import parse_format
     from .prune import size_ratio as ratio_of
 
+    fmt = parse_format(fmt)
     params = any_size.index.other_params + sum(
         any_size.shapes[n].materialized_params(r, any_size.lora_rank) for n, r in ranks.items())
-    dense = sum(any_size.shapes[n].runs_dense(r, any_size.lora_rank) for n, r in ranks.items())
-    return Size(-1, ranks, ratio_of(any_size.shapes, ranks), params, dense)
+    layers = [any_size.shapes[n].format_bytes(r, any_size.lora_rank, fmt) for n, r in ranks.items()]
+    nbytes = any_size.other_bytes(fmt) + sum(b for b, _ in layers)
+    return Size(-1, ranks, ratio_of(any_size.shapes, ranks), params, sum(d for _, d in layers), fmt, nbytes)

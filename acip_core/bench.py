@@ -7,7 +7,18 @@ import time
 
 import torch
 
+from .formats import parse_format
 from .materialize import AnySizeModel
+
+
+def cpu_flags() -> str:
+    """The SIMD flags that decide which kernels are fast (reported next to every speed figure)."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "unknown"
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
+    return " ".join(f for f in wanted if f in flags) or "none of avx2/avx512/amx"
 
 
 @torch.no_grad()
@@ -33,13 +44,17 @@ def speed(model, ids: torch.Tensor, new_tokens: int) -> dict:
     return dict(prefill_tok_s=ids.numel() / prefill, decode_tok_s=new_tokens / decode)
 
 
-def compare_speed(any_size: AnySizeModel, size_ratio: float, dtype: str = "float32", prompt_tokens: int = 256,
+def compare_speed(any_size: AnySizeModel, size_ratio: float, fmt="float32", prompt_tokens: int = 256,
                   new_tokens: int = 128, rounds: int = 3) -> dict:
-    """Decode and prefill tokens/s of the original and of `size_ratio` (batch 1, KV cache), medians of
-    `rounds` alternating measurements after one warm-up each, and their ratios."""
-    size = any_size.size_for_ratio(size_ratio)
-    models = {"original": any_size.materialize(any_size.full_size(), dtype),
-              "compressed": any_size.materialize(size, dtype)}
+    """Decode and prefill tokens/s of the original and of `size_ratio` in format `fmt` (batch 1, KV cache),
+    medians of `rounds` alternating measurements after one warm-up each, and their ratios. For a format
+    other than float32 the float32 original is measured in the same rounds too (`*_vs_float32`)."""
+    fmt = parse_format(fmt)
+    size = any_size.size_for_ratio(size_ratio, fmt)
+    models = {"original": any_size.materialize(any_size.full_size(fmt), fmt),
+              "compressed": any_size.materialize(size, fmt)}
+    if fmt.key != "float32":
+        models["original_float32"] = any_size.materialize(any_size.full_size(), "float32")
     vocab = len(any_size.tokenizer)
     ids = torch.randint(100, vocab - 1, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
     for m in models.values():  # warm-up
@@ -48,12 +63,17 @@ def compare_speed(any_size: AnySizeModel, size_ratio: float, dtype: str = "float
     for _ in range(rounds):
         for name, m in models.items():
             runs[name].append(speed(m, ids, new_tokens))
-    out = dict(size_ratio=round(size.size_ratio, 5), dtype=dtype, params_original=any_size.full_size().params,
-               params_compressed=size.params, threads=torch.get_num_threads(), prompt_tokens=prompt_tokens,
-               new_tokens=new_tokens, rounds=rounds)
+    out = dict(size_ratio=round(size.size_ratio, 5), format=fmt.key, params_original=any_size.full_size().params,
+               params_compressed=size.params, gb_original=any_size.full_size(fmt).gigabytes,
+               gb_compressed=size.gigabytes, threads=torch.get_num_threads(), prompt_tokens=prompt_tokens,
+               new_tokens=new_tokens, rounds=rounds, cpu_flags=cpu_flags())
     for name in models:
         for key in ("prefill_tok_s", "decode_tok_s"):
             out[f"{key}_{name}"] = statistics.median(r[key] for r in runs[name])
     out["decode_speedup"] = out["decode_tok_s_compressed"] / out["decode_tok_s_original"]
     out["prefill_speedup"] = out["prefill_tok_s_compressed"] / out["prefill_tok_s_original"]
+    if "original_float32" in models:
+        out["decode_speedup_vs_float32"] = out["decode_tok_s_compressed"] / out["decode_tok_s_original_float32"]
+    else:
+        out["decode_speedup_vs_float32"] = out["decode_speedup"]
     return out

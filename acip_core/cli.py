@@ -26,25 +26,44 @@ def _emit(args, result: dict, text: str) -> None:
     print(json.dumps(result) if args.json else text)
 
 
-def _size_args(p, budget=True):
+def _format_args(p, default="float32"):
+    from .formats import EMBEDDING_CHOICES, FORMAT_NAMES, INT4_GROUP_SIZES
+
+    p.add_argument("--format", default=default, choices=FORMAT_NAMES,
+                   help="how the weights are stored: float32, bfloat16, int8 (per channel), int4 (groups)")
+    p.add_argument("--group-size", type=int, default=None, choices=INT4_GROUP_SIZES,
+                   help="int4 only: group length along the input axis (default 32, chosen by measurement)")
+    p.add_argument("--embeddings", default="native", choices=EMBEDDING_CHOICES,
+                   help="int8: quantize the embedding / LM head too (default: the compute dtype)")
+
+
+def _fmt(args):
+    from .formats import parse_format
+
+    if args.format is None:
+        return None
+    return parse_format(args.format, args.group_size if args.format == "int4" else None, args.embeddings)
+
+
+def _size_args(p, budget=True, fmt_default="float32"):
     p.add_argument("--artifact", required=True, help="artifact folder (e.g. precomputed/smollm2-135m-instruct)")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--size-ratio", type=float, help="kept fraction of the target layers, in [0, 1]")
     if budget:
         group.add_argument("--budget-gb", type=float, help="memory budget in GB (1e9 bytes) for the weights")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    _format_args(p, fmt_default)
 
 
 def _pick_size(model, args):
+    fmt = _fmt(args) or "float32"
     if getattr(args, "budget_gb", None) is not None:
-        return model.size_for_budget(args.budget_gb, args.dtype)
-    return model.size_for_ratio(args.size_ratio)
+        return model.size_for_budget(args.budget_gb, fmt)
+    return model.size_for_ratio(args.size_ratio, fmt)
 
 
 def _size_dict(size, target) -> dict:
-    return dict(target=target, size_ratio=round(size.size_ratio, 5), params=size.params,
-                bytes={"float32": size.params * 4, "bfloat16": size.params * 2},
-                dense_layers=size.dense_layers, layers=len(size.ranks))
+    return dict(target=target, format=size.format.key, size_ratio=round(size.size_ratio, 5), params=size.params,
+                bytes=size.nbytes, gb=size.gigabytes, dense_layers=size.dense_layers, layers=len(size.ranks))
 
 
 @command
@@ -80,11 +99,20 @@ def cmd_score(args):
 def cmd_size(args):
     from .pipeline import open_artifact
 
+    from .artifact import load_artifact
+    from .curve import best_for_budget
+
     model = open_artifact(args.artifact)
-    size = _pick_size(model, args)
-    result = _size_dict(size, args.size_ratio if args.size_ratio is not None else args.budget_gb)
+    if args.budget_gb is not None and args.format is None:  # the best (size, format) by the measured curve
+        pick = best_for_budget(model, load_artifact(args.artifact).curve, args.budget_gb, args.eval_set)
+        size = pick["size"]
+        result = dict(_size_dict(size, args.budget_gb), **{k: v for k, v in pick.items() if k != "size"})
+    else:
+        args.format = args.format or "float32"
+        size = _pick_size(model, args)
+        result = _size_dict(size, args.size_ratio if args.size_ratio is not None else args.budget_gb)
     if args.budget_gb is not None:
-        result["budget_left_gb"] = args.budget_gb - size.gigabytes(args.dtype)
+        result["budget_left_gb"] = args.budget_gb - size.gigabytes
     _emit(args, result, "\n".join(f"{k}: {v}" for k, v in result.items()))
 
 
@@ -95,7 +123,7 @@ def _open_method_size(args):
     model, artifact = open_method(args.artifact, args.method)
     if args.method == "block-removal" and args.budget_gb is not None:
         raise ValueError("block-removal takes --size-ratio, not --budget-gb")
-    size = method_size(args.method, model, artifact, args.size_ratio) if args.size_ratio is not None \
+    size = method_size(args.method, model, artifact, args.size_ratio, _fmt(args)) if args.size_ratio is not None \
         else _pick_size(model, args)
     return model, size
 
@@ -107,7 +135,7 @@ def cmd_eval(args):
 
     model, size = _open_method_size(args)
     windows = token_windows(model.tokenizer, load_text(args.data), args.seq_len, args.max_windows)
-    result = perplexity(model.materialize(size, args.dtype), windows, args.batch_size)
+    result = perplexity(model.materialize(size, size.format), windows, args.batch_size)
     result.update(method=args.method, size_ratio=round(size.size_ratio, 5), params=size.params, data=args.data)
     _emit(args, result, f"{args.method}: perplexity {result['perplexity']:.3f} on {result['tokens']} tokens "
                         f"({result['windows']} windows, nll std {result['nll_std']:.3f}) in "
@@ -121,7 +149,7 @@ def cmd_generate(args):
 
     model = open_artifact(args.artifact)
     size = _pick_size(model, args)
-    text = generate_text(model.materialize(size, args.dtype), model.tokenizer, args.prompt,
+    text = generate_text(model.materialize(size, size.format), model.tokenizer, args.prompt,
                          args.max_new_tokens, chat=not args.no_chat)
     _emit(args, dict(size_ratio=round(size.size_ratio, 5), prompt=args.prompt, text=text), text)
 
@@ -138,7 +166,7 @@ def cmd_size_latency(args):
     for _ in range(args.n):
         r = rng.uniform(0.3, 1.0)
         start = time.perf_counter()
-        model.materialize(model.size_for_ratio(r), args.dtype)
+        model.materialize(model.size_for_ratio(r, _fmt(args)), _fmt(args))
         times.append(time.perf_counter() - start)
     result = dict(n=args.n, median_ms=1e3 * statistics.median(times), max_ms=1e3 * max(times))
     _emit(args, result, f"size + materialize: median {result['median_ms']:.1f} ms over {args.n}")
@@ -163,7 +191,7 @@ def cmd_curve(args):
 
     from .artifact import load_artifact, write_curve
     from .baselines import METHODS
-    from .curve import method_curve
+    from .curve import curve_frame, method_curve
     from .data import load_text, token_windows
     from .models import load_base
 
@@ -178,11 +206,21 @@ def cmd_curve(args):
         evals[name] = token_windows(tokenizer, load_text(source), args.seq_len, args.windows)
     calib = token_windows(tokenizer, load_text("corpus:train"), 128, 4)  # block-removal order: small, like IteRABRe
     remeasured = list(methods) + (["original"] if "acip" in methods else [])  # acip's rows bring the original's
-    frames = [] if args.replace or artifact.curve is None else [artifact.curve[~artifact.curve.method.isin(remeasured)]]
-    for method in methods:
-        start = time.perf_counter()
-        frames.append(method_curve(args.artifact, method, evals, sizes, args.dtype, args.batch_size, calib))
-        print(f"{method}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    frames = [] if args.replace or artifact.curve is None else [curve_frame(artifact.curve)]
+    from .formats import parse_format
+
+    formats = [parse_format(f) for f in args.formats.split(",")]
+    if frames:  # only the (method, format) pairs measured now are replaced
+        old = frames[0]
+        keep = ~(old.method.isin(remeasured) & old.format.isin([f.key for f in formats]))
+        frames = [old[keep]]
+    for fmt in formats:
+        for method in methods:
+            if method != "acip" and fmt.quantized:
+                continue  # baselines are compared in float formats; quantization is ACIP's second axis
+            start = time.perf_counter()
+            frames.append(method_curve(args.artifact, method, evals, sizes, fmt, args.batch_size, calib))
+            print(f"{method} {fmt.key}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     curve = pd.concat(frames, ignore_index=True)
     curve.attrs = {}
     write_curve(args.artifact, curve)
@@ -197,12 +235,12 @@ def cmd_export(args):
     from .pipeline import open_artifact
 
     model = open_artifact(args.artifact)
-    size = model.size_for_ratio(args.size_ratio)
+    size = model.size_for_ratio(args.size_ratio, _fmt(args))
     export = export_dense if args.dense else export_lowrank
-    out = export(model, size, args.out, args.dtype, card=dict(artifact=Path(args.artifact).name))
+    out = export(model, size, args.out, size.format, card=dict(artifact=Path(args.artifact).name))
     files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
-    result = dict(out=str(out), kind="dense" if args.dense else "lowrank", dtype=args.dtype,
-                  size_ratio=round(size.size_ratio, 5), params=size.params, files=files)
+    result = dict(out=str(out), kind="dense" if args.dense else "lowrank", format=size.format.key,
+                  size_ratio=round(size.size_ratio, 5), params=size.params, bytes_claimed=size.nbytes, files=files)
     load = "" if args.dense else ", trust_remote_code=True"
     _emit(args, result, f"wrote {out} ({sum(files.values()) / 1e6:.1f} MB, size {size.size_ratio:.4f}); "
                         f"load with AutoModelForCausalLM.from_pretrained({str(out)!r}{load})")
@@ -213,14 +251,18 @@ def cmd_bench(args):
     from .bench import compare_speed
     from .pipeline import open_artifact
 
-    result = compare_speed(open_artifact(args.artifact), args.size_ratio, args.dtype, args.prompt_tokens,
+    fmt = _fmt(args)
+    result = compare_speed(open_artifact(args.artifact), args.size_ratio, fmt, args.prompt_tokens,
                            args.new_tokens, args.rounds)
-    _emit(args, result, "\n".join(
-        [f"size {result['size_ratio']:.3f} vs original, {args.dtype}, {result['threads']} threads, batch 1:",
-         f"  decode  {result['decode_tok_s_compressed']:8.1f} vs {result['decode_tok_s_original']:8.1f} tok/s"
-         f"  = {result['decode_speedup']:.2f}x",
-         f"  prefill {result['prefill_tok_s_compressed']:8.1f} vs {result['prefill_tok_s_original']:8.1f} tok/s"
-         f"  = {result['prefill_speedup']:.2f}x"]))
+    lines = [f"size {result['size_ratio']:.3f} vs original, {fmt.key}, {result['threads']} threads, batch 1:",
+             f"  decode  {result['decode_tok_s_compressed']:8.1f} vs {result['decode_tok_s_original']:8.1f} tok/s"
+             f"  = {result['decode_speedup']:.2f}x",
+             f"  prefill {result['prefill_tok_s_compressed']:8.1f} vs {result['prefill_tok_s_original']:8.1f} tok/s"
+             f"  = {result['prefill_speedup']:.2f}x"]
+    if "decode_speedup_vs_float32" in result:
+        lines.append(f"  decode vs the float32 original ({result['decode_tok_s_original_float32']:.1f} tok/s)"
+                     f" = {result['decode_speedup_vs_float32']:.2f}x")
+    _emit(args, result, "\n".join(lines))
 
 
 def torch_dtype(name: str):
@@ -236,7 +278,7 @@ def cmd_lm_eval(args):
     tasks = check_tasks(args.tasks.split(","))  # a bad name fails before the model loads
     model, size = _open_method_size(args)
     start = time.perf_counter()
-    scores = run_lm_eval(model.materialize(size, args.dtype), model.tokenizer, tasks, args.limit,
+    scores = run_lm_eval(model.materialize(size, size.format), model.tokenizer, tasks, args.limit,
                          args.batch_size)
     result = dict(method=args.method, size_ratio=round(size.size_ratio, 5), params=size.params, limit=args.limit,
                   tasks=scores, seconds=time.perf_counter() - start)
@@ -271,7 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"default {getattr(defaults, f.name)}")
 
     p = sub.add_parser("size", help="the size for a ratio or a memory budget")
-    _size_args(p)
+    _size_args(p, fmt_default=None)
+    p.add_argument("--eval-set", default="heldout",
+                   help="with --budget-gb and no --format: the curve's eval set that ranks the candidates")
     p = sub.add_parser("eval", help="perplexity of one size on a text")
     _size_args(p, budget=True)
     p.add_argument("--data", default="corpus:heldout")
@@ -287,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("size-latency", help="median time to choose and materialize a new size")
     p.add_argument("--artifact", required=True)
     p.add_argument("--n", type=int, default=100)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    _format_args(p)
     p = sub.add_parser("curve", help="measure every method at every size; writes the artifact's curve.csv")
     p.add_argument("--artifact", required=True)
     p.add_argument("--methods", default="all", help="all, or a comma list of acip,svd-magnitude,...")
@@ -297,13 +341,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", type=int, default=32, help="windows per eval set")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--formats", default="bfloat16",
+                   help="comma list of format keys (float32,bfloat16,int8,int4-g32,int8+emb8,...); "
+                        "baselines are measured in the float ones only")
     p.add_argument("--replace", action="store_true", help="drop the other methods' rows")
 
     p = sub.add_parser("bench", help="decode/prefill tokens/s of a size vs the original, one process")
     p.add_argument("--artifact", required=True)
     p.add_argument("--size-ratio", type=float, required=True)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    _format_args(p)
     p.add_argument("--prompt-tokens", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
@@ -333,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (new, empty, or a previous export)")
     p.add_argument("--dense", action="store_true",
                    help="multiply the factors out: a plain base-architecture folder (no remote code, full size)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    _format_args(p)
     for p in sub.choices.values():
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     return parser

@@ -1,15 +1,21 @@
-"""The compression–performance curve: perplexity of every method at every size, as a DataFrame."""
+"""The compression–performance curve: perplexity of every method at every size and format, as a DataFrame.
+
+One row per (method, format, size): `format` is a formats.Format key, `gb` the bytes of that size
+in that format (1e9), what the GB view and the budget picker read.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 
+import numpy as np
 import pandas as pd
 import torch
 
 from .evaluate import perplexity
+from .formats import parse_format
 from .materialize import AnySizeModel, Size
-from .prune import DTYPE_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -17,10 +23,8 @@ DEFAULT_SIZES = [round(0.30 + 0.05 * i, 2) for i in range(15)]  # 0.30 .. 1.00
 
 
 def size_row(method: str, target: float | None, size: Size) -> dict:
-    row = dict(method=method, target=target, size_ratio=round(size.size_ratio, 5), params=size.params,
-               dense_layers=size.dense_layers)
-    row.update({f"gb_{d}": size.params * b / 1e9 for d, b in DTYPE_BYTES.items() if d != "float16"})
-    return row
+    return dict(method=method, format=size.format.key, target=target, size_ratio=round(size.size_ratio, 5),
+                params=size.params, dense_layers=size.dense_layers, gb=size.gigabytes)
 
 
 def original_row(model: AnySizeModel, evals: dict[str, torch.Tensor], batch_size=4) -> dict:
@@ -49,9 +53,9 @@ def acip_curve(model: AnySizeModel, evals: dict[str, torch.Tensor], sizes=DEFAUL
     return pd.DataFrame(rows)
 
 
-def method_curve(folder, method: str, evals: dict[str, torch.Tensor], sizes=DEFAULT_SIZES, dtype="bfloat16",
+def method_curve(folder, method: str, evals: dict[str, torch.Tensor], sizes=DEFAULT_SIZES, fmt="bfloat16",
                  batch_size: int = 4, calib_windows: torch.Tensor | None = None, on_progress=None) -> pd.DataFrame:
-    """Rows of one method at every size (block removal: at each of its own discrete sizes)."""
+    """Rows of one method in one format at every size (block removal: at each of its own discrete sizes)."""
     from .artifact import save_artifact
     from .baselines import block_removal_order, block_removal_sizes
     from .pipeline import open_method
@@ -63,13 +67,13 @@ def method_curve(folder, method: str, evals: dict[str, torch.Tensor], sizes=DEFA
             order = block_removal_order(any_size, calib_windows, on_progress)
             artifact.meta.setdefault("baselines", {})["block_removal_order"] = order
             save_artifact(folder, artifact)
-        points = [(None, s) for s in block_removal_sizes(any_size, order) if s.size_ratio >= min(sizes) - 1e-9]
+        points = [(None, s) for s in block_removal_sizes(any_size, order, fmt) if s.size_ratio >= min(sizes) - 1e-9]
     else:
-        points = [(t, any_size.size_for_ratio(t)) for t in sizes]
+        points = [(t, any_size.size_for_ratio(t, fmt)) for t in sizes]
     rows = []
     for i, (target, size) in enumerate(points):
         row = size_row(method, target, size)
-        net = any_size.materialize(size, dtype)
+        net = any_size.materialize(size, fmt)
         for name, windows in evals.items():
             result = perplexity(net, windows, batch_size)
             row[f"ppl_{name}"], row[f"nll_std_{name}"] = result["perplexity"], result["nll_std"]
@@ -79,9 +83,79 @@ def method_curve(folder, method: str, evals: dict[str, torch.Tensor], sizes=DEFA
         if on_progress:
             on_progress(i + 1, len(points))
     if method == "acip":  # the reference line, measured the same way
-        row = size_row("original", 1.0, any_size.full_size())
+        row = size_row("original", 1.0, any_size.full_size(fmt))
         for name, windows in evals.items():
-            result = perplexity(any_size.materialize(any_size.full_size(), dtype), windows, batch_size)
+            result = perplexity(any_size.materialize(any_size.full_size(fmt), fmt), windows, batch_size)
             row[f"ppl_{name}"], row[f"nll_std_{name}"] = result["perplexity"], result["nll_std"]
         rows.insert(0, row)
     return pd.DataFrame(rows)
+
+
+# -- analytics over a measured curve ----------------------------------------------------------------
+def curve_frame(curve: pd.DataFrame | None) -> pd.DataFrame | None:
+    """The curve with `format` and `gb` columns (curves written before formats existed were measured by
+    the curve command in bfloat16: their rows are read as bfloat16, gb from gb_bfloat16)."""
+    if curve is None or "format" in curve:
+        return curve
+    curve = curve.copy()
+    curve.insert(1, "format", "bfloat16")
+    curve["gb"] = curve["gb_bfloat16"] if "gb_bfloat16" in curve else curve["params"] * 2 / 1e9
+    return curve.drop(columns=[c for c in ("gb_float32", "gb_bfloat16") if c in curve])
+
+
+def interpolate_ppl(rows: pd.DataFrame, size_ratio: float, eval_set: str = "heldout") -> float | None:
+    """Perplexity at `size_ratio` from one (method, format) line: linear in log perplexity between the
+    two measured neighbours; None outside the measured range."""
+    col = f"ppl_{eval_set}"
+    if col not in rows:
+        return None
+    pts = rows[["size_ratio", col]].dropna().sort_values("size_ratio")
+    if not len(pts) or not pts.size_ratio.min() - 1e-6 <= size_ratio <= pts.size_ratio.max() + 1e-6:
+        return None
+    return float(math.exp(np.interp(size_ratio, pts.size_ratio, np.log(pts[col]))))
+
+
+def best_for_budget(any_size: AnySizeModel, curve: pd.DataFrame | None, budget_gb: float,
+                    eval_set: str = "heldout", formats=None) -> dict:
+    """The best (size, format) under `budget_gb` by the measured curve: in each measured format the
+    largest size that fits, ranked by its interpolated perplexity. Returns the pick (`size`, `format`,
+    `size_ratio`, `gb`, `perplexity`) and `runners_up` (the next two, each with its perplexity)."""
+    curve = curve_frame(curve)
+    if curve is None or "format" not in curve or not (curve.method == "acip").any():
+        raise ValueError("this artifact has no measured curve to rank formats by: pass --format, or "
+                         "measure one with python -m acip_core curve --formats ...")
+    acip = curve[curve.method == "acip"]
+    keys = formats or list(dict.fromkeys(acip.format))
+    candidates, too_small = [], []
+    for key in keys:
+        try:
+            size = any_size.size_for_budget(budget_gb, key)
+        except ValueError:
+            too_small.append(key)
+            continue
+        ppl = interpolate_ppl(acip[acip.format == key], size.size_ratio, eval_set)
+        if ppl is not None:
+            candidates.append(dict(size=size, format=key, size_ratio=round(size.size_ratio, 5),
+                                   gb=size.gigabytes, perplexity=ppl))
+    if not candidates:
+        smallest = min(any_size.size_at(0, k).gigabytes for k in keys) if keys else float("nan")
+        raise ValueError(f"{budget_gb:g} GB holds no measured size in any format (the smallest model is "
+                         f"{smallest:.3f} GB; measured sizes start at {acip.size_ratio.min():.2f})")
+    candidates.sort(key=lambda c: c["perplexity"])
+    best = dict(candidates[0])
+    best["runners_up"] = [{k: v for k, v in c.items() if k != "size"} for c in candidates[1:3]]
+    best["eval_set"] = eval_set
+    return best
+
+
+def pareto_frontier(curve: pd.DataFrame, eval_set: str = "heldout", methods=("acip", "original")) -> pd.DataFrame:
+    """The rows no other row beats: each has the lowest perplexity of every row at or below its GB."""
+    curve = curve_frame(curve)
+    col = f"ppl_{eval_set}"
+    rows = curve[curve.method.isin(methods)].dropna(subset=[col]).sort_values(["gb", col])
+    keep, best = [], math.inf
+    for i, row in rows.iterrows():
+        if row[col] < best:
+            keep.append(i)
+            best = row[col]
+    return rows.loc[keep]

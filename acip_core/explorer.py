@@ -26,12 +26,15 @@ from .artifact import load_artifact
 from .data import load_text, token_windows
 from .evaluate import Cancelled, perplexity
 from .jobs import ScoringJobs  # noqa: F401  (re-exported: the app's other engine)
+from .formats import parse_format
 from .materialize import AnySizeModel, Size
-from .prune import DTYPE_BYTES
 
 log = logging.getLogger(__name__)
 
-DTYPE_CHOICES = ("float32", "bfloat16")
+# the formats the app offers (formats.Format keys): float, weight-only int8 / int4 (groups of 32), and
+# both with the embedding / LM head in int8 too
+FORMAT_CHOICES = ("float32", "bfloat16", "int8", "int4-g32", "int8+emb8", "int4-g32+emb8")
+DTYPE_CHOICES = FORMAT_CHOICES  # the app's selector (one list)
 MAX_PROMPT_CHARS = 8000
 MAX_NEW_TOKENS = 1024
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffe\uffff]")  # keeps \t \n \r
@@ -49,10 +52,15 @@ def check_ratio(value, name: str = "size_ratio") -> float:
     return ratio
 
 
-def check_dtype(dtype: str) -> str:
-    if dtype not in DTYPE_CHOICES:
-        raise ValueError(f"dtype must be one of {list(DTYPE_CHOICES)}, got {dtype!r}")
-    return dtype
+def check_dtype(fmt) -> str:
+    """A format key from FORMAT_CHOICES ("int4" alone means its default group size)."""
+    try:
+        key = parse_format(fmt).key if isinstance(fmt, str) else None
+    except ValueError:
+        key = None
+    if key not in FORMAT_CHOICES:
+        raise ValueError(f"format must be one of {list(FORMAT_CHOICES)}, got {fmt!r}")
+    return key
 
 
 def clean_prompt(text, cap: int = MAX_PROMPT_CHARS) -> str:
@@ -231,12 +239,19 @@ class Explorer:
             self._sizes.move_to_end(key)
             return self._sizes[key]
 
-    def _summary(self, size: Size) -> dict:
+    def gb_by_format(self, size: Size) -> dict:
+        """GB of this size in every offered format."""
+        return {key: self.any_size.size_at(size.prefix, key).gigabytes for key in FORMAT_CHOICES}
+
+    def _summary(self, size: Size, fmt: str = "float32") -> dict:
         total_rank = sum(self.any_size.shapes[n].full_rank for n in size.ranks)
+        sized = self.any_size.size_at(size.prefix, check_dtype(fmt))
         return dict(size_ratio=size.size_ratio, params=size.params, original_params=self.full.params,
-                    params_fraction=size.params / self.full.params,
-                    gb_float32=size.gigabytes("float32"), gb_bfloat16=size.gigabytes("bfloat16"),
-                    dense_layers=size.dense_layers, low_rank_layers=len(size.ranks) - size.dense_layers,
+                    params_fraction=size.params / self.full.params, format=sized.format.key,
+                    gb=sized.gigabytes, gb_by_format=self.gb_by_format(size),
+                    gb_float32=self.any_size.size_at(size.prefix, "float32").gigabytes,
+                    gb_bfloat16=self.any_size.size_at(size.prefix, "bfloat16").gigabytes,
+                    dense_layers=sized.dense_layers, low_rank_layers=len(size.ranks) - sized.dense_layers,
                     layers=len(size.ranks), kept_rank_fraction=sum(size.ranks.values()) / total_rank)
 
     def size_for(self, ratio) -> dict:
@@ -253,17 +268,29 @@ class Explorer:
             raise ValueError(f"the budget must be a number of GB, got {gigabytes!r}") from None
         if not math.isfinite(budget) or budget <= 0:
             raise ValueError(f"the budget must be a positive number of GB, got {gigabytes!r}")
+        dtype = check_dtype(dtype)
         size = self.any_size.size_for_budget(budget, dtype)
-        summary = self._summary(size)
-        return dict(summary, budget_gb=budget, dtype=dtype, budget_left_gb=budget - summary[f"gb_{dtype}"])
+        summary = self._summary(size, dtype)
+        return dict(summary, budget_gb=budget, dtype=dtype, budget_left_gb=budget - summary["gb"])
+
+    def best_for_budget(self, gigabytes, eval_set: str = "heldout") -> dict:
+        """The best (size, format) under the budget by the measured curve, with the two runners-up."""
+        from .curve import best_for_budget
+
+        budget = _float_in(gigabytes, 1e-6, 1e6, "the budget (GB)")
+        pick = best_for_budget(self.any_size, self.curve, budget, eval_set,
+                               [k for k in FORMAT_CHOICES if self.curve is not None])
+        size = pick.pop("size")
+        return dict(self._summary(size, pick["format"]), **pick, budget_gb=budget,
+                    budget_left_gb=budget - pick["gb"])
 
     def smallest_gb(self, dtype: str = "float32") -> float:
-        return self.any_size.index.smallest_params() * DTYPE_BYTES[check_dtype(dtype)] / 1e9
+        return self.any_size.size_at(0, check_dtype(dtype)).gigabytes
 
     # -- models -------------------------------------------------------------------------------
     def model(self, ratio, dtype: str = "float32"):
-        """The materialized model at a size (cached; shared by every caller of that size)."""
-        check_dtype(dtype)
+        """The materialized model at a size in a format (cached; shared by every caller of that size)."""
+        dtype = check_dtype(dtype)
         size = self.size(ratio)
         key = (size.prefix, dtype)
         with self._lock:
@@ -401,8 +428,8 @@ class Explorer:
         row = dict(time=datetime.datetime.now().strftime("%H:%M:%S"), kind=kind,
                    size_ratio=round(size.size_ratio, 5), dtype=dtype)
         row.update(values)  # what was measured comes before the size's bookkeeping
-        row.update(params=size.params, gb_float32=size.gigabytes("float32"),
-                   gb_bfloat16=size.gigabytes("bfloat16"), artifact=self.name)
+        row.update(params=size.params, gb=self.any_size.size_at(size.prefix, check_dtype(dtype)).gigabytes,
+                   artifact=self.name)
         with self._lock:
             self._results.append(row)
         return row
@@ -471,8 +498,8 @@ class Explorer:
         """Writes the size to `out` (low-rank with remote code, or dense in the base architecture)."""
         from . import export as exporter  # lazy: written alongside
 
-        check_dtype(dtype)
-        size = self.size(ratio)
+        dtype = check_dtype(dtype)
+        size = self.any_size.size_at(self.size(ratio).prefix, dtype)
         out = Path(out)
         start = time.perf_counter()
         if dense:

@@ -7,6 +7,11 @@ rank r is then the row prefix [:r_lora + r] of both: contiguous views, no copy. 
 (original weight, no LoRA: App. D.3) when the factorized form would not be smaller, so size 1.0
 is the original model. Every materialized size is its own module tree (modules shallow-copied,
 targets swapped); all tensors are shared read-only, so sizes can run concurrently.
+
+Precision is the second axis (formats.py): a size is materialized in a Format. Each format's
+"family" (the base tree in the compute dtype, the factors and the dense weights in that format) is
+built once on first use; int8/int4 factors are quantized once in score order, so a size takes a row
+prefix of `down` (a view) and a column prefix of `up` (a small copy of whole groups).
 """
 
 from __future__ import annotations
@@ -14,17 +19,18 @@ from __future__ import annotations
 import copy
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .basis import Factors
+from .formats import Format, QuantEmbedding, QuantLinear, QuantLowRankLinear, parse_format, weight_nbytes
 from .layers import LowRankLinear
-from .prune import DTYPE_BYTES, LayerShape, RankIndex
+from .prune import LayerShape, RankIndex
 
 log = logging.getLogger(__name__)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -32,13 +38,16 @@ class Size:
     """One point of the family: the ranks to keep and what they cost."""
 
     prefix: int  # entries kept in the global order
-    ranks: dict  # fqn -> kept rank
+    ranks: dict  # fqn -> kept rank (score order; int4 rounds the stored rows up to its group size)
     size_ratio: float  # the paper's measure (target layers only)
-    params: int  # every parameter of the materialized model
-    dense_layers: int  # layers that run with their original weight
+    params: int  # every parameter of the materialized model (float formats)
+    dense_layers: int  # layers that run with their original weight (in this format)
+    format: Format = Format()  # how its weights are stored
+    nbytes: int = 0  # bytes of every tensor the materialized model holds, in `format`
 
-    def gigabytes(self, dtype: str = "float32") -> float:
-        return self.params * DTYPE_BYTES[dtype] / 1e9
+    @property
+    def gigabytes(self) -> float:
+        return self.nbytes / 1e9
 
 
 def non_target_params(model: nn.Module, targets) -> int:
@@ -67,7 +76,7 @@ class AnySizeModel:
         self.index = RankIndex(scores, self.shapes, self.lora_rank,
                                non_target_params(base, self.targets))
         scaling = lora_alpha / lora_rank if self.lora_rank else 0.0
-        self._per_dtype = {}
+        self._families = {}  # format key -> (base tree, factors, dense weights) in that format
         self._lock = threading.Lock()
         factors = {}
         for n, f in basis.items():
@@ -77,63 +86,131 @@ class AnySizeModel:
                 down = torch.cat([scaling * adapters[f"{n}.lora_A"].float(), down])
                 up_t = torch.cat([adapters[f"{n}.lora_B"].float().t(), up_t])
             factors[n] = (down.contiguous(), up_t.contiguous())
-        self._per_dtype[torch.float32] = (self.base, factors)
+        self._families[Format().key] = (self.base, factors)
+        self._other_bytes = {}
 
     # -- choosing a size ------------------------------------------------------------------------
-    def size_at(self, prefix: int) -> Size:
+    def other_bytes(self, fmt: Format) -> int:
+        """Bytes of everything outside the target layers in `fmt` (tied embeddings counted once)."""
+        if fmt.key not in self._other_bytes:
+            embeddings = {id(m.weight) for m in (self.base.get_input_embeddings(),
+                                                 self.base.get_output_embeddings()) if m is not None}
+            skip = {id(p) for n in self.targets for p in self.originals[n].parameters()}
+            seen, total = set(), 0
+            for p in self.base.parameters():
+                if id(p) in skip or id(p) in seen:
+                    continue
+                seen.add(id(p))
+                total += fmt.embedding_bytes(*p.shape) if id(p) in embeddings else p.numel() * fmt.float_bytes
+            self._other_bytes[fmt.key] = total
+        return self._other_bytes[fmt.key]
+
+    def size_at(self, prefix: int, fmt: "Format | str" = "float32") -> Size:
+        fmt = parse_format(fmt)
         ranks = self.index.ranks_at(prefix)
-        dense = sum(self.shapes[n].runs_dense(r, self.lora_rank) for n, r in ranks.items())
-        return Size(prefix, ranks, self.index.ratio_at(prefix), self.index.params_at(prefix), dense)
+        dense = sum(self.shapes[n].format_bytes(r, self.lora_rank, fmt)[1] for n, r in ranks.items())
+        nbytes = int(self.index.bytes_cum(fmt, self.other_bytes(fmt))[prefix])
+        return Size(prefix, ranks, self.index.ratio_at(prefix), self.index.params_at(prefix), dense,
+                    fmt, nbytes)
 
-    def size_for_ratio(self, size_ratio: float) -> Size:
+    def size_for_ratio(self, size_ratio: float, fmt: "Format | str" = "float32") -> Size:
         """The smallest size whose size_ratio is >= the target (never below it)."""
-        return self.size_at(self.index.prefix_for_ratio(float(size_ratio)))
+        return self.size_at(self.index.prefix_for_ratio(float(size_ratio)), fmt)
 
-    def size_for_budget(self, gigabytes: float, dtype: str = "float32") -> Size:
-        """The largest size whose materialized weights fit in `gigabytes` (1 GB = 1e9 bytes)."""
-        if dtype not in DTYPE_BYTES:
-            raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPE_BYTES)}")
+    def size_for_budget(self, gigabytes: float, fmt: "Format | str" = "float32") -> Size:
+        """The largest size whose materialized weights fit in `gigabytes` (1 GB = 1e9 bytes) in `fmt`."""
+        fmt = parse_format(fmt)
         if not gigabytes == gigabytes or gigabytes <= 0:  # NaN or non-positive
             raise ValueError(f"the budget must be a positive number of GB, got {gigabytes}")
-        prefix = self.index.prefix_for_params(int(gigabytes * 1e9 / DTYPE_BYTES[dtype]))
+        # clamped before the integer conversion: 1e308 GB is "everything", not an overflow
+        max_bytes = int(min(gigabytes, 1e9) * 1e9)  # 1e18 bytes: within int64
+        prefix = self.index.prefix_for_bytes(fmt, self.other_bytes(fmt), max_bytes)
         if prefix < 0:
-            smallest = self.index.smallest_params() * DTYPE_BYTES[dtype] / 1e9
+            smallest = self.size_at(0, fmt).gigabytes
             raise ValueError(f"{gigabytes:g} GB is smaller than the smallest model "
-                             f"({smallest:.3f} GB in {dtype})")
-        return self.size_at(prefix)
+                             f"({smallest:.3f} GB in {fmt.key})")
+        return self.size_at(prefix, fmt)
 
-    def full_size(self) -> Size:
-        return self.size_at(len(self.index.layer_of))
+    def full_size(self, fmt: "Format | str" = "float32") -> Size:
+        return self.size_at(len(self.index.layer_of), fmt)
 
     # -- materializing --------------------------------------------------------------------------
-    def _for_dtype(self, dtype: torch.dtype):
+    def _family(self, fmt: Format):
+        """(base tree, factors, dense weights) in `fmt`, built once (under the lock) on first use."""
         with self._lock:
-            if dtype not in self._per_dtype:
-                base, factors = self._per_dtype[torch.float32]
-                self._per_dtype[dtype] = (copy.deepcopy(base).to(dtype),
-                                          {n: (a.to(dtype), b.to(dtype)) for n, (a, b) in factors.items()})
-            return self._per_dtype[dtype]
+            if fmt.key not in self._families:
+                self._families[fmt.key] = self._build_family(fmt)
+            return self._families[fmt.key]
 
-    def materialize(self, size: Size | dict, dtype: str | torch.dtype = "float32") -> nn.Module:
-        """A runnable model at `size` (a Size or a dict fqn -> rank), sharing the base's tensors."""
-        dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    def _build_family(self, fmt: Format):
+        base32, factors32 = self._families[Format().key]
+        if not fmt.quantized:  # bfloat16: a converted copy of the tree and of the factors
+            dtype = fmt.compute_dtype
+            return (copy.deepcopy(base32).to(dtype),
+                    {n: (a.to(dtype), b.to(dtype)) for n, (a, b) in factors32.items()})
+        start = time.perf_counter()
+        converted = copy.deepcopy(base32).to(fmt.compute_dtype)  # norms, embeddings (ties kept)
+        swap = {}
+        for n in self.targets:  # dense layers: the original float32 weight, quantized
+            lin = self.originals[n]
+            bias = None if lin.bias is None else lin.bias.detach().to(fmt.compute_dtype)
+            swap[id(converted.get_submodule(n))] = QuantLinear(fmt.pack(lin.weight), bias).eval()
+        if fmt.embeddings == "int8":
+            swap.update(_quantized_embeddings(base32, converted, fmt))
+        base = _clone_tree(converted, swap)  # the converted target weights are dropped with `converted`
+        factors = {}
+        for n, (down, up_t) in factors32.items():
+            rows = self.shapes[n].padded_rank(self.lora_rank, fmt)
+            pad = rows - down.shape[0]  # zero rows/columns: a kept prefix never needs them
+            down = torch.cat([down, down.new_zeros(pad, down.shape[1])]) if pad else down
+            up = torch.cat([up_t, up_t.new_zeros(pad, up_t.shape[1])]).t() if pad else up_t.t()
+            factors[n] = (fmt.pack(down), fmt.pack(up))
+        log.info("built the %s family in %.1f s", fmt.key, time.perf_counter() - start)
+        return base, factors
+
+    def materialize(self, size: Size | dict, fmt: "Format | str | torch.dtype" = "float32") -> nn.Module:
+        """A runnable model at `size` (a Size or a dict fqn -> rank) in `fmt`, sharing the family's tensors."""
+        if isinstance(fmt, torch.dtype):
+            fmt = str(fmt).removeprefix("torch.")
+        fmt = parse_format(fmt)
         ranks = size.ranks if isinstance(size, Size) else size
-        base, factors = self._for_dtype(dtype)
+        base, factors = self._family(fmt)
         swap = {}
         for n in self.targets:
             original = base.get_submodule(n)
             r = int(ranks[n])
             if not 0 <= r <= self.shapes[n].full_rank:
                 raise ValueError(f"{n}: rank {r} outside [0, {self.shapes[n].full_rank}]")
-            if self.shapes[n].runs_dense(r, self.lora_rank):
+            if self.shapes[n].format_bytes(r, self.lora_rank, fmt)[1]:
                 swap[id(original)] = original  # shared module: the original weight, no LoRA
                 continue
-            down, up_t = factors[n]
-            keep = self.lora_rank + r
-            swap[id(original)] = LowRankLinear(down[:keep], up_t[:keep], original.bias).eval()  # views
+            down, up = factors[n]
+            bias = getattr(original, "bias", None)
+            if fmt.quantized:
+                keep = fmt.kept_rank(self.lora_rank + r, self.shapes[n].padded_rank(self.lora_rank, fmt))
+                swap[id(original)] = QuantLowRankLinear(down.rows(keep), up.cols(keep), bias).eval()
+            else:
+                keep = self.lora_rank + r
+                swap[id(original)] = LowRankLinear(down[:keep], up[:keep], bias).eval()  # views
         model = _clone_tree(base, swap)
         model.generation_config = copy.deepcopy(base.generation_config)  # generate() may edit it
         return model
+
+
+def _quantized_embeddings(base32: nn.Module, converted: nn.Module, fmt: Format) -> dict:
+    """Swaps (keyed by the converted tree's modules) for the input embedding and the LM head in int8
+    per row, quantized from the float32 weights; tied ones share one QWeight."""
+    from .formats import quantize_int8
+
+    emb, head = base32.get_input_embeddings(), base32.get_output_embeddings()
+    q_emb = quantize_int8(emb.weight, fmt.compute_dtype)
+    swap = {id(converted.get_input_embeddings()):
+            QuantEmbedding(q_emb, fmt.compute_dtype, getattr(emb, "padding_idx", None))}
+    if head is not None:
+        q_head = q_emb if head.weight is emb.weight else quantize_int8(head.weight, fmt.compute_dtype)
+        bias = None if getattr(head, "bias", None) is None else head.bias.detach().to(fmt.compute_dtype)
+        swap[id(converted.get_output_embeddings())] = QuantLinear(q_head, bias)
+    return swap
 
 
 def _clone_tree(module: nn.Module, swap: dict[int, nn.Module]) -> nn.Module:
@@ -149,6 +226,34 @@ def _clone_tree(module: nn.Module, swap: dict[int, nn.Module]) -> nn.Module:
         _parameters=dict(module._parameters), _buffers=dict(module._buffers),
         _modules={k: None if c is None else _clone_tree(c, swap) for k, c in module._modules.items()})
     return new
+
+
+def count_bytes(model: nn.Module) -> int:
+    """Bytes of every tensor a materialized model holds for its forward (shared tensors once):
+    parameters, low-rank factors, quantized data + scales. What `Size.nbytes` must equal."""
+    seen, total = set(), 0
+    for t in _held_tensors(model):
+        key = (t.data_ptr(), t.numel(), t.dtype) if hasattr(t, "data_ptr") else id(t)
+        if key not in seen:
+            seen.add(key)
+            total += weight_nbytes(t)
+    return total
+
+
+def _held_tensors(model: nn.Module):
+    for p in model.parameters():
+        yield p
+    for m in model.modules():
+        if isinstance(m, LowRankLinear):
+            yield from (t for t in (m.down, m.up_t, m.bias) if t is not None)
+        elif isinstance(m, QuantLowRankLinear):
+            yield from (m.down.data, m.down.scales, m.up.data, m.up.scales)
+            if m.bias is not None:
+                yield m.bias
+        elif isinstance(m, (QuantLinear, QuantEmbedding)):
+            yield from (m.qweight.data, m.qweight.scales)
+            if getattr(m, "bias", None) is not None:
+                yield m.bias
 
 
 def count_params(model: nn.Module) -> int:

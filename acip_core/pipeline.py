@@ -237,14 +237,14 @@ def open_method(folder: str | Path, method: str = "acip"):
     return AnySizeModel(model, tokenizer, basis, scores, meta=artifact.meta), artifact
 
 
-def method_size(method: str, any_size: AnySizeModel, artifact: Artifact, size_ratio: float):
-    """The Size of `method` for a target ratio (block removal: its nearest discrete size above)."""
+def method_size(method: str, any_size: AnySizeModel, artifact: Artifact, size_ratio: float, fmt="float32"):
+    """The Size of `method` for a target ratio in `fmt` (block removal: its nearest discrete size above)."""
     if method != "block-removal":
-        return any_size.size_for_ratio(size_ratio)
+        return any_size.size_for_ratio(size_ratio, fmt)
     from .baselines import block_removal_size
 
     order = artifact.meta.get("baselines", {}).get("block_removal_order")
     if order is None:
         raise ArtifactError(f"{artifact.path} has no block-removal order yet: run "
                             f"python -m acip_core curve --artifact {artifact.path}")
-    return block_removal_size(any_size, order, size_ratio)
+    return block_removal_size(any_size, order, size_ratio, fmt)

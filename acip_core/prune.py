@@ -3,9 +3,10 @@
 Two measures, both exact:
 - size_ratio (the paper's, acip-method.md §2.5): over target layers only, each layer charged
   min(out·in, r·(in+out)) (+ out for a bias), divided by the dense total. LoRA excluded.
-- total bytes of the materialized model for a dtype: every parameter it holds (embeddings, norms,
-  head, LoRA merged into the factors). A layer runs dense (original weight, no LoRA) when its
-  factorized form, LoRA included, would hold at least as many parameters as the dense weight.
+- total bytes of the materialized model in a Format (formats.py): every tensor it holds (embeddings,
+  norms, head, LoRA merged into the factors, scales and zeros of quantized weights). A layer runs
+  dense (original weight, no LoRA) when its factorized form, LoRA included, would take at least as
+  many bytes *in that format* as the dense weight (int4 rounds kept ranks up to its group size).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+from .formats import Format
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,19 @@ class LayerShape:
             return self.dense_params
         return (rank + lora_rank) * (self.in_features + self.out_features) + self.out_features * self.bias
 
+    def padded_rank(self, lora_rank: int, fmt: Format) -> int:
+        """Rows of the stored factors: LoRA + full rank, padded with zeros to the format's rank step."""
+        step = fmt.rank_step
+        return -(-(self.full_rank + lora_rank) // step) * step
+
+    def format_bytes(self, rank: int, lora_rank: int, fmt: Format) -> tuple[int, bool]:
+        """(bytes, runs dense) of this layer at `rank` in `fmt`: the smaller of the two forms."""
+        bias = self.out_features * self.bias * fmt.float_bytes
+        dense = fmt.weight_bytes(self.out_features, self.in_features) + bias
+        kept = fmt.kept_rank(rank + lora_rank, self.padded_rank(lora_rank, fmt))
+        factored = fmt.weight_bytes(kept, self.in_features) + fmt.weight_bytes(self.out_features, kept) + bias
+        return (dense, True) if factored >= dense else (factored, False)
+
 
 def size_ratio(shapes: dict[str, LayerShape], ranks: dict[str, int]) -> float:
     """The paper's size ratio (kept fraction of target-layer parameters)."""
@@ -56,6 +70,12 @@ def _paper_table(sh: LayerShape) -> torch.Tensor:
     r = torch.arange(sh.full_rank + 1, dtype=torch.int64)
     return torch.clamp(r * (sh.in_features + sh.out_features), max=sh.out_features * sh.in_features) \
         + sh.out_features * sh.bias
+
+
+def _format_table(sh: LayerShape, lora_rank: int, fmt: Format) -> torch.Tensor:
+    """Bytes of a layer at rank 0..k in `fmt` (non-decreasing: kept ranks round up, dense caps)."""
+    return torch.tensor([sh.format_bytes(r, lora_rank, fmt)[0] for r in range(sh.full_rank + 1)],
+                        dtype=torch.int64)
 
 
 def _materialized_table(sh: LayerShape, lora_rank: int) -> torch.Tensor:
@@ -100,9 +120,10 @@ class RankIndex:
         perm = perm[torch.sort(key[perm], descending=True, stable=True).indices]
         self.layer_of = layer_id[perm]  # [N] layer of the p-th kept entry
         pos = position[perm]  # [N] its position in its layer's order: keeping it makes rank pos+1
+        self._pos, self._bytes = pos, {}
         self.paper_cum = self._cumulative(pos, _paper_table)
-        self.bytes_cum = self._cumulative(pos, lambda sh: _materialized_table(sh, lora_rank))
-        self.bytes_cum += other_params
+        self.params_cum = self._cumulative(pos, lambda sh: _materialized_table(sh, lora_rank))
+        self.params_cum += other_params
         self.dense_total = sum(sh.dense_params for sh in shapes.values())
 
     def _cumulative(self, pos: torch.Tensor, params) -> torch.Tensor:
@@ -130,13 +151,25 @@ class RankIndex:
 
     def prefix_for_params(self, max_params: int) -> int:
         """Most entries whose materialized model holds at most max_params; -1 if none fits."""
-        return int(torch.searchsorted(self.bytes_cum, torch.tensor([max_params]), side="right")) - 1
+        return int(torch.searchsorted(self.params_cum, torch.tensor([max_params]), side="right")) - 1
+
+    def bytes_cum(self, fmt: Format, other_bytes: int) -> torch.Tensor:
+        """Bytes of the materialized model after each prefix, in `fmt` (computed once per format)."""
+        if fmt.key not in self._bytes:
+            cum = self._cumulative(self._pos, lambda sh: _format_table(sh, self.lora_rank, fmt))
+            self._bytes[fmt.key] = cum + other_bytes
+        return self._bytes[fmt.key]
+
+    def prefix_for_bytes(self, fmt: Format, other_bytes: int, max_bytes: int) -> int:
+        """Most entries whose materialized model takes at most max_bytes in fmt; -1 if none fits."""
+        cum = self.bytes_cum(fmt, other_bytes)
+        return int(torch.searchsorted(cum, torch.tensor([max_bytes]), side="right")) - 1
 
     def ratio_at(self, p: int) -> float:
         return float(self.paper_cum[p]) / self.dense_total
 
     def params_at(self, p: int) -> int:
-        return int(self.bytes_cum[p])
+        return int(self.params_cum[p])
 
     def smallest_params(self) -> int:
-        return int(self.bytes_cum[0])
+        return int(self.params_cum[0])

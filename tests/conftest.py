@@ -33,7 +33,8 @@ def _tiny(kind, folder, tokenizer, **extra):
     torch.manual_seed(0)
     common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **extra)
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    common.update(extra)
     config = LlamaConfig(**common) if kind == "llama" else Qwen2Config(**common)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # non-zero biases, so a bias that is dropped or doubled shows up
@@ -59,6 +60,13 @@ def tiny_llama(tmp_path_factory, tiny_tokenizer):
 def tiny_llama_tied(tmp_path_factory, tiny_tokenizer):
     """Input embeddings and LM head are one tensor, as in SmolLM2."""
     return _tiny("llama", tmp_path_factory.mktemp("llama-tied"), tiny_tokenizer, tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_wide(tmp_path_factory, tiny_tokenizer):
+    """Wide enough (128 / 256) that int4 layers, kept in whole groups of 32, still run factorized."""
+    return _tiny("llama", tmp_path_factory.mktemp("llama-wide"), tiny_tokenizer, tie_word_embeddings=True,
+                 hidden_size=128, intermediate_size=256)
 
 
 @pytest.fixture(scope="session")

@@ -13,9 +13,10 @@ def _cli(*args):
 
 def test_size_eval_generate_on_an_artifact(tiny_artifact):
     rc, size = _cli("size", "--artifact", str(tiny_artifact), "--size-ratio", "0.6")
-    assert rc == 0 and 0.6 <= size["size_ratio"] <= 0.61 and size["bytes"]["float32"] == 4 * size["params"]
+    assert rc == 0 and 0.6 <= size["size_ratio"] <= 0.61 and size["bytes"] == 4 * size["params"]
+    assert size["format"] == "float32"
     rc, budget = _cli("size", "--artifact", str(tiny_artifact), "--budget-gb", str(size["params"] * 2 / 1e9),
-                      "--dtype", "bfloat16")
+                      "--format", "bfloat16")
     assert rc == 0 and budget["params"] >= size["params"] and budget["budget_left_gb"] >= 0
     rc, ev = _cli("eval", "--artifact", str(tiny_artifact), "--size-ratio", "0.6", "--seq-len", "32",
                   "--max-windows", "4")

@@ -203,8 +203,8 @@ def test_cli_export(tiny_llama, tmp_path, monkeypatch, capsys):
     assert result["kind"] == "lowrank" and result["out"] == str(out) and result["size_ratio"] >= 0.5
     assert (out / "modeling_acip.py").exists()
     assert main(["export", "--artifact", "art", "--size-ratio", "0.5", "--out", str(out), "--dense",
-                 "--dtype", "bfloat16", "--json"]) == 0
+                 "--format", "bfloat16", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["kind"] == "dense" and result["dtype"] == "bfloat16"
+    assert result["kind"] == "dense" and result["format"] == "bfloat16"
     assert main(["export", "--artifact", "art", "--size-ratio", "0.5", "--out", str(tmp_path), "--json"]) == 2
     assert "not a previous ACIP export" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["error"]

@@ -68,9 +68,9 @@ def test_sizes_share_tensors_and_leave_the_base_untouched(tiny_llama):
 
 def test_budget_picks_largest_size_that_fits(tiny_llama):
     any_size, _, _ = _any_size(tiny_llama)
-    full_gb = any_size.full_size().gigabytes("float32")
+    full_gb = any_size.full_size().gigabytes
     size = any_size.size_for_budget(full_gb * 0.8, "float32")
-    assert size.gigabytes("float32") <= full_gb * 0.8
+    assert size.gigabytes <= full_gb * 0.8 and size.nbytes == 4 * size.params
     assert count_params(any_size.materialize(size)) == size.params
     with pytest.raises(ValueError, match="smaller than the smallest model"):
         any_size.size_for_budget(1e-9, "float32")

@@ -52,7 +52,7 @@ def test_shipped_artifact_opens_and_reproduces_its_curve():
     curve = load_artifact(SHIPPED).curve
     _, tok = load_base(EMBEDDED)
     evals = {"heldout": token_windows(tok, load_text("corpus:heldout"), 256, 32)}
-    measured = method_curve(SHIPPED, "acip", evals, sizes=[0.8], dtype="bfloat16").set_index("method")
+    measured = method_curve(SHIPPED, "acip", evals, sizes=[0.8], fmt="bfloat16").set_index("method")
     for method, target in (("original", 1.0), ("acip", 0.8)):
         shipped = curve[(curve.method == method) & (curve.target.round(2) == target)].ppl_heldout.item()
         assert measured.loc[method, "ppl_heldout"] == pytest.approx(shipped, rel=0.02), method

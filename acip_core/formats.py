@@ -1,0 +1,327 @@
+"""Precision as the second axis of the family: one `Format` per way of storing a weight.
+
+A Format names how every linear of a materialized model is held and multiplied:
+  float32 / bfloat16  plain tensors of that dtype (F.linear);
+  int8                weight-only, symmetric, one scale per output channel;
+  int4                weight-only, asymmetric, groups of `group_size` along the input axis
+                      (a scale and a zero per group), two values per byte.
+Activations run in the format's `compute_dtype` (bfloat16 for int8/int4: torch's CPU low-bit
+kernels are fast with bf16 activations and 10x slower with fp32 ones; benchmarks/RESULTS.md).
+Embeddings / LM head stay in the compute dtype (the paper's choice) unless `embeddings="int8"`.
+
+Bytes are counted from the tensors a `QWeight` holds (data + scales + zeros), so a memory budget is
+checked against what the process really holds. The low-rank factors are quantized once, in score
+order (materialize.py): a size keeps a prefix of rows of `down` (a view) and a prefix of columns of
+`up` (a small copy). For int4 the kept rank (LoRA rows included) moves in steps of the group size:
+that makes a column prefix a whole number of groups, and the CPU kernel's packed rows come in
+blocks of 32 (every supported group size is a multiple of 32); for int8 in steps of 8 (the kernel's
+input size).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FORMAT_NAMES = ("float32", "bfloat16", "int8", "int4")
+INT4_GROUP_SIZES = (32, 64, 128)
+DEFAULT_GROUP_SIZE = 32  # chosen by measurement (benchmarks/RESULTS.md, "Formats")
+EMBEDDING_CHOICES = ("native", "int8")  # native = the compute dtype
+_FLOAT = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Format:
+    """How the linears of a materialized model are stored and multiplied (see module docstring)."""
+
+    name: str = "float32"  # one of FORMAT_NAMES
+    group_size: int | None = None  # int4 only: input-axis group length
+    embeddings: str = "native"  # "int8": the (tied) embedding / LM head quantized per row too
+
+    def __post_init__(self):
+        if self.name not in FORMAT_NAMES:
+            raise ValueError(f"unknown format {self.name!r}; choose one of {list(FORMAT_NAMES)}")
+        if self.name == "int4":
+            if self.group_size is None:
+                object.__setattr__(self, "group_size", DEFAULT_GROUP_SIZE)
+            if self.group_size not in INT4_GROUP_SIZES:
+                raise ValueError(f"int4 group size must be one of {list(INT4_GROUP_SIZES)}, got {self.group_size}")
+        elif self.group_size is not None:
+            raise ValueError(f"{self.name} takes no group size (only int4 does)")
+        if self.embeddings not in EMBEDDING_CHOICES:
+            raise ValueError(f"embeddings must be one of {list(EMBEDDING_CHOICES)}, got {self.embeddings!r}")
+
+    # -- identity ---------------------------------------------------------------------------------
+    @property
+    def key(self) -> str:
+        """The one string for this format (curve.csv's `format` column, CLI, app, cache keys)."""
+        key = self.name + (f"-g{self.group_size}" if self.name == "int4" else "")
+        return key + ("+emb8" if self.embeddings == "int8" else "")
+
+    def __str__(self) -> str:
+        return self.key
+
+    @property
+    def quantized(self) -> bool:
+        return self.name in ("int8", "int4")
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return _FLOAT.get(self.name, torch.bfloat16)
+
+    @property
+    def rank_step(self) -> int:
+        """The kept rank of a factorized layer (LoRA rows included) is a multiple of this: int4 keeps
+        whole groups; torch's int8 CPU kernel needs an input size that is a multiple of 8 (it crashes
+        the process otherwise, measured on torch 2.13)."""
+        return {"int4": self.group_size, "int8": 8}.get(self.name, 1)
+
+    # -- bytes --------------------------------------------------------------------------------------
+    @property
+    def float_bytes(self) -> int:
+        return torch.finfo(self.compute_dtype).bits // 8
+
+    def weight_bytes(self, out_features: int, in_features: int) -> int:
+        """Bytes of one [out, in] weight in this format: data + scales (+ zeros), as QWeight holds it."""
+        if self.name == "int8":
+            return out_features * in_features + out_features * self.float_bytes
+        if self.name == "int4":  # rows padded to the kernel's blocks of 32
+            groups = in_features // self.group_for(in_features) if in_features else 0
+            rows = -(-out_features // 32) * 32
+            return rows * in_features // 2 + 2 * groups * rows * self.float_bytes
+        return out_features * in_features * self.float_bytes
+
+    def group_for(self, in_features: int) -> int:
+        """int4: the group length used for an input size (the largest supported divisor <= group_size;
+        SmolLM2's 576-wide inputs take groups of 64 when 128 is asked)."""
+        for g in sorted(INT4_GROUP_SIZES, reverse=True):
+            if g <= self.group_size and in_features % g == 0:
+                return g
+        raise ValueError(f"int4 needs an input size that is a multiple of 32, got {in_features}")
+
+    def kept_rank(self, keep: int, full: int) -> int:
+        """Rows a factorized layer really keeps for `keep` wanted (rounded up to the rank step)."""
+        step = self.rank_step
+        return min(-(-keep // step) * step, full) if keep else 0
+
+    def embedding_bytes(self, rows: int, dim: int) -> int:
+        if self.embeddings == "int8":
+            return Format("int8").weight_bytes(rows, dim)
+        return rows * dim * self.float_bytes
+
+    # -- packing and multiplying -------------------------------------------------------------------
+    def pack(self, weight: torch.Tensor) -> "QWeight | torch.Tensor":
+        """A [out, in] float weight in this format (a QWeight, or a plain tensor for float formats)."""
+        if self.name == "int8":
+            return quantize_int8(weight, self.compute_dtype)
+        if self.name == "int4":
+            return quantize_int4(weight, self.group_for(weight.shape[1]), self.compute_dtype)
+        return weight.detach().to(self.compute_dtype).contiguous()
+
+
+def parse_format(spec: "str | Format | None", group_size: int | None = None,
+                 embeddings: str | None = None) -> Format:
+    """A Format from its key ("int4-g64+emb8"), a name plus options, or a Format (returned as is)."""
+    if isinstance(spec, Format):
+        return spec
+    spec = "float32" if spec is None else str(spec).strip()
+    emb = "native"
+    if spec.endswith("+emb8"):
+        spec, emb = spec[:-len("+emb8")], "int8"
+    name, _, group = spec.partition("-g")
+    if group:
+        if not group.isdigit():
+            raise ValueError(f"unknown format {spec!r}")
+        if group_size is not None and int(group) != group_size:
+            raise ValueError(f"format {spec!r} and group size {group_size} disagree")
+        group_size = int(group)
+    return Format(name, group_size if name == "int4" else (None if group_size is None else group_size),
+                  embeddings or emb)
+
+
+# -- quantized weights ----------------------------------------------------------------------------
+@dataclass
+class QWeight:
+    """A weight-only quantized [out, in] matrix and the kernel that multiplies by it.
+
+    int8: data int8 [out, in], scales [out] (compute dtype); W ≈ data · scales[:, None].
+    int4: data uint8 [out, in/2] (packed for torch's CPU kernel), scales_zeros [in/g, out, 2];
+          W ≈ (q − 8) · scale + zero per group, q in 0..15.
+    """
+
+    kind: str  # "int8" | "int4"
+    data: torch.Tensor
+    scales: torch.Tensor
+    shape: tuple  # (out, in)
+    group_size: int | None = None
+    q: torch.Tensor | None = field(default=None, repr=False)  # int4: the unpacked codes [out, in] uint8
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held for multiplying (what a budget counts); the unpacked int4 codes are not used
+        by the kernel and are dropped from sizes (materialize keeps them only on the shared factor)."""
+        return self.data.numel() * self.data.element_size() + self.scales.numel() * self.scales.element_size()
+
+    def rows(self, n: int) -> "QWeight":
+        """The first n output rows (int8: a view; int4: n must be a multiple of 32)."""
+        out, k = self.shape
+        if n == out:
+            return self
+        if self.kind == "int8":
+            return QWeight("int8", self.data[:n], self.scales[:n], (n, k))
+        if n % 32:
+            raise ValueError(f"int4 rows come in blocks of 32, got {n}")
+        return QWeight("int4", self.data[:n], self.scales[:, :n].contiguous(), (n, k), self.group_size,
+                       None if self.q is None else self.q[:n])
+
+    def cols(self, n: int) -> "QWeight":
+        """The first n input columns (a copy; int4: n must be a whole number of groups)."""
+        out, k = self.shape
+        if n == k:
+            return self
+        if self.kind == "int8":
+            return QWeight("int8", self.data[:, :n].contiguous(), self.scales, (out, n))
+        if n % self.group_size:
+            raise ValueError(f"int4 columns come in groups of {self.group_size}, got {n}")
+        return QWeight("int4", _pack_int4(self.q[:, :n]), self.scales[: n // self.group_size].contiguous(),
+                       (out, n), self.group_size, self.q[:, :n])
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> [..., out] in x's dtype (the compute dtype)."""
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, k)
+        if 0 in self.shape:  # a factor of rank 0 (no LoRA, nothing kept)
+            return x.new_zeros(*lead, self.shape[0])
+        if x2.device.type != "cpu":  # GPUs: the reference product (correct; not a fast kernel)
+            y = F.linear(x2, self.dequantize().to(x2.device, x2.dtype))
+        elif self.kind == "int8" and k % 8 == 0:
+            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.data, self.scales)
+        elif self.kind == "int8":  # the kernel's input size must be a multiple of 8 (see rank_step)
+            y = F.linear(x2, self.dequantize().to(x2.dtype))
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.data, self.group_size,
+                                                          self.scales)
+        return y[:, : self.shape[0]].reshape(*lead, self.shape[0])
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 matrix these codes stand for (the oracle for tests and dense exports)."""
+        if self.kind == "int8":
+            return self.data.float() * self.scales.float()[:, None]
+        out, k = self.shape
+        rows, g = self.q.shape[0], self.group_size  # rows: padded to a multiple of 32
+        sz = self.scales.float()  # [k/g, rows, 2]
+        scale, zero = sz[..., 0].t()[:, :, None], sz[..., 1].t()[:, :, None]  # [rows, k/g, 1]
+        return ((self.q.float().reshape(rows, k // g, g) - 8) * scale + zero).reshape(rows, k)[:out]
+
+
+def quantize_int8(weight: torch.Tensor, dtype=torch.bfloat16) -> QWeight:
+    """Symmetric per-output-channel int8 (round to nearest)."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / 127).clamp_min(1e-12)
+    scale = scale.to(dtype).float()  # the kernel applies the scale in the compute dtype
+    data = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return QWeight("int8", data.contiguous(), scale.to(dtype).contiguous(), tuple(w.shape))
+
+
+# clipping ratios tried per group: shrinking the [min, max] range trades a few clipped outliers for
+# a finer grid; the best per group (least squared error) is kept (RESULTS.md "int4 quantizer")
+_INT4_CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE, dtype=torch.bfloat16,
+                  clips=_INT4_CLIPS) -> QWeight:
+    """Asymmetric int4 in groups along the input axis, with a per-group clipping search."""
+    w = weight.detach().float()
+    out, k = w.shape
+    if out % 32:  # the CPU kernel packs rows in blocks of 32: zero rows, sliced off after the product
+        w = torch.cat([w, w.new_zeros(32 - out % 32, k)])
+    if k % group_size:
+        raise ValueError(f"int4 needs the input size ({k}) to be a multiple of the group size {group_size}")
+    rows = w.shape[0]
+    wg = w.reshape(rows, k // group_size, group_size)
+    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+    mid = (lo + hi) / 2
+    best_err = best = None
+    for c in clips:
+        scale = ((hi - lo) * c / 15).clamp_min(1e-8).to(dtype).float()
+        base = (mid - (hi - lo) * c / 2)
+        zero = (base + 8 * scale).to(dtype).float()  # stored: w = (q − 8)·scale + zero
+        q = torch.round((wg - zero) / scale + 8).clamp(0, 15)
+        err = ((q - 8) * scale + zero - wg).pow(2).sum(-1, keepdim=True)
+        if best is None:
+            best_err, best = err, (q, scale, zero)
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = tuple(torch.where(better, new, old) for new, old in zip((q, scale, zero), best))
+    q, scale, zero = best
+    codes = q.to(torch.uint8).reshape(rows, k)
+    sz = torch.stack([scale.squeeze(-1), zero.squeeze(-1)], dim=-1).transpose(0, 1).contiguous()  # [k/g, out, 2]
+    return QWeight("int4", _pack_int4(codes), sz.to(dtype), (out, k), group_size, codes)
+
+
+def _pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+
+
+def weight_nbytes(w) -> int:
+    if isinstance(w, QWeight):
+        return w.nbytes
+    return w.numel() * w.element_size()
+
+
+# -- modules ----------------------------------------------------------------------------------------
+class QuantLinear(nn.Module):
+    """y = x·Wᵀ + b with W a QWeight (a dense layer, or the LM head, in a quantized format)."""
+
+    def __init__(self, weight: QWeight, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.qweight, self.bias = weight, bias  # plain attributes: frozen, shared, never trained
+        self.out_features, self.in_features = weight.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.qweight.matmul(x)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.qweight.kind}"
+
+
+class QuantLowRankLinear(nn.Module):
+    """y = up·(down·x) + b with both factors quantized (down [r, in] rows, up [out, r] columns)."""
+
+    def __init__(self, down: QWeight, up: QWeight, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.down, self.up, self.bias = down, up, bias
+        self.in_features, self.out_features = down.shape[1], up.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.up.matmul(self.down.matmul(x))
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, {self.down.kind}"
+
+
+class QuantEmbedding(nn.Module):
+    """An embedding lookup over an int8 per-row QWeight (shared with a tied QuantLinear head)."""
+
+    def __init__(self, weight: QWeight, dtype: torch.dtype, padding_idx=None):
+        super().__init__()
+        self.qweight, self.dtype, self.padding_idx = weight, dtype, padding_idx
+        self.num_embeddings, self.embedding_dim = weight.shape
+
+    @property
+    def weight(self) -> torch.Tensor:  # transformers reads .weight.dtype/.device of the embeddings
+        return self.qweight.scales
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.qweight.data[ids].to(self.dtype)
+        return rows * self.qweight.scales[ids].to(self.dtype)[..., None]

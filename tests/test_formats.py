@@ -1,0 +1,175 @@
+"""Formats (precision as the second axis): round trips, kernels against the dequantized oracle, bytes
+held == bytes counted, quantized sizes against the fake-quant oracle, budget picks over formats."""
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from acip_core.curve import best_for_budget, interpolate_ppl, pareto_frontier
+from acip_core.formats import Format, QuantLinear, parse_format, quantize_int4, quantize_int8
+from acip_core.layers import LowRankLinear
+from acip_core.materialize import count_bytes
+from helpers import random_any_size, random_ids
+
+
+def test_format_keys_and_refusals():
+    assert parse_format("int4").key == "int4-g32"
+    assert parse_format("int4", 64).key == "int4-g64"
+    assert parse_format("int8+emb8") == Format("int8", embeddings="int8")
+    assert parse_format("int4-g128+emb8").group_size == 128
+    for bad in ("int3", "int4-g48", "int4-gx", "float16"):
+        with pytest.raises(ValueError):
+            parse_format(bad)
+    with pytest.raises(ValueError):
+        Format("int8", group_size=32)
+
+
+@pytest.mark.parametrize("shape", [(64, 96), (48, 64), (200, 128)])
+def test_round_trip_error_bounds(shape):
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    q8 = quantize_int8(w)
+    # symmetric int8: at most half a step (amax/127) per entry, plus the bf16 rounding of the scale
+    step = w.abs().amax(1, keepdim=True) / 127
+    assert ((q8.dequantize() - w).abs() <= 0.5 * step * 1.01 + 1e-6).all()
+    for g in (32, 64):
+        if shape[1] % g:
+            continue
+        q4 = quantize_int4(w, g)
+        err = (q4.dequantize() - w).abs()
+        span = w.reshape(shape[0], -1, g)
+        span = (span.amax(-1) - span.amin(-1)).repeat_interleave(g, 1)
+        # the clip search shrinks a group's range to >= 75 %: an entry is off by at most the clipped
+        # eighth of the range plus half a (smaller) step
+        assert (err <= 0.125 * span + 0.5 * span / 15 + 1e-3).all()
+        plain = quantize_int4(w, g, clips=(1.0,))  # min-max round to nearest, one of the candidates
+        assert (plain.dequantize() - w).abs().max() <= (span / 30 * 1.02 + 1e-3).max()
+        assert (q4.dequantize() - w).pow(2).sum() <= (plain.dequantize() - w).pow(2).sum()
+        rel = (q4.dequantize() - w).norm() / w.norm()
+        assert rel < 0.12, rel
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_kernel_matches_dequantized_oracle(name):
+    g = torch.Generator().manual_seed(1)
+    w, x = torch.randn(80, 128, generator=g), torch.randn(3, 5, 128, generator=g)
+    q = Format(name).pack(w)
+    y = q.matmul(x.bfloat16()).float()
+    ref = x.bfloat16().float() @ q.dequantize().t()
+    assert y.shape == (3, 5, 80)
+    assert (y - ref).abs().max() <= 0.02 * ref.abs().max()  # bf16 activations and output
+    # prefixes stay valid quantized weights: rows (views) and whole groups of columns (copies)
+    rows = q.rows(64)
+    assert torch.equal(rows.dequantize(), q.dequantize()[:64])
+    cols = q.cols(64)
+    assert torch.equal(cols.dequantize(), q.dequantize()[:, :64])
+    y = cols.matmul(x[..., :64].bfloat16()).float()
+    assert (y - x[..., :64].bfloat16().float() @ cols.dequantize().t()).abs().max() <= 0.02 * y.abs().max()
+
+
+@pytest.mark.parametrize("key", ["float32", "bfloat16", "int8", "int4-g32", "int8+emb8", "int4-g32+emb8"])
+def test_bytes_counted_equal_bytes_held(tiny_llama_tied, key):
+    model, _, _ = random_any_size(tiny_llama_tied)
+    for ratio in (0.3, 0.6, 1.0):
+        size = model.size_for_ratio(ratio, key)
+        net = model.materialize(size, key)
+        assert count_bytes(net) == size.nbytes, (key, ratio)
+    if key != "float32":  # a quantized or bf16 size is smaller than the same size in float32
+        assert model.full_size(key).nbytes < model.full_size().nbytes
+
+
+@pytest.mark.parametrize("key", ["int8", "int4-g32", "int8+emb8"])
+def test_quantized_size_matches_fake_quant_oracle(tiny_llama_wide, key):
+    """A quantized size's logits equal a float model whose weights are the dequantized codes
+    (fake quantization, the oracle) run in the same compute dtype, within bf16 noise."""
+    model, _, _ = random_any_size(tiny_llama_wide)
+    size = model.size_for_ratio(0.6, key)
+    net = model.materialize(size, key)
+    assert any(type(m).__name__ == "QuantLowRankLinear" for m in net.modules())  # factors, not only dense
+    oracle = model.materialize(size, "float32")
+    swap = {}
+    for name, m in net.named_modules():
+        parent, _, child = name.rpartition(".")
+        if type(m).__name__ == "QuantLowRankLinear":
+            swap[name] = LowRankLinear(m.down.dequantize().bfloat16(), m.up.dequantize().t().contiguous().bfloat16(), m.bias)
+        elif isinstance(m, QuantLinear):
+            lin = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+            lin.weight.data = m.qweight.dequantize()
+            swap[name] = lin
+        elif type(m).__name__ == "QuantEmbedding":
+            emb = torch.nn.Embedding(*m.qweight.shape)
+            emb.weight.data = m.qweight.dequantize()
+            swap[name] = emb
+    import copy
+    fake = copy.deepcopy(oracle)
+    for name, new in swap.items():
+        parent, _, child = name.rpartition(".")
+        setattr(fake.get_submodule(parent) if parent else fake, child, new)
+    fake = fake.to(torch.bfloat16)
+    ids = random_ids(model.tokenizer.vocab_size)
+    with torch.no_grad():
+        got, want = net(ids).logits.float(), fake(ids).logits.float()
+    assert (got - want).abs().max() <= 0.05 * want.abs().max() + 0.05
+
+
+@pytest.mark.parametrize("key, step", [("int4", 32), ("int8", 8)])
+def test_quantized_ranks_move_in_kernel_steps(tiny_llama_wide, key, step):
+    model, _, _ = random_any_size(tiny_llama_wide)
+    seen = set()
+    for ratio in (0.2, 0.4, 0.6, 0.8):
+        net = model.materialize(model.size_for_ratio(ratio, key), key)
+        ranks = [m.rank for m in net.modules() if type(m).__name__ == "QuantLowRankLinear"]
+        assert all(r % step == 0 for r in ranks), ranks
+        seen.update(ranks)
+    assert seen  # some layer ran factorized at some size
+
+
+def _hand_curve():
+    rows = []
+    for key, scale in (("float32", 1.0), ("int8", 1.01), ("int4-g32", 1.3)):
+        for r in (0.3, 0.5, 0.7, 0.9, 1.0):
+            rows.append(dict(method="acip", format=key, size_ratio=r, ppl_heldout=scale * 10 / r))
+    return pd.DataFrame(rows)
+
+
+def test_budget_picker_on_a_hand_made_curve(tiny_llama_tied):
+    model, _, _ = random_any_size(tiny_llama_tied)
+    curve = _hand_curve()
+    fp32_full = model.full_size().gigabytes
+    # a budget that holds the whole float32 model: float32 at 1.0 is the best (int8/int4 are worse there)
+    pick = best_for_budget(model, curve, fp32_full * 1.01)
+    assert pick["format"] == "float32" and pick["size_ratio"] == 1.0
+    assert len(pick["runners_up"]) == 2
+    assert all(r["perplexity"] >= pick["perplexity"] for r in pick["runners_up"])
+    # half the float32 bytes: float32 can only keep a small size, int8 keeps the whole model
+    pick = best_for_budget(model, curve, model.full_size("int8").gigabytes * 1.001)
+    assert pick["format"] == "int8" and pick["size_ratio"] == 1.0
+    assert pick["gb"] <= model.full_size("int8").gigabytes * 1.001
+    with pytest.raises(ValueError, match="no measured size"):
+        best_for_budget(model, curve, 1e-9)
+    with pytest.raises(ValueError, match="no measured curve"):
+        best_for_budget(model, None, 1.0)
+
+
+def test_interpolation_and_frontier():
+    curve = _hand_curve()
+    line = curve[curve.format == "float32"]
+    assert math.isclose(interpolate_ppl(line, 0.5), 20.0)
+    assert interpolate_ppl(line, 0.6) == pytest.approx(math.exp((math.log(20) + math.log(10 / 0.7)) / 2))
+    assert interpolate_ppl(line, 0.2) is None
+    curve["gb"] = curve.size_ratio * curve.format.map({"float32": 4, "int8": 1, "int4-g32": 0.5})
+    front = pareto_frontier(curve)
+    assert list(front.gb) == sorted(front.gb)
+    assert (front.ppl_heldout.diff().dropna() < 0).all()
+    # int4 owns the small budgets, int8 the middle; float32 only its full size (the lowest perplexity)
+    assert list(front[front.format == "float32"].size_ratio) == [1.0]
+    assert front.iloc[0].format == "int4-g32" and "int8" in set(front.format)
+
+
+def test_budget_clamped_and_refused(tiny_llama_tied):
+    model, _, _ = random_any_size(tiny_llama_tied)
+    assert model.size_for_budget(1e308, "int4").prefix == len(model.index.layer_of)
+    for bad in (0, -1, float("nan")):
+        with pytest.raises(ValueError):
+            model.size_for_budget(bad, "int8")
