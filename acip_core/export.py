@@ -32,8 +32,8 @@ from safetensors.torch import save_file
 from . import __version__
 from .artifact import atomic_file
 from .layers import LowRankLinear
+from .formats import parse_format
 from .materialize import AnySizeModel, Size
-from .prune import DTYPE_BYTES
 
 TEMPLATE = Path(__file__).parent / "export_template" / "modeling_acip.py"
 MODULE_FILE, WEIGHTS_FILE, CONFIG_FILE, CARD_FILE = ("modeling_acip.py", "model.safetensors",
@@ -45,13 +45,13 @@ EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def export_lowrank(any_size: AnySizeModel, size: Size | float, out_dir: str | Path,
-                   dtype: str = "float32", card: dict | None = None) -> Path:
+                   dtype: str | None = None, card: dict | None = None) -> Path:
     """Writes `size` with its factorized layers kept factorized; returns the folder."""
     return _export(any_size, size, out_dir, dtype, card, dense=False)
 
 
 def export_dense(any_size: AnySizeModel, size: Size | float, out_dir: str | Path,
-                 dtype: str = "float32", card: dict | None = None) -> Path:
+                 dtype: str | None = None, card: dict | None = None) -> Path:
     """Writes `size` as a plain base-architecture model (factors multiplied out); returns the folder."""
     return _export(any_size, size, out_dir, dtype, card, dense=True)
 
@@ -67,19 +67,30 @@ def is_export(folder: str | Path) -> bool:
 
 # -- the export ------------------------------------------------------------------------------------
 def _export(any_size, size, out_dir, dtype, card, dense: bool) -> Path:
-    if dtype not in TORCH_DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(TORCH_DTYPES)}")
-    if not isinstance(size, Size):
-        size = any_size.size_for_ratio(float(size))
+    # a Format or its key (float32, bfloat16, int8, int4-g32, ...); None: the size's own format
+    fmt = parse_format(dtype if dtype is not None else getattr(size, "format", "float32"))
+    if fmt.quantized and dense:
+        raise ValueError(f"a dense export is a plain float checkpoint of the base architecture; "
+                         f"{fmt.key} is exported low-rank (quantized codes + remote code)")
+    dtype = "bfloat16" if fmt.quantized else fmt.key  # the compute dtype
+    if not isinstance(size, Size) or size.format != fmt:
+        size = any_size.size_for_ratio(float(getattr(size, "size_ratio", size)), fmt) \
+            if not isinstance(size, Size) else any_size.size_at(size.prefix, fmt)
     out = Path(out_dir).expanduser().absolute()
     _check_target(out)
     base_type = any_size.base.config.model_type
     if not dense and not base_type.isidentifier():
         raise ValueError(f"model_type {base_type!r} cannot be named in a class; use a dense export")
-    model = any_size.materialize(size, "float32")  # shares the base's tensors; only read below
-    tensors, ranks = _state_dict(model, TORCH_DTYPES[dtype], dense)
+    quant = None
+    if fmt.quantized:
+        model = any_size.materialize(size, fmt)  # the app's very tensors: same codes, same kernels
+        tensors, ranks, quant = _quantized_state_dict(model, fmt)
+    else:
+        model = any_size.materialize(size, "float32")  # shares the base's tensors; only read below
+        tensors, ranks = _state_dict(model, TORCH_DTYPES[dtype], dense)
     params = sum(t.numel() for t in tensors.values())
     info = dict(format=EXPORT_FORMAT, kind="dense" if dense else "lowrank", dtype=dtype,
+                weights_format=fmt.key, weights_bytes=size.nbytes,
                 size_ratio=round(size.size_ratio, 6), params=params, runtime_params=size.params,
                 factorized_layers=len(ranks), target_layers=len(any_size.targets),
                 base_model=any_size.meta.get("model", {}).get("source"),
@@ -91,6 +102,10 @@ def _export(any_size, size, out_dir, dtype, card, dense: bool) -> Path:
     config.pop("torch_dtype", None)
     if not config.get("architectures"):
         config["architectures"] = [type(any_size.base).__name__]
+    if quant:
+        config.update(acip_quant=quant)
+        if quant["embeddings"] == "int8":  # the head reads the embedding's codes (modeling_acip.QuantHead)
+            config.update(tie_word_embeddings=False)
     if not dense:
         config.update(model_type=f"acip_lowrank_{base_type}", acip_base_model_type=base_type,
                       acip_ranks=ranks, architectures=[f"ACIPForCausalLM__{base_type}"],
@@ -147,6 +162,58 @@ def _state_dict(model: torch.nn.Module, dtype: torch.dtype, dense: bool):
             storages.add(t.untyped_storage().data_ptr())
             tensors[k] = t
     return tensors, ranks
+
+
+def _portable(q) -> dict:
+    """A QWeight as the tensors modeling_acip.QuantLinear loads: int8 codes, or int4 codes two per
+    byte (low nibble first), and the scales (int4: scale and zero per group)."""
+    if q.kind == "int8":
+        return {"qweight": q.data.contiguous(), "scales": q.scales.contiguous()}
+    codes = q.q.to(torch.uint8)
+    return {"qweight": (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous(), "scales": q.scales.contiguous()}
+
+
+def _quantized_state_dict(model: torch.nn.Module, fmt):
+    """(tensors, {fqn: rank} of the factorized layers, the config's acip_quant) of a quantized size."""
+    from .formats import QuantEmbedding, QuantLinear, QuantLowRankLinear
+
+    tensors, ranks, dense, skip = {}, {}, [], set()
+    emb = model.get_input_embeddings()
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLowRankLinear):
+            ranks[name] = m.rank
+            for part, q in (("down", m.down), ("up", m.up)):
+                tensors.update({f"{name}.{part}.{k}": v for k, v in _portable(q).items()})
+            if m.bias is not None:
+                tensors[f"{name}.up.bias"] = m.bias
+            skip.add(name)
+        elif isinstance(m, QuantEmbedding):
+            tensors.update({f"{name}.table.{k}": v for k, v in _portable(m.qweight).items()})
+            skip.add(name)
+        elif isinstance(m, QuantLinear):
+            skip.add(name)
+            if isinstance(emb, QuantEmbedding) and m.qweight is emb.qweight:
+                continue  # the tied head: modeling_acip.QuantHead reads the embedding's codes
+            tensors.update({f"{name}.{k}": v for k, v in _portable(m.qweight).items()})
+            if m.bias is not None:
+                tensors[f"{name}.bias"] = m.bias
+            if name != next((n for n, x in model.named_modules() if x is model.get_output_embeddings()), None):
+                dense.append(name)
+    for key, value in model.state_dict().items():
+        if key.rpartition(".")[0] not in skip:
+            tensors[key] = value
+    if getattr(model.config, "tie_word_embeddings", False) and not isinstance(emb, QuantEmbedding):
+        out_name = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
+        tensors.pop(f"{out_name}.weight", None)  # from_pretrained ties it back
+    out, storages = {}, set()
+    for k, v in tensors.items():
+        t = v.detach().contiguous()
+        if t.untyped_storage().data_ptr() in storages or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()  # safetensors refuses shared memory; views of the family's factors are copied
+        storages.add(t.untyped_storage().data_ptr())
+        out[k] = t
+    quant = dict(kind=fmt.name, group_size=fmt.group_size, embeddings=fmt.embeddings, dense=sorted(dense))
+    return out, ranks, quant
 
 
 # -- folders and zips ------------------------------------------------------------------------------
@@ -223,8 +290,8 @@ def model_card(any_size: AnySizeModel, size: Size, info: dict, card: dict) -> st
                  or getattr(any_size.base.config, "_name_or_path", "") or "an unnamed base model")
     hub_id = EMBEDDED_HUB_ID if source == EMBEDDED else (
         source if source.count("/") == 1 and not Path(source).expanduser().exists() else None)
-    dtype, dense = info["dtype"], info["kind"] == "dense"
-    nbytes = info["params"] * DTYPE_BYTES[dtype]
+    dtype, dense = info.get("weights_format", info["dtype"]), info["kind"] == "dense"
+    nbytes = info["weights_bytes"] if not dense else info["params"] * torch.finfo(TORCH_DTYPES[info["dtype"]]).bits // 8
     full = any_size.full_size().params
     name = card.get("title") or f"{Path(source).name} at size {size.size_ratio:.2f} (ACIP {info['kind']})"
 

@@ -173,3 +173,42 @@ def test_budget_clamped_and_refused(tiny_llama_tied):
     for bad in (0, -1, float("nan")):
         with pytest.raises(ValueError):
             model.size_for_budget(bad, "int8")
+
+
+_FRESH = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+folder, ids = sys.argv[1], torch.tensor(json.loads(sys.argv[2]))
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, local_files_only=True).eval()
+with torch.no_grad():
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12,
+                         do_sample=False, pad_token_id=0)
+print(json.dumps(out.tolist()))
+"""
+
+
+@pytest.mark.parametrize("key", ["int8", "int4-g32+emb8"])
+def test_quantized_export_loads_in_a_fresh_process_with_the_apps_tokens(tiny_llama_wide, tmp_path, key):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from acip_core.export import export_lowrank
+
+    model, _, _ = random_any_size(tiny_llama_wide)
+    size = model.size_for_ratio(0.5, key)
+    out = export_lowrank(model, size, tmp_path / key)
+    config = json.loads((out / "config.json").read_text())
+    assert config["acip_quant"]["kind"] == key[:4] and config["acip_export"]["weights_format"] == key
+    on_disk = os.path.getsize(out / "model.safetensors")
+    assert abs(on_disk - size.nbytes) <= 0.05 * size.nbytes, (on_disk, size.nbytes)
+    ids = random_ids(model.tokenizer.vocab_size, (1, 10))
+    with torch.no_grad():
+        app = model.materialize(size, key).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                                    min_new_tokens=12, do_sample=False, pad_token_id=0)
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", _FRESH, str(out), json.dumps(ids.tolist())], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == app.tolist()

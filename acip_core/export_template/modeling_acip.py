@@ -8,7 +8,11 @@ torch and transformers (no ACIP Studio). Load with
 
 config.json names the base architecture (`acip_base_model_type`, e.g. "llama" or "qwen2") and the
 factorized layers with their ranks (`acip_ranks`, {module name: rank}); every other layer is the
-base architecture's own. `auto_map` names ACIPConfig__<base> and ACIPForCausalLM__<base>: this
+base architecture's own. A weight-only int8/int4 export also has `acip_quant` ({"kind", "group_size",
+"embeddings", "dense": [names]}): every factor and every listed dense layer then holds codes
+(`qweight`: int8, or two 4-bit codes per uint8 byte, low nibble first) and `scales` (int8: one per
+output row; int4: [in/group, rows, 2] scale and zero, w = (q - 8)·scale + zero), multiplied on the CPU
+by torch's weight-only kernels with bfloat16 activations (elsewhere by the dequantized matrix). `auto_map` names ACIPConfig__<base> and ACIPForCausalLM__<base>: this
 module builds those classes on first use, subclassing the base config and CausalLM classes.
 """
 
@@ -39,18 +43,130 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
-def factorize_(model: nn.Module, ranks: dict) -> None:
-    """Replaces each listed nn.Linear by a LowRankLinear of its rank (same device and dtype)."""
-    for name, rank in (ranks or {}).items():
+class QuantLinear(nn.Module):
+    """y = x·Wᵀ (+ b) with W stored as int8 or int4 codes and scales (see the module docstring)."""
+
+    def __init__(self, in_features: int, out_features: int, quant: dict, bias: bool = False, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.kind, self.group = quant["kind"], quant.get("group_size")
+        dtype = dtype or torch.bfloat16
+        rows = out_features if self.kind == "int8" else -(-out_features // 32) * 32
+        if self.kind == "int8":
+            self.register_buffer("qweight", torch.zeros(rows, in_features, dtype=torch.int8))
+            self.register_buffer("scales", torch.zeros(rows, dtype=dtype))
+        else:
+            group = max(g for g in (32, 64, 128) if g <= self.group and in_features % g == 0)
+            self.group = group
+            self.register_buffer("qweight", torch.zeros(rows, in_features // 2, dtype=torch.uint8))
+            self.register_buffer("scales", torch.zeros(in_features // group, rows, 2, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
+        self._packed = None
+
+    def codes(self) -> torch.Tensor:
+        """int4: the 0..15 codes [rows, in] (int32)."""
+        q = self.qweight.to(torch.int32)
+        return torch.stack([q & 15, q >> 4], dim=-1).reshape(q.shape[0], -1)
+
+    def dequantize(self) -> torch.Tensor:
+        if self.kind == "int8":
+            return self.qweight.float() * self.scales.float()[:, None]
+        rows, g = self.qweight.shape[0], self.group
+        sz = self.scales.float()
+        scale, zero = sz[..., 0].t()[:, :, None], sz[..., 1].t()[:, :, None]
+        return ((self.codes().float().reshape(rows, -1, g) - 8) * scale + zero).reshape(rows, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
+        if 0 in self.qweight.shape:
+            y = x2.new_zeros(x2.shape[0], self.qweight.shape[0])
+        elif x2.device.type != "cpu" or (self.kind == "int8" and self.in_features % 8):
+            y = nn.functional.linear(x2, self.dequantize().to(x2.device, x2.dtype))
+        elif self.kind == "int8":
+            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales)
+        else:
+            if self._packed is None:  # torch's CPU layout, built once from the portable codes
+                self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes().contiguous(), 1)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self._packed, self.group, self.scales)
+        y = y[:, : self.out_features].reshape(*lead, self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.kind}"
+
+
+class QuantLowRankLinear(nn.Module):
+    """y = up(down(x)) with both factors quantized (QuantLinear)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, quant: dict, bias: bool = False,
+                 dtype=None):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.down = QuantLinear(in_features, rank, quant, dtype=dtype)
+        self.up = QuantLinear(rank, out_features, quant, bias=bias, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+
+class QuantEmbedding(nn.Module):
+    """Embedding rows stored as int8 with one scale per row; `head` multiplies by the same codes."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype=None):
+        super().__init__()
+        self.dtype = dtype or torch.bfloat16
+        self.table = QuantLinear(embedding_dim, num_embeddings, {"kind": "int8"}, dtype=self.dtype)
+
+    @property
+    def weight(self):  # transformers reads the embeddings' dtype and device from .weight
+        return self.table.scales
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table.qweight[ids].to(self.dtype) * self.table.scales[ids][..., None].to(self.dtype)
+
+
+class QuantHead(nn.Module):
+    """The LM head over the (tied) QuantEmbedding's codes: no tensors of its own."""
+
+    def __init__(self, embedding: QuantEmbedding):
+        super().__init__()
+        self.__dict__["embedding"] = embedding  # not a child: its tensors are saved once, by the embedding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embedding.table(x)
+
+
+def factorize_(model: nn.Module, ranks: dict, quant: dict | None = None) -> None:
+    """Replaces each listed nn.Linear by a LowRankLinear of its rank (same device and dtype), and with
+    `quant` every factor and listed dense layer by its quantized form."""
+    def swap(name, new):
         parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        old = getattr(parent, child)
-        if isinstance(old, LowRankLinear):
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+    dtype = torch.bfloat16
+    for name, rank in (ranks or {}).items():
+        old = model.get_submodule(name)
+        if isinstance(old, (LowRankLinear, QuantLowRankLinear)):
             continue
         if not isinstance(old, nn.Linear):
             raise ValueError(f"acip_ranks names {name!r}, which is a {type(old).__name__}, not nn.Linear")
-        setattr(parent, child, LowRankLinear(old.in_features, old.out_features, int(rank),
-                                             old.bias is not None, old.weight.device, old.weight.dtype))
+        if quant:
+            swap(name, QuantLowRankLinear(old.in_features, old.out_features, int(rank), quant,
+                                          old.bias is not None, dtype))
+        else:
+            swap(name, LowRankLinear(old.in_features, old.out_features, int(rank),
+                                     old.bias is not None, old.weight.device, old.weight.dtype))
+    if not quant:
+        return
+    for name in quant.get("dense", []):
+        old = model.get_submodule(name)
+        if isinstance(old, nn.Linear):
+            swap(name, QuantLinear(old.in_features, old.out_features, quant, old.bias is not None, dtype))
+    if quant.get("embeddings") == "int8":
+        emb = model.get_input_embeddings()
+        q = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, dtype)
+        model.set_input_embeddings(q)
+        model.set_output_embeddings(QuantHead(q))
 
 
 _CLASSES: dict = {}
@@ -74,7 +190,7 @@ def classes_for(base_model_type: str):
 
         def __init__(self, config, *args, **kwargs):
             base_model.__init__(self, config, *args, **kwargs)
-            factorize_(self, getattr(config, "acip_ranks", None))
+            factorize_(self, getattr(config, "acip_ranks", None), getattr(config, "acip_quant", None))
 
         model_cls = type(MODEL_PREFIX + base_model_type, (base_model,), {
             "__module__": __name__,
