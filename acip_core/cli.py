@@ -221,9 +221,9 @@ def cmd_curve(args):
             start = time.perf_counter()
             frames.append(method_curve(args.artifact, method, evals, sizes, fmt, args.batch_size, calib))
             print(f"{method} {fmt.key}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    curve = pd.concat(frames, ignore_index=True)
-    curve.attrs = {}
-    write_curve(args.artifact, curve)
+            curve = pd.concat(frames, ignore_index=True)
+            curve.attrs = {}
+            write_curve(args.artifact, curve)  # after every line: an interrupted run keeps what it measured
     _emit(args, dict(rows=len(curve), methods=list(methods)), curve.to_string())
 
 

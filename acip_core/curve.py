@@ -92,6 +92,11 @@ def method_curve(folder, method: str, evals: dict[str, torch.Tensor], sizes=DEFA
 
 
 # -- analytics over a measured curve ----------------------------------------------------------------
+def format_gb(gigabytes: float) -> str:
+    """GB with sensible rounding: MB below 0.01 GB."""
+    return f"{gigabytes * 1e3:.2f} MB" if gigabytes < 0.01 else f"{gigabytes:.3f} GB"
+
+
 def curve_frame(curve: pd.DataFrame | None) -> pd.DataFrame | None:
     """The curve with `format` and `gb` columns (curves written before formats existed were measured by
     the curve command in bfloat16: their rows are read as bfloat16, gb from gb_bfloat16)."""
@@ -138,9 +143,12 @@ def best_for_budget(any_size: AnySizeModel, curve: pd.DataFrame | None, budget_g
             candidates.append(dict(size=size, format=key, size_ratio=round(size.size_ratio, 5),
                                    gb=size.gigabytes, perplexity=ppl))
     if not candidates:
-        smallest = min(any_size.size_at(0, k).gigabytes for k in keys) if keys else float("nan")
-        raise ValueError(f"{budget_gb:g} GB holds no measured size in any format (the smallest model is "
-                         f"{smallest:.3f} GB; measured sizes start at {acip.size_ratio.min():.2f})")
+        smallest = min((any_size.size_at(0, k).gigabytes, k) for k in keys)
+        if len(too_small) == len(keys):
+            raise ValueError(f"{budget_gb:g} GB is smaller than the smallest model "
+                             f"({format_gb(smallest[0])} in {smallest[1]})")
+        raise ValueError(f"{budget_gb:g} GB holds no measured size in any format (measured sizes start "
+                         f"at {acip.size_ratio.min():.2f}; pass --format for an unmeasured size)")
     candidates.sort(key=lambda c: c["perplexity"])
     best = dict(candidates[0])
     best["runners_up"] = [{k: v for k, v in c.items() if k != "size"} for c in candidates[1:3]]

@@ -9,7 +9,6 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .prune import DTYPE_BYTES
 
 COLORS = {"acip": "#4f46e5", "original": "#6b7280", "measured": "#f97316", "current": "#dc2626"}
 _PALETTE = ["#0891b2", "#16a34a", "#ca8a04", "#9333ea", "#db2777", "#475569"]
@@ -30,13 +29,14 @@ def ppl_columns(curve: pd.DataFrame | None) -> list[str]:
     return [c for c in (curve.columns if curve is not None else []) if c.startswith("ppl_")]
 
 
-def _x_of(frame: pd.DataFrame, x: str, dtype: str) -> pd.Series:
+def _x_of(frame: pd.DataFrame, x: str, dtype: str = "") -> pd.Series:
+    """The x values of curve or results rows: size ratio, or GB in each row's own format."""
     if x == "size_ratio":
         return frame["size_ratio"]
+    if "gb" in frame:
+        return frame["gb"]
     column = f"gb_{dtype}"
-    if column in frame:
-        return frame[column]
-    return frame["params"] * DTYPE_BYTES[dtype] / 1e9
+    return frame[column] if column in frame else frame["params"] * 4 / 1e9
 
 
 def _interp_log(xs, ys, x0):
@@ -48,72 +48,112 @@ def _interp_log(xs, ys, x0):
     return float(math.exp(np.interp(x0, xa, np.log(ya))))
 
 
+def _format_style(key: str, i: int) -> dict:
+    """One colour per format family; int8/int4 embeddings (+emb8) drawn thinner."""
+    colors = {"float32": COLORS["acip"], "bfloat16": "#0891b2", "int8": "#16a34a", "int4": "#ca8a04"}
+    base = key.split("-")[0].split("+")[0]
+    return dict(color=colors.get(base, _PALETTE[i % len(_PALETTE)]), width=1.5 if "+emb8" in key else 2.5,
+                dash="dot" if "+emb8" in key else "solid")
+
+
 def curve_figure(curve: pd.DataFrame | None, x: str = "size_ratio", dtype: str = "float32",
                  metric: str | None = None, current: dict | None = None,
                  measured: pd.DataFrame | None = None, title: str = "") -> go.Figure:
-    """Perplexity (log y) vs size ratio or GB: one line per method, the original as a reference line,
-    the current size as a marker, and live measurements as points.
+    """Perplexity (log y) vs size ratio or GB.
+
+    Size-ratio view: one line per method in the selected format `dtype` (a Format key; baselines in the
+    float format they were measured in), the original as a reference line. GB view: ACIP in every
+    measured format, the original in each format as a star, and the Pareto frontier (the lowest
+    perplexity for each budget) as a wide band. The current size is a marker; measurements are points.
 
     Args:
-        curve: rows of curve.csv (method, size_ratio, params, gb_*, ppl_*).
+        curve: rows of curve.csv (method, format, size_ratio, params, gb, ppl_*).
         x: "size_ratio" or "gb".
+        dtype: the selected format key.
         metric: which ppl_<evalset> column (default: the first).
-        current: a summary dict (size_ratio, params, gb_*) of the selected size.
-        measured: the results table (kind, size_ratio, params, data, perplexity).
+        current: a summary dict (size_ratio, gb) of the selected size in the selected format.
+        measured: the results table (kind, size_ratio, gb, data, perplexity).
     """
+    from .curve import curve_frame, pareto_frontier
+
+    curve = curve_frame(curve)
     metric = metric or (ppl_columns(curve)[0] if ppl_columns(curve) else None)
     xlabel = "size ratio (kept fraction of the target layers)" if x == "size_ratio" \
-        else f"weights in GB ({dtype})"
+        else "weights in GB (each format's own bytes: data + scales)"
     if curve is None or metric is None or metric not in curve:
         fig = empty_figure("this artifact has no perplexity curve yet; measure sizes in the Measure tab")
         fig.update_layout(xaxis=dict(visible=True, title=xlabel), yaxis=dict(visible=True, type="log",
                                                                              title="perplexity"))
+        acip = None
     else:
         fig = go.Figure()
         data = curve[curve[metric].notna()]
-        original = data[data.method == "original"]
-        methods = [m for m in dict.fromkeys(data.method) if m != "original"]
-        for i, method in enumerate(methods):
-            rows = data[data.method == method].sort_values("size_ratio")
+        formats = list(dict.fromkeys(data[data.method == "acip"].format))
+        shown_fmt = dtype if dtype in formats else (formats[0] if formats else dtype)
+        if x == "size_ratio":  # ACIP in the selected format, baselines in theirs
+            lines = [(m, shown_fmt if m == "acip" else None) for m in dict.fromkeys(data.method) if m != "original"]
+        else:
+            lines = [("acip", f) for f in formats]
+        for i, (method, fmt) in enumerate(lines):
+            rows = data[(data.method == method) & ((data.format == fmt) if fmt else True)]
+            if fmt is None:  # a baseline: its first measured format
+                rows = rows[rows.format == rows.format.iloc[0]] if len(rows) else rows
+            rows = rows.sort_values("size_ratio")
+            name = method if x == "size_ratio" and method != "acip" else f"{method} {rows.format.iloc[0] if len(rows) else fmt}"
+            style = _format_style(fmt, i) if method == "acip" else dict(
+                color=COLORS.get(method, _PALETTE[i % len(_PALETTE)]), width=2.5)
             fig.add_trace(go.Scatter(
-                x=_x_of(rows, x, dtype), y=rows[metric], mode="lines+markers", name=method,
-                line=dict(color=COLORS.get(method, _PALETTE[i % len(_PALETTE)]), width=2.5),
-                customdata=np.stack([rows.size_ratio, rows.params / 1e6], axis=-1),
-                hovertemplate=f"{method}<br>size %{{customdata[0]:.3f}}<br>%{{customdata[1]:.1f}} M params"
+                x=_x_of(rows, x), y=rows[metric], mode="lines+markers", name=name, line=style,
+                marker=dict(size=5 if x == "gb" else 6),
+                customdata=np.stack([rows.size_ratio, rows.params / 1e6, _x_of(rows, "gb")], axis=-1),
+                hovertemplate=f"{name}<br>size %{{customdata[0]:.3f}}<br>%{{customdata[2]:.4f}} GB"
                               "<br>perplexity %{y:.4g}<extra></extra>"))
-        ref = float(original[metric].iloc[0]) if len(original) else None
-        if ref is not None:  # a trace, not add_hline: layout shapes take log10 units on a log axis
-            xs = _x_of(data, x, dtype)
+        original = data[data.method == "original"]
+        ref_rows = original[original.format == shown_fmt] if len(original) else original
+        ref_rows = ref_rows if len(ref_rows) else original
+        ref = float(ref_rows[metric].iloc[0]) if len(ref_rows) else None
+        if ref is not None and x == "size_ratio":  # a trace, not add_hline (log axis units)
             fig.add_trace(go.Scatter(
-                x=[0.0, float(xs.max()) * 1.02], y=[ref, ref], mode="lines",
+                x=[0.0, 1.02], y=[ref, ref], mode="lines",
                 name=f"original ({ref:.4g})", line=dict(color=COLORS["original"], dash="dash", width=1.5),
                 hovertemplate=f"original model: perplexity {ref:.4g}<extra></extra>"))
+        elif len(original):  # GB view: the original in every format, and the frontier
+            fig.add_trace(go.Scatter(
+                x=original.gb, y=original[metric], mode="markers+text", name="original (each format)",
+                text=original.format, textposition="top center", textfont=dict(size=9, color="#374151"),
+                marker=dict(color=COLORS["original"], size=12, symbol="star"),
+                hovertemplate="original in %{text}<br>%{x:.4f} GB<br>perplexity %{y:.4g}<extra></extra>"))
+            front = pareto_frontier(data, metric[4:])
+            if len(front):
+                fig.add_trace(go.Scatter(
+                    x=front.gb, y=front[metric], mode="lines", name="best for each budget (frontier)",
+                    line=dict(color="rgba(220,38,38,0.25)", width=12, shape="hv"),
+                    customdata=np.stack([front.format, front.size_ratio], axis=-1),
+                    hovertemplate="frontier: %{customdata[0]} at size %{customdata[1]:.2f}<br>%{x:.4f} GB"
+                                  "<br>perplexity %{y:.4g}<extra></extra>"))
         fig.update_layout(xaxis_title=xlabel, yaxis=dict(type="log", title=f"perplexity ({metric[4:]}, log)"))
-        focus = list(data[data.method == methods[0]][metric]) if methods else []
-        focus += [ref] if ref is not None else []
+        acip = data[(data.method == "acip") & (data.format == shown_fmt)]
+        focus = list(data[data.method == "acip"][metric]) + ([ref] if ref is not None else [])
         if measured is not None and len(measured) and "perplexity" in measured:
             focus += list(measured.perplexity.dropna())
         focus = [v for v in focus if v > 0 and math.isfinite(v)]
         if focus:  # frame ACIP and the reference; far-off baselines are clipped (autoscale shows all)
             fig.update_yaxes(range=[math.log10(min(focus) / 1.5), math.log10(max(max(focus) * 3, min(focus) * 10))])
-        if current is not None:
-            xc = current["size_ratio"] if x == "size_ratio" else current["params"] * DTYPE_BYTES[dtype] / 1e9
-            fig.add_vline(x=xc, line=dict(color=COLORS["current"], width=1, dash="dot"))
-            acip = data[data.method == methods[0]] if methods else data
-            yc = _interp_log(_x_of(acip, x, dtype), acip[metric], xc)
-            if yc is not None:
-                fig.add_trace(go.Scatter(
-                    x=[xc], y=[yc], mode="markers", name="current size",
-                    marker=dict(color=COLORS["current"], size=14, symbol="diamond",
-                                line=dict(color="white", width=1.5)),
-                    hovertemplate=f"current size {current['size_ratio']:.3f}<br>"
-                                  "perplexity ≈ %{y:.4g} (interpolated)<extra></extra>"))
-    if measured is not None and len(measured) and "perplexity" in measured:
-        points = measured[measured.perplexity.notna()] if "perplexity" in measured else measured
-        for i, (data_name, rows) in enumerate(points.groupby("data", sort=False)):
-            xs = rows.size_ratio if x == "size_ratio" else rows.params * DTYPE_BYTES[dtype] / 1e9
+    if current is not None and acip is not None:
+        xc = current["size_ratio"] if x == "size_ratio" else current.get("gb", current.get("gb_float32"))
+        fig.add_vline(x=xc, line=dict(color=COLORS["current"], width=1, dash="dot"))
+        yc = _interp_log(_x_of(acip, x), acip[metric], xc) if len(acip) else None
+        if yc is not None:
             fig.add_trace(go.Scatter(
-                x=xs, y=rows.perplexity, mode="markers", name=f"measured: {data_name}",
+                x=[xc], y=[yc], mode="markers", name="current size",
+                marker=dict(color=COLORS["current"], size=14, symbol="diamond", line=dict(color="white", width=1.5)),
+                hovertemplate=f"current size {current['size_ratio']:.3f} ({dtype})<br>"
+                              "perplexity ≈ %{y:.4g} (interpolated)<extra></extra>"))
+    if measured is not None and len(measured) and "perplexity" in measured:
+        points = measured[measured.perplexity.notna()]
+        for i, (data_name, rows) in enumerate(points.groupby("data", sort=False)):
+            fig.add_trace(go.Scatter(
+                x=_x_of(rows, x), y=rows.perplexity, mode="markers", name=f"measured: {data_name}",
                 marker=dict(color=COLORS["measured"] if i == 0 else _PALETTE[i % len(_PALETTE)], size=11,
                             symbol="circle-open", line=dict(width=3)),
                 customdata=np.stack([rows.size_ratio, rows.windows, rows.dtype], axis=-1),

@@ -46,7 +46,7 @@ def test_budget(explorer):
     for bad in (0, -1, float("nan"), "x"):
         with pytest.raises(ValueError, match="budget must be"):
             explorer.size_for_budget(bad)
-    with pytest.raises(ValueError, match="dtype"):
+    with pytest.raises(ValueError, match="format"):
         explorer.size_for_budget(1.0, "int3")
 
 
