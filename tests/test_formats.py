@@ -146,8 +146,12 @@ def test_budget_picker_on_a_hand_made_curve(tiny_llama_tied):
     pick = best_for_budget(model, curve, model.full_size("int8").gigabytes * 1.001)
     assert pick["format"] == "int8" and pick["size_ratio"] == 1.0
     assert pick["gb"] <= model.full_size("int8").gigabytes * 1.001
-    with pytest.raises(ValueError, match="no measured size"):
+    with pytest.raises(ValueError, match="smaller than the smallest model"):
         best_for_budget(model, curve, 1e-9)
+    # sizes fit, but none within the measured range (here only 0.95..1.0): nothing to rank them by
+    with pytest.raises(ValueError, match="no measured size"):
+        best_for_budget(model, curve[(curve.size_ratio >= 0.95) & (curve.format == "float32")],
+                        model.size_for_ratio(0.6).gigabytes)
     with pytest.raises(ValueError, match="no measured curve"):
         best_for_budget(model, None, 1.0)
 
