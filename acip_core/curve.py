@@ -72,7 +72,7 @@ def method_curve(folder, method: str, evals: dict[str, torch.Tensor], sizes=DEFA
         points = [(t, any_size.size_for_ratio(t, fmt)) for t in sizes]
     rows = []
     for i, (target, size) in enumerate(points):
-        row = size_row(method, target, size)
+        row = dict(size_row(method, target, size), windows=max((len(w) for w in evals.values()), default=0))
         net = any_size.materialize(size, fmt)
         for name, windows in evals.items():
             result = perplexity(net, windows, batch_size)
@@ -83,7 +83,8 @@ def method_curve(folder, method: str, evals: dict[str, torch.Tensor], sizes=DEFA
         if on_progress:
             on_progress(i + 1, len(points))
     if method == "acip":  # the reference line, measured the same way
-        row = size_row("original", 1.0, any_size.full_size(fmt))
+        row = dict(size_row("original", 1.0, any_size.full_size(fmt)),
+                   windows=max((len(w) for w in evals.values()), default=0))
         for name, windows in evals.items():
             result = perplexity(any_size.materialize(any_size.full_size(fmt), fmt), windows, batch_size)
             row[f"ppl_{name}"], row[f"nll_std_{name}"] = result["perplexity"], result["nll_std"]

@@ -216,3 +216,13 @@ def test_quantized_export_loads_in_a_fresh_process_with_the_apps_tokens(tiny_lla
                           text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == app.tolist()
+
+
+def test_int4_column_prefix_is_the_repacked_prefix():
+    """The fast column prefix (a slice of the packed bytes) equals packing the prefix from scratch."""
+    from acip_core.formats import _int4_columns_slice, _pack_int4
+
+    assert _int4_columns_slice()  # torch 2.13's layout (else cols() repacks: correct, slower)
+    q = quantize_int4(torch.randn(200, 256, generator=torch.Generator().manual_seed(2)), 32)
+    for n in (32, 96, 224):
+        assert torch.equal(q.cols(n).data, _pack_int4(q.q[:, :n]))
