@@ -9,9 +9,11 @@ import statistics
 import sys
 import time
 from dataclasses import fields
+from pathlib import Path
 
 from .data import DEFAULT_DATA
 from .score import ScoreConfig
+from .train import OBJECTIVES
 from .selftext import HELD_OUT_DOMAIN
 
 COMMANDS = {}
@@ -46,19 +48,13 @@ def _fmt(args):
 
 
 def _size_args(p, budget=True, fmt_default="float32"):
-    p.add_argument("--artifact", required=True, help="artifact folder (e.g. precomputed/smollm2-135m-instruct)")
-    group = p.add_mutually_exclusive_group(required=True)
+    p.add_argument("--artifact", required=True, help="artifact folder (e.g. precomputed/smollm2-135m-instruct), "
+                                                     "or a tuned size's folder (its size is its own)")
+    group = p.add_mutually_exclusive_group()
     group.add_argument("--size-ratio", type=float, help="kept fraction of the target layers, in [0, 1]")
     if budget:
         group.add_argument("--budget-gb", type=float, help="memory budget in GB (1e9 bytes) for the weights")
     _format_args(p, fmt_default)
-
-
-def _pick_size(model, args):
-    fmt = _fmt(args) or "float32"
-    if getattr(args, "budget_gb", None) is not None:
-        return model.size_for_budget(args.budget_gb, fmt)
-    return model.size_for_ratio(args.size_ratio, fmt)
 
 
 def _size_dict(size, target) -> dict:
@@ -97,19 +93,18 @@ def cmd_score(args):
 
 @command
 def cmd_size(args):
-    from .pipeline import open_artifact
-
     from .artifact import load_artifact
     from .curve import best_for_budget
+    from .pipeline import open_artifact
 
-    model = open_artifact(args.artifact)
     if args.budget_gb is not None and args.format is None:  # the best (size, format) by the measured curve
+        model = open_artifact(args.artifact)
         pick = best_for_budget(model, load_artifact(args.artifact).curve, args.budget_gb, args.eval_set)
         size = pick["size"]
         result = dict(_size_dict(size, args.budget_gb), **{k: v for k, v in pick.items() if k != "size"})
     else:
         args.format = args.format or "float32"
-        size = _pick_size(model, args)
+        model, size = _open_method_size(args)
         result = _size_dict(size, args.size_ratio if args.size_ratio is not None else args.budget_gb)
     if args.budget_gb is not None:
         result["budget_left_gb"] = args.budget_gb - size.gigabytes
@@ -117,15 +112,11 @@ def cmd_size(args):
 
 
 def _open_method_size(args):
-    """The model of --method and its size for --size-ratio / --budget-gb."""
-    from .pipeline import method_size, open_method
+    """The model of --method and its size for --size-ratio / --budget-gb (or a tuned size's own)."""
+    from .pipeline import open_sized
 
-    model, artifact = open_method(args.artifact, args.method)
-    if args.method == "block-removal" and args.budget_gb is not None:
-        raise ValueError("block-removal takes --size-ratio, not --budget-gb")
-    size = method_size(args.method, model, artifact, args.size_ratio, _fmt(args)) if args.size_ratio is not None \
-        else _pick_size(model, args)
-    return model, size
+    return open_sized(args.artifact, args.size_ratio, getattr(args, "budget_gb", None), _fmt(args) or "float32",
+                      getattr(args, "method", "acip"))
 
 
 @command
@@ -145,10 +136,8 @@ def cmd_eval(args):
 @command
 def cmd_generate(args):
     from .evaluate import generate_text
-    from .pipeline import open_artifact
 
-    model = open_artifact(args.artifact)
-    size = _pick_size(model, args)
+    model, size = _open_method_size(args)
     text = generate_text(model.materialize(size, size.format), model.tokenizer, args.prompt,
                          args.max_new_tokens, chat=not args.no_chat)
     _emit(args, dict(size_ratio=round(size.size_ratio, 5), prompt=args.prompt, text=text), text)
@@ -232,10 +221,8 @@ def cmd_export(args):
     from pathlib import Path
 
     from .export import export_dense, export_lowrank
-    from .pipeline import open_artifact
 
-    model = open_artifact(args.artifact)
-    size = model.size_for_ratio(args.size_ratio, _fmt(args))
+    model, size = _open_method_size(args)
     export = export_dense if args.dense else export_lowrank
     out = export(model, size, args.out, size.format, card=dict(artifact=Path(args.artifact).name))
     files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
@@ -249,10 +236,10 @@ def cmd_export(args):
 @command
 def cmd_bench(args):
     from .bench import compare_speed
-    from .pipeline import open_artifact
 
     fmt = _fmt(args)
-    result = compare_speed(open_artifact(args.artifact), args.size_ratio, fmt, args.prompt_tokens,
+    model, size = _open_method_size(args)
+    result = compare_speed(model, size.size_ratio, fmt, args.prompt_tokens,
                            args.new_tokens, args.rounds)
     lines = [f"size {result['size_ratio']:.3f} vs original, {fmt.key}, {result['threads']} threads, batch 1:",
              f"  decode  {result['decode_tok_s_compressed']:8.1f} vs {result['decode_tok_s_original']:8.1f} tok/s"
@@ -263,6 +250,50 @@ def cmd_bench(args):
         lines.append(f"  decode vs the float32 original ({result['decode_tok_s_original_float32']:.1f} tok/s)"
                      f" = {result['decode_speedup_vs_float32']:.2f}x")
     _emit(args, result, "\n".join(lines))
+
+
+@command
+def cmd_finetune(args):
+    from .distributed import DistContext
+    from .finetune import FinetuneConfig, run_finetune
+
+    cfg = FinetuneConfig(**{f.name: getattr(args, f.name) for f in fields(FinetuneConfig)
+                            if getattr(args, f.name, None) is not None})
+    started = time.perf_counter()
+
+    def on_step(e):  # the ETA counts this process's steps only (a resumed run starts its clock anew)
+        done = e["step"] - first[0]
+        eta = (time.perf_counter() - started) / max(done, 1) * (cfg.steps - e["step"])
+        if not args.json:
+            print(f"step {e['step']:5d}/{cfg.steps} loss {e['loss']:.4f} nll {e['nll']:.4f}"
+                  + (f" kd {e['kd']:.4f}" if "kd" in e else "") + f" {e['seconds']:.0f}s eta {eta:.0f}s",
+                  flush=True)
+
+    first = [0]
+    if args.resume:
+        from .train import CHECKPOINT_STATE
+
+        try:
+            first[0] = json.loads((Path(args.out) / CHECKPOINT_STATE).read_text())["step"]
+        except (OSError, ValueError, KeyError):
+            pass
+    dist = DistContext.from_env()  # set up by torchrun / accelerate launch
+    try:
+        tuned = run_finetune(args.artifact, args.size_ratio, args.data, args.out, cfg, args.resume,
+                             on_step if dist is None or dist.rank == 0 else None,
+                             eval_windows=args.eval_windows, dist=dist)
+    finally:
+        if dist:
+            dist.close()
+    if tuned is not None:
+        m = tuned.meta
+        lines = [f"wrote {args.out}: size {m['size']['size_ratio']:.4f}, {m['finetune']['objective']}, "
+                 f"{m['result']['steps']} steps in {m['result']['seconds']:.0f} s, peak RSS "
+                 f"{m['result']['peak_rss_mib']} MiB"]
+        lines += [f"  {name}: perplexity {f['untuned']['perplexity']:.2f} untuned -> {f['tuned']['perplexity']:.2f} tuned"
+                  for name, f in m["perplexity"].items()]
+        _emit(args, dict(out=args.out, size=m["size"], result=m["result"], perplexity=m["perplexity"]),
+              "\n".join(lines))
 
 
 def torch_dtype(name: str):
@@ -312,6 +343,22 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)), default=None,
                        help=f"default {getattr(defaults, f.name)}")
 
+    from .finetune import FinetuneConfig
+
+    p = sub.add_parser("finetune", help="fine-tune one size (LoRA, factors frozen) into a tuned size")
+    p.add_argument("--artifact", required=True, help="the artifact whose size is tuned")
+    p.add_argument("--size-ratio", type=float, required=True, help="the size, in (0, 1)")
+    p.add_argument("--data", default=DEFAULT_DATA, help="training text (never an evaluation set)")
+    p.add_argument("--out", required=True, help="output folder of the tuned size")
+    p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
+    p.add_argument("--eval-windows", type=int, default=32,
+                   help="256-token windows of corpus:heldout and corpus:domain measured untuned and tuned")
+    ft_defaults = FinetuneConfig()
+    for f in fields(FinetuneConfig):
+        kw = dict(choices=OBJECTIVES) if f.name == "objective" else {}
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(ft_defaults, f.name)), default=None,
+                       help=f"default {getattr(ft_defaults, f.name)}", **kw)
+
     p = sub.add_parser("size", help="the size for a ratio or a memory budget")
     _size_args(p, fmt_default=None)
     p.add_argument("--eval-set", default="heldout",
@@ -347,8 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replace", action="store_true", help="drop the other methods' rows")
 
     p = sub.add_parser("bench", help="decode/prefill tokens/s of a size vs the original, one process")
-    p.add_argument("--artifact", required=True)
-    p.add_argument("--size-ratio", type=float, required=True)
+    p.add_argument("--artifact", required=True, help="artifact folder, or a tuned size's folder")
+    p.add_argument("--size-ratio", type=float, help="not needed for a tuned size")
     _format_args(p)
     p.add_argument("--prompt-tokens", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -374,8 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="at most this many items per task")
     p.add_argument("--batch-size", type=int, default=16)
     p = sub.add_parser("export", help="write one size as a Hugging Face model folder")
-    p.add_argument("--artifact", required=True, help="artifact folder")
-    p.add_argument("--size-ratio", type=float, required=True, help="kept fraction of the target layers, in [0, 1]")
+    p.add_argument("--artifact", required=True, help="artifact folder, or a tuned size's folder (its LoRA merged)")
+    p.add_argument("--size-ratio", type=float, help="kept fraction of the target layers, in [0, 1] "
+                                                    "(not needed for a tuned size)")
     p.add_argument("--out", required=True, help="output folder (new, empty, or a previous export)")
     p.add_argument("--dense", action="store_true",
                    help="multiply the factors out: a plain base-architecture folder (no remote code, full size)")

@@ -133,7 +133,10 @@ class DistContext:
         return wrapped
 
     def reducer(self, layers):
-        params = [p for l in layers.values() for p in (l.mask, l.lora_A, l.lora_B)]
+        return self.reducer_of([p for l in layers.values() for p in (l.mask, l.lora_A, l.lora_B)])
+
+    def reducer_of(self, params: list):
+        """Averages the gradients of `params` over the ranks (scoring: masks + LoRA; fine-tuning: LoRA)."""
 
         def reduce_grads():
             live = [p for p in params if p.grad is not None]

@@ -1,4 +1,4 @@
-"""Background scoring runs: `python -m acip_core score ... --out runs/<name>` as child processes.
+"""Background runs: `python -m acip_core score|finetune ... --out runs/<name>` as child processes.
 
 All state lives in the process and its folder (run.json: how it was launched; log.jsonl: one line
 per step; checkpoint.json: resumable; acip.json: finished), so a reloaded page, or a restarted
@@ -102,6 +102,31 @@ class ScoringJobs:
         (folder / RUN_FILE).write_text(json.dumps(spec, indent=1))
         return self._launch(name, args)
 
+    def start_finetune(self, name: str, artifact: str, size_ratio: float, objective: str = "kd",
+                       steps: int = 200, data: str = DEFAULT_DATA, **options) -> dict:
+        """Launches `finetune` of one size of `artifact` (a tuned size lands in the run's folder);
+        `options` are further FinetuneConfig fields. The same status/cancel/resume as scoring runs."""
+        from .finetune import FinetuneConfig
+        from .tuned import is_tuned
+
+        folder = self.folder(name)
+        if folder.exists() and any(folder.iterdir()):
+            raise ValueError(f"a run named {name!r} already exists; resume it or pick another name")
+        if not isinstance(artifact, str) or not (Path(artifact) / "acip.json").is_file() or is_tuned(artifact):
+            raise ValueError(f"{artifact!r} is not an artifact folder (a tuned size cannot be tuned again)")
+        cfg = FinetuneConfig(steps=int(steps), objective=objective, **options)  # validates
+        if not 0.0 < float(size_ratio) < 1.0:
+            raise ValueError(f"size_ratio must be in (0, 1), got {size_ratio}")
+        args = ["-m", "acip_core", "-v", "finetune", "--artifact", artifact, "--size-ratio", str(float(size_ratio)),
+                "--data", data, "--out", str(folder)]
+        for key, value in vars(cfg).items():
+            args += ["--" + key.replace("_", "-"), str(value)]
+        folder.mkdir(parents=True, exist_ok=True)
+        spec = dict(name=name, kind="finetune", args=args, model=artifact, data=data, config=vars(cfg),
+                    size_ratio=float(size_ratio), created=time.time())
+        (folder / RUN_FILE).write_text(json.dumps(spec, indent=1))
+        return self._launch(name, args)
+
     def resume(self, name: str) -> dict:
         """Relaunches a stopped run with --resume (it continues from its last checkpoint)."""
         folder = self.folder(name)
@@ -177,16 +202,18 @@ class ScoringJobs:
         history = read_log(folder)
         last = history.iloc[-1].to_dict() if len(history) else {}
         running = self._running(name, folder)
-        finished = (folder / "acip.json").is_file() and not (folder / "checkpoint.json").is_file()
+        result = "tuned.json" if spec.get("kind") == "finetune" else "acip.json"
+        finished = (folder / result).is_file() and not (folder / "checkpoint.json").is_file()
         proc = self._procs.get(name)
         code = proc.returncode if proc is not None and proc.poll() is not None else None
         if finished:
-            state, message = "finished", f"artifact ready in {folder}"
+            state, message = "finished", f"{'tuned size' if result == 'tuned.json' else 'artifact'} ready in {folder}"
         elif running:
             state = "starting" if not last else "evaluating" if last.get("phase") == "done" else "running"
             message = dict(starting="loading the model and building the basis",
-                           evaluating="scoring done; measuring the curve and writing the artifact",
-                           running="scoring").get(state)
+                           evaluating=("fine-tuning done; measuring perplexities" if result == "tuned.json"
+                                       else "scoring done; measuring the curve and writing the artifact"),
+                           running="fine-tuning" if result == "tuned.json" else "scoring").get(state)
         elif name in self._cancelled:
             state, message = "cancelled", "cancelled; resume continues from the last checkpoint"
         elif code not in (None, 0) or self._error_line(folder):
@@ -211,7 +238,9 @@ class ScoringJobs:
         post_done = int((history.phase == "post_tune").sum())
         last_phase = history.phase.iloc[-1]
         left = cfg.get("post_tune_steps", 0) - post_done
-        if last_phase == "acip":
+        if last_phase == "finetune":
+            left = cfg.get("steps", 0) - int((history.phase == "finetune").sum())
+        elif last_phase == "acip":
             left += cfg.get("steps", 0) - acip_done
         elif last_phase == "done":
             left = 0
@@ -238,10 +267,17 @@ class ScoringJobs:
         if not self.root.is_dir():
             return []
         folders = [f for f in self.root.iterdir() if f.is_dir() and _NAME.match(f.name)
-                   and ((f / RUN_FILE).is_file() or (f / LOG_FILE).is_file() or (f / "acip.json").is_file())]
+                   and ((f / RUN_FILE).is_file() or (f / LOG_FILE).is_file() or (f / "acip.json").is_file()
+                        or (f / "tuned.json").is_file())]
         folders.sort(key=lambda f: (self._spec(f) or {}).get("created", f.stat().st_mtime), reverse=True)
         return [self.status(f.name) for f in folders]
 
     def artifacts(self) -> list[Path]:
-        """Folders of finished runs (usable as artifacts)."""
-        return [Path(r["folder"]) for r in self.list() if r["state"] == "finished"]
+        """Folders of finished scoring runs (usable as artifacts)."""
+        return [Path(r["folder"]) for r in self.list()
+                if r["state"] == "finished" and (Path(r["folder"]) / "acip.json").is_file()]
+
+    def tuned(self) -> list[Path]:
+        """Folders of finished fine-tuning runs (tuned sizes; tuned.tuned_sizes lists them per artifact)."""
+        return [Path(r["folder"]) for r in self.list()
+                if r["state"] == "finished" and (Path(r["folder"]) / "tuned.json").is_file()]

@@ -131,12 +131,19 @@ def run_scoring(model_source: str, data: str, out: str | Path, basis_kind: str =
             dist.broadcast_params(layers)
         check = basis_check(basis) if loads else None
         shapes = {n: [m.out_features, m.in_features, m.bias is not None] for n, m in linears.items()}
-        train_model = model
+        train_model, teacher = model, None
+        if cfg.objective != "lm":
+            if sharded:
+                raise ValueError(f"objective {cfg.objective} needs the whole original model on every "
+                                 "process; it does not run under --fsdp")
+            teacher = original_model(model, originals)
         if sharded:
             train_model = dist.shard_frozen(model, layers, autocast_dtype(cfg.precision, device))
             basis = originals = linears = None  # the full frozen tensors now live only in FSDP's shards
         scores, state = score_loop(train_model, layers, stream, cfg, out, resume, on_step, should_stop,
-                                   reduce_grads=dist.reducer(layers) if dist else None, is_writer=writer)
+                                   reduce_grads=dist.reducer(layers) if dist else None, is_writer=writer,
+                                   teacher=teacher)
+        teacher = None
         if state.phase != "done":
             return None
         if dist:
@@ -184,6 +191,15 @@ def run_scoring(model_source: str, data: str, out: str | Path, basis_kind: str =
             lock.__exit__()
 
 
+def original_model(model, originals: dict) -> torch.nn.Module:
+    """The original model beside a parametrized one (the distillation teacher): a module tree over
+    the same tensors with the original linears in place of the ACIPLinears; no weight is copied."""
+    from .materialize import _clone_tree
+
+    swap = {id(model.get_submodule(n)): m for n, m in originals.items()}
+    return _clone_tree(model, swap).eval()
+
+
 def open_artifact(folder: str | Path, on_progress=None) -> AnySizeModel:
     """Loads the artifact's base model, rebuilds (or reads the cached) basis, and checks both."""
     artifact = load_artifact(folder)
@@ -209,6 +225,49 @@ def any_size_from(artifact: Artifact, model, tokenizer, on_progress=None) -> Any
     lora = artifact.meta.get("lora", {})
     return AnySizeModel(model, tokenizer, basis, artifact.scores, artifact.adapters,
                         int(lora.get("rank", 0)), float(lora.get("alpha", 16.0)), meta=artifact.meta)
+
+
+def open_tuned(folder: str | Path):
+    """A tuned size's folder as (AnySizeModel carrying the tuned LoRA, its Size); parent checked."""
+    from .tuned import load_tuned, open_parent
+
+    tuned = load_tuned(folder)
+    parent = open_parent(tuned)
+    model, tokenizer = load_base(parent.meta["model"]["source"])
+    adapters = dict(parent.adapters, **{k: v.float() for k, v in tuned.adapters.items()})
+    parent.adapters = adapters  # layers dense at this size keep the parent's LoRA, never run
+    parent.meta = dict(parent.meta, tuned=dict(folder=str(folder), **{k: tuned.meta[k] for k in
+                                                                      ("size", "finetune", "perplexity")}))
+    any_size = any_size_from(parent, model, tokenizer)
+    size = any_size.size_at(int(tuned.meta["size"]["prefix"]))
+    if abs(size.size_ratio - tuned.size_ratio) > 1e-4:
+        raise ArtifactError(f"{folder}: its size prefix gives size_ratio {size.size_ratio:.5f}, "
+                            f"not the recorded {tuned.size_ratio:.5f}")
+    return any_size, size
+
+
+def open_sized(folder: str | Path, size_ratio: float | None = None, budget_gb: float | None = None,
+               fmt="float32", method: str = "acip"):
+    """(model, size) for a command's --artifact and size options. A tuned size's folder brings its
+    own size (the options may be left out, or must name that size); an artifact needs one of them."""
+    from .tuned import is_tuned
+
+    if is_tuned(folder):
+        model, size = open_tuned(folder)
+        if method != "acip":
+            raise ValueError(f"{folder} is a tuned ACIP size; --method {method} needs an artifact")
+        if budget_gb is not None or (size_ratio is not None and abs(size_ratio - size.size_ratio) > 5e-3):
+            raise ValueError(f"{folder} is a tuned size with its own size ({size.size_ratio:.4f}); "
+                             "leave out --size-ratio / --budget-gb")
+        return model, model.size_at(size.prefix, fmt) if size.prefix >= 0 else size
+    if size_ratio is None and budget_gb is None:
+        raise ValueError("give --size-ratio or --budget-gb (only a tuned size's folder has its own size)")
+    model, artifact = open_method(folder, method)
+    if budget_gb is not None:
+        if method == "block-removal":
+            raise ValueError("block-removal takes --size-ratio, not --budget-gb")
+        return model, model.size_for_budget(budget_gb, fmt)
+    return model, method_size(method, model, artifact, size_ratio, fmt)
 
 
 def open_method(folder: str | Path, method: str = "acip"):

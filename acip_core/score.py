@@ -1,27 +1,26 @@
 """The scoring run (paper Step 2): learn which singular values matter, record the pruning order.
 
-loss = NLL + λ·Σ_layers ‖ReLU(m̂)‖₁, λ grows ×reg_growth every reg_every steps; AdamW on masks + LoRA;
-after every step the score map is updated (Algorithm 1, `update_scores`); stop at size_ratio ≤
-stop_ratio, then post-tune the LoRA with masks frozen. Batches and dropout are functions of the step
-index, and checkpoints hold the full optimizer state, so a resumed run equals an uninterrupted one.
+loss = NLL (or distillation from the original: `objective`) + λ·Σ_layers ‖ReLU(m̂)‖₁, λ grows
+×reg_growth every reg_every steps; AdamW on masks + LoRA; after every step the score map is updated
+(Algorithm 1, `update_scores`); stop at size_ratio ≤ stop_ratio, then post-tune the LoRA with masks
+frozen. This schedule is ScoringHook, the step hook of the shared training loop (train.py), which
+also does checkpoints and exact resume.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load, save
 
-from .artifact import atomic_write_bytes, _sha
+from . import train
 from .layers import ACIPLinear
 from .prune import LayerShape, size_ratio
+from .train import (CHECKPOINT_GLOB, CHECKPOINT_STATE, OBJECTIVES, StepHook, objective,  # noqa: F401
+                    remove_checkpoint, train_loop)
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +45,8 @@ class ScoreConfig:
     seed: int = 42
     checkpoint_every: int = 25
     precision: str = "auto"  # auto (bf16 autocast where supported) | bf16 | fp32
+    objective: str = "lm"  # lm (next-token NLL) | kd (distil the original) | lm+kd (train.objective)
+    temperature: float = 1.0  # of the kd objective
 
     def __post_init__(self):
         if not 0.0 < self.stop_ratio < 1.0:
@@ -57,6 +58,10 @@ class ScoreConfig:
             raise ValueError("post_tune_steps >= 0, lr > 0 and reg_growth >= 1 are required")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError("precision must be auto, bf16 or fp32")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}")
+        if not 0.0 < self.temperature <= 100.0:
+            raise ValueError("temperature must be in (0, 100]")
 
 
 @dataclass
@@ -103,102 +108,85 @@ def current_ratio(layers: dict[str, ACIPLinear], shapes: dict[str, LayerShape]) 
     return size_ratio(shapes, {n: l.rank for n, l in layers.items()})
 
 
-def train_step(model, layers, ids, state: RunState, cfg: ScoreConfig, opt, amp_dtype, reduce_grads=None):
-    """One optimizer step; returns (loss, nll, reg) as floats."""
-    torch.manual_seed(cfg.seed * 1_000_003 + state.step)  # dropout is a function of the step
-    device = next(model.parameters()).device
-    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        logits = model(input_ids=ids.to(device)).logits[:, :-1]
-    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1).to(device))
-    reg = sum(F.relu(l.mask.float()).sum() for l in layers.values())  # one-sided L1, fp32
-    loss = nll + state.reg_weight * reg if state.phase == "acip" else nll
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if reduce_grads is not None:
-        reduce_grads()
-    opt.step()
-    return loss.item(), nll.item(), reg.item()
+class ScoringHook(StepHook):
+    """ACIP's schedule as the shared loop's step hook: λ growth, the stop test, the score map
+    (Algorithm 1) after every step, then post-tuning the LoRA with masks frozen."""
 
+    def __init__(self, cfg: ScoreConfig, layers: dict[str, ACIPLinear]):
+        super().__init__(cfg.steps)
+        self.cfg, self.layers = cfg, layers
+        self.shapes = {n: LayerShape(l.out_features, l.in_features, l.bias is not None) for n, l in layers.items()}
+        self.run = RunState(reg_weight=cfg.reg_init)
+        self.scores = None
 
-def advance(state: RunState, cfg: ScoreConfig, layers, shapes, scores):
-    """Schedule after a step: λ growth, stop test, score update, phase changes. Returns scores."""
-    state.step += 1
-    if state.phase == "acip":
-        state.acip_steps += 1
-        if state.acip_steps % cfg.reg_every == 0:
-            state.reg_weight *= cfg.reg_growth
-        state.size_ratio = current_ratio(layers, shapes)
-        reached = state.size_ratio <= cfg.stop_ratio
-        if not (reached and cfg.post_tune_steps):  # the stop batch is not recorded before post-tuning
-            scores = update_scores(scores, {n: l.mask for n, l in layers.items()})
-        if reached or state.acip_steps >= cfg.steps:
-            state.phase = "post_tune" if cfg.post_tune_steps else "done"
-            if reached:
-                log.info("stop ratio reached at step %d (size_ratio %.4f)", state.step, state.size_ratio)
-    elif state.phase == "post_tune":
-        state.post_steps += 1
-        if state.post_steps >= cfg.post_tune_steps:
-            state.phase = "done"
-    if state.phase == "post_tune":
-        for l in layers.values():
+    def state(self) -> dict:
+        return {k: v for k, v in asdict(self.run).items() if k not in ("step", "seconds", "history")}
+
+    def load_state(self, state: dict) -> None:
+        self.run = RunState(**{**asdict(self.run), **state})
+
+    def tensors(self) -> dict:
+        return self.scores or {}
+
+    def load_tensors(self, tensors: dict) -> None:
+        self.scores = tensors or None
+
+    def begin(self) -> None:
+        if self.run.phase == "post_tune":
+            self._freeze_masks()
+
+    def done(self, step: int) -> bool:
+        return self.run.phase == "done"
+
+    def penalty(self) -> torch.Tensor | float:
+        """λ·Σ‖ReLU(m̂)‖₁ (one-sided L1, fp32) while pruning; nothing while post-tuning."""
+        if self.run.phase != "acip":
+            return 0.0
+        return self.run.reg_weight * sum(F.relu(l.mask.float()).sum() for l in self.layers.values())
+
+    def after_step(self, step: int) -> dict:
+        state, cfg = self.run, self.cfg
+        state.step = step
+        if state.phase == "acip":
+            state.acip_steps += 1
+            if state.acip_steps % cfg.reg_every == 0:
+                state.reg_weight *= cfg.reg_growth
+            state.size_ratio = current_ratio(self.layers, self.shapes)
+            reached = state.size_ratio <= cfg.stop_ratio
+            if not (reached and cfg.post_tune_steps):  # the stop batch is not recorded before post-tuning
+                self.scores = update_scores(self.scores, {n: l.mask for n, l in self.layers.items()})
+            if reached or state.acip_steps >= cfg.steps:
+                state.phase = "post_tune" if cfg.post_tune_steps else "done"
+                if reached:
+                    log.info("stop ratio reached at step %d (size_ratio %.4f)", step, state.size_ratio)
+        elif state.phase == "post_tune":
+            state.post_steps += 1
+            if state.post_steps >= cfg.post_tune_steps:
+                state.phase = "done"
+        if state.phase == "post_tune":
+            self._freeze_masks()
+        return dict(phase=state.phase, reg_weight=state.reg_weight, size_ratio=state.size_ratio)
+
+    def _freeze_masks(self) -> None:
+        for l in self.layers.values():
             l.mask.requires_grad_(False)
-    return scores
 
 
-# -- checkpoints -------------------------------------------------------------------------------
-# checkpoint.json names its tensor file by content hash. Saving writes the new tensor file, then
-# swaps checkpoint.json, then deletes the old tensor file: a kill -9 at any moment leaves a json
-# whose tensor file exists and matches (two fixed names would leave new tensors beside old state).
-CHECKPOINT_STATE = "checkpoint.json"
-CHECKPOINT_GLOB = "checkpoint-*.safetensors"
-
-
+# Checkpoints of a scoring run: the shared loop's, with the schedule as a RunState (train.py).
 def save_checkpoint(folder: Path, state: RunState, params, opt, scores) -> None:
-    tensors = {f"param/{k}": p.detach() for k, p in params.items()}
-    for k, p in params.items():
-        st = opt.state.get(p, {})
-        for name in ("exp_avg", "exp_avg_sq", "step"):
-            if name in st:
-                tensors[f"adam/{k}/{name}"] = st[name].detach().reshape(-1) if name == "step" else st[name]
-    tensors.update({f"score/{k}": v for k, v in (scores or {}).items()})
-    blob = save({k: v.contiguous().cpu() for k, v in tensors.items()})
-    sha = _sha(blob)
-    blob_name = f"checkpoint-{sha[:16]}.safetensors"
-    atomic_write_bytes(folder / blob_name, blob)
     meta = {k: v for k, v in asdict(state).items() if k != "history"}
-    atomic_write_bytes(folder / CHECKPOINT_STATE, json.dumps(dict(meta, tensors=blob_name, sha256=sha)).encode())
-    for old in folder.glob(CHECKPOINT_GLOB):
-        if old.name != blob_name:
-            old.unlink(missing_ok=True)
+    train.save_checkpoint(folder, meta, params, opt, scores)
 
 
 def load_checkpoint(folder: Path, params, opt):
     """Restores params and optimizer state in place; returns (RunState, scores) or None."""
-    meta_path = folder / CHECKPOINT_STATE
-    if not meta_path.is_file():
-        return None
-    meta = json.loads(meta_path.read_text())
-    blob_path = folder / meta.pop("tensors")
-    if not blob_path.is_file():
-        raise ValueError(f"{blob_path} is missing: the checkpoint cannot be resumed")
-    blob = blob_path.read_bytes()
-    if _sha(blob) != meta.pop("sha256"):
-        raise ValueError(f"{blob_path} is corrupted or truncated (checksum mismatch)")
-    tensors = load(blob)
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(tensors[f"param/{k}"])
-            if f"adam/{k}/step" in tensors:
-                opt.state[p] = {"step": tensors[f"adam/{k}/step"].reshape(()).clone(),
-                                "exp_avg": tensors[f"adam/{k}/exp_avg"].to(p.device),
-                                "exp_avg_sq": tensors[f"adam/{k}/exp_avg_sq"].to(p.device)}
-    scores = {k[6:]: v for k, v in tensors.items() if k.startswith("score/")} or None
-    return RunState(**meta), scores
+    restored = train.load_checkpoint(folder, params, opt)
+    return None if restored is None else (RunState(**restored[0]), restored[1] or None)
 
 
 def score_loop(model, layers: dict[str, ACIPLinear], stream, cfg: ScoreConfig, folder: Path,
                resume: bool = False, on_step=None, should_stop=None, reduce_grads=None,
-               is_writer: bool = True):
+               is_writer: bool = True, teacher=None):
     """Runs (or resumes) the ACIP loop on a parametrized model; returns (scores, RunState).
 
     Args:
@@ -206,64 +194,22 @@ def score_loop(model, layers: dict[str, ACIPLinear], stream, cfg: ScoreConfig, f
         on_step: called with a dict (step, phase, loss, nll, reg_weight, size_ratio, seconds).
         should_stop: a callable; True ends the loop after a checkpoint (the run can be resumed).
         reduce_grads: called between backward and optimizer step (all-reduce in distributed runs).
+        teacher: the original model (objective kd or lm+kd), sharing the frozen tensors.
     """
-    shapes = {n: LayerShape(l.out_features, l.in_features, l.bias is not None) for n, l in layers.items()}
-    params = trainable(layers)
-    opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=0.0)
     device = next(model.parameters()).device
     amp_dtype = autocast_dtype(cfg.precision, device)
     if amp_dtype is not None:  # frozen factors stored in the compute dtype: no per-step casts
         for l in layers.values():
             if l.U.dtype != amp_dtype:  # (FSDP-sharded factors were cast before sharding)
                 l.weight, l.U, l.Vh = l.weight.to(amp_dtype), l.U.to(amp_dtype), l.Vh.to(amp_dtype)
-    state, scores = RunState(reg_weight=cfg.reg_init), None
-    log_path = folder / "log.jsonl"
-    if resume:
-        restored = load_checkpoint(folder, params, opt)
-        if restored:
-            state, scores = restored
-            log.info("resumed at step %d (phase %s)", state.step, state.phase)
-        _truncate_log(log_path, state.step)
-    elif is_writer and log_path.exists():
-        log_path.unlink()
-    if state.phase == "post_tune":
-        for l in layers.values():
-            l.mask.requires_grad_(False)
-    model.train()
-    started = time.perf_counter() - state.seconds
-    while state.phase != "done":
-        loss, nll, _ = train_step(model, layers, stream.batch(state.step), state, cfg, opt, amp_dtype,
-                                  reduce_grads)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss} at step {state.step}; lower --lr")
-        scores = advance(state, cfg, layers, shapes, scores)
-        state.seconds = time.perf_counter() - started
-        event = dict(step=state.step, phase=state.phase if state.phase != "done" else "done",
-                     loss=loss, nll=nll, reg_weight=state.reg_weight, size_ratio=state.size_ratio,
-                     seconds=round(state.seconds, 3))
-        if is_writer:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(event) + "\n")
-        if on_step:
-            on_step(event)
-        stop = should_stop is not None and should_stop()
-        if is_writer and (state.step % cfg.checkpoint_every == 0 or stop or state.phase == "done"):
-            save_checkpoint(folder, state, params, opt, scores)
-        if stop:
-            log.info("stopped at step %d; resume with --resume", state.step)
-            break
-    model.eval()
-    return scores, state
+    hook = ScoringHook(cfg, layers)
+    task = objective(cfg.objective, model, teacher, cfg.temperature)
 
+    def loss_fn(ids):
+        loss, metrics = task(ids)
+        return loss + hook.penalty(), metrics
 
-def _truncate_log(path: Path, step: int) -> None:
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    atomic_write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
-
-
-def remove_checkpoint(folder: Path) -> None:
-    (folder / CHECKPOINT_STATE).unlink(missing_ok=True)  # first: a json never points at nothing
-    for blob in folder.glob(CHECKPOINT_GLOB):
-        blob.unlink(missing_ok=True)
+    step, seconds = train_loop(model, trainable(layers), stream, loss_fn, hook, cfg, folder, resume,
+                               on_step, should_stop, reduce_grads, is_writer, amp_dtype)
+    hook.run.step, hook.run.seconds = step, seconds
+    return hook.scores, hook.run

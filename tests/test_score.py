@@ -89,20 +89,20 @@ def test_bad_config_is_rejected(bad):
 
 
 def test_a_save_killed_before_the_state_swap_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
-    from acip_core import score
+    from acip_core import score, train
     p = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.AdamW([p])
     score.save_checkpoint(tmp_path, score.RunState(step=4), {"p": p}, opt, None)
     with torch.no_grad():
         p.fill_(7.0)
-    real_write = score.atomic_write_bytes
+    real_write = train.atomic_write_bytes
 
     def die_on_state(path, data):
         if path.name == score.CHECKPOINT_STATE:
             raise KeyboardInterrupt("killed")  # the new tensors are on disk, the state is not
         real_write(path, data)
 
-    monkeypatch.setattr(score, "atomic_write_bytes", die_on_state)
+    monkeypatch.setattr(train, "atomic_write_bytes", die_on_state)
     with pytest.raises(KeyboardInterrupt):
         score.save_checkpoint(tmp_path, score.RunState(step=8), {"p": p}, opt, None)
     monkeypatch.undo()

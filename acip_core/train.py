@@ -1,0 +1,232 @@
+"""One training loop for every run that trains tensors of a model: scoring (paper Step 2) and
+fine-tuning a chosen size (paper §3.3).
+
+A run is three things: the trainable tensors (`params`), a loss function (`loss_fn(ids) -> (loss,
+metrics)`) and a step hook (its schedule: what changes after a step, when it is done, what else it
+checkpoints). The loop owns what they share: AdamW, autocast, the gradient all-reduce of distributed
+runs (`reduce_grads`, from distributed.py), checkpoints and exact resume, the log and stopping on
+request. Batches and dropout are functions of the step index and checkpoints hold the full
+optimizer state, so a resumed run equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load, save
+
+from .artifact import _sha, atomic_write_bytes
+
+log = logging.getLogger(__name__)
+OBJECTIVES = ("lm", "kd", "lm+kd")
+
+
+class StepHook:
+    """A run's schedule around the shared loop; this base runs `steps` steps and nothing else."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def state(self) -> dict:
+        """JSON-able schedule state (checkpointed beside step and seconds)."""
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        pass
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Further tensors a checkpoint must hold (the scoring run's score map)."""
+        return {}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def begin(self) -> None:
+        """Called once before the first step of this process (after a resume's restore)."""
+
+    def after_step(self, step: int) -> dict:
+        """Called after optimizer step number `step` (1-based); returns fields for the log line."""
+        return dict(phase="done" if self.done(step) else "train")
+
+    def done(self, step: int) -> bool:
+        return step >= self.steps
+
+
+# -- loss functions ------------------------------------------------------------------------------
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0):
+    """T²·KL(p_teacher ‖ p_student) of the next-token distributions at temperature T, mean per token.
+
+    T² keeps the gradient's scale independent of T (Hinton et al. 2015): ∂/∂z_student = T·(p_s − p_t)
+    per token. Exactly 0 when the logits are equal.
+    """
+    t = float(temperature)
+    log_s = F.log_softmax(student_logits.float() / t, dim=-1)
+    log_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    return t * t * (log_t.exp() * (log_t - log_s)).sum(-1).mean()
+
+
+def objective(kind: str, model, teacher=None, temperature: float = 1.0):
+    """The loss function of `model` for an objective: lm (next-token NLL), kd (distillation from
+    `teacher`, the original model) or lm+kd (their sum). Metrics always hold the NLL."""
+    if kind not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {kind!r}")
+    if kind != "lm" and teacher is None:
+        raise ValueError(f"objective {kind} needs the original model as teacher")
+    if not temperature > 0 or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be a positive number, got {temperature}")
+
+    def loss_fn(ids: torch.Tensor):
+        device = next(model.parameters()).device
+        ids = ids.to(device)
+        logits = model(input_ids=ids).logits[:, :-1]
+        nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        metrics = dict(nll=nll)
+        loss = nll if "lm" in kind.split("+") else 0.0
+        if "kd" in kind:
+            with torch.no_grad():
+                teacher_logits = teacher(input_ids=ids).logits[:, :-1]
+            metrics["kd"] = kd_loss(logits, teacher_logits, temperature)
+            loss = loss + metrics["kd"]
+        return loss, metrics
+    return loss_fn
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+# checkpoint.json names its tensor file by content hash. Saving writes the new tensor file, then
+# swaps checkpoint.json, then deletes the old tensor file: a kill -9 at any moment leaves a json
+# whose tensor file exists and matches (two fixed names would leave new tensors beside old state).
+CHECKPOINT_STATE = "checkpoint.json"
+CHECKPOINT_GLOB = "checkpoint-*.safetensors"
+LOG_FILE = "log.jsonl"
+
+
+def save_checkpoint(folder: Path, meta: dict, params, opt, extra: dict | None = None) -> None:
+    """meta: the JSON state (step, seconds, the hook's); extra: the hook's tensors (saved as score/…)."""
+    tensors = {f"param/{k}": p.detach() for k, p in params.items()}
+    for k, p in params.items():
+        st = opt.state.get(p, {})
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            if name in st:
+                tensors[f"adam/{k}/{name}"] = st[name].detach().reshape(-1) if name == "step" else st[name]
+    tensors.update({f"score/{k}": v for k, v in (extra or {}).items()})
+    blob = save({k: v.contiguous().cpu() for k, v in tensors.items()})
+    sha = _sha(blob)
+    blob_name = f"checkpoint-{sha[:16]}.safetensors"
+    atomic_write_bytes(folder / blob_name, blob)
+    atomic_write_bytes(folder / CHECKPOINT_STATE, json.dumps(dict(meta, tensors=blob_name, sha256=sha)).encode())
+    for old in folder.glob(CHECKPOINT_GLOB):
+        if old.name != blob_name:
+            old.unlink(missing_ok=True)
+
+
+def load_checkpoint(folder: Path, params, opt):
+    """Restores params and optimizer state in place; returns (meta, extra tensors) or None."""
+    meta_path = folder / CHECKPOINT_STATE
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    blob_path = folder / meta.pop("tensors")
+    if not blob_path.is_file():
+        raise ValueError(f"{blob_path} is missing: the checkpoint cannot be resumed")
+    blob = blob_path.read_bytes()
+    if _sha(blob) != meta.pop("sha256"):
+        raise ValueError(f"{blob_path} is corrupted or truncated (checksum mismatch)")
+    tensors = load(blob)
+    missing = [k for k in params if f"param/{k}" not in tensors]
+    if missing:
+        raise ValueError(f"{blob_path} is a checkpoint of another run (it lacks {missing[0]})")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(tensors[f"param/{k}"])
+            if f"adam/{k}/step" in tensors:
+                opt.state[p] = {"step": tensors[f"adam/{k}/step"].reshape(()).clone(),
+                                "exp_avg": tensors[f"adam/{k}/exp_avg"].to(p.device),
+                                "exp_avg_sq": tensors[f"adam/{k}/exp_avg_sq"].to(p.device)}
+    extra = {k[6:]: v for k, v in tensors.items() if k.startswith("score/")}
+    return meta, extra
+
+
+def remove_checkpoint(folder: Path) -> None:
+    (folder / CHECKPOINT_STATE).unlink(missing_ok=True)  # first: a json never points at nothing
+    for blob in folder.glob(CHECKPOINT_GLOB):
+        blob.unlink(missing_ok=True)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    atomic_write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
+
+
+# -- the loop --------------------------------------------------------------------------------------
+def train_loop(model, params: dict[str, torch.nn.Parameter], stream, loss_fn, hook: StepHook, cfg,
+               folder: Path, resume: bool = False, on_step=None, should_stop=None, reduce_grads=None,
+               is_writer: bool = True, amp_dtype: torch.dtype | None = None) -> tuple[int, float]:
+    """Runs (or resumes) a training run until hook.done() or should_stop(); returns (step, seconds).
+
+    Args:
+        params: the trainable tensors by name (the checkpoint's keys); AdamW(lr=cfg.lr) trains them.
+        stream: a BatchStream; batch(step) gives token ids [B, L].
+        loss_fn: ids -> (loss tensor, dict of metric tensors), run under autocast(amp_dtype).
+        cfg: any config with lr, seed and checkpoint_every.
+        on_step: called with each log line (a dict: step, loss, the metrics, the hook's fields, seconds).
+        should_stop: a callable; True ends the loop after a checkpoint (the run can be resumed).
+        reduce_grads: called between backward and optimizer step (all-reduce in distributed runs).
+    """
+    folder = Path(folder)
+    opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=0.0)
+    device = next(model.parameters()).device
+    step, seconds = 0, 0.0
+    log_path = folder / LOG_FILE
+    if resume:
+        restored = load_checkpoint(folder, params, opt)
+        if restored:
+            meta, extra = restored
+            step, seconds = int(meta.pop("step")), float(meta.pop("seconds"))
+            hook.load_state(meta)
+            hook.load_tensors(extra)
+            log.info("resumed at step %d", step)
+        _truncate_log(log_path, step)
+    elif is_writer and log_path.exists():
+        log_path.unlink()
+    hook.begin()
+    model.train()
+    started = time.perf_counter() - seconds
+    while not hook.done(step):
+        torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout is a function of the step
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            loss, metrics = loss_fn(stream.batch(step))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if reduce_grads is not None:
+            reduce_grads()
+        opt.step()
+        loss = loss.item()
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss} at step {step}; lower --lr")
+        step += 1
+        fields = hook.after_step(step)
+        seconds = time.perf_counter() - started
+        event = dict(step=step, loss=loss, **{k: float(v.detach()) if torch.is_tensor(v) else v for k, v in metrics.items()}, **fields,
+                     seconds=round(seconds, 3))
+        if is_writer:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(event) + "\n")
+        if on_step:
+            on_step(event)
+        stop = should_stop is not None and should_stop()
+        if is_writer and (step % cfg.checkpoint_every == 0 or stop or hook.done(step)):
+            save_checkpoint(folder, dict(step=step, seconds=seconds, **hook.state()), params, opt,
+                            hook.tensors())
+        if stop:
+            log.info("stopped at step %d; resume with --resume", step)
+            break
+    model.eval()
+    return step, seconds

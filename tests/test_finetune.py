@@ -1,0 +1,226 @@
+"""Fine-tuning a chosen size (paper §3.3) and distillation from the original, on the tiny Llama."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from acip_core.artifact import ArtifactError, load_artifact, save_artifact
+from acip_core.finetune import FinetuneConfig, run_finetune
+from acip_core.pipeline import open_artifact, open_sized, open_tuned
+from acip_core.train import kd_loss
+from acip_core.tuned import TUNED_FILE, load_tuned, tuned_sizes
+
+
+def test_kd_loss_is_zero_for_the_teacher_itself_and_its_gradient_matches_the_closed_form():
+    g = torch.Generator().manual_seed(0)
+    teacher = 3 * torch.randn(2, 5, 11, generator=g)
+    for t in (1.0, 2.5):
+        same = teacher.clone().requires_grad_(True)
+        loss = kd_loss(same, teacher, t)
+        loss.backward()
+        assert loss.item() == 0.0 and same.grad.abs().max().item() < 1e-7
+        student = torch.randn(2, 5, 11, generator=g).requires_grad_(True)
+        loss = kd_loss(student, teacher, t)
+        loss.backward()
+        # reference: T²·KL(p_t ‖ p_s) per token, from torch's kl_div; gradient T·(p_s − p_t)/tokens
+        ref = t * t * F.kl_div(F.log_softmax(student.detach() / t, -1).reshape(-1, 11),
+                               F.log_softmax(teacher / t, -1).reshape(-1, 11), log_target=True,
+                               reduction="batchmean")
+        grad = t * (F.softmax(student.detach() / t, -1) - F.softmax(teacher / t, -1)) / 10
+        torch.testing.assert_close(loss.detach(), ref, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(student.grad, grad, atol=1e-7, rtol=1e-5)
+        assert loss.item() > 0
+
+
+def _cfg(**kw):
+    base = dict(steps=12, batch_size=2, seq_len=32, lr=5e-3, objective="lm", lora_dropout=0.0,
+                checkpoint_every=5, precision="fp32")
+    base.update(kw)
+    return FinetuneConfig(**base)
+
+
+EVAL = {"heldout": "corpus:heldout"}
+SIZE = 0.35  # LoRA rank 4 on 32-wide layers: factorized (not dense) only below ~0.4
+
+
+@pytest.fixture(scope="module")
+def tiny_artifact(tiny_llama, tmp_path_factory):
+    """A scoring run with a small LoRA, so that its small sizes have factorized layers to tune."""
+    from acip_core import ScoreConfig, run_scoring
+
+    out = tmp_path_factory.mktemp("art4") / "tiny"
+    cfg = ScoreConfig(steps=400, batch_size=2, seq_len=32, lr=2e-3, reg_init=1e-2, reg_growth=1.05,
+                      stop_ratio=0.3, post_tune_steps=3, lora_rank=4, lora_alpha=8.0, precision="fp32")
+    run_scoring(tiny_llama, "corpus:train", out, "whitened", cfg, eval_windows=0, curve_sizes=[0.5])
+    return out
+
+
+@pytest.fixture(scope="module")
+def tuned(tiny_artifact, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tuned") / "t"
+    run_finetune(tiny_artifact, SIZE, "corpus:train", out, _cfg(objective="lm+kd"), eval_sets=EVAL, eval_windows=4)
+    return out
+
+
+def test_a_few_steps_lower_the_loss_and_write_a_small_tuned_size(tuned, tiny_artifact):
+    meta = json.loads((tuned / TUNED_FILE).read_text())
+    fig = meta["perplexity"]["heldout"]
+    assert fig["tuned"]["perplexity"] < fig["untuned"]["perplexity"]
+    log = [json.loads(l) for l in (tuned / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == list(range(1, 13)) and {"nll", "kd", "loss"} <= set(log[0])
+    assert sum(e["loss"] for e in log[-4:]) < sum(e["loss"] for e in log[:4])
+    assert not list(tuned.glob("checkpoint*")) and not (tuned / ".lock").exists()
+    parent = load_artifact(tiny_artifact)
+    # only the layers factorized at that size are stored, in bf16: smaller than the parent's adapters
+    assert (tuned / "adapters.safetensors").stat().st_size < (tiny_artifact / "adapters.safetensors").stat().st_size / 2
+    assert meta["size"]["tuned_layers"] <= len(parent.shapes)
+    listed = tuned_sizes(tiny_artifact, [tuned])
+    assert [d["size_ratio"] for d in listed] == [meta["size"]["size_ratio"]]
+
+
+def test_the_tuned_size_opens_with_its_own_size_and_its_figures_reproduce(tuned, tiny_artifact):
+    from acip_core.data import load_text, token_windows
+    from acip_core.evaluate import perplexity
+
+    model, size = open_sized(tuned)
+    meta = json.loads((tuned / TUNED_FILE).read_text())
+    assert size.prefix == meta["size"]["prefix"]
+    w = token_windows(model.tokenizer, load_text("corpus:heldout"), 256, 4)
+    ppl = perplexity(model.materialize(size), w)["perplexity"]
+    assert ppl == pytest.approx(meta["perplexity"]["heldout"]["tuned"]["perplexity"], rel=1e-4)
+    with pytest.raises(ValueError, match="its own size"):
+        open_sized(tuned, size_ratio=0.9)
+    with pytest.raises(ValueError, match="--size-ratio or --budget-gb"):
+        open_sized(tiny_artifact)
+
+
+def test_resume_after_an_interruption_equals_the_uninterrupted_run(tiny_artifact, tmp_path):
+    cfg = _cfg(objective="kd", temperature=2.0, lora_dropout=0.1)
+    full = run_finetune(tiny_artifact, SIZE, "corpus:train", tmp_path / "full", cfg, eval_sets={})
+    calls = {"n": 0}
+
+    def stop_after_7():
+        calls["n"] += 1
+        return calls["n"] >= 7
+
+    part = tmp_path / "part"
+    assert run_finetune(tiny_artifact, SIZE, "corpus:train", part, cfg, should_stop=stop_after_7, eval_sets={}) is None
+    assert json.loads((part / "checkpoint.json").read_text())["step"] == 7
+    resumed = run_finetune(tiny_artifact, SIZE, "corpus:train", part, cfg, resume=True, eval_sets={})
+    assert set(resumed.adapters) == set(full.adapters)
+    for k in full.adapters:
+        assert torch.equal(resumed.adapters[k], full.adapters[k])
+    assert [json.loads(l)["step"] for l in (part / "log.jsonl").read_text().splitlines()] == list(range(1, 13))
+
+
+def test_a_tuned_size_refuses_a_parent_with_another_checksum(tuned, tiny_artifact, tmp_path):
+    parent, child = tmp_path / "parent", tmp_path / "parent" / "tuned" / str(SIZE)
+    shutil.copytree(tiny_artifact, parent)
+    shutil.copytree(tuned, child)
+    meta = json.loads((child / TUNED_FILE).read_text())
+    meta["parent"]["path"] = ".."  + os.sep + ".."
+    (child / TUNED_FILE).write_text(json.dumps(meta))
+    open_tuned(child)  # the same content elsewhere is fine
+    assert len(tuned_sizes(parent)) == 1
+    art = load_artifact(parent)
+    name = next(iter(art.adapters))
+    art.adapters[name] = art.adapters[name] + 0.01  # another scoring run's LoRA
+    save_artifact(parent, art)
+    with pytest.raises(ArtifactError, match="tuned on another artifact"):
+        open_tuned(child)
+    assert tuned_sizes(parent) == []  # listing skips it instead of failing
+
+
+def test_bad_requests_are_refused(tiny_artifact, tmp_path):
+    with pytest.raises(ValueError, match="evaluation set"):
+        run_finetune(tiny_artifact, SIZE, "corpus:heldout", tmp_path / "a", _cfg())
+    with pytest.raises(ValueError):
+        _cfg(objective="mse")
+    with pytest.raises(ValueError):
+        _cfg(steps=0)
+    with pytest.raises(ValueError, match="size_ratio"):
+        run_finetune(tiny_artifact, 1.5, "corpus:train", tmp_path / "b", _cfg())
+
+
+def test_the_tuned_export_merges_the_tuned_lora_and_loads_in_a_fresh_process(tuned, tiny_artifact, tmp_path):
+    out = tmp_path / "export"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "acip_core", "export", "--artifact", str(tuned), "--out", str(out),
+                           "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ids = torch.randint(3, 300, (1, 20), generator=torch.Generator().manual_seed(1))
+    torch.save(ids, tmp_path / "ids.pt")
+    code = ("import sys, torch; from transformers import AutoModelForCausalLM; "
+            f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval(); "
+            f"ids = torch.load({str(tmp_path / 'ids.pt')!r}); "
+            f"torch.save(m(input_ids=ids).logits, {str(tmp_path / 'logits.pt')!r})")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    exported = torch.load(tmp_path / "logits.pt")
+    model, size = open_sized(tuned)
+    untuned = open_artifact(tiny_artifact)
+    with torch.no_grad():
+        tuned_logits = model.materialize(size)(input_ids=ids).logits
+        untuned_logits = untuned.materialize(untuned.size_at(size.prefix))(input_ids=ids).logits
+    torch.testing.assert_close(exported, tuned_logits, atol=1e-4, rtol=1e-4)
+    assert (exported - untuned_logits).abs().max() > 1e-3  # the tuned LoRA is in the export
+
+
+def test_scoring_with_distillation_runs_and_its_teacher_shares_the_weights(tiny_llama, tmp_path):
+    from acip_core import ScoreConfig, run_scoring
+    from acip_core.pipeline import original_model
+    from helpers import parametrized_copy
+
+    model, _, _, originals = parametrized_copy(tiny_llama, "svd")
+    teacher = original_model(model, originals)
+    for n, lin in originals.items():
+        assert teacher.get_submodule(n) is lin and lin.weight.data_ptr() == model.get_submodule(n).weight.data_ptr()
+    cfg = ScoreConfig(steps=6, batch_size=2, seq_len=32, lr=2e-3, reg_init=1e-2, stop_ratio=0.4,
+                      post_tune_steps=2, precision="fp32", objective="lm+kd", temperature=2.0)
+    art = run_scoring(tiny_llama, "corpus:train", tmp_path / "kd", "svd", cfg, eval_windows=0, curve_sizes=[0.5])
+    log = [json.loads(l) for l in (tmp_path / "kd" / "log.jsonl").read_text().splitlines()]
+    assert art.meta["scoring"]["objective"] == "lm+kd" and min(e["kd"] for e in log) > -1e-6
+    assert max(e["kd"] for e in log) > 0  # the student drifts from the original as it prunes
+
+
+def test_a_finetune_runs_as_a_background_job(tiny_artifact, tmp_path):
+    import time
+
+    from acip_core.jobs import ScoringJobs
+
+    jobs = ScoringJobs(tmp_path / "runs")
+    with pytest.raises(ValueError, match="not an artifact"):
+        jobs.start_finetune("x", str(tmp_path), SIZE)
+    jobs.start_finetune("ft", str(tiny_artifact), SIZE, objective="kd", steps=4, batch_size=2, seq_len=32,
+                        precision="fp32")
+    deadline = time.time() + 600
+    while time.time() < deadline and jobs.status("ft")["state"] in ("starting", "running", "evaluating"):
+        time.sleep(0.5)
+    status = jobs.status("ft")
+    assert status["state"] == "finished", jobs.output_tail("ft")
+    assert jobs.tuned() == [tmp_path / "runs" / "ft"] and jobs.artifacts() == []
+    assert list(jobs.history("ft").phase)[-1] == "done"
+
+
+def test_finetune_under_torchrun_equals_a_single_process(tuned, tiny_artifact, tmp_path):
+    out = tmp_path / "ddp"
+    cfg = _cfg(objective="lm+kd")
+    args = ["finetune", "--artifact", str(tiny_artifact), "--size-ratio", str(SIZE), "--data", "corpus:train",
+            "--out", str(out), "--eval-windows", "2", "--json"]
+    for key in ("steps", "batch_size", "seq_len", "lr", "objective", "lora_dropout", "precision"):
+        args += ["--" + key.replace("_", "-"), str(getattr(cfg, key))]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "acip_core", *args], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / TUNED_FILE).read_text())["finetune"]["processes"] == 2
+    ta, tb = load_tuned(tuned).adapters, load_tuned(out).adapters
+    assert set(ta) == set(tb)
+    for k in ta:  # bf16 files: equal up to a rounding step where fp reduction orders differ
+        torch.testing.assert_close(ta[k].float(), tb[k].float(), atol=1e-2, rtol=1e-2)
