@@ -95,7 +95,10 @@ class AnySizeModel:
             raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPE_BYTES)}")
         if not gigabytes == gigabytes or gigabytes <= 0:  # NaN or non-positive
             raise ValueError(f"the budget must be a positive number of GB, got {gigabytes}")
-        prefix = self.index.prefix_for_params(int(gigabytes * 1e9 / DTYPE_BYTES[dtype]))
+        # clamped before int(): a budget like 1e308 GB would overflow; anything above the largest
+        # model's parameter count fits that model
+        params = min(gigabytes * 1e9 / DTYPE_BYTES[dtype], float(self.index.params_at(len(self.index.layer_of))))
+        prefix = self.index.prefix_for_params(int(params))
         if prefix < 0:
             smallest = self.index.smallest_params() * DTYPE_BYTES[dtype] / 1e9
             raise ValueError(f"{gigabytes:g} GB is smaller than the smallest model "
