@@ -791,7 +791,8 @@ def build_demo(artifact_dirs=None) -> gr.Blocks:
 
 
 def launch_options() -> dict:
-    return dict(theme=gr.themes.Soft(primary_hue="indigo"), css=CSS)
+    # uploads above the cap are refused by Gradio itself (413), before any handler runs
+    return dict(theme=gr.themes.Soft(primary_hue="indigo"), css=CSS, max_file_size=public.limits().upload_bytes)
 
 
 if __name__ == "__main__":
@@ -800,5 +801,4 @@ if __name__ == "__main__":
     preload(default_artifact()[0])
     build_demo().queue(default_concurrency_limit=2, max_size=64 if public.is_public() else None).launch(
         server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-        server_port=int(os.environ.get("GRADIO_SERVER_PORT") or 7860),
-        max_file_size=public.limits().upload_bytes, **launch_options())
+        server_port=int(os.environ.get("GRADIO_SERVER_PORT") or 7860), **launch_options())

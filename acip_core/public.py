@@ -152,7 +152,10 @@ def check_model(source, env=None) -> str:
     source = source.strip()
     if len(source) > 200 or any(ord(c) < 32 for c in source):
         raise ValueError("the model name is too long or holds control characters")
-    if is_public(env) and source != EMBEDDED and (not _HUB_ID.match(source) or ".." in source):
+    # a hub id that is also a folder here (relative to the working directory) would be read from
+    # disk by transformers: refused too
+    if is_public(env) and source != EMBEDDED and (not _HUB_ID.match(source) or ".." in source
+                                                  or os.path.lexists(source)):
         raise ValueError(f"on this public Space a model is {EMBEDDED!r} or a Hugging Face id like "
                          "'HuggingFaceTB/SmolLM2-360M-Instruct'; server paths are not accepted")
     return source
