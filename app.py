@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import threading
 import time
 import uuid
@@ -34,7 +33,9 @@ log = logging.getLogger("acip_studio")
 ROOT = Path(__file__).resolve().parent
 PRECOMPUTED = ROOT / "precomputed"
 DEFAULT_ARTIFACT = os.environ.get("ACIP_ARTIFACT") or str(PRECOMPUTED / "smollm2-135m-instruct")
-EXPORTS = Path(tempfile.gettempdir()) / "acip-studio"
+# inside Gradio's cache: a file returned from there is served as it is, not copied (an export is
+# written once); bounded by public.limits().exports_bytes, oldest first
+EXPORTS = Path(gr.utils.get_upload_folder()) / "acip-studio"
 JOBS = ScoringJobs(os.environ.get("ACIP_RUNS") or ROOT / "runs")
 MAX_LOADED = 2  # artifacts kept in memory at once (each holds its base model)
 X_AXES = {"size ratio": "size_ratio", "GB": "gb"}

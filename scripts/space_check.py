@@ -175,7 +175,7 @@ def main() -> int:
                 time.sleep(0.5)
         report["http_up_s"] = round(time.perf_counter() - start, 1)
         client = subprocess.run([py, str(app_dir / "scripts" / "space_check.py"), "--client", url],
-                                cwd=app_dir, env=app_env, capture_output=True, text=True, timeout=1200)
+                                cwd=app_dir, env=app_env, capture_output=True, text=True, timeout=3600)
         line = [x for x in client.stdout.splitlines() if x.startswith("CLIENT ")]
         if client.returncode or not line:
             raise SystemExit(f"the visitor's check failed:\n{client.stdout[-2000:]}\n{client.stderr[-3000:]}\n"

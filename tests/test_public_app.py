@@ -49,6 +49,7 @@ def test_the_page_says_what_is_limited_and_which_device_scores(public_app):
     _, _, demo = public_app
     text = " ".join(str(getattr(b, "value", "")) for b in demo.blocks.values())
     assert "Scoring runs on **cpu**" in text and "**Public Space.**" in text and "no server paths" in text
+    assert demo.delete_cache == (3600, 3600)  # uploads and downloads leave Gradio's cache after an hour
 
 
 def test_scoring_needs_the_admin_token(public_app):
