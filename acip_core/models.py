@@ -66,14 +66,8 @@ def load_base(source: str = EMBEDDED, dtype: torch.dtype = torch.float32, meta: 
     Returns:
         (model in eval mode, tokenizer)
     """
-    from .public import is_public
-
     if source == EMBEDDED:
         folder = _embedded_folder()
-    elif is_public():  # a visitor's model is a hub id, never a server path (public.py)
-        from .public import check_model
-
-        return _load_from_hub(check_model(source), dtype, meta)
     elif Path(source).expanduser().is_dir():
         folder = Path(source).expanduser()
     elif Path(source).expanduser().exists():

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 GB, MB = 10**9, 10**6
+_REPO = Path(__file__).resolve().parent.parent
 ADMIN = "admin"  # the owner id of the token holder: may control every run
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 _MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+\-.!|~>])")
@@ -144,7 +145,9 @@ def _inside(path: Path, root: Path) -> bool:
 
 
 def check_model(source, env=None) -> str:
-    """A model field's value: in public mode only the embedded model or a hub id, never a server path."""
+    """A model field's value: in public mode only the embedded model or a hub id, never a server path.
+    (Visitors name models only for scoring runs, so jobs.start checks here; an artifact's own model
+    source was written by the server and is loaded as it is.)"""
     from .models import EMBEDDED
 
     if not isinstance(source, str) or not source.strip():
@@ -152,10 +155,10 @@ def check_model(source, env=None) -> str:
     source = source.strip()
     if len(source) > 200 or any(ord(c) < 32 for c in source):
         raise ValueError("the model name is too long or holds control characters")
-    # a hub id that is also a folder here (relative to the working directory) would be read from
-    # disk by transformers: refused too
+    # a hub id that is also a path here (relative to the working directory, or to the repository,
+    # where scoring processes run) would be read from disk by transformers: refused too
     if is_public(env) and source != EMBEDDED and (not _HUB_ID.match(source) or ".." in source
-                                                  or os.path.lexists(source)):
+                                                  or os.path.lexists(source) or (_REPO / source).exists()):
         raise ValueError(f"on this public Space a model is {EMBEDDED!r} or a Hugging Face id like "
                          "'HuggingFaceTB/SmolLM2-360M-Instruct'; server paths are not accepted")
     return source
@@ -319,3 +322,4 @@ def clean_at_start(exports=None, roots=(), older_than_s: float = 600) -> list[Pa
     if exports is not None:
         removed += remove_stale(exports, older_than_s)
     return removed
+

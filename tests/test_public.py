@@ -84,17 +84,22 @@ def test_a_server_path_as_model_is_refused_in_public_mode(public_mode, path):
 
 
 def test_a_local_model_folder_is_never_read_in_public_mode(public_mode, tiny_llama, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    jobs = ScoringJobs(public_mode / "runs")
     with pytest.raises(ValueError, match="server paths"):
-        load_base(tiny_llama)  # an absolute server path
-    # a relative folder shaped like a hub id (transformers would read it from disk) is refused too
+        jobs.start("r", model=tiny_llama, data="corpus:train")  # an absolute server path
+    # a relative folder shaped like a hub id (transformers would read it from disk) is refused too,
+    # whether relative to the working directory or to the repository (where scoring processes run)
     monkeypatch.chdir(os.path.dirname(os.path.dirname(tiny_llama)))
     relative = os.path.basename(os.path.dirname(tiny_llama)) + "/" + os.path.basename(tiny_llama)
     assert os.path.isdir(relative)
-    with pytest.raises(ValueError, match="server paths"):
-        load_base(relative)
+    for name in (relative, "precomputed/smollm2-135m-instruct", "assets/corpus"):
+        with pytest.raises(ValueError, match="server paths"):
+            jobs.start("r", model=name, data="corpus:train")
+    assert not (public_mode / "runs").exists()
+    assert public.check_model("HuggingFaceTB/SmolLM2-360M-Instruct")  # a real hub id is accepted
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelSourceError, match="not in the local Hugging Face cache"):
-        load_base("someone/not-a-folder-here")  # a real hub id goes to the hub (offline here)
+        load_base("someone/not-a-folder-here")  # and goes to the hub (offline here), never to disk
 
 
 def test_server_paths_in_a_scoring_run_are_refused_and_leave_no_folder(public_mode):
