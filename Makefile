@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv run test test-slow bench clean
+.PHONY: venv run test test-slow bench clean space-check
 
 $(STAMP): requirements.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ test: venv
 
 test-slow: venv
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False $(PY) -m pytest -q -m slow
+
+# What the Space builder runs (the Dockerfile's pip steps in a fresh venv, then python app.py on an
+# empty cache, in public mode) and a visitor's page load + chat: README "Public deployment".
+space-check:
+	$(PYTHON) scripts/space_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache test-output

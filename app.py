@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import threading
 import time
 import uuid
@@ -23,17 +22,20 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from acip_core import plots
+from acip_core import plots, public
+from acip_core.artifact import problem as artifact_problem
 from acip_core.data import DATA_CHOICES, DEFAULT_DATA
 from acip_core.evaluate import Cancelled
 from acip_core.explorer import DTYPE_CHOICES, MAX_PROMPT_CHARS, Explorer, ScoringJobs
-from acip_core.models import EMBEDDED
+from acip_core.models import EMBEDDED, cache_dir, pick_device
 
 log = logging.getLogger("acip_studio")
 ROOT = Path(__file__).resolve().parent
 PRECOMPUTED = ROOT / "precomputed"
 DEFAULT_ARTIFACT = os.environ.get("ACIP_ARTIFACT") or str(PRECOMPUTED / "smollm2-135m-instruct")
-EXPORTS = Path(tempfile.gettempdir()) / "acip-studio"
+# inside Gradio's cache: a file returned from there is served as it is, not copied (an export is
+# written once); bounded by public.limits().exports_bytes, oldest first
+EXPORTS = Path(gr.utils.get_upload_folder()) / "acip-studio"
 JOBS = ScoringJobs(os.environ.get("ACIP_RUNS") or ROOT / "runs")
 MAX_LOADED = 2  # artifacts kept in memory at once (each holds its base model)
 X_AXES = {"size ratio": "size_ratio", "GB": "gb"}
@@ -68,6 +70,8 @@ def artifact_choices() -> list[tuple[str, str]]:
         key = str(folder.resolve())
         if key in seen or not (folder / "acip.json").is_file():
             continue
+        if str(folder) != DEFAULT_ARTIFACT and artifact_problem(folder):  # broken: not offered (the
+            continue  # default stays, so the status line says what is wrong with it)
         seen.add(key)
         where = "run" if folder.resolve().parent == JOBS.root.resolve() else folder.parent.name or "folder"
         choices.append((f"{folder.name} ({where})", str(folder)))
@@ -312,8 +316,9 @@ def status_text(folder: str) -> str:
     meta = ex.any_size.meta
     result = meta.get("result", {})
     loaded = f" in {_LOAD_TIMES[folder]:.1f} s" if folder in _LOAD_TIMES else ""
-    return (f"Loaded **{ex.name}**{loaded}: {meta.get('model', {}).get('source', '?')} "
-            f"({meta.get('model', {}).get('architecture', '?')}), {len(ex.any_size.targets)} target layers, "
+    esc = public.md_escape  # an artifact's fields may come from a visitor's run: shown as text
+    return (f"Loaded **{esc(ex.name)}**{loaded}: {esc(meta.get('model', {}).get('source', '?'))} "
+            f"({esc(meta.get('model', {}).get('architecture', '?'))}), {len(ex.any_size.targets)} target layers, "
             f"{meta.get('basis', {}).get('recipe', {}).get('kind', '?')} basis, "
             f"{result.get('steps', '?')} scoring steps, stopped at size {result.get('size_ratio_reached', '?')}.")
 
@@ -494,6 +499,7 @@ def _prune_exports(max_age_s: float = 3600) -> None:
 def on_export(folder, ratio, kind, dtype, progress=gr.Progress()):
     ex = get_explorer(folder)
     _prune_exports()
+    public.evict_oldest(EXPORTS / "exports", public.limits().exports_bytes)  # oldest first
     dense = kind.startswith("dense")
     size = ex.size(ratio)
     name = f"{ex.name}-size{size.size_ratio:.3f}-{'dense' if dense else 'lowrank'}-{dtype}"
@@ -535,38 +541,56 @@ def _run_view(run: str | None):
     except ValueError:
         return plots.empty_figure("no such run"), ""
     fig = plots.run_figure(JOBS.history(run), status["stop_ratio"], title=f"run {run}")
-    text = f"**{run}**: {status['state']}: {status['message']}"
+    text = f"**{run}**: {status['state']}: {public.md_escape(status['message'])}"  # visitors' strings: text
     if status["eta_s"] is not None:
         text += f" ETA ≤ {status['eta_s'] / 60:.1f} min (it stops earlier when the stop ratio is reached)."
     if status["state"] == "failed":
-        text += f"\n\n```\n{JOBS.output_tail(run, 8)}\n```"
+        text += f"\n\n```\n{JOBS.output_tail(run, 8).replace('`', chr(0x2cb))}\n```"  # no fence escape
     return fig, text
 
 
 @ui_errors
-def on_score_start(name, model, data, steps, basis, stop_ratio, batch_size, seq_len):
+def on_score_start(name, model, data, steps, basis, stop_ratio, batch_size, seq_len, token=None, upload=None,
+                   request: gr.Request = None):
+    public.check_may_score(token)  # public mode: only the owner's token starts runs
     name = (name or "").strip() or time.strftime("run-%Y%m%d-%H%M%S")
+    if upload:  # a visitor's own text: checked, kept once, the upload itself removed
+        data = str(public.accept_upload(upload))
     JOBS.start(name, model=(model or EMBEDDED).strip(), data=data or DEFAULT_DATA, steps=int(steps),
                basis=basis, stop_ratio=float(stop_ratio), batch_size=int(batch_size), seq_len=int(seq_len),
-               checkpoint_every=10)
+               checkpoint_every=10, owner=_who(token, request))
     fig, text = _run_view(name)
     return _runs_frame(), gr.update(choices=[r["name"] for r in JOBS.list()], value=name), fig, text
 
 
+def _who(token, request) -> str | None:
+    """Who controls runs: the token holder, this session (public mode), or anyone (local)."""
+    return public.owner(token, getattr(request, "session_hash", None))
+
+
 @ui_errors
-def on_score_cancel(run):
+def on_score_cancel(run, token=None, request: gr.Request = None):
     if not run:
         raise gr.Error("Pick a run first.")
-    JOBS.cancel(run)
+    JOBS.cancel(run, who=_who(token, request))
     return (_runs_frame(),) + _run_view(run)
 
 
 @ui_errors
-def on_score_resume(run):
+def on_score_resume(run, token=None, request: gr.Request = None):
     if not run:
         raise gr.Error("Pick a run first.")
-    JOBS.resume(run)
+    public.check_may_score(token)
+    JOBS.resume(run, who=_who(token, request))
     return (_runs_frame(),) + _run_view(run)
+
+
+@ui_errors
+def on_score_delete(run, token=None, request: gr.Request = None):
+    if not run:
+        raise gr.Error("Pick a run first.")
+    JOBS.delete(run, who=_who(token, request))
+    return _runs_frame(), gr.update(choices=[r["name"] for r in JOBS.list()], value=None), *_run_view(None)
 
 
 def on_score_poll(run, known):
@@ -596,7 +620,9 @@ def build_demo(artifact_dirs=None) -> gr.Blocks:
     """The whole UI; wiring only. `artifact_dirs` adds artifact folders to the selector."""
     _EXTRA_ARTIFACTS[:] = [str(a) for a in (artifact_dirs or [])]
     offline_tasks, all_tasks = lm_eval_tasks()
-    with gr.Blocks(title="ACIP Studio") as demo:
+    lim = public.limits()
+    # Gradio's cache (uploads, downloads) is cleaned of files older than lim.cache_seconds
+    with gr.Blocks(title="ACIP Studio", delete_cache=(lim.cache_seconds, lim.cache_seconds)) as demo:
         known = gr.State({})
         with gr.Row(equal_height=True):
             gr.Markdown("# ACIP Studio\nScore a model once, then get a model of **any size** in milliseconds: "
@@ -687,10 +713,12 @@ def build_demo(artifact_dirs=None) -> gr.Blocks:
                 export_file = gr.File(label="download", interactive=False)
             with gr.Tab("Score", id="score"):
                 gr.Markdown("Start a new scoring run in the background (a separate process: it survives page "
-                            "reloads). A finished run appears in the artifact list at the top.")
+                            "reloads). A finished run appears in the artifact list at the top. "
+                            f"Scoring runs on **{pick_device().type}** here. {public.describe(lim)}")
                 with gr.Row():
                     run_name = gr.Textbox(label="run name", placeholder="e.g. smollm2-quick (letters, digits, -_.)")
-                    model = gr.Textbox(value=EMBEDDED, label="model", info="embedded default, local folder or hub id")
+                    model = gr.Textbox(value=EMBEDDED, label="model", info="embedded default or hub id" if lim.public
+                                       else "embedded default, local folder or hub id")
                     score_data = gr.Dropdown(DATA_CHOICES, value=DEFAULT_DATA, allow_custom_value=True,
                                              label="calibration text")
                 with gr.Row():
@@ -700,10 +728,15 @@ def build_demo(artifact_dirs=None) -> gr.Blocks:
                     batch_size = gr.Number(value=2, precision=0, minimum=1, label="batch size")
                     score_seq = gr.Number(value=128, precision=0, minimum=8, label="tokens per sequence")
                 with gr.Row():
+                    score_upload = gr.File(label="or upload calibration text (UTF-8 .txt)", file_types=[".txt"],
+                                           type="filepath")
+                    token = gr.Textbox(label="admin token", type="password", visible=lim.scoring == "token")
+                with gr.Row():
                     start = gr.Button("Start run", variant="primary")
                     runs = gr.Dropdown(choices=[], label="run", allow_custom_value=False)
                     cancel_run = gr.Button("Cancel run")
                     resume_run = gr.Button("Resume run")
+                    delete_run = gr.Button("Delete run")
                 run_text = gr.Markdown()
                 runs_table = gr.Dataframe(label="runs", interactive=False)
                 run_plot = gr.Plot(label="progress")
@@ -746,10 +779,12 @@ def build_demo(artifact_dirs=None) -> gr.Blocks:
                          api_name="export", concurrency_limit=1, concurrency_id="heavy")
 
         run_view = [runs_table, run_plot, run_text]
-        start.click(on_score_start, [run_name, model, score_data, steps, basis, stop_ratio, batch_size, score_seq],
-                    [runs_table, runs, run_plot, run_text], api_name="score_start")
-        cancel_run.click(on_score_cancel, runs, run_view, api_name="score_cancel")
-        resume_run.click(on_score_resume, runs, run_view, api_name="score_resume")
+        start.click(on_score_start, [run_name, model, score_data, steps, basis, stop_ratio, batch_size, score_seq,
+                                     token, score_upload], [runs_table, runs, run_plot, run_text], api_name="score_start")
+        cancel_run.click(on_score_cancel, [runs, token], run_view, api_name="score_cancel")
+        resume_run.click(on_score_resume, [runs, token], run_view, api_name="score_resume")
+        delete_run.click(on_score_delete, [runs, token], [runs_table, runs, run_plot, run_text],
+                         api_name="score_delete")
         runs.input(lambda r: (_runs_frame(),) + _run_view(r), runs, run_view, api_name="score_view")
         timer.tick(on_score_poll, [runs, known], [runs_table, runs, run_plot, run_text, artifact, known],
                    api_name="score_poll", show_progress="hidden")
@@ -757,12 +792,14 @@ def build_demo(artifact_dirs=None) -> gr.Blocks:
 
 
 def launch_options() -> dict:
-    return dict(theme=gr.themes.Soft(primary_hue="indigo"), css=CSS)
+    # uploads above the cap are refused by Gradio itself (413), before any handler runs
+    return dict(theme=gr.themes.Soft(primary_hue="indigo"), css=CSS, max_file_size=public.limits().upload_bytes)
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    public.clean_at_start(exports=EXPORTS / "exports", roots=[cache_dir(), JOBS.root, PRECOMPUTED])
     preload(default_artifact()[0])
-    build_demo().queue(default_concurrency_limit=2).launch(
+    build_demo().queue(default_concurrency_limit=2, max_size=64 if public.is_public() else None).launch(
         server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
         server_port=int(os.environ.get("GRADIO_SERVER_PORT") or 7860), **launch_options())

@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,6 +28,9 @@ from .prune import LayerShape
 FORMAT_VERSION = 1
 META_FILE, SCORES_FILE, ADAPTERS_FILE, CURVE_FILE = ("acip.json", "scores.safetensors",
                                                      "adapters.safetensors", "curve.csv")
+
+
+_PLAIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # a file name in the folder, never a path
 
 
 class ArtifactError(ValueError):
@@ -124,8 +128,16 @@ def load_artifact(folder: str | Path) -> Artifact:
     for key in ("model", "layers", "basis", "files"):
         if key not in meta:
             raise ArtifactError(f"{meta_path} lacks the required field {key!r}")
+    files = meta["files"]
+    if not isinstance(files, dict):
+        raise ArtifactError(f"{meta_path}: 'files' must map file names to sha256 digests, "
+                            f"got {type(files).__name__}")
     blobs = {}
-    for name, digest in meta["files"].items():
+    for name, digest in files.items():
+        # plain names of files inside the folder: a path ('../../etc/passwd') is never read
+        if not isinstance(name, str) or not _PLAIN.match(name) or not isinstance(digest, str):
+            raise ArtifactError(f"{meta_path}: 'files' lists {name!r}; it must map plain file names "
+                                "in the folder (like scores.safetensors) to sha256 digests")
         path = folder / name
         if not path.is_file():
             raise ArtifactError(f"{path} is missing")
@@ -189,3 +201,30 @@ def _check_shapes(artifact: Artifact, folder: Path) -> None:
     if not all(isinstance(v, (int, float)) and math.isfinite(v)
                for pair in artifact.meta["basis"].get("check", {}).values() for v in pair):
         raise ArtifactError(f"{folder / META_FILE}: basis check values must be finite numbers")
+
+
+_CHECKED: dict[str, tuple[tuple, str | None]] = {}
+
+
+def problem(folder: str | Path) -> str | None:
+    """Why `folder` is not a usable artifact (load_artifact's message), or None when it is. Remembered
+    per folder until one of its files changes, so listing artifacts every few seconds costs a stat."""
+    folder = Path(folder)
+    try:
+        stamp = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(folder.iterdir())
+                      if p.is_file())
+    except OSError as err:
+        return f"{folder} cannot be read ({err.strerror})"
+    key = str(folder.resolve())
+    cached = _CHECKED.get(key)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    try:
+        load_artifact(folder)
+        found = None
+    except ArtifactError as err:
+        found = str(err)
+    if len(_CHECKED) > 1024:
+        _CHECKED.clear()
+    _CHECKED[key] = (stamp, found)
+    return found

@@ -139,6 +139,7 @@ def cached_basis(key: dict, build, cache_root: Path) -> dict[str, Factors]:
             start = time.perf_counter()
             tensors = load_file(path)
             basis = _unflatten(tensors)
+            os.utime(path)  # recently used: the cache bound evicts it last
             log.info("loaded cached basis %s in %.1f s", path.name, time.perf_counter() - start)
             return basis
         except Exception as err:  # a corrupt cache is rebuilt, never trusted
@@ -154,7 +155,20 @@ def cached_basis(key: dict, build, cache_root: Path) -> dict[str, Factors]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    evict_bases(cache_root, keep=[path])
     return basis
+
+
+def evict_bases(cache_root: Path, keep=()) -> list[Path]:
+    """Removes the least recently used cached bases beyond limits().bases_bytes (each new
+    calibration text makes one: ~0.6 GB for SmolLM2)."""
+    from .public import evict_oldest, limits
+
+    removed = evict_oldest(cache_root / "bases", limits().bases_bytes, keep=keep,
+                           entries=(cache_root / "bases").glob("*.safetensors"))
+    for p in removed:
+        log.info("removed the least recently used basis %s (cache bound)", p.name)
+    return removed
 
 
 def _flatten(basis: dict[str, Factors]) -> dict[str, torch.Tensor]:

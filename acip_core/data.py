@@ -72,6 +72,10 @@ def load_text(source: str) -> str:
         raise DataSourceError(f"unknown corpus part {key!r}; choose one of {DATA_CHOICES}")
     if source == "corpus":
         return load_text(DEFAULT_DATA)
+    from .public import check_data, is_public
+
+    if is_public():  # a visitor names only offered texts and their own uploads (public.py)
+        check_data(source)
     if source.startswith("hf:"):
         return _load_hf(source[3:])
     path = Path(source).expanduser()
@@ -88,7 +92,9 @@ def _load_hf(spec: str) -> str:
     parts = spec.split(":")
     name, config = parts[0], (parts[1] or None) if len(parts) > 1 else None
     split = parts[2] if len(parts) > 2 else "train"
-    if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
+    from .models import hub_offline
+
+    if hub_offline() or os.environ.get("HF_DATASETS_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         raise DataSourceError(f"hf:{spec} needs the internet (HF offline mode is set); "
                               "use a local text file or the offline corpus (corpus:train)")
     try:

@@ -28,6 +28,7 @@ from .evaluate import Cancelled, perplexity
 from .jobs import ScoringJobs  # noqa: F401  (re-exported: the app's other engine)
 from .formats import parse_format
 from .materialize import AnySizeModel, Size
+from .public import limits
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ FORMAT_CHOICES = ("float32", "bfloat16", "int8", "int4-g32", "int8+emb8", "int4-
 DTYPE_CHOICES = FORMAT_CHOICES  # the app's selector (one list)
 MAX_PROMPT_CHARS = 8000
 MAX_NEW_TOKENS = 1024
+MAX_HISTORY_CHARS = 200_000  # a longer chat history was not sent by the page; refused
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffe\uffff]")  # keeps \t \n \r
 
 
@@ -94,6 +96,21 @@ def _float_in(value, lo: float, hi: float, name: str) -> float:
     if not math.isfinite(number) or not lo <= number <= hi:
         raise ValueError(f"{name} must be a number in [{lo}, {hi}], got {value!r}")
     return number
+
+
+def check_history(messages: list[dict]) -> None:
+    """Refuses a chat history that the page cannot have sent: a message longer than the prompt cap
+    (assistant replies: twice that), or more than MAX_HISTORY_CHARS in all."""
+    total = 0
+    for m in messages:
+        cap = MAX_PROMPT_CHARS * (2 if m["role"] == "assistant" else 1)
+        if len(m["content"]) > cap:
+            raise ValueError(f"the chat history holds a {m['role']} message of {len(m['content']):,} "
+                             f"characters (the limit is {cap:,}): press Clear and start again")
+        total += len(m["content"])
+    if total > MAX_HISTORY_CHARS:
+        raise ValueError(f"the chat history is {total:,} characters long (the limit is {MAX_HISTORY_CHARS:,}): "
+                         "press Clear and start again")
 
 
 def message_text(content) -> str:
@@ -346,13 +363,22 @@ class Explorer:
 
     # -- chat ---------------------------------------------------------------------------------
     def _chat_ids(self, history, message: str, max_new_tokens: int):
-        """Prompt ids through the chat template (oldest turns dropped to fit the context)."""
+        """Prompt ids through the chat template (oldest turns dropped to fit the context and the
+        server's cap of public.limits().chat_tokens: the history comes from the client and may be forged)."""
         messages = [dict(role=m["role"], content=message_text(m.get("content")))
                     for m in (history or []) if isinstance(m, dict) and m.get("role") in ("user", "assistant")]
-        messages = [m for m in messages if m["content"]] + [dict(role="user", content=message)]
+        messages = [m for m in messages if m["content"]]
+        check_history(messages)
         limit = int(getattr(self.any_size.base.config, "max_position_embeddings", 2048) or 2048)
-        budget = max(limit - max_new_tokens, 8)
-        truncated = False
+        budget = max(min(limit - max_new_tokens, limits().chat_tokens), 8)
+        kept, chars = [], len(message)  # newest first, by characters (a token holds at most ~16)
+        for m in reversed(messages):
+            chars += len(m["content"])
+            if chars > 16 * budget:
+                break
+            kept.insert(0, m)
+        truncated = len(kept) < len(messages)
+        messages = kept + [dict(role="user", content=message)]
         while True:
             if getattr(self.tokenizer, "chat_template", None):
                 ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
@@ -441,7 +467,7 @@ class Explorer:
 
         Raises Cancelled when should_stop() turns True.
         """
-        windows = _int_in(windows, 1, 1024, "windows")
+        windows = _int_in(windows, 1, limits().perplexity_windows, "windows")
         seq_len = _int_in(seq_len, 8, 8192, "seq_len")
         size = self.size(ratio)
         limit = int(getattr(self.any_size.base.config, "max_position_embeddings", seq_len) or seq_len)
@@ -465,8 +491,9 @@ class Explorer:
         tasks = [t for t in (tasks or []) if t]
         if not tasks:
             raise ValueError("choose at least one lm-eval task")
-        if limit is not None:
-            limit = _int_in(limit, 1, 100_000, "limit")
+        lim = limits()  # the heavy slot is shared: bounded work in public mode (public.py)
+        if limit is not None or lim.public:
+            limit = _int_in(lim.lm_eval_items if limit is None else limit, 1, lim.lm_eval_items, "limit")
         batch_size = _int_in(batch_size, 1, 512, "batch_size")
         size = self.size(ratio)
         model = self.any_size.materialize(size, dtype)  # its own tree: lm-eval's hooks stay on it

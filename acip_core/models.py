@@ -32,6 +32,25 @@ def cache_dir() -> Path:
     return path
 
 
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it (1/true/yes/on), read now, not at import."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub answers a TCP connect within `timeout` s: without it, a download would retry
+    for about a minute before failing."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -76,14 +95,15 @@ def _load_from_hub(model_id: str, dtype: torch.dtype, meta: bool = False):
         raise ModelSourceError(
             f"unknown model {model_id!r}: give {EMBEDDED!r}, an existing local directory, "
             "or a Hugging Face id like 'HuggingFaceTB/SmolLM2-360M-Instruct'")
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     try:  # a copy already in the local HF cache works offline too
         tokenizer = AutoTokenizer.from_pretrained(model_id, local_files_only=True)
         model = _model(model_id, dtype, meta, local_files_only=True)
     except OSError:
-        if offline:
+        why = ("HF_HUB_OFFLINE is set" if hub_offline() else
+               None if hub_reachable() else "the Hugging Face hub cannot be reached (offline?)")
+        if why:  # fail at once, not after a minute of retries
             raise ModelSourceError(
-                f"{model_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set. "
+                f"{model_id!r} is not in the local Hugging Face cache and {why}. "
                 f"Download it once online (huggingface-cli download {model_id}), pass a local "
                 f"directory, or use the embedded {EMBEDDED!r}.") from None
         try:
@@ -118,7 +138,7 @@ def _embedded_folder() -> Path:
         model.hf_quantizer.remove_quantization_config(model)  # else save_pretrained refuses
     target.parent.mkdir(parents=True, exist_ok=True)
     # Write beside the target, then rename: another process never sees a half-written cache.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED}-", suffix=".tmp", dir=target.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

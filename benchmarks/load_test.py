@@ -44,6 +44,9 @@ PROMPTS = ("What is the capital of France?", "Write a haiku about autumn.",
            "Give three tips for writing clear emails.")
 DEFAULT_RATIOS = (1.0, 0.75, 0.55, 0.4)
 MIX = (("size", 0.25), ("budget", 0.15), ("chat", 0.30), ("chat_pair", 0.15), ("perplexity", 0.15))
+# --public: the app as a public Space (ACIP_PUBLIC=1) and exports in the mix as well
+MIX_PUBLIC = (("size", 0.22), ("budget", 0.13), ("chat", 0.27), ("chat_pair", 0.13), ("perplexity", 0.15),
+              ("export", 0.10))
 MB = 1 << 20
 
 
@@ -68,7 +71,8 @@ def rss_bytes(pid: int) -> tuple[int, int]:
 class AppProcess:
     """`python app.py` on a free port, its output in a log file; a context manager."""
 
-    def __init__(self, artifact: str | Path, runs_dir: str | Path | None = None, start_timeout: float = 900):
+    def __init__(self, artifact: str | Path, runs_dir: str | Path | None = None, start_timeout: float = 900,
+                 env: dict | None = None):
         self.artifact, self.start_timeout = str(artifact), start_timeout
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
@@ -78,6 +82,7 @@ class AppProcess:
                         HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"), PYTHONUNBUFFERED="1")
         if runs_dir is not None:
             self.env["ACIP_RUNS"] = str(runs_dir)
+        self.env.update(env or {})
         self.proc = None
 
     def __enter__(self) -> "AppProcess":
@@ -133,6 +138,39 @@ class AppProcess:
                 self.proc.kill()
                 self.proc.wait(timeout=30)
         self._log.close()
+
+
+def tree_bytes(*roots) -> int:
+    """Bytes of every file under `roots` (files may vanish while counted)."""
+    total = 0
+    for root in roots:
+        for dirpath, _dirs, files in os.walk(root):
+            for name in files:
+                try:
+                    total += os.lstat(os.path.join(dirpath, name)).st_size
+                except OSError:
+                    pass
+    return total
+
+
+class DiskSampler(threading.Thread):
+    """Samples the bytes under `roots` (the app's temp and Gradio cache) every `every` s until stop()."""
+
+    def __init__(self, roots, every: float = 2.0):
+        super().__init__(daemon=True, name="disk")
+        self.roots, self.every, self.samples = roots, every, []
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        start = time.perf_counter()
+        while not self._done.is_set():
+            self.samples.append((round(time.perf_counter() - start, 2), tree_bytes(*self.roots)))
+            self._done.wait(self.every)
+
+    def stop(self) -> list:
+        self._done.set()
+        self.join(timeout=30)
+        return self.samples
 
 
 class RssSampler(threading.Thread):
@@ -194,6 +232,15 @@ class Requests:
         text_b = _text(hist_b[-1]["content"]) if ratio_b is not None else None
         return _text(hist_a[-1]["content"]), text_b
 
+    def export(self, client, ratio: float, dtype: str = "float32") -> str:
+        """The export's size and parameter count as the answer states them (the zip is not fetched)."""
+        text, _file = client.predict(self.artifact, ratio, "low-rank (smallest; trust_remote_code)", dtype,
+                                     api_name="/export")
+        found = re.search(r"Exported size \*\*([^*]+)\*\* \(([^)]*params)\)", text)
+        if not found:
+            raise RuntimeError(f"unexpected export answer: {text[:200]!r}")
+        return f"{found.group(1)} {found.group(2)}"
+
     def perplexity(self, client, ratio: float, dtype: str = "float32") -> str:
         text, _results, _csv = client.predict(self.artifact, ratio, "corpus:heldout", self.ppl_windows,
                                               self.ppl_seq_len, dtype, api_name="/perplexity")
@@ -214,10 +261,10 @@ def _params(summary_rows) -> float:
 
 
 # -- the lone user ------------------------------------------------------------------------------
-def lone_user(app: AppProcess, req: Requests, ratios, bf16_ratio, ppl_ratios, prompts) -> dict:
+def lone_user(app: AppProcess, req: Requests, ratios, bf16_ratio, ppl_ratios, prompts, exports=False) -> dict:
     """Reference answers, asked one at a time by a single client."""
     client = app.session()
-    ref = dict(size={}, budget={}, chat={}, perplexity={}, rss_by_cached_sizes=[])
+    ref = dict(size={}, budget={}, chat={}, perplexity={}, export={}, rss_by_cached_sizes=[])
     ratios = list(ratios)
     for r in ratios:
         ref["size"][(r, "float32")] = req.size(client, r)
@@ -241,6 +288,8 @@ def lone_user(app: AppProcess, req: Requests, ratios, bf16_ratio, ppl_ratios, pr
                                                rss_mb=round(app.rss()[0] / MB, 1)))
     for r in ppl_ratios:
         ref["perplexity"][(r, "float32")] = req.perplexity(client, r)
+        if exports:
+            ref["export"][(r, "float32")] = req.export(client, r)
     ref["keys"] = keys
     return ref
 
@@ -272,7 +321,7 @@ class Tally:
 
 
 def user(n: int, app: AppProcess, req: Requests, ref: dict, deadline: float, tally: Tally,
-         think_s: float, seed: int) -> None:
+         think_s: float, seed: int, mix=MIX) -> None:
     """One simulated user: its own session, a random mix of requests until the deadline."""
     rng = random.Random(seed * 1000 + n)
     start = time.perf_counter()
@@ -284,7 +333,7 @@ def user(n: int, app: AppProcess, req: Requests, ref: dict, deadline: float, tal
     tally.ok("start", time.perf_counter() - start, True)
     keys, prompts = ref["keys"], sorted({p for _, _, p in ref["chat"]})
     ratio, dtype = rng.choice(keys)
-    kinds, weights = zip(*MIX)
+    kinds, weights = zip(*mix)
     while time.perf_counter() < deadline:
         kind = rng.choices(kinds, weights)[0]
         start = time.perf_counter()
@@ -309,6 +358,10 @@ def user(n: int, app: AppProcess, req: Requests, ref: dict, deadline: float, tal
                 got = req.chat(client, ratio, prompt, dtype, ratio_b)
                 want = (ref["chat"][(ratio, dtype, prompt)], ref["chat"][(ratio_b, dtype, prompt)])
                 detail = f"chat pair {ratio}|{ratio_b} {dtype} {prompt!r}: {got} != {want}"
+            elif kind == "export":  # at one of the sizes that have a reference
+                r = rng.choice(sorted(r for r, _ in ref["export"]))
+                got, want = req.export(client, r), ref["export"][(r, "float32")]
+                detail = f"export {r}: {got} != {want}"
             else:  # perplexity at one of the sizes that have a reference
                 r = rng.choice(sorted(r for r, _ in ref["perplexity"]))
                 got, want = req.perplexity(client, r), ref["perplexity"][(r, "float32")]
@@ -346,26 +399,34 @@ def explorer_cache_limit() -> int | None:
 def run(artifact: str | Path = DEFAULT_ARTIFACT, clients: int = 8, seconds: float = 120,
         ratios=DEFAULT_RATIOS, bf16_ratio: float | None = 0.55, ppl_ratios=None, prompts=PROMPTS,
         max_new_tokens: int = 32, ppl_windows: int = 2, ppl_seq_len: int = 128, think_s: float = 0.3,
-        seed: int = 0, runs_dir: str | Path | None = None, log=print) -> dict:
+        seed: int = 0, runs_dir: str | Path | None = None, log=print, public: bool = False,
+        exports_bytes: float = 600e6) -> dict:
     """Launches the app, asks the lone user's references, runs the load; returns the report dict."""
     artifact = str(artifact)
     ppl_ratios = list(ppl_ratios if ppl_ratios is not None else ratios[::2])
     req = Requests(artifact, max_new_tokens, ppl_windows, ppl_seq_len)
+    mix = MIX_PUBLIC if public else MIX
+    scratch = Path(tempfile.mkdtemp(prefix="acip-load-scratch-"))
+    env = dict(TMPDIR=str(scratch / "tmp"), GRADIO_TEMP_DIR=str(scratch / "gradio"))  # measured: disk
+    (scratch / "tmp").mkdir()
+    if public:
+        env.update(ACIP_PUBLIC="1", ACIP_LIMIT_EXPORTS_BYTES=str(int(exports_bytes)))
     t0 = time.perf_counter()
-    with AppProcess(artifact, runs_dir) as app:
+    with AppProcess(artifact, runs_dir, env=env) as app:
         log(f"app up in {app.ready_s:.1f} s (pid {app.proc.pid}, {app.url})")
         rss_loaded = app.rss()[0]
         start = time.perf_counter()
-        ref = lone_user(app, req, ratios, bf16_ratio, ppl_ratios, prompts)
+        ref = lone_user(app, req, ratios, bf16_ratio, ppl_ratios, prompts, exports=public)
         lone_s = time.perf_counter() - start
         rss_ref = app.rss()[0]
         log(f"lone user: {len(ref['chat'])} chats, {len(ref['size'])} sizes, {len(ref['budget'])} budgets, "
             f"{len(ref['perplexity'])} perplexities in {lone_s:.1f} s")
-        tally, sampler = Tally(), RssSampler(app.proc.pid)
+        tally, sampler, disk = Tally(), RssSampler(app.proc.pid), DiskSampler([scratch])
         sampler.start()
+        disk.start()
         start = time.perf_counter()
         deadline = start + seconds
-        threads = [threading.Thread(target=user, args=(i, app, req, ref, deadline, tally, think_s, seed),
+        threads = [threading.Thread(target=user, args=(i, app, req, ref, deadline, tally, think_s, seed, mix),
                                     name=f"user {i}") for i in range(clients)]
         for t in threads:
             t.start()
@@ -373,10 +434,11 @@ def run(artifact: str | Path = DEFAULT_ARTIFACT, clients: int = 8, seconds: floa
             t.join()
         load_s = time.perf_counter() - start
         samples = sampler.stop()
+        disk_samples = disk.stop()
         rss_end, hwm = app.rss()
         tracebacks = app.log_text().count("Traceback (most recent call last)")
         log_tail = app.log_tail(30) if tracebacks else ""
-    kinds = ["start"] + [k for k, _ in MIX]
+    kinds = ["start"] + [k for k, _ in mix]
     per_kind = {}
     for k in kinds + sorted(set(tally.errors) - set(kinds)):
         lat = tally.latency.get(k, [])
@@ -390,7 +452,8 @@ def run(artifact: str | Path = DEFAULT_ARTIFACT, clients: int = 8, seconds: floa
         artifact=artifact, clients=clients, seconds=seconds, load_wall_s=round(load_s, 1),
         settings=dict(ratios=list(ratios), bf16_ratio=bf16_ratio, ppl_ratios=ppl_ratios, prompts=list(prompts),
                       max_new_tokens=max_new_tokens, ppl_windows=ppl_windows, ppl_seq_len=ppl_seq_len,
-                      think_s=think_s, seed=seed, mix=dict(MIX)),
+                      think_s=think_s, seed=seed, mix=dict(mix), public=public,
+                      exports_bytes_limit=exports_bytes if public else None),
         app_ready_s=round(app.ready_s, 1), lone_user_s=round(lone_s, 1),
         requests=sum(v["requests"] for v in per_kind.values()),
         errors=sum(v["errors"] for v in per_kind.values()),
@@ -410,7 +473,13 @@ def run(artifact: str | Path = DEFAULT_ARTIFACT, clients: int = 8, seconds: floa
                  end_mb=round(rss_end / MB, 1), vm_hwm_mb=round(hwm / MB, 1),
                  by_cached_sizes=ref["rss_by_cached_sizes"],
                  timeline_mb=[(t, round(b / MB, 1)) for t, b in samples[::4]]),
+        disk=dict(peak_mb=round(max((b for _, b in disk_samples), default=0) / MB, 1),
+                  end_mb=round(tree_bytes(scratch) / MB, 1),
+                  timeline_mb=[(t, round(b / MB, 1)) for t, b in disk_samples[::5]]),
         total_s=round(time.perf_counter() - t0, 1))
+    import shutil
+
+    shutil.rmtree(scratch, ignore_errors=True)
     return report
 
 
@@ -432,6 +501,9 @@ def summary(report: dict) -> str:
               f"RSS after chatting at 0..{len(rss['by_cached_sizes']) - 1} sizes ({', '.join(cache['keys'])}): "
               f"{steps} MB; {cache['distinct_keys_used']} (size, dtype) keys used, "
               f"Explorer cache limit {cache['explorer_cache_limit']}"]
+    if "disk" in report:
+        lines.append(f"disk (app temp + Gradio cache): peak {report['disk']['peak_mb']:.0f} MB, "
+                     f"{report['disk']['end_mb']:.0f} MB at the end")
     lines += report["samples"][:10]
     if report["server_log_tail"]:
         lines += ["server log tail:", report["server_log_tail"]]
@@ -449,10 +521,13 @@ def main() -> int:
     parser.add_argument("--bf16-ratio", type=float, default=0.55, help="one bfloat16 size (negative: none)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--public", action="store_true",
+                        help="the app in public mode (ACIP_PUBLIC=1), exports in the mix, their disk bounded")
+    parser.add_argument("--exports-mb", type=float, default=600, help="public: the exports bound (MB)")
     args = parser.parse_args()
     report = run(args.artifact, args.clients, args.seconds, [float(r) for r in args.ratios.split(",")],
                  args.bf16_ratio if args.bf16_ratio >= 0 else None, max_new_tokens=args.max_new_tokens,
-                 seed=args.seed)
+                 seed=args.seed, public=args.public, exports_bytes=args.exports_mb * 1e6)
     print(summary(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")

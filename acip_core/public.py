@@ -1,0 +1,325 @@
+"""Public mode: what a stranger may do when the app runs as a public Space (README "Public deployment").
+
+The app is public when SPACE_ID is set (Hugging Face sets it on every Space) or ACIP_PUBLIC=1
+(ACIP_PUBLIC=0 forces local mode). A visitor is then a stranger: nothing they send is a server path,
+work is bounded, scoring runs need the owner's ACIP_ADMIN_TOKEN. Local use keeps every feature; the
+bounds that hold everywhere (chat history tokens, the basis cache, upload size) are only wider there.
+Every limit is a field of Limits and can be set with ACIP_LIMIT_<FIELD> (e.g. ACIP_LIMIT_MAX_STEPS=500).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import html
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+GB, MB = 10**9, 10**6
+_REPO = Path(__file__).resolve().parent.parent
+ADMIN = "admin"  # the owner id of the token holder: may control every run
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+_MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+\-.!|~>])")
+
+
+def is_public(env=None) -> bool:
+    """True on a Space (SPACE_ID set) or with ACIP_PUBLIC=1; ACIP_PUBLIC=0 forces local mode."""
+    env = os.environ if env is None else env
+    flag = env.get("ACIP_PUBLIC", "").strip().lower()
+    if flag in ("0", "false", "no", "off"):
+        return False
+    return flag in ("1", "true", "yes", "on") or bool(env.get("SPACE_ID"))
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Every bound on a visitor's work. Sizes in bytes, times in seconds."""
+
+    public: bool
+    scoring: str  # "open" (local), "token" (public, ACIP_ADMIN_TOKEN set) or "off"
+    max_steps: int  # ACIP steps of one scoring run
+    max_batch_size: int
+    max_seq_len: int
+    max_run_seconds: float  # wall time of one scoring run; then it is stopped (resumable)
+    max_running: int  # scoring runs at once, in total
+    lm_eval_items: int  # items per task of one lm-eval measurement
+    perplexity_windows: int
+    upload_bytes: int  # one uploaded file (Gradio's max_file_size too)
+    uploads_bytes: int  # all kept calibration uploads
+    runs_bytes: float  # the runs folder; oldest stopped/finished runs are removed first
+    exports_bytes: int  # the exports folder; oldest exports are removed first
+    bases_bytes: int  # the cached bases; least recently used removed first
+    chat_tokens: int  # history + message of one chat request, after the chat template
+    cache_seconds: int  # Gradio's cache (uploads, downloads) is cleaned of files older than this
+
+
+def _local() -> Limits:
+    return Limits(public=False, scoring="open", max_steps=100_000, max_batch_size=256, max_seq_len=32_768,
+                  max_run_seconds=math.inf, max_running=1, lm_eval_items=100_000, perplexity_windows=1024,
+                  upload_bytes=200 * MB, uploads_bytes=2 * GB, runs_bytes=math.inf, exports_bytes=20 * GB,
+                  bases_bytes=20 * GB, chat_tokens=4096, cache_seconds=24 * 3600)
+
+
+def _public(env) -> Limits:
+    # steps/batch/sequence: a run of the embedded model stays under ~3 GB of memory and 30 min on a
+    # 2-core Space (README, "Public deployment"); bases are ~0.6 GB each for SmolLM2
+    return Limits(public=True, scoring="token" if env.get("ACIP_ADMIN_TOKEN") else "off", max_steps=400,
+                  max_batch_size=4, max_seq_len=512, max_run_seconds=1800, max_running=1, lm_eval_items=100,
+                  perplexity_windows=64, upload_bytes=10 * MB, uploads_bytes=100 * MB, runs_bytes=3 * GB,
+                  exports_bytes=2 * GB, bases_bytes=3 * GB, chat_tokens=1024, cache_seconds=3600)
+
+
+def limits(env=None) -> Limits:
+    """The limits in force: public or local defaults, each overridable by ACIP_LIMIT_<FIELD>."""
+    env = os.environ if env is None else env
+    base = _public(env) if is_public(env) else _local()
+    changes = {}
+    for f in dataclasses.fields(Limits):
+        raw = env.get(f"ACIP_LIMIT_{f.name.upper()}")
+        if raw is None or f.name in ("public", "scoring"):
+            continue
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"ACIP_LIMIT_{f.name.upper()}={raw!r} is not a number") from None
+        if not value > 0:
+            raise ValueError(f"ACIP_LIMIT_{f.name.upper()} must be positive, got {raw!r}")
+        changes[f.name] = value if f.type == "float" or math.isinf(value) else int(value)
+    return dataclasses.replace(base, **changes)
+
+
+# -- who may do what ----------------------------------------------------------------------------
+def token_ok(token, env=None) -> bool:
+    """Whether `token` is the owner's ACIP_ADMIN_TOKEN (constant-time comparison; no token set: False)."""
+    env = os.environ if env is None else env
+    expected = env.get("ACIP_ADMIN_TOKEN") or ""
+    return bool(expected) and isinstance(token, str) and hmac.compare_digest(token.encode(), expected.encode())
+
+
+def owner(token=None, session: str | None = None, env=None) -> str | None:
+    """Who is asking, for run ownership: ADMIN (the token holder), a session's id, or None (local:
+    the single user of the machine, who may control every run)."""
+    if token_ok(token, env):
+        return ADMIN
+    if not is_public(env):
+        return None
+    return "session-" + hashlib.sha256((session or "anonymous").encode()).hexdigest()[:16]
+
+
+def check_may_score(token=None, env=None) -> None:
+    """Raises ValueError (with what to do) when scoring runs may not start: public mode without the token."""
+    lim = limits(env)
+    if lim.scoring == "off":
+        raise ValueError("Scoring runs are off on this public Space: they take the whole machine for "
+                         "up to half an hour. The Space's owner can enable them by setting the secret "
+                         "ACIP_ADMIN_TOKEN; run ACIP Studio locally (make run) to score any model.")
+    if lim.scoring == "token" and not token_ok(token, env):
+        raise ValueError("Starting or controlling scoring runs on this public Space needs the owner's "
+                         "admin token (ACIP_ADMIN_TOKEN): type it in the admin token field.")
+
+
+def may_control(run_owner: str | None, who: str | None) -> bool:
+    """Whether `who` may cancel, resume or delete a run owned by `run_owner` (None = unrestricted)."""
+    return who is None or who == ADMIN or run_owner is None or hmac.compare_digest(str(run_owner), str(who))
+
+
+# -- what a visitor may name --------------------------------------------------------------------
+def uploads_dir() -> Path:
+    """Where accepted calibration uploads are kept (bounded: limits().uploads_bytes)."""
+    from .models import cache_dir
+
+    return cache_dir() / "uploads"
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError):
+        return False
+
+
+def check_model(source, env=None) -> str:
+    """A model field's value: in public mode only the embedded model or a hub id, never a server path.
+    (Visitors name models only for scoring runs, so jobs.start checks here; an artifact's own model
+    source was written by the server and is loaded as it is.)"""
+    from .models import EMBEDDED
+
+    if not isinstance(source, str) or not source.strip():
+        raise ValueError(f"give a model: {EMBEDDED!r}, a local directory or a Hugging Face id")
+    source = source.strip()
+    if len(source) > 200 or any(ord(c) < 32 for c in source):
+        raise ValueError("the model name is too long or holds control characters")
+    # a hub id that is also a path here (relative to the working directory, or to the repository,
+    # where scoring processes run) would be read from disk by transformers: refused too
+    if is_public(env) and source != EMBEDDED and (not _HUB_ID.match(source) or ".." in source
+                                                  or os.path.lexists(source) or (_REPO / source).exists()):
+        raise ValueError(f"on this public Space a model is {EMBEDDED!r} or a Hugging Face id like "
+                         "'HuggingFaceTB/SmolLM2-360M-Instruct'; server paths are not accepted")
+    return source
+
+
+def check_data(source, env=None) -> str:
+    """A text field's value: in public mode only an offered corpus name or an accepted upload."""
+    from .data import DATA_CHOICES
+
+    if not isinstance(source, str) or not source.strip():
+        raise ValueError(f"choose a text: one of {DATA_CHOICES} or an uploaded file")
+    source = source.strip()
+    if is_public(env) and source not in DATA_CHOICES and not _inside(Path(source), uploads_dir()):
+        raise ValueError(f"on this public Space the text is one of {DATA_CHOICES} or a file you upload; "
+                         "server paths and hf: datasets are not accepted")
+    return source
+
+
+def accept_upload(path, env=None) -> Path:
+    """Checks an uploaded calibration file (size, UTF-8 text), keeps one copy under uploads_dir()
+    named by its content hash, removes the uploaded temp file, and evicts the oldest uploads beyond
+    the bound. Returns the kept file's path."""
+    lim = limits(env)
+    src = Path(path)
+    try:
+        size = src.stat().st_size
+        if size > lim.upload_bytes:
+            raise ValueError(f"the uploaded file is {size / MB:.1f} MB; the limit is {lim.upload_bytes / MB:g} MB")
+        data = src.read_bytes()
+        if b"\0" in data:
+            raise ValueError("the uploaded file is not text (it holds NUL bytes)")
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError("the uploaded file is not UTF-8 text") from None
+    finally:
+        src.unlink(missing_ok=True)  # used once: never kept in Gradio's cache
+    root = uploads_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    kept = root / f"{hashlib.sha256(data).hexdigest()[:16]}.txt"
+    if not kept.is_file():
+        tmp = kept.with_suffix(".txt.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, kept)
+    os.utime(kept)  # the newest: evicted last
+    evict_oldest(root, lim.uploads_bytes, keep=[kept])
+    return kept
+
+
+# -- what is echoed -----------------------------------------------------------------------------
+def md_escape(text) -> str:
+    """Any string shown in a Markdown component as plain text: no links, images, emphasis or HTML."""
+    return _MARKDOWN.sub(r"\\\1", html.escape(str(text), quote=False)).replace("\n", " ")
+
+
+# -- disk ---------------------------------------------------------------------------------------
+def _bytes(path: Path) -> int:
+    try:
+        if path.is_symlink() or path.is_file():
+            return path.lstat().st_size
+        return sum(p.lstat().st_size for p in path.rglob("*") if not p.is_dir())
+    except OSError:
+        return 0
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def evict_oldest(folder, max_bytes: float, keep=(), entries=None) -> list[Path]:
+    """Removes the least recently modified entries (files or folders) of `folder` until the rest hold
+    at most max_bytes; never those in `keep`. `entries` restricts which entries count and may go.
+    Returns what was removed."""
+    folder = Path(folder)
+    if not folder.is_dir() or math.isinf(max_bytes):
+        return []
+    keep = {Path(k).resolve() for k in keep}
+    items = list(entries) if entries is not None else list(folder.iterdir())
+    sized = []
+    for p in items:
+        try:
+            sized.append((p.lstat().st_mtime, p, _bytes(p)))
+        except OSError:
+            continue
+    total = sum(s for _, _, s in sized)
+    removed = []
+    for _, p, s in sorted(sized, key=lambda x: x[0]):
+        if total <= max_bytes:
+            break
+        if p.resolve() in keep:
+            continue
+        _remove(p)
+        total -= s
+        removed.append(p)
+    return removed
+
+
+def remove_leftovers(folder, older_than_s: float = 600, depth: int = 2) -> list[Path]:
+    """Removes `*.tmp` files and folders (what a killed atomic write leaves) under `folder`, down to
+    `depth` levels, when older than `older_than_s` (a younger one may belong to a live process)."""
+    folder, now, removed = Path(folder), time.time(), []
+    if not folder.is_dir():
+        return removed
+
+    def walk(d: Path, level: int):
+        try:
+            children = list(d.iterdir())
+        except OSError:
+            return
+        for p in children:
+            try:
+                old = now - p.lstat().st_mtime > older_than_s
+            except OSError:
+                continue
+            if p.name.endswith(".tmp") and old:
+                _remove(p)
+                removed.append(p)
+            elif level < depth and p.is_dir() and not p.is_symlink():
+                walk(p, level + 1)
+
+    walk(folder, 1)
+    return removed
+
+
+def remove_stale(folder, older_than_s: float) -> list[Path]:
+    """Removes every entry of `folder` older than `older_than_s` (exports nobody downloads any more)."""
+    folder, now = Path(folder), time.time()
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if now - p.lstat().st_mtime > older_than_s]
+    for p in stale:
+        _remove(p)
+    return stale
+
+
+def describe(lim: Limits | None = None) -> str:
+    """What is limited and why, for the page (Markdown)."""
+    lim = lim or limits()
+    if not lim.public:
+        return ""
+    scoring = {"off": "**off** (the Space's owner can enable them with the secret `ACIP_ADMIN_TOKEN`)",
+               "token": "for the owner only (admin token)"}[lim.scoring]
+    return (f"**Public Space.** To keep it usable by everyone, visitors' work is bounded: scoring runs are "
+            f"{scoring}, one at a time, at most {lim.max_steps} steps, batch {lim.max_batch_size} × "
+            f"{lim.max_seq_len} tokens and {lim.max_run_seconds / 60:.0f} min; lm-eval at most "
+            f"{lim.lm_eval_items} items per task; chat history {lim.chat_tokens} tokens; uploads "
+            f"{lim.upload_bytes / MB:g} MB of text; models and texts only by name (no server paths); old "
+            "exports and runs are removed first when the disk bound is reached. Run it locally for no limits.")
+
+
+def clean_at_start(exports=None, roots=(), older_than_s: float = 600) -> list[Path]:
+    """At app start: what killed processes left behind — `*.tmp` files and folders under `roots`
+    (the cache, runs), and exports older than `older_than_s` (a previous app's, or a killed export's
+    half-written zip and folder). Younger entries may belong to another live app on this machine."""
+    removed = []
+    for root in roots:
+        removed += remove_leftovers(root, older_than_s)
+    if exports is not None:
+        removed += remove_stale(exports, older_than_s)
+    return removed
+

@@ -1,0 +1,392 @@
+"""Public mode (issue 14): strangers name no server paths, their work and disk use are bounded, runs
+belong to whoever started them, and what is echoed is text. Library level; the app's wiring is in
+test_public_app.py."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from acip_core import public
+from acip_core.artifact import ArtifactError, load_artifact, problem
+from acip_core.data import load_text
+from acip_core.jobs import ScoringJobs
+from acip_core.models import ModelSourceError, load_base
+
+
+@pytest.fixture
+def public_mode(monkeypatch, tmp_path):
+    """ACIP_PUBLIC=1 with its own cache (uploads, bases) and an admin token."""
+    monkeypatch.setenv("ACIP_PUBLIC", "1")
+    monkeypatch.setenv("ACIP_ADMIN_TOKEN", "s3cret")
+    monkeypatch.setenv("ACIP_STUDIO_CACHE", str(tmp_path / "cache"))
+    return tmp_path
+
+
+def test_public_mode_is_detected_from_space_id_or_acip_public():
+    assert public.is_public({"SPACE_ID": "user/space"})
+    assert public.is_public({"ACIP_PUBLIC": "1"})
+    assert not public.is_public({})
+    assert not public.is_public({"SPACE_ID": "user/space", "ACIP_PUBLIC": "0"})  # forced local
+    local, space = public.limits({}), public.limits({"SPACE_ID": "u/s"})
+    assert not local.public and local.scoring == "open"
+    assert space.public and space.scoring == "off"  # no token set: scoring off
+    assert public.limits({"SPACE_ID": "u/s", "ACIP_ADMIN_TOKEN": "t"}).scoring == "token"
+    assert space.max_batch_size < local.max_batch_size and space.chat_tokens < local.chat_tokens
+    tuned = public.limits({"SPACE_ID": "u/s", "ACIP_LIMIT_MAX_STEPS": "50", "ACIP_LIMIT_MAX_RUN_SECONDS": "90"})
+    assert tuned.max_steps == 50 and tuned.max_run_seconds == 90.0
+    with pytest.raises(ValueError, match="ACIP_LIMIT_MAX_STEPS"):
+        public.limits({"ACIP_LIMIT_MAX_STEPS": "-1"})
+
+
+def test_admin_token(monkeypatch):
+    env = {"SPACE_ID": "u/s"}
+    with pytest.raises(ValueError, match="off on this public Space"):
+        public.check_may_score("anything", env)
+    env["ACIP_ADMIN_TOKEN"] = "s3cret"
+    with pytest.raises(ValueError, match="admin token"):
+        public.check_may_score("wrong", env)
+    with pytest.raises(ValueError, match="admin token"):
+        public.check_may_score(None, env)
+    public.check_may_score("s3cret", env)
+    public.check_may_score(None, {})  # local: open
+    assert public.owner("s3cret", "sess", env) == public.ADMIN
+    assert public.owner(None, "a", env) != public.owner(None, "b", env)
+    assert public.owner(None, "a", {}) is None  # local: the machine's single user
+
+
+# -- no server paths from visitors --------------------------------------------------------------
+SERVER_PATHS = ["/etc/passwd", "/etc", "../../etc/passwd", "~/.ssh/id_rsa", "assets/corpus/fortunes.txt"]
+
+
+@pytest.mark.parametrize("path", SERVER_PATHS + ["hf:wikitext:wikitext-2-raw-v1"])
+def test_a_server_path_as_data_is_refused_in_public_mode(public_mode, path):
+    with pytest.raises(ValueError, match="server paths"):
+        load_text(path)
+    with pytest.raises(ValueError, match="server paths"):
+        public.check_data(path)
+    assert load_text("corpus:fortunes")  # offered names still work
+
+
+def test_a_server_path_as_data_still_works_locally(tmp_path):
+    (tmp_path / "mine.txt").write_text("my own text")
+    assert load_text(str(tmp_path / "mine.txt")) == "my own text"
+
+
+@pytest.mark.parametrize("path", ["/etc", "../x", "./precomputed", "~/models", "/tmp/x/y", "a/../../b"])
+def test_a_server_path_as_model_is_refused_in_public_mode(public_mode, path):
+    with pytest.raises(ValueError, match="server paths are not accepted"):
+        public.check_model(path)
+
+
+def test_a_local_model_folder_is_never_read_in_public_mode(public_mode, tiny_llama, monkeypatch):
+    jobs = ScoringJobs(public_mode / "runs")
+    with pytest.raises(ValueError, match="server paths"):
+        jobs.start("r", model=tiny_llama, data="corpus:train")  # an absolute server path
+    # a relative folder shaped like a hub id (transformers would read it from disk) is refused too,
+    # whether relative to the working directory or to the repository (where scoring processes run)
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(tiny_llama)))
+    relative = os.path.basename(os.path.dirname(tiny_llama)) + "/" + os.path.basename(tiny_llama)
+    assert os.path.isdir(relative)
+    for name in (relative, "precomputed/smollm2-135m-instruct", "assets/corpus"):
+        with pytest.raises(ValueError, match="server paths"):
+            jobs.start("r", model=name, data="corpus:train")
+    assert not (public_mode / "runs").exists()
+    assert public.check_model("HuggingFaceTB/SmolLM2-360M-Instruct")  # a real hub id is accepted
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelSourceError, match="not in the local Hugging Face cache"):
+        load_base("someone/not-a-folder-here")  # and goes to the hub (offline here), never to disk
+
+
+def test_server_paths_in_a_scoring_run_are_refused_and_leave_no_folder(public_mode):
+    jobs = ScoringJobs(public_mode / "runs")
+    for path in SERVER_PATHS:
+        with pytest.raises(ValueError, match="server paths"):
+            jobs.start("r1", model=path, data="corpus:train")
+        with pytest.raises(ValueError, match="server paths"):
+            jobs.start("r1", model="smollm2-135m-instruct", data=path)
+    assert not (public_mode / "runs").exists()
+
+
+def test_an_upload_is_checked_kept_once_and_its_temp_removed(public_mode, monkeypatch):
+    src = public_mode / "upload.txt"
+    src.write_text("some calibration text\n" * 100)
+    kept = public.accept_upload(src)
+    assert not src.exists() and kept.parent == public.uploads_dir() and kept.read_text().startswith("some")
+    assert public.check_data(str(kept)) == str(kept)  # accepted as data in public mode
+    assert load_text(str(kept)).startswith("some")
+    for data, why in ((b"\x00\x01binary", "not text"), (b"\xff\xfe latin", "not UTF-8"),
+                      (b"x" * (10 * 10**6 + 1), "limit is 10 MB")):
+        src.write_bytes(data)
+        with pytest.raises(ValueError, match=why):
+            public.accept_upload(src)
+        assert not src.exists()  # refused uploads are removed too
+
+
+def test_uploads_are_bounded_oldest_first(public_mode, monkeypatch):
+    monkeypatch.setenv("ACIP_LIMIT_UPLOADS_BYTES", "2500")
+    kept = []
+    for i in range(4):
+        src = public_mode / f"u{i}.txt"
+        src.write_text(str(i) * 1000)
+        kept.append(public.accept_upload(src))
+        os.utime(kept[-1], (time.time() - 100 + i, time.time() - 100 + i))
+    assert [k.exists() for k in kept] == [False, False, True, True]
+
+
+# -- bounded work -------------------------------------------------------------------------------
+@pytest.mark.parametrize("option,value", [("batch_size", 16), ("seq_len", 4096), ("steps", 100_000),
+                                          ("post_tune_steps", 100_000)])
+def test_oversize_scoring_runs_are_refused_and_leave_no_folder(public_mode, option, value):
+    jobs = ScoringJobs(public_mode / "runs")
+    kwargs = dict(model="smollm2-135m-instruct", data="corpus:train", steps=100)
+    kwargs[option] = value
+    with pytest.raises(ValueError, match=f"{option} {value} is above the limit"):
+        jobs.start("big", **kwargs)
+    assert not (public_mode / "runs" / "big").exists()
+
+
+@pytest.fixture
+def busy_run(tmp_path):
+    """A run folder whose process is alive (a sleeping python whose command line names the folder,
+    as a scoring process's does): the one scoring slot is taken."""
+    folder = tmp_path / "runs" / "busy"
+    folder.mkdir(parents=True)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "acip_core", str(folder)])
+    (folder / "run.json").write_text(json.dumps(dict(name="busy", args=["x"], model="m", created=1.0,
+                                                     pid=proc.pid, owner="session-a", config={})))
+    yield folder
+    proc.kill()
+    proc.wait()
+
+
+def test_a_second_run_is_refused_while_one_runs_and_leaves_no_folder(busy_run):
+    jobs = ScoringJobs(busy_run.parent)
+    for i in range(150):
+        with pytest.raises(ValueError, match=r"already running \(busy\)"):
+            jobs.start(f"second-{i}", model="smollm2-135m-instruct", data="corpus:train")
+    assert [f.name for f in busy_run.parent.iterdir()] == ["busy"]
+    assert [r["state"] for r in jobs.list()] == ["starting"]
+
+
+def test_another_session_cannot_cancel_resume_or_delete_a_run(busy_run):
+    jobs = ScoringJobs(busy_run.parent)
+    for action in (jobs.cancel, jobs.resume, jobs.delete):
+        with pytest.raises(ValueError, match="belongs to whoever started it"):
+            action("busy", who="session-b")
+    assert jobs.status("busy")["state"] == "starting"
+    assert jobs.cancel("busy", who=public.ADMIN)["state"] == "cancelled"  # the token holder may
+    jobs.delete("busy", who="session-a")  # and so may its owner
+    assert not busy_run.exists()
+
+
+def test_a_running_run_cannot_be_deleted(busy_run):
+    with pytest.raises(ValueError, match="cancel it first"):
+        ScoringJobs(busy_run.parent).delete("busy")
+
+
+def test_a_run_is_stopped_at_its_wall_time_and_stays_resumable(public_mode, monkeypatch, tiny_llama):
+    monkeypatch.setenv("ACIP_PUBLIC", "0")  # the tiny model is a local folder; the bound is the same code
+    monkeypatch.setenv("ACIP_LIMIT_MAX_RUN_SECONDS", "4")
+    jobs = ScoringJobs(public_mode / "runs")
+    start = time.time()
+    jobs.start("slow", model=tiny_llama, data="corpus:train", steps=400, batch_size=2, seq_len=32,
+               post_tune_steps=5, precision="fp32")
+    while time.time() - start < 60 and jobs.status("slow")["state"] in ("starting", "running", "evaluating"):
+        time.sleep(0.2)
+    status = jobs.status("slow")
+    assert status["state"] == "stopped" and "wall-time limit" in status["message"], status
+    assert time.time() - start < 30
+
+
+def test_runs_folder_is_bounded_oldest_first(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACIP_LIMIT_RUNS_BYTES", "3000")
+    root = tmp_path / "runs"
+    for i in range(4):
+        (root / f"old-{i}").mkdir(parents=True)
+        (root / f"old-{i}" / "run.json").write_text(json.dumps(dict(name=f"old-{i}", args=[], created=i)))
+        (root / f"old-{i}" / "checkpoint.bin").write_bytes(b"x" * 1000)
+        os.utime(root / f"old-{i}", (1000 + i, 1000 + i))
+    jobs = ScoringJobs(root)
+    jobs._bound_disk(public.limits().runs_bytes)
+    assert sorted(f.name for f in root.iterdir()) == ["old-2", "old-3"]
+
+
+def test_the_runs_folder_is_scanned_once_per_tick(tmp_path):
+    root = tmp_path / "runs"
+    for i in range(300):
+        (root / f"r{i}").mkdir(parents=True)
+        (root / f"r{i}" / "run.json").write_text(json.dumps(dict(name=f"r{i}", args=[], created=i)))
+        (root / f"r{i}" / "log.jsonl").write_text("\n".join(json.dumps(dict(step=s, phase="acip", seconds=s))
+                                                            for s in range(2000)) + "\n")
+    jobs = ScoringJobs(root)
+    start = time.perf_counter()
+    first = jobs.list()
+    elapsed = time.perf_counter() - start
+    for _ in range(3):  # the tick's other readers (artifacts, the runs table) share that scan
+        assert jobs.list() == first and jobs.artifacts() == []
+    assert jobs.scans == 1 and len(first) == 300 and first[0]["step"] == 1999
+    assert elapsed < 3.0, f"one scan of 300 runs took {elapsed:.1f} s"
+
+
+# -- chat history -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def explorer(tiny_artifact):
+    from acip_core.explorer import Explorer
+
+    return Explorer.open(tiny_artifact, cache_size=2)
+
+
+def test_a_forged_long_history_is_refused(explorer):
+    forged = [dict(role="user", content="a" * 80_000), dict(role="assistant", content="ok")]
+    with pytest.raises(ValueError, match="history holds a user message of 80,000 characters"):
+        explorer.start_chat(1.0, forged, "hi", 4)
+    many = [dict(role="user" if i % 2 == 0 else "assistant", content="word " * 1500) for i in range(60)]
+    with pytest.raises(ValueError, match="history is 450,000 characters long"):
+        explorer.start_chat(1.0, many, "hi", 4)
+
+
+def test_a_long_history_is_capped_by_tokens(explorer, monkeypatch):
+    monkeypatch.setenv("ACIP_LIMIT_CHAT_TOKENS", "64")
+    history = [dict(role="user" if i % 2 == 0 else "assistant", content=f"turn {i} " + "word " * 50)
+               for i in range(20)]
+    ids, truncated = explorer._chat_ids(history, "the newest question", 4)
+    assert truncated and ids.shape[1] <= 64
+    assert "newest question" in explorer.tokenizer.decode(ids[0])
+
+
+def test_lm_eval_items_are_capped_in_public_mode(explorer, public_mode):
+    with pytest.raises(ValueError, match=r"limit must be a whole number in \[1, 100\]"):
+        explorer.measure_lm_eval(1.0, ["any"], limit=100_000)
+    with pytest.raises(ValueError, match=r"windows must be a whole number in \[1, 64\]"):
+        explorer.measure_perplexity(1.0, windows=1000)
+
+
+def test_perplexity_on_a_server_path_is_refused_in_public_mode(explorer, public_mode):
+    with pytest.raises(ValueError, match="server paths"):
+        explorer.measure_perplexity(1.0, data="/etc/services", windows=1)
+
+
+def test_a_huge_budget_fits_the_whole_model(explorer):
+    for budget in (1e308, 1e30, float("inf")):
+        fit = explorer.any_size.size_for_budget(budget)
+        assert fit.size_ratio == 1.0
+    assert explorer.size_for_budget(1e308)["size_ratio"] == 1.0
+
+
+# -- echoed strings -----------------------------------------------------------------------------
+def test_markdown_and_html_are_escaped():
+    evil = "![beacon](http://evil.example/b.png) [click](http://phish.example) <img src=x onerror=alert(1)> **b**"
+    shown = public.md_escape(evil)
+    assert "](" not in shown and "<img" not in shown and "**" not in shown
+    assert shown.replace("\\", "").replace("&lt;", "<").replace("&gt;", ">") == evil
+
+
+# -- artifacts ----------------------------------------------------------------------------------
+@pytest.fixture
+def copy(tiny_artifact, tmp_path):
+    import shutil
+
+    dst = tmp_path / "a"
+    shutil.copytree(tiny_artifact, dst)
+    return dst
+
+
+def _edit_meta(folder, **changes):
+    meta = json.loads((folder / "acip.json").read_text())
+    meta.update(changes)
+    (folder / "acip.json").write_text(json.dumps(meta))
+    return meta
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "/etc/passwd", "sub/scores.safetensors", "..", ".hidden"])
+def test_the_files_map_holds_plain_names_inside_the_folder(copy, name):
+    meta = json.loads((copy / "acip.json").read_text())
+    files = dict(meta["files"], **{name: "0" * 64})
+    _edit_meta(copy, files=files)
+    with pytest.raises(ArtifactError, match="'files' lists .* plain file names"):
+        load_artifact(copy)
+
+
+@pytest.mark.parametrize("files", [["scores.safetensors"], "scores.safetensors", None, 3])
+def test_files_that_is_not_a_map_is_refused_by_name(copy, files):
+    _edit_meta(copy, files=files)
+    with pytest.raises(ArtifactError, match="'files' must map file names"):
+        load_artifact(copy)
+
+
+def test_broken_artifacts_are_validated_before_listing(copy):
+    assert problem(copy) is None
+    _edit_meta(copy, files=["x"])
+    assert "'files' must map" in problem(copy)
+
+
+# -- disk -----------------------------------------------------------------------------------------
+def test_exports_are_evicted_oldest_first(tmp_path):
+    for i in range(5):
+        d = tmp_path / f"e{i}"
+        d.mkdir()
+        (d / "model.zip").write_bytes(b"z" * 1000)
+        os.utime(d, (1000 + i, 1000 + i))
+    removed = public.evict_oldest(tmp_path, 2500, keep=[tmp_path / "e0"])
+    assert sorted(p.name for p in removed) == ["e1", "e2", "e3"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e0", "e4"]
+
+
+def test_bases_are_evicted_least_recently_used(monkeypatch, tmp_path):
+    from acip_core.basis import Factors, cached_basis
+
+    def build():
+        return {"l": Factors(torch.zeros(8, 8), torch.zeros(8), torch.zeros(8, 8))}
+
+    paths = []
+    for i in range(3):
+        cached_basis(dict(kind="svd", i=i), build, tmp_path)
+        if i == 0:  # room for three bases
+            size = next((tmp_path / "bases").glob("*.safetensors")).stat().st_size
+            monkeypatch.setenv("ACIP_LIMIT_BASES_BYTES", str(int(3.5 * size)))
+        paths.append(sorted((tmp_path / "bases").glob("*.safetensors"), key=os.path.getmtime)[-1])
+        time.sleep(0.05)
+    assert len(list((tmp_path / "bases").glob("*.safetensors"))) == 3
+    cached_basis(dict(kind="svd", i=0), lambda: pytest.fail("rebuilt"), tmp_path)  # loaded: most recent
+    cached_basis(dict(kind="svd", i=3), build, tmp_path)  # a fourth: the least recently used goes
+    left = {p.name for p in (tmp_path / "bases").glob("*.safetensors")}
+    assert left == {paths[0].name, paths[2].name} | (left - set(p.name for p in paths)) and len(left) == 3
+    assert paths[1].name not in left
+
+
+def test_leftovers_and_stale_exports_are_removed_at_start(tmp_path):
+    cache, exports = tmp_path / "cache", tmp_path / "exports"
+    old = time.time() - 3600
+    (cache / "bases").mkdir(parents=True)
+    (cache / "models" / ".smollm2-135m-instruct-abc.tmp").mkdir(parents=True)
+    (cache / "bases" / "x.tmp").write_bytes(b"half")
+    (cache / "bases" / "svd-1.safetensors").write_bytes(b"kept")
+    (exports / "a1" / "model").mkdir(parents=True)
+    (exports / "a1" / ".model.zip.x.tmp").write_bytes(b"half a zip")
+    (exports / "b2").mkdir()
+    fresh = cache / "bases" / "live.tmp"  # another live process's: too young to remove
+    fresh.write_bytes(b"")
+    for p in (cache / "models" / ".smollm2-135m-instruct-abc.tmp", cache / "bases" / "x.tmp", exports / "a1"):
+        os.utime(p, (old, old))
+    removed = public.clean_at_start(exports=exports, roots=[cache])
+    assert {p.name for p in removed} == {".smollm2-135m-instruct-abc.tmp", "x.tmp", "a1"}
+    assert (cache / "bases" / "svd-1.safetensors").exists() and fresh.exists() and (exports / "b2").exists()
+
+
+def test_a_hub_id_fails_fast_when_offline(monkeypatch):
+    from acip_core import models
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: False)
+    start = time.perf_counter()
+    with pytest.raises(ModelSourceError, match="cannot be reached"):
+        load_base("someone/some-model")
+    assert time.perf_counter() - start < 10
+    monkeypatch.setenv("HF_HUB_OFFLINE", "true")  # huggingface_hub's spellings count too
+    with pytest.raises(ModelSourceError, match="HF_HUB_OFFLINE is set"):
+        load_base("someone/some-model")
