@@ -105,8 +105,8 @@ def curve_figure(curve: pd.DataFrame | None, x: str = "size_ratio", dtype: str =
             fig.add_trace(go.Scatter(
                 x=_x_of(rows, x), y=rows[metric], mode="lines+markers", name=name, line=style,
                 marker=dict(size=5 if x == "gb" else 6),
-                customdata=np.stack([rows.size_ratio, rows.params / 1e6, _x_of(rows, "gb")], axis=-1),
-                hovertemplate=f"{name}<br>size %{{customdata[0]:.3f}}<br>%{{customdata[2]:.4f}} GB"
+                customdata=np.stack([rows.size_ratio, _x_of(rows, "gb")], axis=-1),
+                hovertemplate=f"{name}<br>size %{{customdata[0]:.3f}}<br>%{{customdata[1]:.4f}} GB"
                               "<br>perplexity %{y:.4g}<extra></extra>"))
         original = data[data.method == "original"]
         ref_rows = original[original.format == shown_fmt] if len(original) else original
