@@ -1,7 +1,8 @@
 """Renders the artifact's curve (one PNG per eval set) with plotly in headless Chromium.
 
     .venv/bin/python benchmarks/plot_curve.py [--artifact precomputed/smollm2-135m-instruct]
-Writes benchmarks/curve_<evalset>.png (needs Debian's chromium: apt-get install chromium).
+Writes benchmarks/curve_<evalset>.png (size-ratio view) and benchmarks/curve_gb_<evalset>.png (GB view:
+ACIP in every format, the original in each format, the frontier); needs Debian's chromium.
 """
 
 import argparse
@@ -31,15 +32,16 @@ def main():
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=FLAGS)
         page = browser.new_page(viewport={"width": 1000, "height": 480})
         for metric in ppl_columns(curve):
-            fig = curve_figure(curve, metric=metric, title=f"SmolLM2-135M-Instruct: perplexity on "
-                                                           f"{TITLES.get(metric, metric)}")
-            html = os.path.join(tmp, f"{metric}.html")
-            fig.write_html(html, include_plotlyjs=True, full_html=True)
-            page.goto(f"file://{html}")
-            page.wait_for_timeout(1500)
-            out = os.path.join(here, f"curve_{metric[4:]}.png")
-            page.screenshot(path=out, full_page=True)
-            print(out)
+            for x, prefix in (("size_ratio", "curve_"), ("gb", "curve_gb_")):
+                fig = curve_figure(curve, x=x, dtype="bfloat16", metric=metric,
+                                   title=f"SmolLM2-135M-Instruct: perplexity on {TITLES.get(metric, metric)}")
+                html = os.path.join(tmp, f"{metric}.html")
+                fig.write_html(html, include_plotlyjs=True, full_html=True)
+                page.goto(f"file://{html}")
+                page.wait_for_timeout(1500)
+                out = os.path.join(here, f"{prefix}{metric[4:]}.png")
+                page.screenshot(path=out, full_page=True)
+                print(out)
         browser.close()
 
 
