@@ -193,16 +193,20 @@ def cmd_curve(args):
 def cmd_export(args):
     from pathlib import Path
 
-    from .export import export_dense, export_lowrank
+    from .artifact import load_artifact
+    from .export import card_from_curve, export_dense, export_lowrank, saved_params
     from .pipeline import open_artifact
 
     model = open_artifact(args.artifact)
     size = model.size_for_ratio(args.size_ratio)
     export = export_dense if args.dense else export_lowrank
-    out = export(model, size, args.out, args.dtype, card=dict(artifact=Path(args.artifact).name))
+    card = dict(card_from_curve(load_artifact(args.artifact).curve, size.size_ratio),
+                artifact=Path(args.artifact).name)  # measured quality: the artifact's curve
+    out = export(model, size, args.out, args.dtype, card=card)
     files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
     result = dict(out=str(out), kind="dense" if args.dense else "lowrank", dtype=args.dtype,
-                  size_ratio=round(size.size_ratio, 5), params=size.params, files=files)
+                  size_ratio=round(size.size_ratio, 5), params=saved_params(out),
+                  runtime_params=size.params, files=files)
     load = "" if args.dense else ", trust_remote_code=True"
     _emit(args, result, f"wrote {out} ({sum(files.values()) / 1e6:.1f} MB, size {size.size_ratio:.4f}); "
                         f"load with AutoModelForCausalLM.from_pretrained({str(out)!r}{load})")

@@ -110,7 +110,7 @@ class AnySizeModel:
         with self._lock:
             if dtype not in self._per_dtype:
                 base, factors = self._per_dtype[torch.float32]
-                self._per_dtype[dtype] = (copy.deepcopy(base).to(dtype),
+                self._per_dtype[dtype] = (_cast_like_from_pretrained(base, dtype),
                                           {n: (a.to(dtype), b.to(dtype)) for n, (a, b) in factors.items()})
             return self._per_dtype[dtype]
 
@@ -163,3 +163,15 @@ def count_params(model: nn.Module) -> int:
             seen.add(id(t))
             total += t.numel()
     return total
+
+
+def _cast_like_from_pretrained(base: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of `base` in `dtype` whose non-persistent buffers (rotary inv_freq) stay as they are,
+    as `from_pretrained(dtype=...)` leaves them: an export then computes the same numbers."""
+    model = copy.deepcopy(base).to(dtype)
+    originals = dict(base.named_modules())
+    for name, module in model.named_modules():
+        for buf in module._non_persistent_buffers_set:
+            if module._buffers.get(buf) is not None:
+                module._buffers[buf] = originals[name]._buffers[buf].clone()
+    return model
