@@ -188,8 +188,7 @@ class Handlers:
         metric = metric if metric in ppl_columns(ex.curve) else None
         return plots.curve_figure(ex.curve, X_AXES.get(x_axis, "size_ratio"), dtype, metric, summary,
                                   pd.DataFrame(results or []),
-                                  title=f"{ex.name}: perplexity vs size"
-                                        + (f" on {eval_set_label(metric)}" if metric else ""))
+                                  title=f"{ex.name}: perplexity vs size")
 
     @ui_errors
     def on_size(self, folder, ratio, x_axis, dtype, metric, results, fitted):
@@ -488,7 +487,7 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
             with gr.Tab("Explore", id="explore"):
                 with gr.Row():
                     with gr.Column(scale=3):
-                        curve = gr.Plot(label="compression–performance curve", elem_id="curve")
+                        curve = gr.Plot(label="compression–performance curve", show_label=False, elem_id="curve")
                         with gr.Row():
                             x_axis = gr.Radio(list(X_AXES), value="size ratio", label="x axis")
                             metric = gr.Dropdown(choices=[], label="evaluation set", elem_id="metric")
@@ -506,7 +505,7 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
                                                column_widths=["48%", "52%"], elem_id="summary")
                 with gr.Row():
                     with gr.Column(scale=1):
-                        heatmap = gr.Plot(label="kept rank per layer", elem_id="heatmap")
+                        heatmap = gr.Plot(label="kept rank per layer", show_label=False, elem_id="heatmap")
                     with gr.Column(scale=1):
                         layers = gr.Dataframe(label="kept rank per module type", interactive=False, wrap=True,
                                               headers=["module", "layers", "full rank", "kept rank", "kept %",
@@ -564,7 +563,8 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
                             batch = gr.Number(value=8, precision=0, minimum=1, label="batch size")
                         run_eval = gr.Button("Run lm-eval")
                 measure_text = gr.Markdown(elem_id="measure-text")
-                results_table = gr.Dataframe(label="results", interactive=False, wrap=True, elem_id="lm-table")
+                results_table = gr.Dataframe(label="results", interactive=False, wrap=True, elem_id="lm-table",
+                                             headers=["time", "kind", "size_ratio", "dtype", "data", "perplexity"])
                 with gr.Row():
                     download = gr.DownloadButton("Download CSV", value=None)
                     clear_results = gr.Button("Clear results")
@@ -598,7 +598,8 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
                     cancel_run = gr.Button("Cancel run")
                     resume_run = gr.Button("Resume run")
                 run_text = gr.Markdown()
-                runs_table = gr.Dataframe(label="runs", interactive=False)
+                runs_table = gr.Dataframe(label="runs", interactive=False, headers=["run", "state", "step", "phase", "loss",
+                                                                                   "λ", "size_ratio", "elapsed_s", "ETA"])
                 run_plot = gr.Plot(label="progress")
                 timer = gr.Timer(3.0)
 

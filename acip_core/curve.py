@@ -91,8 +91,8 @@ def method_curve(folder, method: str, evals: dict[str, torch.Tensor], sizes=DEFA
 
 # -- reading a curve (what the app shows next to a size) --------------------------------------------
 EVAL_SETS = {  # the eval sets of curve.csv (ppl_<name>), in words; see acip_core/data.py
-    "heldout": "held-out handbook text (the last 20 % of the Debian handbook, never calibrated on)",
-    "domain": "a domain never seen in calibration: Python's help topics",
+    "heldout": "held-out handbook text",  # the last 20 % of the Debian handbook, never calibrated on
+    "domain": "Python help topics (a domain never seen in calibration)",
 }
 
 

@@ -75,7 +75,7 @@ def curve_figure(curve: pd.DataFrame | None, x: str = "size_ratio", dtype: str =
                 x=[0.0, float(xs.max()) * 1.02], y=[ref, ref], mode="lines",
                 name=f"original ({ref:.4g})", line=dict(color=COLORS["original"], dash="dash", width=1.5),
                 hovertemplate=f"original model: perplexity {ref:.4g}<extra></extra>"))
-        fig.update_layout(xaxis_title=xlabel, yaxis=dict(type="log", title=f"perplexity ({metric[4:]}, log)"))
+        fig.update_layout(xaxis_title=xlabel, yaxis=dict(type="log", title=f"perplexity on {eval_set_label(metric)} (log)"))
         focus = list(data[data.method == methods[0]][metric]) if methods else []
         focus += [ref] if ref is not None else []
         if measured is not None and len(measured) and "perplexity" in measured:

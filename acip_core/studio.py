@@ -164,7 +164,7 @@ def summary_frame(s: dict, at: dict, note: str = "") -> pd.DataFrame:
         label = eval_set_label(at["metric"])
         if at["value"] is not None:
             ref = f" (original {at['original']:.1f})" if at["original"] else ""
-            rows.append((f"perplexity on {label} (curve, interpolated)", f"≈ {at['value']:.1f}{ref}"))
+            rows.append((f"perplexity (curve: {label})", f"≈ {at['value']:.1f}{ref}"))
         elif at["span"] is not None:
             rows.append((f"perplexity on {label}", f"outside the curve's sizes {at['span'][0]:.2f}–"
                                                    f"{at['span'][1]:.2f}: measure it in the Measure tab"))
@@ -182,16 +182,16 @@ def size_badge(s: dict, note: str = "") -> str:
 
 def budget_text(budget_gb: float, fits: list[dict]) -> str:
     """The budget's answer in every dtype (Explorer.fit_budget_every_dtype), best first named."""
-    lines = [f"**{budget_gb:g} GB** fits:", "", "| dtype | size | params | weights | left | perplexity (curve) |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"**{budget_gb:g} GB** fits:", "", "| dtype | size | weights | left | perplexity |",
+             "|---|---|---|---|---|"]
     for f in fits:
         if not f["fits"]:
-            lines.append(f"| {f['dtype']} | — | — | needs ≥ {gigabytes(f['smallest_gb'])} | | |")
+            lines.append(f"| {f['dtype']} | — | needs ≥ {gigabytes(f['smallest_gb'])} | | |")
             continue
         ppl = f"≈ {f['perplexity']:.1f}" if f.get("perplexity") is not None else "not on the curve"
         mark = " **(best)**" if f.get("best") else ""
-        lines.append(f"| {f['dtype']}{mark} | **{f['size_ratio']:.3f}** | {millions(f['params'])} | "
-                     f"{gigabytes(f['gb_' + f['dtype']])} | {gigabytes(f['budget_left_gb'])} | {ppl} |")
+        lines.append(f"| {f['dtype']}{mark} | **{f['size_ratio']:.3f}** | {gigabytes(f['gb_' + f['dtype']])} | "
+                     f"{gigabytes(f['budget_left_gb'])} | {ppl} |")
     best = next((f for f in fits if f.get("best")), None)
     if best:
         lines += ["", f"The slider moved to the best: size {best['size_ratio']:.3f} in {best['dtype']} "
