@@ -2,6 +2,7 @@ import json
 import os
 import struct
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -248,3 +249,51 @@ def test_export_folder_is_portable(tied_llama, tmp_path):
         assert ("for compatibility, no memory saved" in card) == dense
         if not dense:
             assert "AutoTokenizer.from_pretrained(folder, trust_remote_code=True)" in card
+
+
+_AS_CARD_SAYS = r"""
+import json, re, sys
+import torch
+ids = torch.tensor([json.loads(sys.argv[2])])
+for folder in json.loads(sys.argv[1]):
+    card = open(folder + "/README.md").read()
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    exec(code.split("messages =")[0].replace('"path/to/this/folder"', repr(folder)))  # model, tokenizer
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, pad_token_id=0)
+    print(json.dumps(out[0, ids.shape[1]:].tolist()))
+"""
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_exports_load_as_their_card_says_in_a_fresh_process_by_another_uid(tied_llama, dtype):
+    """Each kind of export, loaded in a new process exactly as its card says (stdin closed: a
+    trust_remote_code question would fail it), by another uid where we can switch to one, gives
+    the app's greedy tokens with the settings it carries (generation_config.json)."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    any_size = random_any_size(tied_llama)[0]
+    size = any_size.size_for_ratio(0.5)
+    prompt = random_ids(len(any_size.tokenizer), (1, 8), seed=3)
+    with torch.no_grad():
+        app = any_size.materialize(size, dtype).generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16, do_sample=False,
+            repetition_penalty=1.15, pad_token_id=0)[0, prompt.shape[1]:].tolist()
+    root = Path(tempfile.mkdtemp(prefix="acip-export-uid-"))
+    try:
+        root.chmod(0o777)  # the other uid writes its HF module cache here
+        as_other = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] \
+            if os.geteuid() == 0 and shutil.which("setpriv") else []
+        folders = [str((export_dense if dense else export_lowrank)(any_size, size, root / f"m-{dense}", dtype=dtype))
+                   for dense in (False, True)]
+        env = dict(os.environ, HF_HOME=str(root / "hf"), HOME=str(root), HF_HUB_OFFLINE="1")
+        proc = subprocess.run(as_other + [sys.executable, "-c", _AS_CARD_SAYS, json.dumps(folders),
+                                          json.dumps(prompt[0].tolist())],
+                              capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        lowrank, dense = (json.loads(line) for line in proc.stdout.strip().splitlines()[-2:])
+        assert lowrank == app and dense == app, dtype
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
