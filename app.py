@@ -375,6 +375,7 @@ class Handlers:
     @ui_errors
     def score_start(self, name, model, data, steps, basis, stop_ratio, batch_size, seq_len, post_tune):
         name = (name or "").strip() or time.strftime("run-%Y%m%d-%H%M%S")
+        text.check_model_source(model or EMBEDDED)  # a bad hub id fails now, not after a minute of retries
         self.app.jobs.start(name, model=(model or EMBEDDED).strip(), data=data or DEFAULT_DATA, steps=int(steps),
                             basis=basis, stop_ratio=float(stop_ratio), batch_size=int(batch_size),
                             seq_len=int(seq_len), post_tune_steps=int(post_tune), checkpoint_every=10)

@@ -64,13 +64,17 @@ def _offline_mode() -> bool:
                for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connect within `timeout` s (no retries)."""
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
         socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
         return True
     except OSError:
         return False
+
+
+_hub_reachable = hub_reachable
 
 
 def _unavailable(tasks: list[str], why: str) -> TaskUnavailableError:

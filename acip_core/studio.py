@@ -114,6 +114,27 @@ def prune(root: Path, max_bytes: int, max_age_s: float) -> None:
         total -= size
 
 
+def check_model_source(source: str, reachable=None) -> None:
+    """Refuses at once a hub id that can only fail: not in the local cache while the hub is
+    unreachable (huggingface_hub would retry for about a minute first). ValueError says why."""
+    from .models import EMBEDDED
+
+    source = (source or "").strip()
+    if source == EMBEDDED or Path(source).expanduser().exists() or source.count("/") != 1:
+        return  # embedded, a local folder, or something models.load_base refuses at once itself
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(source, "config.json"), str):
+        return
+    if reachable is None:
+        from .lmeval import hub_reachable as reachable
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    if offline or not reachable():
+        raise ValueError(f"{source!r} is not in the local Hugging Face cache and the hub is "
+                         f"{'switched off (HF_HUB_OFFLINE)' if offline else 'not reachable'}: download it "
+                         f"once online, give a local model folder, or use the embedded {EMBEDDED!r}.")
+
+
 def checkpoint_step(run_folder: Path) -> int | None:
     """The step a scoring run's last checkpoint holds (what --resume continues after), or None."""
     import json

@@ -263,3 +263,35 @@ def test_a_download_is_served_from_where_it_was_written(tmp_path):
     finally:
         import shutil
         shutil.rmtree(path.parent)
+
+
+def test_a_hub_id_that_cannot_load_is_refused_at_once(tmp_path, monkeypatch):
+    import time
+
+    from acip_core.studio import check_model_source
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="not reachable"):
+        check_model_source("someone/no-such-model", reachable=lambda: False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="HF_HUB_OFFLINE"):
+        check_model_source("someone/no-such-model")
+    assert time.perf_counter() - start < 5
+    check_model_source("smollm2-135m-instruct")  # embedded
+    check_model_source(str(tmp_path))  # a local folder: load_base checks it
+
+
+def test_resume_says_what_it_will_do(tmp_path):
+    import json
+
+    import app
+    from acip_core.studio import StudioConfig
+
+    demo = app.build_demo(StudioConfig(default_artifact=str(tmp_path / "none"), precomputed=tmp_path / "p",
+                                       runs=tmp_path / "runs", downloads=tmp_path / "dl"))
+    run = tmp_path / "runs" / "r1"
+    run.mkdir(parents=True)
+    assert "starts again at step 1" in demo.handlers.resume_note("r1")
+    (run / "checkpoint.json").write_text(json.dumps(dict(step=30, phase="acip")))
+    assert "continues after step 30" in demo.handlers.resume_note("r1")
