@@ -249,6 +249,21 @@ def cmd_lm_eval(args):
           + f"\nat size {size.size_ratio:.4f} in {result['seconds']:.1f} s")
 
 
+@command
+def cmd_lm_eval_tasks(args):
+    from pathlib import Path
+
+    from .lmeval import OFFLINE_TASKS, write_task_configs
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_task_configs(OFFLINE_TASKS, out)
+    run = f"lm_eval --model hf --model_args pretrained=FOLDER,trust_remote_code=True --include_path {out} " \
+          f"--tasks {','.join(OFFLINE_TASKS)}"
+    _emit(args, dict(out=str(out), tasks=OFFLINE_TASKS, run=run),
+          f"wrote {len(OFFLINE_TASKS)} task files to {out}; run them with lm-eval's own CLI:\n  {run}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .baselines import METHODS
     from .basis import BASIS_KINDS
@@ -331,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="acip", choices=METHODS)
     p.add_argument("--limit", type=int, default=None, help="at most this many items per task")
     p.add_argument("--batch-size", type=int, default=16)
+    p = sub.add_parser("lm-eval-tasks", help="write the offline tasks as YAMLs lm-eval's own CLI runs as they are")
+    p.add_argument("--out", required=True, help="folder for the task files (then lm_eval --include_path OUT)")
     p = sub.add_parser("export", help="write one size as a Hugging Face model folder")
     p.add_argument("--artifact", required=True, help="artifact folder")
     p.add_argument("--size-ratio", type=float, required=True, help="kept fraction of the target layers, in [0, 1]")
