@@ -46,25 +46,6 @@ footer {display: none !important}
 JS = """() => { document.addEventListener('keydown', (e) => {
   if (e.key === 'Enter' && e.target.matches('#size-slider input[type=number], #ratio-b input[type=number]')) {
     e.target.blur(); } }); }"""
-HELP = """
-**ACIP** (Any Compression via Iterative Pruning; Genzel et al., 2025) factorizes every linear layer of
-a language model by SVD and runs one scoring pass that ranks *all* singular values of *all* layers by
-how much the model needs them. Any size is then a prefix of that ranking: no retraining per size.
-
-- **Size ratio**: the kept fraction of the compressed layers' parameters (1.0 = the original model).
-  Embeddings, norms and the output head are never compressed, which is why the total parameters and
-  the **GB** shrink less than the ratio; GB also depends on the weights' dtype (2 bytes in bfloat16,
-  4 in float32).
-- **The curve**: perplexity (lower is better) at each size on an evaluation text. `acip` is this
-  artifact; other lines are baselines measured on the same text (`whitened-magnitude`: keep the
-  largest singular values of the whitened layers; `svd-magnitude`, `uniform`, `block-removal`
-  similarly), the dashed line is the original model.
-- **Evaluation sets**: *heldout* is held-out handbook text (never used for calibration); *domain* is
-  a domain never seen in calibration (Python's help topics).
-- **Chat / Sweep** answer greedily, so different sizes differ only by their size.
-
-More in the README: *Quick start*, *The app*, *How it works*, *Results*.
-"""
 
 
 def ui_errors(fn):
@@ -180,7 +161,7 @@ class Handlers:
         at = curve_at(ex.curve, summary["size_ratio"], metric)
         budget = gr.skip() if fitted is not None and abs(fitted - float(ratio)) < 1e-9 else \
             math.ceil(summary[f"gb_{dtype}"] * 1000) / 1000  # the selected size's need, not a stale budget
-        return (text.summary_frame(summary, at, note), ex.layer_table(size).pipe(_layers_frame),
+        return (text.summary_frame(summary, at, note), text.layers_frame(ex.layer_table(size)),
                 plots.heatmap_figure(ex.rank_heatmap(size)), self._curve(ex, summary, x_axis, dtype, metric, results),
                 text.size_badge(summary, note), budget)
 
@@ -233,10 +214,10 @@ class Handlers:
         yield new_a, new_b, "generating…", ""
         try:
             for a, b in stream:
-                new_a[-1] = dict(role="assistant", content=_reply(a))
+                new_a[-1] = dict(role="assistant", content=text.reply(a))
                 stats = text.speed_line("A", a)
                 if b is not None:
-                    new_b[-1] = dict(role="assistant", content=_reply(b))
+                    new_b[-1] = dict(role="assistant", content=text.reply(b))
                     stats += "  \n" + text.speed_line("B" + ("" if ex_b is ex else f" ({ex_b.name})"), b)
                 yield new_a, new_b, stats, ""
                 if stop.is_set():
@@ -259,7 +240,7 @@ class Handlers:
         stream = ex.sweep(ratios, message, max_new_tokens, dtype=dtype)
         try:
             for snaps in stream:
-                yield _sweep_frame(ex, ratios, snaps)
+                yield text.sweep_frame(ex, ratios, snaps)
                 if stop.is_set():
                     return
         finally:
@@ -285,7 +266,7 @@ class Handlers:
         except Cancelled:
             return "Perplexity cancelled.", gr.skip(), gr.skip(), gr.skip()
         results = list(results or []) + [row]
-        return text.perplexity_text(row), _results_table(results), self._results_file(results), results
+        return text.perplexity_text(row), text.results_table(results), self._results_file(results), results
 
     @ui_errors
     def lm_eval(self, folder, ratio, tasks, limit, batch_size, dtype, results, request: gr.Request = None,
@@ -305,7 +286,7 @@ class Handlers:
         results = list(results or []) + [row]
         metrics = ", ".join(f"{k} {v:.3f}" for k, v in row.items() if "/" in k and isinstance(v, float))
         return (f"lm-eval at size {row['size_ratio']:.3f}: {metrics or 'no metrics returned'} "
-                f"({row['seconds']:.0f} s)."), _results_table(results), self._results_file(results), results
+                f"({row['seconds']:.0f} s)."), text.results_table(results), self._results_file(results), results
 
     def measure_cancel(self, request: gr.Request = None):
         self._stop(request, "measure").set()
@@ -336,16 +317,7 @@ class Handlers:
 
     # -- score ----------------------------------------------------------------------------------
     def runs_frame(self) -> pd.DataFrame:
-        rows = []
-        for r in self.app.jobs.list():
-            eta = f"≤ {int(r['eta_s'] // 60)} min {int(r['eta_s'] % 60)} s" if r["eta_s"] is not None else ""
-            rows.append(dict(run=r["name"], state=r["state"], step=r["step"], phase=r["phase"],
-                             loss=None if r["loss"] is None else round(r["loss"], 4),
-                             λ=None if r["reg_weight"] is None else f"{r['reg_weight']:.3g}",
-                             size_ratio=None if r["size_ratio"] is None else round(r["size_ratio"], 4),
-                             elapsed_s=None if r["seconds"] is None else round(r["seconds"]), ETA=eta))
-        return pd.DataFrame(rows, columns=["run", "state", "step", "phase", "loss", "λ", "size_ratio",
-                                           "elapsed_s", "ETA"])
+        return text.runs_frame(self.app.jobs.list())
 
     def run_view(self, run: str | None):
         if not run:
@@ -416,44 +388,6 @@ class Handlers:
         return frame, runs, fig, line, artifacts, artifacts, dict(artifacts=folders, runs=names, plot=plot_key)
 
 
-# -- small view helpers -------------------------------------------------------------------------
-def _layers_frame(table: pd.DataFrame) -> pd.DataFrame:
-    table = table.rename(columns={"full_rank": "full rank", "mean_kept_rank": "kept rank",
-                                  "kept_percent": "kept %", "low_rank": "low-rank"})
-    table["module"] = table["module"].str.removesuffix("_proj")
-    return table
-
-
-def _reply(snap: dict) -> str:
-    if snap["done"] and not snap["text"].strip():
-        return "*(no text: the model ended its reply at once at this size)*"
-    return snap["text"]
-
-
-def _results_table(results) -> pd.DataFrame:
-    """The session's results, newest first, the measured value (with its spread) up front."""
-    frame = pd.DataFrame(list(results or [])[::-1])
-    if "perplexity" in frame:
-        frame.insert(3, "± (one s.e.)", [f"{lo:.1f}–{hi:.1f}" if pd.notna(lo) else "" for lo, hi in
-                                         zip(frame.get("ppl_low", []), frame.get("ppl_high", []))])
-        frame["perplexity"] = frame.perplexity.round(2)
-    metrics = [c for c in frame.columns if "/" in c]
-    keep = ["time", "kind", "size_ratio", "dtype", "data"] + metrics + \
-        [c for c in ("perplexity", "± (one s.e.)", "windows", "seconds") if c in frame]
-    return frame[[c for c in keep if c in frame]].round(4) if len(frame) else frame
-
-
-def _sweep_frame(ex: Explorer, ratios, snaps) -> pd.DataFrame:
-    rows = []
-    for i, ratio in enumerate(ratios):
-        snap = snaps[i] if i < len(snaps) else None
-        size = ex.size(ratio)
-        rows.append({"size": f"{size.size_ratio:.3f}", "params": text.millions(size.params),
-                     "reply": "" if snap is None else _reply(snap) + ("" if snap["done"] else " …"),
-                     "tok/s": "" if snap is None or not snap["tokens_per_s"] else f"{snap['tokens_per_s']:.1f}"})
-    return pd.DataFrame(rows)
-
-
 def lm_eval_tasks() -> tuple[list[str], list[str]]:
     """(offline tasks, all suggested tasks) from acip_core.lmeval when it is there."""
     try:
@@ -483,7 +417,7 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
             status = gr.Markdown("Loading the model…", elem_id="status")
             badge = gr.Markdown(elem_id="size-badge")
         with gr.Accordion("What am I looking at?", open=False, elem_id="help"):
-            gr.Markdown(HELP)
+            gr.Markdown(text.HELP)
         with gr.Tabs():
             with gr.Tab("Explore", id="explore"):
                 with gr.Row():

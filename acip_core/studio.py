@@ -22,6 +22,28 @@ from .curve import eval_set_label
 from .jobs import ScoringJobs
 from .registry import Registry, find_artifacts
 
+# the "What am I looking at?" panel (its README references are section titles)
+HELP = """
+**ACIP** (Any Compression via Iterative Pruning; Genzel et al., 2025) factorizes every linear layer of
+a language model by SVD and runs one scoring pass that ranks *all* singular values of *all* layers by
+how much the model needs them. Any size is then a prefix of that ranking: no retraining per size.
+
+- **Size ratio**: the kept fraction of the compressed layers' parameters (1.0 = the original model).
+  Embeddings, norms and the output head are never compressed, which is why the total parameters and
+  the **GB** shrink less than the ratio; GB also depends on the weights' dtype (2 bytes in bfloat16,
+  4 in float32).
+- **The curve**: perplexity (lower is better) at each size on an evaluation text. `acip` is this
+  artifact; the other lines are baselines measured on the same text: `svd-magnitude` and
+  `whitened-magnitude` keep the largest singular values (of the plain or activation-whitened layers),
+  `uniform-whitened` cuts every layer by the same fraction, `block-removal` drops whole decoder blocks.
+  The dashed line is the original model.
+- **Evaluation sets**: *heldout* is held-out handbook text (never used for calibration); *domain* is
+  a domain never seen in calibration (Python's help topics).
+- **Chat / Sweep** answer greedily, so different sizes differ only by their size.
+
+More in the README: *The app*, *How it works (short)*, *Measured numbers*; the method in
+[the paper](https://arxiv.org/abs/2502.01717).
+"""
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_NAME = "smollm2-135m-instruct"
 
@@ -273,3 +295,58 @@ def parse_sizes(text: str, limit: int = 12) -> list[float]:
     if len(sizes) > limit:
         raise ValueError(f"at most {limit} sizes per sweep, got {len(sizes)}")
     return sizes
+
+
+# -- tables ----------------------------------------------------------------------------------------
+def layers_frame(table: pd.DataFrame) -> pd.DataFrame:
+    """Explorer.layer_table with short module names and column titles."""
+    table = table.rename(columns={"full_rank": "full rank", "mean_kept_rank": "kept rank",
+                                  "kept_percent": "kept %", "low_rank": "low-rank"})
+    table["module"] = table["module"].str.removesuffix("_proj")
+    return table
+
+
+def reply(snap: dict) -> str:
+    """A chat reply as shown: an empty finished reply says so instead of an empty bubble."""
+    if snap["done"] and not snap["text"].strip():
+        return "*(no text: the model ended its reply at once at this size)*"
+    return snap["text"]
+
+
+def results_table(results) -> pd.DataFrame:
+    """The session's results, newest first, the measured value (with its spread) up front."""
+    frame = pd.DataFrame(list(results or [])[::-1])
+    if "perplexity" in frame:
+        frame.insert(3, "± (one s.e.)", [f"{lo:.1f}–{hi:.1f}" if pd.notna(lo) else "" for lo, hi in
+                                         zip(frame.get("ppl_low", []), frame.get("ppl_high", []))])
+        frame["perplexity"] = frame.perplexity.round(2)
+    metrics = [c for c in frame.columns if "/" in c]
+    keep = ["time", "kind", "size_ratio", "dtype", "data"] + metrics + \
+        [c for c in ("perplexity", "± (one s.e.)", "windows", "seconds") if c in frame]
+    return frame[[c for c in keep if c in frame]].round(4) if len(frame) else frame
+
+
+def sweep_frame(ex, ratios, snaps) -> pd.DataFrame:
+    """The sweep grid: one row per size (Explorer.sweep snapshots so far; later sizes blank)."""
+    rows = []
+    for i, ratio in enumerate(ratios):
+        snap = snaps[i] if i < len(snaps) else None
+        size = ex.size(ratio)
+        rows.append({"size": f"{size.size_ratio:.3f}", "params": millions(size.params),
+                     "reply": "" if snap is None else reply(snap) + ("" if snap["done"] else " …"),
+                     "tok/s": "" if snap is None or not snap["tokens_per_s"] else f"{snap['tokens_per_s']:.1f}"})
+    return pd.DataFrame(rows)
+
+
+def runs_frame(runs: list[dict]) -> pd.DataFrame:
+    """The Score tab's table of runs (ScoringJobs.list())."""
+    rows = []
+    for r in runs:
+        eta = f"≤ {int(r['eta_s'] // 60)} min {int(r['eta_s'] % 60)} s" if r["eta_s"] is not None else ""
+        rows.append(dict(run=r["name"], state=r["state"], step=r["step"], phase=r["phase"],
+                         loss=None if r["loss"] is None else round(r["loss"], 4),
+                         λ=None if r["reg_weight"] is None else f"{r['reg_weight']:.3g}",
+                         size_ratio=None if r["size_ratio"] is None else round(r["size_ratio"], 4),
+                         elapsed_s=None if r["seconds"] is None else round(r["seconds"]), ETA=eta))
+    return pd.DataFrame(rows, columns=["run", "state", "step", "phase", "loss", "λ", "size_ratio",
+                                       "elapsed_s", "ETA"])
