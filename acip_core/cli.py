@@ -360,12 +360,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_progress_bars() -> None:
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    disable_progress_bars()
+    hf_logging.disable_progress_bar()
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "eval", "x") is None:
         args.eval = ["heldout=corpus:heldout", "domain=corpus:domain"]
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.json:  # one JSON object and nothing else: no loading/saving progress bars on stderr either
+        _quiet_progress_bars()
     try:
         COMMANDS[args.command](args)
     except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as err:

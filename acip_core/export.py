@@ -40,7 +40,10 @@ from .prune import DTYPE_BYTES
 TEMPLATE = Path(__file__).parent / "export_template" / "modeling_acip.py"
 MODULE_FILE, WEIGHTS_FILE, CONFIG_FILE, CARD_FILE = ("modeling_acip.py", "model.safetensors",
                                                      "config.json", "README.md")
-EXPORT_KEY = "acip_export"  # in config.json: marks a folder this module wrote (safe to replace)
+EXPORT_KEY = "acip_export"  # format 1 kept this block in config.json (still recognized)
+# what was exported (size, dtype, params, provenance), beside config.json and not in it: a model that is
+# loaded and saved again (save_pretrained) does not carry a description that no longer holds
+INFO_FILE = "acip_export.json"
 EXPORT_FORMAT = 2  # 2: factorized layers store up_t [r, out] (1 stored up [out, r])
 # the app's chat settings (explorer.py uses them), written to generation_config.json so that a plain
 # generate() on the export decodes as the app does
@@ -64,13 +67,22 @@ def export_dense(any_size: AnySizeModel, size: Size | float, out_dir: str | Path
     return _export(any_size, size, out_dir, dtype, card, dense=True)
 
 
+def export_info(folder: str | Path) -> dict | None:
+    """What this module wrote about the export in `folder` (None when it is not one of ours)."""
+    for name, key in ((INFO_FILE, None), (CONFIG_FILE, EXPORT_KEY)):
+        try:
+            data = json.loads((Path(folder) / name).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        data = data.get(key) if key and isinstance(data, dict) else data
+        if isinstance(data, dict) and data.get("format"):
+            return data
+    return None
+
+
 def is_export(folder: str | Path) -> bool:
-    """True when `folder` holds a config.json written by this module."""
-    try:
-        config = json.loads((Path(folder) / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(config, dict) and isinstance(config.get(EXPORT_KEY), dict)
+    """True when `folder` holds an export written by this module (safe to replace)."""
+    return export_info(folder) is not None
 
 
 # -- the export ------------------------------------------------------------------------------------
@@ -103,12 +115,12 @@ def _export(any_size, size, out_dir, dtype, card, dense: bool) -> Path:
                       acip_ranks=ranks, architectures=[f"ACIPForCausalLM__{base_type}"],
                       auto_map={"AutoConfig": f"modeling_acip.ACIPConfig__{base_type}",
                                 "AutoModelForCausalLM": f"modeling_acip.ACIPForCausalLM__{base_type}"})
-    config[EXPORT_KEY] = info
     readme = model_card(any_size, size, info, card or {})
 
     def fill(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         if not dense:
             shutil.copyfile(TEMPLATE, tmp / MODULE_FILE)
         generation = getattr(any_size.base, "generation_config", None)
@@ -204,8 +216,7 @@ def public_name(any_size) -> str:
 
 def saved_params(folder: str | Path) -> int:
     """Parameters held in an export's model.safetensors (what the folder costs, not the runtime's)."""
-    info = json.loads((Path(folder) / CONFIG_FILE).read_text(encoding="utf-8")).get(EXPORT_KEY, {})
-    return int(info.get("params", 0))
+    return int((export_info(folder) or {}).get("params", 0))
 
 
 def card_from_curve(curve, size_ratio: float) -> dict:

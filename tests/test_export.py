@@ -188,7 +188,8 @@ def test_refuses_to_overwrite_a_foreign_folder_but_replaces_an_export(tiny_llama
     export_lowrank(any_size, 0.5, empty)
     export_dense(any_size, 0.7, empty)  # a previous export is replaced as a whole
     assert not (empty / "modeling_acip.py").exists()
-    assert json.loads((empty / "config.json").read_text())["acip_export"]["kind"] == "dense"
+    assert json.loads((empty / "acip_export.json").read_text())["kind"] == "dense"
+    assert "acip_export" not in json.loads((empty / "config.json").read_text())  # a re-save does not carry it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file", "mine"]  # no temp leftovers
 
 
@@ -215,8 +216,10 @@ def test_cli_export(tiny_llama, tmp_path, monkeypatch, capsys):
     assert "perplexity" in card and "artifact's curve" in card and "| 10.000 |" in card
     assert main(["export", "--artifact", "art", "--size-ratio", "0.5", "--out", str(out), "--dense",
                  "--dtype", "bfloat16", "--json"]) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    captured = capsys.readouterr()
+    result = json.loads(captured.out.strip().splitlines()[-1])
     assert result["kind"] == "dense" and result["dtype"] == "bfloat16"
+    assert "%|" not in captured.err  # no progress bars under --json
     assert result["params"] == sum(p.numel() for p in any_size.base.parameters()) > result["runtime_params"]
     assert main(["export", "--artifact", "art", "--size-ratio", "0.5", "--out", str(tmp_path), "--json"]) == 2
     assert "not a previous ACIP export" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["error"]
