@@ -295,3 +295,12 @@ def test_resume_says_what_it_will_do(tmp_path):
     assert "starts again at step 1" in demo.handlers.resume_note("r1")
     (run / "checkpoint.json").write_text(json.dumps(dict(step=30, phase="acip")))
     assert "continues after step 30" in demo.handlers.resume_note("r1")
+
+
+def test_a_size_below_the_curve_is_warned_about(demo, tiny_artifact):
+    summary, layers, heatmap, curve, badge, budget = demo.handlers.on_size(
+        str(tiny_artifact), 0.1, "size ratio", "float32", None, [], None)
+    assert "Below the smallest measured size (0.40)" in badge
+    assert "warning" in list(summary.iloc[:, 0])
+    summary, *_, badge, _ = demo.handlers.on_size(str(tiny_artifact), 0.5, "size ratio", "float32", None, [], None)
+    assert "Below" not in badge

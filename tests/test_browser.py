@@ -190,7 +190,11 @@ def _path(page):
     slider.focus()
     slider.press("PageDown")
     size = _settled(page) if _wait_change(lambda: _badge(page), size) else size
-    assert float(page.locator("#budget input").input_value()) > 0  # the box follows the selected size
+    deadline = time.time() + 30
+    while time.time() < deadline and page.locator("#budget input").input_value() == "1":
+        time.sleep(0.2)
+    need = float(page.locator("#budget input").input_value())
+    assert 0 < need < 1, need  # the box follows the selected size: no stale budget
 
     # sweep: one prompt, many sizes, one after another
     page.get_by_role("tab", name="Sweep").click()
