@@ -30,6 +30,7 @@ from acip_core.studio import Studio, StudioConfig
 
 log = logging.getLogger("acip_studio")
 X_AXES = {"size ratio": "size_ratio", "GB": "gb"}
+CHAT_UPDATE_S = 0.2  # streamed text reaches the page at most this often (see studio.throttled)
 EXAMPLES = ["What is the capital of France?", "Explain what a package manager does, in two sentences.",
             "Write a haiku about autumn.", "Give three tips for writing clear emails."]
 EXPORT_KINDS = {"low-rank: smallest files (loads with trust_remote_code)": False,
@@ -66,7 +67,7 @@ def ui_errors(fn):
             try:
                 yield from fn(*args, **kwargs)
             except Exception as err:
-                gr.Warning(message(err), title="Could not do that", duration=15)
+                gr.Warning(message(err), title="Could not do that", duration=8)
                 yield gr.skip()
         return gen_wrapper
 
@@ -75,7 +76,7 @@ def ui_errors(fn):
         try:
             return fn(*args, **kwargs)
         except Exception as err:
-            gr.Warning(message(err), title="Could not do that", duration=15)
+            gr.Warning(message(err), title="Could not do that", duration=8)
             return gr.skip()
     return wrapper
 
@@ -213,7 +214,7 @@ class Handlers:
                                                               repetition_penalty, dtype))
         yield new_a, new_b, "generating…", ""
         try:
-            for a, b in stream:
+            for a, b in text.throttled(stream, CHAT_UPDATE_S):
                 new_a[-1] = dict(role="assistant", content=text.reply(a))
                 stats = text.speed_line("A", a)
                 if b is not None:
@@ -239,7 +240,7 @@ class Handlers:
         stop.clear()
         stream = ex.sweep(ratios, message, max_new_tokens, dtype=dtype)
         try:
-            for snaps in stream:
+            for snaps in text.throttled(stream, CHAT_UPDATE_S):
                 yield text.sweep_frame(ex, ratios, snaps)
                 if stop.is_set():
                     return

@@ -275,6 +275,21 @@ def speed_line(tag: str, snap: dict) -> str:
     return " · ".join(parts)
 
 
+def throttled(stream, every: float = 0.2):
+    """The items of `stream`, at most one per `every` seconds (the latest), and always the last.
+    Each item a chat yields is serialized and sent to the browser by the server's thread, which
+    takes the GIL from the generation thread: one update per token slowed decoding down."""
+    last, pending, item = 0.0, False, None
+    for item in stream:
+        pending = True
+        now = time.perf_counter()
+        if now - last >= every:
+            last, pending = now, False
+            yield item
+    if pending:
+        yield item
+
+
 def parse_sizes(text: str, limit: int = 12) -> list[float]:
     """'1.0, 0.9, 0.8' (or '1.0:0.4:0.1' for a range) -> distinct sizes in [0, 1], largest first."""
     text = (text or "").strip()

@@ -304,3 +304,20 @@ def test_a_size_below_the_curve_is_warned_about(demo, tiny_artifact):
     assert "warning" in list(summary.iloc[:, 0])
     summary, *_, badge, _ = demo.handlers.on_size(str(tiny_artifact), 0.5, "size ratio", "float32", None, [], None)
     assert "Below" not in badge
+
+
+def test_streamed_updates_are_throttled_but_the_last_always_comes():
+    import time
+
+    from acip_core.studio import throttled
+
+    def fast():
+        for i in range(50):
+            time.sleep(0.005)
+            yield i
+
+    start = time.perf_counter()
+    out = list(throttled(fast(), every=0.1))
+    elapsed = time.perf_counter() - start  # ≥ 0.25 s; longer on a busy machine
+    assert out[-1] == 49 and 2 <= len(out) <= elapsed / 0.1 + 2 and len(out) < 50
+    assert list(throttled(iter([]), 0.1)) == [] and list(throttled(iter([7]), 10)) == [7]
