@@ -150,7 +150,7 @@ class Handlers:
     def _curve(self, ex, summary, x_axis, dtype, metric, results):
         metric = metric if metric in ppl_columns(ex.curve) else None
         return plots.curve_figure(ex.curve, X_AXES.get(x_axis, "size_ratio"), dtype, metric, summary,
-                                  pd.DataFrame(results or []),
+                                  pd.DataFrame([r for r in results or [] if r.get("artifact") == ex.name]),
                                   title=f"{ex.name}: perplexity vs size")
 
     @ui_errors

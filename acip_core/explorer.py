@@ -508,7 +508,8 @@ class Explorer:
         from .export import card_from_curve
 
         card = dict(base_model=self.any_size.meta.get("model", {}).get("source"), artifact=self.name)
-        ppl = pd.DataFrame([r for r in measured if r.get("kind") == "perplexity"])
+        ppl = pd.DataFrame([r for r in measured if r.get("kind") == "perplexity"
+                            and r.get("artifact", self.name) == self.name])
         here = ppl[ppl.size_ratio == round(size.size_ratio, 5)] if len(ppl) else ppl
         if not len(here):
             return dict(card_from_curve(self.curve, size.size_ratio), **card)
