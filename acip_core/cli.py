@@ -220,14 +220,18 @@ def cmd_curve(args):
 def cmd_export(args):
     from pathlib import Path
 
-    from .export import export_dense, export_lowrank
+    from .artifact import load_artifact
+    from .export import card_from_curve, export_dense, export_lowrank, saved_params
 
     model, size = _open_method_size(args)
     export = export_dense if args.dense else export_lowrank
-    out = export(model, size, args.out, size.format, card=dict(artifact=Path(args.artifact).name))
+    card = dict(card_from_curve(load_artifact(args.artifact).curve, size.size_ratio, size.format.key),
+                artifact=Path(args.artifact).name)  # measured quality: the artifact's curve
+    out = export(model, size, args.out, size.format, card=card)
     files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
     result = dict(out=str(out), kind="dense" if args.dense else "lowrank", format=size.format.key,
-                  size_ratio=round(size.size_ratio, 5), params=size.params, bytes_claimed=size.nbytes, files=files)
+                  size_ratio=round(size.size_ratio, 5), params=saved_params(out), runtime_params=size.params,
+                  bytes_claimed=size.nbytes, files=files)
     load = "" if args.dense else ", trust_remote_code=True"
     _emit(args, result, f"wrote {out} ({sum(files.values()) / 1e6:.1f} MB, size {size.size_ratio:.4f}); "
                         f"load with AutoModelForCausalLM.from_pretrained({str(out)!r}{load})")
@@ -316,6 +320,21 @@ def cmd_lm_eval(args):
     _emit(args, result, "\n".join(f"{t}: acc {r['acc']:.4f} ± {r['acc_stderr'] or 0:.4f}, acc_norm "
                                   f"{r['acc_norm']:.4f} ({r['samples']} items)" for t, r in scores.items())
           + f"\nat size {size.size_ratio:.4f} in {result['seconds']:.1f} s")
+
+
+@command
+def cmd_lm_eval_tasks(args):
+    from pathlib import Path
+
+    from .lmeval import OFFLINE_TASKS, write_task_configs
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_task_configs(OFFLINE_TASKS, out)
+    run = f"lm_eval --model hf --model_args pretrained=FOLDER,trust_remote_code=True --include_path {out} " \
+          f"--tasks {','.join(OFFLINE_TASKS)}"
+    _emit(args, dict(out=str(out), tasks=OFFLINE_TASKS, run=run),
+          f"wrote {len(OFFLINE_TASKS)} task files to {out}; run them with lm-eval's own CLI:\n  {run}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -420,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="acip", choices=METHODS)
     p.add_argument("--limit", type=int, default=None, help="at most this many items per task")
     p.add_argument("--batch-size", type=int, default=16)
+    p = sub.add_parser("lm-eval-tasks", help="write the offline tasks as YAMLs lm-eval's own CLI runs as they are")
+    p.add_argument("--out", required=True, help="folder for the task files (then lm_eval --include_path OUT)")
     p = sub.add_parser("export", help="write one size as a Hugging Face model folder")
     p.add_argument("--artifact", required=True, help="artifact folder, or a tuned size's folder (its LoRA merged)")
     p.add_argument("--size-ratio", type=float, help="kept fraction of the target layers, in [0, 1] "
@@ -433,12 +454,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_progress_bars() -> None:
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    disable_progress_bars()
+    hf_logging.disable_progress_bar()
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "eval", "x") is None:
         args.eval = ["heldout=corpus:heldout", "domain=corpus:domain"]
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.json:  # one JSON object and nothing else: no loading/saving progress bars on stderr either
+        _quiet_progress_bars()
     try:
         COMMANDS[args.command](args)
     except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as err:

@@ -92,6 +92,90 @@ def method_curve(folder, method: str, evals: dict[str, torch.Tensor], sizes=DEFA
     return pd.DataFrame(rows)
 
 
+# -- reading a curve (what the app shows next to a size) --------------------------------------------
+EVAL_SETS = {  # the eval sets of curve.csv (ppl_<name>), in words; see acip_core/data.py
+    "heldout": "held-out handbook text",  # the last 20 % of the Debian handbook, never calibrated on
+    "domain": "Python help topics (a domain never seen in calibration)",
+}
+
+
+def eval_set_label(column: str) -> str:
+    """`ppl_heldout` -> its description in words (the bare name for an eval set without one)."""
+    name = column.removeprefix("ppl_")
+    return EVAL_SETS.get(name, name)
+
+
+def ppl_columns(curve: pd.DataFrame | None) -> list[str]:
+    """The curve's perplexity columns (ppl_<evalset>), in file order."""
+    return [c for c in (curve.columns if curve is not None else []) if c.startswith("ppl_")]
+
+
+def interp_log(xs, ys, x0) -> float | None:
+    """log-linear interpolation of (xs, ys) at x0; None outside the range of xs."""
+    pts = sorted((float(a), float(b)) for a, b in zip(xs, ys) if b > 0 and np.isfinite(b))
+    if len(pts) < 2 or not pts[0][0] <= x0 <= pts[-1][0]:
+        return None
+    xa, ya = zip(*pts)
+    return float(math.exp(np.interp(x0, xa, np.log(ya))))
+
+
+def first_method(curve: pd.DataFrame, metric: str, fmt: str | None = None) -> pd.DataFrame:
+    """Rows of the curve's first compressed method (the artifact's own: ACIP) that have `metric`, in
+    format `fmt` when it was measured in it (else in its first measured format)."""
+    curve = curve_frame(curve)
+    rows = curve[(curve.method != "original") & curve[metric].notna()]
+    rows = rows[rows.method == rows.method.iloc[0]] if len(rows) else rows
+    if len(rows):
+        rows = rows[rows.format == (fmt if fmt in set(rows.format) else rows.format.iloc[0])]
+    return rows
+
+
+def curve_at(curve: pd.DataFrame | None, size_ratio: float, metric: str | None = None,
+             fmt: str | None = None) -> dict:
+    """What the curve says at a size (in a format): dict(metric, value (interpolated; None outside the
+    measured sizes), original, span (smallest, largest measured size) or None)."""
+    cols = ppl_columns(curve)
+    metric = metric if metric in cols else (cols[0] if cols else None)
+    if metric is None:
+        return dict(metric=None, value=None, original=None, span=None)
+    curve = curve_frame(curve)
+    acip = first_method(curve, metric, fmt)
+    originals = curve[(curve.method == "original") & curve[metric].notna()]
+    ref = originals[originals.format == fmt][metric] if fmt in set(originals.format) else originals[metric]
+    span = (float(acip.size_ratio.min()), float(acip.size_ratio.max())) if len(acip) else None
+    return dict(metric=metric, value=interp_log(acip.size_ratio, acip[metric], size_ratio),
+                original=float(ref.iloc[0]) if len(ref) else None, span=span)
+
+
+def suggested_ratio(curve: pd.DataFrame | None, within: float = 1.25) -> float:
+    """A first size worth looking at: the smallest curve size within `within`× the original's
+    perplexity (1.0 without a curve)."""
+    cols = ppl_columns(curve)
+    if not cols:
+        return 1.0
+    m = cols[0]
+    ref = curve[curve.method == "original"][m].dropna()
+    if not len(ref):
+        return 1.0
+    good = curve[(curve.method != "original") & (curve[m] <= within * float(ref.iloc[0]))]
+    return float(good.size_ratio.min()) if len(good) else 1.0
+
+
+def smallest_measured(curve: pd.DataFrame | None) -> float | None:
+    """The smallest size the artifact's own method was measured at (None without a curve)."""
+    cols = ppl_columns(curve)
+    if not cols:
+        return None
+    rows = first_method(curve, cols[0])
+    return float(rows.size_ratio.min()) if len(rows) else None
+
+
+def spread(perplexity: float, nll_std: float, windows: int) -> tuple[float, float]:
+    """(low, high): perplexity at the mean window NLL ± one standard error (nll_std / √windows)."""
+    se = nll_std / math.sqrt(max(int(windows), 1))
+    return perplexity * math.exp(-se), perplexity * math.exp(se)
+
+
 # -- analytics over a measured curve ----------------------------------------------------------------
 def format_gb(gigabytes: float) -> str:
     """GB with sensible rounding: MB below 0.01 GB."""

@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 
 from .artifact import load_artifact
+from .curve import curve_at, curve_frame, smallest_measured, spread
 from .data import load_text, token_windows
 from .evaluate import Cancelled, perplexity
 from .jobs import ScoringJobs  # noqa: F401  (re-exported: the app's other engine)
@@ -232,7 +233,6 @@ class Explorer:
         self._windows: dict = {}
         self._cache_size = cache_size
         self._lock = threading.RLock()
-        self._results: list[dict] = []
 
     @classmethod
     def open(cls, folder: str | Path, on_progress=None, cache_size: int = 4) -> "Explorer":
@@ -271,10 +271,11 @@ class Explorer:
                     dense_layers=sized.dense_layers, low_rank_layers=len(size.ranks) - sized.dense_layers,
                     layers=len(size.ranks), kept_rank_fraction=sum(size.ranks.values()) / total_rank)
 
-    def size_for(self, ratio) -> dict:
-        """Summary of the size for a ratio: size_ratio, params, GB per dtype, dense layers, ..."""
+    def size_for(self, ratio, fmt: str = "float32") -> dict:
+        """Summary of the size for a ratio in a format: size_ratio, params, GB (this format's and every
+        format's), dense layers, ..."""
         target = check_ratio(ratio)
-        return dict(self._summary(self.size(target)), target=target)
+        return dict(self._summary(self.size(target), fmt), target=target)
 
     def size_for_budget(self, gigabytes, dtype: str = "float32") -> dict:
         """The largest size whose weights fit in `gigabytes` (1e9 bytes) in `dtype`, and what is left."""
@@ -289,17 +290,6 @@ class Explorer:
         size = self.any_size.size_for_budget(budget, dtype)
         summary = self._summary(size, dtype)
         return dict(summary, budget_gb=budget, dtype=dtype, budget_left_gb=budget - summary["gb"])
-
-    def best_for_budget(self, gigabytes, eval_set: str = "heldout") -> dict:
-        """The best (size, format) under the budget by the measured curve, with the two runners-up."""
-        from .curve import best_for_budget
-
-        budget = _float_in(gigabytes, 1e-6, 1e6, "the budget (GB)")
-        pick = best_for_budget(self.any_size, self.curve, budget, eval_set,
-                               [k for k in FORMAT_CHOICES if self.curve is not None])
-        size = pick.pop("size")
-        return dict(self._summary(size, pick["format"]), **pick, budget_gb=budget,
-                    budget_left_gb=budget - pick["gb"])
 
     def smallest_gb(self, dtype: str = "float32") -> float:
         return self.any_size.size_at(0, check_dtype(dtype)).gigabytes
@@ -421,12 +411,14 @@ class Explorer:
             gen.stop()
 
     def compare(self, ratio_a, ratio_b, message, history_a=None, history_b=None, max_new_tokens=128,
-                repetition_penalty=1.15, dtype: str = "float32"):
-        """Streams two sizes at once; yields (snapshot_a, snapshot_b) whenever either changes."""
-        ra, rb = self.size(ratio_a).size_ratio, self.size(ratio_b).size_ratio
+                repetition_penalty=1.15, dtype: str = "float32", other: "Explorer | None" = None):
+        """Streams two sizes at once (B from `other`, another artifact, when given); yields
+        (snapshot_a, snapshot_b) whenever either changes."""
+        other = other or self
+        ra, rb = self.size(ratio_a).size_ratio, other.size(ratio_b).size_ratio
         a = self.start_chat(ratio_a, history_a, message, max_new_tokens, repetition_penalty, dtype)
         try:
-            b = self.start_chat(ratio_b, history_b, message, max_new_tokens, repetition_penalty, dtype)
+            b = other.start_chat(ratio_b, history_b, message, max_new_tokens, repetition_penalty, dtype)
         except BaseException:
             a.stop()
             raise
@@ -438,6 +430,17 @@ class Explorer:
         finally:
             a.stop()
             b.stop()
+
+    def sweep(self, ratios, message, max_new_tokens=64, repetition_penalty=1.15, dtype: str = "float32"):
+        """One prompt answered at many sizes, one size after another (greedy, so the replies differ
+        only by size): yields the list of snapshots so far (the last one still streaming)."""
+        done = []
+        for ratio in ratios:
+            snap = None
+            for snap in self.stream_chat(ratio, [], message, max_new_tokens, repetition_penalty, dtype):
+                yield done + [snap]
+            if snap is not None:
+                done.append(snap)
 
     # -- measurements -------------------------------------------------------------------------
     def _eval_windows(self, data: str, seq_len: int) -> torch.Tensor:
@@ -451,13 +454,12 @@ class Explorer:
         return cached
 
     def _row(self, kind: str, size: Size, dtype: str, **values) -> dict:
-        row = dict(time=datetime.datetime.now().strftime("%H:%M:%S"), kind=kind,
+        """One results row. Rows belong to the caller (the app keeps them per session)."""
+        row = dict(time=datetime.datetime.now().isoformat(sep=" ", timespec="seconds"), kind=kind,
                    size_ratio=round(size.size_ratio, 5), dtype=dtype)
         row.update(values)  # what was measured comes before the size's bookkeeping
         row.update(params=size.params, gb=self.any_size.size_at(size.prefix, check_dtype(dtype)).gigabytes,
                    artifact=self.name)
-        with self._lock:
-            self._results.append(row)
         return row
 
     def measure_perplexity(self, ratio, data: str = "corpus:heldout", windows: int = 8, seq_len: int = 256,
@@ -477,12 +479,17 @@ class Explorer:
         picked = all_windows[:windows]
         model = self.model(ratio, dtype)
         result = perplexity(model, picked, batch_size, on_progress, should_stop)
+        low, high = spread(result["perplexity"], result["nll_std"], result["windows"])
+        metric = f"ppl_{data.removeprefix('corpus:')}"  # the curve's column of the same text, if any
+        curve = curve_at(self.curve, size.size_ratio, metric)
         return self._row("perplexity", size, dtype, data=data, windows=result["windows"],
                          seq_len=seq_len, tokens=result["tokens"], perplexity=result["perplexity"],
+                         ppl_low=low, ppl_high=high, nll_std=result["nll_std"],
+                         curve_perplexity=curve["value"] if curve["metric"] == metric else None,
                          seconds=round(result["seconds"], 2), tokens_per_s=round(result["tokens_per_s"], 1))
 
     def measure_lm_eval(self, ratio, tasks, limit=None, batch_size: int = 8, dtype: str = "float32",
-                        should_stop=None) -> dict:
+                        should_stop=None, on_progress=None) -> dict:
         """lm-eval tasks on one size (acip_core.lmeval); adds a results row with every metric."""
         from .lmeval import run_lm_eval  # lazy: lm-eval is a heavy import
 
@@ -498,30 +505,27 @@ class Explorer:
         size = self.size(ratio)
         model = self.any_size.materialize(size, dtype)  # its own tree: lm-eval's hooks stay on it
         start = time.perf_counter()
-        result = run_lm_eval(model, self.tokenizer, tasks, limit, batch_size, should_stop)
+        result = run_lm_eval(model, self.tokenizer, tasks, limit, batch_size, should_stop, on_progress)
         seconds = time.perf_counter() - start
         metrics = _flatten_metrics(result)
         return self._row("lm-eval", size, dtype, data=",".join(tasks), limit=limit,
                          seconds=round(seconds, 2), **metrics)
 
-    def results(self) -> pd.DataFrame:
-        """Every measurement of this session so far (newest last)."""
-        with self._lock:
-            return pd.DataFrame(list(self._results))
-
-    def clear_results(self) -> None:
-        with self._lock:
-            self._results.clear()
-
-    def results_csv(self, path: str | Path) -> Path:
+    @staticmethod
+    def results_csv(rows, path: str | Path) -> Path:
+        """Writes results rows as CSV: counts as integers, times with their date."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.results().to_csv(path, index=False)
+        frame = pd.DataFrame(list(rows))
+        for column in ("windows", "seq_len", "tokens", "params", "limit"):
+            if column in frame:
+                frame[column] = frame[column].astype("Int64")
+        frame.to_csv(path, index=False)
         return path
 
     # -- export -------------------------------------------------------------------------------
     def export(self, ratio, out: str | Path, dense: bool = False, dtype: str = "float32",
-               zip_path: str | Path | None = None) -> dict:
+               zip_path: str | Path | None = None, measured=()) -> dict:
         """Writes the size to `out` (low-rank with remote code, or dense in the base architecture)."""
         from . import export as exporter  # lazy: written alongside
 
@@ -530,34 +534,72 @@ class Explorer:
         out = Path(out)
         start = time.perf_counter()
         if dense:
-            exporter.export_dense(self.any_size, size, out, dtype)
+            exporter.export_dense(self.any_size, size, out, dtype, self._card(size, measured))
         else:
-            exporter.export_lowrank(self.any_size, size, out, dtype, self._card(size))
+            exporter.export_lowrank(self.any_size, size, out, dtype, self._card(size, measured))
         info = dict(folder=str(out), kind="dense" if dense else "low-rank", dtype=dtype,
-                    size_ratio=size.size_ratio, params=size.params,
+                    size_ratio=size.size_ratio, params=exporter.saved_params(out),
                     bytes=sum(f.stat().st_size for f in out.rglob("*") if f.is_file()))
         if zip_path is not None:
             info["zip"] = str(exporter.zip_folder(out, zip_path) or zip_path)
         info["seconds"] = time.perf_counter() - start
         return info
 
-    def _card(self, size: Size) -> dict:
+    def _card(self, size: Size, measured=()) -> dict:
         """What the model card states (export.model_card keys): the latest perplexity measured at
-        this size, and the original's on the same text when it was measured too."""
-        card = dict(base_model=self.any_size.meta.get("model", {}).get("source"))
-        measured = self.results()
-        if not len(measured) or "perplexity" not in measured:
-            return card
-        ppl = measured[(measured.kind == "perplexity") & measured.perplexity.notna()]
-        here = ppl[ppl.size_ratio == round(size.size_ratio, 5)]
-        if len(here):
-            last = here.iloc[-1]
-            card.update(perplexity=float(last.perplexity), perplexity_data=str(last.data),
-                        perplexity_tokens=int(last.tokens))
-            base = ppl[(ppl.size_ratio == 1.0) & (ppl.data == last.data) & (ppl.tokens == last.tokens)]
-            if len(base):
-                card["base_perplexity"] = float(base.iloc[-1].perplexity)
+        this size in this session (rows from measure_perplexity), and the original's on the same
+        text when measured too; else what the artifact's curve says at this size."""
+        from .export import card_from_curve
+
+        card = dict(base_model=self.any_size.meta.get("model", {}).get("source"), artifact=self.name)
+        ppl = pd.DataFrame([r for r in measured if r.get("kind") == "perplexity"
+                            and r.get("artifact", self.name) == self.name])
+        here = ppl[ppl.size_ratio == round(size.size_ratio, 5)] if len(ppl) else ppl
+        if not len(here):
+            return dict(card_from_curve(self.curve, size.size_ratio), **card)
+        last = here.iloc[-1]
+        card.update(perplexity=float(last.perplexity), perplexity_data=str(last.data),
+                    perplexity_tokens=int(last.tokens))
+        base = ppl[(ppl.size_ratio == 1.0) & (ppl.data == last.data) & (ppl.tokens == last.tokens)]
+        if len(base):
+            card["base_perplexity"] = float(base.iloc[-1].perplexity)
         return card
+
+    # -- what the app says about the artifact -------------------------------------------------
+    def describe(self) -> dict:
+        """The artifact in a few fields: name, model source and architecture, target layers, basis,
+        scoring steps, the size the run stopped at, the smallest size on the curve."""
+        meta = self.any_size.meta or {}
+        model, result = meta.get("model", {}), meta.get("result", {})
+        return dict(name=self.name, model=model.get("source"), architecture=model.get("architecture"),
+                    target_layers=len(self.any_size.targets),
+                    basis=meta.get("basis", {}).get("recipe", {}).get("kind"),
+                    steps=result.get("steps"), stopped_at=result.get("size_ratio_reached"),
+                    smallest_measured=smallest_measured(self.curve))
+
+    def fit_budget_every_dtype(self, gigabytes) -> list[dict]:
+        """size_for_budget in every format the app offers, each with the curve's perplexity at its
+        size in that format (first eval set; None for a format the curve has not measured); the best
+        by that perplexity (else the largest size) has best=True. Formats whose smallest size does
+        not fit are listed with fits=False."""
+        rows = []
+        for dtype in DTYPE_CHOICES:
+            try:
+                fit = dict(self.size_for_budget(gigabytes, dtype), fits=True)
+            except ValueError as err:
+                if "budget must be" in str(err):
+                    raise
+                rows.append(dict(dtype=dtype, fits=False, smallest_gb=self.smallest_gb(dtype)))
+                continue
+            measured = self.curve is not None and dtype in set(curve_frame(self.curve).format)
+            fit["perplexity"] = curve_at(self.curve, fit["size_ratio"], fmt=dtype)["value"] if measured else None
+            rows.append(fit)
+        fitting = [r for r in rows if r["fits"]]
+        if fitting:
+            best = min(fitting, key=lambda r: (r["perplexity"] if r["perplexity"] is not None else math.inf,
+                                               -r["size_ratio"], DTYPE_CHOICES.index(r["dtype"])))
+            best["best"] = True
+        return rows
 
 
 def _flatten_metrics(result) -> dict:

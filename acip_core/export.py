@@ -2,8 +2,9 @@
 
 export_lowrank(): the low-rank layers stay factorized (the smallest files). The folder holds
     config.json (the base config with model_type "acip_lowrank_<base>", `acip_ranks` and `auto_map`),
-    model.safetensors (<fqn>.down.weight [r, in], <fqn>.up.weight [out, r] (+ <fqn>.up.bias) for
-    factorized layers, everything else as the base names it), modeling_acip.py (a fixed,
+    model.safetensors (<fqn>.down.weight [r, in], <fqn>.up_t [r, out] (+ <fqn>.bias) for
+    factorized layers: the layout the app computes with, so the same size gives the same numbers in
+    the app and in the export in every dtype; everything else as the base names it), modeling_acip.py (a fixed,
     self-contained template: needs torch + transformers only), generation_config.json, the
     tokenizer files and README.md (a model card). Loads offline with
     AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).
@@ -18,6 +19,7 @@ only replaced when it is a previous export.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import os
@@ -38,8 +40,17 @@ from .materialize import AnySizeModel, Size
 TEMPLATE = Path(__file__).parent / "export_template" / "modeling_acip.py"
 MODULE_FILE, WEIGHTS_FILE, CONFIG_FILE, CARD_FILE = ("modeling_acip.py", "model.safetensors",
                                                      "config.json", "README.md")
-EXPORT_KEY = "acip_export"  # in config.json: marks a folder this module wrote (safe to replace)
-EXPORT_FORMAT = 1
+EXPORT_KEY = "acip_export"  # format 1 kept this block in config.json (still recognized)
+# what was exported (size, dtype, params, provenance), beside config.json and not in it: a model that is
+# loaded and saved again (save_pretrained) does not carry a description that no longer holds
+INFO_FILE = "acip_export.json"
+EXPORT_FORMAT = 2  # 2: factorized layers store up_t [r, out] (1 stored up [out, r])
+# the app's chat settings (explorer.py uses them), written to generation_config.json so that a plain
+# generate() on the export decodes as the app does
+GENERATION = dict(do_sample=False, repetition_penalty=1.15)
+PAPER = ("Genzel et al., 2025, *Choose Your Model Size: Any Compression of Large Language Models Without "
+         "Re-Computation*, arXiv:2502.01717")
+LICENSES = {"smollm2-135m-instruct": "apache-2.0"}  # licence of the base models we know (README: models)
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -56,13 +67,22 @@ def export_dense(any_size: AnySizeModel, size: Size | float, out_dir: str | Path
     return _export(any_size, size, out_dir, dtype, card, dense=True)
 
 
+def export_info(folder: str | Path) -> dict | None:
+    """What this module wrote about the export in `folder` (None when it is not one of ours)."""
+    for name, key in ((INFO_FILE, None), (CONFIG_FILE, EXPORT_KEY)):
+        try:
+            data = json.loads((Path(folder) / name).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        data = data.get(key) if key and isinstance(data, dict) else data
+        if isinstance(data, dict) and data.get("format"):
+            return data
+    return None
+
+
 def is_export(folder: str | Path) -> bool:
-    """True when `folder` holds a config.json written by this module."""
-    try:
-        config = json.loads((Path(folder) / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(config, dict) and isinstance(config.get(EXPORT_KEY), dict)
+    """True when `folder` holds an export written by this module (safe to replace)."""
+    return export_info(folder) is not None
 
 
 # -- the export ------------------------------------------------------------------------------------
@@ -97,9 +117,8 @@ def _export(any_size, size, out_dir, dtype, card, dense: bool) -> Path:
                 base_fingerprint=any_size.meta.get("model", {}).get("fingerprint"),
                 acip_studio=__version__,
                 created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    config = model.config.to_dict()
+    config = _portable_config(model.config.to_dict(), any_size)
     config.update(dtype=dtype)
-    config.pop("torch_dtype", None)
     if not config.get("architectures"):
         config["architectures"] = [type(any_size.base).__name__]
     if quant:
@@ -111,20 +130,26 @@ def _export(any_size, size, out_dir, dtype, card, dense: bool) -> Path:
                       acip_ranks=ranks, architectures=[f"ACIPForCausalLM__{base_type}"],
                       auto_map={"AutoConfig": f"modeling_acip.ACIPConfig__{base_type}",
                                 "AutoModelForCausalLM": f"modeling_acip.ACIPForCausalLM__{base_type}"})
-    config[EXPORT_KEY] = info
     readme = model_card(any_size, size, info, card or {})
 
     def fill(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         if not dense:
             shutil.copyfile(TEMPLATE, tmp / MODULE_FILE)
         generation = getattr(any_size.base, "generation_config", None)
         if generation is not None:
+            generation = copy.deepcopy(generation)
+            generation.update(**GENERATION)
             generation.save_pretrained(tmp)
         if any_size.tokenizer is not None:
             any_size.tokenizer.save_pretrained(tmp)
+            _portable_tokenizer_config(tmp / "tokenizer_config.json")
         (tmp / CARD_FILE).write_text(readme, encoding="utf-8")
+        for path in tmp.iterdir():  # readable by another uid (a container's), as the zip keeps modes
+            if path.is_file():
+                path.chmod(0o644)
 
     _write_folder(out, fill)
     return out
@@ -149,9 +174,9 @@ def _state_dict(model: torch.nn.Module, dtype: torch.dtype, dense: bool):
                     raw[f"{n}.bias"] = m.bias
             else:
                 raw[f"{n}.down.weight"] = m.down  # [r, in]
-                raw[f"{n}.up.weight"] = m.up_t.t()  # [out, r]
+                raw[f"{n}.up_t"] = m.up_t  # [r, out], as layers.LowRankLinear multiplies it
                 if m.bias is not None:
-                    raw[f"{n}.up.bias"] = m.bias
+                    raw[f"{n}.bias"] = m.bias
         tensors, storages = {}, set()
         for k, v in raw.items():
             t = v.detach().to(dtype).contiguous()
@@ -214,6 +239,67 @@ def _quantized_state_dict(model: torch.nn.Module, fmt):
         out[k] = t
     quant = dict(kind=fmt.name, group_size=fmt.group_size, embeddings=fmt.embeddings, dense=sorted(dense))
     return out, ranks, quant
+
+
+def _portable_config(config: dict, any_size) -> dict:
+    """config.json that transformers 4.x reads right too: 5.x keeps rope settings only in
+    `rope_parameters`, 4.x only reads `rope_theta`/`rope_scaling` (and would silently use its
+    default theta); `_name_or_path` names the model publicly, not this machine's cache."""
+    config = dict(config)
+    config.pop("torch_dtype", None)
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        config.setdefault("rope_theta", rope["rope_theta"])
+        if rope.get("rope_type", "default") != "default":
+            config.setdefault("rope_scaling", {k: v for k, v in rope.items() if k != "rope_theta"})
+    config["_name_or_path"] = public_name(any_size)
+    return config
+
+
+def _portable_tokenizer_config(path: Path) -> None:
+    """tokenizer_config.json without this machine's loading options, with a class 4.x knows."""
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    for key in ("local_files_only", "is_local", "name_or_path", "_name_or_path"):
+        config.pop(key, None)
+    if config.get("tokenizer_class") == "TokenizersBackend":  # 5.x's name; both read this one
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    path.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def public_name(any_size) -> str:
+    """The base model's public name: its hub id (the embedded model's too), else its folder's name."""
+    from .models import EMBEDDED
+
+    source = str((any_size.meta or {}).get("model", {}).get("source")
+                 or getattr(any_size.base.config, "_name_or_path", "") or "")
+    if source == EMBEDDED:
+        return EMBEDDED_HUB_ID
+    if source.count("/") == 1 and not Path(source).expanduser().exists():
+        return source
+    return Path(source).name
+
+
+def saved_params(folder: str | Path) -> int:
+    """Parameters held in an export's model.safetensors (what the folder costs, not the runtime's)."""
+    return int((export_info(folder) or {}).get("params", 0))
+
+
+def card_from_curve(curve, size_ratio: float, fmt: str | None = None) -> dict:
+    """Model card quality from an artifact's curve (curve.csv): the first eval set's perplexity at
+    this size in this format (interpolated between measured sizes) and the original's; {} outside."""
+    from .curve import curve_at, eval_set_label
+
+    at = curve_at(curve, size_ratio, fmt=fmt)
+    if at["value"] is None:
+        return {}
+    card = dict(perplexity=at["value"],
+                perplexity_data=f"{eval_set_label(at['metric'])} (the artifact's curve, interpolated "
+                                "between its measured sizes)")
+    if at["original"] is not None:
+        card["base_perplexity"] = at["original"]
+    return card
 
 
 # -- folders and zips ------------------------------------------------------------------------------
@@ -299,6 +385,8 @@ def model_card(any_size: AnySizeModel, size: Size, info: dict, card: dict) -> st
              "- low-rank" if not dense else "- pruned"]
     if hub_id:
         front += [f"base_model: {hub_id}"]
+    licence = LICENSES.get(source)
+    front += [f"license: {licence}" if licence else "license: other  # the base model's licence applies"]
     front += ["---", ""]
     rows = [("size ratio (kept fraction of the compressed layers' parameters)", f"{size.size_ratio:.4f}"),
             ("parameters", f"{info['params']:,} (base model: {full:,})"),
@@ -307,7 +395,7 @@ def model_card(any_size: AnySizeModel, size: Size, info: dict, card: dict) -> st
             ("compressed layers", f"{info['factorized_layers']} of {info['target_layers']} factorized"
              + (" (multiplied out into dense weights in this folder)" if dense else ""))]
     if dense:
-        rows.append(("parameters when run factorized", f"{info['runtime_params']:,}"))
+        rows.append(("parameters when run factorized (in ACIP Studio)", f"{info['runtime_params']:,}"))
     if card.get("perplexity") is not None:
         where = card.get("perplexity_data", "held-out text")
         tokens = f", {card['perplexity_tokens']:,} tokens" if card.get("perplexity_tokens") else ""
@@ -321,13 +409,23 @@ def model_card(any_size: AnySizeModel, size: Size, info: dict, card: dict) -> st
                      "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows] + [""]
     load = "AutoModelForCausalLM.from_pretrained(folder)" if dense else \
         "AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)"
-    lines += ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-              "folder = \"path/to/this/folder\"", f"model = {load}",
-              "tokenizer = AutoTokenizer.from_pretrained(folder)", "```", ""]
+    tokenizer = "AutoTokenizer.from_pretrained(folder)" if dense else \
+        "AutoTokenizer.from_pretrained(folder, trust_remote_code=True)"
+    lines += ["## Use", "", "Needs `torch` and `transformers` >= 4.45.", "", "```python",
+              "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+              "folder = \"path/to/this/folder\"", f"model = {load}", f"tokenizer = {tokenizer}",
+              "messages = [{\"role\": \"user\", \"content\": \"What is the capital of France?\"}]",
+              "ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\","
+              " return_dict=True)",
+              "out = model.generate(**ids, max_new_tokens=64)  # greedy, repetition penalty "
+              f"{GENERATION['repetition_penalty']}: generation_config.json",
+              "print(tokenizer.decode(out[0, ids[\"input_ids\"].shape[1]:], skip_special_tokens=True))",
+              "```", ""]
     if dense:
-        lines += ["A plain checkpoint of the base architecture: every compressed layer is stored as one "
-                  "dense weight (the product of its two factors), so it loads without remote code but is "
-                  "as large as the base model.", ""]
+        lines += ["**Dense: for compatibility, no memory saved.** Every compressed layer is stored as one "
+                  "dense weight (the product of its two factors), so the folder has the original shapes, "
+                  "loads in any runtime without remote code, and is as large as the base model. For the "
+                  "smaller model, export low-rank.", ""]
     else:
         lines += ["`modeling_acip.py` (needs only torch and transformers) builds the base architecture "
                   "and replaces each layer listed in `config.json` → `acip_ranks` by two linears, "
@@ -338,8 +436,7 @@ def model_card(any_size: AnySizeModel, size: Size, info: dict, card: dict) -> st
                  "dequantized to float32)" if source == EMBEDDED else "")
               + (f"; sha256 of its compressed layers' weights `{model_meta['fingerprint'][:16]}…`"
                  if model_meta.get("fingerprint") else ""),
-              "- **Method**: ACIP (Genzel et al., 2025, *Choose Your Model Size: Any Compression by a "
-              "Single Gradient Descent*, arXiv:2502.01717). Each linear layer is factorized by SVD; one "
+              f"- **Method**: ACIP ({PAPER}). Each linear layer is factorized by SVD; one "
               "scoring run learns a pruning order of all singular values, so any size is a prefix of "
               "that order. The LoRA trained during scoring is merged exactly into the factors; a layer "
               "that would not get smaller stays dense with its original weight."]

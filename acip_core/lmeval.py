@@ -64,13 +64,17 @@ def _offline_mode() -> bool:
                for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connect within `timeout` s (no retries)."""
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
         socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
         return True
     except OSError:
         return False
+
+
+_hub_reachable = hub_reachable
 
 
 def _unavailable(tasks: list[str], why: str) -> TaskUnavailableError:
@@ -92,15 +96,37 @@ def write_task_configs(tasks: list[str], folder: str | Path) -> None:
         (Path(folder) / f"{task}.yaml").write_text(text, encoding="utf-8")
 
 
-def _stop_hook(should_stop):
+def _counter(lm, on_progress):
+    """Counts the requests lm-eval hands to `lm.loglikelihood` and the rows each forward scores:
+    on_progress(rows, requests) after every forward (None: nothing to count)."""
+    if on_progress is None:
+        return None
+    seen = dict(requests=0, rows=0)
+    loglikelihood = lm.loglikelihood
+
+    def counted(requests, *args, **kwargs):
+        seen["requests"] += len(requests)
+        return loglikelihood(requests, *args, **kwargs)
+
+    lm.loglikelihood = counted
+
+    def count(ids):
+        seen["rows"] = min(seen["rows"] + (ids.shape[0] if ids is not None else 0), seen["requests"])
+        on_progress(seen["rows"], seen["requests"])
+    return count
+
+
+def _stop_hook(should_stop, count=None):
     def hook(module, args, kwargs):
         if should_stop():
             raise Cancelled("lm-eval evaluation cancelled")
+        if count is not None:
+            count(args[0] if args else kwargs.get("input_ids"))
     return hook
 
 
 def run_lm_eval(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 16,
-                should_stop=None) -> dict:
+                should_stop=None, on_progress=None) -> dict:
     """Zero-shot accuracy of an in-memory causal LM on lm-eval tasks.
 
     Args:
@@ -109,6 +135,8 @@ def run_lm_eval(model, tokenizer, tasks: list[str], limit: int | None = None, ba
         tasks: names from OFFLINE_TASKS or PAPER_TASKS.
         limit: at most this many items per task (the first ones; the offline items are shuffled).
         should_stop: a callable; when it returns True the evaluation raises Cancelled.
+        on_progress: called as on_progress(rows scored, requests) after each forward pass (a
+            request is one answer option of one item; a forward scores `batch_size` of them).
     Returns:
         {task: {acc, acc_stderr, acc_norm, acc_norm_stderr, samples}}
     """
@@ -148,8 +176,9 @@ def run_lm_eval(model, tokenizer, tasks: list[str], limit: int | None = None, ba
                 task.set_config(key="num_fewshot", value=0)
             task.set_fewshot_seed(seed=1234)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=int(batch_size))
-        if should_stop is not None:
-            hook = model.register_forward_pre_hook(_stop_hook(should_stop), with_kwargs=True)
+        if should_stop is not None or on_progress is not None:
+            hook = model.register_forward_pre_hook(_stop_hook(should_stop or (lambda: False),
+                                                              _counter(lm, on_progress)), with_kwargs=True)
         start = time.perf_counter()
         try:
             # evaluate(), not simple_evaluate(): the latter also collects environment info

@@ -146,10 +146,10 @@ class AnySizeModel:
         base32, factors32 = self._families[Format().key]
         if not fmt.quantized:  # bfloat16: a converted copy of the tree and of the factors
             dtype = fmt.compute_dtype
-            return (copy.deepcopy(base32).to(dtype),
+            return (_cast_like_from_pretrained(base32, dtype),
                     {n: (a.to(dtype), b.to(dtype)) for n, (a, b) in factors32.items()})
         start = time.perf_counter()
-        converted = copy.deepcopy(base32).to(fmt.compute_dtype)  # norms, embeddings (ties kept)
+        converted = _cast_like_from_pretrained(base32, fmt.compute_dtype)  # norms, embeddings (ties kept)
         swap = {}
         for n in self.targets:  # dense layers: the original float32 weight, quantized
             lin = self.originals[n]
@@ -268,3 +268,15 @@ def count_params(model: nn.Module) -> int:
             seen.add(id(t))
             total += t.numel()
     return total
+
+
+def _cast_like_from_pretrained(base: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of `base` in `dtype` whose non-persistent buffers (rotary inv_freq) stay as they are,
+    as `from_pretrained(dtype=...)` leaves them: an export then computes the same numbers."""
+    model = copy.deepcopy(base).to(dtype)
+    originals = dict(base.named_modules())
+    for name, module in model.named_modules():
+        for buf in module._non_persistent_buffers_set:
+            if module._buffers.get(buf) is not None:
+                module._buffers[buf] = originals[name]._buffers[buf].clone()
+    return model

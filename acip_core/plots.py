@@ -9,6 +9,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from .curve import eval_set_label, interp_log, ppl_columns  # noqa: F401  (ppl_columns: re-exported)
 
 COLORS = {"acip": "#4f46e5", "original": "#6b7280", "measured": "#f97316", "current": "#dc2626"}
 _PALETTE = ["#0891b2", "#16a34a", "#ca8a04", "#9333ea", "#db2777", "#475569"]
@@ -24,11 +25,6 @@ def empty_figure(message: str) -> go.Figure:
     return fig
 
 
-def ppl_columns(curve: pd.DataFrame | None) -> list[str]:
-    """The curve's perplexity columns (ppl_<evalset>), in file order."""
-    return [c for c in (curve.columns if curve is not None else []) if c.startswith("ppl_")]
-
-
 def _x_of(frame: pd.DataFrame, x: str, dtype: str = "") -> pd.Series:
     """The x values of curve or results rows: size ratio, or GB in each row's own format."""
     if x == "size_ratio":
@@ -37,15 +33,6 @@ def _x_of(frame: pd.DataFrame, x: str, dtype: str = "") -> pd.Series:
         return frame["gb"]
     column = f"gb_{dtype}"
     return frame[column] if column in frame else frame["params"] * 4 / 1e9
-
-
-def _interp_log(xs, ys, x0):
-    """log-linear interpolation of the curve at x0 (None outside its range)."""
-    pts = sorted((float(a), float(b)) for a, b in zip(xs, ys) if b > 0 and np.isfinite(b))
-    if len(pts) < 2 or not pts[0][0] <= x0 <= pts[-1][0]:
-        return None
-    xa, ya = zip(*pts)
-    return float(math.exp(np.interp(x0, xa, np.log(ya))))
 
 
 def _format_style(key: str, i: int) -> dict:
@@ -131,18 +118,25 @@ def curve_figure(curve: pd.DataFrame | None, x: str = "size_ratio", dtype: str =
                     customdata=np.stack([front.format, front.size_ratio], axis=-1),
                     hovertemplate="frontier: %{customdata[0]} at size %{customdata[1]:.2f}<br>%{x:.4f} GB"
                                   "<br>perplexity %{y:.4g}<extra></extra>"))
-        fig.update_layout(xaxis_title=xlabel, yaxis=dict(type="log", title=f"perplexity ({metric[4:]}, log)"))
+        fig.update_layout(xaxis_title=xlabel, yaxis=dict(type="log", title=f"perplexity on {eval_set_label(metric)} (log)"))
         acip = data[(data.method == "acip") & (data.format == shown_fmt)]
         focus = list(data[data.method == "acip"][metric]) + ([ref] if ref is not None else [])
         if measured is not None and len(measured) and "perplexity" in measured:
             focus += list(measured.perplexity.dropna())
         focus = [v for v in focus if v > 0 and math.isfinite(v)]
         if focus:  # frame ACIP and the reference; far-off baselines are clipped (autoscale shows all)
-            fig.update_yaxes(range=[math.log10(min(focus) / 1.5), math.log10(max(max(focus) * 3, min(focus) * 10))])
+            lo, hi = min(focus) / 1.5, max(max(focus) * 3, min(focus) * 10)
+            fig.update_yaxes(range=[math.log10(lo), math.log10(hi)], **log_ticks(lo, hi))
+            clipped = [m for m, _ in lines if m != "acip" and (data[data.method == m][metric] > hi).any()]
+            if clipped:
+                fig.add_annotation(text=f"{', '.join(clipped)}: partly above the frame (double-click "
+                                        "the plot to show everything)", x=0.99, y=0.99, xref="paper",
+                                   yref="paper", xanchor="right", yanchor="top", showarrow=False,
+                                   font=dict(size=11, color="#6b7280"), bgcolor="rgba(255,255,255,0.8)")
     if current is not None and acip is not None:
         xc = current["size_ratio"] if x == "size_ratio" else current.get("gb", current.get("gb_float32"))
         fig.add_vline(x=xc, line=dict(color=COLORS["current"], width=1, dash="dot"))
-        yc = _interp_log(_x_of(acip, x), acip[metric], xc) if len(acip) else None
+        yc = interp_log(_x_of(acip, x), acip[metric], xc) if len(acip) else None
         if yc is not None:
             fig.add_trace(go.Scatter(
                 x=[xc], y=[yc], mode="markers", name="current size",
@@ -156,13 +150,32 @@ def curve_figure(curve: pd.DataFrame | None, x: str = "size_ratio", dtype: str =
                 x=_x_of(rows, x), y=rows.perplexity, mode="markers", name=f"measured: {data_name}",
                 marker=dict(color=COLORS["measured"] if i == 0 else _PALETTE[i % len(_PALETTE)], size=11,
                             symbol="circle-open", line=dict(width=3)),
+                error_y=_error_bars(rows),
                 customdata=np.stack([rows.size_ratio, rows.windows, rows.dtype], axis=-1),
                 hovertemplate="measured at %{customdata[0]:.3f} (%{customdata[2]})<br>"
                               "perplexity %{y:.4g}<br>%{customdata[1]} windows<extra></extra>"))
-    fig.update_layout(**_LAYOUT, height=440, title=dict(text=title, x=0.01, y=0.98, font=dict(size=14)))
+    # the title above the legend (both on top: a legend at y=1 alone would cover the title)
+    fig.update_layout(**_LAYOUT, height=460, title=dict(text=title, x=0.01, y=0.97, yanchor="top",
+                                                        font=dict(size=14)))
+    fig.update_layout(margin=dict(t=95), legend=dict(y=1.02))
     if x == "size_ratio":
         fig.update_xaxes(range=[-0.02, 1.04])
     return fig
+
+
+def log_ticks(lo: float, hi: float) -> dict:
+    """Tick values 1-2-5 × 10^k between lo and hi, labelled in full ("200", not plotly's "2")."""
+    values = [m * 10 ** k for k in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+              for m in (1, 2, 5) if lo <= m * 10 ** k <= hi]
+    return dict(tickvals=values, ticktext=[f"{v:,g}" for v in values]) if len(values) >= 2 else {}
+
+
+def _error_bars(rows: pd.DataFrame) -> dict | None:
+    """± one standard error of the mean window NLL (curve.spread), when the rows carry it."""
+    if not {"ppl_low", "ppl_high"} <= set(rows.columns):
+        return None
+    return dict(type="data", symmetric=False, array=(rows.ppl_high - rows.perplexity).tolist(),
+                arrayminus=(rows.perplexity - rows.ppl_low).tolist(), thickness=1.5, width=4)
 
 
 def heatmap_figure(heat: dict, title: str = "") -> go.Figure:

@@ -45,8 +45,8 @@ def wait_for_server(url: str, proc, timeout: float = 600) -> None:
 
 def chat_numbers(client, artifact: str, ratio: float, tokens: int, dtype: str) -> dict:
     start = time.perf_counter()
-    job = client.submit(artifact, ratio, 1.0, False, "Explain what a package manager does.", [], [], tokens,
-                        1.15, dtype, api_name="/chat")
+    job = client.submit(artifact, ratio, artifact, 1.0, False, "Explain what a package manager does.", [], [],
+                        tokens, 1.15, dtype, api_name="/chat")
     first_text = None
     for hist_a, _, _, _ in job:
         if first_text is None and hist_a and message_text(hist_a[-1]["content"]).strip():

@@ -129,20 +129,19 @@ def test_compare_streams_both(explorer):
     assert a["size_ratio"] < b["size_ratio"] == 1.0
 
 
-def test_perplexity_adds_results_and_cancels(explorer):
-    explorer.clear_results()
+def test_perplexity_rows_carry_their_spread_and_cancel(explorer):
     seen = []
     row = explorer.measure_perplexity(0.7, "corpus:heldout", windows=3, seq_len=32, batch_size=1,
                                       on_progress=lambda d, n: seen.append((d, n)))
     assert row["perplexity"] > 1 and row["windows"] == 3 and row["tokens"] == 96
+    assert row["ppl_low"] < row["perplexity"] < row["ppl_high"] and row["nll_std"] > 0
+    assert row["curve_perplexity"] is not None  # the tiny curve has ppl_heldout at 0.4..1.0
     assert seen[-1] == (3, 3)
     full = explorer.measure_perplexity(1.0, "corpus:heldout", windows=3, seq_len=32)
     assert math.isfinite(full["perplexity"])
     with pytest.raises(Cancelled):
         explorer.measure_perplexity(0.7, "corpus:heldout", windows=3, seq_len=32, should_stop=lambda: True)
-    results = explorer.results()
-    assert isinstance(results, pd.DataFrame) and len(results) == 2
-    assert list(results.size_ratio) == [row["size_ratio"], 1.0]
+    assert not hasattr(explorer, "results")  # rows belong to the caller (the app: one session)
     with pytest.raises(ValueError, match="windows"):
         explorer.measure_perplexity(0.7, windows=0)
     with pytest.raises(ValueError, match="context"):
@@ -152,11 +151,37 @@ def test_perplexity_adds_results_and_cancels(explorer):
 
 
 def test_results_csv(explorer, tmp_path):
-    explorer.clear_results()
-    explorer.measure_perplexity(0.9, windows=2, seq_len=32)
-    path = explorer.results_csv(tmp_path / "out" / "results.csv")
+    row = explorer.measure_perplexity(0.9, windows=2, seq_len=32)
+    path = explorer.results_csv([row], tmp_path / "out" / "results.csv")
     frame = pd.read_csv(path)
-    assert len(frame) == 1 and "perplexity" in frame
+    assert len(frame) == 1 and "perplexity" in frame and frame.windows.dtype.kind == "i"
+    assert frame.time.iloc[0][:4].isdigit() and frame.time.iloc[0][4] == "-"  # with its date
+
+
+def test_budget_in_every_dtype_names_the_best(explorer):
+    gb = explorer.size_for(0.7)["gb_float32"]
+    fits = {f["dtype"]: f for f in explorer.fit_budget_every_dtype(gb)}
+    assert fits["bfloat16"]["size_ratio"] >= fits["float32"]["size_ratio"]
+    (best,) = [f for f in fits.values() if f.get("best")]
+    assert best["perplexity"] == min(f["perplexity"] for f in fits.values())
+    if fits["bfloat16"]["perplexity"] == fits["float32"]["perplexity"]:  # the tiny model's layers all run
+        assert best["dtype"] == "float32"  # dense, so both fit size 1.0: the tie goes to the precise one
+    tiny = explorer.smallest_gb("bfloat16") * 1.01
+    fits = {f["dtype"]: f for f in explorer.fit_budget_every_dtype(tiny)}
+    assert fits["float32"]["fits"] is False and fits["bfloat16"]["best"]
+
+
+def test_sweep_streams_every_size_in_turn(explorer):
+    frames = list(explorer.sweep([1.0, 0.7, 0.4], "apt", max_new_tokens=4))
+    last = frames[-1]
+    assert [s["size_ratio"] for s in last] == [1.0, explorer.size(0.7).size_ratio, explorer.size(0.4).size_ratio]
+    assert all(s["done"] and s["tokens"] == 4 for s in last)
+    assert [len(f) for f in frames] == sorted(len(f) for f in frames)  # one size after another
+
+
+def test_describe(explorer):
+    info = explorer.describe()
+    assert info["name"] == "tiny" and info["target_layers"] == 14 and info["smallest_measured"] == pytest.approx(0.4, abs=0.01)
 
 
 def test_concurrent_sizes_do_not_interfere(explorer):

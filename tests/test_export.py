@@ -2,6 +2,7 @@ import json
 import os
 import struct
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,10 +90,10 @@ def test_bfloat16_lowrank_export_holds_the_bfloat16_numbers(tiny_llama, tmp_path
     assert _data_bytes(out / "model.safetensors") == 2 * size.params
     loaded = _load(out, dtype=torch.bfloat16)
     ids = random_ids(len(any_size.tokenizer))
-    with torch.no_grad():
-        a = loaded(ids).logits.float()
-        b = any_size.materialize(size, "bfloat16")(ids).logits.float()
-    assert (a - b).abs().max() <= 0.02 * b.abs().max()
+    app = any_size.materialize(size, "bfloat16")
+    with torch.no_grad():  # the export multiplies the same tensors in the same layout as the app
+        assert torch.equal(loaded(ids).logits, app(ids).logits)
+    assert torch.equal(_greedy(loaded, ids[:1, :8], 24), _greedy(app, ids[:1, :8], 24))
 
 
 @pytest.fixture(scope="module")
@@ -187,24 +188,115 @@ def test_refuses_to_overwrite_a_foreign_folder_but_replaces_an_export(tiny_llama
     export_lowrank(any_size, 0.5, empty)
     export_dense(any_size, 0.7, empty)  # a previous export is replaced as a whole
     assert not (empty / "modeling_acip.py").exists()
-    assert json.loads((empty / "config.json").read_text())["acip_export"]["kind"] == "dense"
+    assert json.loads((empty / "acip_export.json").read_text())["kind"] == "dense"
+    assert "acip_export" not in json.loads((empty / "config.json").read_text())  # a re-save does not carry it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file", "mine"]  # no temp leftovers
 
 
 def test_cli_export(tiny_llama, tmp_path, monkeypatch, capsys):
+    import types
+
+    import pandas as pd
+
+    import acip_core.artifact
     import acip_core.pipeline
     from acip_core.cli import main
 
     any_size = random_any_size(tiny_llama)[0]
+    curve = pd.DataFrame(dict(method=["original", "acip", "acip"], size_ratio=[1.0, 0.4, 0.6],
+                              ppl_heldout=[10.0, 40.0, 20.0]))
     monkeypatch.setattr(acip_core.pipeline, "open_artifact", lambda folder: any_size)
+    monkeypatch.setattr(acip_core.artifact, "load_artifact", lambda folder: types.SimpleNamespace(curve=curve))
     out = tmp_path / "cli"
     assert main(["export", "--artifact", "art", "--size-ratio", "0.5", "--out", str(out), "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["kind"] == "lowrank" and result["out"] == str(out) and result["size_ratio"] >= 0.5
     assert (out / "modeling_acip.py").exists()
+    card = (out / "README.md").read_text()  # the quality comes from the artifact's curve
+    assert "perplexity" in card and "artifact's curve" in card and "| 10.000 |" in card
     assert main(["export", "--artifact", "art", "--size-ratio", "0.5", "--out", str(out), "--dense",
                  "--format", "bfloat16", "--json"]) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    captured = capsys.readouterr()
+    result = json.loads(captured.out.strip().splitlines()[-1])
     assert result["kind"] == "dense" and result["format"] == "bfloat16"
+    assert "%|" not in captured.err  # no progress bars under --json
+    assert result["params"] == sum(p.numel() for p in any_size.base.parameters()) > result["runtime_params"]
     assert main(["export", "--artifact", "art", "--size-ratio", "0.5", "--out", str(tmp_path), "--json"]) == 2
     assert "not a previous ACIP export" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["error"]
+
+
+def test_export_folder_is_portable(tied_llama, tmp_path):
+    """What a user who downloads an export meets: readable files, the app's generation settings,
+    a config transformers 4.x reads right (rope_theta), no machine paths, a licence, a card whose
+    snippet never stops to ask about remote code, and a dense card that says it saves nothing."""
+    from acip_core.export import GENERATION
+
+    any_size = random_any_size(tied_llama)[0]
+    for dense in (False, True):
+        out = (export_dense if dense else export_lowrank)(any_size, 0.5, tmp_path / f"e{dense}")
+        assert {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == \
+            {p.name: "0o644" for p in out.iterdir()}
+        zip_path = zip_folder(out, tmp_path / f"e{dense}.zip")
+        with zipfile.ZipFile(zip_path) as zf:
+            assert all((info.external_attr >> 16) & 0o777 == 0o644 for info in zf.infolist())
+        generation = json.loads((out / "generation_config.json").read_text())
+        assert generation["repetition_penalty"] == GENERATION["repetition_penalty"] and not generation.get("do_sample")
+        config = json.loads((out / "config.json").read_text())
+        assert config["rope_theta"] == config["rope_parameters"]["rope_theta"]
+        assert "/" not in config["_name_or_path"] or not os.path.exists(config["_name_or_path"])
+        assert str(tmp_path) not in (out / "config.json").read_text()
+        tok = json.loads((out / "tokenizer_config.json").read_text())
+        assert not {"local_files_only", "is_local"} & set(tok) and tok["tokenizer_class"] == "PreTrainedTokenizerFast"
+        card = (out / "README.md").read_text()
+        assert "license:" in card.split("---")[1]
+        assert ("for compatibility, no memory saved" in card) == dense
+        if not dense:
+            assert "AutoTokenizer.from_pretrained(folder, trust_remote_code=True)" in card
+
+
+_AS_CARD_SAYS = r"""
+import json, re, sys
+import torch
+ids = torch.tensor([json.loads(sys.argv[2])])
+for folder in json.loads(sys.argv[1]):
+    card = open(folder + "/README.md").read()
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    exec(code.split("messages =")[0].replace('"path/to/this/folder"', repr(folder)))  # model, tokenizer
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, pad_token_id=0)
+    print(json.dumps(out[0, ids.shape[1]:].tolist()))
+"""
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_exports_load_as_their_card_says_in_a_fresh_process_by_another_uid(tied_llama, dtype):
+    """Each kind of export, loaded in a new process exactly as its card says (stdin closed: a
+    trust_remote_code question would fail it), by another uid where we can switch to one, gives
+    the app's greedy tokens with the settings it carries (generation_config.json)."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    any_size = random_any_size(tied_llama)[0]
+    size = any_size.size_for_ratio(0.5)
+    prompt = random_ids(len(any_size.tokenizer), (1, 8), seed=3)
+    with torch.no_grad():
+        app = any_size.materialize(size, dtype).generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16, do_sample=False,
+            repetition_penalty=1.15, pad_token_id=0)[0, prompt.shape[1]:].tolist()
+    root = Path(tempfile.mkdtemp(prefix="acip-export-uid-"))
+    try:
+        root.chmod(0o777)  # the other uid writes its HF module cache here
+        as_other = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] \
+            if os.geteuid() == 0 and shutil.which("setpriv") else []
+        folders = [str((export_dense if dense else export_lowrank)(any_size, size, root / f"m-{dense}", dtype=dtype))
+                   for dense in (False, True)]
+        env = dict(os.environ, HF_HOME=str(root / "hf"), HOME=str(root), HF_HUB_OFFLINE="1")
+        proc = subprocess.run(as_other + [sys.executable, "-c", _AS_CARD_SAYS, json.dumps(folders),
+                                          json.dumps(prompt[0].tolist())],
+                              capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        lowrank, dense = (json.loads(line) for line in proc.stdout.strip().splitlines()[-2:])
+        assert lowrank == app and dense == app, dtype
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

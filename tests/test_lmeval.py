@@ -94,3 +94,22 @@ def test_cli_lm_eval(tiny_llama, monkeypatch, capsys):
     assert opened == ["uniform-whitened"] and out["method"] == "uniform-whitened"
     rc = cli.main(["lm-eval", "--artifact", "unused", "--size-ratio", "0.6", "--tasks", "bogus", "--json"])
     assert rc == 2 and "unknown lm-eval task" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["error"]
+
+
+def test_task_files_for_lm_evals_own_cli(tmp_path, capsys):
+    """`lm-eval-tasks --out DIR` writes tasks lm-eval's task loader (what its CLI uses) runs as they are."""
+    import json
+
+    from lm_eval.tasks import TaskManager
+
+    from acip_core.cli import main
+    from acip_core.lmeval import OFFLINE_TASKS
+
+    assert main(["lm-eval-tasks", "--out", str(tmp_path / "tasks"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert f"--include_path {tmp_path / 'tasks'}" in result["run"]
+    manager = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)
+    assert set(OFFLINE_TASKS) <= set(manager.all_tasks)
+    loaded = manager.load(["acip_last_word"])
+    (task,) = loaded["tasks"].values()
+    assert len(task.eval_docs) > 10

@@ -15,17 +15,16 @@ TOKEN = "t0ken-for-tests"
 def public_app(tiny_artifact, tmp_path_factory):
     """(url, runs folder): the app launched in public mode with an admin token, as app.py launches it."""
     import app
-    from acip_core.jobs import ScoringJobs
+    from acip_core.studio import StudioConfig
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ACIP_PUBLIC", "1")
         mp.setenv("ACIP_ADMIN_TOKEN", TOKEN)
         mp.setenv("ACIP_STUDIO_CACHE", str(tmp_path_factory.mktemp("cache")))
         runs = tmp_path_factory.mktemp("public-runs")
-        mp.setattr(app, "DEFAULT_ARTIFACT", str(tiny_artifact))
-        mp.setattr(app, "JOBS", ScoringJobs(runs))
-        mp.setattr(app, "PRECOMPUTED", tmp_path_factory.mktemp("precomputed"))
-        demo = app.build_demo([tiny_artifact])
+        demo = app.build_demo(StudioConfig(default_artifact=str(tiny_artifact), runs=runs,
+                                           precomputed=tmp_path_factory.mktemp("precomputed"),
+                                           downloads=tmp_path_factory.mktemp("downloads")))
         _, url, _ = demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True,
                                         **app.launch_options())
         try:
@@ -41,7 +40,7 @@ def _client(url):
 
 
 def _score_start(client, model, data, steps=50, batch=2, seq=64, token=TOKEN, name="r"):
-    return client.predict(name, model, data, steps, "whitened", 0.4, batch, seq, token, None,
+    return client.predict(name, model, data, steps, "whitened", 0.4, batch, seq, 150, token, None,
                           api_name="/score_start")
 
 
@@ -111,15 +110,13 @@ def test_another_session_cannot_cancel_or_delete_a_run(public_app):
 
 
 def test_markdown_in_a_model_name_is_shown_as_text(public_app):
-    url, runs, _ = public_app
+    url, runs, demo = public_app
     evil = "![beacon](http://evil.example/b.png) [login](http://phish.example) <img src=x>"
     folder = runs / "failed"
     folder.mkdir()
     (folder / "run.json").write_text(json.dumps(dict(name="failed", args=["x"], model=evil, created=1.0, config={})))
     (folder / "output.log").write_text(f"```\n{evil}\nerror: could not load {evil}\n")
-    import app
-
-    app.JOBS._snapshot = None  # the folder was made a moment ago, not by a start (which refreshes the list)
+    demo.handlers.app.jobs._snapshot = None  # the folder was made a moment ago, not by a start
     viewer = _client(url)
     viewer.predict(api_name="/runs")
     _table, _plot, text = viewer.predict("failed", api_name="/score_view")
@@ -131,12 +128,12 @@ def test_markdown_in_a_model_name_is_shown_as_text(public_app):
 
 
 def test_the_runs_folder_is_scanned_once_per_poll(public_app):
-    import app
-
-    app.JOBS._snapshot = None
-    before = app.JOBS.scans
-    app.on_score_poll(None, {})
-    assert app.JOBS.scans == before + 1
+    _, _, demo = public_app
+    jobs = demo.handlers.app.jobs
+    jobs._snapshot = None
+    before = jobs.scans
+    demo.handlers.score_poll(None, {})
+    assert jobs.scans == before + 1
 
 
 def test_a_forged_long_history_is_refused(public_app, tiny_artifact):
@@ -147,7 +144,8 @@ def test_a_forged_long_history_is_refused(public_app, tiny_artifact):
     client.predict(api_name="/start")
     forged = [dict(role="user", content="x" * 80_000), dict(role="assistant", content="y")]
     with pytest.raises(AppError, match="history holds a user message of 80,000 characters"):
-        client.predict(str(tiny_artifact), 1.0, 1.0, False, "hi", forged, [], 4, 1.15, "float32", api_name="/chat")
+        client.predict(str(tiny_artifact), 1.0, str(tiny_artifact), 1.0, False, "hi", forged, [], 4, 1.15, "float32",
+                       api_name="/chat")
 
 
 def test_an_upload_over_the_cap_is_refused_by_gradio(public_app):

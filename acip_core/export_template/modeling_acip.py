@@ -1,5 +1,6 @@
 """ACIP low-rank causal LM: a stock transformers architecture whose listed linear layers are
-factorized into two smaller linears, y = up(down(x)) with down [rank, in] and up [out, rank].
+factorized into two smaller linears, y = down(x) @ up_t + bias with down [rank, in] and
+up_t [rank, out] (the layout ACIP Studio computes with, so both give the same numbers in every dtype).
 
 Written by ACIP Studio next to config.json and model.safetensors. Self-contained: it needs only
 torch and transformers (no ACIP Studio). Load with
@@ -19,25 +20,33 @@ module builds those classes on first use, subclassing the base config and Causal
 from __future__ import annotations
 
 import torch
+import transformers
 from torch import nn
+from torch.nn import functional as F
 from transformers import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 CONFIG_PREFIX, MODEL_PREFIX, MODEL_TYPE_PREFIX = "ACIPConfig__", "ACIPForCausalLM__", "acip_lowrank_"
+MIN_TRANSFORMERS = (4, 45)  # config.json carries both rope_theta (4.x) and rope_parameters (5.x)
+
+if tuple(int(p) for p in transformers.__version__.split(".")[:2] if p.isdigit()) < MIN_TRANSFORMERS:
+    raise ImportError(f"this model needs transformers >= {'.'.join(map(str, MIN_TRANSFORMERS))}; "
+                      f"found {transformers.__version__}: pip install -U transformers")
 
 
 class LowRankLinear(nn.Module):
-    """y = up(down(x)): a rank-`rank` stand-in for nn.Linear(in_features, out_features, bias)."""
+    """y = down(x) @ up_t + bias: a rank-`rank` stand-in for nn.Linear(in_features, out_features, bias)."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False,
                  device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
-        self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+        self.up_t = nn.Parameter(torch.empty(rank, out_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(x))
+        return F.linear(self.down(x), self.up_t.t(), self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"

@@ -1,0 +1,397 @@
+"""The app's event handlers (Gradio): each translates UI values <-> acip_core calls. app.py lays the
+page out and wires these; the library never imports gradio (docs/ARCHITECTURE.md)."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import math
+import os
+import shutil
+import threading
+import time
+
+import gradio as gr
+import pandas as pd
+
+from acip_core import plots, public, studio as text
+from acip_core.curve import curve_at, eval_set_label, ppl_columns, suggested_ratio
+from acip_core.data import DEFAULT_DATA
+from acip_core.evaluate import Cancelled
+from acip_core.explorer import Explorer, clean_prompt
+from acip_core.models import EMBEDDED
+from acip_core.studio import Studio
+
+log = logging.getLogger("acip_studio")
+X_AXES = {"size ratio": "size_ratio", "GB": "gb"}
+CHAT_UPDATE_S = 0.2  # streamed text reaches the page at most this often (see studio.throttled)
+EXPORT_KINDS = {"low-rank: smallest files (loads with trust_remote_code)": False,
+                "dense: original shapes, no memory saved (for compatibility)": True}
+
+
+def ui_errors(fn):
+    """A failing handler shows its message as a toast and leaves every output as it was (an error
+    status would cover the outputs: the slider, the conversation). Programming errors get a short
+    message; the server log has the traceback."""
+    def message(err):
+        if isinstance(err, gr.Error):
+            return err.message
+        if isinstance(err, (ValueError, FileNotFoundError, FileExistsError, RuntimeError)):
+            return str(err)
+        log.exception("handler %s failed", fn.__name__)
+        return f"Internal error ({type(err).__name__}); the server log has the details."
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def gen_wrapper(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except Exception as err:
+                gr.Warning(message(err), title="Could not do that", duration=8)
+                yield gr.skip()
+        return gen_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:
+            gr.Warning(message(err), title="Could not do that", duration=8)
+            return gr.skip()
+    return wrapper
+
+
+class Handlers:
+    """Every event handler, for one Studio. Per-visitor values come in and go out as gr.State."""
+
+    def __init__(self, app: Studio):
+        self.app = app
+        self._stops: dict[tuple[str, str], threading.Event] = {}
+        self._lock = threading.Lock()
+
+    # -- artifacts ------------------------------------------------------------------------------
+    def check_folder(self, folder: str) -> None:
+        if not folder:
+            raise gr.Error("No artifact is selected: pick one above, or create one in the Score tab.")
+        if not self.app.is_known(folder):
+            raise gr.Error(f"{folder!r} is not one of the available artifacts.")
+
+    def explorer(self, folder: str) -> Explorer:
+        self.check_folder(folder)
+        return self.app.registry.open_explorer(folder)
+
+    def _loading(self, folder, progress):
+        """Yields a status line while `folder` loads, with a progress bar when the load has counts."""
+        self.check_folder(folder)
+        for line in self.app.registry.wait_lines(folder):
+            state = self.app.registry.loading(folder)
+            if progress is not None and state is not None and state.total:
+                progress((state.done, state.total), desc="building the basis", unit="layers")
+            yield f"Loading **{os.path.basename(folder)}**: {line}"
+
+    def _stop(self, request, kind: str) -> threading.Event:
+        key = (getattr(request, "session_hash", None) or "anonymous", kind)
+        with self._lock:
+            return self._stops.setdefault(key, threading.Event())
+
+    # -- explore --------------------------------------------------------------------------------
+    @ui_errors
+    def start(self, progress=gr.Progress()):
+        """Page load: pick the first artifact, report its loading progress, then fill every view."""
+        folder, note = self.app.default_artifact()
+        note = note + "\n\n" if note else ""
+        dd = gr.update(choices=self.app.artifacts(), value=folder)
+        nothing = (gr.skip(),) * 8
+        if folder is None:
+            yield (dd, note) + nothing
+            return
+        for line in self._loading(folder, progress):
+            yield (dd, note + line) + nothing
+        try:
+            ex = self.explorer(folder)
+        except RuntimeError as err:  # said in the status line, where it stays visible
+            yield (dd, f"{note}**{err}** Pick another artifact above, or create one in the Score tab.") + nothing
+            return
+        ratio = math.ceil(suggested_ratio(ex.curve) * 1000) / 1000
+        yield (dd, note + text.describe_text(ex.describe()), ratio, self._metric_update(ex)) + \
+            self.size(folder, ratio, "size ratio", "float32", None, None)
+
+    def _metric_update(self, ex: Explorer):
+        cols = ppl_columns(ex.curve)
+        return gr.update(choices=[(eval_set_label(c), c) for c in cols], value=cols[0] if cols else None)
+
+    @ui_errors
+    def artifact(self, folder, ratio, x_axis, dtype, progress=gr.Progress()):
+        for line in self._loading(folder, progress):
+            yield (line,) + (gr.skip(),) * 7
+        try:
+            ex = self.explorer(folder)
+        except RuntimeError as err:
+            yield (f"**{err}** Pick another artifact.",) + (gr.skip(),) * 7
+            return
+        yield (text.describe_text(ex.describe()), self._metric_update(ex)) + \
+            self.size(folder, ratio, x_axis, dtype, None, None)
+
+    def size(self, folder, ratio, x_axis, dtype, metric, results, fitted=None):
+        """The selected size changed (slider, keyboard, typed value, budget), or how it is shown:
+        summary, layer table, heatmap, curve, badge and the budget box, all from the one ratio."""
+        ex = self.explorer(folder)
+        summary = ex.size_for(ratio, dtype)
+        note = text.below_range_note(summary["size_ratio"], ex.describe()["smallest_measured"])
+        size = ex.size(ratio)
+        at = curve_at(ex.curve, summary["size_ratio"], metric, fmt=summary["format"])
+        budget = gr.skip() if fitted is not None and abs(fitted - float(ratio)) < 1e-9 else \
+            math.ceil(summary["gb"] * 1000) / 1000  # the selected size's need, not a stale budget
+        return (text.summary_frame(summary, at, note), text.layers_frame(ex.layer_table(size)),
+                plots.heatmap_figure(ex.rank_heatmap(size)), self._curve(ex, summary, x_axis, dtype, metric, results),
+                text.size_badge(summary, note), budget)
+
+    def _curve(self, ex, summary, x_axis, dtype, metric, results):
+        metric = metric if metric in ppl_columns(ex.curve) else None
+        return plots.curve_figure(ex.curve, X_AXES.get(x_axis, "size_ratio"), dtype, metric, summary,
+                                  pd.DataFrame([r for r in results or [] if r.get("artifact") == ex.name]),
+                                  title=f"{ex.name}: perplexity vs size")
+
+    @ui_errors
+    def on_size(self, folder, ratio, x_axis, dtype, metric, results, fitted):
+        return self.size(folder, ratio, x_axis, dtype, metric, results, fitted)
+
+    @ui_errors
+    def budget(self, folder, budget_gb):
+        """Budget: the largest size in every dtype; the slider and dtype move to the best one."""
+        ex = self.explorer(folder)
+        if budget_gb is None:
+            raise gr.Error("Type a memory budget in GB first.")
+        fits = ex.fit_budget_every_dtype(budget_gb)
+        best = next((f for f in fits if f.get("best")), None)
+        if best is None:
+            raise gr.Error(f"{budget_gb:g} GB is smaller than the smallest model in every dtype "
+                           f"({text.gigabytes(min(f['smallest_gb'] for f in fits))} in the smallest).")
+        ratio = int(best["size_ratio"] * 1000) / 1000  # floor: that slider value still fits the budget
+        return ratio, best["dtype"], text.budget_text(float(budget_gb), fits), ratio
+
+    # -- chat -----------------------------------------------------------------------------------
+    @ui_errors
+    def chat(self, folder, ratio_a, folder_b, ratio_b, side_by_side, message, history_a, history_b,
+             max_new_tokens, repetition_penalty, dtype, request: gr.Request = None):
+        """Streams the reply at size A (and at size B, of this or another artifact, when side by side)."""
+        ex = self.explorer(folder)
+        ex_b = self.explorer(folder_b) if side_by_side and folder_b else ex
+        message = clean_prompt(message)
+        note = text.below_range_note(ex.size(ratio_a).size_ratio, ex.describe()["smallest_measured"])
+        if note:
+            gr.Warning(f"Size A {float(ratio_a):.3f}: {note}", title="Size A")
+        stop = self._stop(request, "chat")
+        stop.clear()
+        history_a, history_b = list(history_a or []), list(history_b or [])
+        turn = [dict(role="user", content=message), dict(role="assistant", content="")]
+        new_a, new_b = history_a + turn, (history_b + [dict(t) for t in turn]) if side_by_side else history_b
+        if side_by_side:
+            stream = ex.compare(ratio_a, ratio_b, message, history_a, history_b, max_new_tokens,
+                                repetition_penalty, dtype, other=ex_b)
+        else:
+            stream = ((snap, None) for snap in ex.stream_chat(ratio_a, history_a, message, max_new_tokens,
+                                                              repetition_penalty, dtype))
+        yield new_a, new_b, "generating…", ""
+        try:
+            for a, b in text.throttled(stream, CHAT_UPDATE_S):
+                new_a[-1] = dict(role="assistant", content=text.reply(a))
+                stats = text.speed_line("A", a)
+                if b is not None:
+                    new_b[-1] = dict(role="assistant", content=text.reply(b))
+                    stats += "  \n" + text.speed_line("B" + ("" if ex_b is ex else f" ({ex_b.name})"), b)
+                yield new_a, new_b, stats, ""
+                if stop.is_set():
+                    yield new_a, new_b, stats + "  \n*stopped*", ""
+                    return
+        finally:
+            stream.close()
+
+    def chat_stop(self, request: gr.Request = None):
+        self._stop(request, "chat").set()
+
+    @ui_errors
+    def sweep(self, folder, sizes, message, max_new_tokens, dtype, request: gr.Request = None):
+        """One prompt answered by many sizes, one after another (greedy), as a grid of replies."""
+        ex = self.explorer(folder)
+        ratios = text.parse_sizes(sizes)
+        message = clean_prompt(message)
+        stop = self._stop(request, "chat")
+        stop.clear()
+        stream = ex.sweep(ratios, message, max_new_tokens, dtype=dtype)
+        try:
+            for snaps in text.throttled(stream, CHAT_UPDATE_S):
+                yield text.sweep_frame(ex, ratios, snaps)
+                if stop.is_set():
+                    return
+        finally:
+            stream.close()
+
+    # -- measure --------------------------------------------------------------------------------
+    def _results_file(self, results) -> str | None:
+        if not results:
+            return None
+        return str(Explorer.results_csv(results, self.app.download_dir("results") / "acip-results.csv"))
+
+    @ui_errors
+    def perplexity(self, folder, ratio, data, windows, seq_len, dtype, results, request: gr.Request = None,
+                   progress=gr.Progress()):
+        ex = self.explorer(folder)
+        stop = self._stop(request, "measure")
+        stop.clear()
+        progress(0.0, desc="reading the text and preparing the size")
+        try:
+            row = ex.measure_perplexity(ratio, data, windows, seq_len, dtype, batch_size=2,
+                                        on_progress=lambda d, n: progress((d, n), desc="windows", unit="windows"),
+                                        should_stop=stop.is_set)
+        except Cancelled:
+            return "Perplexity cancelled.", gr.skip(), gr.skip(), gr.skip()
+        results = list(results or []) + [row]
+        return text.perplexity_text(row), text.results_table(results), self._results_file(results), results
+
+    @ui_errors
+    def lm_eval(self, folder, ratio, tasks, limit, batch_size, dtype, results, request: gr.Request = None,
+                progress=gr.Progress()):
+        ex = self.explorer(folder)
+        stop = self._stop(request, "measure")
+        stop.clear()
+        progress(0.0, desc="loading lm-eval and its tasks")
+        try:
+            row = ex.measure_lm_eval(ratio, tasks, int(limit) if limit else None, batch_size, dtype,
+                                     should_stop=stop.is_set,
+                                     on_progress=lambda d, n: progress((d, n), desc="lm-eval", unit="requests"))
+        except Cancelled:
+            return "lm-eval cancelled.", gr.skip(), gr.skip(), gr.skip()
+        except ImportError as err:
+            raise gr.Error(f"lm-eval support is not available here ({err}).") from None
+        results = list(results or []) + [row]
+        metrics = ", ".join(f"{k} {v:.3f}" for k, v in row.items() if "/" in k and isinstance(v, float))
+        return (f"lm-eval at size {row['size_ratio']:.3f}: {metrics or 'no metrics returned'} "
+                f"({row['seconds']:.0f} s)."), text.results_table(results), self._results_file(results), results
+
+    def measure_cancel(self, request: gr.Request = None):
+        self._stop(request, "measure").set()
+        return "Cancelling…"
+
+    # -- export ---------------------------------------------------------------------------------
+    @ui_errors
+    def export(self, folder, ratio, kind, dtype, results, progress=gr.Progress()):
+        ex = self.explorer(folder)
+        dense = EXPORT_KINDS.get(kind, str(kind).startswith("dense"))
+        size = ex.size(ratio)
+        name = f"{ex.name}-size{size.size_ratio:.3f}-{'dense' if dense else 'lowrank'}-{dtype}"
+        work = self.app.download_dir("exports")
+        progress(None, desc="writing safetensors and zipping")
+        try:
+            info = ex.export(ratio, work / name, dense=dense, dtype=dtype, zip_path=work / f"{name}.zip",
+                             measured=results or [])
+        finally:
+            shutil.rmtree(work / name, ignore_errors=True)  # the zip (one copy) is what is downloaded
+        how = ("`AutoModelForCausalLM.from_pretrained(folder)` in any runtime" if dense else
+               "`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`")
+        what = ("Dense: the original shapes, so it is as large as the base model (no memory saved); "
+                "for runtimes without remote code." if dense else "Low-rank: the smallest files.")
+        return (f"Exported size **{info['size_ratio']:.3f}** ({info['kind']}, {dtype}, "
+                f"{text.millions(info['params'])} params stored) in {info['seconds']:.1f} s: "
+                f"{info['bytes'] / 1e6:.1f} MB unzipped. {what} Load the unzipped folder with {how}."), info["zip"]
+
+    # -- score ----------------------------------------------------------------------------------
+    def runs_frame(self) -> pd.DataFrame:
+        return text.runs_frame(self.app.jobs.list())
+
+    def run_view(self, run: str | None):
+        if not run:
+            return plots.empty_figure("start a run, or pick one"), ""
+        try:
+            status = self.app.jobs.status(run)
+        except ValueError:
+            return plots.empty_figure("no such run"), ""
+        fig = plots.run_figure(self.app.jobs.history(run), status["stop_ratio"], title=f"run {run}")
+        line = f"**{run}**: {status['state']}: {public.md_escape(status['message'])}"  # visitors' strings: text
+        if status["eta_s"] is not None:
+            line += f" ETA ≤ {status['eta_s'] / 60:.1f} min"
+            line += (" (post-tuning the LoRA: a fixed number of steps)." if status.get("phase") == "post_tune"
+                     else " (scoring stops earlier when the stop ratio is reached; post-tuning follows).")
+        if status["state"] in ("cancelled", "failed"):
+            line += "  \n" + self.resume_note(run)
+        if status["state"] == "failed":
+            line += f"\n\n```\n{self.app.jobs.output_tail(run, 8).replace('`', chr(0x2cb))}\n```"  # no fence escape
+        return fig, line
+
+    def resume_note(self, run: str) -> str:
+        """What Resume will do, said before it is pressed."""
+        step = text.checkpoint_step(self.app.jobs.folder(run))
+        return (f"**Resume** continues after step {step} (its last checkpoint)." if step else
+                "**Resume** starts again at step 1: the run stopped before its first checkpoint.")
+
+    @ui_errors
+    def score_start(self, name, model, data, steps, basis, stop_ratio, batch_size, seq_len, post_tune, token=None,
+                    upload=None, request: gr.Request = None):
+        public.check_may_score(token)  # public mode: only the owner's token starts runs
+        name = (name or "").strip() or time.strftime("run-%Y%m%d-%H%M%S")
+        if upload:  # a visitor's own text: checked, kept once, the upload itself removed
+            data = str(public.accept_upload(upload))
+        text.check_model_source(model or EMBEDDED)  # a bad hub id fails now, not after a minute of retries
+        self.app.jobs.start(name, model=(model or EMBEDDED).strip(), data=data or DEFAULT_DATA, steps=int(steps),
+                            basis=basis, stop_ratio=float(stop_ratio), batch_size=int(batch_size),
+                            seq_len=int(seq_len), post_tune_steps=int(post_tune), checkpoint_every=10,
+                            owner=_who(token, request))
+        fig, line = self.run_view(name)
+        return self.runs_frame(), gr.update(choices=[r["name"] for r in self.app.jobs.list()], value=name), fig, line
+
+    @ui_errors
+    def score_cancel(self, run, token=None, request: gr.Request = None):
+        if not run:
+            raise gr.Error("Pick a run first.")
+        self.app.jobs.cancel(run, who=_who(token, request))
+        return (self.runs_frame(),) + self.run_view(run)
+
+    @ui_errors
+    def score_delete(self, run, token=None, request: gr.Request = None):
+        if not run:
+            raise gr.Error("Pick a run first.")
+        self.app.jobs.delete(run, who=_who(token, request))
+        return (self.runs_frame(), gr.update(choices=[r["name"] for r in self.app.jobs.list()], value=None),
+                *self.run_view(None))
+
+    @ui_errors
+    def score_resume(self, run, token=None, request: gr.Request = None):
+        if not run:
+            raise gr.Error("Pick a run first.")
+        public.check_may_score(token)
+        note = self.resume_note(run)
+        self.app.jobs.resume(run, who=_who(token, request))
+        gr.Info(note.replace("**", ""))
+        return (self.runs_frame(),) + self.run_view(run)
+
+    def score_poll(self, run, known):
+        """Timer tick: the runs table, the selected run's plots; the run and artifact lists only when
+        they changed (re-sending choices would close a dropdown the user has open)."""
+        known = dict(known or {})
+        choices = self.app.artifacts()
+        folders, names = [f for _, f in choices], [r["name"] for r in self.app.jobs.list()]
+        artifacts = gr.update(choices=choices) if folders != known.get("artifacts") else gr.skip()
+        runs = gr.update(choices=names) if names != known.get("runs") else gr.skip()
+        frame = self.runs_frame()
+        row = frame[frame.run == run]
+        plot_key = [run, None if row.empty else str(row.iloc[0].to_dict())]
+        if plot_key != known.get("plot"):  # redraw only on news: a redraw resets the user's zoom
+            fig, line = self.run_view(run)
+        else:
+            fig, line = gr.skip(), gr.skip()
+        return frame, runs, fig, line, artifacts, artifacts, dict(artifacts=folders, runs=names, plot=plot_key)
+
+
+def _who(token, request) -> str | None:
+    """Who controls runs: the token holder, this session (public mode), or anyone (local)."""
+    return public.owner(token, getattr(request, "session_hash", None))
+
+
+def lm_eval_tasks() -> tuple[list[str], list[str]]:
+    """(offline tasks, all suggested tasks) from acip_core.lmeval when it is there."""
+    try:
+        from acip_core.lmeval import OFFLINE_TASKS, PAPER_TASKS
+        return list(OFFLINE_TASKS), list(OFFLINE_TASKS) + [t for t in PAPER_TASKS if t not in OFFLINE_TASKS]
+    except Exception:
+        return [], []

@@ -1,0 +1,44 @@
+"""The curve figure: readable log ticks, a title that is not covered, a hint when baselines are clipped."""
+
+import pandas as pd
+
+from acip_core import plots
+from acip_core.curve import curve_at, interp_log, suggested_ratio
+
+
+def _curve():
+    return pd.DataFrame(dict(
+        method=["original", "acip", "acip", "acip", "magnitude", "magnitude"],
+        size_ratio=[1.0, 0.4, 0.7, 1.0, 0.4, 0.7], params=[100, 60, 80, 100, 60, 80],
+        ppl_heldout=[36.6, 100.0, 51.6, 36.6, 55000.0, 9000.0]))
+
+
+def test_log_ticks_are_full_numbers():
+    ticks = plots.log_ticks(20, 400)
+    assert ticks["tickvals"] == [20, 50, 100, 200] and ticks["ticktext"] == ["20", "50", "100", "200"]
+    fig = plots.curve_figure(_curve(), title="t")
+    assert "2" not in fig.layout.yaxis.ticktext and "200" in fig.layout.yaxis.ticktext
+
+
+def test_clipped_baselines_are_said_and_the_title_has_room():
+    fig = plots.curve_figure(_curve(), title="tiny: perplexity vs size")
+    notes = [a.text for a in fig.layout.annotations]
+    assert any("magnitude" in n and "above the frame" in n for n in notes)
+    assert fig.layout.margin.t >= 90 and fig.layout.title.text == "tiny: perplexity vs size"
+
+
+def test_measured_points_carry_their_spread():
+    measured = pd.DataFrame([dict(kind="perplexity", size_ratio=0.7, params=80, data="corpus:heldout",
+                                  windows=8, dtype="float32", perplexity=50.0, ppl_low=45.0, ppl_high=56.0)])
+    fig = plots.curve_figure(_curve(), measured=measured)
+    (point,) = [t for t in fig.data if t.name.startswith("measured")]
+    assert list(point.error_y.array) == [6.0] and list(point.error_y.arrayminus) == [5.0]
+
+
+def test_curve_analytics():
+    curve = _curve()
+    at = curve_at(curve, 0.55)
+    assert at["metric"] == "ppl_heldout" and at["original"] == 36.6 and at["span"] == (0.4, 1.0)
+    assert 51.6 < at["value"] < 100 and at["value"] == interp_log([0.4, 0.7], [100.0, 51.6], 0.55)
+    assert curve_at(curve, 0.2)["value"] is None
+    assert suggested_ratio(curve) == 1.0 and suggested_ratio(curve, within=1.5) == 0.7
