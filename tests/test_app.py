@@ -71,10 +71,13 @@ def test_size_summary(client, tiny_artifact):
     summary, layers, heatmap, curve, badge, budget = _size(client, tiny_artifact, 0.6)
     cells = dict(summary["data"])
     assert 0.6 <= float(cells["size ratio (target layers)"]) < 0.62
-    assert "B" in cells["weights in bfloat16"]
+    assert "B" in cells["weights in float32"] and "int4-g32" in cells["in every format"]
     assert [row[0] for row in layers["data"]][-1] == "all"
-    assert badge.startswith("**Selected size 0.6")
+    assert badge.startswith("**Selected size 0.6") and "in float32" in badge
     assert budget >= float(cells["weights in float32"].split()[0]) / (1000 if "MB" in cells["weights in float32"] else 1)
+    summary, *_rest, badge, _ = _size(client, tiny_artifact, 0.6, dtype="int8")  # the format follows
+    cells = dict(summary["data"])
+    assert "weights in int8" in cells and "in int8" in badge
 
 
 def test_eval_set_switch_updates_the_summary_and_names_the_set(demo, tiny_artifact):

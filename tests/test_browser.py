@@ -235,3 +235,56 @@ def test_a_second_visitor_sees_none_of_the_first_ones_measurements(app_url, brow
         assert other.locator("#curve .legend").get_by_text(re.compile("measured")).count() == 0
     finally:
         other.close()
+
+
+def test_the_gb_view_shows_the_frontier_and_a_budget_fits_an_int4_size(browser, tiny_artifact, tmp_path):
+    """Precision as the second axis, as a person sees it: on an artifact whose curve has float32 and
+    int4 rows, the GB view draws both lines and the frontier, and a budget that only int4 meets
+    moves the format selector to int4 (and the slider to the size it fits)."""
+    import shutil
+
+    import app
+    from acip_core.artifact import load_artifact, write_curve
+    from acip_core.curve import method_curve
+    from acip_core.data import load_text, token_windows
+    from acip_core.pipeline import open_artifact
+    from acip_core.studio import StudioConfig
+
+    folder = tmp_path / "tiny-formats"
+    shutil.copytree(tiny_artifact, folder)
+    model = open_artifact(folder)
+    evals = {"heldout": token_windows(model.tokenizer, load_text("corpus:heldout"), 32, 4)}
+    frames = [method_curve(folder, "acip", evals, [0.4, 0.7, 1.0], fmt) for fmt in ("float32", "int4-g32")]
+    import pandas as pd
+    write_curve(folder, pd.concat(frames, ignore_index=True))
+    assert set(load_artifact(folder).curve.format) == {"float32", "int4-g32"}
+    budget_gb = model.full_size("int4-g32").gigabytes * 1.001
+    assert budget_gb < model.size_at(0, "bfloat16").gigabytes  # only an int4 size fits
+
+    demo = app.build_demo(StudioConfig(default_artifact=str(folder), precomputed=tmp_path / "precomputed",
+                                       runs=tmp_path / "runs", artifact_dirs=[str(folder)],
+                                       downloads=tmp_path / "downloads"))
+    _, url, _ = demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True,
+                                    **app.launch_options())
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        page.goto(url)
+        page.get_by_text(re.compile(r"Ready\.")).wait_for(timeout=300_000)
+        _wait_plots(page)
+        page.get_by_label("GB").check()
+        legend = page.locator("#curve .legend")
+        legend.get_by_text("best for each budget (frontier)").wait_for(timeout=60_000)
+        assert legend.get_by_text("acip int4-g32").count() and legend.get_by_text("acip float32").count()
+        budget = page.locator("#budget input")
+        budget.fill(f"{budget_gb:.6f}")
+        budget.press("Enter")
+        page.locator("#budget-text").get_by_text(re.compile("best")).first.wait_for(timeout=60_000)
+        deadline = time.time() + 60
+        while time.time() < deadline and page.locator("#dtype input").input_value() != "int4-g32":
+            time.sleep(0.2)
+        assert page.locator("#dtype input").input_value() == "int4-g32"
+        assert "int4-g32" in _badge(page)
+        page.screenshot(path=OUT / "formats-gb-view-int4-budget.png", full_page=True)
+    finally:
+        page.close()
+        demo.close()
