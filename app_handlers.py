@@ -19,7 +19,7 @@ from acip_core import plots, public, studio as text
 from acip_core.curve import curve_at, eval_set_label, ppl_columns, suggested_ratio
 from acip_core.data import DEFAULT_DATA
 from acip_core.evaluate import Cancelled
-from acip_core.explorer import Explorer, clean_prompt
+from acip_core.explorer import Explorer, check_history, clean_prompt, message_text
 from acip_core.models import EMBEDDED
 from acip_core.studio import Studio
 
@@ -185,6 +185,9 @@ class Handlers:
         stop = self._stop(request, "chat")
         stop.clear()
         history_a, history_b = list(history_a or []), list(history_b or [])
+        for history in (history_a, history_b):  # before anything is shown: a forged history is refused
+            check_history([dict(role=m.get("role"), content=message_text(m.get("content"))) for m in history
+                           if isinstance(m, dict) and m.get("role") in ("user", "assistant")])
         turn = [dict(role="user", content=message), dict(role="assistant", content="")]
         new_a, new_b = history_a + turn, (history_b + [dict(t) for t in turn]) if side_by_side else history_b
         if side_by_side:
