@@ -9,7 +9,6 @@ import statistics
 import sys
 import time
 from dataclasses import fields
-from pathlib import Path
 
 from .data import DEFAULT_DATA
 from .score import ScoreConfig
@@ -263,24 +262,19 @@ def cmd_finetune(args):
 
     cfg = FinetuneConfig(**{f.name: getattr(args, f.name) for f in fields(FinetuneConfig)
                             if getattr(args, f.name, None) is not None})
-    started = time.perf_counter()
+    clock = []  # (time, step) of this process's first step: the ETA leaves out loading and warm-up
 
-    def on_step(e):  # the ETA counts this process's steps only (a resumed run starts its clock anew)
-        done = e["step"] - first[0]
-        eta = (time.perf_counter() - started) / max(done, 1) * (cfg.steps - e["step"])
+    def on_step(e):
+        if not clock:
+            clock.append((time.perf_counter(), e["step"]))
+        t0, s0 = clock[0]
+        done = e["step"] - s0
+        eta = f"{(time.perf_counter() - t0) / done * (cfg.steps - e['step']):.0f}s" if done else "-"
         if not args.json:
             print(f"step {e['step']:5d}/{cfg.steps} loss {e['loss']:.4f} nll {e['nll']:.4f}"
-                  + (f" kd {e['kd']:.4f}" if "kd" in e else "") + f" {e['seconds']:.0f}s eta {eta:.0f}s",
+                  + (f" kd {e['kd']:.4f}" if "kd" in e else "") + f" {e['seconds']:.0f}s eta {eta}",
                   flush=True)
 
-    first = [0]
-    if args.resume:
-        from .train import CHECKPOINT_STATE
-
-        try:
-            first[0] = json.loads((Path(args.out) / CHECKPOINT_STATE).read_text())["step"]
-        except (OSError, ValueError, KeyError):
-            pass
     dist = DistContext.from_env()  # set up by torchrun / accelerate launch
     try:
         tuned = run_finetune(args.artifact, args.size_ratio, args.data, args.out, cfg, args.resume,
