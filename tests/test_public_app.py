@@ -145,7 +145,8 @@ def test_a_forged_long_history_is_refused(public_app, tiny_artifact):
     url, _, _ = public_app
     client = _client(url)
     client.predict(api_name="/start")
-    forged = [dict(role="user", content="x" * 80_000), dict(role="assistant", content="y")]
+    forged = [dict(role="user", content=[dict(type="text", text="x" * 80_000)]),
+              dict(role="assistant", content=[dict(type="text", text="y")])]
     with pytest.raises(AppError, match="history holds a user message of 80,000 characters"):
         client.predict(str(tiny_artifact), 1.0, 1.0, False, "hi", forged, [], 4, 1.15, "float32", api_name="/chat")
 
