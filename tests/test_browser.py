@@ -96,7 +96,7 @@ def _curve_marker(page) -> str:
 
 def _wait_plots(page):
     for plot in ("#curve", "#heatmap"):
-        page.locator(f"{plot} .main-svg").first.wait_for(timeout=60_000)
+        page.locator(f"{plot} .main-svg").first.wait_for(timeout=180_000)  # slow on a loaded machine
     time.sleep(1)  # plotly finishes drawing
 
 
