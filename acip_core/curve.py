@@ -208,25 +208,40 @@ def interpolate_ppl(rows: pd.DataFrame, size_ratio: float, eval_set: str = "held
 def best_for_budget(any_size: AnySizeModel, curve: pd.DataFrame | None, budget_gb: float,
                     eval_set: str = "heldout", formats=None) -> dict:
     """The best (size, format) under `budget_gb` by the measured curve: in each measured format the
-    largest size that fits, ranked by its interpolated perplexity. Returns the pick (`size`, `format`,
-    `size_ratio`, `gb`, `perplexity`) and `runners_up` (the next two, each with its perplexity)."""
+    best of the largest size that fits (interpolated) and the measured sizes below it, ranked by
+    perplexity on `eval_set` (formats measured on other windows than most are left out). Returns the
+    pick (`size`, `format`, `size_ratio`, `gb`, `perplexity`) and `runners_up` (the next two)."""
     curve = curve_frame(curve)
     if curve is None or "format" not in curve or not (curve.method == "acip").any():
         raise ValueError("this artifact has no measured curve to rank formats by: pass --format, or "
                          "measure one with python -m acip_core curve --formats ...")
     acip = curve[curve.method == "acip"]
-    keys = formats or list(dict.fromkeys(acip.format))
+    if "windows" in acip and acip.windows.notna().any():
+        # perplexities are only comparable on the same windows: rank the formats measured on the
+        # window count most formats share (curve_formats.sh: 16; older bf16 rows: 32)
+        per_format = acip.groupby("format").windows.max()
+        acip = acip[acip.format.isin(per_format[per_format == per_format.mode().iloc[0]].index)]
+    keys = [k for k in (formats or dict.fromkeys(acip.format)) if k in set(acip.format)]
     candidates, too_small = [], []
     for key in keys:
         try:
-            size = any_size.size_for_budget(budget_gb, key)
+            largest = any_size.size_for_budget(budget_gb, key)
         except ValueError:
             too_small.append(key)
             continue
-        ppl = interpolate_ppl(acip[acip.format == key], size.size_ratio, eval_set)
-        if ppl is not None:
-            candidates.append(dict(size=size, format=key, size_ratio=round(size.size_ratio, 5),
-                                   gb=size.gigabytes, perplexity=ppl))
+        line = acip[acip.format == key]
+        # the largest size that fits, and every measured size below it (a curve need not be monotone:
+        # 0.9 can beat 1.0); the best of them stands for this format
+        sizes = [largest] + [any_size.size_for_ratio(r, key) for r in line.size_ratio
+                             if r < largest.size_ratio - 1e-9]
+        best = None
+        for size in sizes:
+            ppl = interpolate_ppl(line, size.size_ratio, eval_set)
+            if ppl is not None and size.gigabytes <= budget_gb and (best is None or ppl < best["perplexity"]):
+                best = dict(size=size, format=key, size_ratio=round(size.size_ratio, 5), gb=size.gigabytes,
+                            perplexity=ppl)
+        if best is not None:
+            candidates.append(best)
     if not candidates:
         smallest = min((any_size.size_at(0, k).gigabytes, k) for k in keys)
         if len(too_small) == len(keys):
