@@ -163,12 +163,14 @@ def test_budget_in_every_dtype_names_the_best(explorer):
     fits = {f["dtype"]: f for f in explorer.fit_budget_every_dtype(gb)}
     assert fits["bfloat16"]["size_ratio"] >= fits["float32"]["size_ratio"]
     (best,) = [f for f in fits.values() if f.get("best")]
-    assert best["perplexity"] == min(f["perplexity"] for f in fits.values())
-    if fits["bfloat16"]["perplexity"] == fits["float32"]["perplexity"]:  # the tiny model's layers all run
-        assert best["dtype"] == "float32"  # dense, so both fit size 1.0: the tie goes to the precise one
+    ranked = [f["perplexity"] for f in fits.values() if f.get("perplexity") is not None]
+    assert ranked and best["perplexity"] == min(ranked)
+    # the tiny artifact's curve was measured in float32 only: other formats are not ranked by a guess
+    assert fits["float32"]["perplexity"] is not None and fits["int8"]["perplexity"] is None
     tiny = explorer.smallest_gb("bfloat16") * 1.01
     fits = {f["dtype"]: f for f in explorer.fit_budget_every_dtype(tiny)}
-    assert fits["float32"]["fits"] is False and fits["bfloat16"]["best"]
+    assert fits["float32"]["fits"] is False and fits["bfloat16"]["fits"] and fits["int4-g32"]["fits"]
+    assert sum(bool(f.get("best")) for f in fits.values()) == 1
 
 
 def test_sweep_streams_every_size_in_turn(explorer):
