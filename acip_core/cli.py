@@ -224,7 +224,10 @@ def cmd_export(args):
 
     model, size = _open_method_size(args)
     export = export_dense if args.dense else export_lowrank
-    card = dict(card_from_curve(load_artifact(args.artifact).curve, size.size_ratio, size.format.key),
+    from .tuned import is_tuned
+
+    curve = None if is_tuned(args.artifact) else load_artifact(args.artifact).curve
+    card = dict(card_from_curve(curve, size.size_ratio, size.format.key),
                 artifact=Path(args.artifact).name)  # measured quality: the artifact's curve
     out = export(model, size, args.out, size.format, card=card)
     files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}

@@ -189,7 +189,8 @@ def curve_frame(curve: pd.DataFrame | None) -> pd.DataFrame | None:
         return curve
     curve = curve.copy()
     curve.insert(1, "format", "bfloat16")
-    curve["gb"] = curve["gb_bfloat16"] if "gb_bfloat16" in curve else curve["params"] * 2 / 1e9
+    curve["gb"] = curve["gb_bfloat16"] if "gb_bfloat16" in curve else \
+        curve["params"] * 2 / 1e9 if "params" in curve else float("nan")
     return curve.drop(columns=[c for c in ("gb_float32", "gb_bfloat16") if c in curve])
 
 

@@ -216,27 +216,27 @@ class Requests:
         self.ppl_windows, self.ppl_seq_len = ppl_windows, ppl_seq_len
 
     def size(self, client, ratio: float, dtype: str = "float32"):
-        summary, _layers, _heatmap, _curve, badge = client.predict(
+        summary, _layers, _heatmap, _curve, badge, _budget = client.predict(
             self.artifact, ratio, "size ratio", dtype, None, api_name="/size")
         return badge, tuple(tuple(map(str, row)) for row in summary["data"])
 
     def budget(self, client, gigabytes: float, dtype: str = "float32"):
-        ratio, text = client.predict(self.artifact, gigabytes, dtype, api_name="/budget")
+        ratio, _format, text = client.predict(self.artifact, gigabytes, api_name="/budget")  # best format
         return float(ratio), text
 
     def chat(self, client, ratio: float, prompt: str, dtype: str = "float32", ratio_b: float | None = None):
         """The final greedy reply at `ratio` (and at `ratio_b` when side by side): (text_a, text_b)."""
         hist_a, hist_b, _speed, _msg = client.predict(
-            self.artifact, ratio, 1.0 if ratio_b is None else ratio_b, ratio_b is not None, prompt, [], [],
-            self.max_new_tokens, 1.15, dtype, api_name="/chat")
+            self.artifact, ratio, self.artifact, 1.0 if ratio_b is None else ratio_b, ratio_b is not None, prompt,
+            [], [], self.max_new_tokens, 1.15, dtype, api_name="/chat")
         text_b = _text(hist_b[-1]["content"]) if ratio_b is not None else None
         return _text(hist_a[-1]["content"]), text_b
 
     def export(self, client, ratio: float, dtype: str = "float32") -> str:
         """The export's size and parameter count as the answer states them (the zip is not fetched)."""
-        text, _file = client.predict(self.artifact, ratio, "low-rank (smallest; trust_remote_code)", dtype,
-                                     api_name="/export")
-        found = re.search(r"Exported size \*\*([^*]+)\*\* \(([^)]*params)\)", text)
+        text, _file = client.predict(self.artifact, ratio, "low-rank: smallest files (loads with trust_remote_code)",
+                                     dtype, api_name="/export")
+        found = re.search(r"Exported size \*\*([^*]+)\*\* \(([^)]*params[^)]*)\)", text)
         if not found:
             raise RuntimeError(f"unexpected export answer: {text[:200]!r}")
         return f"{found.group(1)} {found.group(2)}"

@@ -271,7 +271,7 @@ def test_the_gb_view_shows_the_frontier_and_a_budget_fits_an_int4_size(browser, 
         page.goto(url)
         page.get_by_text(re.compile(r"Ready\.")).wait_for(timeout=300_000)
         _wait_plots(page)
-        page.get_by_label("GB").check()
+        page.get_by_role("radio", name="GB").check()
         legend = page.locator("#curve .legend")
         legend.get_by_text("best for each budget (frontier)").wait_for(timeout=60_000)
         assert legend.get_by_text("acip int4-g32").count() and legend.get_by_text("acip float32").count()

@@ -205,7 +205,10 @@ def test_cli_export(tiny_llama, tmp_path, monkeypatch, capsys):
     any_size = random_any_size(tiny_llama)[0]
     curve = pd.DataFrame(dict(method=["original", "acip", "acip"], size_ratio=[1.0, 0.4, 0.6],
                               ppl_heldout=[10.0, 40.0, 20.0]))
-    monkeypatch.setattr(acip_core.pipeline, "open_artifact", lambda folder: any_size)
+    import acip_core.cli
+
+    monkeypatch.setattr(acip_core.cli, "_open_method_size",  # the folder "art" stands for any_size
+                        lambda args: (any_size, any_size.size_for_ratio(args.size_ratio, acip_core.cli._fmt(args))))
     monkeypatch.setattr(acip_core.artifact, "load_artifact", lambda folder: types.SimpleNamespace(curve=curve))
     out = tmp_path / "cli"
     assert main(["export", "--artifact", "art", "--size-ratio", "0.5", "--out", str(out), "--json"]) == 0

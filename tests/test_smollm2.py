@@ -54,5 +54,6 @@ def test_shipped_artifact_opens_and_reproduces_its_curve():
     evals = {"heldout": token_windows(tok, load_text("corpus:heldout"), 256, 32)}
     measured = method_curve(SHIPPED, "acip", evals, sizes=[0.8], fmt="bfloat16").set_index("method")
     for method, target in (("original", 1.0), ("acip", 0.8)):
-        shipped = curve[(curve.method == method) & (curve.target.round(2) == target)].ppl_heldout.item()
+        rows = curve[(curve.method == method) & (curve.format == "bfloat16") & (curve.target.round(2) == target)]
+        shipped = rows.ppl_heldout.item()
         assert measured.loc[method, "ppl_heldout"] == pytest.approx(shipped, rel=0.02), method
