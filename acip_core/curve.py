@@ -200,10 +200,13 @@ def interpolate_ppl(rows: pd.DataFrame, size_ratio: float, eval_set: str = "held
     col = f"ppl_{eval_set}"
     if col not in rows:
         return None
-    pts = rows[["size_ratio", col]].dropna().sort_values("size_ratio")
+    pts = rows[["size_ratio", col]].dropna()
     if not len(pts) or not pts.size_ratio.min() - 1e-6 <= size_ratio <= pts.size_ratio.max() + 1e-6:
         return None
-    return float(math.exp(np.interp(size_ratio, pts.size_ratio, np.log(pts[col]))))
+    if len(pts) == 1:  # one measured size: its own value (interp_log needs two)
+        return float(pts[col].iloc[0])
+    at = min(max(size_ratio, pts.size_ratio.min()), pts.size_ratio.max())  # within the 1e-6 tolerance
+    return interp_log(pts.size_ratio, pts[col], at)
 
 
 def best_for_budget(any_size: AnySizeModel, curve: pd.DataFrame | None, budget_gb: float,
