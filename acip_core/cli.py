@@ -31,7 +31,8 @@ def _format_args(p, default="float32"):
     from .formats import EMBEDDING_CHOICES, FORMAT_NAMES, INT4_GROUP_SIZES
 
     p.add_argument("--format", default=default, choices=FORMAT_NAMES,
-                   help="how the weights are stored: float32, bfloat16, int8 (per channel), int4 (groups)")
+                   help="how the weights are stored: float32, bfloat16, int8 (per channel), int4 (groups); "
+                        "default float32, or a tuned size's own format")
     p.add_argument("--group-size", type=int, default=None, choices=INT4_GROUP_SIZES,
                    help="int4 only: group length along the input axis (default 32, chosen by measurement)")
     p.add_argument("--embeddings", default="native", choices=EMBEDDING_CHOICES,
@@ -46,7 +47,7 @@ def _fmt(args):
     return parse_format(args.format, args.group_size if args.format == "int4" else None, args.embeddings)
 
 
-def _size_args(p, budget=True, fmt_default="float32"):
+def _size_args(p, budget=True, fmt_default=None):
     p.add_argument("--artifact", required=True, help="artifact folder (e.g. precomputed/smollm2-135m-instruct), "
                                                      "or a tuned size's folder (its size is its own)")
     group = p.add_mutually_exclusive_group()
@@ -114,7 +115,7 @@ def _open_method_size(args):
     """The model of --method and its size for --size-ratio / --budget-gb (or a tuned size's own)."""
     from .pipeline import open_sized
 
-    return open_sized(args.artifact, args.size_ratio, getattr(args, "budget_gb", None), _fmt(args) or "float32",
+    return open_sized(args.artifact, args.size_ratio, getattr(args, "budget_gb", None), _fmt(args),
                       getattr(args, "method", "acip"))
 
 
@@ -264,7 +265,8 @@ def cmd_finetune(args):
     from .finetune import FinetuneConfig, run_finetune
 
     cfg = FinetuneConfig(**{f.name: getattr(args, f.name) for f in fields(FinetuneConfig)
-                            if getattr(args, f.name, None) is not None})
+                            if f.name != "format" and getattr(args, f.name, None) is not None},
+                         format=_fmt(args).key)
     clock = []  # (time, step) of this process's first step: the ETA leaves out loading and warm-up
 
     def on_step(e):
@@ -288,7 +290,7 @@ def cmd_finetune(args):
             dist.close()
     if tuned is not None:
         m = tuned.meta
-        lines = [f"wrote {args.out}: size {m['size']['size_ratio']:.4f}, {m['finetune']['objective']}, "
+        lines = [f"wrote {args.out}: size {m['size']['size_ratio']:.4f} in {m['format']}, {m['finetune']['objective']}, "
                  f"{m['result']['steps']} steps in {m['result']['seconds']:.0f} s, peak RSS "
                  f"{m['result']['peak_rss_mib']} MiB"]
         lines += [f"  {name}: perplexity {f['untuned']['perplexity']:.2f} untuned -> {f['tuned']['perplexity']:.2f} tuned"
@@ -369,8 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
     p.add_argument("--eval-windows", type=int, default=32,
                    help="256-token windows of corpus:heldout and corpus:domain measured untuned and tuned")
+    _format_args(p)  # the frozen size's format: int8 / int4 train a LoRA over quantized factors
     ft_defaults = FinetuneConfig()
     for f in fields(FinetuneConfig):
+        if f.name == "format":
+            continue
         kw = dict(choices=OBJECTIVES) if f.name == "objective" else {}
         p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(ft_defaults, f.name)), default=None,
                        help=f"default {getattr(ft_defaults, f.name)}", **kw)

@@ -25,7 +25,8 @@ from torch import nn
 from .artifact import load_artifact
 from .data import BatchStream, load_text, token_windows
 from .evaluate import perplexity
-from .formats import Format
+from .formats import Format, QuantLowRankLinear, parse_format
+from .layers import LowRankLinear
 from .materialize import AnySizeModel, Size, _clone_tree
 from .models import load_base
 from .score import autocast_dtype
@@ -48,6 +49,7 @@ class FinetuneConfig:
     seed: int = 42
     checkpoint_every: int = 25
     precision: str = "auto"  # auto | bf16 | fp32, as in scoring
+    format: str = "float32"  # the format of the frozen size (a Format key: int4-g32, int8+emb8, …)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "checkpoint_every"):
@@ -61,40 +63,67 @@ class FinetuneConfig:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError("precision must be auto, bf16 or fp32")
+        self.format = parse_format(self.format).key  # raises on an unknown format
 
 
 class TunableLowRank(nn.Module):
     """A materialized factorized layer whose LoRA is kept apart and trained:
-    y = up_tᵀ·(down·x) + b + (α/r)·B·A·dropout(x), with down/up_t views of the frozen shared factors."""
+    y = frozen(x) + (α/r)·B·A·dropout(x), with `frozen` the size's factors without the LoRA rows
+    (a LowRankLinear over views of the shared factors, or a QuantLowRankLinear in an int format:
+    the QLoRA-style "ACIP → W4A16 → FT" of the paper's Table A4). The LoRA runs in float32."""
 
-    def __init__(self, down, up_t, bias, lora_A, lora_B, scaling: float, dropout: float):
+    def __init__(self, frozen: nn.Module, lora_A, lora_B, scaling: float, dropout: float):
         super().__init__()
-        self.in_features, self.out_features = down.shape[1], up_t.shape[1]
-        self.down, self.up_t, self.bias = down, up_t, bias  # plain attributes: never trained
+        self.in_features, self.out_features = frozen.in_features, frozen.out_features
+        self.__dict__["frozen"] = frozen  # not a submodule: never trained, never in state_dict
         self.lora_A = nn.Parameter(lora_A.detach().float().clone())  # [r, in]
         self.lora_B = nn.Parameter(lora_B.detach().float().clone())  # [out, r]
         self.scaling = scaling
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        y = F.linear(F.linear(x, self.down), self.up_t.t(), self.bias)
-        return y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
+        y = self.frozen(x)
+        lora = F.linear(F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A), self.lora_B)
+        return y + (lora * self.scaling).to(y.dtype)
 
 
-def tunable_model(any_size: AnySizeModel, size: Size, adapters: dict, lora_alpha: float, dropout: float):
-    """The size as a trainable module tree over the shared tensors; returns (model, {fqn: layer})."""
-    base, factors = any_size._family(Format())  # the float32 family: factors in score order
+def _frozen_factors(any_size: AnySizeModel, name: str, rank: int, fmt: Format, bias) -> nn.Module:
+    """The layer's kept factors after the LoRA rows, in `fmt`. Float formats: views of the family's
+    factors. Int formats: rows lora..kept of the float32 factors quantized on their own (zero rows
+    pad them to the format's rank step); the rows and groups match the family's quantization of
+    the same rows, so the tuned size materialized in `fmt` serves what was trained (with its LoRA
+    rows quantized too: finetune measures that served model)."""
+    lora = any_size.lora_rank
+    if not fmt.quantized:
+        down, up_t = any_size._family(fmt)[1][name]
+        return LowRankLinear(down[lora:lora + rank], up_t[lora:lora + rank], bias)
+    down, up_t = any_size._family(Format())[1][name]
+    keep = fmt.kept_rank(lora + rank, any_size.shapes[name].padded_rank(lora, fmt)) - lora
+    rows = -(-keep // fmt.rank_step) * fmt.rank_step
+    down, up_t = down[lora:lora + keep], up_t[lora:lora + keep]
+    if rows > down.shape[0]:  # zero rows: no effect on the product, whole groups for the kernel
+        pad = rows - down.shape[0]
+        down, up_t = torch.cat([down, down.new_zeros(pad, down.shape[1])]), \
+            torch.cat([up_t, up_t.new_zeros(pad, up_t.shape[1])])
+    return QuantLowRankLinear(fmt.pack(down), fmt.pack(up_t.t().contiguous()), bias)
+
+
+def tunable_model(any_size: AnySizeModel, size: Size, adapters: dict, lora_alpha: float, dropout: float,
+                  fmt: Format | None = None):
+    """The size in `fmt` as a trainable module tree over the shared tensors; returns (model, {fqn: layer})."""
+    fmt = fmt or Format()
+    base, _ = any_size._family(fmt)  # the frozen tree (an int format's dense layers quantized)
     rank = any_size.lora_rank
     if not rank:
         raise ValueError("this artifact has no LoRA adapters to fine-tune")
     swap, layers = {}, {}
     for n in any_size.targets:
         original, r = base.get_submodule(n), int(size.ranks[n])
-        if any_size.shapes[n].runs_dense(r, rank):
+        if any_size.shapes[n].format_bytes(r, rank, fmt)[1]:
             continue  # the original weight, no LoRA (App. D.3)
-        down, up_t = factors[n]
-        layers[n] = TunableLowRank(down[rank:rank + r], up_t[rank:rank + r], original.bias,
-                                   adapters[f"{n}.lora_A"], adapters[f"{n}.lora_B"], lora_alpha / rank, dropout)
+        frozen = _frozen_factors(any_size, n, r, fmt, getattr(original, "bias", None))
+        layers[n] = TunableLowRank(frozen, adapters[f"{n}.lora_A"], adapters[f"{n}.lora_B"],
+                                   lora_alpha / rank, dropout)
         swap[id(original)] = layers[n]
     if not layers:
         raise ValueError(f"no layer is factorized at size {size.size_ratio:.3f} (every one runs its original "
@@ -122,7 +151,7 @@ def run_finetune(artifact_folder: str | Path, size_ratio: float, data: str, out:
     (name -> source; default heldout and domain) are measured untuned and tuned into tuned.json;
     fine-tuning on one of them is refused, since its figures would then not be held out.
     """
-    from .pipeline import RunLock, any_size_from  # (pipeline imports this module lazily too)
+    from .pipeline import RunLock, any_size_from, open_tuned  # (pipeline imports this module lazily)
 
     cfg = cfg or FinetuneConfig()
     out = Path(out)
@@ -146,8 +175,9 @@ def run_finetune(artifact_folder: str | Path, size_ratio: float, data: str, out:
         any_size = any_size_from(parent, base, tokenizer)
         size = any_size.size_for_ratio(size_ratio)
         lora = parent.meta.get("lora", {})
+        fmt = parse_format(cfg.format)
         student, layers = tunable_model(any_size, size, parent.adapters, float(lora.get("alpha", 16.0)),
-                                        cfg.lora_dropout)
+                                        cfg.lora_dropout, fmt)
         teacher = any_size.materialize(any_size.full_size()) if cfg.objective != "lm" else None
         params = {f"{n}.{k}": getattr(l, k) for n, l in layers.items() for k in ("lora_A", "lora_B")}
         if dist:
@@ -162,33 +192,33 @@ def run_finetune(artifact_folder: str | Path, size_ratio: float, data: str, out:
                                    FinetuneHook(cfg.steps), cfg, out, resume, on_step, should_stop,
                                    dist.reducer_of(list(params.values())) if dist else None, writer,
                                    autocast_dtype(cfg.precision, device))
-        if step < cfg.steps:
+        if step < cfg.steps or not writer:
             return None
-        if not writer:
-            return None
-        # what is saved (bf16) is what is measured
-        adapters = {k: p.detach().to(torch.bfloat16).float() for k, p in params.items()}
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(adapters[k])
-        start = time.perf_counter()
-        figures = {}
-        untuned = any_size.materialize(size)
-        for name, source in eval_sets.items():
-            w = token_windows(tokenizer, load_text(source), 256, eval_windows)
-            figures[name] = dict(untuned=_ppl(untuned, w), tuned=_ppl(student, w), windows=len(w))
+        training_rss = peak_rss_mib()  # before measuring opens a second copy of the model
+        adapters = {k: p.detach() for k, p in params.items()}
         meta = dict(
             parent=dict(path=parent_reference(Path(artifact_folder), out), checksum=parent_checksum(parent),
                         source=parent.meta["model"]["source"]),
             size=dict(prefix=size.prefix, size_ratio=round(size.size_ratio, 6), params=size.params,
                       target=float(size_ratio), tuned_layers=len(layers)),
+            format=fmt.key,
             finetune=dict(asdict(cfg), data=data, processes=dist.world_size if dist else 1),
-            result=dict(steps=step, seconds=round(seconds, 1), eval_seconds=round(time.perf_counter() - start, 1),
-                        peak_rss_mib=round(peak_rss_mib())),
-            perplexity=figures,
+            result=dict(steps=step, seconds=round(seconds, 1), peak_rss_mib=round(training_rss)),
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         )
-        save_tuned(out, meta, adapters)
+        start = time.perf_counter()
+        sets = {name: token_windows(tokenizer, load_text(source), 256, eval_windows)
+                for name, source in eval_sets.items()}
+        untuned = any_size.materialize(size, fmt)
+        figures = {name: dict(untuned=_ppl(untuned, w), windows=len(w)) for name, w in sets.items()}
+        del student, teacher, untuned, any_size, layers, params
+        save_tuned(out, meta, adapters)  # (bf16) then measured as every command serves it
+        served, served_size = open_tuned(out)
+        model = served.materialize(served.size_at(served_size.prefix, fmt), fmt)
+        for name, w in sets.items():
+            figures[name]["tuned"] = _ppl(model, w)
+        meta["result"]["eval_seconds"] = round(time.perf_counter() - start, 1)
+        save_tuned(out, dict(meta, perplexity=figures), adapters)
         remove_checkpoint(out)
         return load_tuned(out)
     finally:

@@ -196,7 +196,12 @@ class QWeight:
                        self.q[:, :n])
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., in] -> [..., out] in x's dtype (the compute dtype)."""
+        """x [..., in] -> [..., out] in x's dtype (the compute dtype); differentiable in x."""
+        if x.requires_grad and torch.is_grad_enabled():
+            return _FrozenProduct.apply(x, self)
+        return self._product(x)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)
         if 0 in self.shape:  # a factor of rank 0 (no LoRA, nothing kept)
@@ -221,6 +226,22 @@ class QWeight:
         sz = self.scales.float()  # [k/g, rows, 2]
         scale, zero = sz[..., 0].t()[:, :, None], sz[..., 1].t()[:, :, None]  # [rows, k/g, 1]
         return ((self.q.float().reshape(rows, k // g, g) - 8) * scale + zero).reshape(rows, k)[:out]
+
+
+class _FrozenProduct(torch.autograd.Function):
+    """x·Wᵀ by a frozen QWeight with a gradient for x only: fine-tuning a quantized size (finetune.py)
+    sends gradients through its frozen quantized layers to the LoRAs below them. The low-bit kernels
+    have no backward; ∂L/∂x = ∂L/∂y·W with W dequantized for that product only (never kept)."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.weight = weight
+        return weight._product(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w = ctx.weight.dequantize().to(grad.device, grad.dtype)  # [out, in]
+        return grad @ w, None
 
 
 def quantize_int8(weight: torch.Tensor, dtype=torch.bfloat16) -> QWeight:

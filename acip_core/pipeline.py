@@ -236,8 +236,8 @@ def open_tuned(folder: str | Path):
     model, tokenizer = load_base(parent.meta["model"]["source"])
     adapters = dict(parent.adapters, **{k: v.float() for k, v in tuned.adapters.items()})
     parent.adapters = adapters  # layers dense at this size keep the parent's LoRA, never run
-    parent.meta = dict(parent.meta, tuned=dict(folder=str(folder), **{k: tuned.meta[k] for k in
-                                                                      ("size", "finetune", "perplexity")}))
+    parent.meta = dict(parent.meta, tuned=dict(folder=str(folder), format=tuned.format,
+                                               **{k: tuned.meta.get(k, {}) for k in ("size", "finetune", "perplexity")}))
     any_size = any_size_from(parent, model, tokenizer)
     size = any_size.size_at(int(tuned.meta["size"]["prefix"]))
     if abs(size.size_ratio - tuned.size_ratio) > 1e-4:
@@ -247,9 +247,10 @@ def open_tuned(folder: str | Path):
 
 
 def open_sized(folder: str | Path, size_ratio: float | None = None, budget_gb: float | None = None,
-               fmt="float32", method: str = "acip"):
-    """(model, size) for a command's --artifact and size options. A tuned size's folder brings its
-    own size (the options may be left out, or must name that size); an artifact needs one of them."""
+               fmt=None, method: str = "acip"):
+    """(model, size) for a command's --artifact, size and format options. A tuned size's folder brings
+    its own size (the options may be left out, or must name that size) and its format (the default);
+    an artifact needs a size or a budget, and defaults to float32."""
     from .tuned import is_tuned
 
     if is_tuned(folder):
@@ -259,7 +260,8 @@ def open_sized(folder: str | Path, size_ratio: float | None = None, budget_gb: f
         if budget_gb is not None or (size_ratio is not None and abs(size_ratio - size.size_ratio) > 5e-3):
             raise ValueError(f"{folder} is a tuned size with its own size ({size.size_ratio:.4f}); "
                              "leave out --size-ratio / --budget-gb")
-        return model, model.size_at(size.prefix, fmt) if size.prefix >= 0 else size
+        return model, model.size_at(size.prefix, fmt or model.meta["tuned"]["format"])
+    fmt = fmt or "float32"
     if size_ratio is None and budget_gb is None:
         raise ValueError("give --size-ratio or --budget-gb (only a tuned size's folder has its own size)")
     model, artifact = open_method(folder, method)

@@ -2,8 +2,9 @@
 
 tuned.json holds the format version; the parent artifact (its folder, relative to this one where
 possible, and its checksum); the size (its prefix in the parent's global order, size_ratio, params);
-how it was tuned (objective, steps, data, …); what it measured (perplexity of the untuned and the
-tuned size per eval set, wall time, peak RSS); and the sha256 of adapters.safetensors. That file
+the format its frozen factors were held in while it trained (float32, int8, int4-g32, …: the format
+it is served in by default); how it was tuned (objective, steps, data, …); what it measured
+(perplexity of the untuned and the tuned size per eval set, as served, wall time, peak RSS); and the sha256 of adapters.safetensors. That file
 holds LoRA A/B in bfloat16 for the layers that are factorized at this size (a dense layer runs the
 original weight without LoRA, App. D.3, so it has nothing to tune). The name tuned.json (not
 acip.json) keeps a tuned size from being taken for a whole artifact. Opening one validates its
@@ -23,6 +24,7 @@ import torch
 from safetensors.torch import load, save
 
 from .artifact import ADAPTERS_FILE, Artifact, ArtifactError, _sha, atomic_write_bytes, load_artifact
+from .formats import parse_format
 
 TUNED_FILE = "tuned.json"
 TUNED_FORMAT = 1
@@ -38,6 +40,11 @@ class TunedSize:
     @property
     def size_ratio(self) -> float:
         return float(self.meta["size"]["size_ratio"])
+
+    @property
+    def format(self) -> str:
+        """The format it was tuned in (a Format key; float32 for sizes tuned before formats)."""
+        return str(self.meta.get("format", "float32"))
 
     @property
     def parent_folder(self) -> Path:
@@ -102,6 +109,10 @@ def load_tuned(folder: str | Path) -> TunedSize:
                             f"or files.{ADAPTERS_FILE}") from None
     if prefix < 0 or not 0.0 < ratio <= 1.0 or not reference or not checksum:
         raise ArtifactError(f"{path}: size or parent out of range")
+    try:
+        parse_format(str(meta.get("format", "float32")))
+    except ValueError as err:
+        raise ArtifactError(f"{path}: {err}") from None
     blob_path = folder / ADAPTERS_FILE
     if not blob_path.is_file():
         raise ArtifactError(f"{blob_path} is missing")
@@ -143,7 +154,7 @@ def open_parent(tuned: TunedSize) -> Artifact:
 
 def tuned_sizes(parent_folder: str | Path, extra_folders=()) -> list[dict]:
     """The tuned sizes of an artifact (under <parent>/tuned/, and any of `extra_folders` tuned on
-    it), smallest first: dict(folder, size_ratio, objective, steps, perplexity). For the app's curve."""
+    it), smallest first: dict(folder, size_ratio, format, objective, steps, perplexity). For the app's curve."""
     parent = load_artifact(parent_folder)
     checksum = parent_checksum(parent)
     root = Path(parent_folder) / TUNED_DIR
@@ -157,6 +168,7 @@ def tuned_sizes(parent_folder: str | Path, extra_folders=()) -> list[dict]:
         if tuned.meta["parent"]["checksum"] != checksum:
             continue
         ft = tuned.meta.get("finetune", {})
-        found.append(dict(folder=str(folder), size_ratio=tuned.size_ratio, objective=ft.get("objective"),
+        found.append(dict(folder=str(folder), size_ratio=tuned.size_ratio, format=tuned.format,
+                          objective=ft.get("objective"),
                           steps=ft.get("steps"), perplexity=tuned.meta.get("perplexity", {})))
     return sorted(found, key=lambda d: d["size_ratio"])

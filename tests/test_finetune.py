@@ -100,6 +100,30 @@ def test_the_tuned_size_opens_with_its_own_size_and_its_figures_reproduce(tuned,
         open_sized(tiny_artifact)
 
 
+def test_a_size_tuned_in_int8_trains_over_quantized_factors_and_is_served_in_int8(tiny_artifact, tmp_path):
+    """ACIP → int8 → FT (the paper's Table A4 order): the frozen factors are int8 QWeights while the
+    LoRA trains; the tuned size opens in int8 by default and its recorded figures are the served ones."""
+    from acip_core.data import load_text, token_windows
+    from acip_core.evaluate import perplexity
+    from acip_core.finetune import tunable_model
+    from acip_core.formats import Format, QuantLowRankLinear
+    from acip_core.pipeline import open_method
+
+    any_size, artifact = open_method(tiny_artifact)
+    _, layers = tunable_model(any_size, any_size.size_for_ratio(SIZE), artifact.adapters, 8.0, 0.0, Format("int8"))
+    assert layers and all(isinstance(l.frozen, QuantLowRankLinear) for l in layers.values())
+    out = tmp_path / "q8"
+    t = run_finetune(tiny_artifact, SIZE, "corpus:train", out, _cfg(format="int8"), eval_sets=EVAL, eval_windows=4)
+    assert t.format == "int8" and t.meta["finetune"]["format"] == "int8"
+    fig = t.meta["perplexity"]["heldout"]
+    assert fig["tuned"]["perplexity"] < fig["untuned"]["perplexity"]
+    model, size = open_sized(out)
+    assert size.format.key == "int8"
+    w = token_windows(model.tokenizer, load_text("corpus:heldout"), 256, 4)
+    assert perplexity(model.materialize(size, size.format), w)["perplexity"] == \
+        pytest.approx(fig["tuned"]["perplexity"], rel=1e-4)
+    assert open_sized(out, fmt="float32")[1].format.key == "float32"  # any format may still be asked for
+
 def test_resume_after_an_interruption_equals_the_uninterrupted_run(tiny_artifact, tmp_path):
     cfg = _cfg(objective="kd", temperature=2.0, lora_dropout=0.1)
     full = run_finetune(tiny_artifact, SIZE, "corpus:train", tmp_path / "full", cfg, eval_sets={})

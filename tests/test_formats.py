@@ -51,6 +51,21 @@ def test_round_trip_error_bounds(shape):
 
 
 @pytest.mark.parametrize("name", ["int8", "int4"])
+def test_the_product_by_a_frozen_quantized_weight_passes_the_oracles_gradient(name):
+    """Fine-tuning a quantized size trains LoRAs below frozen quantized layers: x must get ∂L/∂x."""
+    g = torch.Generator().manual_seed(2)
+    w, x = torch.randn(80, 128, generator=g), torch.randn(2, 7, 128, generator=g)
+    q, upstream = Format(name).pack(w), torch.randn(2, 7, 80, generator=g)
+    xq = x.bfloat16().requires_grad_()
+    (q.matmul(xq).float() * upstream).sum().backward()
+    xr = x.bfloat16().float().requires_grad_()
+    ((xr @ q.dequantize().t()) * upstream).sum().backward()
+    assert xq.grad.dtype == torch.bfloat16 and xq.grad.shape == x.shape
+    assert (xq.grad.float() - xr.grad).abs().max() <= 0.02 * xr.grad.abs().max()
+    with torch.no_grad():  # no autograd node when nothing needs a gradient
+        assert q.matmul(xq).grad_fn is None
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
 def test_kernel_matches_dequantized_oracle(name):
     g = torch.Generator().manual_seed(1)
     w, x = torch.randn(80, 128, generator=g), torch.randn(3, 5, 128, generator=g)
