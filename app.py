@@ -86,6 +86,14 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
                         budget_md = gr.Markdown(elem_id="budget-text")
                         summary = gr.Dataframe(label="this size", interactive=False, wrap=True, headers=["", "this size"],
                                                column_widths=["48%", "52%"], elem_id="summary")
+                        with gr.Accordion("Recover this size: fine-tune it", open=False, elem_id="finetune"):
+                            gr.Markdown(text.FINETUNE_HELP)
+                            with gr.Row(equal_height=True):
+                                ft_objective = gr.Radio(["kd", "lm+kd", "lm"], value="kd", label="objective",
+                                                        elem_id="ft-objective")
+                                ft_steps = gr.Number(value=60, precision=0, minimum=1, label="steps",
+                                                     elem_id="ft-steps")
+                                ft_start = gr.Button("fine-tune this size", elem_id="ft-start")
                 with gr.Row():
                     with gr.Column(scale=1):
                         heatmap = gr.Plot(label="kept rank per layer", show_label=False, elem_id="heatmap")
@@ -200,13 +208,16 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
                   show_progress="minimal").then(lambda f: gr.update(choices=h.app.artifacts(), value=f),
                                                 artifact, artifact_b, api_name=False)
         demo.load(lambda: gr.update(choices=[r["name"] for r in h.app.jobs.list()]), None, runs, api_name="runs")
-        artifact.input(h.artifact, [artifact, ratio, x_axis, dtype], [status, metric] + explore_out,
+        artifact.input(h.artifact, [artifact, ratio, x_axis, dtype], [status, metric, ratio, dtype] + explore_out,
                        api_name="artifact")
         # one selected size: every change of the slider (drag, keys, typed, budget) redraws everything
         gr.on([ratio.change, x_axis.input, dtype.change, metric.input], h.on_size, view, explore_out,
               api_name="size", concurrency_limit=4, trigger_mode="always_last", show_progress="hidden")
         gr.on([fit.click, budget.submit], h.budget, [artifact, budget], [ratio, dtype, budget_md, fitted],
               api_name="budget")
+
+        ft_start.click(h.finetune_start, [artifact, ratio, dtype, ft_objective, ft_steps, token], runs,
+                       api_name="finetune_start")
 
         chat_inputs = [artifact, ratio, artifact_b, ratio_b, side_by_side, message, chat_a, chat_b, max_new,
                        penalty, dtype]

@@ -19,7 +19,7 @@ from acip_core import plots, public, studio as text
 from acip_core.curve import curve_at, eval_set_label, ppl_columns, suggested_ratio
 from acip_core.data import DEFAULT_DATA
 from acip_core.evaluate import Cancelled
-from acip_core.explorer import Explorer, check_history, clean_prompt, message_text
+from acip_core.explorer import DTYPE_CHOICES, Explorer, check_history, clean_prompt, message_text
 from acip_core.models import EMBEDDED
 from acip_core.studio import Studio
 
@@ -123,14 +123,20 @@ class Handlers:
 
     @ui_errors
     def artifact(self, folder, ratio, x_axis, dtype, progress=gr.Progress()):
+        """Another artifact (or tuned size: the slider and format move to the size it was tuned at)."""
         for line in self._loading(folder, progress):
-            yield (line,) + (gr.skip(),) * 7
+            yield (line,) + (gr.skip(),) * 9
         try:
             ex = self.explorer(folder)
         except RuntimeError as err:
-            yield (f"**{err}** Pick another artifact.",) + (gr.skip(),) * 7
+            yield (f"**{err}** Pick another artifact.",) + (gr.skip(),) * 9
             return
-        yield (text.describe_text(ex.describe()), self._metric_update(ex)) + \
+        moved = (gr.skip(), gr.skip())
+        if ex.tuned:
+            ratio = ex.tuned["target"]
+            dtype = ex.tuned["format"] if ex.tuned["format"] in DTYPE_CHOICES else dtype
+            moved = (ratio, dtype)
+        yield (text.describe_text(ex.describe()), self._metric_update(ex)) + moved + \
             self.size(folder, ratio, x_axis, dtype, None, None)
 
     def size(self, folder, ratio, x_axis, dtype, metric, results, fitted=None):
@@ -151,7 +157,7 @@ class Handlers:
         metric = metric if metric in ppl_columns(ex.curve) else None
         return plots.curve_figure(ex.curve, X_AXES.get(x_axis, "size_ratio"), dtype, metric, summary,
                                   pd.DataFrame([r for r in results or [] if r.get("artifact") == ex.name]),
-                                  title=f"{ex.name}: perplexity vs size")
+                                  title=f"{ex.name}: perplexity vs size", tuned=ex.tuned_sizes(self.app.jobs.tuned()))
 
     @ui_errors
     def on_size(self, folder, ratio, x_axis, dtype, metric, results, fitted):
@@ -314,8 +320,10 @@ class Handlers:
         line = f"**{run}**: {status['state']}: {public.md_escape(status['message'])}"  # visitors' strings: text
         if status["eta_s"] is not None:
             line += f" ETA ≤ {status['eta_s'] / 60:.1f} min"
-            line += (" (post-tuning the LoRA: a fixed number of steps)." if status.get("phase") == "post_tune"
-                     else " (scoring stops earlier when the stop ratio is reached; post-tuning follows).")
+            line += {"post_tune": " (post-tuning the LoRA: a fixed number of steps).",
+                     "finetune": " (fine-tuning a size: a fixed number of steps; then measuring).",
+                     }.get(status.get("phase"), " (scoring stops earlier when the stop ratio is reached; "
+                                                "post-tuning follows).")
         if status["state"] in ("cancelled", "failed"):
             line += "  \n" + self.resume_note(run)
         if status["state"] == "failed":
@@ -342,6 +350,24 @@ class Handlers:
                             owner=_who(token, request))
         fig, line = self.run_view(name)
         return self.runs_frame(), gr.update(choices=[r["name"] for r in self.app.jobs.list()], value=name), fig, line
+
+    @ui_errors
+    def finetune_start(self, folder, ratio, dtype, objective, steps, token=None, request: gr.Request = None):
+        """Explore's "fine-tune this size": a background fine-tuning run of the selected size and format
+        (the Score tab follows it; the tuned size joins the artifact list and the curve when done)."""
+        public.check_may_score(token)
+        ex = self.explorer(folder)
+        if ex.tuned:
+            raise gr.Error("This is already a tuned size: pick its artifact to fine-tune another size.")
+        size = ex.size(ratio)
+        if size.size_ratio >= 0.999:
+            raise gr.Error("The original (size 1.0) has nothing to recover: pick a smaller size first.")
+        name = time.strftime(f"ft-{size.size_ratio:.2f}-{objective}-%Y%m%d-%H%M%S").replace("+", "")
+        self.app.jobs.start_finetune(name, str(folder), float(ratio), objective=objective, steps=int(steps),
+                                     format=dtype, owner=_who(token, request))
+        gr.Info(f"Fine-tuning size {size.size_ratio:.3f} in {dtype} ({objective}, {int(steps)} steps) as run "
+                f"{name}: follow it in the Score tab. When done, it is listed as an artifact and on the curve.")
+        return gr.update(choices=[r["name"] for r in self.app.jobs.list()], value=name)
 
     @ui_errors
     def score_cancel(self, run, token=None, request: gr.Request = None):

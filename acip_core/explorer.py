@@ -233,6 +233,8 @@ class Explorer:
         self._windows: dict = {}
         self._cache_size = cache_size
         self._lock = threading.RLock()
+        self.tuned = None  # a tuned size's Explorer: dict(size_ratio, format) of the size it was tuned at
+        self.parent_folder = self.folder  # the artifact whose tuned sizes are shown on the curve
 
     @classmethod
     def open(cls, folder: str | Path, on_progress=None, cache_size: int = 4) -> "Explorer":
@@ -240,10 +242,33 @@ class Explorer:
         from .models import load_base
         from .pipeline import any_size_from
 
+        from .tuned import is_tuned
+
+        if is_tuned(folder):  # a tuned size: its parent's any-size model carrying the tuned LoRA
+            return cls.open_tuned(folder, cache_size)
         artifact = load_artifact(folder)
         model, tokenizer = load_base(artifact.meta["model"]["source"])
         any_size = any_size_from(artifact, model, tokenizer, on_progress)
         return cls(any_size, artifact.curve, Path(folder).name, folder, cache_size)
+
+    @classmethod
+    def open_tuned(cls, folder: str | Path, cache_size: int = 4) -> "Explorer":
+        """A tuned size's folder (tuned.py). Every size can be materialized with its tuned LoRA, but it
+        was trained and measured at its own size only; the curve shown is the parent's."""
+        from .pipeline import open_tuned
+        from .registry import tuned_label
+        from .tuned import load_tuned
+
+        any_size, size = open_tuned(folder)
+        tuned = load_tuned(folder)
+        parent = tuned.parent_folder
+        ex = cls(any_size, load_artifact(parent).curve, tuned_label(parent.name, dict(
+            size_ratio=size.size_ratio, format=tuned.format, objective=tuned.meta.get("finetune", {}).get("objective"),
+            steps=tuned.meta.get("finetune", {}).get("steps"))), folder, cache_size)
+        ex.tuned = dict(size_ratio=size.size_ratio, target=float(tuned.meta["size"].get("target", size.size_ratio)),
+                        format=tuned.format)
+        ex.parent_folder = parent
+        return ex
 
     # -- sizes --------------------------------------------------------------------------------
     def size(self, ratio) -> Size:
@@ -575,7 +600,19 @@ class Explorer:
                     target_layers=len(self.any_size.targets),
                     basis=meta.get("basis", {}).get("recipe", {}).get("kind"),
                     steps=result.get("steps"), stopped_at=result.get("size_ratio_reached"),
-                    smallest_measured=smallest_measured(self.curve))
+                    smallest_measured=smallest_measured(self.curve), tuned=self.tuned)
+
+    def tuned_sizes(self, extra=()) -> list[dict]:
+        """The tuned sizes of this artifact (or of a tuned size's parent): tuned.tuned_sizes."""
+        from .tuned import tuned_sizes
+
+        if self.parent_folder is None or not (Path(self.parent_folder) / "acip.json").is_file():
+            return []
+        found = tuned_sizes(self.parent_folder, extra)
+        for t in found:  # GB in the format it was tuned in (the GB view's x)
+            t["gb"] = self.any_size.size_at(self.any_size.size_for_ratio(t["size_ratio"]).prefix,
+                                            t["format"]).gigabytes
+        return found
 
     def fit_budget_every_dtype(self, gigabytes) -> list[dict]:
         """size_for_budget in every format the app offers, each with the curve's perplexity at its

@@ -150,6 +150,7 @@ class ScoringJobs:
         `options` are further FinetuneConfig fields. The same status/cancel/resume/owner rules and
         public-mode bounds as scoring runs; a refused start leaves no folder."""
         from .finetune import FinetuneConfig
+        from .formats import parse_format
         from .tuned import is_tuned
 
         lim = public.limits()
@@ -167,6 +168,11 @@ class ScoringJobs:
         args = ["-m", "acip_core", "-v", "finetune", "--artifact", artifact, "--size-ratio", str(float(size_ratio)),
                 "--data", data, "--out", str(folder)]
         for key, value in vars(cfg).items():
+            if key == "format":  # the CLI's format flags: --format NAME [--group-size G] [--embeddings E]
+                fmt = parse_format(value)
+                args += ["--format", fmt.name, "--embeddings", fmt.embeddings]
+                args += ["--group-size", str(fmt.group_size)] if fmt.name == "int4" else []
+                continue
             args += ["--" + key.replace("_", "-"), str(value)]
         with self._lock:
             self._check_slot()

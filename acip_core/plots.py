@@ -11,7 +11,8 @@ from plotly.subplots import make_subplots
 
 from .curve import eval_set_label, interp_log, ppl_columns  # noqa: F401  (ppl_columns: re-exported)
 
-COLORS = {"acip": "#4f46e5", "original": "#6b7280", "measured": "#f97316", "current": "#dc2626"}
+COLORS = {"acip": "#4f46e5", "original": "#6b7280", "measured": "#f97316", "current": "#dc2626",
+          "tuned": "#059669"}
 _PALETTE = ["#0891b2", "#16a34a", "#ca8a04", "#9333ea", "#db2777", "#475569"]
 _LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=20, t=50, b=50),
                legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="left", x=0))
@@ -45,7 +46,7 @@ def _format_style(key: str, i: int) -> dict:
 
 def curve_figure(curve: pd.DataFrame | None, x: str = "size_ratio", dtype: str = "float32",
                  metric: str | None = None, current: dict | None = None,
-                 measured: pd.DataFrame | None = None, title: str = "") -> go.Figure:
+                 measured: pd.DataFrame | None = None, title: str = "", tuned: list | None = None) -> go.Figure:
     """Perplexity (log y) vs size ratio or GB.
 
     Size-ratio view: one line per method in the selected format `dtype` (a Format key; baselines in the
@@ -60,6 +61,8 @@ def curve_figure(curve: pd.DataFrame | None, x: str = "size_ratio", dtype: str =
         metric: which ppl_<evalset> column (default: the first).
         current: a summary dict (size_ratio, gb) of the selected size in the selected format.
         measured: the results table (kind, size_ratio, gb, data, perplexity).
+        tuned: tuned sizes (Explorer.tuned_sizes: size_ratio, gb, format, objective, steps, perplexity
+            per eval set, untuned and tuned), drawn as their own markers beside the untuned line.
     """
     from .curve import curve_frame, pareto_frontier
 
@@ -154,6 +157,7 @@ def curve_figure(curve: pd.DataFrame | None, x: str = "size_ratio", dtype: str =
                 customdata=np.stack([rows.size_ratio, rows.windows, rows.dtype], axis=-1),
                 hovertemplate="measured at %{customdata[0]:.3f} (%{customdata[2]})<br>"
                               "perplexity %{y:.4g}<br>%{customdata[1]} windows<extra></extra>"))
+    _tuned_markers(fig, tuned or [], x, metric)
     # the title above the legend (both on top: a legend at y=1 alone would cover the title)
     fig.update_layout(**_LAYOUT, height=460, title=dict(text=title, x=0.01, y=0.97, yanchor="top",
                                                         font=dict(size=14)))
@@ -161,6 +165,27 @@ def curve_figure(curve: pd.DataFrame | None, x: str = "size_ratio", dtype: str =
     if x == "size_ratio":
         fig.update_xaxes(range=[-0.02, 1.04])
     return fig
+
+
+def _tuned_markers(fig: go.Figure, tuned: list[dict], x: str, metric: str | None) -> None:
+    """Tuned sizes at their size (or GB in their format): the tuned perplexity, and a thin line down
+    from the same size untuned (both measured by finetune on the same windows)."""
+    name = (metric or "ppl_heldout")[4:]  # (no curve yet: the held-out figures)
+    points = [t for t in tuned if isinstance(t.get("perplexity", {}).get(name), dict)]
+    for t in points:
+        fig_x = t["size_ratio"] if x == "size_ratio" else t["gb"]
+        before, after = t["perplexity"][name]["untuned"]["perplexity"], t["perplexity"][name]["tuned"]["perplexity"]
+        fig.add_trace(go.Scatter(x=[fig_x, fig_x], y=[before, after], mode="lines", showlegend=False,
+                                 line=dict(color=COLORS["tuned"], width=1.5, dash="dot"), hoverinfo="skip"))
+    if points:
+        fig.add_trace(go.Scatter(
+            x=[t["size_ratio"] if x == "size_ratio" else t["gb"] for t in points],
+            y=[t["perplexity"][name]["tuned"]["perplexity"] for t in points], mode="markers", name="tuned sizes",
+            marker=dict(color=COLORS["tuned"], size=13, symbol="triangle-down", line=dict(color="white", width=1)),
+            customdata=[[t["size_ratio"], t["format"], t["objective"], t["steps"],
+                         t["perplexity"][name]["untuned"]["perplexity"]] for t in points],
+            hovertemplate="tuned at %{customdata[0]:.3f} in %{customdata[1]} (%{customdata[2]}, %{customdata[3]} "
+                          "steps)<br>perplexity %{y:.4g} (untuned %{customdata[4]:.4g})<extra></extra>"))
 
 
 def log_ticks(lo: float, hi: float) -> dict:
@@ -200,9 +225,18 @@ def heatmap_figure(heat: dict, title: str = "") -> go.Figure:
 
 
 def run_figure(history: pd.DataFrame, stop_ratio: float | None = None, title: str = "") -> go.Figure:
-    """A scoring run's loss (and NLL), λ (log) and size ratio vs step."""
+    """A scoring run's loss (and NLL), λ (log) and size ratio vs step; a fine-tuning run's loss, NLL
+    and distillation term (it has no λ and no size schedule)."""
     if history is None or not len(history):
         return empty_figure("no steps logged yet")
+    if "reg_weight" not in history:  # a fine-tuning run
+        fig = go.Figure()
+        for col, name, color in (("loss", "loss", "#4f46e5"), ("nll", "NLL", "#0891b2"), ("kd", "KD (KL)", "#059669")):
+            if col in history and history[col].notna().any():
+                fig.add_trace(go.Scatter(x=history.step, y=history[col], name=name, line=dict(color=color)))
+        fig.update_layout(**_LAYOUT, height=380, title=dict(text=title, x=0.01, font=dict(size=14)),
+                          xaxis_title="step", yaxis_title="loss")
+        return fig
     fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.06,
                         subplot_titles=("loss", "λ (L1 weight)", "size ratio"))
     fig.add_trace(go.Scatter(x=history.step, y=history.loss, name="loss", line=dict(color="#4f46e5")), 1, 1)

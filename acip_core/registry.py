@@ -20,9 +20,11 @@ log = logging.getLogger(__name__)
 
 
 def find_artifacts(folders=(), precomputed: str | Path | None = None, runs: list | tuple = (),
-                   runs_root: str | Path | None = None) -> list[tuple[str, str]]:
+                   runs_root: str | Path | None = None, tuned: list | tuple = ()) -> list[tuple[str, str]]:
     """(label, folder) of every folder holding an acip.json: `folders` first, then every child of
-    `precomputed`, then `runs` (finished scoring runs under `runs_root`). Duplicates are dropped."""
+    `precomputed`, then `runs` (finished scoring runs under `runs_root`). Each artifact is followed
+    by its tuned sizes (its tuned/ folder, and those of `tuned`, finished fine-tuning runs, whose
+    parent it is). Duplicates are dropped."""
     found = [Path(p) for p in folders]
     if precomputed is not None and Path(precomputed).is_dir():
         found += sorted(p for p in Path(precomputed).iterdir() if p.is_dir())
@@ -42,7 +44,29 @@ def find_artifacts(folders=(), precomputed: str | Path | None = None, runs: list
         where = "run" if runs_root is not None and folder.resolve().parent == runs_root \
             else folder.parent.name or "folder"
         choices.append((f"{folder.name} ({where})", str(folder)))
+        choices += _tuned_choices(folder, tuned, seen)
     return choices
+
+
+def _tuned_choices(parent: Path, extra, seen: set) -> list[tuple[str, str]]:
+    from .tuned import tuned_sizes
+
+    try:
+        found = tuned_sizes(parent, extra)
+    except Exception:  # a parent that cannot be read lists no tuned sizes (it is refused on opening)
+        return []
+    out = []
+    for t in found:
+        key = str(Path(t["folder"]).resolve())
+        if key not in seen:
+            seen.add(key)
+            out.append((tuned_label(parent.name, t), t["folder"]))
+    return out
+
+
+def tuned_label(parent_name: str, t: dict) -> str:
+    """How a tuned size is named in the app: its parent, size, format and how it was tuned."""
+    return f"{parent_name} · tuned {t['size_ratio']:.2f} {t['format']} ({t['objective']}, {t['steps']} steps)"
 
 
 @dataclass

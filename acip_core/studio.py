@@ -88,7 +88,7 @@ class Studio:
         """(label, folder) of every usable artifact: extra dirs, the default, precomputed/*, runs."""
         c = self.config
         return find_artifacts([*map(str, c.artifact_dirs), c.default_artifact], c.precomputed,
-                              self.jobs.artifacts(), self.jobs.root)
+                              self.jobs.artifacts(), self.jobs.root, self.jobs.tuned())
 
     def default_artifact(self) -> tuple[str | None, str]:
         """The artifact to show first, and a note when it is not the requested one."""
@@ -179,14 +179,28 @@ def gigabytes(gb: float) -> str:
     return f"{gb:.3f} GB" if abs(gb) >= 0.01 else f"{gb * 1000:.1f} MB"
 
 
+FINETUNE_HELP = (
+    "Trains the LoRA of the selected size (its factors frozen, in the selected format) to win back "
+    "quality, as a background run you follow in the **Score** tab. **kd** distills the original model's "
+    "next-token distribution (it is the full size of the same model: no second download); **lm** learns "
+    "the next tokens of the calibration text; **lm+kd** both. About 10 s per step on 2 CPU cores for "
+    "the embedded model (benchmarks/RESULTS.md). The tuned size then appears in the artifact list and as "
+    "a ▼ on the curve.")
+
+
 def describe_text(info: dict) -> str:
     """The status line of a loaded artifact (Explorer.describe())."""
     from .public import md_escape  # an artifact's fields may come from a visitor's run: shown as text
 
     info = {k: md_escape(str(v)) if isinstance(v, str) else v for k, v in info.items()}
-    return (f"**{info['name']}**: {info['model']} ({info['architecture']}), {info['target_layers']} "
+    line = (f"**{info['name']}**: {info['model']} ({info['architecture']}), {info['target_layers']} "
             f"compressed layers, {info['basis']} basis, scored for {info['steps']} steps down to size "
             f"{info['stopped_at']}. Ready.")
+    if info.get("tuned"):
+        t = info["tuned"]
+        line += (f" A **tuned size**: its LoRA was fine-tuned at size {t['size_ratio']:.3f} in {t['format']}, "
+                 "where the slider is set; other sizes use the same LoRA but were not tuned for it.")
+    return line
 
 
 def below_range_note(size_ratio: float, smallest: float | None) -> str:

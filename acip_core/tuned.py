@@ -48,19 +48,26 @@ class TunedSize:
 
     @property
     def parent_folder(self) -> Path:
-        return (self.path / self.meta["parent"]["path"]).resolve()
+        """The recorded parent; for a size copied into an artifact's tuned/ folder (how sizes are
+        shipped), the artifact it sits in. Either way check_parent verifies the checksum."""
+        recorded = (self.path / self.meta["parent"]["path"]).resolve()
+        home = self.path.resolve().parent
+        if not (recorded / "acip.json").is_file() and home.name == TUNED_DIR and (home.parent / "acip.json").is_file():
+            return home.parent
+        return recorded
 
 
 def is_tuned(folder: str | Path) -> bool:
     return (Path(folder) / TUNED_FILE).is_file()
 
 
-def parent_checksum(artifact: Artifact) -> str:
-    """What a tuned size depends on: the base weights, basis, score map and scoring LoRA of its parent.
+def parent_checksum(artifact: "Artifact | dict") -> str:
+    """What a tuned size depends on: the base weights, basis, score map and scoring LoRA of its parent
+    (an Artifact, or its acip.json as a dict: the digests are in it, no tensor file is read).
 
     (Not acip.json's own hash: re-measuring the parent's curve rewrites acip.json, not the factors.)
     """
-    m = artifact.meta
+    m = artifact if isinstance(artifact, dict) else artifact.meta
     key = dict(model=m["model"].get("fingerprint"), basis=m["basis"], lora=m.get("lora"),
                scores=m["files"].get("scores.safetensors"), adapters=m["files"].get(ADAPTERS_FILE))
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
@@ -154,21 +161,22 @@ def open_parent(tuned: TunedSize) -> Artifact:
 
 def tuned_sizes(parent_folder: str | Path, extra_folders=()) -> list[dict]:
     """The tuned sizes of an artifact (under <parent>/tuned/, and any of `extra_folders` tuned on
-    it), smallest first: dict(folder, size_ratio, format, objective, steps, perplexity). For the app's curve."""
-    parent = load_artifact(parent_folder)
-    checksum = parent_checksum(parent)
+    it), smallest first: dict(folder, size_ratio, format, objective, steps, perplexity). For the app's
+    lists and curve, called on every refresh: reads the JSON files only (opening a tuned size
+    validates everything, load_tuned and check_parent)."""
+    checksum = parent_checksum(json.loads((Path(parent_folder) / "acip.json").read_text(encoding="utf-8")))
     root = Path(parent_folder) / TUNED_DIR
     candidates = sorted(root.iterdir()) if root.is_dir() else []
     found = []
     for folder in list(candidates) + [Path(f) for f in extra_folders]:
         try:
-            tuned = load_tuned(folder)
-        except ArtifactError:
+            meta = json.loads((folder / TUNED_FILE).read_text(encoding="utf-8"))
+            if meta["parent"]["checksum"] != checksum:
+                continue
+            ft = meta.get("finetune", {})
+            found.append(dict(folder=str(folder), size_ratio=float(meta["size"]["size_ratio"]),
+                              format=str(meta.get("format", "float32")), objective=str(ft.get("objective")),
+                              steps=ft.get("steps"), perplexity=meta.get("perplexity", {})))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue  # not a tuned size (or a broken one): listing never fails on it
-        if tuned.meta["parent"]["checksum"] != checksum:
-            continue
-        ft = tuned.meta.get("finetune", {})
-        found.append(dict(folder=str(folder), size_ratio=tuned.size_ratio, format=tuned.format,
-                          objective=ft.get("objective"),
-                          steps=ft.get("steps"), perplexity=tuned.meta.get("perplexity", {})))
     return sorted(found, key=lambda d: d["size_ratio"])

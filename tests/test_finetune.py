@@ -222,7 +222,7 @@ def test_a_finetune_runs_as_a_background_job(tiny_artifact, tmp_path):
     with pytest.raises(ValueError, match="not an artifact"):
         jobs.start_finetune("x", str(tmp_path), SIZE)
     jobs.start_finetune("ft", str(tiny_artifact), SIZE, objective="kd", steps=4, batch_size=2, seq_len=32,
-                        precision="fp32")
+                        precision="fp32", format="int8")  # the format travels as the CLI's flags
     deadline = time.time() + 600
     while time.time() < deadline and jobs.status("ft")["state"] in ("starting", "running", "evaluating"):
         time.sleep(0.5)
@@ -230,6 +230,7 @@ def test_a_finetune_runs_as_a_background_job(tiny_artifact, tmp_path):
     assert status["state"] == "finished", jobs.output_tail("ft")
     assert jobs.tuned() == [tmp_path / "runs" / "ft"] and jobs.artifacts() == []
     assert list(jobs.history("ft").phase)[-1] == "done"
+    assert json.loads((tmp_path / "runs" / "ft" / TUNED_FILE).read_text())["format"] == "int8"
 
 
 def test_finetune_under_torchrun_equals_a_single_process(tuned, tiny_artifact, tmp_path):
@@ -248,3 +249,39 @@ def test_finetune_under_torchrun_equals_a_single_process(tuned, tiny_artifact, t
     assert set(ta) == set(tb)
     for k in ta:  # bf16 files: equal up to a rounding step where fp reduction orders differ
         torch.testing.assert_close(ta[k].float(), tb[k].float(), atol=1e-2, rtol=1e-2)
+
+
+def test_the_app_lists_opens_draws_and_starts_tuned_sizes(tuned, tiny_artifact, tmp_path, monkeypatch):
+    """A parent's tuned/ sizes are in the artifact list, open at their own size and format, are drawn
+    on the parent's curve as their own markers, and "fine-tune this size" starts one in the background."""
+    import gradio as gr
+
+    import app
+    from acip_core.studio import StudioConfig
+
+    parent = tmp_path / "art"
+    shutil.copytree(tiny_artifact, parent)
+    shutil.copytree(tuned, parent / "tuned" / str(SIZE))
+    fresh = json.loads((tuned / TUNED_FILE).read_text())
+    (parent / "tuned" / "junk").mkdir()  # not a tuned size: never listed, never an error
+    demo = app.build_demo(StudioConfig(default_artifact=str(parent), precomputed=tmp_path / "none",
+                                       runs=tmp_path / "runs", artifact_dirs=[str(parent)],
+                                       downloads=tmp_path / "downloads"))
+    h = demo.handlers
+    choices = dict((f, label) for label, f in h.app.artifacts())
+    folder = str(parent / "tuned" / str(SIZE))
+    assert list(choices) == [str(parent), folder] and "tuned 0.35" in choices[folder] and "lm+kd" in choices[folder]
+    updates = list(h.artifact(folder, 1.0, "size ratio", "bfloat16", progress=None))
+    status, _, ratio, dtype = updates[-1][:4]
+    assert ratio == pytest.approx(fresh["size"]["target"]) and dtype == "float32" and "tuned size" in status
+    curve = updates[-1][7]
+    marker = [t for t in curve.data if t.name == "tuned sizes"]
+    assert marker and marker[0].y[0] == pytest.approx(fresh["perplexity"]["heldout"]["tuned"]["perplexity"])
+    # the parent's curve shows it too; the slider of the parent stays where the user put it
+    parent_curve = list(h.artifact(str(parent), 0.5, "size ratio", "float32", progress=None))[-1]
+    assert parent_curve[2] == gr.skip() and [t for t in parent_curve[7].data if t.name == "tuned sizes"]
+    monkeypatch.setattr(h.app.jobs, "start_finetune", lambda *a, **k: started.append((a, k)))
+    started = []
+    h.finetune_start(str(parent), SIZE, "int8", "kd", 3)
+    (name, art, ratio), kw = started[0]
+    assert art == str(parent) and ratio == SIZE and kw["format"] == "int8" and kw["steps"] == 3 and name.startswith("ft-")
