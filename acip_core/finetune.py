@@ -30,7 +30,7 @@ from .layers import LowRankLinear
 from .materialize import AnySizeModel, Size, _clone_tree
 from .models import load_base
 from .score import autocast_dtype
-from .train import OBJECTIVES, StepHook, objective, remove_checkpoint, train_loop
+from .train import LOG_FILE, OBJECTIVES, StepHook, objective, remove_checkpoint, train_loop
 from .tuned import TUNED_FILE, TunedSize, load_tuned, parent_checksum, parent_reference, save_tuned
 
 log = logging.getLogger(__name__)
@@ -87,12 +87,32 @@ class TunableLowRank(nn.Module):
         return y + (lora * self.scaling).to(y.dtype)
 
 
+class InFloat32(nn.Module):
+    """A frozen quantized module inside a float32 model: its kernel takes bf16 activations (formats.py),
+    everything around it runs in float32 (a bf16 GEMM, the LM head's or attention's, is 10-70x slower
+    on CPUs without bf16 instructions: benchmarks/RESULTS.md "Fine-tuning a chosen size")."""
+
+    def __init__(self, inner: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.__dict__["inner"] = inner  # not a submodule: shared with the format's family, frozen
+        self.dtype = dtype
+        for k in ("in_features", "out_features", "num_embeddings", "embedding_dim", "padding_idx"):
+            if hasattr(inner, k):
+                setattr(self, k, getattr(inner, k))
+
+    @property
+    def weight(self):  # transformers reads .weight.dtype/.device of the embeddings
+        return getattr(self.inner, "weight", None)
+
+    def forward(self, x):
+        return self.inner(x.to(self.dtype) if x.is_floating_point() else x).float()
+
+
 def _frozen_factors(any_size: AnySizeModel, name: str, rank: int, fmt: Format, bias) -> nn.Module:
     """The layer's kept factors after the LoRA rows, in `fmt`. Float formats: views of the family's
     factors. Int formats: rows lora..kept of the float32 factors quantized on their own (zero rows
-    pad them to the format's rank step); the rows and groups match the family's quantization of
-    the same rows, so the tuned size materialized in `fmt` serves what was trained (with its LoRA
-    rows quantized too: finetune measures that served model)."""
+    pad them to the format's rank step). The served size (the family's quantization of all kept rows,
+    the tuned LoRA's rows with them) is close to this but not equal: finetune measures the served one."""
     lora = any_size.lora_rank
     if not fmt.quantized:
         down, up_t = any_size._family(fmt)[1][name]
@@ -105,14 +125,20 @@ def _frozen_factors(any_size: AnySizeModel, name: str, rank: int, fmt: Format, b
         pad = rows - down.shape[0]
         down, up_t = torch.cat([down, down.new_zeros(pad, down.shape[1])]), \
             torch.cat([up_t, up_t.new_zeros(pad, up_t.shape[1])])
-    return QuantLowRankLinear(fmt.pack(down), fmt.pack(up_t.t().contiguous()), bias)
+    bias = None if bias is None else bias.detach().to(fmt.compute_dtype)
+    return InFloat32(QuantLowRankLinear(fmt.pack(down), fmt.pack(up_t.t().contiguous()), bias), fmt.compute_dtype)
 
 
 def tunable_model(any_size: AnySizeModel, size: Size, adapters: dict, lora_alpha: float, dropout: float,
                   fmt: Format | None = None):
-    """The size in `fmt` as a trainable module tree over the shared tensors; returns (model, {fqn: layer})."""
+    """The size in `fmt` as a trainable module tree over the shared tensors; returns (model, {fqn: layer}).
+
+    Float formats: the format's family tree. Int formats: the float32 tree with every weight of the
+    format quantized (dense layers and, with +emb8, the embedding / LM head: the format family's
+    modules; factors: _frozen_factors) and run by its kernel; activations stay float32 (InFloat32)."""
     fmt = fmt or Format()
-    base, _ = any_size._family(fmt)  # the frozen tree (an int format's dense layers quantized)
+    base, _ = any_size._family(Format() if fmt.quantized else fmt)
+    qbase = any_size._family(fmt)[0] if fmt.quantized else None
     rank = any_size.lora_rank
     if not rank:
         raise ValueError("this artifact has no LoRA adapters to fine-tune")
@@ -120,7 +146,9 @@ def tunable_model(any_size: AnySizeModel, size: Size, adapters: dict, lora_alpha
     for n in any_size.targets:
         original, r = base.get_submodule(n), int(size.ranks[n])
         if any_size.shapes[n].format_bytes(r, rank, fmt)[1]:
-            continue  # the original weight, no LoRA (App. D.3)
+            if qbase is not None:  # the original weight in the format (no LoRA, App. D.3)
+                swap[id(original)] = InFloat32(qbase.get_submodule(n), fmt.compute_dtype)
+            continue
         frozen = _frozen_factors(any_size, n, r, fmt, getattr(original, "bias", None))
         layers[n] = TunableLowRank(frozen, adapters[f"{n}.lora_A"], adapters[f"{n}.lora_B"],
                                    lora_alpha / rank, dropout)
@@ -128,18 +156,34 @@ def tunable_model(any_size: AnySizeModel, size: Size, adapters: dict, lora_alpha
     if not layers:
         raise ValueError(f"no layer is factorized at size {size.size_ratio:.3f} (every one runs its original "
                          "weight): nothing to fine-tune; choose a smaller size")
+    if qbase is not None and fmt.embeddings == "int8":
+        for get in ("get_input_embeddings", "get_output_embeddings"):
+            if getattr(base, get)() is not None:
+                swap[id(getattr(base, get)())] = InFloat32(getattr(qbase, get)(), fmt.compute_dtype)
     for p in base.parameters():  # shared with the base: frozen (the explorer never trains them)
         p.requires_grad_(False)
     return _clone_tree(base, swap), layers
 
 
 class FinetuneHook(StepHook):
+    """Fine-tuning's schedule: `steps` steps. Logs the resident memory after each step: the process
+    peak is set while loading (basis, factors), the steps' maximum is what training itself holds."""
+
     def after_step(self, step: int) -> dict:
-        return dict(phase="done" if self.done(step) else "finetune", of=self.steps)
+        return dict(phase="done" if self.done(step) else "finetune", of=self.steps, rss_mib=rss_mib())
 
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def rss_mib() -> float | None:
+    """The resident memory now (Linux; None elsewhere)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(pages * resource.getpagesize() / 2**20)
 
 
 def run_finetune(artifact_folder: str | Path, size_ratio: float, data: str, out: str | Path,
@@ -179,6 +223,9 @@ def run_finetune(artifact_folder: str | Path, size_ratio: float, data: str, out:
         student, layers = tunable_model(any_size, size, parent.adapters, float(lora.get("alpha", 16.0)),
                                         cfg.lora_dropout, fmt)
         teacher = any_size.materialize(any_size.full_size()) if cfg.objective != "lm" else None
+        if fmt.quantized:  # the student holds its own packs; the untuned size needs the fmt family only
+            any_size._family(fmt)
+            any_size.release_float32_factors()  # so quantized factors cost less memory than float32
         params = {f"{n}.{k}": getattr(l, k) for n, l in layers.items() for k in ("lora_A", "lora_B")}
         if dist:
             for p in params.values():
@@ -195,6 +242,8 @@ def run_finetune(artifact_folder: str | Path, size_ratio: float, data: str, out:
         if step < cfg.steps or not writer:
             return None
         training_rss = peak_rss_mib()  # before measuring opens a second copy of the model
+        steps_rss = [e.get("rss_mib") for e in _log_rows(out)]
+        steps_rss = max((r for r in steps_rss if r is not None), default=None)
         adapters = {k: p.detach() for k, p in params.items()}
         meta = dict(
             parent=dict(path=parent_reference(Path(artifact_folder), out), checksum=parent_checksum(parent),
@@ -203,7 +252,8 @@ def run_finetune(artifact_folder: str | Path, size_ratio: float, data: str, out:
                       target=float(size_ratio), tuned_layers=len(layers)),
             format=fmt.key,
             finetune=dict(asdict(cfg), data=data, processes=dist.world_size if dist else 1),
-            result=dict(steps=step, seconds=round(seconds, 1), peak_rss_mib=round(training_rss)),
+            result=dict(steps=step, seconds=round(seconds, 1), peak_rss_mib=round(training_rss),
+                        steps_rss_mib=steps_rss),
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         )
         start = time.perf_counter()
@@ -224,6 +274,13 @@ def run_finetune(artifact_folder: str | Path, size_ratio: float, data: str, out:
     finally:
         if lock:
             lock.__exit__()
+
+
+def _log_rows(out: Path) -> list[dict]:
+    import json
+
+    path = out / LOG_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def _ppl(model, windows) -> dict:

@@ -240,8 +240,9 @@ class _FrozenProduct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        w = ctx.weight.dequantize().to(grad.device, grad.dtype)  # [out, in]
-        return grad @ w, None
+        # in float32: a bf16 GEMM is 10-50x slower on CPUs without bf16 instructions (avx2 only here)
+        w = ctx.weight.dequantize().to(grad.device)  # [out, in] float32
+        return (grad.float() @ w).to(grad.dtype), None
 
 
 def quantize_int8(weight: torch.Tensor, dtype=torch.bfloat16) -> QWeight:

@@ -142,6 +142,14 @@ class AnySizeModel:
                 self._families[fmt.key] = self._build_family(fmt)
             return self._families[fmt.key]
 
+    def release_float32_factors(self) -> None:
+        """Frees the float32 factors (the largest tensors held: about twice the target weights), for a
+        process that from now on only runs sizes of formats already built and the full size (whose
+        layers are the original weights): fine-tuning in int8/int4 (finetune.py)."""
+        with self._lock:
+            base32, factors32 = self._families[Format().key]
+            self._families[Format().key] = (base32, _Released(factors32))
+
     def _build_family(self, fmt: Format):
         base32, factors32 = self._families[Format().key]
         if not fmt.quantized:  # bfloat16: a converted copy of the tree and of the factors
@@ -195,6 +203,20 @@ class AnySizeModel:
         model = _clone_tree(base, swap)
         model.generation_config = copy.deepcopy(base.generation_config)  # generate() may edit it
         return model
+
+
+class _Released(dict):
+    """Released float32 factors: their names stay, any use says why it fails."""
+
+    def __init__(self, factors: dict):
+        super().__init__({n: None for n in factors})
+
+    def __getitem__(self, name):
+        raise RuntimeError("the float32 factors were released (release_float32_factors): this process "
+                           "can no longer build float32 sizes or new formats")
+
+    def items(self):
+        raise RuntimeError("the float32 factors were released: no new format can be built")
 
 
 def _quantized_embeddings(base32: nn.Module, converted: nn.Module, fmt: Format) -> dict:

@@ -3,6 +3,7 @@
 # of benchmarks/RESULTS.md "Fine-tuning a chosen size". Each run lands in runs/ft-<size>-<objective>/
 # (tuned.json holds its figures); rerunning resumes unfinished runs and skips finished ones.
 #   SIZES="0.7 0.5" OBJECTIVES="kd lm lm+kd" STEPS=60 BATCH=4 benchmarks/finetune_sizes.sh
+#   FORMAT=int4 SIZES=0.7 OBJECTIVES=kd benchmarks/finetune_sizes.sh   # frozen factors in int4 (-> runs/ft-0.7-kd-int4)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -17,10 +18,11 @@ LR=${LR:-2e-4}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 for size in $SIZES; do
   for obj in $OBJECTIVES; do
-    out=runs/ft-$size-$obj
+    out=runs/ft-$size-$obj${FORMAT:+-$FORMAT}
     [ -f $out/tuned.json ] && [ ! -f $out/checkpoint.json ] && continue
     nice -n 10 $PY -m acip_core -v finetune --artifact $ART --size-ratio $size --data corpus:broad \
-      --steps $STEPS --batch-size $BATCH --seq-len $SEQ --lr $LR --checkpoint-every ${CKPT:-25} --objective $obj --eval-windows $WINDOWS --out $out --resume
+      --steps $STEPS --batch-size $BATCH --seq-len $SEQ --lr $LR --checkpoint-every ${CKPT:-25} --objective $obj --eval-windows $WINDOWS --out $out --resume \
+      --format ${FORMAT:-float32}
   done
 done
 if [ ! -f runs/ft-original.json ]; then  # the original, measured like the tuned sizes (float32, same windows)
