@@ -291,8 +291,6 @@ class Explorer:
         return dict(size_ratio=size.size_ratio, params=size.params, original_params=self.full.params,
                     params_fraction=size.params / self.full.params, format=sized.format.key,
                     gb=sized.gigabytes, gb_by_format=self.gb_by_format(size),
-                    gb_float32=self.any_size.size_at(size.prefix, "float32").gigabytes,
-                    gb_bfloat16=self.any_size.size_at(size.prefix, "bfloat16").gigabytes,
                     dense_layers=sized.dense_layers, low_rank_layers=len(size.ranks) - sized.dense_layers,
                     layers=len(size.ranks), kept_rank_fraction=sum(size.ranks.values()) / total_rank)
 

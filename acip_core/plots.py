@@ -137,7 +137,7 @@ def curve_figure(curve: pd.DataFrame | None, x: str = "size_ratio", dtype: str =
                                    yref="paper", xanchor="right", yanchor="top", showarrow=False,
                                    font=dict(size=11, color="#6b7280"), bgcolor="rgba(255,255,255,0.8)")
     if current is not None and acip is not None:
-        xc = current["size_ratio"] if x == "size_ratio" else current.get("gb", current.get("gb_float32"))
+        xc = current["size_ratio"] if x == "size_ratio" else current["gb"]
         fig.add_vline(x=xc, line=dict(color=COLORS["current"], width=1, dash="dot"))
         yc = interp_log(_x_of(acip, x), acip[metric], xc) if len(acip) else None
         if yc is not None:

@@ -107,7 +107,7 @@ def test_bad_values_are_a_toast_and_change_nothing(demo, tiny_artifact, bad):
 
 def test_budget_answers_for_every_dtype_and_picks_the_best(client, demo, tiny_artifact):
     ex = demo.handlers.explorer(str(tiny_artifact))
-    gb = ex.size_for(1.0)["gb_bfloat16"]
+    gb = ex.size_for(1.0)["gb_by_format"]["bfloat16"]
     ratio, dtype, answer = client.predict(str(tiny_artifact), gb, api_name="/budget")
     assert ratio == 1.0 and dtype == "bfloat16"  # only bfloat16 fits the full size in its bytes
     assert "| float32 |" in answer and "| bfloat16 **(best)** |" in answer and " left" not in answer.split("|")[0]

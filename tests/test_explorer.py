@@ -21,7 +21,7 @@ def explorer(tiny_artifact):
 def test_size_for_summary(explorer):
     s = explorer.size_for(0.6)
     assert 0.6 <= s["size_ratio"] <= 0.62
-    assert s["gb_float32"] == pytest.approx(2 * s["gb_bfloat16"]) == pytest.approx(s["params"] * 4 / 1e9)
+    assert s["gb_by_format"]["float32"] == pytest.approx(2 * s["gb_by_format"]["bfloat16"]) == pytest.approx(s["params"] * 4 / 1e9)
     assert s["dense_layers"] + s["low_rank_layers"] == s["layers"] == 14
     full = explorer.size_for(1.0)
     assert full["size_ratio"] == 1.0 and full["dense_layers"] == 14 and full["params"] == full["original_params"]
@@ -38,9 +38,9 @@ def test_bad_ratios_are_clear_errors(explorer, bad):
 
 def test_budget(explorer):
     mid = explorer.size_for(0.6)
-    fit = explorer.size_for_budget(mid["gb_bfloat16"], "bfloat16")
+    fit = explorer.size_for_budget(mid["gb_by_format"]["bfloat16"], "bfloat16")
     assert fit["params"] >= mid["params"] and fit["budget_left_gb"] >= 0
-    assert fit["gb_bfloat16"] <= mid["gb_bfloat16"]
+    assert fit["gb_by_format"]["bfloat16"] <= mid["gb_by_format"]["bfloat16"]
     with pytest.raises(ValueError, match="smaller than the smallest model"):
         explorer.size_for_budget(explorer.smallest_gb("float32") * 0.5, "float32")
     for bad in (0, -1, float("nan"), "x"):
@@ -159,7 +159,7 @@ def test_results_csv(explorer, tmp_path):
 
 
 def test_budget_in_every_dtype_names_the_best(explorer):
-    gb = explorer.size_for(0.7)["gb_float32"]
+    gb = explorer.size_for(0.7)["gb_by_format"]["float32"]
     fits = {f["dtype"]: f for f in explorer.fit_budget_every_dtype(gb)}
     assert fits["bfloat16"]["size_ratio"] >= fits["float32"]["size_ratio"]
     (best,) = [f for f in fits.values() if f.get("best")]
