@@ -219,6 +219,8 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
         ft_start.click(h.finetune_start, [artifact, ratio, dtype, ft_objective, ft_steps, token], runs,
                        api_name="finetune_start")
 
+        artifact_b.input(h.artifact_b, artifact_b, ratio_b, api_name="artifact_b")  # a tuned size: its size
+
         chat_inputs = [artifact, ratio, artifact_b, ratio_b, side_by_side, message, chat_a, chat_b, max_new,
                        penalty, dtype]
         chat_event = gr.on([send.click, message.submit], h.chat, chat_inputs, [chat_a, chat_b, speed, message],

@@ -177,6 +177,17 @@ class Handlers:
         ratio = int(best["size_ratio"] * 1000) / 1000  # floor: that slider value still fits the budget
         return ratio, best["dtype"], text.budget_text(float(budget_gb), fits), ratio
 
+    @ui_errors
+    def artifact_b(self, folder_b):
+        """Chat B's artifact: a tuned size moves B's slider to the size it was tuned at."""
+        from acip_core.tuned import is_tuned, load_tuned
+
+        self.check_folder(folder_b)
+        if not is_tuned(folder_b):
+            return gr.skip()
+        tuned = load_tuned(folder_b)
+        return float(tuned.meta["size"].get("target", tuned.size_ratio))
+
     # -- chat -----------------------------------------------------------------------------------
     @ui_errors
     def chat(self, folder, ratio_a, folder_b, ratio_b, side_by_side, message, history_a, history_b,

@@ -280,6 +280,7 @@ def test_the_app_lists_opens_draws_and_starts_tuned_sizes(tuned, tiny_artifact, 
     # the parent's curve shows it too; the slider of the parent stays where the user put it
     parent_curve = list(h.artifact(str(parent), 0.5, "size ratio", "float32", progress=None))[-1]
     assert parent_curve[2] == gr.skip() and [t for t in parent_curve[7].data if t.name == "tuned sizes"]
+    assert h.artifact_b(folder) == pytest.approx(fresh["size"]["target"]) and h.artifact_b(str(parent)) == gr.skip()
     monkeypatch.setattr(h.app.jobs, "start_finetune", lambda *a, **k: started.append((a, k)))
     started = []
     h.finetune_start(str(parent), SIZE, "int8", "kd", 3)
