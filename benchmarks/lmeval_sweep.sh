@@ -17,6 +17,6 @@ for method in $methods; do
   for r in 1.0 0.9 0.8 0.7 0.6 0.5 0.4; do
     [ "$method" = block-removal ] && [ "$r" = 1.0 ] && continue  # the same model as ACIP at 1.0
     .venv/bin/python -m acip_core lm-eval --artifact precomputed/smollm2-135m-instruct --method "$method" \
-      --size-ratio "$r" --dtype "$dtype" --tasks "$tasks" --json 2>/dev/null | tail -1 >> "$out"
+      --size-ratio "$r" --format "$dtype" --tasks "$tasks" --json 2>/dev/null | tail -1 >> "$out"
   done
 done
