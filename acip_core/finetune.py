@@ -25,9 +25,9 @@ from torch import nn
 from .artifact import load_artifact
 from .data import BatchStream, load_text, token_windows
 from .evaluate import perplexity
-from .formats import Format, QuantLowRankLinear, parse_format
+from .formats import Format, QuantLinear, QuantLowRankLinear, parse_format
 from .layers import LowRankLinear
-from .materialize import AnySizeModel, Size, _clone_tree
+from .materialize import AnySizeModel, Size, _clone_tree, _quantized_embeddings
 from .models import load_base
 from .score import autocast_dtype
 from .train import LOG_FILE, OBJECTIVES, StepHook, objective, remove_checkpoint, train_loop
@@ -134,11 +134,11 @@ def tunable_model(any_size: AnySizeModel, size: Size, adapters: dict, lora_alpha
     """The size in `fmt` as a trainable module tree over the shared tensors; returns (model, {fqn: layer}).
 
     Float formats: the format's family tree. Int formats: the float32 tree with every weight of the
-    format quantized (dense layers and, with +emb8, the embedding / LM head: the format family's
-    modules; factors: _frozen_factors) and run by its kernel; activations stay float32 (InFloat32)."""
+    format quantized (dense layers and, with +emb8, the embedding / LM head, as the format's family
+    quantizes them; factors: _frozen_factors) and run by its kernel; activations stay float32
+    (InFloat32). Nothing of the format's whole family is built: training holds only this size."""
     fmt = fmt or Format()
     base, _ = any_size._family(Format() if fmt.quantized else fmt)
-    qbase = any_size._family(fmt)[0] if fmt.quantized else None
     rank = any_size.lora_rank
     if not rank:
         raise ValueError("this artifact has no LoRA adapters to fine-tune")
@@ -146,8 +146,9 @@ def tunable_model(any_size: AnySizeModel, size: Size, adapters: dict, lora_alpha
     for n in any_size.targets:
         original, r = base.get_submodule(n), int(size.ranks[n])
         if any_size.shapes[n].format_bytes(r, rank, fmt)[1]:
-            if qbase is not None:  # the original weight in the format (no LoRA, App. D.3)
-                swap[id(original)] = InFloat32(qbase.get_submodule(n), fmt.compute_dtype)
+            if fmt.quantized:  # the original weight in the format (no LoRA, App. D.3)
+                bias = None if original.bias is None else original.bias.detach().to(fmt.compute_dtype)
+                swap[id(original)] = InFloat32(QuantLinear(fmt.pack(original.weight), bias), fmt.compute_dtype)
             continue
         frozen = _frozen_factors(any_size, n, r, fmt, getattr(original, "bias", None))
         layers[n] = TunableLowRank(frozen, adapters[f"{n}.lora_A"], adapters[f"{n}.lora_B"],
@@ -156,10 +157,8 @@ def tunable_model(any_size: AnySizeModel, size: Size, adapters: dict, lora_alpha
     if not layers:
         raise ValueError(f"no layer is factorized at size {size.size_ratio:.3f} (every one runs its original "
                          "weight): nothing to fine-tune; choose a smaller size")
-    if qbase is not None and fmt.embeddings == "int8":
-        for get in ("get_input_embeddings", "get_output_embeddings"):
-            if getattr(base, get)() is not None:
-                swap[id(getattr(base, get)())] = InFloat32(getattr(qbase, get)(), fmt.compute_dtype)
+    if fmt.quantized and fmt.embeddings == "int8":  # the embedding / LM head in int8, as served
+        swap.update({k: InFloat32(m, fmt.compute_dtype) for k, m in _quantized_embeddings(base, base, fmt).items()})
     for p in base.parameters():  # shared with the base: frozen (the explorer never trains them)
         p.requires_grad_(False)
     return _clone_tree(base, swap), layers
@@ -223,9 +222,8 @@ def run_finetune(artifact_folder: str | Path, size_ratio: float, data: str, out:
         student, layers = tunable_model(any_size, size, parent.adapters, float(lora.get("alpha", 16.0)),
                                         cfg.lora_dropout, fmt)
         teacher = any_size.materialize(any_size.full_size()) if cfg.objective != "lm" else None
-        if fmt.quantized:  # the student holds its own packs; the untuned size needs the fmt family only
-            any_size._family(fmt)
-            any_size.release_float32_factors()  # so quantized factors cost less memory than float32
+        if fmt.quantized:  # the student holds its own quantized packs: the float32 factors can go
+            any_size.release_float32_factors()  # (the untuned size is measured from a fresh copy)
         params = {f"{n}.{k}": getattr(l, k) for n, l in layers.items() for k in ("lora_A", "lora_B")}
         if dist:
             for p in params.values():
@@ -259,9 +257,12 @@ def run_finetune(artifact_folder: str | Path, size_ratio: float, data: str, out:
         start = time.perf_counter()
         sets = {name: token_windows(tokenizer, load_text(source), 256, eval_windows)
                 for name, source in eval_sets.items()}
+        del student, teacher, layers, params
+        if fmt.quantized:  # its float32 factors were released: the parent's any-size model again
+            any_size = any_size_from(parent, base, tokenizer)
         untuned = any_size.materialize(size, fmt)
         figures = {name: dict(untuned=_ppl(untuned, w), windows=len(w)) for name, w in sets.items()}
-        del student, teacher, untuned, any_size, layers, params
+        del untuned, any_size
         save_tuned(out, meta, adapters)  # (bf16) then measured as every command serves it
         served, served_size = open_tuned(out)
         model = served.materialize(served.size_at(served_size.prefix, fmt), fmt)

@@ -111,7 +111,7 @@ def test_a_size_tuned_in_int8_trains_over_quantized_factors_and_is_served_in_int
 
     any_size, artifact = open_method(tiny_artifact)
     _, layers = tunable_model(any_size, any_size.size_for_ratio(SIZE), artifact.adapters, 8.0, 0.0, Format("int8"))
-    assert layers and all(isinstance(l.frozen, QuantLowRankLinear) for l in layers.values())
+    assert layers and all(isinstance(l.frozen.inner, QuantLowRankLinear) for l in layers.values())
     out = tmp_path / "q8"
     t = run_finetune(tiny_artifact, SIZE, "corpus:train", out, _cfg(format="int8"), eval_sets=EVAL, eval_windows=4)
     assert t.format == "int8" and t.meta["finetune"]["format"] == "int8"
