@@ -98,7 +98,7 @@ def client_check(url: str) -> dict:
     out = client.predict(api_name="/start")
     artifact, status = out[0], out[1]
     times["start_s"] = round(time.perf_counter() - start, 1)
-    if "Loaded" not in str(status):
+    if "Ready" not in str(status):  # the status line of a loaded artifact (studio.describe_text)
         raise SystemExit(f"the default artifact did not load: {status!r}")
     start = time.perf_counter()
     hist_a, _hist_b, _speed, _msg = client.predict(artifact, 1.0, 1.0, False, "What is the capital of France?",
