@@ -257,16 +257,15 @@ class Explorer:
         was trained and measured at its own size only; the curve shown is the parent's."""
         from .pipeline import open_tuned
         from .registry import tuned_label
-        from .tuned import load_tuned
 
         any_size, size = open_tuned(folder)
-        tuned = load_tuned(folder)
-        parent = tuned.parent_folder
+        info = any_size.meta["tuned"]  # what open_tuned read: format, size, how it was tuned, the parent
+        parent, ft = Path(info["parent"]), info.get("finetune", {})
         ex = cls(any_size, load_artifact(parent).curve, tuned_label(parent.name, dict(
-            size_ratio=size.size_ratio, format=tuned.format, objective=tuned.meta.get("finetune", {}).get("objective"),
-            steps=tuned.meta.get("finetune", {}).get("steps"))), folder, cache_size)
-        ex.tuned = dict(size_ratio=size.size_ratio, target=float(tuned.meta["size"].get("target", size.size_ratio)),
-                        format=tuned.format)
+            size_ratio=size.size_ratio, format=info["format"], objective=ft.get("objective"),
+            steps=ft.get("steps"))), folder, cache_size)
+        ex.tuned = dict(size_ratio=size.size_ratio, target=float(info["size"].get("target", size.size_ratio)),
+                        format=info["format"])
         ex.parent_folder = parent
         return ex
 

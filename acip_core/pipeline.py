@@ -236,7 +236,7 @@ def open_tuned(folder: str | Path):
     model, tokenizer = load_base(parent.meta["model"]["source"])
     adapters = dict(parent.adapters, **{k: v.float() for k, v in tuned.adapters.items()})
     parent.adapters = adapters  # layers dense at this size keep the parent's LoRA, never run
-    parent.meta = dict(parent.meta, tuned=dict(folder=str(folder), format=tuned.format,
+    parent.meta = dict(parent.meta, tuned=dict(folder=str(folder), format=tuned.format, parent=str(parent.path),
                                                **{k: tuned.meta.get(k, {}) for k in ("size", "finetune", "perplexity")}))
     any_size = any_size_from(parent, model, tokenizer)
     size = any_size.size_at(int(tuned.meta["size"]["prefix"]))
