@@ -357,9 +357,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-data", default="corpus:heldout", help="text for the artifact's quick curve")
     p.add_argument("--eval-windows", type=int, default=8, help="256-token windows for that curve (0: none)")
     defaults = ScoreConfig()
+    notes = dict(objective="lm (next-token NLL) | kd (distil the original) | lm+kd",
+                 base_format="int8 | int4[-g32|-g64|-g128]: score on quantized frozen factors (less memory); "
+                             "the score map and adapters then apply to the full-precision model")
     for f in fields(ScoreConfig):
+        note = notes.get(f.name)
         p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)), default=None,
-                       help=f"default {getattr(defaults, f.name)}")
+                       help=(note + "; " if note else "") + f"default {getattr(defaults, f.name)}")
 
     from .finetune import FinetuneConfig
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +29,8 @@ from .layers import LowRankLinear
 from .materialize import AnySizeModel, Size, _clone_tree, _quantized_embeddings
 from .models import load_base
 from .score import autocast_dtype
-from .train import LOG_FILE, OBJECTIVES, StepHook, objective, remove_checkpoint, train_loop
+from .train import (OBJECTIVES, StepHook, objective, peak_rss_mib, remove_checkpoint, steps_memory,
+                    train_loop)
 from .tuned import TUNED_FILE, TunedSize, load_tuned, parent_checksum, parent_reference, save_tuned
 
 log = logging.getLogger(__name__)
@@ -165,24 +165,10 @@ def tunable_model(any_size: AnySizeModel, size: Size, adapters: dict, lora_alpha
 
 
 class FinetuneHook(StepHook):
-    """Fine-tuning's schedule: `steps` steps. Logs the resident memory after each step: the process
-    peak is set while loading (basis, factors), the steps' maximum is what training itself holds."""
+    """Fine-tuning's schedule: `steps` steps (the loop logs each step's memory: train.memory_fields)."""
 
     def after_step(self, step: int) -> dict:
-        return dict(phase="done" if self.done(step) else "finetune", of=self.steps, rss_mib=rss_mib())
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def rss_mib() -> float | None:
-    """The resident memory now (Linux; None elsewhere)."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return round(pages * resource.getpagesize() / 2**20)
+        return dict(phase="done" if self.done(step) else "finetune", of=self.steps)
 
 
 def run_finetune(artifact_folder: str | Path, size_ratio: float, data: str, out: str | Path,
@@ -240,8 +226,6 @@ def run_finetune(artifact_folder: str | Path, size_ratio: float, data: str, out:
         if step < cfg.steps or not writer:
             return None
         training_rss = peak_rss_mib()  # before measuring opens a second copy of the model
-        steps_rss = [e.get("rss_mib") for e in _log_rows(out)]
-        steps_rss = max((r for r in steps_rss if r is not None), default=None)
         adapters = {k: p.detach() for k, p in params.items()}
         meta = dict(
             parent=dict(path=parent_reference(Path(artifact_folder), out), checksum=parent_checksum(parent),
@@ -251,7 +235,7 @@ def run_finetune(artifact_folder: str | Path, size_ratio: float, data: str, out:
             format=fmt.key,
             finetune=dict(asdict(cfg), data=data, processes=dist.world_size if dist else 1),
             result=dict(steps=step, seconds=round(seconds, 1), peak_rss_mib=round(training_rss),
-                        steps_rss_mib=steps_rss),
+                        **steps_memory(out)),
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         )
         start = time.perf_counter()
@@ -275,13 +259,6 @@ def run_finetune(artifact_folder: str | Path, size_ratio: float, data: str, out:
     finally:
         if lock:
             lock.__exit__()
-
-
-def _log_rows(out: Path) -> list[dict]:
-    import json
-
-    path = out / LOG_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def _ppl(model, windows) -> dict:

@@ -175,7 +175,8 @@ class QWeight:
             return QWeight("int8", self.data[:n], self.scales[:n], (n, k))
         if n % 32:
             raise ValueError(f"int4 rows come in blocks of 32, got {n}")
-        return QWeight("int4", self.data[:n], self.scales[:, :n].contiguous(), (n, k), self.group_size,
+        data = _pack_int4(self.q[:n]) if self.data.is_cuda else self.data[:n]  # CUDA's layout: repacked
+        return QWeight("int4", data, self.scales[:, :n].contiguous(), (n, k), self.group_size,
                        None if self.q is None else self.q[:n])
 
     def cols(self, n: int) -> "QWeight":
@@ -188,7 +189,7 @@ class QWeight:
         if n % self.group_size:
             raise ValueError(f"int4 columns come in groups of {self.group_size}, got {n}")
         rows = self.data.shape[0]
-        if _int4_columns_slice():  # the packed bytes of a column prefix are a slice: a copy, no repacking
+        if not self.data.is_cuda and _int4_columns_slice():  # the packed bytes of a column prefix are a slice: a copy, no repacking
             data = self.data.view(rows // 32, k // 4, 64)[:, : n // 4].reshape(rows, n // 2)
         else:
             data = _pack_int4(self.q[:, :n])
@@ -206,7 +207,9 @@ class QWeight:
         x2 = x.reshape(-1, k)
         if 0 in self.shape:  # a factor of rank 0 (no LoRA, nothing kept)
             return x.new_zeros(*lead, self.shape[0])
-        if x2.device.type != "cpu":  # GPUs: the reference product (correct; not a fast kernel)
+        if x2.device.type == "cuda":
+            y = _cuda_product(self, x2)
+        elif x2.device.type != "cpu":  # other accelerators: the reference product (correct; not a fast kernel)
             y = F.linear(x2, self.dequantize().to(x2.device, x2.dtype))
         elif self.kind == "int8" and k % 8 == 0:
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.data, self.scales)
@@ -305,7 +308,51 @@ def _int4_columns_slice() -> bool:
 
 
 def _pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Codes [rows, k] (0..15) in the layout of the device's int4 kernel (k/2 bytes per row either way)."""
+    if codes.is_cuda:
+        pairs = (codes[:, ::2].to(torch.uint8) << 4 | codes[:, 1::2].to(torch.uint8)).contiguous()
+        tiles = _cuda_int4_tiles(codes.shape[1])
+        if tiles and _cuda_int4_kernel(codes.device):
+            return torch.ops.aten._convert_weight_to_int4pack(pairs, tiles)
+        return pairs  # no kernel for this shape or GPU: the bytes are held, the product is the reference
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+
+
+# -- CUDA: the kernels gpt-fast uses (docs/ARCHITECTURE.md "Formats") ------------------------------
+def _cuda_int4_tiles(k: int) -> int:
+    """The inner k-tiles of torch's CUDA int4 layout for an input size (0: none fits)."""
+    return next((t for t in (8, 4, 2) if k % (t * 16) == 0), 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_int4_kernel(device: torch.device) -> bool:
+    """Whether torch's CUDA int4 kernel (`_weight_int4pack_mm`, the tinygemm one: Ampere and later)
+    runs on this GPU and matches the dequantized product on a probe; checked once per device."""
+    try:
+        g = torch.Generator(device=device).manual_seed(0)
+        codes = torch.randint(0, 16, (64, 128), generator=g, device=device, dtype=torch.int32)
+        sz = torch.rand(4, 64, 2, generator=g, device=device).to(torch.bfloat16)
+        pairs = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8).contiguous()
+        x = torch.randn(5, 128, generator=g, device=device).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int4pack_mm(x, torch.ops.aten._convert_weight_to_int4pack(pairs, 8), 32, sz)
+        w = QWeight("int4", pairs, sz, (64, 128), 32, codes.to(torch.uint8)).dequantize()
+        ref = x.float() @ w.t()
+        return bool((y.float() - ref).abs().max() <= 0.02 * ref.abs().max() + 1e-3)
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def _cuda_product(w: "QWeight", x2: torch.Tensor) -> torch.Tensor:
+    """x2 [m, in] · Wᵀ on a GPU. int8: the codes cast to the activations' dtype, the scale applied to
+    the product (gpt-fast's int8 form; no float copy of W is kept). int4: torch's CUDA int4 kernel
+    where it runs (_pack_int4 chose its layout), else the dequantized reference."""
+    if w.kind == "int8":
+        return F.linear(x2, w.data.to(x2.dtype)) * w.scales.to(x2.dtype)
+    if w.data.dtype == torch.int32:  # the kernel's layout
+        y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), w.data, w.group_size,
+                                               w.scales.to(torch.bfloat16))
+        return y.to(x2.dtype)
+    return F.linear(x2, w.dequantize().to(x2.dtype))
 
 
 def weight_nbytes(w) -> int:

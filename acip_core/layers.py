@@ -49,6 +49,17 @@ class ACIPLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, lora_rank))  # [out, r], zero: no-op
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(lora_dropout)
+        self.qU = self.qVh = None  # a quantized base's factors (quantize_base_), else None
+
+    def quantize_base_(self, fmt) -> None:
+        """Scoring on a quantized base (`score --base-format`, the paper's §3.4 "quantize first"):
+        the frozen factors become QWeights of `fmt` (a formats.Format) and the dense weight and the
+        float factors are dropped, so the run holds low-bit frozen tensors only. Every forward then
+        runs the factored form through the low-bit kernels (activations in fmt.compute_dtype);
+        masks, singular values and LoRA stay float32. The score map and adapters learnt this way
+        apply to the full-precision factors afterwards (the transfer)."""
+        self.qU, self.qVh = fmt.pack(self.U), fmt.pack(self.Vh)
+        self.weight = self.U = self.Vh = None
 
     @property
     def rank(self) -> int:
@@ -62,7 +73,13 @@ class ACIPLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.numel() // self.in_features
         n_in, n_out = self.in_features, self.out_features
-        if self.training:
+        if self.qU is not None:  # a quantized base: the factored form, in training and evaluation
+            dt = self.qU.scales.dtype
+            scale = self.s * ste_mask(self.mask, self.mask_scale) / self.mask_scale  # [k]
+            h = (self.qVh.matmul(x.to(dt)).float() * scale).to(dt)
+            y = self.qU.matmul(h).to(x.dtype)
+            y = y if self.bias is None else y + self.bias
+        elif self.training:
             # Scoring: the plain factored form, whose forward + backward cost tokens·k·(in+out) each,
             # less than any form that touches W (its rounding is irrelevant to the gradients).
             scale = self.s * ste_mask(self.mask, self.mask_scale) / self.mask_scale  # [k]
@@ -79,6 +96,10 @@ class ACIPLinear(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         """The effective weight (tests and exports only; the forward never needs it)."""
         with torch.no_grad():
+            if self.qU is not None:  # a quantized base: the kept directions of the dequantized factors
+                U, Vh = self.qU.dequantize(), self.qVh.dequantize()
+                w = (U * (self.s - self.pruned_scale())) @ Vh
+                return w + self.lora_scaling * self.lora_B @ self.lora_A if self.lora_rank else w
             w = self.weight.float() - (self.U.float() * self.pruned_scale()) @ self.Vh.float()
             return w + self.lora_scaling * self.lora_B @ self.lora_A if self.lora_rank else w
 

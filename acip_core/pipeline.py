@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
 import time
@@ -16,10 +17,12 @@ from .artifact import Artifact, ArtifactError, load_artifact, save_artifact
 from .basis import basis_check, basis_for, default_recipe, meta_basis, verify_basis
 from .curve import acip_curve
 from .data import BatchStream, load_text, token_windows
+from .formats import parse_format
 from .materialize import AnySizeModel
 from .models import fingerprint, load_base, pick_device
 from .parametrize import DEFAULT_TARGETS, acip_layers, parametrize_, replace_modules_, target_linears
 from .score import ScoreConfig, autocast_dtype, remove_checkpoint, score_loop
+from .train import steps_memory
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +92,10 @@ def run_scoring(model_source: str, data: str, out: str | Path, basis_kind: str =
     cfg = cfg or ScoreConfig()
     out = Path(out)
     writer = dist is None or dist.rank == 0
+    base_format = parse_format(cfg.base_format)
+    if base_format.quantized and dist is not None and dist.fsdp:
+        raise ValueError("--base-format quantizes the frozen factors whole on every process; it does not run "
+                         "under --fsdp (which shards them instead)")
     if resume and (out / "acip.json").exists() and not (out / "checkpoint.json").exists():
         return load_artifact(out)  # that run had finished
     if writer and not resume and (out / "acip.json").exists():
@@ -140,6 +147,14 @@ def run_scoring(model_source: str, data: str, out: str | Path, basis_kind: str =
         if sharded:
             train_model = dist.shard_frozen(model, layers, autocast_dtype(cfg.precision, device))
             basis = originals = linears = None  # the full frozen tensors now live only in FSDP's shards
+        if base_format.quantized:  # the frozen factors in int8/int4 only: dense weights and float factors go
+            for name, l in layers.items():
+                try:
+                    l.quantize_base_(base_format)
+                except ValueError as e:
+                    raise ValueError(f"--base-format {base_format.key} does not fit layer {name}: {e}") from None
+            basis = originals = linears = None
+            gc.collect()
         scores, state = score_loop(train_model, layers, stream, cfg, out, resume, on_step, should_stop,
                                    reduce_grads=dist.reducer(layers) if dist else None, is_writer=writer,
                                    teacher=teacher)
@@ -150,7 +165,12 @@ def run_scoring(model_source: str, data: str, out: str | Path, basis_kind: str =
             dist.check_identical(layers)  # every rank must end with the same masks and LoRA
         adapters = {f"{n}.{k}": getattr(l, k).detach().cpu() for n, l in layers.items()
                     for k in ("lora_A", "lora_B")}
-        if not sharded:
+        if base_format.quantized:  # the transfer: the full-precision base (the basis from its cache) takes
+            model = train_model = layers = None  # the score map and adapters for the curve and every later use
+            gc.collect()
+            model, tokenizer = load_base(model_source)
+            basis = basis_for(model, tokenizer, target_linears(model, targets), recipe, fp)
+        elif not sharded:
             replace_modules_(model, originals)
             model.cpu()
         meta = dict(
@@ -166,7 +186,7 @@ def run_scoring(model_source: str, data: str, out: str | Path, basis_kind: str =
             result=dict(steps=state.step, acip_steps=state.acip_steps, post_tune_steps=state.post_steps,
                         size_ratio_reached=round(state.size_ratio, 5),
                         stopped_by="stop_ratio" if state.size_ratio <= cfg.stop_ratio else "max_steps",
-                        seconds=round(state.seconds, 1)),
+                        seconds=round(state.seconds, 1), **steps_memory(out)),
             versions=versions(),
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         )

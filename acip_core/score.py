@@ -47,6 +47,7 @@ class ScoreConfig:
     precision: str = "auto"  # auto (bf16 autocast where supported) | bf16 | fp32
     objective: str = "lm"  # lm (next-token NLL) | kd (distil the original) | lm+kd (train.objective)
     temperature: float = 1.0  # of the kd objective
+    base_format: str = "float32"  # int8 / int4-gNN: score on quantized frozen factors (ACIPLinear.quantize_base_)
 
     def __post_init__(self):
         if not 0.0 < self.stop_ratio < 1.0:
@@ -62,6 +63,16 @@ class ScoreConfig:
             raise ValueError(f"objective must be one of {OBJECTIVES}")
         if not 0.0 < self.temperature <= 100.0:
             raise ValueError("temperature must be in (0, 100]")
+        from .formats import parse_format
+
+        base = parse_format(self.base_format)  # raises on an unknown format
+        if base.name == "bfloat16" or base.embeddings != "native":
+            raise ValueError("base_format must be float32, int8 or int4[-gNN] (bf16 scoring is --precision bf16; "
+                             "the embeddings stay as they are)")
+        if base.quantized and self.objective != "lm":
+            raise ValueError(f"objective {self.objective} needs the original's full-precision weights as "
+                             "teacher, which a quantized base exists not to hold: use --objective lm")
+        self.base_format = base.key
 
 
 @dataclass
@@ -200,7 +211,8 @@ def score_loop(model, layers: dict[str, ACIPLinear], stream, cfg: ScoreConfig, f
     amp_dtype = autocast_dtype(cfg.precision, device)
     if amp_dtype is not None:  # frozen factors stored in the compute dtype: no per-step casts
         for l in layers.values():
-            if l.U.dtype != amp_dtype:  # (FSDP-sharded factors were cast before sharding)
+            # (FSDP-sharded factors were cast before sharding; a quantized base holds no float factors)
+            if l.U is not None and l.U.dtype != amp_dtype:
                 l.weight, l.U, l.Vh = l.weight.to(amp_dtype), l.U.to(amp_dtype), l.Vh.to(amp_dtype)
     hook = ScoringHook(cfg, layers)
     task = objective(cfg.objective, model, teacher, cfg.temperature)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import resource
 import time
 from pathlib import Path
 
@@ -56,6 +57,41 @@ class StepHook:
 
     def done(self, step: int) -> bool:
         return step >= self.steps
+
+
+# -- memory ------------------------------------------------------------------------------------------
+def rss_mib() -> float | None:
+    """The resident memory now, MiB (Linux; None elsewhere)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(pages * resource.getpagesize() / 2**20)
+
+
+def peak_rss_mib() -> float:
+    """The process's peak resident memory, MiB (set while loading: basis, factors)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def memory_fields(device: torch.device) -> dict:
+    """What a step's log line says about memory: the RSS now (the steps' maximum is what training
+    itself holds) and, on a GPU, the peak allocated since the run's start."""
+    fields = dict(rss_mib=rss_mib())
+    if device.type == "cuda":
+        fields["gpu_peak_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
+    return fields
+
+
+def steps_memory(folder: Path) -> dict:
+    """The maxima of a finished run's per-step memory fields (log.jsonl), None where never logged."""
+    rows = [json.loads(line) for line in (folder / LOG_FILE).read_text().splitlines() if line] \
+        if (folder / LOG_FILE).exists() else []
+    out = {}
+    for key, name in (("rss_mib", "steps_rss_mib"), ("gpu_peak_mib", "gpu_peak_mib")):
+        values = [r[key] for r in rows if r.get(key) is not None]
+        out[name] = max(values) if values else None
+    return out
 
 
 # -- loss functions ------------------------------------------------------------------------------
@@ -198,6 +234,8 @@ def train_loop(model, params: dict[str, torch.nn.Parameter], stream, loss_fn, ho
         log_path.unlink()
     hook.begin()
     model.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter() - seconds
     while not hook.done(step):
         torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout is a function of the step
@@ -215,7 +253,7 @@ def train_loop(model, params: dict[str, torch.nn.Parameter], stream, loss_fn, ho
         fields = hook.after_step(step)
         seconds = time.perf_counter() - started
         event = dict(step=step, loss=loss, **{k: float(v.detach()) if torch.is_tensor(v) else v for k, v in metrics.items()}, **fields,
-                     seconds=round(seconds, 3))
+                     **memory_fields(device), seconds=round(seconds, 3))
         if is_writer:
             with open(log_path, "a") as f:
                 f.write(json.dumps(event) + "\n")

@@ -82,7 +82,9 @@ def test_a_live_run_locks_its_folder(tiny_llama, tmp_path):
         pass
 
 
-@pytest.mark.parametrize("bad", [dict(stop_ratio=1.5), dict(steps=0), dict(lr=-1.0), dict(precision="fp8")])
+@pytest.mark.parametrize("bad", [dict(stop_ratio=1.5), dict(steps=0), dict(lr=-1.0), dict(precision="fp8"),
+                                 dict(base_format="int3"), dict(base_format="bfloat16"),
+                                 dict(base_format="int8+emb8"), dict(base_format="int4", objective="kd")])
 def test_bad_config_is_rejected(bad):
     with pytest.raises(ValueError):
         _cfg(**bad)
@@ -112,3 +114,52 @@ def test_a_save_killed_before_the_state_swap_leaves_the_previous_checkpoint_load
     assert len(list(tmp_path.glob(score.CHECKPOINT_GLOB))) == 1  # the stale tensor file is gone
     score.remove_checkpoint(tmp_path)
     assert not list(tmp_path.glob("checkpoint*"))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4-g32"])
+def test_a_quantized_base_layer_runs_the_low_bit_factors_and_trains_masks_and_lora(fmt):
+    from acip_core.formats import parse_format
+    from acip_core.layers import ACIPLinear
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 32)
+    U, s, Vh = torch.linalg.svd(w, full_matrices=False)
+    layer = ACIPLinear(w, U, s, Vh, bias=torch.randn(64), lora_rank=4)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.mask[::3] = -1.0  # a third of the directions pruned
+    layer.quantize_base_(parse_format(fmt))
+    assert layer.weight is None and layer.U is None and layer.Vh is None  # nothing float is held
+    x = torch.randn(3, 5, 32, requires_grad=True)
+    for training in (True, False):
+        layer.train(training)
+        layer.dropout.p = 0.0
+        y = layer(x)
+        ref = torch.nn.functional.linear(x, layer.dense_weight(), layer.bias)  # dequantized-factor oracle
+        assert (y - ref).abs().max() < 0.05 * ref.abs().max()  # bf16 activations in the kernels
+    y.sum().backward()
+    assert layer.mask.grad.abs().sum() > 0 and layer.lora_A.grad.abs().sum() > 0
+    assert x.grad.abs().sum() > 0  # gradients pass the frozen low-bit factors to the layers below
+    assert (layer.mask.grad[::3] == 0).all()  # the straight-through estimator: pruned entries get none
+
+
+def test_scoring_on_a_quantized_base_transfers_to_the_full_precision_model(tiny_llama, tiny_llama_wide, tmp_path):
+    from acip_core.pipeline import open_method
+
+    cfg = _cfg(steps=12, post_tune_steps=2, base_format="int4")
+    with pytest.raises(ValueError, match="does not fit layer .*k_proj.*multiple of 32"):  # 16-wide k_proj
+        run_scoring(tiny_llama, "corpus:train", tmp_path / "narrow", "svd", cfg, eval_windows=0)
+    art = run_scoring(tiny_llama_wide, "corpus:train", tmp_path / "q", "svd", cfg, eval_windows=2,
+                      curve_sizes=[0.5, 1.0])
+    assert art.meta["scoring"]["base_format"] == "int4-g32"
+    assert art.meta["result"]["steps_rss_mib"] > 0  # every step logs its resident memory
+    log = [json.loads(l) for l in (tmp_path / "q" / "log.jsonl").read_text().splitlines()]
+    assert all(e["rss_mib"] > 0 for e in log)
+    # the transfer: the curve was measured on the full-precision factors, and the artifact opens as any other
+    acip = art.curve[art.curve.method == "acip"]
+    assert acip.ppl_heldout.notna().all() and (acip.ppl_heldout < 1e4).all()
+    full = acip[acip.size_ratio.round(2) == 1.0].ppl_heldout.iloc[0]
+    orig = art.curve[art.curve.method == "original"].ppl_heldout.iloc[0]
+    assert abs(full - orig) / orig < 0.05  # at full size the transferred model is the original (+ its LoRA)
+    model, _ = open_method(tmp_path / "q")
+    assert abs(model.size_for_ratio(0.5).size_ratio - 0.5) < 0.05
