@@ -209,43 +209,62 @@ def interpolate_ppl(rows: pd.DataFrame, size_ratio: float, eval_set: str = "held
     return interp_log(pts.size_ratio, pts[col], at)
 
 
-def best_for_budget(any_size: AnySizeModel, curve: pd.DataFrame | None, budget_gb: float,
-                    eval_set: str = "heldout", formats=None) -> dict:
-    """The best (size, format) under `budget_gb` by the measured curve: in each measured format the
-    best of the largest size that fits (interpolated) and the measured sizes below it, ranked by
-    perplexity on `eval_set` (formats measured on other windows than most are left out). Returns the
-    pick (`size`, `format`, `size_ratio`, `gb`, `perplexity`) and `runners_up` (the next two)."""
+def comparable_acip(curve: pd.DataFrame | None) -> pd.DataFrame | None:
+    """The curve's ACIP rows whose perplexities can be ranked against each other: those of the formats
+    measured on the window count most formats share (curve_formats.sh: 16; older bf16 rows: 32)."""
     curve = curve_frame(curve)
     if curve is None or "format" not in curve or not (curve.method == "acip").any():
-        raise ValueError("this artifact has no measured curve to rank formats by: pass --format, or "
-                         "measure one with python -m acip_core curve --formats ...")
+        return None
     acip = curve[curve.method == "acip"]
     if "windows" in acip and acip.windows.notna().any():
-        # perplexities are only comparable on the same windows: rank the formats measured on the
-        # window count most formats share (curve_formats.sh: 16; older bf16 rows: 32)
         per_format = acip.groupby("format").windows.max()
         acip = acip[acip.format.isin(per_format[per_format == per_format.mode().iloc[0]].index)]
+    return acip
+
+
+def best_in_format(any_size: AnySizeModel, acip: pd.DataFrame | None, budget_gb: float, key: str,
+                   eval_set: str = "heldout") -> dict:
+    """The budget's answer in one format: the largest size that fits (raises ValueError when even the
+    smallest does not) and, where the curve has this format, the best by perplexity of that size and
+    every measured size below it (a curve need not be monotone: 0.9 can beat 1.0). Returns dict(size,
+    format, size_ratio, gb, perplexity: interpolated on the curve, or None where it has no value)."""
+    largest = any_size.size_for_budget(budget_gb, key)
+    best = dict(size=largest, format=key, size_ratio=round(largest.size_ratio, 5), gb=largest.gigabytes,
+                perplexity=None)
+    line = acip[acip.format == key] if acip is not None else None
+    if line is None or not len(line):
+        return best
+    sizes = [largest] + [any_size.size_for_ratio(r, key) for r in line.size_ratio
+                         if r < largest.size_ratio - 1e-9]
+    for size in sizes:
+        ppl = interpolate_ppl(line, size.size_ratio, eval_set)
+        if ppl is not None and size.gigabytes <= budget_gb and (best["perplexity"] is None
+                                                               or ppl < best["perplexity"]):
+            best = dict(size=size, format=key, size_ratio=round(size.size_ratio, 5), gb=size.gigabytes,
+                        perplexity=ppl)
+    return best
+
+
+def best_for_budget(any_size: AnySizeModel, curve: pd.DataFrame | None, budget_gb: float,
+                    eval_set: str = "heldout", formats=None) -> dict:
+    """The best (size, format) under `budget_gb` by the measured curve (`best_in_format` in every
+    format measured on comparable windows, ranked by perplexity on `eval_set`). Returns the pick
+    (`size`, `format`, `size_ratio`, `gb`, `perplexity`) and `runners_up` (the next two). The app's
+    budget answer (Explorer.fit_budget_every_dtype) is the same ranking over the app's formats."""
+    acip = comparable_acip(curve)
+    if acip is None:
+        raise ValueError("this artifact has no measured curve to rank formats by: pass --format, or "
+                         "measure one with python -m acip_core curve --formats ...")
     keys = [k for k in (formats or dict.fromkeys(acip.format)) if k in set(acip.format)]
     candidates, too_small = [], []
     for key in keys:
         try:
-            largest = any_size.size_for_budget(budget_gb, key)
+            pick = best_in_format(any_size, acip, budget_gb, key, eval_set)
         except ValueError:
             too_small.append(key)
             continue
-        line = acip[acip.format == key]
-        # the largest size that fits, and every measured size below it (a curve need not be monotone:
-        # 0.9 can beat 1.0); the best of them stands for this format
-        sizes = [largest] + [any_size.size_for_ratio(r, key) for r in line.size_ratio
-                             if r < largest.size_ratio - 1e-9]
-        best = None
-        for size in sizes:
-            ppl = interpolate_ppl(line, size.size_ratio, eval_set)
-            if ppl is not None and size.gigabytes <= budget_gb and (best is None or ppl < best["perplexity"]):
-                best = dict(size=size, format=key, size_ratio=round(size.size_ratio, 5), gb=size.gigabytes,
-                            perplexity=ppl)
-        if best is not None:
-            candidates.append(best)
+        if pick["perplexity"] is not None:
+            candidates.append(pick)
     if not candidates:
         smallest = min((any_size.size_at(0, k).gigabytes, k) for k in keys)
         if len(too_small) == len(keys):

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from .artifact import load_artifact
-from .curve import curve_at, curve_frame, smallest_measured, spread
+from .curve import best_in_format, comparable_acip, curve_at, curve_frame, ppl_columns, smallest_measured, spread
 from .data import load_text, token_windows
 from .evaluate import Cancelled, perplexity
 from .jobs import ScoringJobs  # noqa: F401  (re-exported: the app's other engine)
@@ -301,13 +301,7 @@ class Explorer:
 
     def size_for_budget(self, gigabytes, dtype: str = "float32") -> dict:
         """The largest size whose weights fit in `gigabytes` (1e9 bytes) in `dtype`, and what is left."""
-        check_dtype(dtype)
-        try:
-            budget = float(gigabytes)
-        except (TypeError, ValueError):
-            raise ValueError(f"the budget must be a number of GB, got {gigabytes!r}") from None
-        if not math.isfinite(budget) or budget <= 0:
-            raise ValueError(f"the budget must be a positive number of GB, got {gigabytes!r}")
+        budget = _budget(gigabytes)
         dtype = check_dtype(dtype)
         size = self.any_size.size_for_budget(budget, dtype)
         summary = self._summary(size, dtype)
@@ -612,28 +606,45 @@ class Explorer:
         return found
 
     def fit_budget_every_dtype(self, gigabytes) -> list[dict]:
-        """size_for_budget in every format the app offers, each with the curve's perplexity at its
-        size in that format (first eval set; None for a format the curve has not measured); the best
-        by that perplexity (else the largest size) has best=True. Formats whose smallest size does
-        not fit are listed with fits=False."""
+        """The budget's answer in every format the app offers (curve.best_in_format, the CLI's
+        `size --budget-gb` ranking: the best measured size that fits, by the curve's perplexity on
+        the first eval set; the largest size that fits where the curve lacks the format). The best
+        of the formats whose perplexities are comparable (else the largest size) has best=True.
+        Formats whose smallest size does not fit are listed with fits=False."""
+        budget = _budget(gigabytes)
+        cols = ppl_columns(self.curve)
+        eval_set = cols[0][len("ppl_"):] if cols else "heldout"
+        acip = comparable_acip(self.curve)
+        comparable = set(acip.format) if acip is not None else set()
+        all_acip = curve_frame(self.curve)
+        all_acip = all_acip[all_acip.method == "acip"] if all_acip is not None and "format" in all_acip else None
         rows = []
         for dtype in DTYPE_CHOICES:
             try:
-                fit = dict(self.size_for_budget(gigabytes, dtype), fits=True)
-            except ValueError as err:
-                if "budget must be" in str(err):
-                    raise
+                pick = best_in_format(self.any_size, all_acip, budget, dtype, eval_set)
+            except ValueError:
                 rows.append(dict(dtype=dtype, fits=False, smallest_gb=self.smallest_gb(dtype)))
                 continue
-            measured = self.curve is not None and dtype in set(curve_frame(self.curve).format)
-            fit["perplexity"] = curve_at(self.curve, fit["size_ratio"], fmt=dtype)["value"] if measured else None
-            rows.append(fit)
+            summary = self._summary(pick["size"], dtype)
+            rows.append(dict(summary, budget_gb=budget, dtype=dtype, budget_left_gb=budget - summary["gb"],
+                             fits=True, perplexity=pick["perplexity"], ranked=dtype in comparable))
         fitting = [r for r in rows if r["fits"]]
         if fitting:
-            best = min(fitting, key=lambda r: (r["perplexity"] if r["perplexity"] is not None else math.inf,
-                                               -r["size_ratio"], DTYPE_CHOICES.index(r["dtype"])))
+            best = min(fitting, key=lambda r: (r["perplexity"] if r["perplexity"] is not None and r["ranked"]
+                                               else math.inf, -r["size_ratio"], DTYPE_CHOICES.index(r["dtype"])))
             best["best"] = True
         return rows
+
+
+def _budget(gigabytes) -> float:
+    """A memory budget in GB as a positive finite number, or a ValueError that names it."""
+    try:
+        budget = float(gigabytes)
+    except (TypeError, ValueError):
+        raise ValueError(f"the budget must be a number of GB, got {gigabytes!r}") from None
+    if not math.isfinite(budget) or budget <= 0:
+        raise ValueError(f"the budget must be a positive number of GB, got {gigabytes!r}")
+    return budget
 
 
 def _flatten_metrics(result) -> dict:

@@ -194,7 +194,7 @@ def _portable(q) -> dict:
     byte (low nibble first), and the scales (int4: scale and zero per group)."""
     if q.kind == "int8":
         return {"qweight": q.data.contiguous(), "scales": q.scales.contiguous()}
-    codes = q.q.to(torch.uint8)
+    codes = q.codes().to(torch.uint8)
     return {"qweight": (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous(), "scales": q.scales.contiguous()}
 
 

@@ -149,8 +149,10 @@ class QWeight:
     """A weight-only quantized [out, in] matrix and the kernel that multiplies by it.
 
     int8: data int8 [out, in], scales [out] (compute dtype); W ≈ data · scales[:, None].
-    int4: data uint8 [out, in/2] (packed for torch's CPU kernel), scales_zeros [in/g, out, 2];
-          W ≈ (q − 8) · scale + zero per group, q in 0..15.
+    int4: data packed for the device's kernel (CPU: uint8 [out, in/2]), scales_zeros [in/g, out, 2];
+          W ≈ (q − 8) · scale + zero per group, q in 0..15. The codes q are read back from the
+          packed bytes on the CPU (`codes()`); only a layout that cannot be read back (CUDA's)
+          keeps them unpacked beside it (`q`, 1 byte per weight more).
     """
 
     kind: str  # "int8" | "int4"
@@ -158,12 +160,11 @@ class QWeight:
     scales: torch.Tensor
     shape: tuple  # (out, in)
     group_size: int | None = None
-    q: torch.Tensor | None = field(default=None, repr=False)  # int4: the unpacked codes [out, in] uint8
+    q: torch.Tensor | None = field(default=None, repr=False)  # int4 on CUDA: the unpacked codes [out, in] uint8
 
     @property
     def nbytes(self) -> int:
-        """Bytes held for multiplying (what a budget counts); the unpacked int4 codes are not used
-        by the kernel and are dropped from sizes (materialize keeps them only on the shared factor)."""
+        """Bytes held for multiplying (what a budget counts; CUDA's unpacked int4 codes aside)."""
         return self.data.numel() * self.data.element_size() + self.scales.numel() * self.scales.element_size()
 
     def rows(self, n: int) -> "QWeight":
@@ -179,6 +180,12 @@ class QWeight:
         return QWeight("int4", data, self.scales[:, :n].contiguous(), (n, k), self.group_size,
                        None if self.q is None else self.q[:n])
 
+    def codes(self) -> torch.Tensor:
+        """int4: the codes [rows, in] uint8 (rows padded to 32), unpacked from the CPU layout."""
+        if self.q is not None:
+            return self.q
+        return _unpack_int4_cpu(self.data, self.shape[1])
+
     def cols(self, n: int) -> "QWeight":
         """The first n input columns (a copy; int4: n must be a whole number of groups)."""
         out, k = self.shape
@@ -192,9 +199,9 @@ class QWeight:
         if not self.data.is_cuda and _int4_columns_slice():  # the packed bytes of a column prefix are a slice: a copy, no repacking
             data = self.data.view(rows // 32, k // 4, 64)[:, : n // 4].reshape(rows, n // 2)
         else:
-            data = _pack_int4(self.q[:, :n])
+            data = _pack_int4(self.codes()[:, :n])
         return QWeight("int4", data, self.scales[: n // self.group_size].contiguous(), (out, n), self.group_size,
-                       self.q[:, :n])
+                       None if self.q is None else self.q[:, :n])
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out] in x's dtype (the compute dtype); differentiable in x."""
@@ -225,10 +232,11 @@ class QWeight:
         if self.kind == "int8":
             return self.data.float() * self.scales.float()[:, None]
         out, k = self.shape
-        rows, g = self.q.shape[0], self.group_size  # rows: padded to a multiple of 32
+        q = self.codes()
+        rows, g = q.shape[0], self.group_size  # rows: padded to a multiple of 32
         sz = self.scales.float()  # [k/g, rows, 2]
         scale, zero = sz[..., 0].t()[:, :, None], sz[..., 1].t()[:, :, None]  # [rows, k/g, 1]
-        return ((self.q.float().reshape(rows, k // g, g) - 8) * scale + zero).reshape(rows, k)[:out]
+        return ((q.float().reshape(rows, k // g, g) - 8) * scale + zero).reshape(rows, k)[:out]
 
 
 class _FrozenProduct(torch.autograd.Function):
@@ -291,7 +299,9 @@ def quantize_int4(weight: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE, dt
     q, scale, zero = best
     codes = q.to(torch.uint8).reshape(rows, k)
     sz = torch.stack([scale.squeeze(-1), zero.squeeze(-1)], dim=-1).transpose(0, 1).contiguous()  # [k/g, out, 2]
-    return QWeight("int4", _pack_int4(codes), sz.to(dtype), (out, k), group_size, codes)
+    data = _pack_int4(codes)
+    keep = codes.is_cuda or not _int4_unpacks()  # a layout that cannot be read back keeps the codes
+    return QWeight("int4", data, sz.to(dtype), (out, k), group_size, codes if keep else None)
 
 
 @functools.lru_cache(maxsize=1)
@@ -305,6 +315,27 @@ def _int4_columns_slice() -> bool:
     if tuple(whole.shape) != (64, 64):
         return False
     return torch.equal(whole.view(2, 32, 64)[:, :8].reshape(64, 16), _pack_int4(codes[:, :32]))
+
+
+@functools.lru_cache(maxsize=1)
+def _int4_unpacks() -> bool:
+    """Whether `_unpack_int4_cpu` reads torch's CPU int4 layout back (measured on torch 2.13: rows in
+    blocks of 32; per block, 64 bytes per 4 columns: byte 16·c + r%16 holds row r, column c, row r < 16
+    in the low nibble). Checked once per process on a probe; where it fails the codes are kept."""
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 16, (64, 128), generator=g, dtype=torch.int32)
+    try:
+        return torch.equal(_unpack_int4_cpu(_pack_int4(codes), 128), codes.to(torch.uint8))
+    except RuntimeError:
+        return False
+
+
+def _unpack_int4_cpu(data: torch.Tensor, k: int) -> torch.Tensor:
+    """The codes [rows, k] uint8 of a CPU-packed int4 weight (layout: `_int4_unpacks`)."""
+    rows = data.shape[0]
+    b = data.reshape(rows // 32, k // 4, 4, 16)  # [row block, column group, column, row % 16]
+    halves = torch.stack([b & 0xF, b >> 4], dim=3)  # [block, group, column, row // 16, row % 16]
+    return halves.permute(0, 3, 4, 1, 2).reshape(rows, k)
 
 
 def _pack_int4(codes: torch.Tensor) -> torch.Tensor:

@@ -140,7 +140,9 @@ class ScoringHook(StepHook):
         return self.scores or {}
 
     def load_tensors(self, tensors: dict) -> None:
-        self.scores = tensors or None
+        # a checkpoint's tensors come back on the CPU; the masks they are compared with may be on a GPU
+        device = next(iter(self.layers.values())).mask.device
+        self.scores = {k: v.to(device) for k, v in tensors.items()} if tensors else None
 
     def begin(self) -> None:
         if self.run.phase == "post_tune":

@@ -50,3 +50,25 @@ def test_scoring_runs_on_the_gpu(tiny_llama_wide, tmp_path, base):
     assert all(row["gpu_peak_mib"] > 0 for row in log)
     acip = art.curve[art.curve.method == "acip"]
     assert acip.ppl_heldout.notna().all()
+
+
+def test_a_gpu_scoring_run_resumes(tiny_llama, tmp_path):
+    """A checkpoint's score map is restored beside the masks on the GPU (it once came back on the CPU
+    and the first step after a resume failed on the device mismatch)."""
+    cfg = ScoreConfig(steps=12, batch_size=2, seq_len=32, lr=2e-3, reg_init=1e-2, reg_growth=1.05,
+                      stop_ratio=0.4, post_tune_steps=3, checkpoint_every=7, precision="fp32")
+    calls = {"n": 0}
+
+    def stop_after_8():
+        calls["n"] += 1
+        return calls["n"] >= 8
+
+    part = tmp_path / "part"
+    assert run_scoring(tiny_llama, "corpus:train", part, "svd", cfg, should_stop=stop_after_8,
+                       eval_windows=0, curve_sizes=[0.5]) is None
+    resumed = run_scoring(tiny_llama, "corpus:train", part, "svd", cfg, resume=True, eval_windows=0,
+                          curve_sizes=[0.5])
+    full = run_scoring(tiny_llama, "corpus:train", tmp_path / "full", "svd", cfg, eval_windows=0,
+                       curve_sizes=[0.5])
+    for n in full.scores:  # GPU kernels need not be bitwise reproducible: close, not equal
+        torch.testing.assert_close(resumed.scores[n], full.scores[n], atol=1e-3, rtol=0)

@@ -167,6 +167,9 @@ def test_budget_in_every_dtype_names_the_best(explorer):
     assert ranked and best["perplexity"] == min(ranked)
     # the tiny artifact's curve was measured in float32 only: other formats are not ranked by a guess
     assert fits["float32"]["perplexity"] is not None and fits["int8"]["perplexity"] is None
+    from acip_core.curve import best_for_budget  # one ranking: the CLI's `size --budget-gb` picks the same
+    pick = best_for_budget(explorer.any_size, explorer.curve, gb, ppl_columns_first(explorer))
+    assert (pick["format"], pick["size_ratio"]) == (best["dtype"], best["size_ratio"])
     tiny = explorer.smallest_gb("bfloat16") * 1.01
     fits = {f["dtype"]: f for f in explorer.fit_budget_every_dtype(tiny)}
     assert fits["float32"]["fits"] is False and fits["bfloat16"]["fits"] and fits["int4-g32"]["fits"]
@@ -275,3 +278,9 @@ def test_lm_eval_row(explorer):
         explorer.measure_lm_eval(0.7, [])
     with pytest.raises(Cancelled):
         explorer.measure_lm_eval(0.7, [OFFLINE_TASKS[0]], limit=4, should_stop=lambda: True)
+
+
+def ppl_columns_first(explorer) -> str:
+    from acip_core.curve import ppl_columns
+
+    return ppl_columns(explorer.curve)[0][len("ppl_"):]

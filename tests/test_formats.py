@@ -243,7 +243,7 @@ def test_int4_column_prefix_is_the_repacked_prefix():
     assert _int4_columns_slice()  # torch 2.13's layout (else cols() repacks: correct, slower)
     q = quantize_int4(torch.randn(200, 256, generator=torch.Generator().manual_seed(2)), 32)
     for n in (32, 96, 224):
-        assert torch.equal(q.cols(n).data, _pack_int4(q.q[:, :n]))
+        assert torch.equal(q.cols(n).data, _pack_int4(q.codes()[:, :n]))
 
 
 def test_gb_view_draws_every_format_the_originals_and_the_frontier():
@@ -259,3 +259,14 @@ def test_gb_view_draws_every_format_the_originals_and_the_frontier():
     assert "current size" in names  # on the int8 line at 0.7 GB
     ratio_view = curve_figure(curve, x="size_ratio", dtype="int4-g32")
     assert [t.name for t in ratio_view.data if t.name.startswith("acip")] == ["acip int4-g32"]
+
+
+def test_int4_codes_are_read_back_from_the_cpu_layout_and_not_kept():
+    from acip_core.formats import _int4_unpacks, _pack_int4, _unpack_int4_cpu, quantize_int4
+
+    assert _int4_unpacks()  # torch's CPU layout as documented in formats._int4_unpacks
+    codes = torch.randint(0, 16, (96, 192), generator=torch.Generator().manual_seed(3), dtype=torch.int32)
+    assert torch.equal(_unpack_int4_cpu(_pack_int4(codes), 192), codes.to(torch.uint8))
+    q = quantize_int4(torch.randn(70, 192), 64)
+    assert q.q is None  # half a byte per weight held, not one and a half
+    assert q.nbytes == sum(t.numel() * t.element_size() for t in (q.data, q.scales))
