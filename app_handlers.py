@@ -69,6 +69,11 @@ class Handlers:
         self.app = app
         self._stops: dict[tuple[str, str], threading.Event] = {}
         self._lock = threading.Lock()
+        self.quota = public.SessionQuota(public.limits().heavy_per_hour)  # heavy jobs per visitor (public)
+
+    def _heavy(self, request) -> None:
+        """One more heavy job for this visitor, or a clear refusal (public.SessionQuota)."""
+        self.quota.take(getattr(request, "session_hash", None))
 
     # -- artifacts ------------------------------------------------------------------------------
     def check_folder(self, folder: str) -> None:
@@ -235,6 +240,7 @@ class Handlers:
     def sweep(self, folder, sizes, message, max_new_tokens, dtype, request: gr.Request = None):
         """One prompt answered by many sizes, one after another (greedy), as a grid of replies."""
         ex = self.explorer(folder)
+        self._heavy(request)
         ratios = text.parse_sizes(sizes)
         message = clean_prompt(message)
         stop = self._stop(request, "chat")
@@ -258,6 +264,7 @@ class Handlers:
     def perplexity(self, folder, ratio, data, windows, seq_len, dtype, results, request: gr.Request = None,
                    progress=gr.Progress()):
         ex = self.explorer(folder)
+        self._heavy(request)
         stop = self._stop(request, "measure")
         stop.clear()
         progress(0.0, desc="reading the text and preparing the size")
@@ -274,6 +281,7 @@ class Handlers:
     def lm_eval(self, folder, ratio, tasks, limit, batch_size, dtype, results, request: gr.Request = None,
                 progress=gr.Progress()):
         ex = self.explorer(folder)
+        self._heavy(request)
         stop = self._stop(request, "measure")
         stop.clear()
         progress(0.0, desc="loading lm-eval and its tasks")
@@ -296,8 +304,9 @@ class Handlers:
 
     # -- export ---------------------------------------------------------------------------------
     @ui_errors
-    def export(self, folder, ratio, kind, dtype, results, progress=gr.Progress()):
+    def export(self, folder, ratio, kind, dtype, results, request: gr.Request = None, progress=gr.Progress()):
         ex = self.explorer(folder)
+        self._heavy(request)
         dense = EXPORT_KINDS.get(kind, str(kind).startswith("dense"))
         size = ex.size(ratio)
         name = f"{ex.name}-size{size.size_ratio:.3f}-{'dense' if dense else 'lowrank'}-{dtype}"

@@ -17,6 +17,7 @@ import math
 import os
 import re
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,13 +58,15 @@ class Limits:
     bases_bytes: int  # the cached bases; least recently used removed first
     chat_tokens: int  # history + message of one chat request, after the chat template
     cache_seconds: int  # Gradio's cache (uploads, downloads) is cleaned of files older than this
+    heavy_per_hour: float  # measurements, sweeps and exports one visitor (session) may start per hour
 
 
 def _local() -> Limits:
     return Limits(public=False, scoring="open", max_steps=100_000, max_batch_size=256, max_seq_len=32_768,
                   max_run_seconds=math.inf, max_running=1, lm_eval_items=100_000, perplexity_windows=1024,
                   upload_bytes=200 * MB, uploads_bytes=2 * GB, runs_bytes=math.inf, exports_bytes=20 * GB,
-                  bases_bytes=20 * GB, chat_tokens=4096, cache_seconds=24 * 3600)
+                  bases_bytes=20 * GB, chat_tokens=4096, cache_seconds=24 * 3600,
+                  heavy_per_hour=math.inf)
 
 
 def _public(env) -> Limits:
@@ -72,7 +75,8 @@ def _public(env) -> Limits:
     return Limits(public=True, scoring="token" if env.get("ACIP_ADMIN_TOKEN") else "off", max_steps=400,
                   max_batch_size=4, max_seq_len=512, max_run_seconds=1800, max_running=1, lm_eval_items=100,
                   perplexity_windows=64, upload_bytes=10 * MB, uploads_bytes=100 * MB, runs_bytes=3 * GB,
-                  exports_bytes=2 * GB, bases_bytes=3 * GB, chat_tokens=1024, cache_seconds=3600)
+                  exports_bytes=2 * GB, bases_bytes=3 * GB, chat_tokens=1024, cache_seconds=3600,
+                  heavy_per_hour=20)
 
 
 def limits(env=None) -> Limits:
@@ -92,6 +96,34 @@ def limits(env=None) -> Limits:
             raise ValueError(f"ACIP_LIMIT_{f.name.upper()} must be positive, got {raw!r}")
         changes[f.name] = value if f.type == "float" or math.isinf(value) else int(value)
     return dataclasses.replace(base, **changes)
+
+
+class SessionQuota:
+    """Heavy jobs (perplexity, lm-eval, sweeps, exports) share one slot for every visitor; in public
+    mode each session may start at most `per_hour` of them in any hour, so one stranger cannot keep
+    the slot (or the queue in front of it) for everyone: a job over the quota is refused at once,
+    which frees the slot at once. Thread-safe; sessions are forgotten an hour after their last job."""
+
+    def __init__(self, per_hour: float, clock=time.monotonic):
+        self.per_hour, self.clock = per_hour, clock
+        self._starts: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, session: str | None) -> None:
+        """Counts one start for `session`, or raises ValueError saying when the next one is allowed."""
+        if math.isinf(self.per_hour):
+            return
+        now = self.clock()
+        with self._lock:
+            for key in [k for k, v in self._starts.items() if not v or now - v[-1] > 3600]:
+                del self._starts[key]
+            starts = [t for t in self._starts.get(session or "anonymous", []) if now - t < 3600]
+            if len(starts) >= self.per_hour:
+                wait = 3600 - (now - starts[0])
+                raise ValueError(f"this session has started {len(starts)} measurements/exports in the last "
+                                 f"hour, the public limit; the next is possible in {wait / 60:.0f} min "
+                                 "(run the app locally for no limits)")
+            self._starts[session or "anonymous"] = starts + [now]
 
 
 # -- who may do what ----------------------------------------------------------------------------
@@ -307,7 +339,8 @@ def describe(lim: Limits | None = None) -> str:
     return (f"**Public Space.** To keep it usable by everyone, visitors' work is bounded: scoring runs are "
             f"{scoring}, one at a time, at most {lim.max_steps} steps, batch {lim.max_batch_size} × "
             f"{lim.max_seq_len} tokens and {lim.max_run_seconds / 60:.0f} min; lm-eval at most "
-            f"{lim.lm_eval_items} items per task; chat history {lim.chat_tokens} tokens; uploads "
+            f"{lim.lm_eval_items} items per task; {lim.heavy_per_hour:g} measurements, sweeps or exports per "
+            f"visitor per hour; chat history {lim.chat_tokens} tokens; uploads "
             f"{lim.upload_bytes / MB:g} MB of text; models and texts only by name (no server paths); old "
             "exports and runs are removed first when the disk bound is reached. Run it locally for no limits.")
 

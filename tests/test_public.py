@@ -3,6 +3,7 @@ belong to whoever started them, and what is echoed is text. Library level; the a
 test_public_app.py."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -390,3 +391,18 @@ def test_a_hub_id_fails_fast_when_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "true")  # huggingface_hub's spellings count too
     with pytest.raises(ModelSourceError, match="HF_HUB_OFFLINE is set"):
         load_base("someone/some-model")
+
+
+def test_a_session_over_its_hourly_quota_of_heavy_jobs_is_refused_and_others_are_not():
+    now = [0.0]
+    quota = public.SessionQuota(per_hour=3, clock=lambda: now[0])
+    for _ in range(3):
+        quota.take("a")
+    with pytest.raises(ValueError, match="3 measurements/exports in the last hour.*60 min"):
+        quota.take("a")
+    quota.take("b")  # another visitor is not affected
+    now[0] = 3601.0  # an hour after the first start the session may start again
+    quota.take("a")
+    assert public.SessionQuota(per_hour=math.inf).take("a") is None  # local mode: no quota
+    assert public.limits({"SPACE_ID": "x/y"}).heavy_per_hour == 20 and "per hour" in public.describe(
+        public.limits({"SPACE_ID": "x/y"}))
