@@ -3,8 +3,8 @@
 # (float32, 32 windows), into runs/variants/<name>/ (resumable: rerun the script after a kill).
 #   kd          the shipped recipe (benchmarks/score_embedded.sh) with --objective kd      (#12)
 #   shipped     a copy of precomputed/smollm2-135m-instruct, re-measured the same way
-#   short-fp    the recipe with λ growing three times as fast (1.03 a step), stopped at 0.7 with 20
-#               post-tune steps: the shorter pair, ~1/3 of the steps (#11, #12)
+#   short-fp    the recipe with λ growing five times as fast (1.05 a step), stopped at 0.7 with 20
+#               post-tune steps: the shorter pair, ~1/4 of the steps (#11, #12)
 #   short-int4  short-fp on an int4 base (--base-format int4), transferred to float32 (#11)
 #   short-kd    short-fp with --objective kd (#12)
 #   benchmarks/score_variants.sh [NAME ...]   (default: short-fp short-int4 short-kd)
@@ -31,7 +31,7 @@ for name in "${names[@]}"; do
              extra=(); [ "$name" = short-int4 ] && extra=(--base-format int4)
              [ "$name" = short-kd ] && extra=(--objective kd)
              [ -f "$out/acip.json" ] || OUT=$out POST_TUNE=20 benchmarks/score_embedded.sh --stop-ratio 0.7 \
-               --reg-growth 1.03 "${extra[@]}" > "$root/$name.log" 2>&1
+               --reg-growth 1.05 "${extra[@]}" > "$root/$name.log" 2>&1
              curve "$out" 0.7:0.9:0.1 ;;
     *) echo "unknown variant $name" >&2; exit 2 ;;
   esac
