@@ -46,7 +46,7 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
     """The whole UI for a StudioConfig (default: from the environment); wiring only."""
     h = Handlers(Studio(config or StudioConfig.from_env()))
     offline_tasks, all_tasks = lm_eval_tasks()
-    choices = h.app.artifacts()
+    choices = h.app.artifact_choices()  # by name: never a server path (Studio.folder_of)
     lim = public.limits()
     # Gradio's cache (uploads, downloads) is cleaned of files older than lim.cache_seconds
     with gr.Blocks(title="ACIP Studio", delete_cache=(lim.cache_seconds, lim.cache_seconds)) as demo:
@@ -205,7 +205,7 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
         view = [artifact, ratio, x_axis, dtype, metric, results, fitted]
         explore_out = [summary, layers, heatmap, curve, badge, budget]
         demo.load(h.start, None, [artifact, status, ratio, metric] + explore_out, api_name="start",
-                  show_progress="minimal").then(lambda f: gr.update(choices=h.app.artifacts(), value=f),
+                  show_progress="minimal").then(lambda f: gr.update(choices=h.app.artifact_choices(), value=f),
                                                 artifact, artifact_b, api_name=False)
         demo.load(lambda: gr.update(choices=[r["name"] for r in h.app.jobs.list()]), None, runs, api_name="runs")
         artifact.input(h.artifact, [artifact, ratio, x_axis, dtype], [status, metric, ratio, dtype] + explore_out,

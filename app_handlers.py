@@ -76,19 +76,19 @@ class Handlers:
         self.quota.take(getattr(request, "session_hash", None))
 
     # -- artifacts ------------------------------------------------------------------------------
-    def check_folder(self, folder: str) -> None:
-        if not folder:
-            raise gr.Error("No artifact is selected: pick one above, or create one in the Score tab.")
-        if not self.app.is_known(folder):
-            raise gr.Error(f"{folder!r} is not one of the available artifacts.")
+    def folder(self, value) -> str:
+        """The folder of the artifact a selector names (Studio.folder_of: names only in public mode)."""
+        try:
+            return self.app.folder_of(value)
+        except ValueError as err:
+            raise gr.Error(str(err)) from None
 
-    def explorer(self, folder: str) -> Explorer:
-        self.check_folder(folder)
-        return self.app.registry.open_explorer(folder)
+    def explorer(self, value) -> Explorer:
+        return self.app.registry.open_explorer(self.folder(value))
 
-    def _loading(self, folder, progress):
-        """Yields a status line while `folder` loads, with a progress bar when the load has counts."""
-        self.check_folder(folder)
+    def _loading(self, value, progress):
+        """Yields a status line while the named artifact loads, with a progress bar when the load has counts."""
+        folder = self.folder(value)
         for line in self.app.registry.wait_lines(folder):
             state = self.app.registry.loading(folder)
             if progress is not None and state is not None and state.total:
@@ -105,22 +105,23 @@ class Handlers:
     def start(self, progress=gr.Progress()):
         """Page load: pick the first artifact, report its loading progress, then fill every view."""
         folder, note = self.app.default_artifact()
+        name = self.app.choice_of(folder)
         note = note + "\n\n" if note else ""
-        dd = gr.update(choices=self.app.artifacts(), value=folder)
+        dd = gr.update(choices=self.app.artifact_choices(), value=name)
         nothing = (gr.skip(),) * 8
-        if folder is None:
+        if name is None:
             yield (dd, note) + nothing
             return
-        for line in self._loading(folder, progress):
+        for line in self._loading(name, progress):
             yield (dd, note + line) + nothing
         try:
-            ex = self.explorer(folder)
+            ex = self.explorer(name)
         except RuntimeError as err:  # said in the status line, where it stays visible
             yield (dd, f"{note}**{err}** Pick another artifact above, or create one in the Score tab.") + nothing
             return
         ratio = math.ceil(suggested_ratio(ex.curve) * 1000) / 1000
         yield (dd, note + text.describe_text(ex.describe()), ratio, self._metric_update(ex)) + \
-            self.size(folder, ratio, "size ratio", "float32", None, None)
+            self.size(name, ratio, "size ratio", "float32", None, None)
 
     def _metric_update(self, ex: Explorer):
         cols = ppl_columns(ex.curve)
@@ -187,7 +188,7 @@ class Handlers:
         """Chat B's artifact: a tuned size moves B's slider to the size it was tuned at."""
         from acip_core.tuned import is_tuned, load_tuned
 
-        self.check_folder(folder_b)
+        folder_b = self.folder(folder_b)
         if not is_tuned(folder_b):
             return gr.skip()
         tuned = load_tuned(folder_b)
@@ -376,6 +377,7 @@ class Handlers:
         """Explore's "fine-tune this size": a background fine-tuning run of the selected size and format
         (the Score tab follows it; the tuned size joins the artifact list and the curve when done)."""
         public.check_may_score(token)
+        folder = self.folder(folder)
         ex = self.explorer(folder)
         if ex.tuned:
             raise gr.Error("This is already a tuned size: pick its artifact to fine-tune another size.")
@@ -418,7 +420,7 @@ class Handlers:
         """Timer tick: the runs table, the selected run's plots; the run and artifact lists only when
         they changed (re-sending choices would close a dropdown the user has open)."""
         known = dict(known or {})
-        choices = self.app.artifacts()
+        choices = self.app.artifact_choices()
         folders, names = [f for _, f in choices], [r["name"] for r in self.app.jobs.list()]
         artifacts = gr.update(choices=choices) if folders != known.get("artifacts") else gr.skip()
         runs = gr.update(choices=names) if names != known.get("runs") else gr.skip()

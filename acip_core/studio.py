@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from . import public
 from .curve import eval_set_label
 from .jobs import ScoringJobs
 from .registry import Registry, find_artifacts
@@ -105,6 +106,40 @@ class Studio:
 
     def is_known(self, folder: str) -> bool:
         return self.registry.loaded(folder) is not None or folder in {f for _, f in self.artifacts()}
+
+    def named_artifacts(self) -> list[tuple[str, str]]:
+        """(name, folder) of every usable artifact: the name is its label, made unique (" #2"). The app's
+        selectors carry names, never server paths (docs/ARCHITECTURE.md "Public mode")."""
+        named, seen = [], {}
+        for label, folder in self.artifacts():
+            seen[label] = seen.get(label, 0) + 1
+            named.append((label if seen[label] == 1 else f"{label} #{seen[label]}", folder))
+        return named
+
+    def artifact_choices(self) -> list[tuple[str, str]]:
+        """The selectors' choices, (label, value): in public mode the value is the name (a visitor never
+        sees or sends a server path); locally the folder, as scripts calling the API pass it."""
+        named = self.named_artifacts()
+        return [(name, name) for name, _ in named] if public.is_public() else named
+
+    def name_of(self, folder: str | None) -> str | None:
+        return next((name for name, f in self.named_artifacts() if f == folder), None)
+
+    def choice_of(self, folder: str | None) -> str | None:
+        """The selector value that stands for a folder (its name in public mode, else itself)."""
+        return self.name_of(folder) if public.is_public() else folder
+
+    def folder_of(self, value) -> str:
+        """The folder an artifact name stands for. Local use also takes a listed folder itself (scripts
+        and tests call the API with paths); public mode takes names only: never a server path."""
+        if not value:
+            raise ValueError("Pick an artifact first.")
+        for name, folder in self.named_artifacts():
+            if value == name:
+                return folder
+        if not public.is_public() and self.is_known(str(value)):
+            return str(value)
+        raise ValueError(f"{str(value)[:200]!r} is not one of the available artifacts (choose one by name).")
 
     def download_dir(self, kind: str) -> Path:
         """A fresh folder for one download; old downloads go first (age, then total size)."""

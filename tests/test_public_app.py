@@ -159,9 +159,27 @@ def test_a_forged_long_history_is_refused(public_app, tiny_artifact):
     client.predict(api_name="/start")
     forged = [dict(role="user", content=[dict(type="text", text="x" * 80_000)]),
               dict(role="assistant", content=[dict(type="text", text="y")])]  # as the page sends it
+    name = public_app[2].handlers.app.name_of(str(tiny_artifact))  # the selectors carry names
     with _refused(public_app, "history holds a user message of 80,000 characters"):
-        client.predict(str(tiny_artifact), 1.0, str(tiny_artifact), 1.0, False, "hi", forged, [], 4, 1.15, "float32",
-                       api_name="/chat")
+        client.predict(name, 1.0, name, 1.0, False, "hi", forged, [], 4, 1.15, "float32", api_name="/chat")
+
+
+def test_artifacts_are_chosen_by_name_and_a_server_path_is_refused(public_app, tiny_artifact):
+    """Public mode: the selectors offer names, never paths; a path (even a listed artifact's) is refused."""
+    url, _, demo = public_app
+    client = _client(url)
+    client.predict(api_name="/start")
+    studio = demo.handlers.app
+    assert all(value == label and "/" not in value for label, value in studio.artifact_choices())
+    name = studio.name_of(str(tiny_artifact))
+    assert name and client.predict(name, 0.7, "size ratio", "float32", None, api_name="/size")
+    for path in (str(tiny_artifact), "/etc/passwd", "../../etc"):
+        with pytest.raises(Exception) as err:  # Gradio's own check: not one of the choices
+            client.predict(path, 0.7, "size ratio", "float32", None, api_name="/size")
+        offered = str(err.value).rpartition("choices:")[2]  # what the refusal lists: names, no server path
+        assert offered and "/" not in offered and name in offered
+        with _refused(public_app, "not one of the available artifacts"):  # and the handler's, behind it
+            assert demo.handlers.on_size(path, 0.7, "size ratio", "float32", None, [], None) == gr.skip()
 
 
 def test_an_upload_over_the_cap_is_refused_by_gradio(public_app):
