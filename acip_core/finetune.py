@@ -29,8 +29,8 @@ from .layers import LowRankLinear
 from .materialize import AnySizeModel, Size, _clone_tree, _quantized_embeddings
 from .models import load_base
 from .score import autocast_dtype
-from .train import (OBJECTIVES, StepHook, objective, peak_rss_mib, remove_checkpoint, steps_memory,
-                    train_loop)
+from .train import (OBJECTIVES, StepHook, objective, peak_rss_mib, release_memory, remove_checkpoint,
+                    steps_memory, train_loop)
 from .tuned import TUNED_FILE, TunedSize, load_tuned, parent_checksum, parent_reference, save_tuned
 
 log = logging.getLogger(__name__)
@@ -210,6 +210,7 @@ def run_finetune(artifact_folder: str | Path, size_ratio: float, data: str, out:
         teacher = any_size.materialize(any_size.full_size()) if cfg.objective != "lm" else None
         if fmt.quantized:  # the student holds its own quantized packs: the float32 factors can go
             any_size.release_float32_factors()  # (the untuned size is measured from a fresh copy)
+            release_memory()
         params = {f"{n}.{k}": getattr(l, k) for n, l in layers.items() for k in ("lora_A", "lora_B")}
         if dist:
             for p in params.values():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import gc
 import logging
 import os
 import time
@@ -22,7 +21,7 @@ from .materialize import AnySizeModel
 from .models import fingerprint, load_base, pick_device
 from .parametrize import DEFAULT_TARGETS, acip_layers, parametrize_, replace_modules_, target_linears
 from .score import ScoreConfig, autocast_dtype, remove_checkpoint, score_loop
-from .train import steps_memory
+from .train import release_memory, steps_memory
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +153,7 @@ def run_scoring(model_source: str, data: str, out: str | Path, basis_kind: str =
                 except ValueError as e:
                     raise ValueError(f"--base-format {base_format.key} does not fit layer {name}: {e}") from None
             basis = originals = linears = None
-            gc.collect()
+            release_memory()  # the float factors and the quantizer's temporaries
         scores, state = score_loop(train_model, layers, stream, cfg, out, resume, on_step, should_stop,
                                    reduce_grads=dist.reducer(layers) if dist else None, is_writer=writer,
                                    teacher=teacher)
@@ -167,7 +166,7 @@ def run_scoring(model_source: str, data: str, out: str | Path, basis_kind: str =
                     for k in ("lora_A", "lora_B")}
         if base_format.quantized:  # the transfer: the full-precision base (the basis from its cache) takes
             model = train_model = layers = None  # the score map and adapters for the curve and every later use
-            gc.collect()
+            release_memory()
             model, tokenizer = load_base(model_source)
             basis = basis_for(model, tokenizer, target_linears(model, targets), recipe, fp)
         elif not sharded:

@@ -74,6 +74,20 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def release_memory() -> None:
+    """Collects garbage and hands the C heap's free pages back to the OS (glibc's malloc_trim): after
+    a model's worth of quantization temporaries is freed, glibc keeps it resident otherwise (measured:
+    60 int4 packs of 1536 × 576 left 165 MB that only the trim returned; RESULTS "Scoring variants")."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        pass
+
+
 def memory_fields(device: torch.device) -> dict:
     """What a step's log line says about memory: the RSS now (the steps' maximum is what training
     itself holds) and, on a GPU, the peak allocated since the run's start."""
