@@ -77,11 +77,9 @@ class Handlers:
 
     # -- artifacts ------------------------------------------------------------------------------
     def folder(self, value) -> str:
-        """The folder of the artifact a selector names (Studio.folder_of: names only in public mode)."""
-        try:
-            return self.app.folder_of(value)
-        except ValueError as err:
-            raise gr.Error(str(err)) from None
+        """The folder of the artifact a selector names (Studio.folder_of: names only in public mode; its
+        ValueError reaches the visitor as a toast through ui_errors)."""
+        return self.app.folder_of(value)
 
     def explorer(self, value) -> Explorer:
         return self.app.registry.open_explorer(self.folder(value))

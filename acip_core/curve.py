@@ -209,13 +209,20 @@ def interpolate_ppl(rows: pd.DataFrame, size_ratio: float, eval_set: str = "held
     return interp_log(pts.size_ratio, pts[col], at)
 
 
-def comparable_acip(curve: pd.DataFrame | None) -> pd.DataFrame | None:
-    """The curve's ACIP rows whose perplexities can be ranked against each other: those of the formats
-    measured on the window count most formats share (curve_formats.sh: 16; older bf16 rows: 32)."""
+def acip_rows(curve: pd.DataFrame | None) -> pd.DataFrame | None:
+    """The curve's ACIP rows (every format), or None when it has none."""
     curve = curve_frame(curve)
     if curve is None or "format" not in curve or not (curve.method == "acip").any():
         return None
-    acip = curve[curve.method == "acip"]
+    return curve[curve.method == "acip"]
+
+
+def comparable_acip(curve: pd.DataFrame | None) -> pd.DataFrame | None:
+    """The curve's ACIP rows whose perplexities can be ranked against each other: those of the formats
+    measured on the window count most formats share (curve_formats.sh: 16; older bf16 rows: 32)."""
+    acip = acip_rows(curve)
+    if acip is None:
+        return None
     if "windows" in acip and acip.windows.notna().any():
         per_format = acip.groupby("format").windows.max()
         acip = acip[acip.format.isin(per_format[per_format == per_format.mode().iloc[0]].index)]

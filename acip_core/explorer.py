@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from .artifact import load_artifact
-from .curve import best_in_format, comparable_acip, curve_at, curve_frame, ppl_columns, smallest_measured, spread
+from .curve import acip_rows, best_in_format, comparable_acip, curve_at, ppl_columns, smallest_measured, spread
 from .data import load_text, token_windows
 from .evaluate import Cancelled, perplexity
 from .jobs import ScoringJobs  # noqa: F401  (re-exported: the app's other engine)
@@ -303,7 +303,9 @@ class Explorer:
         """The largest size whose weights fit in `gigabytes` (1e9 bytes) in `dtype`, and what is left."""
         budget = _budget(gigabytes)
         dtype = check_dtype(dtype)
-        size = self.any_size.size_for_budget(budget, dtype)
+        return self._budget_row(self.any_size.size_for_budget(budget, dtype), dtype, budget)
+
+    def _budget_row(self, size, dtype: str, budget: float) -> dict:
         summary = self._summary(size, dtype)
         return dict(summary, budget_gb=budget, dtype=dtype, budget_left_gb=budget - summary["gb"])
 
@@ -616,8 +618,7 @@ class Explorer:
         eval_set = cols[0][len("ppl_"):] if cols else "heldout"
         acip = comparable_acip(self.curve)
         comparable = set(acip.format) if acip is not None else set()
-        all_acip = curve_frame(self.curve)
-        all_acip = all_acip[all_acip.method == "acip"] if all_acip is not None and "format" in all_acip else None
+        all_acip = acip_rows(self.curve)
         rows = []
         for dtype in DTYPE_CHOICES:
             try:
@@ -625,9 +626,8 @@ class Explorer:
             except ValueError:
                 rows.append(dict(dtype=dtype, fits=False, smallest_gb=self.smallest_gb(dtype)))
                 continue
-            summary = self._summary(pick["size"], dtype)
-            rows.append(dict(summary, budget_gb=budget, dtype=dtype, budget_left_gb=budget - summary["gb"],
-                             fits=True, perplexity=pick["perplexity"], ranked=dtype in comparable))
+            rows.append(dict(self._budget_row(pick["size"], dtype, budget), fits=True, perplexity=pick["perplexity"],
+                             ranked=dtype in comparable))
         fitting = [r for r in rows if r["fits"]]
         if fitting:
             best = min(fitting, key=lambda r: (r["perplexity"] if r["perplexity"] is not None and r["ranked"]

@@ -341,7 +341,7 @@ def _unpack_int4_cpu(data: torch.Tensor, k: int) -> torch.Tensor:
 def _pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """Codes [rows, k] (0..15) in the layout of the device's int4 kernel (k/2 bytes per row either way)."""
     if codes.is_cuda:
-        pairs = (codes[:, ::2].to(torch.uint8) << 4 | codes[:, 1::2].to(torch.uint8)).contiguous()
+        pairs = _int4_pairs(codes)
         tiles = _cuda_int4_tiles(codes.shape[1])
         if tiles and _cuda_int4_kernel(codes.device):
             return torch.ops.aten._convert_weight_to_int4pack(pairs, tiles)
@@ -350,6 +350,12 @@ def _pack_int4(codes: torch.Tensor) -> torch.Tensor:
 
 
 # -- CUDA: the kernels gpt-fast uses (docs/ARCHITECTURE.md "Formats") ------------------------------
+def _int4_pairs(codes: torch.Tensor) -> torch.Tensor:
+    """Codes [rows, k] as uint8 [rows, k/2], two per byte, even column in the high nibble (the input
+    of torch's CUDA int4 packing)."""
+    return (codes[:, ::2].to(torch.uint8) << 4 | codes[:, 1::2].to(torch.uint8)).contiguous()
+
+
 def _cuda_int4_tiles(k: int) -> int:
     """The inner k-tiles of torch's CUDA int4 layout for an input size (0: none fits)."""
     return next((t for t in (8, 4, 2) if k % (t * 16) == 0), 0)
@@ -363,7 +369,7 @@ def _cuda_int4_kernel(device: torch.device) -> bool:
         g = torch.Generator(device=device).manual_seed(0)
         codes = torch.randint(0, 16, (64, 128), generator=g, device=device, dtype=torch.int32)
         sz = torch.rand(4, 64, 2, generator=g, device=device).to(torch.bfloat16)
-        pairs = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8).contiguous()
+        pairs = _int4_pairs(codes)
         x = torch.randn(5, 128, generator=g, device=device).to(torch.bfloat16)
         y = torch.ops.aten._weight_int4pack_mm(x, torch.ops.aten._convert_weight_to_int4pack(pairs, 8), 32, sz)
         w = QWeight("int4", pairs, sz, (64, 128), 32, codes.to(torch.uint8)).dequantize()

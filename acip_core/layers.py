@@ -97,10 +97,9 @@ class ACIPLinear(nn.Module):
         """The effective weight (tests and exports only; the forward never needs it)."""
         with torch.no_grad():
             if self.qU is not None:  # a quantized base: the kept directions of the dequantized factors
-                U, Vh = self.qU.dequantize(), self.qVh.dequantize()
-                w = (U * (self.s - self.pruned_scale())) @ Vh
-                return w + self.lora_scaling * self.lora_B @ self.lora_A if self.lora_rank else w
-            w = self.weight.float() - (self.U.float() * self.pruned_scale()) @ self.Vh.float()
+                w = (self.qU.dequantize() * (self.s - self.pruned_scale())) @ self.qVh.dequantize()
+            else:
+                w = self.weight.float() - (self.U.float() * self.pruned_scale()) @ self.Vh.float()
             return w + self.lora_scaling * self.lora_B @ self.lora_A if self.lora_rank else w
 
     def extra_repr(self) -> str:

@@ -84,6 +84,7 @@ class Studio:
         self.config = config
         self.jobs = ScoringJobs(config.runs)
         self.registry = Registry(config.max_loaded)
+        self._names: dict[str, str] = {}  # artifact name -> folder, from the last named_artifacts()
 
     def artifacts(self) -> list[tuple[str, str]]:
         """(label, folder) of every usable artifact: extra dirs, the default, precomputed/*, runs."""
@@ -114,6 +115,7 @@ class Studio:
         for label, folder in self.artifacts():
             seen[label] = seen.get(label, 0) + 1
             named.append((label if seen[label] == 1 else f"{label} #{seen[label]}", folder))
+        self._names = dict(named)  # what folder_of answers from without scanning again
         return named
 
     def artifact_choices(self) -> list[tuple[str, str]]:
@@ -134,12 +136,17 @@ class Studio:
         and tests call the API with paths); public mode takes names only: never a server path."""
         if not value:
             raise ValueError("Pick an artifact first.")
-        for name, folder in self.named_artifacts():
-            if value == name:
-                return folder
-        if not public.is_public() and self.is_known(str(value)):
-            return str(value)
-        raise ValueError(f"{str(value)[:200]!r} is not one of the available artifacts (choose one by name).")
+        value, local = str(value), not public.is_public()
+        if value in self._names:  # a name of the last listing: no directory scan per slider event
+            return self._names[value]
+        if local and self.registry.loaded(value) is not None:
+            return value
+        names = dict(self.named_artifacts())  # listed since the last listing, or a listed folder (local)
+        if value in names:
+            return names[value]
+        if local and value in names.values():
+            return value
+        raise ValueError(f"{value[:200]!r} is not one of the available artifacts (choose one by name).")
 
     def download_dir(self, kind: str) -> Path:
         """A fresh folder for one download; old downloads go first (age, then total size)."""
