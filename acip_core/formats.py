@@ -227,16 +227,23 @@ class QWeight:
                                                           self.scales)
         return y[:, : self.shape[0]].reshape(*lead, self.shape[0])
 
-    def dequantize(self) -> torch.Tensor:
-        """The float32 matrix these codes stand for (the oracle for tests and dense exports)."""
-        if self.kind == "int8":
-            return self.data.float() * self.scales.float()[:, None]
+    def dequantize(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The float32 matrix these codes stand for (the oracle for tests and dense exports), or its
+        rows [start, stop) only (int4 on the CPU: start a multiple of 32, its packed row blocks)."""
         out, k = self.shape
-        q = self.codes()
-        rows, g = q.shape[0], self.group_size  # rows: padded to a multiple of 32
-        sz = self.scales.float()  # [k/g, rows, 2]
+        stop = out if stop is None else min(stop, out)
+        if self.kind == "int8":
+            return self.data[start:stop].float() * self.scales[start:stop].float()[:, None]
+        if self.q is not None:
+            q = self.q[start:stop]
+        else:  # CPU layout: whole blocks of 32 rows unpack alone
+            if start % 32:
+                raise ValueError(f"int4 rows unpack in blocks of 32, got start {start}")
+            q = _unpack_int4_cpu(self.data[start:-(-stop // 32) * 32], k)[: stop - start]
+        rows, g = q.shape[0], self.group_size
+        sz = self.scales[:, start:stop].float()  # [k/g, rows, 2]
         scale, zero = sz[..., 0].t()[:, :, None], sz[..., 1].t()[:, :, None]  # [rows, k/g, 1]
-        return ((q.float().reshape(rows, k // g, g) - 8) * scale + zero).reshape(rows, k)[:out]
+        return ((q.float().reshape(rows, k // g, g) - 8) * scale + zero).reshape(rows, k)
 
 
 class _FrozenProduct(torch.autograd.Function):
@@ -251,9 +258,18 @@ class _FrozenProduct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        # in float32: a bf16 GEMM is 10-50x slower on CPUs without bf16 instructions (avx2 only here)
-        w = ctx.weight.dequantize().to(grad.device)  # [out, in] float32
-        return (grad.float() @ w).to(grad.dtype), None
+        # in float32: a bf16 GEMM is 10-50x slower on CPUs without bf16 instructions (avx2 only here);
+        # W in blocks of rows, so no float32 copy of a whole factor is ever held (the step's peak)
+        w, g = ctx.weight, grad.float()
+        out = w.shape[0]
+        dx = g.new_zeros(*g.shape[:-1], w.shape[1]) if out == 0 else None
+        for start in range(0, out, _BACKWARD_ROWS):
+            part = g[..., start:start + _BACKWARD_ROWS] @ w.dequantize(start, start + _BACKWARD_ROWS).to(g.device)
+            dx = part if dx is None else dx.add_(part)
+        return dx.to(grad.dtype), None
+
+
+_BACKWARD_ROWS = 256  # rows of a frozen factor dequantized at once in the backward (a multiple of 32)
 
 
 def quantize_int8(weight: torch.Tensor, dtype=torch.bfloat16) -> QWeight:

@@ -88,10 +88,29 @@ def release_memory() -> None:
         pass
 
 
+def reset_step_peak() -> None:
+    """Starts a new window for `step_peak_mib` (Linux: writing 5 to /proc/self/clear_refs resets the
+    kernel's high-water mark VmHWM to the RSS now; elsewhere nothing, and the peak reads None)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def step_peak_mib() -> float | None:
+    """The peak resident memory since `reset_step_peak` (VmHWM), MiB; None where unreadable."""
+    try:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+        return round(int(line.split()[1]) / 1024)
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
 def memory_fields(device: torch.device) -> dict:
-    """What a step's log line says about memory: the RSS now (the steps' maximum is what training
-    itself holds) and, on a GPU, the peak allocated since the run's start."""
-    fields = dict(rss_mib=rss_mib())
+    """What a step's log line says about memory: the RSS after it (heap pages freed during the step
+    may stay resident: glibc keeps them), the peak RSS within it (`reset_step_peak` at its start:
+    what the step really needed) and, on a GPU, the peak allocated since the run's start."""
+    fields = dict(rss_mib=rss_mib(), step_peak_mib=step_peak_mib())
     if device.type == "cuda":
         fields["gpu_peak_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
     return fields
@@ -102,7 +121,8 @@ def steps_memory(folder: Path) -> dict:
     rows = [json.loads(line) for line in (folder / LOG_FILE).read_text().splitlines() if line] \
         if (folder / LOG_FILE).exists() else []
     out = {}
-    for key, name in (("rss_mib", "steps_rss_mib"), ("gpu_peak_mib", "gpu_peak_mib")):
+    for key, name in (("rss_mib", "steps_rss_mib"), ("step_peak_mib", "steps_peak_mib"),
+                      ("gpu_peak_mib", "gpu_peak_mib")):
         values = [r[key] for r in rows if r.get(key) is not None]
         out[name] = max(values) if values else None
     return out
@@ -253,6 +273,7 @@ def train_loop(model, params: dict[str, torch.nn.Parameter], stream, loss_fn, ho
     started = time.perf_counter() - seconds
     while not hook.done(step):
         torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout is a function of the step
+        reset_step_peak()
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             loss, metrics = loss_fn(stream.batch(step))
         opt.zero_grad(set_to_none=True)

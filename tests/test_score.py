@@ -155,6 +155,9 @@ def test_scoring_on_a_quantized_base_transfers_to_the_full_precision_model(tiny_
     assert art.meta["result"]["steps_rss_mib"] > 0  # every step logs its resident memory
     log = [json.loads(l) for l in (tmp_path / "q" / "log.jsonl").read_text().splitlines()]
     assert all(e["rss_mib"] > 0 for e in log)
+    # the peak within a step (VmHWM, reset at the step's start) is never below the RSS after it
+    assert all(e["step_peak_mib"] >= e["rss_mib"] for e in log)
+    assert art.meta["result"]["steps_peak_mib"] == max(e["step_peak_mib"] for e in log)
     # the transfer: the curve was measured on the full-precision factors, and the artifact opens as any other
     acip = art.curve[art.curve.method == "acip"]
     assert acip.ppl_heldout.notna().all() and (acip.ppl_heldout < 1e4).all()
