@@ -197,7 +197,8 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
                     token = gr.Textbox(label="admin token", type="password", visible=lim.scoring == "token")
                 run_text = gr.Markdown()
                 runs_table = gr.Dataframe(label="runs", interactive=False, headers=["run", "state", "step", "phase", "loss",
-                                                                                   "λ", "size_ratio", "elapsed_s", "ETA"])
+                                                                                   "λ", "size_ratio", "elapsed_s", "ETA"],
+                                          elem_id="runs-table")
                 run_plot = gr.Plot(label="progress")
                 timer = gr.Timer(3.0)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import itertools
 import logging
 import os
 import time
@@ -13,7 +14,7 @@ import torch
 
 from . import __version__
 from .artifact import Artifact, ArtifactError, load_artifact, save_artifact
-from .basis import basis_check, basis_for, default_recipe, meta_basis, verify_basis
+from .basis import Factors, basis_check, basis_for, default_recipe, meta_basis, verify_basis
 from .curve import acip_curve
 from .data import BatchStream, load_text, token_windows
 from .formats import parse_format
@@ -118,6 +119,8 @@ def run_scoring(model_source: str, data: str, out: str | Path, basis_kind: str =
         fp = target_fingerprint(linears) if loads else None
         recipe = default_recipe(basis_kind, data)
         basis = basis_for(model, tokenizer, linears, recipe, fp) if loads else meta_basis(linears)
+        if base_format.quantized:  # own copies: the cached basis is memory-mapped, and a mapping stays
+            basis = {n: Factors(f.U.clone(), f.s.clone(), f.Vh.clone()) for n, f in basis.items()}  # resident
         if sharded and loads:
             dist.barrier()
         windows = token_windows(tokenizer, load_text(data), cfg.seq_len)
@@ -153,6 +156,8 @@ def run_scoring(model_source: str, data: str, out: str | Path, basis_kind: str =
                 except ValueError as e:
                     raise ValueError(f"--base-format {base_format.key} does not fit layer {name}: {e}") from None
             basis = originals = linears = None
+            for t in itertools.chain(model.parameters(), model.buffers()):  # the rest off the model file's
+                t.data = t.data.clone()  # mapping, which then goes (measured: 1.6 -> 0.7 GB before step 1)
             release_memory()  # the float factors and the quantizer's temporaries
         scores, state = score_loop(train_model, layers, stream, cfg, out, resume, on_step, should_stop,
                                    reduce_grads=dist.reducer(layers) if dist else None, is_writer=writer,

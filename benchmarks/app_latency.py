@@ -2,7 +2,7 @@
 
     python benchmarks/app_latency.py [ARTIFACT] [--port 7861] [--chat-tokens 64]
 
-Starts `python app.py` with ACIP_ARTIFACT=ARTIFACT on a free port and reports:
+Starts `python app.py` (as `make run` does) with ACIP_ARTIFACT=ARTIFACT on a free port and reports:
 - cold_start_s: process start -> the page's /start call answered (model loaded, views filled)
 - warm_start_s: a second, fresh session's /start (the model is already in memory)
 - size_release_s: median time of /size (summary, layer table, heatmap, curve) for random ratios
@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+LOG = Path(os.environ.get("TMPDIR", "/tmp")) / "app_latency.log"
 sys.path.insert(0, str(ROOT))
 from acip_core.explorer import message_text  # noqa: E402
 
@@ -43,15 +44,22 @@ def wait_for_server(url: str, proc, timeout: float = 600) -> None:
     raise TimeoutError(url)
 
 
+def _messages(history) -> list:
+    """A Chatbot's value as gradio_client returns it: the messages, or an update holding them."""
+    return history.get("value", []) if isinstance(history, dict) else list(history)
+
+
 def chat_numbers(client, artifact: str, ratio: float, tokens: int, dtype: str) -> dict:
     start = time.perf_counter()
     job = client.submit(artifact, ratio, artifact, 1.0, False, "Explain what a package manager does.", [], [],
                         tokens, 1.15, dtype, api_name="/chat")
     first_text = None
     for hist_a, _, _, _ in job:
-        if first_text is None and hist_a and message_text(hist_a[-1]["content"]).strip():
+        msgs = _messages(hist_a)
+        if first_text is None and msgs and message_text(msgs[-1]["content"]).strip():
             first_text = time.perf_counter() - start
     hist_a, _, speed, _ = job.result()
+    hist_a = _messages(hist_a)
     first = re.search(r"first token ([\d.]+) s", speed)
     rate = re.search(r"([\d.]+) tok/s", speed)
     count = re.search(r"(\d+) tokens", speed)
@@ -63,7 +71,7 @@ def chat_numbers(client, artifact: str, ratio: float, tokens: int, dtype: str) -
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("artifact", nargs="?", default=str(ROOT / "precomputed" / "smollm2-135m-instruct"))
+    parser.add_argument("artifact", nargs="?", default="precomputed/smollm2-135m-instruct")
     parser.add_argument("--port", type=int, default=7861)
     parser.add_argument("--chat-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="float32")
@@ -72,29 +80,28 @@ def main() -> None:
 
     env = dict(os.environ, ACIP_ARTIFACT=args.artifact, GRADIO_ANALYTICS_ENABLED="False",
                GRADIO_SERVER_PORT=str(args.port))
-    code = ("import app, os; app.preload(app.default_artifact()[0]); "
-            f"app.build_demo().queue().launch(server_name='127.0.0.1', server_port={args.port}, "
-            "**app.launch_options())")
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env,  # what `make run` starts
+                            stdout=open(LOG, "w"), stderr=subprocess.STDOUT)  # the app's log, kept
     try:
         url = f"http://127.0.0.1:{args.port}/"
         wait_for_server(url, proc)
         server_up = time.perf_counter() - start
         client = Client(url, verbose=False)
-        client.predict(api_name="/start")
+        first = client.predict(api_name="/start")
         cold = time.perf_counter() - start
+        value = lambda out: out.get("value") if isinstance(out, dict) else out  # a value or an update
+        artifact, metric = value(first[0]) or args.artifact, value(first[3])  # the artifact; the evaluation set
         t = time.perf_counter()
         Client(url, verbose=False).predict(api_name="/start")
         warm = time.perf_counter() - t
         rng, times = random.Random(0), []
         for _ in range(10):
             t = time.perf_counter()
-            client.predict(args.artifact, round(rng.uniform(0.3, 1.0), 3), "size ratio", args.dtype, None,
+            client.predict(artifact, round(rng.uniform(0.3, 1.0), 3), "size ratio", args.dtype, metric,
                            api_name="/size")
             times.append(time.perf_counter() - t)
-        chats = [chat_numbers(client, args.artifact, r, args.chat_tokens, args.dtype) for r in (1.0, 0.5)]
+        chats = [chat_numbers(client, artifact, r, args.chat_tokens, args.dtype) for r in (1.0, 0.5)]
         print(json.dumps(dict(artifact=args.artifact, server_up_s=round(server_up, 2), cold_start_s=round(cold, 2),
                               warm_start_s=round(warm, 2), size_release_median_s=round(statistics.median(times), 3),
                               size_release_max_s=round(max(times), 3), chat=chats), indent=1))

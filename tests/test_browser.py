@@ -225,6 +225,31 @@ def _path(page):
     page.shot("09-score")
 
 
+def test_fine_tune_this_size_runs_in_the_background_and_lists_the_tuned_size(page):
+    """Explore's "fine-tune this size" (issue 12): a background run the Score tab follows to its end,
+    after which the tuned size is in the artifact list."""
+    page.get_by_role("tab", name="Explore").click()
+    size = _settled(page)
+    assert float(size) < 0.999, size  # the newcomer's path left a smaller size selected
+    page.locator("#finetune").get_by_text("Recover this size").click()  # opens the accordion
+    steps = page.locator("#ft-steps input[type=number]")
+    steps.fill("2")  # two steps: this runs on a CPU
+    steps.press("Enter")
+    page.locator("#ft-start").click()
+    page.get_by_text(re.compile(r"Fine-tuning size")).first.wait_for(timeout=60_000)  # the toast names the run
+    page.get_by_role("tab", name="Score").click()
+    table = page.locator("#runs-table")
+    deadline = time.time() + 600
+    while time.time() < deadline and not re.search(r"ft-[\d.]+-kd-\S+\s+finished", table.inner_text()):
+        time.sleep(1)
+    name = re.search(r"(ft-[\d.]+-kd-\S+)\s+finished", table.inner_text())
+    assert name, table.inner_text()
+    page.shot("10-finetuned")
+    page.locator("#artifact input").click()  # the dropdown lists the tuned size
+    page.get_by_role("option", name=re.compile(re.escape(name.group(1)))).first.wait_for(timeout=30_000)
+    page.keyboard.press("Escape")
+
+
 def test_a_second_visitor_sees_none_of_the_first_ones_measurements(app_url, browser, page):
     url, name = app_url
     other = browser.new_page(viewport={"width": 1400, "height": 1000})
