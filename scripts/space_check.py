@@ -97,14 +97,16 @@ def client_check(url: str) -> dict:
     client = Client(url, verbose=False, download_files=False)
     out = client.predict(api_name="/start")
     artifact, status = out[0], out[1]
+    if isinstance(artifact, dict):  # an update: the listed value, else the first choice (the default)
+        artifact = artifact.get("value") or artifact["choices"][0][1]
     times["start_s"] = round(time.perf_counter() - start, 1)
     if "Ready" not in str(status):  # the status line of a loaded artifact (studio.describe_text)
         raise SystemExit(f"the default artifact did not load: {status!r}")
     start = time.perf_counter()
-    hist_a, _hist_b, _speed, _msg = client.predict(artifact, 1.0, 1.0, False, "What is the capital of France?",
+    hist_a, _hist_b, _speed, _msg = client.predict(artifact, 1.0, artifact, 1.0, False, "What is the capital of France?",
                                                    [], [], 24, 1.15, "float32", api_name="/chat")
-    reply = hist_a[-1]["content"]
-    reply = reply if isinstance(reply, str) else json.dumps(reply)
+    reply = hist_a[-1]["content"]  # a string, or a list of parts ({"type": "text", "text": ...})
+    reply = reply if isinstance(reply, str) else " ".join(p.get("text", "") for p in reply if isinstance(p, dict))
     times["chat_s"] = round(time.perf_counter() - start, 1)
     if not reply.strip():
         raise SystemExit("the chat reply is empty")
