@@ -64,7 +64,8 @@ class StudioConfig:
     artifact_dirs: list = field(default_factory=list)  # extra folders shown first
     downloads: Path = field(default_factory=_download_root)
     max_loaded: int = 2  # artifacts kept in memory at once (each holds its base model)
-    downloads_max_bytes: int = 4_000_000_000  # exports + CSVs kept for download, all sessions
+    # exports + CSVs kept for download, all sessions: the exports limit (ACIP_LIMIT_EXPORTS_BYTES)
+    downloads_max_bytes: int = field(default_factory=lambda: int(public.limits().exports_bytes))
     downloads_max_age_s: float = 3600.0
 
     @classmethod

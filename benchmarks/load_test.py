@@ -117,7 +117,10 @@ class AppProcess:
         from gradio_client import Client
 
         client = Client(self.url, verbose=False, download_files=False, analytics_enabled=False)
-        client.predict(api_name="/start")
+        listed = client.predict(api_name="/start")[0]  # the artifact dropdown: a value, or an update
+        if isinstance(listed, dict):  # (public mode lists names, never server paths)
+            listed = listed.get("value") or listed["choices"][0][1]
+        self.listed = listed
         return client
 
     def rss(self) -> tuple[int, int]:
@@ -414,6 +417,7 @@ def run(artifact: str | Path = DEFAULT_ARTIFACT, clients: int = 8, seconds: floa
     t0 = time.perf_counter()
     with AppProcess(artifact, runs_dir, env=env) as app:
         log(f"app up in {app.ready_s:.1f} s (pid {app.proc.pid}, {app.url})")
+        req.artifact = app.listed  # what the page lists for it (its name in public mode)
         rss_loaded = app.rss()[0]
         start = time.perf_counter()
         ref = lone_user(app, req, ratios, bf16_ratio, ppl_ratios, prompts, exports=public)

@@ -338,6 +338,21 @@ def test_exports_are_evicted_oldest_first(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e0", "e4"]
 
 
+def test_the_exports_limit_bounds_the_apps_downloads(tmp_path, monkeypatch):
+    """ACIP_LIMIT_EXPORTS_BYTES (public default 2 GB) is the bound the app prunes its downloads to
+    (it was documented but unused: a public load test reached 4.3 GB with a 0.6 GB limit)."""
+    from acip_core.studio import Studio, StudioConfig
+
+    monkeypatch.setenv("ACIP_PUBLIC", "1")
+    assert StudioConfig().downloads_max_bytes == 2 * public.GB
+    monkeypatch.setenv("ACIP_LIMIT_EXPORTS_BYTES", "2500")
+    studio = Studio(StudioConfig(downloads=tmp_path / "dl", runs=tmp_path / "runs", precomputed=tmp_path / "pre"))
+    for i in range(4):
+        (studio.download_dir("exports") / "model.zip").write_bytes(b"z" * 1000)
+    # each new download prunes the rest to the bound first: 2 old ones (2000 bytes) stay beside the new one
+    assert len(list((tmp_path / "dl" / "exports").iterdir())) == 3
+
+
 def test_bases_are_evicted_least_recently_used(monkeypatch, tmp_path):
     from acip_core.basis import Factors, cached_basis
 
