@@ -382,6 +382,9 @@ class Handlers:
         size = ex.size(ratio)
         if size.size_ratio >= 0.999:
             raise gr.Error("The original (size 1.0) has nothing to recover: pick a smaller size first.")
+        if ex.any_size.size_at(size.prefix, dtype).dense_layers >= len(ex.any_size.targets):
+            raise gr.Error(f"At size {size.size_ratio:.3f} in {dtype} every layer runs its original weight "
+                           "(none is smaller factorized): nothing to fine-tune. Pick a smaller size.")
         name = time.strftime(f"ft-{size.size_ratio:.2f}-{objective}-%Y%m%d-%H%M%S").replace("+", "")
         self.app.jobs.start_finetune(name, str(folder), float(ratio), objective=objective, steps=int(steps),
                                      format=dtype, owner=_who(token, request))

@@ -225,29 +225,26 @@ def _path(page):
     page.shot("09-score")
 
 
-def test_fine_tune_this_size_runs_in_the_background_and_lists_the_tuned_size(page):
-    """Explore's "fine-tune this size" (issue 12): a background run the Score tab follows to its end,
-    after which the tuned size is in the artifact list."""
+def test_fine_tune_this_size_says_why_where_there_is_nothing_to_tune(page):
+    """Explore's "fine-tune this size" (issue 12) on the tiny artifact, whose LoRA (rank 32 on 32-wide
+    layers) makes every layer run dense at every size: the button answers with the reason at once
+    and starts no run (it used to start one that failed a second later). The run itself, from the
+    same handler, is tested on a small-LoRA artifact in tests/test_finetune.py."""
+    if os.environ.get("ACIP_BROWSER_ARTIFACT"):
+        pytest.skip("a property of the tiny artifact (a real one has layers to tune)")
     page.get_by_role("tab", name="Explore").click()
-    size = _settled(page)
-    assert float(size) < 0.999, size  # the newcomer's path left a smaller size selected
     page.locator("#finetune").get_by_text("Recover this size").click()  # opens the accordion
-    steps = page.locator("#ft-steps input[type=number]")
-    steps.fill("2")  # two steps: this runs on a CPU
-    steps.press("Enter")
+    typed = page.locator("#size-slider input[type=number]")
+    typed.fill("0.6")
+    typed.press("Enter")
+    _settled(page)
     page.locator("#ft-start").click()
-    page.get_by_text(re.compile(r"Fine-tuning size")).first.wait_for(timeout=60_000)  # the toast names the run
+    page.get_by_text(re.compile("nothing to fine-tune")).first.wait_for(timeout=60_000)
+    assert page.locator("#size-slider").is_visible()  # a message, the controls stay
+    page.shot("10-finetune-refused")
     page.get_by_role("tab", name="Score").click()
-    table = page.locator("#runs-table")
-    deadline = time.time() + 600
-    while time.time() < deadline and not re.search(r"ft-[\d.]+-kd-\S+\s+finished", table.inner_text()):
-        time.sleep(1)
-    name = re.search(r"(ft-[\d.]+-kd-\S+)\s+finished", table.inner_text())
-    assert name, table.inner_text()
-    page.shot("10-finetuned")
-    page.locator("#artifact input").click()  # the dropdown lists the tuned size
-    page.get_by_role("option", name=re.compile(re.escape(name.group(1)))).first.wait_for(timeout=30_000)
-    page.keyboard.press("Escape")
+    time.sleep(4)  # one timer tick fills the runs table
+    assert "ft-" not in page.locator("#runs-table").inner_text()
 
 
 def test_a_second_visitor_sees_none_of_the_first_ones_measurements(app_url, browser, page):
