@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LOG = Path(os.environ.get("TMPDIR", "/tmp")) / "app_latency.log"
 sys.path.insert(0, str(ROOT))
 from acip_core.explorer import message_text  # noqa: E402
+from load_test import listed_artifact  # noqa: E402  (this script's folder is on sys.path)
 
 
 def wait_for_server(url: str, proc, timeout: float = 600) -> None:
@@ -90,8 +91,8 @@ def main() -> None:
         client = Client(url, verbose=False)
         first = client.predict(api_name="/start")
         cold = time.perf_counter() - start
-        value = lambda out: out.get("value") if isinstance(out, dict) else out  # a value or an update
-        artifact, metric = value(first[0]) or args.artifact, value(first[3])  # the artifact; the evaluation set
+        artifact = listed_artifact(first)
+        metric = first[3].get("value") if isinstance(first[3], dict) else first[3]  # the evaluation set
         t = time.perf_counter()
         Client(url, verbose=False).predict(api_name="/start")
         warm = time.perf_counter() - t

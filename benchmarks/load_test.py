@@ -51,6 +51,16 @@ MB = 1 << 20
 
 
 # -- the app process ----------------------------------------------------------------------------
+def listed_artifact(start_output) -> str:
+    """The artifact the page load (/start) selected, as the page lists it (a name in public mode,
+    never a server path): its dropdown output is a value, or an update whose value may be missing
+    (then the first choice, the default)."""
+    listed = start_output[0]
+    if isinstance(listed, dict):
+        listed = listed.get("value") or listed["choices"][0][1]
+    return listed
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -117,10 +127,7 @@ class AppProcess:
         from gradio_client import Client
 
         client = Client(self.url, verbose=False, download_files=False, analytics_enabled=False)
-        listed = client.predict(api_name="/start")[0]  # the artifact dropdown: a value, or an update
-        if isinstance(listed, dict):  # (public mode lists names, never server paths)
-            listed = listed.get("value") or listed["choices"][0][1]
-        self.listed = listed
+        self.listed = listed_artifact(client.predict(api_name="/start"))
         return client
 
     def rss(self) -> tuple[int, int]:
