@@ -60,23 +60,27 @@ def whitened_factors(weight: torch.Tensor, gram: torch.Tensor) -> Factors:
 
 @torch.no_grad()
 def input_grams(model: nn.Module, linears: dict[str, nn.Linear], windows: torch.Tensor,
-                batch_size: int = 4) -> dict[str, torch.Tensor]:
-    """XᵀX/n of every layer's input over the calibration windows, via forward hooks."""
-    grams: dict[str, torch.Tensor] = {}
+                batch_size: int = 4, dtype=torch.float64) -> dict[str, torch.Tensor]:
+    """XᵀX/n of every layer's input over the calibration windows, via forward hooks, summed in `dtype`.
+    Layers that read the same input (q, k, v; gate, up) get the same tensor, summed once."""
+    sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
-    # layers that share an input (q,k,v; gate,up) share the Gram; the input is kept alive in the
-    # cache so its id() cannot be reused by another tensor within the batch
-    cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    owner: dict[str, str] = {}  # layer -> the first layer seen reading its input
+    # the input is kept alive in the cache so its id() cannot be reused by another tensor in the batch
+    cache: dict[int, tuple[torch.Tensor, str]] = {}
 
     def hook(name):
         def fn(module, args):
             x = args[0].detach()
-            key = id(x)
-            if key not in cache:
-                flat = x.reshape(-1, x.shape[-1]).float()
-                cache[key] = (x, (flat.T @ flat).double())  # fp32 product per batch, fp64 sum
-            grams[name] = grams.get(name, 0) + cache[key][1]
-            counts[name] = counts.get(name, 0) + x.numel() // x.shape[-1]
+            if id(x) not in cache:
+                cache[id(x)] = (x, name)
+            first = owner.setdefault(name, cache[id(x)][1])
+            if first != name:
+                return
+            flat = x.reshape(-1, x.shape[-1]).float()
+            product = (flat.T @ flat).to(dtype)  # fp32 product per batch, summed in `dtype`
+            sums[name] = sums[name].add_(product) if name in sums else product
+            counts[name] = counts.get(name, 0) + flat.shape[0]
         return fn
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
@@ -89,7 +93,8 @@ def input_grams(model: nn.Module, linears: dict[str, nn.Linear], windows: torch.
         for h in handles:
             h.remove()
         cache.clear()
-    return {n: (g / counts[n]).cpu() for n, g in grams.items()}
+    means = {n: (g / counts[n]).cpu() for n, g in sums.items()}
+    return {n: means[owner[n]] for n in owner}
 
 
 def build_basis(model: nn.Module, linears: dict[str, nn.Linear], kind: str,
@@ -190,21 +195,38 @@ def default_recipe(kind: str = "whitened", data: str = DEFAULT_DATA) -> dict:
         else {"kind": kind}
 
 
+def calibration_windows(tokenizer, recipe: dict, text: str | None = None) -> torch.Tensor:
+    """The recipe's calibration windows: evenly spaced over the whole text, not only its first part."""
+    from .data import load_text, token_windows
+
+    windows = token_windows(tokenizer, load_text(recipe["data"]) if text is None else text, recipe["seq_len"])
+    pick = torch.linspace(0, len(windows) - 1, min(recipe["windows"], len(windows))).long()
+    return windows[pick]
+
+
+GRAM_WINDOWS = 16  # calibration windows for int4's Grams: 64 were no better, at 4x the time (RESULTS.md, "int4 quantizer")
+
+
+def calibration_grams(model: nn.Module, tokenizer, linears: dict[str, nn.Linear], recipe: dict) -> dict:
+    """Every layer input's second moment over the recipe's calibration text (float32), for an
+    error-compensating int4 quantizer (formats.quantize_int4). Not cached: one forward pass over the
+    calibration windows, at the first int4 family of a process (ARCHITECTURE.md, "int4 quantizer")."""
+    start = time.perf_counter()
+    grams = input_grams(model, linears, calibration_windows(tokenizer, recipe), dtype=torch.float32)
+    log.info("measured %d input Grams for int4 in %.1f s", len(grams), time.perf_counter() - start)
+    return grams
+
+
 def basis_for(model: nn.Module, tokenizer, linears: dict[str, nn.Linear], recipe: dict,
               model_fingerprint: str, on_progress=None) -> dict[str, Factors]:
     """The basis described by `recipe` for this model, from the cache or built (and cached)."""
-    from .data import load_text, token_windows
+    from .data import load_text
     from .models import cache_dir
 
     text = load_text(recipe["data"]) if recipe["kind"] == "whitened" else ""
 
     def build():
-        windows = None
-        if recipe["kind"] == "whitened":
-            windows = token_windows(tokenizer, text, recipe["seq_len"])
-            # evenly spaced windows: the whole calibration text, not only its first part
-            pick = torch.linspace(0, len(windows) - 1, min(recipe["windows"], len(windows))).long()
-            windows = windows[pick]
+        windows = calibration_windows(tokenizer, recipe, text) if recipe["kind"] == "whitened" else None
         start = time.perf_counter()
         basis = build_basis(model, linears, recipe["kind"], windows, on_progress)
         log.info("built the %s basis of %d layers in %.1f s", recipe["kind"], len(basis),

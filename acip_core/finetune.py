@@ -108,25 +108,33 @@ class InFloat32(nn.Module):
         return self.inner(x.to(self.dtype) if x.is_floating_point() else x).float()
 
 
-def _frozen_factors(any_size: AnySizeModel, name: str, rank: int, fmt: Format, bias) -> nn.Module:
-    """The layer's kept factors after the LoRA rows, in `fmt`. Float formats: views of the family's
+def _frozen_factors(any_size: AnySizeModel, names: list, ranks: dict, fmt: Format, biases: dict) -> dict:
+    """Each layer's kept factors after the LoRA rows, in `fmt`. Float formats: views of the family's
     factors. Int formats: rows lora..kept of the float32 factors quantized on their own (zero rows
-    pad them to the format's rank step). The served size (the family's quantization of all kept rows,
-    the tuned LoRA's rows with them) is close to this but not equal: finetune measures the served one."""
+    pad them to the format's rank step), `down` of all layers in one batch (int4: GPTQ with the
+    calibration Grams, as the family). Rows of `down` are quantized independently, so its codes are
+    the family's; `up`'s groups may differ, so the served size (the family's quantization of all kept
+    rows, the tuned LoRA's rows with them) is close to this, not equal: finetune measures the served one."""
     lora = any_size.lora_rank
     if not fmt.quantized:
-        down, up_t = any_size._family(fmt)[1][name]
-        return LowRankLinear(down[lora:lora + rank], up_t[lora:lora + rank], bias)
-    down, up_t = any_size._family(Format())[1][name]
-    keep = fmt.kept_rank(lora + rank, any_size.shapes[name].padded_rank(lora, fmt)) - lora
-    rows = -(-keep // fmt.rank_step) * fmt.rank_step
-    down, up_t = down[lora:lora + keep], up_t[lora:lora + keep]
-    if rows > down.shape[0]:  # zero rows: no effect on the product, whole groups for the kernel
-        pad = rows - down.shape[0]
-        down, up_t = torch.cat([down, down.new_zeros(pad, down.shape[1])]), \
-            torch.cat([up_t, up_t.new_zeros(pad, up_t.shape[1])])
-    bias = None if bias is None else bias.detach().to(fmt.compute_dtype)
-    return InFloat32(QuantLowRankLinear(fmt.pack(down), fmt.pack(up_t.t().contiguous()), bias), fmt.compute_dtype)
+        family = any_size._family(fmt)[1]
+        return {n: LowRankLinear(family[n][0][lora:lora + ranks[n]], family[n][1][lora:lora + ranks[n]], biases[n])
+                for n in names}
+    family, kept = any_size._family(Format())[1], {}
+    for n in names:
+        keep = fmt.kept_rank(lora + ranks[n], any_size.shapes[n].padded_rank(lora, fmt)) - lora
+        kept[n] = (family[n][0][lora:lora + keep], family[n][1][lora:lora + keep],
+                   -(-keep // fmt.rank_step) * fmt.rank_step)  # zero rows: whole groups for the kernel
+    grams = any_size.calibration() if fmt.name == "int4" and any_size.calibration else {}
+    downs = fmt.pack_many([kept[n][0] for n in names], [grams.get(n) for n in names], [kept[n][2] for n in names])
+    del grams
+    frozen = {}
+    for n, down in zip(names, downs):
+        _, up_t, rows = kept[n]
+        up_t = torch.cat([up_t, up_t.new_zeros(rows - up_t.shape[0], up_t.shape[1])]) if rows > up_t.shape[0] else up_t
+        bias = None if biases[n] is None else biases[n].detach().to(fmt.compute_dtype)
+        frozen[n] = InFloat32(QuantLowRankLinear(down, fmt.pack(up_t.t().contiguous()), bias), fmt.compute_dtype)
+    return frozen
 
 
 def tunable_model(any_size: AnySizeModel, size: Size, adapters: dict, lora_alpha: float, dropout: float,
@@ -142,7 +150,7 @@ def tunable_model(any_size: AnySizeModel, size: Size, adapters: dict, lora_alpha
     rank = any_size.lora_rank
     if not rank:
         raise ValueError("this artifact has no LoRA adapters to fine-tune")
-    swap, layers = {}, {}
+    swap, factorized = {}, []
     for n in any_size.targets:
         original, r = base.get_submodule(n), int(size.ranks[n])
         if any_size.shapes[n].format_bytes(r, rank, fmt)[1]:
@@ -150,10 +158,14 @@ def tunable_model(any_size: AnySizeModel, size: Size, adapters: dict, lora_alpha
                 bias = None if original.bias is None else original.bias.detach().to(fmt.compute_dtype)
                 swap[id(original)] = InFloat32(QuantLinear(fmt.pack(original.weight), bias), fmt.compute_dtype)
             continue
-        frozen = _frozen_factors(any_size, n, r, fmt, getattr(original, "bias", None))
-        layers[n] = TunableLowRank(frozen, adapters[f"{n}.lora_A"], adapters[f"{n}.lora_B"],
+        factorized.append(n)
+    frozen = _frozen_factors(any_size, factorized, {n: int(size.ranks[n]) for n in factorized}, fmt,
+                             {n: getattr(base.get_submodule(n), "bias", None) for n in factorized})
+    layers = {}
+    for n in factorized:
+        layers[n] = TunableLowRank(frozen[n], adapters[f"{n}.lora_A"], adapters[f"{n}.lora_B"],
                                    lora_alpha / rank, dropout)
-        swap[id(original)] = layers[n]
+        swap[id(base.get_submodule(n))] = layers[n]
     if not layers:
         raise ValueError(f"no layer is factorized at size {size.size_ratio:.3f} (every one runs its original "
                          "weight): nothing to fine-tune; choose a smaller size")

@@ -66,7 +66,10 @@ class AnySizeModel:
 
     def __init__(self, base: nn.Module, tokenizer, basis: dict[str, Factors],
                  scores: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor] | None = None,
-                 lora_rank: int = 0, lora_alpha: float = 16.0, meta: dict | None = None):
+                 lora_rank: int = 0, lora_alpha: float = 16.0, meta: dict | None = None,
+                 calibration=None):
+        # calibration: () -> {layer: input Gram}, for int4's error-compensating quantizer (None: RTN)
+        self.calibration = calibration
         self.base, self.tokenizer, self.meta = base.eval(), tokenizer, meta or {}
         self.targets = list(basis)
         self.originals = {n: base.get_submodule(n) for n in self.targets}
@@ -166,13 +169,18 @@ class AnySizeModel:
         if fmt.embeddings == "int8":
             swap.update(_quantized_embeddings(base32, converted, fmt))
         base = _clone_tree(converted, swap)  # the converted target weights are dropped with `converted`
+        # int4 picks the codes of `down` (whose input is the layer's) by the output's error; `up`'s
+        # input has second moment diag(s²) in the whitened basis, where GPTQ is round-to-nearest
+        grams = self.calibration() if fmt.name == "int4" and self.calibration else {}
+        names = list(factors32)
+        rows = [self.shapes[n].padded_rank(self.lora_rank, fmt) for n in names]  # zero rows beyond the
+        downs = fmt.pack_many([factors32[n][0] for n in names], [grams.get(n) for n in names], rows)
+        del grams  # factors' full rank: a kept prefix never reaches them
         factors = {}
-        for n, (down, up_t) in factors32.items():
-            rows = self.shapes[n].padded_rank(self.lora_rank, fmt)
-            pad = rows - down.shape[0]  # zero rows/columns: a kept prefix never needs them
-            down = torch.cat([down, down.new_zeros(pad, down.shape[1])]) if pad else down
-            up = torch.cat([up_t, up_t.new_zeros(pad, up_t.shape[1])]).t() if pad else up_t.t()
-            factors[n] = (fmt.pack(down), fmt.pack(up))
+        for n, r, down in zip(names, rows, downs):
+            up_t = factors32[n][1]
+            pad = r - up_t.shape[0]
+            factors[n] = (down, fmt.pack(torch.cat([up_t, up_t.new_zeros(pad, up_t.shape[1])]).t() if pad else up_t.t()))
         log.info("built the %s family in %.1f s", fmt.key, time.perf_counter() - start)
         return base, factors
 

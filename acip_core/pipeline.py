@@ -14,7 +14,8 @@ import torch
 
 from . import __version__
 from .artifact import Artifact, ArtifactError, load_artifact, save_artifact
-from .basis import Factors, basis_check, basis_for, default_recipe, meta_basis, verify_basis
+from .basis import (GRAM_WINDOWS, Factors, basis_check, basis_for, calibration_grams, default_recipe, meta_basis,
+                    verify_basis)
 from .curve import acip_curve
 from .data import BatchStream, load_text, token_windows
 from .formats import parse_format
@@ -250,7 +251,16 @@ def any_size_from(artifact: Artifact, model, tokenizer, on_progress=None) -> Any
         raise ArtifactError(f"{artifact.path}: {err}") from None
     lora = artifact.meta.get("lora", {})
     return AnySizeModel(model, tokenizer, basis, artifact.scores, artifact.adapters,
-                        int(lora.get("rank", 0)), float(lora.get("alpha", 16.0)), meta=artifact.meta)
+                        int(lora.get("rank", 0)), float(lora.get("alpha", 16.0)), meta=artifact.meta,
+                        calibration=calibration_for(model, tokenizer, linears, artifact.meta["basis"]["recipe"]))
+
+
+def calibration_for(model, tokenizer, linears, recipe: dict):
+    """The int4 quantizer's Grams, measured on first use from the basis' own calibration text (a
+    recipe without text, the plain SVD, gives none: int4 then rounds to nearest)."""
+    if "data" not in recipe:
+        return None
+    return lambda: calibration_grams(model, tokenizer, linears, dict(recipe, windows=GRAM_WINDOWS))
 
 
 def open_tuned(folder: str | Path):
@@ -321,7 +331,8 @@ def open_method(folder: str | Path, method: str = "acip"):
         recipe = default_recipe("whitened")
     basis = basis_for(model, tokenizer, linears, recipe, fp)
     scores = uniform_scores(basis) if method == "uniform-whitened" else magnitude_scores(basis)
-    return AnySizeModel(model, tokenizer, basis, scores, meta=artifact.meta), artifact
+    return AnySizeModel(model, tokenizer, basis, scores, meta=artifact.meta,
+                        calibration=calibration_for(model, tokenizer, linears, artifact.meta["basis"]["recipe"])), artifact
 
 
 def method_size(method: str, any_size: AnySizeModel, artifact: Artifact, size_ratio: float, fmt="float32"):

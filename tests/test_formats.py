@@ -50,6 +50,61 @@ def test_round_trip_error_bounds(shape):
         assert rel < 0.12, rel
 
 
+def test_int4_with_the_input_gram_lowers_the_output_error():
+    """GPTQ-style codes (formats._int4_gptq): with correlated inputs the output error E‖ΔW x‖² falls
+    well below round-to-nearest's; with uncorrelated inputs nothing is spread and the codes are RTN's."""
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(70, 128, generator=gen)  # 70 rows: padded to the kernel's 96 and back
+    mix = torch.randn(128, 128, generator=gen) * torch.logspace(0, -2, 128)  # anisotropic inputs
+    x = torch.randn(4096, 128, generator=gen) @ mix.T
+    gram = x.T @ x / len(x)
+
+    def output_error(q):
+        d = q.dequantize() - w
+        return torch.einsum("oi,ij,oj->", d, gram, d).item()
+
+    rtn, gptq = quantize_int4(w, 32), quantize_int4(w, 32, gram=gram)
+    assert gptq.shape == rtn.shape == (70, 128)
+    assert output_error(gptq) < 0.7 * output_error(rtn), (output_error(gptq), output_error(rtn))
+    assert torch.equal(quantize_int4(w, 32, gram=torch.eye(128)).dequantize(), rtn.dequantize())
+    # rows are independent: the codes of a row prefix are the prefix of the codes
+    assert torch.equal(quantize_int4(w[:32], 32, gram=gram).dequantize(), gptq.dequantize()[:32])
+    # an input that never fires (a zero row/column of the Gram) is no obstacle
+    dead = gram.clone()
+    dead[5], dead[:, 5] = 0, 0
+    assert torch.isfinite(quantize_int4(w, 32, gram=dead).dequantize()).all()
+
+
+def test_the_int4_family_quantizes_down_with_the_calibration_grams(tiny_llama_wide):
+    """An int4 family measures the Grams once (AnySizeModel.calibration) and picks each `down`
+    factor's codes by them; without a calibration it rounds to nearest."""
+    from acip_core.basis import input_grams
+    from helpers import calib_windows
+
+    model, _, _ = random_any_size(tiny_llama_wide)
+    calls = []
+
+    def calibration():
+        calls.append(1)
+        return input_grams(model.base, model.originals, calib_windows(model.tokenizer), dtype=torch.float32)
+
+    model.calibration = calibration
+    fmt = Format("int4", 32)
+    net = model.materialize(model.size_for_ratio(0.5, fmt), fmt)
+    model.materialize(model.size_for_ratio(0.7, fmt), fmt)
+    assert len(calls) == 1 and any(type(m).__name__ == "QuantLowRankLinear" for m in net.modules())
+    grams = calibration()
+    name = model.targets[0]
+    down32 = model._family(Format())[1][name][0]
+    down4 = model._family(fmt)[1][name][0]
+    rows = down32.shape[0]
+    want = quantize_int4(down32, 32, gram=grams[name]).dequantize()
+    assert torch.equal(down4.dequantize()[:rows], want)
+    assert not torch.equal(want, quantize_int4(down32, 32).dequantize())
+
+
+
+
 @pytest.mark.parametrize("name", ["int8", "int4"])
 def test_the_product_by_a_frozen_quantized_weight_passes_the_oracles_gradient(name):
     """Fine-tuning a quantized size trains LoRAs below frozen quantized layers: x must get ∂L/∂x."""
