@@ -103,6 +103,29 @@ def test_the_int4_family_quantizes_down_with_the_calibration_grams(tiny_llama_wi
     assert not torch.equal(want, quantize_int4(down32, 32).dequantize())
 
 
+def test_fine_tunings_frozen_int4_factors_have_the_familys_down_codes(tiny_llama_wide):
+    """finetune._frozen_factors quantizes rows lora..kept of `down` on their own, in one GPTQ batch:
+    rows are independent, so they are the served family's codes (up to float rounding in the batch)."""
+    from acip_core.basis import input_grams
+    from acip_core.finetune import _frozen_factors
+    from helpers import calib_windows
+
+    model, _, _ = random_any_size(tiny_llama_wide, lora_rank=32)
+    grams = input_grams(model.base, model.originals, calib_windows(model.tokenizer), dtype=torch.float32)
+    model.calibration = lambda: grams
+    fmt = Format("int4", 32)
+    names = model.targets[:4]
+    frozen = _frozen_factors(model, names, {n: 40 for n in names}, fmt, {n: None for n in names})
+    family = model._family(fmt)[1]
+    for n in names:
+        down = frozen[n].inner.down
+        assert down.shape[0] == 64  # 32 LoRA rows + 40 kept -> 96 in steps of 32, minus the LoRA rows
+        mine, served = down.dequantize(), family[n][0].dequantize()[32:96]
+        assert (mine == served).float().mean() > 0.99, n
+        assert (mine - served).abs().mean() < 1e-3 * served.abs().mean(), n
+
+
+
 
 
 @pytest.mark.parametrize("name", ["int8", "int4"])
