@@ -369,9 +369,10 @@ def _int4_qweight(shape, q, scale, zero, group_size, dtype) -> QWeight:
     return QWeight("int4", data, sz.to(dtype), tuple(shape), group_size, codes if keep else None)
 
 
-def _int4_grid(wg: torch.Tensor, dtype, clips) -> tuple[torch.Tensor, torch.Tensor]:
+def _int4_grid(wg: torch.Tensor, dtype, clips, weight=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero) per group of `wg` [rows, groups, g] with the least squared rounding error among
-    the clipping ratios (stored: w = (q − 8)·scale + zero)."""
+    the clipping ratios (stored: w = (q − 8)·scale + zero); `weight` (broadcast to wg) weighs the
+    entries' errors."""
     lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
     mid = (lo + hi) / 2
     best_err = best = None
@@ -379,7 +380,8 @@ def _int4_grid(wg: torch.Tensor, dtype, clips) -> tuple[torch.Tensor, torch.Tens
         scale = ((hi - lo) * c / 15).clamp_min(1e-8).to(dtype).float()
         zero = (mid - (hi - lo) * c / 2 + 8 * scale).to(dtype).float()
         q = torch.round((wg - zero) / scale + 8).clamp(0, 15)
-        err = ((q - 8) * scale + zero - wg).pow(2).sum(-1, keepdim=True)
+        err = ((q - 8) * scale + zero - wg).pow(2)
+        err = (err if weight is None else err * weight).sum(-1, keepdim=True)
         if best is None:
             best_err, best = err, (scale, zero)
         else:
@@ -408,9 +410,11 @@ def _int4_gptq(w: torch.Tensor, gram: torch.Tensor, g: int, dtype, clips):
     scales, zeros = [], []
     for g0 in range(0, k, g):
         block = w[..., g0:g0 + g]  # a view: updated in place as its columns are rounded
-        scale, zero = (t[..., 0, :] for t in _int4_grid(block[..., None, :], dtype, clips))  # [B, rows, 1]
-        errors = torch.empty_like(block)
         hb = hinv[:, g0:g0 + g, g0:g0 + g]
+        # the grid weighs each column's error as GPTQ's objective does: by 1 / [H⁻¹ chol]_jj²
+        importance = hb.diagonal(dim1=-2, dim2=-1).pow(-2)[:, None, None, :]  # [B, 1, 1, g]
+        scale, zero = (t[..., 0, :] for t in _int4_grid(block[..., None, :], dtype, clips, importance))
+        errors = torch.empty_like(block)
         for j in range(g):
             col = block[..., j:j + 1]
             qj = torch.round((col - zero) / scale + 8).clamp(0, 15)
