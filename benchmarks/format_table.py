@@ -1,6 +1,7 @@
 """The shipped curve by format: GB vs perplexity per format, the frontier, and the budget picker
 against the best single-axis choice (quantization alone: the original in some format; ACIP alone:
-ACIP in a float format), on both eval sets (the plots: benchmarks/plot_curve.py).
+ACIP in a float format), on both eval sets (the plots: benchmarks/plot_curve.py). Only rows measured
+on the same windows as the pick are compared.
 
     .venv/bin/python benchmarks/format_table.py [--artifact precomputed/smollm2-135m-instruct]
 """
@@ -54,10 +55,12 @@ def main():
             except ValueError as err:
                 print(f"| {b:.2f} | {err} |")
                 continue
-            q = orig[(orig.gb <= b + 1e-12)].sort_values(col).head(1)
+            # only rows measured on the pick's windows are compared (perplexities of other windows differ)
+            windows = rows[rows.format == pick["format"]].windows.iloc[0]
+            q = orig[(orig.gb <= b + 1e-12) & (orig.windows == windows)].sort_values(col).head(1)
             alone = []
             for f in ("float32", "bfloat16"):
-                if not (rows[(rows.method == "acip")].format == f).any():
+                if not ((rows.method == "acip") & (rows.format == f) & (rows.windows == windows)).any():
                     continue
                 try:
                     size = model.size_for_budget(b, f)
