@@ -217,7 +217,9 @@ class Handlers:
         else:
             stream = ((snap, None) for snap in ex.stream_chat(ratio_a, history_a, message, max_new_tokens,
                                                               repetition_penalty, dtype))
-        yield new_a, new_b, "generating…", ""
+        waiting = [x.name for x in {ex, ex_b} if not x.format_ready(dtype)]
+        yield new_a, new_b, (f"preparing {dtype} for {', '.join(waiting)} (its first use in this process: the "
+                             "factors are quantized once, up to a minute or two on a CPU)…" if waiting else "generating…"), ""
         try:
             for a, b in text.throttled(stream, CHAT_UPDATE_S):
                 new_a[-1] = dict(role="assistant", content=text.reply(a))

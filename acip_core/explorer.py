@@ -326,6 +326,10 @@ class Explorer:
             self._models.move_to_end(key)
             return self._models[key]
 
+    def format_ready(self, dtype: str) -> bool:
+        """Whether a size in this format materializes at once (else its family is built first)."""
+        return self.any_size.has_family(check_dtype(dtype))
+
     def cached_sizes(self) -> list[tuple[int, str]]:
         with self._lock:
             return list(self._models)

@@ -145,6 +145,11 @@ class AnySizeModel:
                 self._families[fmt.key] = self._build_family(fmt)
             return self._families[fmt.key]
 
+    def has_family(self, fmt: "Format | str") -> bool:
+        """Whether sizes of `fmt` materialize at once (its family is built; the first int4 one measures
+        the calibration Grams and runs GPTQ: about a minute on a 2-core CPU)."""
+        return parse_format(fmt).key in self._families
+
     def release_float32_factors(self) -> None:
         """Frees the float32 factors (the largest tensors held: about twice the target weights), for a
         process that from now on only runs sizes of formats already built and the full size (whose

@@ -136,6 +136,18 @@ def test_chat_streams_text(client, demo, tiny_artifact):
                                        "float32")) == [gr.skip()]
 
 
+def test_chat_says_when_a_format_is_prepared_first(demo, tiny_artifact):
+    """The first chat in a format whose factors are not yet quantized says so while it waits."""
+    ex = demo.handlers.explorer(str(tiny_artifact))
+    ex.any_size._families.pop("bfloat16", None)
+    assert not ex.format_ready("bfloat16")
+    args = (str(tiny_artifact), 0.7, None, 1.0, False, "Debian", [], [], 4, 1.1, "bfloat16")
+    first = next(iter(demo.handlers.chat(*args)))
+    assert first[2].startswith("preparing bfloat16 for ") and "first use" in first[2]
+    list(demo.handlers.chat(*args))
+    assert ex.format_ready("bfloat16") and next(iter(demo.handlers.chat(*args)))[2] == "generating…"
+
+
 def test_sweep_answers_one_prompt_at_every_size(demo, tiny_artifact):
     frames = list(demo.handlers.sweep(str(tiny_artifact), "1.0:0.6:0.2", "Debian", 4, "float32"))
     last = frames[-1]
