@@ -211,13 +211,13 @@ class Handlers:
                            if isinstance(m, dict) and m.get("role") in ("user", "assistant")])
         turn = [dict(role="user", content=message), dict(role="assistant", content="")]
         new_a, new_b = history_a + turn, (history_b + [dict(t) for t in turn]) if side_by_side else history_b
+        waiting = [x.name for x in {ex, ex_b} if not x.format_ready(dtype)]  # a bad format: refused here
         if side_by_side:
             stream = ex.compare(ratio_a, ratio_b, message, history_a, history_b, max_new_tokens,
                                 repetition_penalty, dtype, other=ex_b)
         else:
             stream = ((snap, None) for snap in ex.stream_chat(ratio_a, history_a, message, max_new_tokens,
                                                               repetition_penalty, dtype))
-        waiting = [x.name for x in {ex, ex_b} if not x.format_ready(dtype)]
         yield new_a, new_b, (f"preparing {dtype} for {', '.join(waiting)} (its first use in this process: the "
                              "factors are quantized once, up to a minute or two on a CPU)…" if waiting else "generating…"), ""
         try:

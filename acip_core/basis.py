@@ -208,11 +208,12 @@ GRAM_WINDOWS = 16  # calibration windows for int4's Grams: 64 were no better, at
 
 
 def calibration_grams(model: nn.Module, tokenizer, linears: dict[str, nn.Linear], recipe: dict) -> dict:
-    """Every layer input's second moment over the recipe's calibration text (float32), for an
-    error-compensating int4 quantizer (formats.quantize_int4). Not cached: one forward pass over the
-    calibration windows, at the first int4 family of a process (ARCHITECTURE.md, "int4 quantizer")."""
+    """Every layer input's second moment over GRAM_WINDOWS windows of the recipe's calibration text
+    (float32), for the error-compensating int4 quantizer (formats.quantize_int4). Not cached: one
+    forward pass, each time an int4 family is built (ARCHITECTURE.md, "int4 quantizer")."""
     start = time.perf_counter()
-    grams = input_grams(model, linears, calibration_windows(tokenizer, recipe), dtype=torch.float32)
+    windows = calibration_windows(tokenizer, dict(recipe, windows=GRAM_WINDOWS))
+    grams = input_grams(model, linears, windows, dtype=torch.float32)
     log.info("measured %d input Grams for int4 in %.1f s", len(grams), time.perf_counter() - start)
     return grams
 

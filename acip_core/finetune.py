@@ -24,7 +24,7 @@ from torch import nn
 from .artifact import load_artifact
 from .data import BatchStream, load_text, token_windows
 from .evaluate import perplexity
-from .formats import Format, QuantLinear, QuantLowRankLinear, parse_format
+from .formats import Format, QuantLinear, QuantLowRankLinear, parse_format, zero_rows
 from .layers import LowRankLinear
 from .materialize import AnySizeModel, Size, _clone_tree, _quantized_embeddings
 from .models import load_base
@@ -125,15 +125,14 @@ def _frozen_factors(any_size: AnySizeModel, names: list, ranks: dict, fmt: Forma
         keep = fmt.kept_rank(lora + ranks[n], any_size.shapes[n].padded_rank(lora, fmt)) - lora
         kept[n] = (family[n][0][lora:lora + keep], family[n][1][lora:lora + keep],
                    -(-keep // fmt.rank_step) * fmt.rank_step)  # zero rows: whole groups for the kernel
-    grams = any_size.calibration() if fmt.name == "int4" and any_size.calibration else {}
+    grams = any_size.grams(fmt)
     downs = fmt.pack_many([kept[n][0] for n in names], [grams.get(n) for n in names], [kept[n][2] for n in names])
     del grams
     frozen = {}
     for n, down in zip(names, downs):
         _, up_t, rows = kept[n]
-        up_t = torch.cat([up_t, up_t.new_zeros(rows - up_t.shape[0], up_t.shape[1])]) if rows > up_t.shape[0] else up_t
         bias = None if biases[n] is None else biases[n].detach().to(fmt.compute_dtype)
-        frozen[n] = InFloat32(QuantLowRankLinear(down, fmt.pack(up_t.t().contiguous()), bias), fmt.compute_dtype)
+        frozen[n] = InFloat32(QuantLowRankLinear(down, fmt.pack(zero_rows(up_t, rows).t().contiguous()), bias), fmt.compute_dtype)
     return frozen
 
 

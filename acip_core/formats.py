@@ -129,8 +129,7 @@ class Format:
         grams = list(grams) if grams is not None else [None] * len(weights)
         rows = list(rows) if rows is not None else [w.shape[0] for w in weights]
         if self.name != "int4":
-            return [self.pack(torch.cat([w, w.new_zeros(r - w.shape[0], w.shape[1])]) if r > w.shape[0] else w)
-                    for w, r in zip(weights, rows)]
+            return [self.pack(zero_rows(w, r)) for w, r in zip(weights, rows)]
         by_group: dict[int, list[int]] = {}
         for i, w in enumerate(weights):
             by_group.setdefault(self.group_for(w.shape[1]), []).append(i)
@@ -141,6 +140,13 @@ class Format:
             for i, p in zip(idx, packs):
                 out[i] = p
         return out
+
+
+def zero_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """`weight` with zero rows appended up to `rows` (itself when it has them): whole groups or kernel
+    blocks for a quantized factor, never used by a kept prefix."""
+    pad = rows - weight.shape[0]
+    return torch.cat([weight, weight.new_zeros(pad, *weight.shape[1:])]) if pad > 0 else weight
 
 
 def parse_format(spec: "str | Format | None", group_size: int | None = None,
@@ -333,9 +339,7 @@ def quantize_int4_many(weights: list, group_size: int = DEFAULT_GROUP_SIZE, dtyp
             raise ValueError(f"int4 needs the input size ({w.shape[1]}) to be a multiple of the group size {group_size}")
 
     def padded(i, to=None):  # float32, zero rows up to `to` (default: the kernel's blocks of 32)
-        w = weights[i].detach().float()
-        to = to or -(-rows[i] // 32) * 32
-        return torch.cat([w, w.new_zeros(to - w.shape[0], w.shape[1])]) if to > w.shape[0] else w
+        return zero_rows(weights[i].detach().float(), to or -(-rows[i] // 32) * 32)
 
     out: list = [None] * len(weights)
     batches: dict[int, list[int]] = {}

@@ -14,8 +14,7 @@ import torch
 
 from . import __version__
 from .artifact import Artifact, ArtifactError, load_artifact, save_artifact
-from .basis import (GRAM_WINDOWS, Factors, basis_check, basis_for, calibration_grams, default_recipe, meta_basis,
-                    verify_basis)
+from .basis import Factors, basis_check, basis_for, calibration_grams, default_recipe, meta_basis, verify_basis
 from .curve import acip_curve
 from .data import BatchStream, load_text, token_windows
 from .formats import parse_format
@@ -260,7 +259,7 @@ def calibration_for(model, tokenizer, linears, recipe: dict):
     recipe without text, the plain SVD, gives none: int4 then rounds to nearest)."""
     if "data" not in recipe:
         return None
-    return lambda: calibration_grams(model, tokenizer, linears, dict(recipe, windows=GRAM_WINDOWS))
+    return lambda: calibration_grams(model, tokenizer, linears, recipe)
 
 
 def open_tuned(folder: str | Path):
