@@ -80,7 +80,7 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
                                                "arrow keys and typed values (Enter) apply at once",
                                           elem_id="size-slider")
                         with gr.Row(equal_height=True):
-                            budget = gr.Number(label="memory budget (GB)", value=None, minimum=0,
+                            budget = gr.Number(label="memory budget (GB)", value=None,
                                                elem_id="budget", scale=2)
                             fit = gr.Button("fit budget", scale=1, elem_id="fit")
                         budget_md = gr.Markdown(elem_id="budget-text")
@@ -91,7 +91,7 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
                             with gr.Row(equal_height=True):
                                 ft_objective = gr.Radio(["kd", "lm+kd", "lm"], value="kd", label="objective",
                                                         elem_id="ft-objective")
-                                ft_steps = gr.Number(value=60, precision=0, minimum=1, label="steps",
+                                ft_steps = gr.Number(value=60, precision=0, label="steps",
                                                      elem_id="ft-steps")
                                 ft_start = gr.Button("fine-tune this size", elem_id="ft-start")
                 with gr.Row():
@@ -150,8 +150,8 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
                                             allow_custom_value=True, label="lm-eval tasks",
                                             info="offline tasks run here; the paper's tasks need the internet")
                         with gr.Row():
-                            limit = gr.Number(value=50, precision=0, minimum=1, label="limit (items per task)")
-                            batch = gr.Number(value=8, precision=0, minimum=1, label="batch size")
+                            limit = gr.Number(value=50, precision=0, label="limit (items per task)")
+                            batch = gr.Number(value=8, precision=0, label="batch size")
                         run_eval = gr.Button("Run lm-eval")
                 measure_text = gr.Markdown(elem_id="measure-text")
                 results_table = gr.Dataframe(label="results", interactive=False, wrap=True, elem_id="lm-table",
@@ -179,12 +179,12 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
                     score_data = gr.Dropdown(DATA_CHOICES, value=DEFAULT_DATA, allow_custom_value=True,
                                              label="calibration text")
                 with gr.Row():
-                    steps = gr.Number(value=200, precision=0, minimum=1, label="max scoring steps")
-                    post_tune = gr.Number(value=150, precision=0, minimum=0, label="post-tune steps")
+                    steps = gr.Number(value=200, precision=0, label="max scoring steps")
+                    post_tune = gr.Number(value=150, precision=0, label="post-tune steps")
                     basis = gr.Radio(["whitened", "svd"], value="whitened", label="basis")
                     stop_ratio = gr.Slider(0.05, 0.95, value=0.4, step=0.05, label="stop at size ratio")
-                    batch_size = gr.Number(value=2, precision=0, minimum=1, label="batch size")
-                    score_seq = gr.Number(value=128, precision=0, minimum=8, label="tokens per sequence")
+                    batch_size = gr.Number(value=2, precision=0, label="batch size")
+                    score_seq = gr.Number(value=128, precision=0, label="tokens per sequence")
                 with gr.Row():
                     start = gr.Button("Start run", variant="primary")
                     runs = gr.Dropdown(choices=[], label="run", allow_custom_value=False)
@@ -204,7 +204,7 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
 
         # -- wiring ---------------------------------------------------------------------------
         view = [artifact, ratio, x_axis, dtype, metric, results, fitted]
-        explore_out = [summary, layers, heatmap, curve, badge, budget]
+        explore_out = [summary, layers, heatmap, curve, badge, budget, budget_md]
         demo.load(h.start, None, [artifact, status, ratio, metric] + explore_out, api_name="start",
                   show_progress="minimal").then(lambda f: gr.update(choices=h.app.artifact_choices(), value=f),
                                                 artifact, artifact_b, api_name=False)

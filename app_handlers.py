@@ -106,7 +106,7 @@ class Handlers:
         name = self.app.choice_of(folder)
         note = note + "\n\n" if note else ""
         dd = gr.update(choices=self.app.artifact_choices(), value=name)
-        nothing = (gr.skip(),) * 8
+        nothing = (gr.skip(),) * 10
         if name is None:
             yield (dd, note) + nothing
             return
@@ -129,11 +129,11 @@ class Handlers:
     def artifact(self, folder, ratio, x_axis, dtype, progress=gr.Progress()):
         """Another artifact (or tuned size: the slider and format move to the size it was tuned at)."""
         for line in self._loading(folder, progress):
-            yield (line,) + (gr.skip(),) * 9
+            yield (line,) + (gr.skip(),) * 10
         try:
             ex = self.explorer(folder)
         except RuntimeError as err:
-            yield (f"**{err}** Pick another artifact.",) + (gr.skip(),) * 9
+            yield (f"**{err}** Pick another artifact.",) + (gr.skip(),) * 10
             return
         moved = (gr.skip(), gr.skip())
         if ex.tuned:
@@ -151,11 +151,13 @@ class Handlers:
         note = text.below_range_note(summary["size_ratio"], ex.describe()["smallest_measured"])
         size = ex.size(ratio)
         at = curve_at(ex.curve, summary["size_ratio"], metric, fmt=summary["format"])
-        budget = gr.skip() if fitted is not None and abs(fitted - float(ratio)) < 1e-9 else \
-            math.ceil(summary["gb"] * 1000) / 1000  # the selected size's need, not a stale budget
+        if fitted is not None and abs(fitted - float(ratio)) < 1e-9:  # the budget's own answer: kept
+            budget, answer = gr.skip(), gr.skip()
+        else:  # the selected size's need, not a stale budget, and no answer to a budget no longer shown
+            budget, answer = math.ceil(summary["gb"] * 1000) / 1000, ""
         return (text.summary_frame(summary, at, note), text.layers_frame(ex.layer_table(size)),
                 plots.heatmap_figure(ex.rank_heatmap(size)), self._curve(ex, summary, x_axis, dtype, metric, results),
-                text.size_badge(summary, note), budget)
+                text.size_badge(summary, note), budget, answer)
 
     def _curve(self, ex, summary, x_axis, dtype, metric, results):
         metric = metric if metric in ppl_columns(ex.curve) else None
@@ -169,15 +171,21 @@ class Handlers:
 
     @ui_errors
     def budget(self, folder, budget_gb):
-        """Budget: the largest size in every dtype; the slider and dtype move to the best one."""
+        """Budget: the largest size in every dtype; the slider and dtype move to the best one. A budget
+        that cannot be answered replaces the previous answer by why (a stale table beside a new budget
+        would read as its answer) and moves nothing."""
         ex = self.explorer(folder)
-        if budget_gb is None:
-            raise gr.Error("Type a memory budget in GB first.")
-        fits = ex.fit_budget_every_dtype(budget_gb)
+        try:
+            if budget_gb is None:
+                raise ValueError("Type a memory budget in GB first.")
+            fits = ex.fit_budget_every_dtype(budget_gb)
+        except ValueError as err:
+            return gr.skip(), gr.skip(), f"⚠ {err}", gr.skip()
         best = next((f for f in fits if f.get("best")), None)
         if best is None:
-            raise gr.Error(f"{budget_gb:g} GB is smaller than the smallest model in every dtype "
-                           f"({text.gigabytes(min(f['smallest_gb'] for f in fits))} in the smallest).")
+            return gr.skip(), gr.skip(), (f"⚠ {budget_gb:g} GB is smaller than the smallest model in every "
+                                          f"format ({text.gigabytes(min(f['smallest_gb'] for f in fits))} in "
+                                          "the smallest): nothing moved."), gr.skip()
         ratio = int(best["size_ratio"] * 1000) / 1000  # floor: that slider value still fits the budget
         return ratio, best["dtype"], text.budget_text(float(budget_gb), fits), ratio
 
@@ -287,7 +295,8 @@ class Handlers:
         stop.clear()
         progress(0.0, desc="loading lm-eval and its tasks")
         try:
-            row = ex.measure_lm_eval(ratio, tasks, int(limit) if limit else None, batch_size, dtype,
+            row = ex.measure_lm_eval(ratio, tasks, None if limit is None else _count(limit, "limit"),
+                                     _count(batch_size, "batch size"), dtype,
                                      should_stop=stop.is_set,
                                      on_progress=lambda d, n: progress((d, n), desc="lm-eval", unit="requests"))
         except Cancelled:
@@ -365,9 +374,10 @@ class Handlers:
         if upload:  # a visitor's own text: checked, kept once, the upload itself removed
             data = str(public.accept_upload(upload))
         text.check_model_source(model or EMBEDDED)  # a bad hub id fails now, not after a minute of retries
-        self.app.jobs.start(name, model=(model or EMBEDDED).strip(), data=data or DEFAULT_DATA, steps=int(steps),
-                            basis=basis, stop_ratio=float(stop_ratio), batch_size=int(batch_size),
-                            seq_len=int(seq_len), post_tune_steps=int(post_tune), checkpoint_every=10,
+        self.app.jobs.start(name, model=(model or EMBEDDED).strip(), data=data or DEFAULT_DATA,
+                            steps=_count(steps, "max scoring steps"), basis=basis, stop_ratio=float(stop_ratio),
+                            batch_size=_count(batch_size, "batch size"), seq_len=_count(seq_len, "tokens per sequence", 8),
+                            post_tune_steps=_count(post_tune, "post-tune steps", 0), checkpoint_every=10,
                             owner=_who(token, request))
         fig, line = self.run_view(name)
         return self.runs_frame(), gr.update(choices=[r["name"] for r in self.app.jobs.list()], value=name), fig, line
@@ -387,8 +397,9 @@ class Handlers:
         if ex.any_size.size_at(size.prefix, dtype).dense_layers >= len(ex.any_size.targets):
             raise gr.Error(f"At size {size.size_ratio:.3f} in {dtype} every layer runs its original weight "
                            "(none is smaller factorized): nothing to fine-tune. Pick a smaller size.")
+        steps = _count(steps, "steps")
         name = time.strftime(f"ft-{size.size_ratio:.2f}-{objective}-%Y%m%d-%H%M%S").replace("+", "")
-        self.app.jobs.start_finetune(name, str(folder), float(ratio), objective=objective, steps=int(steps),
+        self.app.jobs.start_finetune(name, str(folder), float(ratio), objective=objective, steps=steps,
                                      format=dtype, owner=_who(token, request))
         gr.Info(f"Fine-tuning size {size.size_ratio:.3f} in {dtype} ({objective}, {int(steps)} steps) as run "
                 f"{name}: follow it in the Score tab. When done, it is listed as an artifact and on the curve.")
@@ -435,6 +446,18 @@ class Handlers:
         else:
             fig, line = gr.skip(), gr.skip()
         return frame, runs, fig, line, artifacts, artifacts, dict(artifacts=folders, runs=names, plot=plot_key)
+
+
+def _count(value, name: str, minimum: int = 1) -> int:
+    """A whole number from a number field, at least `minimum`, or a ValueError that names the field (the
+    fields carry no `minimum` of their own: Gradio's check would cover the outputs with "Error")."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: type a whole number ≥ {minimum}") from None
+    if not math.isfinite(number) or number != int(number) or number < minimum:
+        raise ValueError(f"{name} must be a whole number ≥ {minimum}, got {value:g}")
+    return int(number)
 
 
 def _who(token, request) -> str | None:

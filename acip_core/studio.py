@@ -218,7 +218,10 @@ def millions(n: int) -> str:
 
 
 def gigabytes(gb: float) -> str:
-    """GB with 3 decimals; MB below 0.01 GB (so a small remainder never reads "0.000 GB")."""
+    """GB with 3 decimals; MB below 0.01 GB (so a small remainder never reads "0.000 GB"); a huge
+    number (a visitor's budget of 1e308 GB) in short scientific form."""
+    if abs(gb) >= 1e6:
+        return f"{gb:.3g} GB"
     return f"{gb:.3f} GB" if abs(gb) >= 0.01 else f"{gb * 1000:.1f} MB"
 
 

@@ -4,6 +4,7 @@
 # (tuned.json holds its figures); rerunning resumes unfinished runs and skips finished ones.
 #   SIZES="0.7 0.5" OBJECTIVES="kd lm lm+kd" STEPS=60 BATCH=4 benchmarks/finetune_sizes.sh
 #   FORMAT=int4 SIZES=0.7 OBJECTIVES=kd benchmarks/finetune_sizes.sh   # frozen factors in int4 (-> runs/ft-0.7-kd-int4)
+#   TAG=s85 STEPS=85 SIZES=0.8 OBJECTIVES=lm+kd benchmarks/finetune_sizes.sh  # another run of a pair (-> runs/ft-0.8-lm+kd-s85)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -18,7 +19,7 @@ LR=${LR:-2e-4}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 for size in $SIZES; do
   for obj in $OBJECTIVES; do
-    out=runs/ft-$size-$obj${FORMAT:+-$FORMAT}
+    out=runs/ft-$size-$obj${FORMAT:+-$FORMAT}${TAG:+-$TAG}
     [ -f $out/tuned.json ] && [ ! -f $out/checkpoint.json ] && continue
     nice -n 10 $PY -m acip_core -v finetune --artifact $ART --size-ratio $size --data corpus:broad \
       --steps $STEPS --batch-size $BATCH --seq-len $SEQ --lr $LR --checkpoint-every ${CKPT:-25} --objective $obj --eval-windows $WINDOWS --out $out --resume \

@@ -54,7 +54,7 @@ def client(demo):
 
 
 def test_start_loads_the_default_artifact(client, tiny_artifact):
-    artifact, status, ratio, metric, summary, layers, heatmap, curve, badge, budget = client.predict(
+    artifact, status, ratio, metric, summary, layers, heatmap, curve, badge, budget, answer = client.predict(
         api_name="/start")
     assert "**tiny**" in status and "Ready" in status and 0 <= ratio <= 1 and budget > 0
     assert " in " not in status.split("Ready")[0].split("steps")[-1]  # no load time for later visitors
@@ -68,14 +68,15 @@ def _size(client, tiny_artifact, ratio, metric=None, dtype="float32"):
 
 
 def test_size_summary(client, tiny_artifact):
-    summary, layers, heatmap, curve, badge, budget = _size(client, tiny_artifact, 0.6)
+    summary, layers, heatmap, curve, badge, budget, answer = _size(client, tiny_artifact, 0.6)
+    assert answer == ""  # a size of its own: no budget answer left beside it
     cells = dict(summary["data"])
     assert 0.6 <= float(cells["size ratio (target layers)"]) < 0.62
     assert "B" in cells["weights in float32"] and "int4-g32" in cells["in every format"]
     assert [row[0] for row in layers["data"]][-1] == "all"
     assert badge.startswith("**Selected size 0.6") and "in float32" in badge
     assert budget >= float(cells["weights in float32"].split()[0]) / (1000 if "MB" in cells["weights in float32"] else 1)
-    summary, *_rest, badge, _ = _size(client, tiny_artifact, 0.6, dtype="int8")  # the format follows
+    summary, *_rest, badge, _, _ = _size(client, tiny_artifact, 0.6, dtype="int8")  # the format follows
     cells = dict(summary["data"])
     assert "weights in int8" in cells and "in int8" in badge
 
@@ -101,8 +102,29 @@ def test_bad_values_are_a_toast_and_change_nothing(demo, tiny_artifact, bad):
     with pytest.warns(UserWarning, match="size_ratio must be|maximum value|minimum value"):
         assert h.on_size(str(tiny_artifact), bad, "size ratio", "float32", None, [], None) == gr.skip()
     if bad != 1.5:  # 1.5 GB is a fine budget
-        with pytest.warns(UserWarning, match="budget"):
-            assert h.budget(str(tiny_artifact), bad) == gr.skip()
+        ratio, dtype, answer, fitted = h.budget(str(tiny_artifact), bad)  # the answer says why, nothing moves
+        assert (ratio, dtype, fitted) == (gr.skip(),) * 3 and answer.startswith("⚠") and "budget" in answer
+
+
+def test_no_number_field_has_a_gradio_minimum(demo):
+    """Gradio's own minimum check covers every output of the event with "Error" (the slider too); the
+    handlers check the numbers and answer in words instead (app_handlers._count)."""
+    import gradio as gr
+
+    numbers = [b for b in demo.blocks.values() if isinstance(b, gr.Number)]
+    assert numbers and all(b.minimum is None for b in numbers)
+
+
+@pytest.mark.parametrize("value,ok", [(3, 3), (3.0, 3), (0, None), (-2, None), (2.5, None), (None, None),
+                                      (float("inf"), None), ("x", None)])
+def test_number_fields_are_checked_with_their_name(value, ok):
+    from app_handlers import _count
+
+    if ok is not None:
+        assert _count(value, "steps") == ok
+    else:
+        with pytest.raises(ValueError, match="steps"):
+            _count(value, "steps")
 
 
 def test_budget_answers_for_every_dtype_and_picks_the_best(client, demo, tiny_artifact):
@@ -112,14 +134,15 @@ def test_budget_answers_for_every_dtype_and_picks_the_best(client, demo, tiny_ar
     assert ratio == 1.0 and dtype == "bfloat16"  # only bfloat16 fits the full size in its bytes
     assert "| float32 |" in answer and "| bfloat16 **(best)** |" in answer and " left" not in answer.split("|")[0]
     assert "MB |" in answer or "GB |" in answer
-    with pytest.warns(UserWarning, match="smallest"):
-        assert demo.handlers.budget(str(tiny_artifact), 1e-9) == gr.skip()
+    ratio, dtype, answer, fitted = demo.handlers.budget(str(tiny_artifact), 1e-9)
+    assert (ratio, dtype, fitted) == (gr.skip(),) * 3 and "smaller than the smallest model" in answer
 
 
 def test_a_gigabyte_remainder_reads_in_mb_below_a_hundredth():
     from acip_core.studio import gigabytes
 
     assert gigabytes(0.00004) == "0.0 MB" and gigabytes(0.0042) == "4.2 MB" and gigabytes(0.25) == "0.250 GB"
+    assert gigabytes(1e308) == "1e+308 GB"  # a visitor's huge budget: not 309 digits
 
 
 def test_chat_streams_text(client, demo, tiny_artifact):
@@ -313,11 +336,11 @@ def test_resume_says_what_it_will_do(tmp_path):
 
 
 def test_a_size_below_the_curve_is_warned_about(demo, tiny_artifact):
-    summary, layers, heatmap, curve, badge, budget = demo.handlers.on_size(
+    summary, layers, heatmap, curve, badge, budget, answer = demo.handlers.on_size(
         str(tiny_artifact), 0.1, "size ratio", "float32", None, [], None)
     assert "Below the smallest measured size (0.40)" in badge
     assert "warning" in list(summary.iloc[:, 0])
-    summary, *_, badge, _ = demo.handlers.on_size(str(tiny_artifact), 0.5, "size ratio", "float32", None, [], None)
+    summary, *_, badge, _, _ = demo.handlers.on_size(str(tiny_artifact), 0.5, "size ratio", "float32", None, [], None)
     assert "Below" not in badge
 
 
