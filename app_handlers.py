@@ -106,7 +106,7 @@ class Handlers:
         name = self.app.choice_of(folder)
         note = note + "\n\n" if note else ""
         dd = gr.update(choices=self.app.artifact_choices(), value=name)
-        nothing = (gr.skip(),) * 10
+        nothing = (gr.skip(),) * 9
         if name is None:
             yield (dd, note) + nothing
             return

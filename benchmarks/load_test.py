@@ -226,7 +226,7 @@ class Requests:
         self.ppl_windows, self.ppl_seq_len = ppl_windows, ppl_seq_len
 
     def size(self, client, ratio: float, dtype: str = "float32"):
-        summary, _layers, _heatmap, _curve, badge, _budget = client.predict(
+        summary, _layers, _heatmap, _curve, badge, _budget, _answer = client.predict(
             self.artifact, ratio, "size ratio", dtype, None, api_name="/size")
         return badge, tuple(tuple(map(str, row)) for row in summary["data"])
 

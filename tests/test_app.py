@@ -53,6 +53,7 @@ def client(demo):
         demo.close()
 
 
+@pytest.mark.filterwarnings("error:A function .* output values")  # a handler's count must match its outputs
 def test_start_loads_the_default_artifact(client, tiny_artifact):
     artifact, status, ratio, metric, summary, layers, heatmap, curve, badge, budget, answer = client.predict(
         api_name="/start")
@@ -67,6 +68,7 @@ def _size(client, tiny_artifact, ratio, metric=None, dtype="float32"):
     return client.predict(str(tiny_artifact), ratio, "size ratio", dtype, metric, api_name="/size")
 
 
+@pytest.mark.filterwarnings("error:A function .* output values")
 def test_size_summary(client, tiny_artifact):
     summary, layers, heatmap, curve, badge, budget, answer = _size(client, tiny_artifact, 0.6)
     assert answer == ""  # a size of its own: no budget answer left beside it
