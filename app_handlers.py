@@ -456,7 +456,7 @@ def _count(value, name: str, minimum: int = 1) -> int:
     except (TypeError, ValueError):
         raise ValueError(f"{name}: type a whole number ≥ {minimum}") from None
     if not math.isfinite(number) or number != int(number) or number < minimum:
-        raise ValueError(f"{name} must be a whole number ≥ {minimum}, got {value:g}")
+        raise ValueError(f"{name} must be a whole number ≥ {minimum}, got {number:g}")
     return int(number)
 
 

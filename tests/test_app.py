@@ -118,7 +118,7 @@ def test_no_number_field_has_a_gradio_minimum(demo):
 
 
 @pytest.mark.parametrize("value,ok", [(3, 3), (3.0, 3), (0, None), (-2, None), (2.5, None), (None, None),
-                                      (float("inf"), None), ("x", None)])
+                                      (float("inf"), None), ("x", None), ("2.5", None), ("4", 4)])
 def test_number_fields_are_checked_with_their_name(value, ok):
     from app_handlers import _count
 
