@@ -155,8 +155,8 @@ class Handlers:
             budget, answer = gr.skip(), gr.skip()
         else:  # the selected size's need, not a stale budget, and no answer to a budget no longer shown
             budget, answer = math.ceil(summary["gb"] * 1000) / 1000, ""
-        return (text.summary_frame(summary, at, note), text.layers_frame(ex.layer_table(size)),
-                plots.heatmap_figure(ex.rank_heatmap(size)), self._curve(ex, summary, x_axis, dtype, metric, results),
+        return (text.summary_frame(summary, at, note), text.layers_frame(ex.layer_table(size, dtype)),
+                plots.heatmap_figure(ex.rank_heatmap(size, dtype)), self._curve(ex, summary, x_axis, dtype, metric, results),
                 text.size_badge(summary, note), budget, answer)
 
     def _curve(self, ex, summary, x_axis, dtype, metric, results):

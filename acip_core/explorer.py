@@ -336,19 +336,22 @@ class Explorer:
 
     # -- tables -------------------------------------------------------------------------------
     def _layer_cells(self, size: Size):
-        """(block, module type, kept rank, full rank, dense) for every target layer."""
+        """(block, module type, kept rank, full rank, dense) for every target layer; dense as the size's
+        format decides it (by its bytes: int4's padded factors run dense at lower ranks than float32)."""
         for n, r in size.ranks.items():
             numbers = [int(p) for p in n.split(".") if p.isdigit()]
             shape = self.any_size.shapes[n]
             yield (numbers[0] if numbers else 0, n.rsplit(".", 1)[-1], r, shape.full_rank,
-                   shape.runs_dense(r, self.any_size.lora_rank))
+                   shape.format_bytes(r, self.any_size.lora_rank, size.format)[1])
 
-    def _as_size(self, size) -> Size:
-        return size if isinstance(size, Size) else self.size(size)
+    def _as_size(self, size, dtype: str | None = None) -> Size:
+        size = size if isinstance(size, Size) else self.size(size)
+        return size if dtype is None else self.any_size.size_at(size.prefix, check_dtype(dtype))
 
-    def layer_table(self, size) -> pd.DataFrame:
-        """Per module type: layers, full rank, mean kept rank (and %), layers dense vs low-rank."""
-        cells = pd.DataFrame(list(self._layer_cells(self._as_size(size))),
+    def layer_table(self, size, dtype: str | None = None) -> pd.DataFrame:
+        """Per module type: layers, full rank, mean kept rank (and %), layers dense vs low-rank (in
+        `dtype`, else the size's own format)."""
+        cells = pd.DataFrame(list(self._layer_cells(self._as_size(size, dtype))),
                              columns=["block", "module", "kept", "full", "dense"])
         order = list(dict.fromkeys(cells.module))
         rows = []
@@ -360,9 +363,9 @@ class Explorer:
                              dense=int(c.dense.sum()), low_rank=int((~c.dense).sum())))
         return pd.DataFrame(rows)
 
-    def rank_heatmap(self, size) -> dict:
-        """Kept-rank fraction as a matrix [blocks × module types] (+ ranks and dense flags)."""
-        cells = list(self._layer_cells(self._as_size(size)))
+    def rank_heatmap(self, size, dtype: str | None = None) -> dict:
+        """Kept-rank fraction as a matrix [blocks × module types] (+ ranks and dense flags in `dtype`)."""
+        cells = list(self._layer_cells(self._as_size(size, dtype)))
         blocks = sorted({c[0] for c in cells})
         types = list(dict.fromkeys(c[1] for c in cells))
         shape = (len(blocks), len(types))

@@ -65,6 +65,17 @@ def test_layer_table_and_heatmap(explorer):
     assert heat["kept"].sum() == sum(size.ranks.values())
 
 
+@pytest.mark.parametrize("dtype", ["float32", "int8", "int4-g32"])
+def test_layer_table_heatmap_and_summary_count_the_same_dense_layers(explorer, dtype):
+    """One page, one count: the per-module table and the heatmap's D marks say which layers run dense
+    as the selected format decides it, the same count as the summary (in int4 factors are padded to
+    whole groups, so more layers run dense than in float32)."""
+    for ratio in (0.5, 0.7, 0.9):
+        want = explorer.size_for(ratio, dtype)["dense_layers"]
+        assert explorer.layer_table(ratio, dtype).dense.iloc[-1] == want
+        assert explorer.rank_heatmap(ratio, dtype)["dense"].sum() == want
+
+
 def test_model_cache_is_lru_and_shared(explorer):
     a = explorer.model(0.5)
     assert explorer.model(0.5) is a  # same size, same object
