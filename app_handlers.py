@@ -19,7 +19,7 @@ from acip_core import plots, public, studio as text
 from acip_core.curve import curve_at, eval_set_label, ppl_columns, suggested_ratio
 from acip_core.data import DEFAULT_DATA
 from acip_core.evaluate import Cancelled
-from acip_core.explorer import DTYPE_CHOICES, Explorer, check_history, clean_prompt, message_text
+from acip_core.explorer import DTYPE_CHOICES, Explorer, check_history, check_int, clean_prompt, message_text
 from acip_core.models import EMBEDDED
 from acip_core.studio import Studio
 
@@ -295,8 +295,7 @@ class Handlers:
         stop.clear()
         progress(0.0, desc="loading lm-eval and its tasks")
         try:
-            row = ex.measure_lm_eval(ratio, tasks, None if limit is None else _count(limit, "limit"),
-                                     _count(batch_size, "batch size"), dtype,
+            row = ex.measure_lm_eval(ratio, tasks, limit, batch_size, dtype,  # it checks both
                                      should_stop=stop.is_set,
                                      on_progress=lambda d, n: progress((d, n), desc="lm-eval", unit="requests"))
         except Cancelled:
@@ -375,9 +374,10 @@ class Handlers:
             data = str(public.accept_upload(upload))
         text.check_model_source(model or EMBEDDED)  # a bad hub id fails now, not after a minute of retries
         self.app.jobs.start(name, model=(model or EMBEDDED).strip(), data=data or DEFAULT_DATA,
-                            steps=_count(steps, "max scoring steps"), basis=basis, stop_ratio=float(stop_ratio),
-                            batch_size=_count(batch_size, "batch size"), seq_len=_count(seq_len, "tokens per sequence", 8),
-                            post_tune_steps=_count(post_tune, "post-tune steps", 0), checkpoint_every=10,
+                            steps=check_int(steps, 1, None, "max scoring steps"), basis=basis,
+                            stop_ratio=float(stop_ratio), batch_size=check_int(batch_size, 1, None, "batch size"),
+                            seq_len=check_int(seq_len, 8, None, "tokens per sequence"),
+                            post_tune_steps=check_int(post_tune, 0, None, "post-tune steps"), checkpoint_every=10,
                             owner=_who(token, request))
         fig, line = self.run_view(name)
         return self.runs_frame(), gr.update(choices=[r["name"] for r in self.app.jobs.list()], value=name), fig, line
@@ -397,11 +397,11 @@ class Handlers:
         if ex.any_size.size_at(size.prefix, dtype).dense_layers >= len(ex.any_size.targets):
             raise gr.Error(f"At size {size.size_ratio:.3f} in {dtype} every layer runs its original weight "
                            "(none is smaller factorized): nothing to fine-tune. Pick a smaller size.")
-        steps = _count(steps, "steps")
+        steps = check_int(steps, 1, None, "steps")
         name = time.strftime(f"ft-{size.size_ratio:.2f}-{objective}-%Y%m%d-%H%M%S").replace("+", "")
         self.app.jobs.start_finetune(name, str(folder), float(ratio), objective=objective, steps=steps,
                                      format=dtype, owner=_who(token, request))
-        gr.Info(f"Fine-tuning size {size.size_ratio:.3f} in {dtype} ({objective}, {int(steps)} steps) as run "
+        gr.Info(f"Fine-tuning size {size.size_ratio:.3f} in {dtype} ({objective}, {steps} steps) as run "
                 f"{name}: follow it in the Score tab. When done, it is listed as an artifact and on the curve.")
         return gr.update(choices=[r["name"] for r in self.app.jobs.list()], value=name)
 
@@ -446,18 +446,6 @@ class Handlers:
         else:
             fig, line = gr.skip(), gr.skip()
         return frame, runs, fig, line, artifacts, artifacts, dict(artifacts=folders, runs=names, plot=plot_key)
-
-
-def _count(value, name: str, minimum: int = 1) -> int:
-    """A whole number from a number field, at least `minimum`, or a ValueError that names the field (the
-    fields carry no `minimum` of their own: Gradio's check would cover the outputs with "Error")."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}: type a whole number ≥ {minimum}") from None
-    if not math.isfinite(number) or number != int(number) or number < minimum:
-        raise ValueError(f"{name} must be a whole number ≥ {minimum}, got {number:g}")
-    return int(number)
 
 
 def _who(token, request) -> str | None:

@@ -79,13 +79,16 @@ def clean_prompt(text, cap: int = MAX_PROMPT_CHARS) -> str:
     return text
 
 
-def _int_in(value, lo: int, hi: int, name: str) -> int:
+def check_int(value, lo: int, hi: int | None, name: str) -> int:
+    """A whole number in [lo, hi] (hi None: no upper bound) from a visitor's value, or a ValueError that
+    names it (the app's number fields and every Explorer job use this one check)."""
+    within = f"in [{lo}, {hi}]" if hi is not None else f"≥ {lo}"
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a whole number in [{lo}, {hi}], got {value!r}") from None
-    if not math.isfinite(number) or number != int(number) or not lo <= number <= hi:
-        raise ValueError(f"{name} must be a whole number in [{lo}, {hi}], got {value!r}")
+        raise ValueError(f"{name} must be a whole number {within}, got {value!r}") from None
+    if not math.isfinite(number) or number != int(number) or number < lo or (hi is not None and number > hi):
+        raise ValueError(f"{name} must be a whole number {within}, got {value!r}")
     return int(number)
 
 
@@ -412,7 +415,7 @@ class Explorer:
                    dtype: str = "float32") -> Generation:
         """Starts a streamed, greedy chat reply at a size; returns the running Generation."""
         message = clean_prompt(message)
-        max_new_tokens = _int_in(max_new_tokens, 1, MAX_NEW_TOKENS, "max_new_tokens")
+        max_new_tokens = check_int(max_new_tokens, 1, MAX_NEW_TOKENS, "max_new_tokens")
         repetition_penalty = _float_in(repetition_penalty, 1.0, 2.0, "repetition_penalty")
         model = self.model(ratio, dtype)
         limit = int(getattr(self.any_size.base.config, "max_position_embeddings", 2048) or 2048)
@@ -494,8 +497,8 @@ class Explorer:
 
         Raises Cancelled when should_stop() turns True.
         """
-        windows = _int_in(windows, 1, limits().perplexity_windows, "windows")
-        seq_len = _int_in(seq_len, 8, 8192, "seq_len")
+        windows = check_int(windows, 1, limits().perplexity_windows, "windows")
+        seq_len = check_int(seq_len, 8, 8192, "seq_len")
         size = self.size(ratio)
         limit = int(getattr(self.any_size.base.config, "max_position_embeddings", seq_len) or seq_len)
         if seq_len > limit:
@@ -525,8 +528,8 @@ class Explorer:
             raise ValueError("choose at least one lm-eval task")
         lim = limits()  # the heavy slot is shared: bounded work in public mode (public.py)
         if limit is not None or lim.public:
-            limit = _int_in(lim.lm_eval_items if limit is None else limit, 1, lim.lm_eval_items, "limit")
-        batch_size = _int_in(batch_size, 1, 512, "batch_size")
+            limit = check_int(lim.lm_eval_items if limit is None else limit, 1, lim.lm_eval_items, "limit")
+        batch_size = check_int(batch_size, 1, 512, "batch_size")
         size = self.size(ratio)
         model = self.any_size.materialize(size, dtype)  # its own tree: lm-eval's hooks stay on it
         start = time.perf_counter()

@@ -110,7 +110,7 @@ def test_bad_values_are_a_toast_and_change_nothing(demo, tiny_artifact, bad):
 
 def test_no_number_field_has_a_gradio_minimum(demo):
     """Gradio's own minimum check covers every output of the event with "Error" (the slider too); the
-    handlers check the numbers and answer in words instead (app_handlers._count)."""
+    handlers check the numbers and answer in words instead (explorer.check_int)."""
     import gradio as gr
 
     numbers = [b for b in demo.blocks.values() if isinstance(b, gr.Number)]
@@ -120,13 +120,13 @@ def test_no_number_field_has_a_gradio_minimum(demo):
 @pytest.mark.parametrize("value,ok", [(3, 3), (3.0, 3), (0, None), (-2, None), (2.5, None), (None, None),
                                       (float("inf"), None), ("x", None), ("2.5", None), ("4", 4)])
 def test_number_fields_are_checked_with_their_name(value, ok):
-    from app_handlers import _count
+    from acip_core.explorer import check_int
 
     if ok is not None:
-        assert _count(value, "steps") == ok
+        assert check_int(value, 1, None, "steps") == ok
     else:
         with pytest.raises(ValueError, match="steps"):
-            _count(value, "steps")
+            check_int(value, 1, None, "steps")
 
 
 def test_budget_answers_for_every_dtype_and_picks_the_best(client, demo, tiny_artifact):
