@@ -235,23 +235,29 @@ class QWeight:
             return _FrozenProduct.apply(x, self)
         return self._product(x)
 
+    # A decode step calls this ~300 times for one row each: the kernel itself takes ~15 µs, so every
+    # Python step around it counts (benchmarks/RESULTS.md, "Per-call cost"). Hence 2-D inputs pass
+    # through untouched, the CPU kernels are tested first, and a slice is taken only when the kernel
+    # returned padded rows.
     def _product(self, x: torch.Tensor) -> torch.Tensor:
-        lead, k = x.shape[:-1], x.shape[-1]
-        x2 = x.reshape(-1, k)
-        if 0 in self.shape:  # a factor of rank 0 (no LoRA, nothing kept)
-            return x.new_zeros(*lead, self.shape[0])
-        if x2.device.type == "cuda":
+        out, k = self.shape
+        x2 = x if x.dim() == 2 else x.reshape(-1, k)
+        if not out or not k:  # a factor of rank 0 (no LoRA, nothing kept)
+            y = x2.new_zeros(x2.shape[0], out)
+        elif x2.is_cpu:
+            if self.kind == "int4":
+                y = _INT4_CPU(x2.contiguous(), self.data, self.group_size, self.scales)
+            elif k % 8 == 0:
+                y = _INT8_CPU(x2.contiguous(), self.data, self.scales)
+            else:  # the int8 kernel's input size must be a multiple of 8 (see rank_step)
+                y = F.linear(x2, self.dequantize().to(x2.dtype))
+        elif x2.is_cuda:
             y = _cuda_product(self, x2)
-        elif x2.device.type != "cpu":  # other accelerators: the reference product (correct; not a fast kernel)
+        else:  # other accelerators: the reference product (correct; not a fast kernel)
             y = F.linear(x2, self.dequantize().to(x2.device, x2.dtype))
-        elif self.kind == "int8" and k % 8 == 0:
-            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.data, self.scales)
-        elif self.kind == "int8":  # the kernel's input size must be a multiple of 8 (see rank_step)
-            y = F.linear(x2, self.dequantize().to(x2.dtype))
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.data, self.group_size,
-                                                          self.scales)
-        return y[:, : self.shape[0]].reshape(*lead, self.shape[0])
+        if y.shape[1] != out:  # int4's rows padded to the kernel's blocks of 32
+            y = y[:, :out]
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out)
 
     def dequantize(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """The float32 matrix these codes stand for (the oracle for tests and dense exports), or its
@@ -295,6 +301,8 @@ class _FrozenProduct(torch.autograd.Function):
         return dx.to(grad.dtype), None
 
 
+_INT4_CPU = torch.ops.aten._weight_int4pack_mm_for_cpu  # torch's CPU kernels (looked up once)
+_INT8_CPU = torch.ops.aten._weight_int8pack_mm
 _BACKWARD_ROWS = 256  # rows of a frozen factor dequantized at once in the backward (a multiple of 32)
 
 
@@ -557,11 +565,43 @@ class QuantLowRankLinear(nn.Module):
         return self.down.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.up.matmul(self.down.matmul(x))
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # flattened once for both products
+        y = self.up.matmul(self.down.matmul(x2))
+        y = y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, {self.down.kind}"
+
+
+class Bf16Head(nn.Linear):
+    """The LM head of an int8/int4 family in bf16 (embeddings "native"): on a CPU without bf16
+    instructions (avx2: torch's mkldnn check), a bf16 product takes ~4 ms per row against the
+    vocabulary, so a product of many rows (perplexity, lm-eval: 256 rows took 1.0 s of a 1.8 s
+    forward) runs in float32 over chunks of the weight's rows (0.13 s; benchmarks/RESULTS.md, "The
+    LM head"). Few rows (decode) stay bf16, where converting the weight costs more than it saves.
+    Same tensors as the nn.Linear it replaces (a class swap); the logits stay bf16.
+    The export template holds the same class (export_template/modeling_acip.py)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.bfloat16 or not x.is_cpu or x.numel() < HEAD_FLOAT32_ROWS * x.shape[-1] or _fast_bf16():
+            return super().forward(x)
+        xf, w = x.float(), self.weight
+        out = x.new_empty(*x.shape[:-1], w.shape[0])
+        for i in range(0, w.shape[0], HEAD_CHUNK_ROWS):
+            b = None if self.bias is None else self.bias[i:i + HEAD_CHUNK_ROWS].float()
+            out[..., i:i + HEAD_CHUNK_ROWS] = F.linear(xf, w[i:i + HEAD_CHUNK_ROWS].float(), b)
+        return out
+
+
+HEAD_FLOAT32_ROWS = 16  # from here on float32 wins (measured crossover ~12 rows on the avx2 CPU)
+HEAD_CHUNK_ROWS = 1024  # rows of the head's weight converted at a time (2.4 MB in float32)
+
+
+@functools.lru_cache(maxsize=1)
+def _fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 / AMX): then the bf16 head stays bf16."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class QuantEmbedding(nn.Module):

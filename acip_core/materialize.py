@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .basis import Factors
-from .formats import Format, QuantEmbedding, QuantLinear, QuantLowRankLinear, parse_format, weight_nbytes, zero_rows
+from .formats import Bf16Head, Format, QuantEmbedding, QuantLinear, QuantLowRankLinear, parse_format, weight_nbytes, zero_rows
 from .layers import LowRankLinear
 from .prune import LayerShape, RankIndex
 
@@ -178,6 +178,8 @@ class AnySizeModel:
             swap[id(converted.get_submodule(n))] = QuantLinear(fmt.pack(lin.weight), bias).eval()
         if fmt.embeddings == "int8":
             swap.update(_quantized_embeddings(base32, converted, fmt))
+        elif type(converted.get_output_embeddings()) is nn.Linear:  # many rows in float32 on avx2 CPUs
+            converted.get_output_embeddings().__class__ = Bf16Head
         base = _clone_tree(converted, swap)  # the converted target weights are dropped with `converted`
         # int4 picks the codes of `down` (whose input is the layer's) by the output's error; `up`'s
         # input has second moment diag(s²) in the whitened basis, where GPTQ is round-to-nearest.
