@@ -22,7 +22,7 @@ from acip_core.data import DATA_CHOICES, DEFAULT_DATA
 from acip_core.explorer import DTYPE_CHOICES, MAX_PROMPT_CHARS
 from acip_core.models import EMBEDDED, cache_dir, pick_device
 from acip_core.studio import Studio, StudioConfig
-from app_handlers import EXPORT_KINDS, X_AXES, Handlers, lm_eval_tasks  # noqa: F401  (EXPORT_KINDS: tests)
+from app_handlers import EXPLORE_VIEWS, EXPORT_KINDS, X_AXES, Handlers, lm_eval_tasks  # noqa: F401  (EXPORT_KINDS: tests)
 
 EXAMPLES = ["What is the capital of France?", "Explain what a package manager does, in two sentences.",
             "Write a haiku about autumn.", "Give three tips for writing clear emails."]
@@ -205,6 +205,7 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
         # -- wiring ---------------------------------------------------------------------------
         view = [artifact, ratio, x_axis, dtype, metric, results, fitted]
         explore_out = [summary, layers, heatmap, curve, badge, budget, budget_md]
+        assert len(explore_out) == len(EXPLORE_VIEWS), "app_handlers.EXPLORE_VIEWS names what size() returns"
         demo.load(h.start, None, [artifact, status, ratio, metric] + explore_out, api_name="start",
                   show_progress="minimal").then(lambda f: gr.update(choices=h.app.artifact_choices(), value=f),
                                                 artifact, artifact_b, api_name=False)

@@ -25,6 +25,11 @@ from acip_core.studio import Studio
 
 log = logging.getLogger("acip_studio")
 X_AXES = {"size ratio": "size_ratio", "GB": "gb"}
+# What `Handlers.size` returns, in order: the Explore tab's views (app.py wires them as `explore_out`
+# and checks the count). Handlers that lead with other outputs skip these views by this tuple, so a
+# new view changes one line, not a hand-counted number in every handler.
+EXPLORE_VIEWS = ("summary", "layers", "heatmap", "curve", "badge", "budget", "budget answer")
+SKIP_VIEWS = (gr.skip(),) * len(EXPLORE_VIEWS)
 CHAT_UPDATE_S = 0.2  # streamed text reaches the page at most this often (see studio.throttled)
 EXPORT_KINDS = {"low-rank: smallest files (loads with trust_remote_code)": False,
                 "dense: original shapes, no memory saved (for compatibility)": True}
@@ -106,7 +111,7 @@ class Handlers:
         name = self.app.choice_of(folder)
         note = note + "\n\n" if note else ""
         dd = gr.update(choices=self.app.artifact_choices(), value=name)
-        nothing = (gr.skip(),) * 9
+        nothing = (gr.skip(), gr.skip()) + SKIP_VIEWS  # ratio, metric, the views
         if name is None:
             yield (dd, note) + nothing
             return
@@ -129,11 +134,11 @@ class Handlers:
     def artifact(self, folder, ratio, x_axis, dtype, progress=gr.Progress()):
         """Another artifact (or tuned size: the slider and format move to the size it was tuned at)."""
         for line in self._loading(folder, progress):
-            yield (line,) + (gr.skip(),) * 10
+            yield (line, gr.skip(), gr.skip(), gr.skip()) + SKIP_VIEWS  # metric, ratio, format, the views
         try:
             ex = self.explorer(folder)
         except RuntimeError as err:
-            yield (f"**{err}** Pick another artifact.",) + (gr.skip(),) * 10
+            yield (f"**{err}** Pick another artifact.", gr.skip(), gr.skip(), gr.skip()) + SKIP_VIEWS
             return
         moved = (gr.skip(), gr.skip())
         if ex.tuned:

@@ -98,6 +98,18 @@ def test_eval_set_switch_updates_the_summary_and_names_the_set(demo, tiny_artifa
     assert float(dom[k_dom].split()[1]) == pytest.approx(3 * float(held[k_held].split()[1]), rel=0.02)
 
 
+def test_handlers_fill_or_skip_exactly_the_explore_views(demo, tiny_artifact):
+    """size() returns one value per Explore view; the page-load and artifact handlers lead with their
+    own outputs and skip the views by the same count (a miscount makes Gradio drop or miss one)."""
+    from app_handlers import EXPLORE_VIEWS
+
+    h = demo.handlers
+    assert len(h.size(str(tiny_artifact), 0.5, "size ratio", "float32", None, [])) == len(EXPLORE_VIEWS)
+    *_, loaded = h.artifact(str(tiny_artifact), 0.5, "size ratio", "float32")
+    assert len(loaded) == 4 + len(EXPLORE_VIEWS)  # status, metric, ratio, format
+    assert {len(out) for out in h.start()} == {4 + len(EXPLORE_VIEWS)}  # artifact, status, ratio, metric
+
+
 @pytest.mark.parametrize("bad", [1.5, -0.1, float("nan"), "abc", None])
 def test_bad_values_are_a_toast_and_change_nothing(demo, tiny_artifact, bad):
     h = demo.handlers
