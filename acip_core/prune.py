@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import functools
+
 import torch
 
 from .formats import Format
@@ -51,6 +53,7 @@ class LayerShape:
         step = fmt.rank_step
         return -(-(self.full_rank + lora_rank) // step) * step
 
+    @functools.lru_cache(maxsize=None)  # a model has a handful of distinct shapes: few entries, asked 420x a size
     def format_bytes(self, rank: int, lora_rank: int, fmt: Format) -> tuple[int, bool]:
         """(bytes, runs dense) of this layer at `rank` in `fmt`: the smaller of the two forms."""
         bias = self.out_features * self.bias * fmt.float_bytes
