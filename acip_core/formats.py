@@ -83,7 +83,7 @@ class Format:
     # -- bytes --------------------------------------------------------------------------------------
     @property
     def float_bytes(self) -> int:
-        return 4 if self.name == "float32" else 2  # the compute dtype's (asked per layer per size: no finfo)
+        return self.compute_dtype.itemsize
 
     def weight_bytes(self, out_features: int, in_features: int) -> int:
         """Bytes of one [out, in] weight in this format: data + scales (+ zeros), as QWeight holds it."""
@@ -559,8 +559,7 @@ class QuantLowRankLinear(nn.Module):
         super().__init__()
         # plain attributes, set past Module.__setattr__ (200 layers a new size: ~8 ms through it);
         # frozen and shared like QuantLinear's (a bias here is the family's tensor, never a Parameter)
-        self.__dict__.update(down=down, up=up, bias=None if bias is None else bias.detach(),
-                             in_features=down.shape[1], out_features=up.shape[0])
+        self.__dict__.update(down=down, up=up, bias=bias, in_features=down.shape[1], out_features=up.shape[0])
 
     @property
     def rank(self) -> int:

@@ -80,7 +80,7 @@ class AnySizeModel:
                                non_target_params(base, self.targets))
         scaling = lora_alpha / lora_rank if self.lora_rank else 0.0
         self._families = {}  # format key -> (base tree, factors, dense weights) in that format
-        self._targets_of = {}  # id(family base tree) -> (tree, {target name: module}): materialize's lookups
+        self._targets_of = {}  # format key -> {target name: module of that family's tree}
         self._lock = threading.Lock()
         factors = {}
         for n, f in basis.items():
@@ -90,7 +90,7 @@ class AnySizeModel:
                 down = torch.cat([scaling * adapters[f"{n}.lora_A"].float(), down])
                 up_t = torch.cat([adapters[f"{n}.lora_B"].float().t(), up_t])
             factors[n] = (down.contiguous(), up_t.contiguous())
-        self._families[Format().key] = (self.base, factors)
+        self._set_family(Format().key, (self.base, factors))
         self._other_bytes = {}
 
     # -- choosing a size ------------------------------------------------------------------------
@@ -143,7 +143,7 @@ class AnySizeModel:
         """(base tree, factors, dense weights) in `fmt`, built once (under the lock) on first use."""
         with self._lock:
             if fmt.key not in self._families:
-                self._families[fmt.key] = self._build_family(fmt)
+                self._set_family(fmt.key, self._build_family(fmt))
             return self._families[fmt.key]
 
     def has_family(self, fmt: "Format | str") -> bool:
@@ -202,7 +202,7 @@ class AnySizeModel:
         fmt = parse_format(fmt)
         ranks = size.ranks if isinstance(size, Size) else size
         base, factors = self._family(fmt)
-        targets = self._target_modules(base)
+        targets = self._targets_of[fmt.key]
         swap = {}
         for n in self.targets:
             original = targets[n]
@@ -224,14 +224,11 @@ class AnySizeModel:
         model.generation_config = copy.deepcopy(base.generation_config)  # generate() may edit it
         return model
 
-
-    def _target_modules(self, base: nn.Module) -> dict:
-        """{target name: module} of a family's base tree, looked up once (get_submodule walks the
-        path: 210 walks were ~9 ms of a 50 ms new size)."""
-        found = self._targets_of.get(id(base))
-        if found is None or found[0] is not base:
-            found = self._targets_of[id(base)] = (base, {n: base.get_submodule(n) for n in self.targets})
-        return found[1]
+    def _set_family(self, key: str, family: tuple) -> None:
+        """Stores a family and its target modules, looked up once here (get_submodule walks the path:
+        210 walks in every materialize were ~9 ms of a 50 ms new size)."""
+        self._families[key] = family
+        self._targets_of[key] = {n: family[0].get_submodule(n) for n in self.targets}
 
 
 class _Released(dict):

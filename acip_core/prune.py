@@ -11,9 +11,8 @@ Two measures, both exact:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import functools
+from dataclasses import dataclass
 
 import torch
 

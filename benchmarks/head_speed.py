@@ -34,7 +34,8 @@ def main():
     torch.set_num_threads(2)
     model = open_artifact(args.artifact)
     windows = token_windows(model.tokenizer, load_text("corpus:heldout"), 256, args.windows)
-    fast = formats._fast_bf16()
+    shipped = formats._fast_bf16
+    fast = shipped()
     print(f"cpu: {cpu_flags()}, bf16 instructions: {fast}, {torch.get_num_threads()} threads, "
           f"{args.windows} windows x 256 tokens, batch 4")
     for key in ["float32"] + args.formats.split(","):
@@ -42,9 +43,9 @@ def main():
         runs = {"shipped head": [], "plain bf16 head": []}
         for _ in range(args.rounds):
             for name in runs:
-                formats._fast_bf16 = (lambda: True) if name == "plain bf16 head" else (lambda: fast)
+                formats._fast_bf16 = (lambda: True) if name == "plain bf16 head" else shipped
                 runs[name].append(perplexity(net, windows))
-        formats._fast_bf16 = lambda: fast
+        formats._fast_bf16 = shipped
         for name, rs in runs.items():
             if key == "float32" and name != "shipped head":
                 continue
