@@ -575,36 +575,6 @@ class QuantLowRankLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, {self.down.kind}"
 
 
-class Bf16Head(nn.Linear):
-    """The LM head of an int8/int4 family in bf16 (embeddings "native"): on a CPU without bf16
-    instructions (avx2: torch's mkldnn check), a bf16 product takes ~4 ms per row against the
-    vocabulary, so a product of many rows (perplexity, lm-eval: 256 rows took 1.0 s of a 1.8 s
-    forward) runs in float32 over chunks of the weight's rows (0.13 s; benchmarks/RESULTS.md, "The
-    LM head"). Few rows (decode) stay bf16, where converting the weight costs more than it saves.
-    Same tensors as the nn.Linear it replaces (a class swap); the logits stay bf16.
-    The export template holds the same class (export_template/modeling_acip.py)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.bfloat16 or not x.is_cpu or x.numel() < HEAD_FLOAT32_ROWS * x.shape[-1] or _fast_bf16():
-            return super().forward(x)
-        xf, w = x.float(), self.weight
-        out = x.new_empty(*x.shape[:-1], w.shape[0])
-        for i in range(0, w.shape[0], HEAD_CHUNK_ROWS):
-            b = None if self.bias is None else self.bias[i:i + HEAD_CHUNK_ROWS].float()
-            out[..., i:i + HEAD_CHUNK_ROWS] = F.linear(xf, w[i:i + HEAD_CHUNK_ROWS].float(), b)
-        return out
-
-
-HEAD_FLOAT32_ROWS = 16  # from here on float32 wins (measured crossover ~12 rows on the avx2 CPU)
-HEAD_CHUNK_ROWS = 1024  # rows of the head's weight converted at a time (2.4 MB in float32)
-
-
-@functools.lru_cache(maxsize=1)
-def _fast_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 / AMX): then the bf16 head stays bf16."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
 class QuantEmbedding(nn.Module):
     """An embedding lookup over an int8 per-row QWeight (shared with a tied QuantLinear head)."""
 

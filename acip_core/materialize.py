@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from .basis import Factors
-from .formats import Bf16Head, Format, QuantEmbedding, QuantLinear, QuantLowRankLinear, parse_format, weight_nbytes, zero_rows
-from .layers import LowRankLinear
+from .formats import Format, QuantEmbedding, QuantLinear, QuantLowRankLinear, parse_format, weight_nbytes, zero_rows
+from .layers import Bf16Linear, LowRankLinear
 from .prune import LayerShape, RankIndex
 
 log = logging.getLogger(__name__)
@@ -166,12 +166,11 @@ class AnySizeModel:
 
     def _build_family(self, fmt: Format):
         base32, factors32 = self._families[Format().key]
-        if not fmt.quantized:  # bfloat16: a converted copy of the tree and of the factors
-            dtype = fmt.compute_dtype
-            return (_cast_like_from_pretrained(base32, dtype),
-                    {n: (a.to(dtype), b.to(dtype)) for n, (a, b) in factors32.items()})
+        # norms, embeddings (ties kept); every nn.Linear a Bf16Linear (many rows in float32 on avx2 CPUs)
+        converted = _bf16_linears(_cast_like_from_pretrained(base32, fmt.compute_dtype))
+        if not fmt.quantized:  # bfloat16: the converted copy of the tree and of the factors
+            return converted, {n: (a.to(fmt.compute_dtype), b.to(fmt.compute_dtype)) for n, (a, b) in factors32.items()}
         start = time.perf_counter()
-        converted = _cast_like_from_pretrained(base32, fmt.compute_dtype)  # norms, embeddings (ties kept)
         swap = {}
         for n in self.targets:  # dense layers: the original float32 weight, quantized
             lin = self.originals[n]
@@ -179,8 +178,6 @@ class AnySizeModel:
             swap[id(converted.get_submodule(n))] = QuantLinear(fmt.pack(lin.weight), bias).eval()
         if fmt.embeddings == "int8":
             swap.update(_quantized_embeddings(base32, converted, fmt))
-        elif type(converted.get_output_embeddings()) is nn.Linear:  # many rows in float32 on avx2 CPUs
-            converted.get_output_embeddings().__class__ = Bf16Head
         base = _clone_tree(converted, swap)  # the converted target weights are dropped with `converted`
         # int4 picks the codes of `down` (whose input is the layer's) by the output's error; `up`'s
         # input has second moment diag(s²) in the whitened basis, where GPTQ is round-to-nearest.
@@ -317,6 +314,14 @@ def count_params(model: nn.Module) -> int:
             seen.add(id(t))
             total += t.numel()
     return total
+
+
+def _bf16_linears(tree: nn.Module) -> nn.Module:
+    """`tree` with every plain nn.Linear class-swapped to a Bf16Linear (same tensors)."""
+    for m in tree.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = Bf16Linear
+    return tree
 
 
 def _cast_like_from_pretrained(base: nn.Module, dtype: torch.dtype) -> nn.Module:

@@ -283,7 +283,7 @@ model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, loc
 with torch.no_grad():
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12,
                          do_sample=False, repetition_penalty=1.0, pad_token_id=0)
-    logits = model(torch.tensor(json.loads(sys.argv[3]))).logits.float()  # >= 16 rows: Bf16Head's float32 path
+    logits = model(torch.tensor(json.loads(sys.argv[3]))).logits.float()  # >= 16 rows: Bf16Linear's float32 path
 print(json.dumps(logits.tolist()))
 print(json.dumps(out.tolist()))
 """
@@ -324,38 +324,48 @@ def test_quantized_export_loads_in_a_fresh_process_with_the_apps_tokens(tiny_lla
     assert (exported - app_logits).abs().max() <= 1e-2 * app_logits.abs().max(), "export and app differ on 48 rows"
 
 
-def test_bf16_head_multiplies_many_rows_in_float32_with_the_same_logits(monkeypatch, tiny_llama_tied):
-    """The bf16 LM head of an int family (Bf16Head): many rows in float32 by chunks of the weight's
-    rows where the CPU has no bf16 instructions; the logits equal the float32 product rounded to bf16,
-    and decode (few rows) keeps the plain bf16 product."""
-    from acip_core import formats
+def test_bf16_linear_multiplies_many_rows_in_float32_with_the_same_numbers(monkeypatch, tiny_llama_tied):
+    """A bf16 linear (Bf16Linear, and LowRankLinear's products): many rows in float32 by chunks of the
+    weight's rows where the CPU has no bf16 instructions; the output equals the float32 product rounded
+    to bf16, and decode (few rows) keeps the plain bf16 product. The bf16 family's linears and the int
+    families' native head are Bf16Linear."""
+    from acip_core import layers
 
     g = torch.Generator().manual_seed(0)
     lin = torch.nn.Linear(64, 2500, bias=True).to(torch.bfloat16)  # 2500: a partial last chunk
     head = copy.copy(lin)
-    head.__class__ = formats.Bf16Head
+    head.__class__ = layers.Bf16Linear
     x = torch.randn(2, 20, 64, generator=g).to(torch.bfloat16)
     want = torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
     calls = []
     real_linear = torch.nn.functional.linear
-    monkeypatch.setattr(formats, "_fast_bf16", lambda: False)
-    monkeypatch.setattr(formats.F, "linear", lambda *a: calls.append(a[0].dtype) or real_linear(*a))
+    monkeypatch.setattr(layers, "_fast_bf16", lambda: False)
+    monkeypatch.setattr(layers.F, "linear", lambda *a: calls.append(a[0].dtype) or real_linear(*a))
     with torch.no_grad():
         got = head(x)
         assert got.dtype == torch.bfloat16 and set(calls) == {torch.float32}
-        assert len(calls) == -(-2500 // formats.HEAD_CHUNK_ROWS)
-        assert (got.float() - want).abs().max() <= 2 ** -7 * want.abs().max()
+        assert len(calls) == -(-2500 // layers.CHUNK_ROWS)
+        assert torch.equal(got, want.to(torch.bfloat16))  # one rounding of the float32 product
         few = lin(x[:, :3])
         calls.clear()
         assert torch.equal(head(x[:, :3]), few) and calls == [torch.bfloat16]  # 6 rows: the bf16 product
-        monkeypatch.setattr(formats, "_fast_bf16", lambda: True)
+        low = layers.LowRankLinear(lin.weight[:8, :].clone(), lin.weight[8:16, :40].clone(), None)
+        calls.clear()
+        y = low(x[..., :64])
+        assert y.dtype == torch.bfloat16 and calls == [torch.float32, torch.float32]
+        mid = torch.nn.functional.linear(x.float(), low.down.float()).to(torch.bfloat16)
+        assert torch.equal(y, torch.nn.functional.linear(mid.float(), low.up_t.t().float()).to(torch.bfloat16))
+        monkeypatch.setattr(layers, "_fast_bf16", lambda: True)
         assert torch.equal(head(x), lin(x))  # a CPU with bf16 instructions: unchanged
     model, _, _ = random_any_size(tiny_llama_tied)  # the int families' native head is one, tied as before
-    for key, cls in (("int8", "Bf16Head"), ("int4-g32", "Bf16Head"), ("int8+emb8", "QuantLinear")):
+    for key, cls in (("int8", "Bf16Linear"), ("int4-g32", "Bf16Linear"), ("int8+emb8", "QuantLinear"),
+                     ("bfloat16", "Bf16Linear")):
         net = model.materialize(model.size_for_ratio(0.5, key), key)
         assert type(net.get_output_embeddings()).__name__ == cls
-        if cls == "Bf16Head":
+        if cls == "Bf16Linear":
             assert net.get_output_embeddings().weight is net.get_input_embeddings().weight
+    net = model.materialize(model.size_for_ratio(1.0, "bfloat16"), "bfloat16")
+    assert {type(m).__name__ for m in net.modules() if isinstance(m, torch.nn.Linear)} == {"Bf16Linear"}
 
 
 def test_int4_column_prefix_is_the_repacked_prefix():

@@ -46,7 +46,7 @@ class LowRankLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.down(x), self.up_t.t(), self.bias)
+        return bf16_linear(self.down(x), self.up_t.t(), self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
@@ -145,21 +145,27 @@ class QuantHead(nn.Module):
         return self.embedding.table(x)
 
 
-class Bf16Head(nn.Linear):
-    """The bf16 LM head of a quantized export: on a CPU without bf16 instructions a product of many
-    rows (>= 16: perplexity, scoring) runs in float32 over chunks of 1024 weight rows, far faster there
-    and the numbers ACIP Studio computes; few rows (decode) stay bf16. Logits stay bf16."""
+def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, except a bf16 product of many rows (>= 16: perplexity, prefill) on a CPU without bf16
+    instructions, where torch's bf16 product is a slow fallback: float32 over chunks of 1024 weight
+    rows, rounded to bf16 once (a bf16 GEMM with float32 accumulation), the numbers ACIP Studio
+    computes. Few rows (decode) stay bf16."""
+    if (x.dtype is not torch.bfloat16 or x.numel() < 16 * x.shape[-1] or not x.is_cpu
+            or torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return F.linear(x, weight, bias)
+    xf = x.float()
+    out = x.new_empty(*x.shape[:-1], weight.shape[0])
+    for i in range(0, weight.shape[0], 1024):
+        b = None if bias is None else bias[i:i + 1024].float()
+        out[..., i:i + 1024] = F.linear(xf, weight[i:i + 1024].float(), b)
+    return out
+
+
+class Bf16Linear(nn.Linear):
+    """An nn.Linear whose products go through bf16_linear (the same class as ACIP Studio's)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.dtype != torch.bfloat16 or not x.is_cpu or x.numel() < 16 * x.shape[-1]
-                or torch.ops.mkldnn._is_mkldnn_bf16_supported()):
-            return super().forward(x)
-        xf, w = x.float(), self.weight
-        out = x.new_empty(*x.shape[:-1], w.shape[0])
-        for i in range(0, w.shape[0], 1024):
-            b = None if self.bias is None else self.bias[i:i + 1024].float()
-            out[..., i:i + 1024] = F.linear(xf, w[i:i + 1024].float(), b)
-        return out
+        return bf16_linear(x, self.weight, self.bias)
 
 
 def factorize_(model: nn.Module, ranks: dict, quant: dict | None = None) -> None:
@@ -182,8 +188,15 @@ def factorize_(model: nn.Module, ranks: dict, quant: dict | None = None) -> None
         else:
             swap(name, LowRankLinear(old.in_features, old.out_features, int(rank),
                                      old.bias is not None, old.weight.device, old.weight.dtype))
-    if not quant:
-        return
+    if quant:
+        _quantize_(model, quant, dtype, swap)
+    for m in model.modules():  # the same class as ACIP Studio's linears (plain float32 products unchanged)
+        if type(m) is nn.Linear:
+            m.__class__ = Bf16Linear
+
+
+def _quantize_(model: nn.Module, quant: dict, dtype: torch.dtype, swap) -> None:
+    """Every listed dense layer by its quantized form, and the tied embedding / head in int8 if listed."""
     for name in quant.get("dense", []):
         old = model.get_submodule(name)
         if isinstance(old, nn.Linear):
@@ -193,8 +206,6 @@ def factorize_(model: nn.Module, ranks: dict, quant: dict | None = None) -> None
         q = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, dtype)
         model.set_input_embeddings(q)
         model.set_output_embeddings(QuantHead(q))
-    elif type(model.get_output_embeddings()) is nn.Linear:  # the same class as ACIP Studio's head
-        model.get_output_embeddings().__class__ = Bf16Head
 
 
 _CLASSES: dict = {}
