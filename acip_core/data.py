@@ -8,6 +8,8 @@ Named corpus splits (files in assets/corpus/, see its SOURCES.md):
                   system calls and library functions and of Perl modules (sections 2 and 3; never Python)
 - corpus:broad-wide  corpus:broad with the model's own text on 122 subjects (code, maths, science,
                   practical and civic topics as well as stories) instead of 48: smollm2_samples_wide.txt
+- corpus:handbook-train  the first 80 % of the handbook alone: the held-out text's own kind of prose
+                  (fine-tuning a size for that text; never its last 20 %)
 - corpus:train    the first mix (no manual pages, 30 % of the fortunes): narrower; kept for comparison
 - corpus:heldout  in-domain held-out text: the last 20 % of the handbook (never calibrated on)
 - corpus:domain   a held-out *domain*: Python's help topics (never calibrated on)
@@ -35,6 +37,7 @@ SPLITS = {
                    ("manpages", 0.0, 1.0), ("manpages-dev", 0.0, 1.0)],
     "broad-wide": [("handbook", 0.0, TRAIN_FRACTION), ("fortunes", 0.0, 0.15), ("samples-wide", 0.0, 1.0),
                    ("manpages", 0.0, 1.0)],
+    "handbook-train": [("handbook", 0.0, TRAIN_FRACTION)],
     "train-books": [("handbook", 0.0, TRAIN_FRACTION), ("fortunes", 0.0, TRAIN_FRACTION)],
     "heldout": [("handbook", TRAIN_FRACTION, 1.0)],
     "domain": [("pydoc", 0.0, 1.0)],

@@ -8,11 +8,13 @@
 # is continued by re-running it with the remaining FORMATS (BF16=0 once the bf16 lines are in).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-FORMATS=${FORMATS:-float32,int8,int4-g32,int4-g32+emb8,int8+emb8}
+FORMATS=${FORMATS-float32,int8,int4-g32,int4-g32+emb8,int8+emb8}  # FORMATS= : none
 ART=precomputed/smollm2-135m-instruct
 if [ "${BF16:-1}" = 1 ]; then
   .venv/bin/python -m acip_core -v curve --artifact $ART --methods all --formats bfloat16 \
     --sizes 0.30:1.00:0.05 --windows 16 "$@"
 fi
-[ -n "$FORMATS" ] && .venv/bin/python -m acip_core -v curve --artifact $ART --methods acip \
-  --formats "$FORMATS" --sizes 0.30:1.00:0.10 --windows 16 "$@"
+if [ -n "$FORMATS" ]; then
+  .venv/bin/python -m acip_core -v curve --artifact $ART --methods acip --formats "$FORMATS" \
+    --sizes 0.30:1.00:0.10 --windows 16 "$@"
+fi

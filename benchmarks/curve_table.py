@@ -1,6 +1,7 @@
 """Markdown tables of an artifact's curve.csv: perplexity per size and method, and ratios to the original.
 
-    .venv/bin/python benchmarks/curve_table.py [--artifact precomputed/smollm2-135m-instruct]
+    .venv/bin/python benchmarks/curve_table.py [--artifact precomputed/smollm2-135m-instruct] [--format bfloat16]
+One format's rows (the baselines are measured in bfloat16: benchmarks/curve_formats.sh).
 Block removal has its own discrete sizes: each row shows its smallest size at or above the row's.
 ACIP at a size ratio holds more parameters than the SVD baselines (its merged LoRA: rank + 32 per
 low-rank layer), so the parameter counts are printed too.
@@ -13,6 +14,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from acip_core.artifact import load_artifact  # noqa: E402
+from acip_core.curve import curve_frame  # noqa: E402
 
 BASELINES = ["whitened-magnitude", "uniform-whitened", "svd-magnitude"]
 
@@ -20,8 +22,10 @@ BASELINES = ["whitened-magnitude", "uniform-whitened", "svd-magnitude"]
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--artifact", default="precomputed/smollm2-135m-instruct")
+    parser.add_argument("--format", default="bfloat16")
     args = parser.parse_args()
-    curve = load_artifact(args.artifact).curve
+    curve = curve_frame(load_artifact(args.artifact).curve)
+    curve = curve[curve.format == args.format]
     original = curve[curve.method == "original"].iloc[0]
     blocks = curve[curve.method == "block-removal"].sort_values("size_ratio")
     for col in [c for c in curve.columns if c.startswith("ppl_")]:
@@ -29,7 +33,8 @@ def main():
         table = curve[curve.method.isin(["acip"] + BASELINES)].pivot_table(index="target", columns="method",
                                                                          values=[col, "params"])
         methods = [m for m in BASELINES if m in table[col]]
-        print(f"\n#### perplexity on `{col[4:]}` (original {ref:.2f}; ratio to it in brackets)\n")
+        print(f"\n#### perplexity on `{col[4:]}`, {args.format}, {int(original.windows)} windows "
+              f"(original {ref:.2f}; ratio to it in brackets)\n")
         columns = ["size", "ACIP params", "acip", *methods, "block-removal (its size)"]
         print("| " + " | ".join(columns) + " |")
         print("|" + "---|" * len(columns))

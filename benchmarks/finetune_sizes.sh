@@ -5,6 +5,7 @@
 #   SIZES="0.7 0.5" OBJECTIVES="kd lm lm+kd" STEPS=60 BATCH=4 benchmarks/finetune_sizes.sh
 #   FORMAT=int4 SIZES=0.7 OBJECTIVES=kd benchmarks/finetune_sizes.sh   # frozen factors in int4 (-> runs/ft-0.7-kd-int4)
 #   TAG=s85 STEPS=85 SIZES=0.8 OBJECTIVES=lm+kd benchmarks/finetune_sizes.sh  # another run of a pair (-> runs/ft-0.8-lm+kd-s85)
+#   DATA=corpus:handbook-train TAG=handbook ...    # another fine-tuning text (default corpus:broad)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -21,7 +22,7 @@ for size in $SIZES; do
   for obj in $OBJECTIVES; do
     out=runs/ft-$size-$obj${FORMAT:+-$FORMAT}${TAG:+-$TAG}
     [ -f $out/tuned.json ] && [ ! -f $out/checkpoint.json ] && continue
-    nice -n 10 $PY -m acip_core -v finetune --artifact $ART --size-ratio $size --data corpus:broad \
+    nice -n 10 $PY -m acip_core -v finetune --artifact $ART --size-ratio $size --data ${DATA:-corpus:broad} \
       --steps $STEPS --batch-size $BATCH --seq-len $SEQ --lr $LR --checkpoint-every ${CKPT:-25} --objective $obj --eval-windows $WINDOWS --out $out --resume \
       --format ${FORMAT:-float32}
   done
