@@ -34,7 +34,8 @@ def main(original_json: str, *folders: str) -> None:
             cells = [_cell(m["perplexity"][s]["untuned"], m["perplexity"][s]["windows"], original.get(s)) for s in sets]
             print(f"| {size:.3f} | {fmt} | untuned | – | – | – |" + "".join(f" {c} |" for c in cells))
         cells = [_cell(m["perplexity"][s]["tuned"], m["perplexity"][s]["windows"], original.get(s)) for s in sets]
-        print(f"| {size:.3f} | {fmt} | {ft['objective']}, lr {ft['lr']:g} | {res['steps']} × {ft['batch_size']}×{ft['seq_len']} | "
+        data = "" if ft.get("data", "corpus:broad") == "corpus:broad" else f", {ft['data']}"  # the default text unnamed
+        print(f"| {size:.3f} | {fmt} | {ft['objective']}, lr {ft['lr']:g}{data} | {res['steps']} × {ft['batch_size']}×{ft['seq_len']} | "
               f"{res['seconds'] / 60:.1f} min | {res['peak_rss_mib'] / 1024:.2f} / "
               f"{'–' if res.get('steps_rss_mib') is None else format(res['steps_rss_mib'] / 1024, '.2f')} GiB |" + "".join(f" {c} |" for c in cells))
 
