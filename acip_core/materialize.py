@@ -167,14 +167,15 @@ class AnySizeModel:
     def _build_family(self, fmt: Format):
         base32, factors32 = self._families[Format().key]
         # norms, embeddings (ties kept); every nn.Linear a Bf16Linear (many rows in float32 on avx2 CPUs)
-        converted = _bf16_linears(_cast_like_from_pretrained(base32, fmt.compute_dtype))
+        dtype = fmt.compute_dtype
+        converted = _bf16_linears(_cast_like_from_pretrained(base32, dtype))
         if not fmt.quantized:  # bfloat16: the converted copy of the tree and of the factors
-            return converted, {n: (a.to(fmt.compute_dtype), b.to(fmt.compute_dtype)) for n, (a, b) in factors32.items()}
+            return converted, {n: (a.to(dtype), b.to(dtype)) for n, (a, b) in factors32.items()}
         start = time.perf_counter()
         swap = {}
         for n in self.targets:  # dense layers: the original float32 weight, quantized
             lin = self.originals[n]
-            bias = None if lin.bias is None else lin.bias.detach().to(fmt.compute_dtype)
+            bias = None if lin.bias is None else lin.bias.detach().to(dtype)
             swap[id(converted.get_submodule(n))] = QuantLinear(fmt.pack(lin.weight), bias).eval()
         if fmt.embeddings == "int8":
             swap.update(_quantized_embeddings(base32, converted, fmt))
