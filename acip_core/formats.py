@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import bf16_linear
+
 FORMAT_NAMES = ("float32", "bfloat16", "int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 32  # chosen by measurement (benchmarks/RESULTS.md, "Formats")
@@ -202,7 +204,14 @@ class QWeight:
             return QWeight("int8", self.data[:n], self.scales[:n], (n, k))
         if n % 32:
             raise ValueError(f"int4 rows come in blocks of 32, got {n}")
-        data = _pack_int4(self.q[:n]) if self.data.is_cuda else self.data[:n]  # CUDA's layout: repacked
+        block = None if self.data.is_cuda else _int4_cpu_block()
+        if block is None:  # a layout that is not read back (CUDA's): repacked from the kept codes
+            data = _pack_int4(self.q[:n])
+        elif n % block == 0:  # whole blocks: a view
+            data = self.data[:n]
+        else:  # AVX-512's blocks of 64: the last 32 rows repacked as the smaller last block they become
+            whole = n // block * block
+            data = torch.cat([self.data[:whole], _pack_int4(_unpack_int4_cpu(self.data[whole:whole + block], k)[: n - whole])])
         return QWeight("int4", data, self.scales[:, :n].contiguous(), (n, k), self.group_size,
                        None if self.q is None else self.q[:n])
 
@@ -221,9 +230,14 @@ class QWeight:
             return QWeight("int8", self.data[:, :n].contiguous(), self.scales, (out, n))
         if n % self.group_size:
             raise ValueError(f"int4 columns come in groups of {self.group_size}, got {n}")
-        rows = self.data.shape[0]
-        if not self.data.is_cuda and _int4_columns_slice():  # the packed bytes of a column prefix are a slice: a copy, no repacking
-            data = self.data.view(rows // 32, k // 4, 64)[:, : n // 4].reshape(rows, n // 2)
+        block = None if self.data.is_cuda else _int4_cpu_block()
+        if block is not None:  # a column prefix is a slice of each block's bytes: a copy, no repacking
+            rows = self.data.shape[0]
+            whole = rows // block * block
+            parts = [self.data[:whole].view(whole // block, k, block // 2)[:, :n].reshape(whole, n // 2)]
+            if rows > whole:  # the smaller last block
+                parts.append(self.data[whole:].reshape(k, -1)[:n].reshape(rows - whole, n // 2))
+            data = torch.cat(parts) if rows > whole else parts[0]
         else:
             data = _pack_int4(self.codes()[:, :n])
         return QWeight("int4", data, self.scales[: n // self.group_size].contiguous(), (out, n), self.group_size,
@@ -247,10 +261,10 @@ class QWeight:
         elif x2.is_cpu:
             if self.kind == "int4":
                 y = _INT4_CPU(x2.contiguous(), self.data, self.group_size, self.scales)
-            elif k % 8 == 0:
+            elif k % _int8_input_multiple() == 0:
                 y = _INT8_CPU(x2.contiguous(), self.data, self.scales)
-            else:  # the int8 kernel's input size must be a multiple of 8 (see rank_step)
-                y = F.linear(x2, self.dequantize().to(x2.dtype))
+            else:  # an `up` factor whose rank is not a multiple of the kernel's input step
+                y = bf16_linear(x2, self.dequantize().to(x2.dtype))
         elif x2.is_cuda:
             y = _cuda_product(self, x2)
         else:  # other accelerators: the reference product (correct; not a fast kernel)
@@ -268,10 +282,12 @@ class QWeight:
             return self.data[start:stop].float() * self.scales[start:stop].float()[:, None]
         if self.q is not None:
             q = self.q[start:stop]
-        else:  # CPU layout: whole blocks of 32 rows unpack alone
+        else:  # CPU layout: whole blocks unpack alone
             if start % 32:
                 raise ValueError(f"int4 rows unpack in blocks of 32, got start {start}")
-            q = _unpack_int4_cpu(self.data[start:-(-stop // 32) * 32], k)[: stop - start]
+            block = _int4_cpu_block()
+            first = start // block * block
+            q = _unpack_int4_cpu(self.data[first:-(-stop // block) * block], k)[start - first: stop - first]
         rows, g = q.shape[0], self.group_size
         sz = self.scales[:, start:stop].float()  # [k/g, rows, 2]
         scale, zero = sz[..., 0].t()[:, :, None], sz[..., 1].t()[:, :, None]  # [rows, k/g, 1]
@@ -303,6 +319,15 @@ class _FrozenProduct(torch.autograd.Function):
 
 _INT4_CPU = torch.ops.aten._weight_int4pack_mm_for_cpu  # torch's CPU kernels (looked up once)
 _INT8_CPU = torch.ops.aten._weight_int8pack_mm
+
+
+@functools.lru_cache(maxsize=1)
+def _int8_input_multiple() -> int:
+    """The input sizes torch's CPU int8 kernel multiplies correctly: multiples of 8 (it crashes the
+    process otherwise; hence int8 ranks move in steps of 8), and of 16 where torch runs its AVX-512
+    code: there 8 mod 16 gives NaN for one row and crashes for more (measured on a Zen 5 with torch
+    2.13: benchmarks/RESULTS.md "Kernels"). Such factors take the dequantized product instead."""
+    return 16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
 _BACKWARD_ROWS = 256  # rows of a frozen factor dequantized at once in the backward (a multiple of 32)
 
 
@@ -377,7 +402,7 @@ def _int4_qweight(shape, q, scale, zero, group_size, dtype) -> QWeight:
     codes = q.to(torch.uint8).reshape(q.shape[0], -1)
     sz = torch.stack([scale.squeeze(-1), zero.squeeze(-1)], dim=-1).transpose(0, 1).contiguous()  # [k/g, out, 2]
     data = _pack_int4(codes)
-    keep = codes.is_cuda or not _int4_unpacks()  # a layout that cannot be read back keeps the codes
+    keep = codes.is_cuda or _int4_cpu_block() is None  # a layout that cannot be read back keeps the codes
     return QWeight("int4", data, sz.to(dtype), tuple(shape), group_size, codes if keep else None)
 
 
@@ -442,37 +467,37 @@ def _int4_gptq(w: torch.Tensor, gram: torch.Tensor, g: int, dtype, clips):
 
 
 @functools.lru_cache(maxsize=1)
-def _int4_columns_slice() -> bool:
-    """Whether torch's CPU int4 layout stores rows in blocks of 32 and, within one, 4 columns per 64
-    bytes in column order (measured on torch 2.13): then packing a column prefix is a slice of the
-    packed whole, 100x cheaper than repacking. Checked once per process on a probe; else repack."""
-    g = torch.Generator().manual_seed(0)
-    codes = torch.randint(0, 16, (64, 128), generator=g, dtype=torch.int32)
-    whole = _pack_int4(codes)
-    if tuple(whole.shape) != (64, 64):
-        return False
-    return torch.equal(whole.view(2, 32, 64)[:, :8].reshape(64, 16), _pack_int4(codes[:, :32]))
-
-
-@functools.lru_cache(maxsize=1)
-def _int4_unpacks() -> bool:
-    """Whether `_unpack_int4_cpu` reads torch's CPU int4 layout back (measured on torch 2.13: rows in
-    blocks of 32; per block, 64 bytes per 4 columns: byte 16·c + r%16 holds row r, column c, row r < 16
-    in the low nibble). Checked once per process on a probe; where it fails the codes are kept."""
+def _int4_cpu_block() -> int | None:
+    """Rows per block of torch's CPU int4 layout as `_unpack_int4_cpu` reads it: 32 where torch runs
+    its AVX2 code, 64 where it runs its AVX-512 code (torch 2.13). Checked once per process on a probe
+    with whole blocks of either and a smaller last block; None where neither reads back (then the
+    codes are kept beside the packed bytes, and prefixes are repacked from them)."""
     g = torch.Generator().manual_seed(1)
-    codes = torch.randint(0, 16, (64, 128), generator=g, dtype=torch.int32)
-    try:
-        return torch.equal(_unpack_int4_cpu(_pack_int4(codes), 128), codes.to(torch.uint8))
-    except RuntimeError:
-        return False
+    codes = torch.randint(0, 16, (96, 128), generator=g, dtype=torch.int32)
+    packed = _pack_int4(codes)
+    for block in (32, 64):
+        try:
+            if torch.equal(_unpack_int4_cpu(packed, 128, block), codes.to(torch.uint8)):
+                return block
+        except RuntimeError:
+            pass
+    return None
 
 
-def _unpack_int4_cpu(data: torch.Tensor, k: int) -> torch.Tensor:
-    """The codes [rows, k] uint8 of a CPU-packed int4 weight (layout: `_int4_unpacks`)."""
+def _unpack_int4_cpu(data: torch.Tensor, k: int, block: int | None = None) -> torch.Tensor:
+    """The codes [rows, k] uint8 of CPU-packed int4 rows that start at a block boundary. The layout
+    (measured on torch 2.13): rows in blocks of `block` (32: AVX2 code; 64: AVX-512 code); within a
+    block, block/2 bytes per column, byte j holding row j (low nibble) and row j + block/2; a last
+    block of fewer rows holds, per column, consecutive rows two per byte, the even one low."""
+    block = block or _int4_cpu_block()
     rows = data.shape[0]
-    b = data.reshape(rows // 32, k // 4, 4, 16)  # [row block, column group, column, row % 16]
-    halves = torch.stack([b & 0xF, b >> 4], dim=3)  # [block, group, column, row // 16, row % 16]
-    return halves.permute(0, 3, 4, 1, 2).reshape(rows, k)
+    whole = rows // block * block
+    b = data[:whole].reshape(whole // block, k, block // 2)  # [block, column, byte]
+    parts = [torch.cat([b & 0xF, b >> 4], dim=2).transpose(1, 2).reshape(whole, k)]
+    if rows > whole:
+        t = data[whole:].reshape(k, (rows - whole) // 2)
+        parts.append(torch.stack([t & 0xF, t >> 4], dim=2).reshape(k, rows - whole).t())
+    return torch.cat(parts) if rows > whole else parts[0]
 
 
 def _pack_int4(codes: torch.Tensor) -> torch.Tensor:

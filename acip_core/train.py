@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load, save
 
 from .artifact import _sha, atomic_write_bytes
@@ -129,16 +128,75 @@ def steps_memory(folder: Path) -> dict:
 
 
 # -- loss functions ------------------------------------------------------------------------------
+# The vocabulary losses run row chunk by row chunk with their gradient computed on the way: over
+# 49k logits a token, torch's log_softmax / sub / exp each stream the whole [tokens, vocab] tensor
+# through memory (≈ 1.5 s of a 7.5 s lm+kd step at 1024 tokens on 2 cores, benchmarks/RESULTS.md
+# "Fine-tuning a chosen size"); a chunk of a few rows stays in cache and is read a handful of times.
+LOSS_CHUNK_ROWS = 16
+
+
+class _VocabLoss(torch.autograd.Function):
+    """w_lm·NLL(targets) + w_kd·T²·KL(p_teacher ‖ p_student) at temperature T, means per token;
+    returns (loss, nll, kd). Only the loss is differentiable: its gradient (per token
+    w_lm·(p_s − onehot) + w_kd·T·(p_s,T − p_t,T), over tokens) is formed in forward and kept."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, teacher, temperature: float, w_lm: float, w_kd: float):
+        rows = logits.reshape(-1, logits.shape[-1])
+        n = rows.shape[0]
+        grad = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
+        nll, kd = rows.new_zeros((), dtype=torch.float32), rows.new_zeros((), dtype=torch.float32)
+        flat_t = targets.reshape(-1)
+        teach = None if teacher is None else teacher.reshape(-1, teacher.shape[-1])
+        t = float(temperature)
+        for i in range(0, n, LOSS_CHUNK_ROWS):
+            s, g = rows[i:i + LOSS_CHUNK_ROWS].float(), grad[i:i + LOSS_CHUNK_ROWS]
+            tgt = flat_t[i:i + LOSS_CHUNK_ROWS, None]
+            log_p = torch.log_softmax(s, -1)
+            nll -= log_p.gather(-1, tgt).sum()
+            torch.exp(log_p, out=g)  # p_s
+            if teach is not None:
+                log_pt = torch.log_softmax(teach[i:i + LOSS_CHUNK_ROWS].float() / t, -1)
+                log_ps = log_p if t == 1.0 else torch.log_softmax(s / t, -1)
+                p_t = log_pt.exp()
+                kd += (p_t * (log_pt - log_ps)).sum()
+                if t == 1.0:  # p_s serves both terms
+                    g.mul_(w_lm + w_kd).sub_(p_t, alpha=w_kd)
+                else:
+                    g.mul_(w_lm).add_(log_ps.exp_().sub_(p_t), alpha=w_kd * t)
+            else:
+                g.mul_(w_lm)
+            g.scatter_add_(-1, tgt, torch.full_like(tgt, -w_lm, dtype=g.dtype))
+        grad.div_(n)
+        nll, kd = nll / n, kd * (t * t) / n
+        ctx.save_for_backward(grad)
+        ctx.shape, ctx.dtype = logits.shape, logits.dtype
+        ctx.mark_non_differentiable(nll, kd)
+        return w_lm * nll + w_kd * kd, nll, kd
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_nll, _grad_kd):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_loss).reshape(ctx.shape).to(ctx.dtype), None, None, None, None, None
+
+
+def vocab_loss(logits, targets, teacher_logits=None, temperature: float = 1.0, lm: bool = True, kd: bool = False):
+    """(loss, nll, kd) of next-token logits [..., V] against targets [...] and, with kd, the
+    teacher's logits: loss = NLL if lm + T²·KL(p_teacher ‖ p_student) if kd (means per token)."""
+    if kd and teacher_logits is None:
+        raise ValueError("kd needs the teacher's logits")
+    return _VocabLoss.apply(logits, targets, teacher_logits if kd else None, float(temperature),
+                            1.0 if lm else 0.0, 1.0 if kd else 0.0)
+
+
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0):
     """T²·KL(p_teacher ‖ p_student) of the next-token distributions at temperature T, mean per token.
 
     T² keeps the gradient's scale independent of T (Hinton et al. 2015): ∂/∂z_student = T·(p_s − p_t)
     per token. Exactly 0 when the logits are equal.
     """
-    t = float(temperature)
-    log_s = F.log_softmax(student_logits.float() / t, dim=-1)
-    log_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
-    return t * t * (log_t.exp() * (log_t - log_s)).sum(-1).mean()
+    targets = torch.zeros(student_logits.shape[:-1], dtype=torch.long, device=student_logits.device)
+    return vocab_loss(student_logits, targets, teacher_logits, temperature, lm=False, kd=True)[0]
 
 
 def objective(kind: str, model, teacher=None, temperature: float = 1.0):
@@ -150,20 +208,18 @@ def objective(kind: str, model, teacher=None, temperature: float = 1.0):
         raise ValueError(f"objective {kind} needs the original model as teacher")
     if not temperature > 0 or not math.isfinite(temperature):
         raise ValueError(f"temperature must be a positive number, got {temperature}")
+    parts = kind.split("+")
 
     def loss_fn(ids: torch.Tensor):
         device = next(model.parameters()).device
         ids = ids.to(device)
         logits = model(input_ids=ids).logits[:, :-1]
-        nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-        metrics = dict(nll=nll)
-        loss = nll if "lm" in kind.split("+") else 0.0
-        if "kd" in kind:
+        teacher_logits = None
+        if "kd" in parts:
             with torch.no_grad():
                 teacher_logits = teacher(input_ids=ids).logits[:, :-1]
-            metrics["kd"] = kd_loss(logits, teacher_logits, temperature)
-            loss = loss + metrics["kd"]
-        return loss, metrics
+        loss, nll, kd = vocab_loss(logits, ids[:, 1:], teacher_logits, temperature, "lm" in parts, "kd" in parts)
+        return loss, dict(nll=nll, kd=kd) if "kd" in parts else dict(nll=nll)
     return loss_fn
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from acip_core.artifact import ArtifactError, load_artifact, save_artifact
 from acip_core.finetune import FinetuneConfig, run_finetune
 from acip_core.pipeline import open_artifact, open_sized, open_tuned
-from acip_core.train import kd_loss
+from acip_core.train import kd_loss, vocab_loss
 from acip_core.tuned import TUNED_FILE, load_tuned, tuned_sizes
 
 
@@ -36,6 +36,33 @@ def test_kd_loss_is_zero_for_the_teacher_itself_and_its_gradient_matches_the_clo
         torch.testing.assert_close(loss.detach(), ref, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(student.grad, grad, atol=1e-7, rtol=1e-5)
         assert loss.item() > 0
+
+
+def test_vocab_loss_equals_cross_entropy_plus_kl_in_value_and_gradient():
+    """The chunked loss (train._VocabLoss: 16 rows a chunk, gradient formed in forward) against
+    torch's own cross_entropy and log_softmax composition, over 2 × 19 rows (not a chunk multiple)."""
+    g = torch.Generator().manual_seed(1)
+    teacher, ids = 3 * torch.randn(2, 20, 13, generator=g), torch.randint(0, 13, (2, 20), generator=g)
+    start = torch.randn(2, 20, 13, generator=g)
+    for t in (1.0, 2.5):
+        for lm, kd in ((True, False), (False, True), (True, True)):
+            ref_in = start.clone().requires_grad_(True)
+            logits = ref_in[:, :-1]
+            nll = F.cross_entropy(logits.reshape(-1, 13), ids[:, 1:].reshape(-1))
+            log_s, log_t = F.log_softmax(logits / t, -1), F.log_softmax(teacher[:, :-1] / t, -1)
+            kl = t * t * (log_t.exp() * (log_t - log_s)).sum(-1).mean()
+            ref = (nll if lm else 0) + (kl if kd else 0)
+            ref.backward()
+            x = start.clone().requires_grad_(True)
+            loss, got_nll, got_kd = vocab_loss(x[:, :-1], ids[:, 1:], teacher[:, :-1], t, lm=lm, kd=kd)
+            (2 * loss).backward()  # the upstream gradient scales the kept one
+            torch.testing.assert_close(loss.detach(), ref.detach(), atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(got_nll, nll.detach(), atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(got_kd, kl.detach() if kd else torch.tensor(0.0), atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(x.grad, 2 * ref_in.grad, atol=1e-7, rtol=1e-5)
+            assert x.grad[:, -1].abs().max() == 0  # the last position predicts nothing
+    with pytest.raises(ValueError, match="teacher"):
+        vocab_loss(start, ids, None, kd=True)
 
 
 def _cfg(**kw):

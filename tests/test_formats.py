@@ -164,6 +164,20 @@ def test_kernel_matches_dequantized_oracle(name):
     assert (y - x[..., :64].bfloat16().float() @ cols.dequantize().t()).abs().max() <= 0.02 * y.abs().max()
 
 
+@pytest.mark.parametrize("k", [8, 16, 24, 40, 48])
+@pytest.mark.parametrize("rows", [1, 2, 33])
+def test_int8_products_of_every_rank_step_are_right_on_every_cpu(k, rows):
+    """torch's CPU int8 kernel, in its AVX-512 code, gives NaN for one bf16 row of an input size 8 mod
+    16 and crashes the process for more (Zen 5, torch 2.13); an `up` factor (int8 ranks move in steps
+    of 8) must multiply right in one row (decode) and in many (prefill, training) on every CPU."""
+    g = torch.Generator().manual_seed(k)
+    q = Format("int8").pack(torch.randn(64, k, generator=g))
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    y = q.matmul(x).float()
+    ref = x.float() @ q.dequantize().t()
+    assert y.shape == (rows, 64) and (y - ref).abs().max() <= 0.02 * ref.abs().max()
+
+
 @pytest.mark.parametrize("key", ["float32", "bfloat16", "int8", "int4-g32", "int8+emb8", "int4-g32+emb8"])
 def test_bytes_counted_equal_bytes_held(tiny_llama_tied, key):
     model, _, _ = random_any_size(tiny_llama_tied)
@@ -368,14 +382,22 @@ def test_bf16_linear_multiplies_many_rows_in_float32_with_the_same_numbers(monke
     assert {type(m).__name__ for m in net.modules() if isinstance(m, torch.nn.Linear)} == {"Bf16Linear"}
 
 
-def test_int4_column_prefix_is_the_repacked_prefix():
-    """The fast column prefix (a slice of the packed bytes) equals packing the prefix from scratch."""
-    from acip_core.formats import _int4_columns_slice, _pack_int4
+def test_int4_row_and_column_prefixes_are_the_repacked_prefixes():
+    """The fast prefixes (slices of the packed bytes; AVX-512's last 32 rows of a block of 64 repacked)
+    equal packing the prefix's codes from scratch, for every row count a size keeps (multiples of 32)."""
+    from acip_core.formats import _int4_cpu_block, _pack_int4
 
-    assert _int4_columns_slice()  # torch 2.13's layout (else cols() repacks: correct, slower)
+    assert _int4_cpu_block() in (32, 64)  # torch 2.13's AVX2 / AVX-512 layouts (else repacked: correct, slower)
     q = quantize_int4(torch.randn(200, 256, generator=torch.Generator().manual_seed(2)), 32)
     for n in (32, 96, 224):
         assert torch.equal(q.cols(n).data, _pack_int4(q.codes()[:, :n]))
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(4)).bfloat16()
+    for n in (32, 64, 96, 160, 192):
+        rows = q.rows(n)
+        assert torch.equal(rows.data, _pack_int4(q.codes()[:n])) and torch.equal(rows.codes(), q.codes()[:n])
+        assert torch.equal(rows.dequantize(), q.dequantize()[:n])
+        assert torch.equal(rows.matmul(x), q.matmul(x)[:, :n])
+        assert torch.equal(q.dequantize(n - 32, n), q.dequantize()[n - 32:n])
 
 
 def test_gb_view_draws_every_format_the_originals_and_the_frontier():
@@ -394,11 +416,12 @@ def test_gb_view_draws_every_format_the_originals_and_the_frontier():
 
 
 def test_int4_codes_are_read_back_from_the_cpu_layout_and_not_kept():
-    from acip_core.formats import _int4_unpacks, _pack_int4, _unpack_int4_cpu, quantize_int4
+    from acip_core.formats import _int4_cpu_block, _pack_int4, _unpack_int4_cpu, quantize_int4
 
-    assert _int4_unpacks()  # torch's CPU layout as documented in formats._int4_unpacks
-    codes = torch.randint(0, 16, (96, 192), generator=torch.Generator().manual_seed(3), dtype=torch.int32)
-    assert torch.equal(_unpack_int4_cpu(_pack_int4(codes), 192), codes.to(torch.uint8))
+    assert _int4_cpu_block() in (32, 64)  # torch's CPU layouts as documented in formats._unpack_int4_cpu
+    for rows in (32, 96, 160):  # whole blocks, and AVX-512's smaller last block
+        codes = torch.randint(0, 16, (rows, 192), generator=torch.Generator().manual_seed(3), dtype=torch.int32)
+        assert torch.equal(_unpack_int4_cpu(_pack_int4(codes), 192), codes.to(torch.uint8))
     q = quantize_int4(torch.randn(70, 192), 64)
     assert q.q is None  # half a byte per weight held, not one and a half
     assert q.nbytes == sum(t.numel() * t.element_size() for t in (q.data, q.scales))

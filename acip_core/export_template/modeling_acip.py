@@ -52,6 +52,11 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
+# torch's CPU int8 kernel multiplies input sizes that are multiples of 8, and of 16 where it runs its
+# AVX-512 code (8 mod 16 gives NaN or crashes there, torch 2.13); other factors take the dequantized product.
+INT8_INPUT_MULTIPLE = 16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
+
+
 class QuantLinear(nn.Module):
     """y = x·Wᵀ (+ b) with W stored as int8 or int4 codes and scales (see the module docstring)."""
 
@@ -89,7 +94,7 @@ class QuantLinear(nn.Module):
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
         if 0 in self.qweight.shape:
             y = x2.new_zeros(x2.shape[0], self.qweight.shape[0])
-        elif x2.device.type != "cpu" or (self.kind == "int8" and self.in_features % 8):
+        elif x2.device.type != "cpu" or (self.kind == "int8" and self.in_features % INT8_INPUT_MULTIPLE):
             y = nn.functional.linear(x2, self.dequantize().to(x2.device, x2.dtype))
         elif self.kind == "int8":
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales)
