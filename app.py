@@ -89,7 +89,7 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
                         with gr.Accordion("Recover this size: fine-tune it", open=False, elem_id="finetune"):
                             gr.Markdown(text.FINETUNE_HELP)
                             with gr.Row(equal_height=True):
-                                ft_objective = gr.Radio(["kd", "lm+kd", "lm"], value="kd", label="objective",
+                                ft_objective = gr.Radio(["lm+kd", "kd", "lm"], value="lm+kd", label="objective",
                                                         elem_id="ft-objective")
                                 ft_steps = gr.Number(value=60, precision=0, label="steps",
                                                      elem_id="ft-steps")

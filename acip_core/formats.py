@@ -328,6 +328,8 @@ def _int8_input_multiple() -> int:
     code: there 8 mod 16 gives NaN for one row and crashes for more (measured on a Zen 5 with torch
     2.13: benchmarks/RESULTS.md "Kernels"). Such factors take the dequantized product instead."""
     return 16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
+
+
 _BACKWARD_ROWS = 256  # rows of a frozen factor dequantized at once in the backward (a multiple of 32)
 
 

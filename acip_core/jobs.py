@@ -144,7 +144,7 @@ class ScoringJobs:
             (folder / RUN_FILE).write_text(json.dumps(spec, indent=1))
             return self._launch(name, args)
 
-    def start_finetune(self, name: str, artifact: str, size_ratio: float, objective: str = "kd",
+    def start_finetune(self, name: str, artifact: str, size_ratio: float, objective: str = "lm+kd",
                        steps: int = 200, data: str = DEFAULT_DATA, owner: str | None = None, **options) -> dict:
         """Launches `finetune` of one size of `artifact` (a tuned size lands in the run's folder);
         `options` are further FinetuneConfig fields. The same status/cancel/resume/owner rules and

@@ -229,8 +229,9 @@ FINETUNE_HELP = (
     "Trains the LoRA of the selected size (its factors frozen, in the selected format) to win back "
     "quality, as a background run you follow in the **Score** tab. **kd** distills the original model's "
     "next-token distribution (it is the full size of the same model: no second download); **lm** learns "
-    "the next tokens of the calibration text; **lm+kd** both. About 10 s per step on 2 CPU cores for "
-    "the embedded model (benchmarks/RESULTS.md). The tuned size then appears in the artifact list and as "
+    "the next tokens of the calibration text; **lm+kd** both (the default: the best balance of held-out "
+    "text and an unseen domain). 3–14 s per step on 2 CPU cores for the embedded model, by size, "
+    "objective and CPU (benchmarks/RESULTS.md). The tuned size then appears in the artifact list and as "
     "a ▼ on the curve.")
 
 
