@@ -263,8 +263,10 @@ class QWeight:
                 y = _INT4_CPU(x2.contiguous(), self.data, self.group_size, self.scales)
             elif k % _int8_input_multiple() == 0:
                 y = _INT8_CPU(x2.contiguous(), self.data, self.scales)
-            else:  # an `up` factor whose rank is not a multiple of the kernel's input step
-                y = bf16_linear(x2, self.dequantize().to(x2.dtype))
+            else:  # an `up` factor whose rank is not a multiple of the kernel's input step: the codes cast
+                # to bf16 (exact) and the scale after the product, as the kernel and the export do (half
+                # the memory traffic of dequantizing first)
+                y = bf16_linear(x2, self.data.to(x2.dtype)) * self.scales
         elif x2.is_cuda:
             y = _cuda_product(self, x2)
         else:  # other accelerators: the reference product (correct; not a fast kernel)

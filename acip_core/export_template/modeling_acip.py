@@ -94,8 +94,10 @@ class QuantLinear(nn.Module):
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
         if 0 in self.qweight.shape:
             y = x2.new_zeros(x2.shape[0], self.qweight.shape[0])
-        elif x2.device.type != "cpu" or (self.kind == "int8" and self.in_features % INT8_INPUT_MULTIPLE):
+        elif x2.device.type != "cpu":
             y = nn.functional.linear(x2, self.dequantize().to(x2.device, x2.dtype))
+        elif self.kind == "int8" and self.in_features % INT8_INPUT_MULTIPLE:  # codes cast, scale after (as the app)
+            y = nn.functional.linear(x2, self.qweight.to(x2.dtype)) * self.scales
         elif self.kind == "int8":
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales)
         else:
