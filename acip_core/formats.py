@@ -261,7 +261,7 @@ class QWeight:
         elif x2.is_cpu:
             if self.kind == "int4":
                 y = _INT4_CPU(x2.contiguous(), self.data, self.group_size, self.scales)
-            elif k % _int8_input_multiple() == 0:
+            elif k % _INT8_INPUT_MULTIPLE == 0:
                 y = _INT8_CPU(x2.contiguous(), self.data, self.scales)
             else:  # an `up` factor whose rank is not a multiple of the kernel's input step: the codes cast
                 # to bf16 (exact) and the scale after the product, as the kernel and the export do (half
@@ -321,15 +321,12 @@ class _FrozenProduct(torch.autograd.Function):
 
 _INT4_CPU = torch.ops.aten._weight_int4pack_mm_for_cpu  # torch's CPU kernels (looked up once)
 _INT8_CPU = torch.ops.aten._weight_int8pack_mm
-
-
-@functools.lru_cache(maxsize=1)
-def _int8_input_multiple() -> int:
-    """The input sizes torch's CPU int8 kernel multiplies correctly: multiples of 8 (it crashes the
-    process otherwise; hence int8 ranks move in steps of 8), and of 16 where torch runs its AVX-512
-    code: there 8 mod 16 gives NaN for one row and crashes for more (measured on a Zen 5 with torch
-    2.13: benchmarks/RESULTS.md "Kernels"). Such factors take the dequantized product instead."""
-    return 16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
+# The input sizes torch's CPU int8 kernel multiplies correctly: multiples of 8 (it crashes the process
+# otherwise; hence int8 ranks move in steps of 8), and of 16 where torch runs its AVX-512 code: there
+# 8 mod 16 gives NaN for one row and crashes for more (measured on a Zen 5 with torch 2.13:
+# benchmarks/RESULTS.md "Kernels"). Other factors take the codes-cast product. A constant, not a
+# call: `_product` runs ~400 times a decode step.
+_INT8_INPUT_MULTIPLE = 16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
 
 
 _BACKWARD_ROWS = 256  # rows of a frozen factor dequantized at once in the backward (a multiple of 32)

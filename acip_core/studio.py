@@ -230,7 +230,7 @@ FINETUNE_HELP = (
     "quality, as a background run you follow in the **Score** tab. **kd** distills the original model's "
     "next-token distribution (it is the full size of the same model: no second download); **lm** learns "
     "the next tokens of the calibration text; **lm+kd** both (the default: the best balance of held-out "
-    "text and an unseen domain). 3–14 s per step on 2 CPU cores for the embedded model, by size, "
+    "text and an unseen domain). 2.4–14 s per step on 2 CPU cores for the embedded model, by size, "
     "objective and CPU (benchmarks/RESULTS.md). The tuned size then appears in the artifact list and as "
     "a ▼ on the curve.")
 

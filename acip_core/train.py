@@ -130,8 +130,8 @@ def steps_memory(folder: Path) -> dict:
 # -- loss functions ------------------------------------------------------------------------------
 # The vocabulary losses run row chunk by row chunk with their gradient computed on the way: over
 # 49k logits a token, torch's log_softmax / sub / exp each stream the whole [tokens, vocab] tensor
-# through memory (≈ 1.5 s of a 7.5 s lm+kd step at 1024 tokens on 2 cores, benchmarks/RESULTS.md
-# "Fine-tuning a chosen size"); a chunk of a few rows stays in cache and is read a handful of times.
+# through memory; a chunk of a few rows stays in cache and is read a handful of times (a 20-22 %
+# shorter lm+kd step, benchmarks/RESULTS.md "Fine-tuning a chosen size", benchmarks/train_step.py).
 LOSS_CHUNK_ROWS = 16
 
 
@@ -182,21 +182,15 @@ class _VocabLoss(torch.autograd.Function):
 
 def vocab_loss(logits, targets, teacher_logits=None, temperature: float = 1.0, lm: bool = True, kd: bool = False):
     """(loss, nll, kd) of next-token logits [..., V] against targets [...] and, with kd, the
-    teacher's logits: loss = NLL if lm + T²·KL(p_teacher ‖ p_student) if kd (means per token)."""
+    teacher's logits: loss = NLL if lm + T²·KL(p_teacher ‖ p_student) if kd (means per token).
+
+    T² keeps the kd gradient's scale independent of T (Hinton et al. 2015): ∂/∂z_student = T·(p_s − p_t)
+    per token; kd is exactly 0 when the logits are equal.
+    """
     if kd and teacher_logits is None:
         raise ValueError("kd needs the teacher's logits")
     return _VocabLoss.apply(logits, targets, teacher_logits if kd else None, float(temperature),
                             1.0 if lm else 0.0, 1.0 if kd else 0.0)
-
-
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0):
-    """T²·KL(p_teacher ‖ p_student) of the next-token distributions at temperature T, mean per token.
-
-    T² keeps the gradient's scale independent of T (Hinton et al. 2015): ∂/∂z_student = T·(p_s − p_t)
-    per token. Exactly 0 when the logits are equal.
-    """
-    targets = torch.zeros(student_logits.shape[:-1], dtype=torch.long, device=student_logits.device)
-    return vocab_loss(student_logits, targets, teacher_logits, temperature, lm=False, kd=True)[0]
 
 
 def objective(kind: str, model, teacher=None, temperature: float = 1.0):

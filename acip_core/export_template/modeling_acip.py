@@ -53,7 +53,7 @@ class LowRankLinear(nn.Module):
 
 
 # torch's CPU int8 kernel multiplies input sizes that are multiples of 8, and of 16 where it runs its
-# AVX-512 code (8 mod 16 gives NaN or crashes there, torch 2.13); other factors take the dequantized product.
+# AVX-512 code (8 mod 16 gives NaN or crashes there, torch 2.13); other factors: codes cast, scale after.
 INT8_INPUT_MULTIPLE = 16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
 
 
