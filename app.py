@@ -60,7 +60,8 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
             dtype = gr.Dropdown(list(DTYPE_CHOICES), value="float32", label="format (weights)", scale=0,
                                 min_width=220, elem_id="dtype",
                                 info="float32/bfloat16, or weight-only int8 / int4 (groups of 32); +emb8: "
-                                     "the embedding / LM head in int8 too")
+                                     "the embedding / LM head in int8 too; +fast: a layer factorized only "
+                                     "where that decodes faster (never slower than the original, more GB)")
         with gr.Row():
             status = gr.Markdown("Loading the model…", elem_id="status")
             badge = gr.Markdown(elem_id="size-badge")

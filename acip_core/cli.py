@@ -28,7 +28,7 @@ def _emit(args, result: dict, text: str) -> None:
 
 
 def _format_args(p, default="float32"):
-    from .formats import EMBEDDING_CHOICES, FORMAT_NAMES, INT4_GROUP_SIZES
+    from .formats import EMBEDDING_CHOICES, FORMAT_NAMES, INT4_GROUP_SIZES, LAYOUTS
 
     p.add_argument("--format", default=default, choices=FORMAT_NAMES,
                    help="how the weights are stored: float32, bfloat16, int8 (per channel), int4 (groups); "
@@ -37,14 +37,20 @@ def _format_args(p, default="float32"):
                    help="int4 only: group length along the input axis (default 32, chosen by measurement)")
     p.add_argument("--embeddings", default="native", choices=EMBEDDING_CHOICES,
                    help="int8: quantize the embedding / LM head too (default: the compute dtype)")
+    p.add_argument("--layout", default="small", choices=LAYOUTS,
+                   help="int8/int4: small (fewest bytes, the default) or fast (a layer factorized only where "
+                        "two kernel calls beat one: never slower than the original, more bytes)")
 
 
 def _fmt(args):
     from .formats import parse_format
 
     if args.format is None:
+        if getattr(args, "layout", "small") == "fast":
+            raise ValueError("only int8 / int4 have a fast layout: give --format int8 or --format int4")
         return None
-    return parse_format(args.format, args.group_size if args.format == "int4" else None, args.embeddings)
+    return parse_format(args.format, args.group_size if args.format == "int4" else None, args.embeddings,
+                        getattr(args, "layout", None))
 
 
 def _size_args(p, budget=True, fmt_default=None):

@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 
 # the formats the app offers (formats.Format keys): float, weight-only int8 / int4 (groups of 32), and
 # both with the embedding / LM head in int8 too
-FORMAT_CHOICES = ("float32", "bfloat16", "int8", "int4-g32", "int8+emb8", "int4-g32+emb8")
+FORMAT_CHOICES = ("float32", "bfloat16", "int8", "int4-g32", "int8+emb8", "int4-g32+emb8", "int8+fast",
+                  "int4-g32+fast")
 DTYPE_CHOICES = FORMAT_CHOICES  # the app's selector (one list)
 MAX_PROMPT_CHARS = 8000
 MAX_NEW_TOKENS = 1024

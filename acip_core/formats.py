@@ -14,7 +14,7 @@ checked against what the process really holds. The low-rank factors are quantize
 order (materialize.py): a size keeps a prefix of rows of `down` (a view) and a prefix of columns of
 `up` (a small copy). For int4 the kept rank (LoRA rows included) moves in steps of the group size:
 that makes a column prefix a whole number of groups, and the CPU kernel's packed rows come in
-blocks of 32 (every supported group size is a multiple of 32); for int8 in steps of 8 (the kernel's
+blocks of 32 (every supported group size is a multiple of 32); for int8 in steps of 16 (the kernel's
 input size).
 """
 
@@ -33,6 +33,7 @@ FORMAT_NAMES = ("float32", "bfloat16", "int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 32  # chosen by measurement (benchmarks/RESULTS.md, "Formats")
 EMBEDDING_CHOICES = ("native", "int8")  # native = the compute dtype
+LAYOUTS = ("small", "fast")  # int formats: fewest bytes, or a layer factorized only where that is faster
 _FLOAT = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -43,6 +44,7 @@ class Format:
     name: str = "float32"  # one of FORMAT_NAMES
     group_size: int | None = None  # int4 only: input-axis group length
     embeddings: str = "native"  # "int8": the (tied) embedding / LM head quantized per row too
+    layout: str = "small"  # "fast" (int formats): the second kernel call of a low-rank layer charged
 
     def __post_init__(self):
         if self.name not in FORMAT_NAMES:
@@ -56,13 +58,17 @@ class Format:
             raise ValueError(f"{self.name} takes no group size (only int4 does)")
         if self.embeddings not in EMBEDDING_CHOICES:
             raise ValueError(f"embeddings must be one of {list(EMBEDDING_CHOICES)}, got {self.embeddings!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {list(LAYOUTS)}, got {self.layout!r}")
+        if self.layout == "fast" and not self.quantized:
+            raise ValueError(f"only int8 / int4 have a fast layout (their kernels' per-call floor); {self.name} has none")
 
     # -- identity ---------------------------------------------------------------------------------
     @property
     def key(self) -> str:
         """The one string for this format (curve.csv's `format` column, CLI, app, cache keys)."""
         key = self.name + (f"-g{self.group_size}" if self.name == "int4" else "")
-        return key + ("+emb8" if self.embeddings == "int8" else "")
+        return key + ("+emb8" if self.embeddings == "int8" else "") + ("+fast" if self.layout == "fast" else "")
 
     def __str__(self) -> str:
         return self.key
@@ -78,9 +84,19 @@ class Format:
     @property
     def rank_step(self) -> int:
         """The kept rank of a factorized layer (LoRA rows included) is a multiple of this: int4 keeps
-        whole groups; torch's int8 CPU kernel needs an input size that is a multiple of 8 (it crashes
-        the process otherwise, measured on torch 2.13)."""
-        return {"int4": self.group_size, "int8": 8}.get(self.name, 1)
+        whole groups; torch's int8 CPU kernel needs an input size that is a multiple of 16 under its
+        AVX-512 code and of 8 under AVX2 (else NaN or a crash; `_INT8_INPUT_MULTIPLE`) — 16 on every
+        CPU, so every `up` factor runs the kernel and a size's bytes never depend on the CPU."""
+        return {"int4": self.group_size, "int8": 16}.get(self.name, 1)
+
+    @property
+    def call_bytes(self) -> int:
+        """What a low-rank layer's second kernel call is charged, in bytes read, when choosing between
+        its two forms (`prune.LayerShape.format_bytes`). The "small" layout: 0, the paper's byte rule
+        (fewest bytes, the best perplexity per GB). The "fast" layout: a call's measured floor, so a
+        layer runs factorized only where two calls beat one — never slower than the original in the
+        same format, for more bytes at the same size ratio (benchmarks/RESULTS.md, "Per-call charge")."""
+        return CALL_BYTES if self.layout == "fast" else 0
 
     # -- bytes --------------------------------------------------------------------------------------
     @property
@@ -152,12 +168,14 @@ def zero_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def parse_format(spec: "str | Format | None", group_size: int | None = None,
-                 embeddings: str | None = None) -> Format:
-    """A Format from its key ("int4-g64+emb8"), a name plus options, or a Format (returned as is)."""
+                 embeddings: str | None = None, layout: str | None = None) -> Format:
+    """A Format from its key ("int4-g64+emb8+fast"), a name plus options, or a Format (returned as is)."""
     if isinstance(spec, Format):
         return spec
     spec = "float32" if spec is None else str(spec).strip()
-    emb = "native"
+    emb, lay = "native", "small"
+    if spec.endswith("+fast"):
+        spec, lay = spec[:-len("+fast")], "fast"
     if spec.endswith("+emb8"):
         spec, emb = spec[:-len("+emb8")], "int8"
     name, _, group = spec.partition("-g")
@@ -168,7 +186,7 @@ def parse_format(spec: "str | Format | None", group_size: int | None = None,
             raise ValueError(f"format {spec!r} and group size {group_size} disagree")
         group_size = int(group)
     return Format(name, group_size if name == "int4" else (None if group_size is None else group_size),
-                  embeddings or emb)
+                  embeddings or emb, layout or lay)
 
 
 # -- quantized weights ----------------------------------------------------------------------------
@@ -319,13 +337,21 @@ class _FrozenProduct(torch.autograd.Function):
         return dx.to(grad.dtype), None
 
 
+# Format.call_bytes of the "fast" layout. A product by torch's low-bit CPU kernels (with our Python
+# around it) takes about a + bytes/bandwidth (batch 1, weights cold): a·bandwidth = 110 KB (int8) and
+# 147 KB (int4) on the Zen 5, ≈ 130 KB on the Zen 3 (benchmarks/call_floor.py; benchmarks/RESULTS.md,
+# "Per-call charge"); rounded up, so a near-tie runs dense (the original's weight). Module level, so
+# tests on tiny models, whose layers are far below it, set it to 0 and still reach the low-rank form
+# (tests/conftest.py).
+CALL_BYTES = 160_000
+
 _INT4_CPU = torch.ops.aten._weight_int4pack_mm_for_cpu  # torch's CPU kernels (looked up once)
 _INT8_CPU = torch.ops.aten._weight_int8pack_mm
 # The input sizes torch's CPU int8 kernel multiplies correctly: multiples of 8 (it crashes the process
-# otherwise; hence int8 ranks move in steps of 8), and of 16 where torch runs its AVX-512 code: there
-# 8 mod 16 gives NaN for one row and crashes for more (measured on a Zen 5 with torch 2.13:
-# benchmarks/RESULTS.md "Kernels"). Other factors take the codes-cast product. A constant, not a
-# call: `_product` runs ~400 times a decode step.
+# otherwise), and of 16 where torch runs its AVX-512 code: there 8 mod 16 gives NaN for one row and
+# crashes for more (measured on a Zen 5 with torch 2.13: benchmarks/RESULTS.md "Kernels"). int8 ranks
+# move in steps of 16, so only a dense layer of another model's odd input size takes the codes-cast
+# product. A constant, not a call: `_product` runs ~400 times a decode step.
 _INT8_INPUT_MULTIPLE = 16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
 
 

@@ -168,9 +168,9 @@ class ScoringJobs:
         args = ["-m", "acip_core", "-v", "finetune", "--artifact", artifact, "--size-ratio", str(float(size_ratio)),
                 "--data", data, "--out", str(folder)]
         for key, value in vars(cfg).items():
-            if key == "format":  # the CLI's format flags: --format NAME [--group-size G] [--embeddings E]
+            if key == "format":  # the CLI's format flags: --format NAME [--group-size G] [--embeddings E] [--layout L]
                 fmt = parse_format(value)
-                args += ["--format", fmt.name, "--embeddings", fmt.embeddings]
+                args += ["--format", fmt.name, "--embeddings", fmt.embeddings, "--layout", fmt.layout]
                 args += ["--group-size", str(fmt.group_size)] if fmt.name == "int4" else []
                 continue
             args += ["--" + key.replace("_", "-"), str(value)]

@@ -37,11 +37,13 @@ def _x_of(frame: pd.DataFrame, x: str, dtype: str = "") -> pd.Series:
 
 
 def _format_style(key: str, i: int) -> dict:
-    """One colour per format family; int8/int4 embeddings (+emb8) drawn thinner."""
+    """One colour per format family; int8/int4 embeddings (+emb8) drawn thinner and dotted, the fast
+    layout (+fast) dashed."""
     colors = {"float32": COLORS["acip"], "bfloat16": "#0891b2", "int8": "#16a34a", "int4": "#ca8a04"}
     base = key.split("-")[0].split("+")[0]
+    dash = {(True, True): "dashdot", (True, False): "dot", (False, True): "dash"}.get(("+emb8" in key, "+fast" in key))
     return dict(color=colors.get(base, _PALETTE[i % len(_PALETTE)]), width=1.5 if "+emb8" in key else 2.5,
-                dash="dot" if "+emb8" in key else "solid")
+                dash=dash or "solid")
 
 
 def curve_figure(curve: pd.DataFrame | None, x: str = "size_ratio", dtype: str = "float32",
@@ -108,6 +110,8 @@ def curve_figure(curve: pd.DataFrame | None, x: str = "size_ratio", dtype: str =
                 name=f"original ({ref:.4g})", line=dict(color=COLORS["original"], dash="dash", width=1.5),
                 hovertemplate=f"original model: perplexity {ref:.4g}<extra></extra>"))
         elif len(original):  # GB view: the original in every format, and the frontier
+            # (a fast layout's original is its small layout's: every layer dense either way)
+            original = original[~original.format.str.endswith("+fast")]
             fig.add_trace(go.Scatter(
                 x=original.gb, y=original[metric], mode="markers+text", name="original (each format)",
                 text=original.format, textposition="top center", textfont=dict(size=9, color="#374151"),

@@ -6,7 +6,9 @@ Two measures, both exact:
 - total bytes of the materialized model in a Format (formats.py): every tensor it holds (embeddings,
   norms, head, LoRA merged into the factors, scales and zeros of quantized weights). A layer runs
   dense (original weight, no LoRA) when its factorized form, LoRA included, would take at least as
-  many bytes *in that format* as the dense weight (int4 rounds kept ranks up to its group size).
+  many bytes *in that format* as the dense weight (int4 rounds kept ranks up to its group size), its
+  second kernel call charged as `Format.call_bytes` more (int formats: a call's floor is worth
+  ~100 KB of reading, so a small layer such as k_proj runs faster dense at any rank).
 """
 
 from __future__ import annotations
@@ -54,12 +56,14 @@ class LayerShape:
 
     @functools.lru_cache(maxsize=None)  # a model has a handful of distinct shapes: few entries, asked 420x a size
     def format_bytes(self, rank: int, lora_rank: int, fmt: Format) -> tuple[int, bool]:
-        """(bytes, runs dense) of this layer at `rank` in `fmt`: the smaller of the two forms."""
+        """(bytes, runs dense) of this layer at `rank` in `fmt`: the factorized form when it is smaller
+        by more than the cost of its second kernel call (none at rank 0: no call), else dense."""
         bias = self.out_features * self.bias * fmt.float_bytes
         dense = fmt.weight_bytes(self.out_features, self.in_features) + bias
         kept = fmt.kept_rank(rank + lora_rank, self.padded_rank(lora_rank, fmt))
         factored = fmt.weight_bytes(kept, self.in_features) + fmt.weight_bytes(self.out_features, kept) + bias
-        return (dense, True) if factored >= dense else (factored, False)
+        charge = fmt.call_bytes if kept else 0
+        return (dense, True) if factored + charge >= dense else (factored, False)
 
 
 def size_ratio(shapes: dict[str, LayerShape], ranks: dict[str, int]) -> float:

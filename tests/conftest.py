@@ -90,3 +90,19 @@ def tiny_artifact(tmp_path_factory, tiny_llama):
     run_scoring(tiny_llama, "corpus:train", out, "whitened", cfg, eval_windows=2,
                 curve_sizes=[0.4, 0.7, 1.0])
     return out
+
+
+@pytest.fixture(autouse=True)
+def _no_call_charge_on_tiny_models(request, monkeypatch):
+    """A tiny model's layers hold a few KB, far below an int format's per-call charge (~100 KB,
+    `Format.call_bytes`), so with it every int layer would run dense and no test would reach the
+    quantized low-rank form: tests on tiny models run without it; real shapes (the shipped
+    artifact, tests/test_smollm2.py and test_prune's charge test) keep it."""
+    from acip_core import formats
+    from acip_core.prune import LayerShape
+
+    if any(name.startswith("tiny_") for name in request.fixturenames):
+        monkeypatch.setattr(formats, "CALL_BYTES", 0)
+    LayerShape.format_bytes.cache_clear()  # its entries depend on the charge
+    yield
+    LayerShape.format_bytes.cache_clear()

@@ -20,7 +20,10 @@ def test_format_keys_and_refusals():
     assert parse_format("int4", 64).key == "int4-g64"
     assert parse_format("int8+emb8") == Format("int8", embeddings="int8")
     assert parse_format("int4-g128+emb8").group_size == 128
-    for bad in ("int3", "int4-g48", "int4-gx", "float16"):
+    fast = parse_format("int4-g64+emb8+fast")
+    assert (fast.group_size, fast.embeddings, fast.layout, fast.key) == (64, "int8", "fast", "int4-g64+emb8+fast")
+    assert parse_format("int8", layout="fast").key == "int8+fast" and parse_format("int8").layout == "small"
+    for bad in ("int3", "int4-g48", "int4-gx", "float16", "float32+fast", "bfloat16+fast", "int8+fast+emb8"):
         with pytest.raises(ValueError):
             parse_format(bad)
     with pytest.raises(ValueError):
@@ -223,7 +226,7 @@ def test_quantized_size_matches_fake_quant_oracle(tiny_llama_wide, key):
     assert (got - want).abs().max() <= 0.05 * want.abs().max() + 0.05
 
 
-@pytest.mark.parametrize("key, step", [("int4", 32), ("int8", 8)])
+@pytest.mark.parametrize("key, step", [("int4", 32), ("int8", 16)])
 def test_quantized_ranks_move_in_kernel_steps(tiny_llama_wide, key, step):
     model, _, _ = random_any_size(tiny_llama_wide)
     seen = set()

@@ -91,3 +91,35 @@ def test_threshold_search_scales_to_llama_7b_shapes():
     start = time.perf_counter()
     ratio = index.ratio_at(index.prefix_for_ratio(0.5))
     assert 0.5 <= ratio <= 0.51 and time.perf_counter() - start < 5  # correctness; speed in benchmarks/
+
+
+def test_the_fast_layout_charges_the_second_kernel_call():
+    """SmolLM2's shapes, no tiny fixture: the charge is on. A low-rank layer in an int format makes
+    two kernel calls, so in the fast layout it must save more than `call_bytes` over dense to run
+    factorized; the small layout (the default) keeps the paper's byte rule."""
+    from acip_core.formats import Format, parse_format
+
+    k_proj, gate = LayerShape(192, 576), LayerShape(1536, 576)
+    for key in ("int8", "int4"):
+        fmt = Format(key, layout="fast")
+        assert parse_format(fmt.key) == fmt and fmt.key.endswith("+fast")
+        assert fmt.call_bytes > 0 and Format(key).call_bytes == 0
+        small = [k_proj.format_bytes(r, 0, Format(key))[1] for r in range(1, 193)]
+        assert not small[0] and small[-1]  # the byte rule: factorized at low rank, dense at full rank
+        dense = fmt.weight_bytes(192, 576)
+        # k_proj at the smallest kept rank is smaller factorized, but not by a call: dense at every rank > 0
+        step = fmt.rank_step
+        factored = fmt.weight_bytes(step, 576) + fmt.weight_bytes(192, step)
+        assert factored < dense < factored + fmt.call_bytes
+        assert all(k_proj.format_bytes(r, 0, fmt) == (dense, True) for r in range(1, 193))
+        assert k_proj.format_bytes(0, 0, fmt)[1] is False  # rank 0: no call (only `up`'s scales held)
+        # the wide MLP layer: factorized while it saves more than the call, dense from there on
+        forms = [gate.format_bytes(r, 0, fmt) for r in range(577)]
+        switch = next(r for r, (_, dense_now) in enumerate(forms) if dense_now)
+        assert 128 < switch < 576 and all(d for _, d in forms[switch:])
+        kept = fmt.kept_rank(switch, 576)
+        assert fmt.weight_bytes(kept, 576) + fmt.weight_bytes(1536, kept) + fmt.call_bytes >= fmt.weight_bytes(1536, 576)
+        bytes_ = [b for b, _ in forms]
+        assert bytes_ == sorted(bytes_)  # non-decreasing in the rank: budgets stay binary searches
+    # float formats keep the paper's byte rule: k_proj factorized below rank 144
+    assert k_proj.format_bytes(143, 0, Format("float32"))[1] is False
