@@ -40,12 +40,12 @@ def test_budget_too_small(tiny_artifact):
 def test_the_layout_flag_reaches_the_size(tiny_artifact):
     """`--layout fast` names the format `int8+fast`; in this subprocess the per-call charge is on (the
     conftest switch is in the test process only), and the tiny model's layers (a few KB) are far below
-    it, so the fast layout runs every layer dense where the small one factorizes some."""
+    it, so the fast layout runs every layer dense (as int8's rank step of 16 does here for the small one)."""
     rc, small = _cli("size", "--artifact", str(tiny_artifact), "--size-ratio", "0.3", "--format", "int8")
     rc2, fast = _cli("size", "--artifact", str(tiny_artifact), "--size-ratio", "0.3", "--format", "int8",
                      "--layout", "fast")
     assert rc == rc2 == 0 and (small["format"], fast["format"]) == ("int8", "int8+fast")
-    assert small["dense_layers"] < fast["dense_layers"] == fast["layers"]
-    assert fast["bytes"] > small["bytes"] and fast["size_ratio"] == small["size_ratio"]
+    assert fast["dense_layers"] == fast["layers"] and fast["bytes"] >= small["bytes"]
+    assert fast["size_ratio"] == small["size_ratio"]
     rc, out = _cli("size", "--artifact", str(tiny_artifact), "--size-ratio", "0.3", "--layout", "fast")
     assert rc == 2 and "only int8 / int4 have a fast layout" in out["error"]
