@@ -291,8 +291,8 @@ class Explorer:
     def _summary(self, size: Size, fmt: str = "float32") -> dict:
         total_rank = sum(self.any_size.shapes[n].full_rank for n in size.ranks)
         sized = self.any_size.size_at(size.prefix, check_dtype(fmt))
-        return dict(size_ratio=size.size_ratio, params=size.params, original_params=self.full.params,
-                    params_fraction=size.params / self.full.params, format=sized.format.key,
+        return dict(size_ratio=size.size_ratio, params=sized.params, original_params=self.full.params,
+                    params_fraction=sized.params / self.full.params, format=sized.format.key,
                     gb=sized.gigabytes, gb_by_format=self.gb_by_format(size),
                     dense_layers=sized.dense_layers, low_rank_layers=len(size.ranks) - sized.dense_layers,
                     layers=len(size.ranks), kept_rank_fraction=sum(size.ranks.values()) / total_rank)
@@ -487,8 +487,8 @@ class Explorer:
         row = dict(time=datetime.datetime.now().isoformat(sep=" ", timespec="seconds"), kind=kind,
                    size_ratio=round(size.size_ratio, 5), dtype=dtype)
         row.update(values)  # what was measured comes before the size's bookkeeping
-        row.update(params=size.params, gb=self.any_size.size_at(size.prefix, check_dtype(dtype)).gigabytes,
-                   artifact=self.name)
+        sized = self.any_size.size_at(size.prefix, check_dtype(dtype))
+        row.update(params=sized.params, gb=sized.gigabytes, artifact=self.name)
         return row
 
     def measure_perplexity(self, ratio, data: str = "corpus:heldout", windows: int = 8, seq_len: int = 256,

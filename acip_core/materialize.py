@@ -40,7 +40,7 @@ class Size:
     prefix: int  # entries kept in the global order
     ranks: dict  # fqn -> kept rank (score order; int4 rounds the stored rows up to its group size)
     size_ratio: float  # the paper's measure (target layers only)
-    params: int  # every parameter of the materialized model (float formats)
+    params: int  # every parameter (weight) the materialized model holds in `format`
     dense_layers: int  # layers that run with their original weight (in this format)
     format: Format = Format()  # how its weights are stored
     nbytes: int = 0  # bytes of every tensor the materialized model holds, in `format`
@@ -112,10 +112,16 @@ class AnySizeModel:
     def size_at(self, prefix: int, fmt: "Format | str" = "float32") -> Size:
         fmt = parse_format(fmt)
         ranks = self.index.ranks_at(prefix)
-        dense = sum(self.shapes[n].format_bytes(r, self.lora_rank, fmt)[1] for n, r in ranks.items())
+        dense, params = 0, self.index.other_params
+        for n, r in ranks.items():  # the format decides which layers run dense and the kept rank
+            sh = self.shapes[n]
+            if sh.format_bytes(r, self.lora_rank, fmt)[1]:
+                dense, params = dense + 1, params + sh.dense_params
+            else:
+                kept = fmt.kept_rank(r + self.lora_rank, sh.padded_rank(self.lora_rank, fmt))
+                params += kept * (sh.in_features + sh.out_features) + sh.out_features * sh.bias
         nbytes = int(self.index.bytes_cum(fmt, self.other_bytes(fmt))[prefix])
-        return Size(prefix, ranks, self.index.ratio_at(prefix), self.index.params_at(prefix), dense,
-                    fmt, nbytes)
+        return Size(prefix, ranks, self.index.ratio_at(prefix), params, dense, fmt, nbytes)
 
     def size_for_ratio(self, size_ratio: float, fmt: "Format | str" = "float32") -> Size:
         """The smallest size whose size_ratio is >= the target (never below it)."""
