@@ -66,9 +66,9 @@ class ScoreConfig:
         from .formats import parse_format
 
         base = parse_format(self.base_format)  # raises on an unknown format
-        if base.name == "bfloat16" or base.embeddings != "native":
+        if base.name == "bfloat16" or base.embeddings != "native" or base.layout != "small":
             raise ValueError("base_format must be float32, int8 or int4[-gNN] (bf16 scoring is --precision bf16; "
-                             "the embeddings stay as they are)")
+                             "the embeddings stay as they are; scoring has no sizes, so no layout)")
         if base.quantized and self.objective != "lm":
             raise ValueError(f"objective {self.objective} needs the original's full-precision weights as "
                              "teacher, which a quantized base exists not to hold: use --objective lm")

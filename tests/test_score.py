@@ -84,7 +84,8 @@ def test_a_live_run_locks_its_folder(tiny_llama, tmp_path):
 
 @pytest.mark.parametrize("bad", [dict(stop_ratio=1.5), dict(steps=0), dict(lr=-1.0), dict(precision="fp8"),
                                  dict(base_format="int3"), dict(base_format="bfloat16"),
-                                 dict(base_format="int8+emb8"), dict(base_format="int4", objective="kd")])
+                                 dict(base_format="int8+emb8"), dict(base_format="int8+fast"),
+                                 dict(base_format="int4", objective="kd")])
 def test_bad_config_is_rejected(bad):
     with pytest.raises(ValueError):
         _cfg(**bad)
