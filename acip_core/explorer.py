@@ -33,8 +33,8 @@ from .public import limits
 
 log = logging.getLogger(__name__)
 
-# the formats the app offers (formats.Format keys): float, weight-only int8 / int4 (groups of 32), and
-# both with the embedding / LM head in int8 too
+# the formats the app offers (formats.Format keys): float, weight-only int8 / int4 (groups of 32), both
+# with the embedding / LM head in int8 too, and both in the fast layout
 FORMAT_CHOICES = ("float32", "bfloat16", "int8", "int4-g32", "int8+emb8", "int4-g32+emb8", "int8+fast",
                   "int4-g32+fast")
 DTYPE_CHOICES = FORMAT_CHOICES  # the app's selector (one list)

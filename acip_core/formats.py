@@ -61,7 +61,8 @@ class Format:
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {list(LAYOUTS)}, got {self.layout!r}")
         if self.layout == "fast" and not self.quantized:
-            raise ValueError(f"only int8 / int4 have a fast layout (their kernels' per-call floor); {self.name} has none")
+            raise ValueError(f"only int8 / int4 have a fast layout (their kernels' per-call floor); "
+                             f"{self.name} has none")
 
     # -- identity ---------------------------------------------------------------------------------
     @property

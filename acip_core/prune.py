@@ -6,9 +6,9 @@ Two measures, both exact:
 - total bytes of the materialized model in a Format (formats.py): every tensor it holds (embeddings,
   norms, head, LoRA merged into the factors, scales and zeros of quantized weights). A layer runs
   dense (original weight, no LoRA) when its factorized form, LoRA included, would take at least as
-  many bytes *in that format* as the dense weight (int4 rounds kept ranks up to its group size), its
-  second kernel call charged as `Format.call_bytes` more (int formats: a call's floor is worth
-  ~100 KB of reading, so a small layer such as k_proj runs faster dense at any rank).
+  many bytes *in that format* as the dense weight (int4 rounds kept ranks up to its group size); in an
+  int format's `fast` layout its second kernel call is charged `Format.call_bytes` more (a call's
+  floor is worth ~110-150 KB of reading, so a small layer such as k_proj runs faster dense at any rank).
 """
 
 from __future__ import annotations
