@@ -32,6 +32,9 @@ CSS = """
 #size-badge {text-align: right}
 #artifact {min-width: 340px}
 #lm-table {overflow-x: auto}
+#budget-text {overflow-x: auto}
+#budget-text table {font-size: 0.9em}
+#budget-text td, #budget-text th {padding: 4px 6px; white-space: nowrap}  /* 0.900, not 0.90 / 0 */
 footer {display: none !important}
 """
 # Enter in the size slider's number box applies the typed value at once (Gradio applies it on blur)
