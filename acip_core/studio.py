@@ -295,7 +295,8 @@ def budget_text(budget_gb: float, fits: list[dict]) -> str:
         if not f["fits"]:
             lines.append(f"| {f['dtype']} | — | needs ≥ {gigabytes(f['smallest_gb'])} | | |")
             continue
-        ppl = f"≈ {f['perplexity']:.1f}" if f.get("perplexity") is not None else "not measured"  # outside the curve's sizes
+        # no perplexity: a size outside the curve's measured sizes
+        ppl = f"≈ {f['perplexity']:.1f}" if f.get("perplexity") is not None else "not measured"
         mark = " **(best)**" if f.get("best") else ""
         lines.append(f"| {f['dtype']}{mark} | **{f['size_ratio']:.3f}** | {gigabytes(f['gb'])} | "
                      f"{gigabytes(f['budget_left_gb'])} | {ppl} |")
