@@ -214,6 +214,16 @@ class QWeight:
         """Bytes held for multiplying (what a budget counts; CUDA's unpacked int4 codes aside)."""
         return self.data.numel() * self.data.element_size() + self.scales.numel() * self.scales.element_size()
 
+    def scale_rows(self, factor: torch.Tensor) -> "QWeight":
+        """The same codes standing for each row times factor[row] (rows past len(factor): 1): the
+        quantization of the scaled matrix, as per-row (int8) and per-(row, group) (int4) grids are
+        equivariant to a row's scale (formats.int4_balance)."""
+        f = F.pad(factor.float(), (0, self.scales.shape[-2 if self.kind == "int4" else 0] - len(factor)), value=1.0)
+        if self.kind == "int8":
+            return QWeight("int8", self.data, (self.scales.float() * f).to(self.scales.dtype), self.shape)
+        scales = (self.scales.float() * f[None, :, None]).to(self.scales.dtype)  # [k/g, rows, 2]: scale, zero
+        return QWeight("int4", self.data, scales, self.shape, self.group_size, self.q)
+
     def rows(self, n: int) -> "QWeight":
         """The first n output rows (int8: a view; int4: n must be a multiple of 32)."""
         out, k = self.shape
@@ -423,6 +433,39 @@ def quantize_int4_many(weights: list, group_size: int = DEFAULT_GROUP_SIZE, dtyp
                 out[i] = _int4_qweight((rows[i], w.shape[2]), q[b, :n[b]], scale[b, :n[b]], zero[b, :n[b]],
                                        group_size, dtype)
     return out
+
+
+# exponents tried by int4_balance: 0 leaves the factors as they are
+INT4_BALANCE_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def int4_balance(down: torch.Tensor, up_t: torch.Tensor, gram: torch.Tensor,
+                 group_size: int = DEFAULT_GROUP_SIZE, dtype=torch.bfloat16) -> torch.Tensor:
+    """Per-rank scales c [r] for the factors of y = up_tᵀ·(down·x): `down`'s rows / c and `up_t`'s rows · c
+    give the same product, and int4's groups along `up`'s rank axis then spend their precision where the
+    output error is. `up`'s input down·x has second moment M = down·G·downᵀ (G = `gram`, the layer
+    input's); c = s^α with s² = diag(M), α per layer from INT4_BALANCE_ALPHAS by the output error
+    tr(E·M·Eᵀ) of the rounded `up` (activation-aware scaling as in AWQ, Lin et al. 2024, searched on the
+    output error). `down`'s rows are quantized independently, so a row's scale leaves its codes as they
+    were (`QWeight.scale_rows`); c is per rank row, so a size's prefix is still the prefix of both."""
+    d, u = down.detach().float(), up_t.detach().float().t()  # [r, in], [out, r]
+    moment = d @ gram.to(d.device, torch.float32) @ d.t()  # [r, r]
+    s2 = moment.diagonal().clamp_min(0)
+    live = s2 > 0
+    pad = -(-u.shape[1] // group_size) * group_size - u.shape[1]  # whole groups along the rank
+    best_err, best_c = None, torch.ones_like(s2)
+    for alpha in INT4_BALANCE_ALPHAS:
+        c = torch.ones_like(s2)
+        c[live] = s2[live] ** (alpha / 2)
+        c[live] /= c[live].log().mean().exp()  # geometric mean 1: the factors keep their scale
+        wg = F.pad(u * c, (0, pad)).reshape(u.shape[0], -1, group_size)
+        scale, zero = _int4_grid(wg, dtype, _INT4_CLIPS)
+        deq = ((torch.round((wg - zero) / scale + 8).clamp(0, 15) - 8) * scale + zero).reshape(u.shape[0], -1)
+        err = deq[:, :u.shape[1]] / c - u
+        err = float(((err @ moment) * err).sum())
+        if best_err is None or err < best_err:
+            best_err, best_c = err, c
+    return best_c
 
 
 def _int4_qweight(shape, q, scale, zero, group_size, dtype) -> QWeight:

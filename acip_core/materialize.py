@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from .basis import Factors
-from .formats import Format, QuantEmbedding, QuantLinear, QuantLowRankLinear, parse_format, weight_nbytes, zero_rows
+from .formats import (Format, QuantEmbedding, QuantLinear, QuantLowRankLinear, int4_balance, parse_format,
+                      weight_nbytes, zero_rows)
 from .layers import Bf16Linear, LowRankLinear
 from .prune import LayerShape, RankIndex
 
@@ -186,16 +187,23 @@ class AnySizeModel:
         if fmt.embeddings == "int8":
             swap.update(_quantized_embeddings(base32, converted, fmt))
         base = _clone_tree(converted, swap)  # the converted target weights are dropped with `converted`
-        # int4 picks the codes of `down` (whose input is the layer's) by the output's error; `up`'s
-        # input has second moment diag(s²) in the whitened basis, where GPTQ is round-to-nearest.
+        # int4 with Grams: the codes of `down` (whose input is the layer's) picked by the output's error
+        # (GPTQ), and the factors balanced along the rank (formats.int4_balance: `up`'s rows scaled
+        # before its rounding, `down`'s scales after its GPTQ, the same codes); `up`'s input has a
+        # near-diagonal second moment in the whitened basis, where GPTQ is round-to-nearest.
         # Both are padded with zero rank rows to the format's padded rank (a kept prefix never uses them).
         names = list(factors32)
         rows = [self.shapes[n].padded_rank(self.lora_rank, fmt) for n in names]
         grams = self.grams(fmt)
+        balance = {n: int4_balance(*factors32[n], grams[n], fmt.group_for(r), fmt.compute_dtype)
+                   for n, r in zip(names, rows) if n in grams}  # `up`'s groups run along its rank
         downs = fmt.pack_many([factors32[n][0] for n in names], [grams.get(n) for n in names], rows)
         del grams  # 0.4 GB for SmolLM2: not kept once the family is built
-        factors = {n: (down, fmt.pack(zero_rows(factors32[n][1], r).t()))
-                   for n, r, down in zip(names, rows, downs)}
+        factors = {}
+        for n, r, down in zip(names, rows, downs):
+            c = balance.get(n)
+            up_t = factors32[n][1] if c is None else factors32[n][1] * c[:, None]
+            factors[n] = (down if c is None else down.scale_rows(1 / c), fmt.pack(zero_rows(up_t, r).t()))
         log.info("built the %s family in %.1f s", fmt.key, time.perf_counter() - start)
         return base, factors
 

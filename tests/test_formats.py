@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from acip_core.curve import best_for_budget, interpolate_ppl, pareto_frontier
-from acip_core.formats import Format, QuantLinear, parse_format, quantize_int4, quantize_int8
+from acip_core.formats import Format, QuantLinear, int4_balance, parse_format, quantize_int4, quantize_int8
 from acip_core.layers import LowRankLinear
 from acip_core.materialize import count_bytes
 from helpers import random_any_size, random_ids
@@ -80,8 +80,9 @@ def test_int4_with_the_input_gram_lowers_the_output_error():
 
 
 def test_the_int4_family_quantizes_down_with_the_calibration_grams(tiny_llama_wide):
-    """An int4 family measures the Grams once (AnySizeModel.calibration) and picks each `down`
-    factor's codes by them; without a calibration it rounds to nearest."""
+    """An int4 family measures the Grams once (AnySizeModel.calibration), picks each `down` factor's
+    codes by them and balances the factors along the rank (formats.int4_balance); without a
+    calibration it rounds to nearest."""
     from acip_core.basis import input_grams
     from helpers import calib_windows
 
@@ -99,12 +100,15 @@ def test_the_int4_family_quantizes_down_with_the_calibration_grams(tiny_llama_wi
     assert len(calls) == 1 and any(type(m).__name__ == "QuantLowRankLinear" for m in net.modules())
     grams = calibration()
     name = model.targets[0]
-    down32 = model._family(Format())[1][name][0]
+    down32, up_t32 = model._family(Format())[1][name]
     down4 = model._family(fmt)[1][name][0]
     rows = down32.shape[0]
-    want = quantize_int4(down32, 32, gram=grams[name]).dequantize()
-    assert torch.equal(down4.dequantize()[:rows], want)
-    assert not torch.equal(want, quantize_int4(down32, 32).dequantize())
+    gptq = quantize_int4(down32, 32, gram=grams[name])
+    assert torch.equal(down4.codes()[:rows], gptq.codes()[:rows])  # GPTQ's codes ...
+    c = int4_balance(down32, up_t32, grams[name], fmt.group_for(down4.shape[0]))
+    assert not torch.equal(c, torch.ones_like(c))  # ... standing for the balanced rows
+    assert torch.equal(down4.dequantize()[:rows], gptq.scale_rows(1 / c).dequantize()[:rows])
+    assert not torch.equal(gptq.dequantize(), quantize_int4(down32, 32).dequantize())
 
 
 def test_fine_tunings_frozen_int4_factors_have_the_familys_down_codes(tiny_llama_wide):
@@ -428,3 +432,36 @@ def test_int4_codes_are_read_back_from_the_cpu_layout_and_not_kept():
     q = quantize_int4(torch.randn(70, 192), 64)
     assert q.q is None  # half a byte per weight held, not one and a half
     assert q.nbytes == sum(t.numel() * t.element_size() for t in (q.data, q.scales))
+
+
+def test_scaled_rows_are_the_same_codes_standing_for_scaled_rows():
+    torch.manual_seed(0)
+    w, f = torch.randn(96, 64), torch.rand(80) + 0.5  # rows past len(f): unscaled
+    full = torch.cat([f, torch.ones(16)])
+    for q in (quantize_int8(w), quantize_int4(w, 32)):
+        got, want = q.scale_rows(f).dequantize(), q.dequantize() * full[:, None]
+        assert (got - want).abs().max() <= 2 ** -7 * want.abs().max()  # the scales' bf16 rounding only
+        assert q.scale_rows(f).data is q.data  # the codes are shared, not copied
+
+
+def test_int4_balance_lowers_the_output_error_of_the_up_factor():
+    """`up`'s input with a steep second moment (as singular directions have): the balanced factors
+    give the same float product and a smaller output error once `up` is rounded to int4."""
+    from acip_core.formats import int4_balance
+
+    torch.manual_seed(0)
+    r, k, out = 64, 48, 80
+    down = torch.randn(r, k) * torch.logspace(1, -2, r)[:, None]  # rank rows of very different energy
+    up_t = torch.randn(r, out)
+    x = torch.randn(4096, k)
+    gram = x.t() @ x / len(x)
+    c = int4_balance(down, up_t, gram, 32)
+    assert c.shape == (r,) and (c > 0).all()
+    d2, u2 = down / c[:, None], up_t * c[:, None]
+    assert torch.allclose(u2.t() @ d2, up_t.t() @ down, rtol=1e-4, atol=1e-4)  # the same product
+
+    def output_error(d, u):
+        h = x @ d.t()  # up's input
+        return (h @ quantize_int4(u.t().contiguous(), 32).dequantize().t() - h @ u).pow(2).mean()
+
+    assert output_error(d2, u2) < 0.9 * output_error(down, up_t)
