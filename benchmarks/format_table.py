@@ -57,7 +57,9 @@ def main():
                 continue
             # only rows measured on the pick's windows are compared (perplexities of other windows differ)
             windows = rows[rows.format == pick["format"]].windows.iloc[0]
-            q = orig[(orig.gb <= b + 1e-12) & (orig.windows == windows)].sort_values(col).head(1)
+            # quantization alone: the original in a format (a fast layout's original is the small one's)
+            q = orig[(orig.gb <= b + 1e-12) & (orig.windows == windows) & ~orig.format.str.endswith("+fast")]
+            q = q.sort_values(col).head(1)
             alone = []
             for f in ("float32", "bfloat16"):
                 if not ((rows.method == "acip") & (rows.format == f) & (rows.windows == windows)).any():
