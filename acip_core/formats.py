@@ -444,28 +444,35 @@ def int4_balance(down: torch.Tensor, up_t: torch.Tensor, gram: torch.Tensor,
     """Per-rank scales c [r] for the factors of y = up_tᵀ·(down·x): `down`'s rows / c and `up_t`'s rows · c
     give the same product, and int4's groups along `up`'s rank axis then spend their precision where the
     output error is. `up`'s input down·x has second moment M = down·G·downᵀ (G = `gram`, the layer
-    input's); c = s^α with s² = diag(M), α per layer from INT4_BALANCE_ALPHAS by the output error
-    tr(E·M·Eᵀ) of the rounded `up` (activation-aware scaling as in AWQ, Lin et al. 2024, searched on the
-    output error). `down`'s rows are quantized independently, so a row's scale leaves its codes as they
-    were (`QWeight.scale_rows`); c is per rank row, so a size's prefix is still the prefix of both."""
+    input's), steep along the rank (the singular directions' energies); c = s^α with s² = diag(M),
+    normalized per group, α per group of `group_size` rank rows from INT4_BALANCE_ALPHAS by that group's
+    output error Σ e²·s² once rounded (activation-aware scaling as in AWQ, Lin et al. 2024, searched on
+    the output error). Groups round independently, so the choice is the best one for every size's
+    prefix of whole groups at once. `down`'s rows are quantized independently, so a row's scale leaves
+    its codes as they were (`QWeight.scale_rows`)."""
     d, u = down.detach().float(), up_t.detach().float().t()  # [r, in], [out, r]
-    moment = d @ gram.to(d.device, torch.float32) @ d.t()  # [r, r]
-    s2 = moment.diagonal().clamp_min(0)
+    s2 = ((d @ gram.to(d.device, torch.float32)) * d).sum(1).clamp_min(0)  # diag(M) [r]
     live = s2 > 0
-    pad = -(-u.shape[1] // group_size) * group_size - u.shape[1]  # whole groups along the rank
-    best_err, best_c = None, torch.ones_like(s2)
+    r, pad = u.shape[1], -(-u.shape[1] // group_size) * group_size - u.shape[1]  # whole groups along the rank
+    groups = (r + pad) // group_size
+    s2g, liveg = F.pad(s2, (0, pad)).reshape(groups, group_size), F.pad(live, (0, pad)).reshape(groups, group_size)
+    ug = F.pad(u, (0, pad)).reshape(u.shape[0], groups, group_size)
+    best_err, best_c = None, None
     for alpha in INT4_BALANCE_ALPHAS:
-        c = torch.ones_like(s2)
-        c[live] = s2[live] ** (alpha / 2)
-        c[live] /= c[live].log().mean().exp()  # geometric mean 1: the factors keep their scale
-        wg = F.pad(u * c, (0, pad)).reshape(u.shape[0], -1, group_size)
+        c = torch.where(liveg, s2g.clamp_min(1e-30) ** (alpha / 2), torch.ones_like(s2g))  # [groups, g]
+        logc = torch.where(liveg, c.log(), torch.zeros_like(c))
+        c = c / (logc.sum(1, keepdim=True) / liveg.sum(1, keepdim=True).clamp_min(1)).exp()  # per group: geo-mean 1
+        wg = ug * c
         scale, zero = _int4_grid(wg, dtype, _INT4_CLIPS)
-        deq = ((torch.round((wg - zero) / scale + 8).clamp(0, 15) - 8) * scale + zero).reshape(u.shape[0], -1)
-        err = deq[:, :u.shape[1]] / c - u
-        err = float(((err @ moment) * err).sum())
-        if best_err is None or err < best_err:
+        deq = ((torch.round((wg - zero) / scale + 8).clamp(0, 15) - 8) * scale + zero) / c
+        err = ((deq - ug) ** 2 * s2g).sum(0).sum(-1)  # [groups]: each group's output error (diagonal moment)
+        if best_err is None:
             best_err, best_c = err, c
-    return best_c
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_c = torch.where(better[:, None], c, best_c)
+    return best_c.reshape(-1)[:r]
 
 
 def _int4_qweight(shape, q, scale, zero, group_size, dtype) -> QWeight:
