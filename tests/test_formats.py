@@ -310,8 +310,9 @@ print(json.dumps(out.tolist()))
 """
 
 
-@pytest.mark.parametrize("key", ["int8", "int4-g32+emb8"])
-def test_quantized_export_loads_in_a_fresh_process_with_the_apps_tokens(tiny_llama_wide, tmp_path, key):
+@pytest.mark.parametrize("key, calibrated", [("int8", False), ("int4-g32+emb8", False), ("int4-g32", True)])
+def test_quantized_export_loads_in_a_fresh_process_with_the_apps_tokens(tiny_llama_wide, tmp_path, key, calibrated):
+    """Calibrated int4: GPTQ codes and balanced factors (`down`'s divided scales) travel with the export."""
     import json
     import os
     import subprocess
@@ -320,6 +321,12 @@ def test_quantized_export_loads_in_a_fresh_process_with_the_apps_tokens(tiny_lla
     from acip_core.export import export_lowrank
 
     model, _, _ = random_any_size(tiny_llama_wide)
+    if calibrated:
+        from acip_core.basis import input_grams
+        from helpers import calib_windows
+
+        grams = input_grams(model.base, model.originals, calib_windows(model.tokenizer), dtype=torch.float32)
+        model.calibration = lambda: grams
     size = model.size_for_ratio(0.5, key)
     out = export_lowrank(model, size, tmp_path / key)
     from acip_core.export import export_info
