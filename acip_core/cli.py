@@ -46,11 +46,11 @@ def _fmt(args):
     from .formats import parse_format
 
     if args.format is None:
-        if getattr(args, "layout", "small") == "fast":
+        if args.layout == "fast":
             raise ValueError("only int8 / int4 have a fast layout: give --format int8 or --format int4")
         return None
     return parse_format(args.format, args.group_size if args.format == "int4" else None, args.embeddings,
-                        getattr(args, "layout", None))
+                        args.layout)
 
 
 def _size_args(p, budget=True, fmt_default=None):

@@ -24,7 +24,7 @@ from torch import nn
 from .artifact import load_artifact
 from .data import BatchStream, load_text, token_windows
 from .evaluate import perplexity
-from .formats import Format, QuantLinear, QuantLowRankLinear, int4_balance, parse_format, zero_rows
+from .formats import Format, QuantLinear, QuantLowRankLinear, parse_format, zero_rows
 from .layers import LowRankLinear
 from .materialize import AnySizeModel, Size, _clone_tree, _quantized_embeddings
 from .models import load_base
@@ -126,9 +126,9 @@ def _frozen_factors(any_size: AnySizeModel, names: list, ranks: dict, fmt: Forma
         kept[n] = (family[n][0][lora:lora + keep], family[n][1][lora:lora + keep],
                    -(-keep // fmt.rank_step) * fmt.rank_step)  # zero rows: whole groups for the kernel
     grams = any_size.grams(fmt)
-    # int4: the family's balance (formats.int4_balance, on the whole factors), its kept rows applied
-    balance = {n: int4_balance(*family[n], grams[n], fmt.group_for(any_size.shapes[n].padded_rank(lora, fmt)),
-                               fmt.compute_dtype)[lora:] for n in names if n in grams}
+    # int4: the family's balance (on the whole factors), its kept rows applied
+    balance = any_size.int4_balances(fmt, {n: grams[n] for n in names if n in grams})
+    balance = {n: c[lora:] for n, c in balance.items()}
     downs = fmt.pack_many([kept[n][0] for n in names], [grams.get(n) for n in names], [kept[n][2] for n in names])
     del grams
     frozen = {}

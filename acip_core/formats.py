@@ -421,7 +421,7 @@ def quantize_int4_many(weights: list, group_size: int = DEFAULT_GROUP_SIZE, dtyp
         w = padded(i)
         wg = w.reshape(w.shape[0], -1, group_size)
         scale, zero = _int4_grid(wg, dtype, clips)
-        q = torch.round((wg - zero) / scale + 8).clamp(0, 15)
+        q = _int4_round(wg, scale, zero)
         out[i] = _int4_qweight((rows[i], w.shape[1]), q, scale, zero, group_size, dtype)
     for idx in batches.values():
         for start in range(0, len(idx), _GPTQ_BATCH):
@@ -464,7 +464,7 @@ def int4_balance(down: torch.Tensor, up_t: torch.Tensor, gram: torch.Tensor,
         c = c / (logc.sum(1, keepdim=True) / liveg.sum(1, keepdim=True).clamp_min(1)).exp()  # per group: geo-mean 1
         wg = ug * c
         scale, zero = _int4_grid(wg, dtype, _INT4_CLIPS)
-        deq = ((torch.round((wg - zero) / scale + 8).clamp(0, 15) - 8) * scale + zero) / c
+        deq = ((_int4_round(wg, scale, zero) - 8) * scale + zero) / c
         err = ((deq - ug) ** 2 * s2g).sum(0).sum(-1)  # [groups]: each group's output error (diagonal moment)
         if best_err is None:
             best_err, best_c = err, c
@@ -484,6 +484,11 @@ def _int4_qweight(shape, q, scale, zero, group_size, dtype) -> QWeight:
     return QWeight("int4", data, sz.to(dtype), tuple(shape), group_size, codes if keep else None)
 
 
+def _int4_round(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """int4 codes 0..15 of w on the grid (scale, zero): w ≈ (q − 8)·scale + zero."""
+    return torch.round((w - zero) / scale + 8).clamp(0, 15)
+
+
 def _int4_grid(wg: torch.Tensor, dtype, clips, weight=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero) per group of `wg` [rows, groups, g] with the least squared rounding error among
     the clipping ratios (stored: w = (q − 8)·scale + zero); `weight` (broadcast to wg) weighs the
@@ -494,7 +499,7 @@ def _int4_grid(wg: torch.Tensor, dtype, clips, weight=None) -> tuple[torch.Tenso
     for c in clips:
         scale = ((hi - lo) * c / 15).clamp_min(1e-8).to(dtype).float()
         zero = (mid - (hi - lo) * c / 2 + 8 * scale).to(dtype).float()
-        q = torch.round((wg - zero) / scale + 8).clamp(0, 15)
+        q = _int4_round(wg, scale, zero)
         err = ((q - 8) * scale + zero - wg).pow(2)
         err = (err if weight is None else err * weight).sum(-1, keepdim=True)
         if best is None:
@@ -532,7 +537,7 @@ def _int4_gptq(w: torch.Tensor, gram: torch.Tensor, g: int, dtype, clips):
         errors = torch.empty_like(block)
         for j in range(g):
             col = block[..., j:j + 1]
-            qj = torch.round((col - zero) / scale + 8).clamp(0, 15)
+            qj = _int4_round(col, scale, zero)
             e = (col - ((qj - 8) * scale + zero)) / hb[:, j, j, None, None]
             block[..., j + 1:] -= e * hb[:, None, j, j + 1:]
             q[..., g0 + j:g0 + j + 1], errors[..., j:j + 1] = qj, e

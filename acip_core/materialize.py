@@ -113,14 +113,9 @@ class AnySizeModel:
     def size_at(self, prefix: int, fmt: "Format | str" = "float32") -> Size:
         fmt = parse_format(fmt)
         ranks = self.index.ranks_at(prefix)
-        dense, params = 0, self.index.other_params
-        for n, r in ranks.items():  # the format decides which layers run dense and the kept rank
-            sh = self.shapes[n]
-            if sh.format_bytes(r, self.lora_rank, fmt)[1]:
-                dense, params = dense + 1, params + sh.dense_params
-            else:
-                kept = fmt.kept_rank(r + self.lora_rank, sh.padded_rank(self.lora_rank, fmt))
-                params += kept * (sh.in_features + sh.out_features) + sh.out_features * sh.bias
+        dense = sum(self.shapes[n].format_bytes(r, self.lora_rank, fmt)[1] for n, r in ranks.items())
+        params = self.index.other_params + sum(self.shapes[n].format_params(r, self.lora_rank, fmt)
+                                               for n, r in ranks.items())
         nbytes = int(self.index.bytes_cum(fmt, self.other_bytes(fmt))[prefix])
         return Size(prefix, ranks, self.index.ratio_at(prefix), params, dense, fmt, nbytes)
 
@@ -163,6 +158,15 @@ class AnySizeModel:
         pass; {} for other formats or without a calibration, where int4 rounds to nearest)."""
         return self.calibration() if fmt.name == "int4" and self.calibration else {}
 
+    def int4_balances(self, fmt: Format, grams: dict) -> dict:
+        """{layer: per-rank scales} of formats.int4_balance for the layers with a Gram, from the whole
+        float32 factors (LoRA rows first); `up`'s groups run along its padded rank. The family and
+        fine-tuning's frozen factors (which take rows lora.. of them) use the same."""
+        factors32 = self._families[Format().key][1]
+        return {n: int4_balance(*factors32[n], gram, fmt.group_for(self.shapes[n].padded_rank(self.lora_rank, fmt)),
+                                fmt.compute_dtype)
+                for n, gram in grams.items()}
+
     def release_float32_factors(self) -> None:
         """Frees the float32 factors (the largest tensors held: about twice the target weights), for a
         process that from now on only runs sizes of formats already built and the full size (whose
@@ -195,8 +199,7 @@ class AnySizeModel:
         names = list(factors32)
         rows = [self.shapes[n].padded_rank(self.lora_rank, fmt) for n in names]
         grams = self.grams(fmt)
-        balance = {n: int4_balance(*factors32[n], grams[n], fmt.group_for(r), fmt.compute_dtype)
-                   for n, r in zip(names, rows) if n in grams}  # `up`'s groups run along its rank
+        balance = self.int4_balances(fmt, grams)
         downs = fmt.pack_many([factors32[n][0] for n in names], [grams.get(n) for n in names], rows)
         del grams  # 0.4 GB for SmolLM2: not kept once the family is built
         factors = {}

@@ -65,6 +65,14 @@ class LayerShape:
         charge = fmt.call_bytes if kept else 0
         return (dense, True) if factored + charge >= dense else (factored, False)
 
+    def format_params(self, rank: int, lora_rank: int, fmt: Format) -> int:
+        """Weights this layer holds at `rank` in `fmt` (materialized_params with the format's dense
+        choice and its kept rank, rounded up to the rank step)."""
+        if self.format_bytes(rank, lora_rank, fmt)[1]:
+            return self.dense_params
+        kept = fmt.kept_rank(rank + lora_rank, self.padded_rank(lora_rank, fmt))
+        return kept * (self.in_features + self.out_features) + self.out_features * self.bias
+
 
 def size_ratio(shapes: dict[str, LayerShape], ranks: dict[str, int]) -> float:
     """The paper's size ratio (kept fraction of target-layer parameters)."""
