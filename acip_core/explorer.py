@@ -26,7 +26,6 @@ from .artifact import load_artifact
 from .curve import acip_rows, best_in_format, comparable_acip, curve_at, ppl_columns, smallest_measured, spread
 from .data import load_text, token_windows
 from .evaluate import Cancelled, perplexity
-from .jobs import ScoringJobs  # noqa: F401  (re-exported: the app's other engine)
 from .formats import parse_format
 from .materialize import AnySizeModel, Size
 from .public import limits
@@ -673,5 +672,5 @@ def _flatten_metrics(result) -> dict:
     return flat
 
 
-__all__ = ["Explorer", "Generation", "ScoringJobs", "Cancelled", "check_ratio", "clean_prompt",
+__all__ = ["Explorer", "Generation", "Cancelled", "check_ratio", "clean_prompt",
            "DTYPE_CHOICES", "MAX_PROMPT_CHARS"]

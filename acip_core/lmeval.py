@@ -29,7 +29,6 @@ from .tasks_build import ASSET_DIR, TASK_SPECS
 log = logging.getLogger(__name__)
 
 OFFLINE_TASKS = list(TASK_SPECS)  # acip_next_sentence, acip_last_word, and their *_domain variants
-DEFAULT_TASKS = ["acip_next_sentence", "acip_last_word"]
 # the paper's zero-shot tasks -> lm-eval's folder that defines each, and its hub dataset
 PAPER_TASKS = {
     "piqa": ("piqa", "baber/piqa"),

@@ -106,9 +106,6 @@ class Studio:
         return None, (f"{hint} No other artifact was found: start a scoring run in the **Score** tab, or run "
                       f"`python -m acip_core score --out {self.config.precomputed / DEFAULT_NAME}`.")
 
-    def is_known(self, folder: str) -> bool:
-        return self.registry.loaded(folder) is not None or folder in {f for _, f in self.artifacts()}
-
     def named_artifacts(self) -> list[tuple[str, str]]:
         """(name, folder) of every usable artifact: the name is its label, made unique (" #2"). The app's
         selectors carry names, never server paths (docs/ARCHITECTURE.md "Public mode")."""

@@ -81,15 +81,13 @@ def tiny_model_dir(request, tiny_llama, tiny_qwen):
 
 @pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory, tiny_llama):
-    """A short real scoring run on the tiny Llama that reaches its stop ratio."""
-    from acip_core import ScoreConfig, run_scoring
+    """A short real scoring run on the tiny Llama that reaches its stop ratio. Its LoRA has rank 2, so
+    its sizes are different models: at 0.4 and 0.7 some layers run factorized at different ranks (a
+    rank-32 LoRA would make every layer of a 32-wide model run dense at every size, and a size mix-up
+    could not show)."""
+    from helpers import score_tiny
 
-    out = tmp_path_factory.mktemp("art") / "tiny"
-    cfg = ScoreConfig(steps=400, batch_size=2, seq_len=32, lr=2e-3, reg_init=1e-2, reg_growth=1.05,
-                      stop_ratio=0.4, post_tune_steps=5, checkpoint_every=10, precision="fp32")
-    run_scoring(tiny_llama, "corpus:train", out, "whitened", cfg, eval_windows=2,
-                curve_sizes=[0.4, 0.7, 1.0])
-    return out
+    return score_tiny(tiny_llama, tmp_path_factory.mktemp("art") / "tiny", curve_sizes=[0.4, 0.7, 1.0])
 
 
 @pytest.fixture(autouse=True)

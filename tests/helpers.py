@@ -41,3 +41,17 @@ def random_any_size(folder, seed=0, lora_rank=4, lora_alpha=8.0):
         adapters[f"{n}.lora_A"] = 0.1 * torch.randn(lora_rank, f.Vh.shape[1], generator=g)
         adapters[f"{n}.lora_B"] = 0.1 * torch.randn(f.U.shape[0], lora_rank, generator=g)
     return AnySizeModel(model, tok, basis, scores, adapters, lora_rank, lora_alpha), basis, adapters
+
+
+def score_tiny(model_dir, out, curve_sizes=(0.5,), eval_windows=2, **overrides):
+    """The tests' one scoring recipe on a tiny model (reaches its stop ratio in a few seconds): LoRA
+    rank 2, so low-rank layers exist at the sizes tests ask for. Returns the artifact folder."""
+    from acip_core import ScoreConfig, run_scoring
+
+    settings = dict(steps=400, batch_size=2, seq_len=32, lr=2e-3, reg_init=1e-2, reg_growth=1.05,
+                    stop_ratio=0.4, post_tune_steps=5, checkpoint_every=10, precision="fp32", lora_rank=2,
+                    lora_alpha=4.0)
+    settings.update(overrides)
+    run_scoring(model_dir, "corpus:train", out, "whitened", ScoreConfig(**settings),
+                eval_windows=eval_windows, curve_sizes=list(curve_sizes))
+    return out

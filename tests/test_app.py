@@ -1,6 +1,5 @@
 """The Gradio app: importing it launches nothing; end to end through gradio_client on the tiny artifact."""
 
-import importlib.util
 import subprocess
 import sys
 
@@ -218,8 +217,6 @@ def test_unknown_artifact_is_refused(demo):
         assert demo.handlers.on_size("/etc", 0.5, "size ratio", "float32", None, [], None) == gr.skip()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("acip_core.export") is None,
-                    reason="acip_core/export.py has not landed yet")
 def test_export_reloads_with_transformers_and_gives_the_same_greedy_tokens(client, demo, tiny_artifact, tmp_path):
     import zipfile
 

