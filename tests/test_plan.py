@@ -176,3 +176,14 @@ def test_the_cli_prints_a_table_and_json(tiny_llama, capsys):
     assert {t["name"] for t in got["terms"]} >= {"frozen shards (1/2, float32)", "masks + LoRA + grads + AdamW"} \
         or got["settings"]["precision_used"] != "float32"
     assert got["step_seconds_estimate"] is not None  # the probe ran (an estimate)
+
+
+def test_the_score_tab_shows_the_plan_of_the_typed_model(tiny_llama, monkeypatch):
+    import app_handlers
+
+    _tight(monkeypatch, 2**50)
+    text = app_handlers.score_plan(tiny_llama, 2, 32)
+    assert "scoring needs" in text and "**fits**" in text
+    _tight(monkeypatch, 2**20)
+    assert "does not fit" in app_handlers.score_plan(tiny_llama, 2, 32)
+    assert "not available" in app_handlers.score_plan(tiny_llama, 0, 32)  # said in place, not raised
