@@ -425,12 +425,17 @@ def plan_scoring(model: str, batch_size: int = 2, seq_len: int = 256, base_forma
     add(f"activations saved for backward ({rows} × {seq_len})", traced["saved"], where_w, ("steps",),
         "counted on the meta model; includes the loss's float32 [tokens, vocab] gradient")
     add("loss backward (tokens × vocab)", loss_peak, where_w, ("steps",), f"{tokens} × {vocab} float32")
-    # the first build of the basis (not when cached): its largest moment of three, beside the weights
-    build = max(2 * grams,  # basis.input_grams: the float64 sums and their means at once
-                grams + F + workspace,  # factorizing: every Gram, the factors so far, one layer's float64 SVD
-                2 * F)  # safetensors' save_file serializes a copy of the factors
-    add("basis build (first run only)", build, "ram", ("basis build",),
-        f"float64 Grams {grams / GiB:.2f} GiB, SVD workspace {workspace / GiB:.2f} GiB; none when cached")
+    # the first build of the basis (not when cached): its largest moment of three, beside the weights.
+    # basis.input_grams sums float64 Grams on the model's device and keeps their means in RAM (on a CPU
+    # both at once); the factors are computed in RAM, and safetensors' save_file serializes a copy of them.
+    note = f"float64 Grams {grams / GiB:.2f} GiB, SVD workspace {workspace / GiB:.2f} GiB; none when cached"
+    if gpu and fsdp == 1:  # under FSDP rank 0 keeps the model on the CPU until sharding: all in RAM
+        if grams:
+            add("basis build: Gram sums (float64)", grams, "gpu", ("basis build",), "first run only")
+        add("basis build (first run only)", max(grams + F + workspace, 2 * F), "ram", ("basis build",), note)
+    else:
+        add("basis build (first run only)", max(2 * grams, grams + F + workspace, 2 * F), "ram", ("basis build",),
+            note)
 
     _serve_terms(add, net, linears, k_of, lora_rank, P, W)
     plan = Plan(model, dict(batch_size=batch_size, seq_len=seq_len, base_format=fmt.key, fsdp=fsdp, device=device,
