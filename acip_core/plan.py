@@ -28,7 +28,6 @@ matrix product of the largest layer's shape timed here.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -381,7 +380,7 @@ def plan_scoring(model: str, batch_size: int = 2, seq_len: int = 256, base_forma
     T: list[Term] = []
     add = lambda *a, **k: T.append(Term(*a, **k))  # noqa: E731
     add("runtime (python, torch, text)", RUNTIME_BYTES, "ram", ("basis build", "setup", "steps", "serve"),
-        "measured on this project's CPU runs")
+        "imports, tokenizer and corpus:broad, measured")
     if gpu:
         add("CUDA context", CUDA_CONTEXT_BYTES, "gpu", ("setup", "steps"), "estimate")
 
@@ -579,7 +578,3 @@ def plan_for_config(model: str, cfg, basis: str = "whitened", fsdp: int = 1, dev
     return plan_scoring(model, cfg.batch_size, cfg.seq_len, cfg.base_format, fsdp=fsdp,
                         device=device or pick_device().type, precision=cfg.precision, lora_rank=cfg.lora_rank,
                         basis=basis, probe=False)
-
-
-def plan_json(plan: Plan) -> str:
-    return json.dumps(plan.to_dict())
