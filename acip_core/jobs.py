@@ -112,7 +112,8 @@ class ScoringJobs:
               basis: str = "whitened", stop_ratio: float = 0.4, owner: str | None = None, **options) -> dict:
         """Launches a new run; `options` are further ScoreConfig fields (e.g. batch_size=2).
 
-        Everything is checked before anything is written: a refused start leaves no folder. `owner`
+        Everything is checked before anything is written: a refused start leaves no folder; a run whose
+        memory plan (plan.py) does not fit what is free now is refused with both numbers. `owner`
         (public.owner()) is recorded; only they (or the admin) may cancel, resume or delete the run.
         """
         lim = public.limits()
