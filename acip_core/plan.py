@@ -499,6 +499,9 @@ def step_flops(linears, k_of, lora_rank, rows, seq_len, config) -> float:
     return float(total)
 
 
+PROBE_MAX_SIDE = 2048
+
+
 def estimate_step_seconds(flops: float, linears, k_of, device: str, amp, fmt) -> tuple[float | None, str]:
     """flops over the rate of one product of the largest target layer's factored shape, timed now on
     `device` in the step's compute dtype. An estimate: it leaves out everything that is not a matrix
@@ -506,7 +509,9 @@ def estimate_step_seconds(flops: float, linears, k_of, device: str, amp, fmt) ->
     if device == "cuda" and not torch.cuda.is_available():
         return None, f"{flops / 1e12:.2f} TFLOP a step; no CUDA device here to time a product on"
     name = max(linears, key=lambda n: k_of[n] * linears[n].in_features)
-    n_in, k = linears[name].in_features, k_of[name]
+    # capped at PROBE_MAX_SIDE a side: a 70B's 28672 × 8192 factor would make the probe itself a
+    # gigabyte and seconds; products this large run at the device's full rate anyway
+    n_in, k = min(linears[name].in_features, PROBE_MAX_SIDE), min(k_of[name], PROBE_MAX_SIDE)
     dtype = amp if amp is not None and not (device == "cpu" and amp == torch.bfloat16 and not _native_bf16()) \
         else torch.float32
     rows = 1024
