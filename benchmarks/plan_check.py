@@ -91,6 +91,11 @@ def main() -> None:
     sharded = plan(2, 128, precision="bf16", fsdp=2)
     _row("SmolLM2 2 × 128, --fsdp 2, rank 0", mib(sharded, phases=whole), 2743, "the same")
     _row("SmolLM2 2 × 128, --fsdp 2, rank 1 (no weights before sharding)", mib(sharded), 1948, "the same")
+    serve = {t.name: t.bytes / MiB for t in fp32.terms}
+    _row("the app with SmolLM2's artifact loaded (float32 family)", mib(fp32, phases=("serve",)), 1624,
+         "load_test.py --public, RSS loaded (RESULTS \"Public deployment\")")
+    _row("+ the int8 family", serve["serve: + int8 family"], 492, "RSS growth once built (\"Precision as a second axis\")")
+    _row("+ the int4-g32 family", serve["serve: + int4-g32 family"], 456, "the same")
     if args.run_tiny:
         model = _tiny_model(Path(tempfile.mkdtemp()))
         planned = plan_scoring(model, 4, 64, precision="fp32", probe=False)
