@@ -565,6 +565,8 @@ def check_fits(plan: Plan) -> None:
     nothing when it fits or availability cannot be read."""
     for where in plan.scoring_where:
         avail, need = plan.available.get(where), plan.needed(where)
+        log.info("memory plan of %s: %.2f GiB of %s needed, %s available", plan.model, need / GiB, where,
+                 "?" if avail is None else f"{avail / GiB:.2f} GiB")
         if avail is not None and need > avail:
             phases = plan.phase_bytes(where)
             worst = max((p for p in phases if p != "serve" and p != "family"), key=phases.get)
