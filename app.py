@@ -23,6 +23,7 @@ from acip_core.explorer import DTYPE_CHOICES, MAX_PROMPT_CHARS
 from acip_core.models import EMBEDDED, cache_dir, pick_device
 from acip_core.studio import Studio, StudioConfig
 from app_handlers import EXPLORE_VIEWS, EXPORT_KINDS, X_AXES, Handlers, lm_eval_tasks  # noqa: F401  (EXPORT_KINDS: tests)
+from app_handlers import score_plan
 
 EXAMPLES = ["What is the capital of France?", "Explain what a package manager does, in two sentences.",
             "Write a haiku about autumn.", "Give three tips for writing clear emails."]
@@ -199,6 +200,7 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
                     score_upload = gr.File(label="or upload calibration text (UTF-8 .txt)", file_types=[".txt"],
                                            type="filepath")
                     token = gr.Textbox(label="admin token", type="password", visible=lim.scoring == "token")
+                plan_md = gr.Markdown(elem_id="score-plan")  # memory plan of the typed model (acip_core/plan.py)
                 run_text = gr.Markdown()
                 runs_table = gr.Dataframe(label="runs", interactive=False, headers=["run", "state", "step", "phase", "loss",
                                                                                    "λ", "size_ratio", "elapsed_s", "ETA"],
@@ -255,6 +257,8 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
         start.click(h.score_start, [run_name, model, score_data, steps, basis, stop_ratio, batch_size, score_seq,
                                     post_tune, token, score_upload], [runs_table, runs, run_plot, run_text],
                     api_name="score_start")
+        gr.on([model.submit, model.blur, batch_size.blur, score_seq.blur], score_plan, [model, batch_size, score_seq],
+              plan_md, api_name="score_plan", concurrency_limit=2, trigger_mode="always_last")
         cancel_run.click(h.score_cancel, [runs, token], run_view, api_name="score_cancel")
         resume_run.click(h.score_resume, [runs, token], run_view, api_name="score_resume")
         delete_run.click(h.score_delete, [runs, token], [runs_table, runs, run_plot, run_text],

@@ -465,3 +465,39 @@ def lm_eval_tasks() -> tuple[list[str], list[str]]:
         return list(OFFLINE_TASKS), list(OFFLINE_TASKS) + [t for t in PAPER_TASKS if t not in OFFLINE_TASKS]
     except Exception:
         return [], []
+
+
+def score_plan(model, batch_size, seq_len) -> str:
+    """The Score tab's memory plan of the typed model and settings (acip_core/plan.py: from the config
+    alone, no weights read), as Markdown; a problem is said in its place, never raised (a toast per
+    keystroke would be noise)."""
+    from acip_core.plan import GiB, plan_scoring
+
+    try:
+        source = public.check_model((model or EMBEDDED).strip())
+        plan = plan_scoring(source, check_int(batch_size, 1, None, "batch size"),
+                            check_int(seq_len, 8, None, "tokens per sequence"),
+                            device=pick_device_type(), probe=False)
+    except Exception as err:  # noqa: BLE001 - any failure is the answer shown, not a crash
+        return f"**Memory plan**: not available ({public.md_escape(str(err)[:300])})"
+    lines = [f"**Memory plan** of {public.md_escape(source)} at batch {plan.settings['batch_size']} × "
+             f"{plan.settings['seq_len']} tokens ({plan.settings['precision_used']}, on {plan.settings['device']}; "
+             "an estimate from the config, no weights read):"]
+    for where in plan.scoring_where:
+        phases = plan.phase_bytes(where)
+        avail = plan.available.get(where)
+        verdict = "" if avail is None else (f" of {avail / GiB:.1f} GiB free now: **fits**" if plan.needed(where) <= avail
+                                            else f" of {avail / GiB:.1f} GiB free now: **does not fit** (a start is refused)")
+        lines.append(f"- scoring needs **{plan.needed(where) / GiB:.2f} GiB** of {where.upper()}{verdict} "
+                     f"(steps {phases.get('steps', 0) / GiB:.2f}, first basis build {phases.get('basis build', 0) / GiB:.2f})")
+    big = sorted((t for t in plan.terms if "steps" in t.phases), key=lambda t: -t.bytes)[:4]
+    lines.append("- largest terms: " + ", ".join(f"{t.name} {t.bytes / GiB:.2f} GiB" for t in big))
+    lines.append(f"- serving it here afterwards: {plan.needed('ram', ('serve',)) / GiB:.2f} GiB "
+                 "(`python -m acip_core plan` lists every term)")
+    return "\n".join(lines)
+
+
+def pick_device_type() -> str:
+    from acip_core.models import pick_device
+
+    return pick_device().type

@@ -85,6 +85,10 @@ def cmd_score(args):
     dist = DistContext.from_env(fsdp=args.fsdp)  # set up by torchrun / accelerate launch
     if args.fsdp and dist is None:
         logging.getLogger(__name__).warning("--fsdp needs more than one process (torchrun / accelerate launch); running unsharded")
+    if dist is None and not args.force:  # a run that cannot fit is refused before it loads anything
+        from .plan import check_fits, plan_for_config
+
+        check_fits(plan_for_config(args.model, cfg, args.basis))
     try:
         artifact = run_scoring(args.model, args.data, args.out, args.basis, cfg, args.resume,
                                on_step if dist is None or dist.rank == 0 else None,
@@ -95,6 +99,17 @@ def cmd_score(args):
     if dist is None or dist.rank == 0:
         _emit(args, dict(out=args.out, result=artifact.meta["result"]),
               f"wrote {args.out}: {json.dumps(artifact.meta['result'])}")
+
+
+@command
+def cmd_plan(args):
+    from .models import pick_device
+    from .plan import plan_scoring
+
+    plan = plan_scoring(args.model, args.batch_size, args.seq_len, args.base_format, fsdp=args.fsdp,
+                        device=args.device or pick_device().type, precision=args.precision, lora_rank=args.lora_rank, basis=args.basis,
+                        probe=not args.no_probe)
+    _emit(args, plan.to_dict(), plan.table())
 
 
 @command
@@ -360,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun/accelerate: shard the frozen tensors across processes (FSDP) "
                         "instead of holding the whole model on each (also: accelerate launch --use_fsdp)")
+    p.add_argument("--force", action="store_true",
+                   help="start even when the memory plan (python -m acip_core plan) says it cannot fit")
     p.add_argument("--eval-data", default="corpus:heldout", help="text for the artifact's quick curve")
     p.add_argument("--eval-windows", type=int, default=8, help="256-token windows for that curve (0: none)")
     defaults = ScoreConfig()
@@ -370,6 +387,18 @@ def build_parser() -> argparse.ArgumentParser:
         note = notes.get(f.name)
         p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)), default=None,
                        help=(note + "; " if note else "") + f"default {getattr(defaults, f.name)}")
+
+    p = sub.add_parser("plan", help="memory (and step time) a scoring run needs, from the model's config alone")
+    p.add_argument("--model", default=EMBEDDED, help=f"{EMBEDDED}, a local directory, or a hub id (config.json only)")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="global batch (rows)")
+    p.add_argument("--seq-len", type=int, default=defaults.seq_len)
+    p.add_argument("--base-format", default="float32", help="float32, int8 or int4[-g32|-g64|-g128]")
+    p.add_argument("--fsdp", type=int, default=1, help="N: per process of a run sharded over N processes")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: this machine's")
+    p.add_argument("--precision", default=defaults.precision, choices=["auto", "bf16", "fp32"])
+    p.add_argument("--lora-rank", type=int, default=defaults.lora_rank)
+    p.add_argument("--basis", default="whitened", choices=BASIS_KINDS)
+    p.add_argument("--no-probe", action="store_true", help="no timed matrix product (no step-time estimate)")
 
     from .finetune import FinetuneConfig
 

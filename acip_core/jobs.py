@@ -112,7 +112,8 @@ class ScoringJobs:
               basis: str = "whitened", stop_ratio: float = 0.4, owner: str | None = None, **options) -> dict:
         """Launches a new run; `options` are further ScoreConfig fields (e.g. batch_size=2).
 
-        Everything is checked before anything is written: a refused start leaves no folder. `owner`
+        Everything is checked before anything is written: a refused start leaves no folder; a run whose
+        memory plan (plan.py) does not fit what is free now is refused with both numbers. `owner`
         (public.owner()) is recorded; only they (or the admin) may cancel, resume or delete the run.
         """
         lim = public.limits()
@@ -128,14 +129,16 @@ class ScoringJobs:
                           ("batch_size", lim.max_batch_size), ("seq_len", lim.max_seq_len)):
             if getattr(cfg, key) > most:
                 raise ValueError(f"{key} {getattr(cfg, key)} is above the limit of {most} here")
+        # --force: the memory plan is checked here, once (_check_memory), not again by the child
         args = ["-m", "acip_core", "-v", "score", "--model", model, "--data", data,
-                "--out", str(folder), "--basis", basis]
+                "--out", str(folder), "--basis", basis, "--force"]
         defaults = ScoreConfig()
         for key, value in vars(cfg).items():
             if value != getattr(defaults, key) or key in ("steps", "stop_ratio"):
                 args += ["--" + key.replace("_", "-"), str(value)]
         with self._lock:
             self._check_slot()
+            self._check_memory(model, cfg, basis)
             self._bound_disk(lim.runs_bytes)
             folder.mkdir(parents=True, exist_ok=True)
             spec = dict(name=name, args=args, model=model, data=data, basis=basis, config=vars(cfg),
@@ -143,6 +146,23 @@ class ScoringJobs:
                         if lim.max_run_seconds != float("inf") else None)
             (folder / RUN_FILE).write_text(json.dumps(spec, indent=1))
             return self._launch(name, args)
+
+    @staticmethod
+    def _check_memory(model: str, cfg: ScoreConfig, basis: str) -> None:
+        """Refuses (plan.PlanRefused, with needed and available GiB) a run whose memory plan does not fit
+        what is free now; a model whose config cannot be read is refused too (the run could only fail).
+        A config the plan cannot build on the meta device is let through with a warning."""
+        from .models import ModelSourceError
+        from .plan import check_fits, plan_for_config
+
+        try:
+            plan = plan_for_config(model, cfg, basis)
+        except ModelSourceError as err:
+            raise ValueError(str(err)) from None
+        except Exception as err:  # noqa: BLE001 - the plan is advice; an architecture it cannot build runs unplanned
+            log.warning("no memory plan for %s (%s: %s); starting without one", model, type(err).__name__, err)
+            return
+        check_fits(plan)
 
     def start_finetune(self, name: str, artifact: str, size_ratio: float, objective: str = "lm+kd",
                        steps: int = 200, data: str = DEFAULT_DATA, owner: str | None = None, **options) -> dict:
