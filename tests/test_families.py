@@ -30,8 +30,6 @@ EXPECTED = {
 }
 PER_BLOCK = {f: len(v) for f, v in EXPECTED.items()} | {"gpt2": 4}  # GPT-2: attn.c_proj and mlp.c_proj
 TOKENS = 8
-# the export subprocess is slow on a loaded machine; CI runs the full path on these, the rest is `slow`
-CI_FAMILIES = ("qwen2", "gemma3_text", "phi3", "gpt2", "falcon")
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +142,7 @@ def _app_tokens(any_size, size, fmt, ids, pad):
             pad_token_id=pad, **GENERATION).tolist()
 
 
-def _run_family(family, folder, out, tokenizer):
+def _run_family(family, folder, out, tokenizer, text):
     from acip_core import ScoreConfig, run_scoring
     from acip_core.evaluate import generate_text
     from acip_core.export import export_dense, export_lowrank
@@ -153,7 +151,7 @@ def _run_family(family, folder, out, tokenizer):
 
     cfg = ScoreConfig(steps=3, batch_size=2, seq_len=32, lr=2e-3, post_tune_steps=0, checkpoint_every=100,
                       precision="fp32", lora_rank=4)
-    artifact = run_scoring(folder, "corpus:train", out / "artifact", "whitened", cfg, eval_windows=0,
+    artifact = run_scoring(folder, str(text), out / "artifact", "whitened", cfg, eval_windows=0,
                            curve_sizes=[0.5, 1.0])
     assert set(artifact.meta["targets"]) == EXPECTED[family]
     any_size = open_artifact(out / "artifact")  # reopened by its recorded layers
@@ -185,21 +183,29 @@ def _run_family(family, folder, out, tokenizer):
 
 
 @pytest.fixture(scope="module")
-def family_matrix(tiny_families, tiny_tokenizer, tmp_path_factory, request):
+def family_matrix(tiny_families, tiny_tokenizer, tmp_path_factory):
     """Every family's path, then one fresh process that loads every export (keeps CI time low)."""
-    families = [f for f in FAMILIES if f in CI_FAMILIES or request.config.getoption("-m") != "not slow"]
+    from acip_core.data import load_text
+
     root = tmp_path_factory.mktemp("matrix")
+    text = root / "calibration.txt"  # a short text: tokenizing the whole corpus would dominate tiny runs
+    text.write_text(load_text("corpus:train")[:60_000], encoding="utf-8")
+    # one thread: tiny products gain nothing from more, and on a shared, loaded machine two threads
+    # wait on each other at every operation (the numbers do not depend on it: both sides use one)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     results, jobs = {}, []
-    for family in families:
+    for family in FAMILIES:
         try:
-            facts, family_jobs = _run_family(family, tiny_families[family], root / family, tiny_tokenizer)
+            facts, family_jobs = _run_family(family, tiny_families[family], root / family, tiny_tokenizer, text)
             results[family] = dict(facts=facts, jobs=family_jobs)
             jobs += family_jobs
         except Exception as e:
             results[family] = dict(error=f"{type(e).__name__}: {e}")
+    torch.set_num_threads(threads)
     manifest = root / "jobs.json"
     manifest.write_text(json.dumps([{k: v for k, v in j.items() if k != "want"} for j in jobs]))
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run([sys.executable, "-c", _FRESH, str(manifest)], capture_output=True, text=True,
                           timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -210,11 +216,7 @@ def family_matrix(tiny_families, tiny_tokenizer, tmp_path_factory, request):
     return results
 
 
-def _family_params():
-    return [f if f in CI_FAMILIES else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES]
-
-
-@pytest.mark.parametrize("family", _family_params())
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_scores_sizes_exports_and_loads_fresh_with_the_apps_tokens(family_matrix, family):
     result = family_matrix.get(family)
     assert result is not None, f"{family} was not run"
