@@ -1,7 +1,7 @@
 """Target selection and module swapping on a Hugging Face causal LM.
 
 Targets are discovered per model, not by a table of names: every linear projection inside the
-decoder blocks (the model's largest nn.ModuleList of repeated blocks), fused ones (`qkv_proj`,
+decoder blocks (the model's largest nn.ModuleList), fused ones (`qkv_proj`,
 `gate_up_proj`, `query_key_value`) included as one matrix each; never embeddings, the LM head,
 norms or MoE routers. GPT-2's `transformers.pytorch_utils.Conv1D` (weight stored [in, out]) is
 swapped in place for an equivalent nn.Linear ([out, in]) when it is chosen, so everything after
@@ -44,11 +44,12 @@ def _out_features(module: nn.Module) -> int:
 
 
 def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """(FQN, list) of the model's decoder blocks: its largest nn.ModuleList (by parameters) whose
-    children are all of one class; None when it has none."""
+    """(FQN, list) of the model's decoder blocks: its largest nn.ModuleList by parameters (not only one
+    of a single class: a hybrid model's blocks may differ, while a smaller list inside one block, its
+    experts, would be the wrong scope); None when it has none."""
     best, best_params = None, -1
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) and len({type(b) for b in module}) == 1:
+        if isinstance(module, nn.ModuleList) and len(module):
             params = sum(p.numel() for p in module.parameters())
             if params > best_params:
                 best, best_params = (name, module), params

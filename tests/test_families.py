@@ -236,3 +236,29 @@ def test_family_scores_sizes_exports_and_loads_fresh_with_the_apps_tokens(family
         else:
             assert got["cls"].startswith("ACIPForCausalLM__")
         assert got["tokens"] == job["want"], f"{job['key']}: the export's tokens differ from the app's"
+
+
+def _cli(*args):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "acip_core", *args, "--json"], capture_output=True, text=True,
+                          timeout=300, env=env)
+    return proc.returncode, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_cli_score_takes_targets_and_writes_what_it_chose(tiny_families, tmp_path):
+    from acip_core.artifact import load_artifact
+    from acip_core.data import load_text
+
+    text = tmp_path / "calibration.txt"
+    text.write_text(load_text("corpus:train")[:30_000], encoding="utf-8")
+    common = ("--model", tiny_families["gpt2"], "--data", str(text), "--steps", "2", "--batch-size", "2",
+              "--seq-len", "32", "--post-tune-steps", "0", "--eval-windows", "0", "--precision", "fp32")
+    rc, out = _cli("score", *common, "--out", str(tmp_path / "named"), "--targets", "c_attn, mlp.c_proj")
+    assert rc == 0, out
+    assert out["targets"] == ["c_attn", "c_proj"] and out["target_layers"] == 4
+    meta = load_artifact(tmp_path / "named").meta
+    assert meta["targets_chosen_by"] == "--targets"
+    assert set(meta["layers"]) == {f"transformer.h.{i}.{n}" for i in (0, 1) for n in ("attn.c_attn", "mlp.c_proj")}
+    rc, out = _cli("score", *common, "--out", str(tmp_path / "bad"), "--targets", "q_proj")
+    assert rc == 2 and "GPT2LMHeadModel: no linear layer matches --targets q_proj" in out["error"]
+    assert not (tmp_path / "bad" / "acip.json").exists()
