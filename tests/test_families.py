@@ -262,3 +262,19 @@ def test_cli_score_takes_targets_and_writes_what_it_chose(tiny_families, tmp_pat
     rc, out = _cli("score", *common, "--out", str(tmp_path / "bad"), "--targets", "q_proj")
     assert rc == 2 and "GPT2LMHeadModel: no linear layer matches --targets q_proj" in out["error"]
     assert not (tmp_path / "bad" / "acip.json").exists()
+
+
+def test_a_scoring_job_passes_targets_on_and_refuses_malformed_ones_before_writing(tmp_path, monkeypatch):
+    from acip_core.jobs import ScoringJobs
+
+    jobs = ScoringJobs(tmp_path / "runs")
+    with pytest.raises(ValueError, match="comma-separated layer names"):
+        jobs.start("r", model="m", targets="c_attn;touch /tmp/x")
+    assert not (tmp_path / "runs" / "r").exists()
+    launched = []
+    monkeypatch.setattr(jobs, "_launch", lambda name, args: launched.append(args) or {})
+    jobs.start("r", model="m", targets=" c_attn , mlp.c_proj ")
+    i = launched[0].index("--targets")
+    assert launched[0][i + 1] == "c_attn,mlp.c_proj"
+    jobs.start("r2", model="m", targets="")
+    assert "--targets" not in launched[1]  # empty: discovered
