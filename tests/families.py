@@ -24,6 +24,9 @@ FAMILIES = {
     "stablelm": {},
 }
 NO_HEAD_DIM = {"falcon"}  # FalconConfig computes head_dim itself
+# MoE families whose experts are stacked 3-D parameters: discovery refuses them; scored with these targets
+MOE = {"mixtral": dict(num_local_experts=4, num_experts_per_tok=2)}
+MOE_TARGETS = {"mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 
 
 def tiny_family(model_type: str, folder, tokenizer, seed: int = 0) -> str:
@@ -34,7 +37,7 @@ def tiny_family(model_type: str, folder, tokenizer, seed: int = 0) -> str:
                bos_token_id=tokenizer.eos_token_id)
     kw = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **ids)
-    kw.update({k: v for k, v in FAMILIES[model_type].items() if v is not None})
+    kw.update({k: v for k, v in {**FAMILIES, **MOE}[model_type].items() if v is not None})
     if model_type in NO_HEAD_DIM:
         kw.pop("head_dim", None)
     config = AutoConfig.for_model(model_type, **kw)

@@ -14,7 +14,7 @@ from torch import nn
 from acip_core.models import load_base
 from acip_core.parametrize import (TargetError, decoder_blocks, discover_targets, target_linears, target_names,
                                    transposed_names, weight_share)
-from families import FAMILIES, tiny_family
+from families import FAMILIES, MOE, MOE_TARGETS, tiny_family
 from helpers import random_ids
 
 # what discovery must find in each family's blocks (leaf names; fused projections are one layer)
@@ -27,15 +27,17 @@ EXPECTED = {
     "gpt2": {"c_attn", "c_proj", "c_fc"},
     "gpt_neox": {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"},
     "falcon": {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"},
+    "mixtral": set(MOE_TARGETS["mixtral"]),  # named with --targets (its experts are 3-D parameters)
 }
 PER_BLOCK = {f: len(v) for f, v in EXPECTED.items()} | {"gpt2": 4}  # GPT-2: attn.c_proj and mlp.c_proj
+MATRIX = list(FAMILIES) + list(MOE)
 TOKENS = 8
 
 
 @pytest.fixture(scope="module")
 def tiny_families(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("families")
-    return {f: tiny_family(f, root / f, tiny_tokenizer) for f in FAMILIES}
+    return {f: tiny_family(f, root / f, tiny_tokenizer) for f in MATRIX}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -152,7 +154,7 @@ def _run_family(family, folder, out, tokenizer, text):
     cfg = ScoreConfig(steps=3, batch_size=2, seq_len=32, lr=2e-3, post_tune_steps=0, checkpoint_every=100,
                       precision="fp32", lora_rank=4)
     artifact = run_scoring(folder, str(text), out / "artifact", "whitened", cfg, eval_windows=0,
-                           curve_sizes=[0.5, 1.0])
+                           curve_sizes=[0.5, 1.0], targets=MOE_TARGETS.get(family))
     assert set(artifact.meta["targets"]) == EXPECTED[family]
     any_size = open_artifact(out / "artifact")  # reopened by its recorded layers
     assert list(any_size.targets) == list(artifact.meta["layers"])
@@ -195,7 +197,7 @@ def family_matrix(tiny_families, tiny_tokenizer, tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     results, jobs = {}, []
-    for family in FAMILIES:
+    for family in MATRIX:
         try:
             facts, family_jobs = _run_family(family, tiny_families[family], root / family, tiny_tokenizer, text)
             results[family] = dict(facts=facts, jobs=family_jobs)
@@ -216,7 +218,7 @@ def family_matrix(tiny_families, tiny_tokenizer, tmp_path_factory):
     return results
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", MATRIX)
 def test_family_scores_sizes_exports_and_loads_fresh_with_the_apps_tokens(family_matrix, family):
     result = family_matrix.get(family)
     assert result is not None, f"{family} was not run"
