@@ -280,3 +280,16 @@ def test_a_scoring_job_passes_targets_on_and_refuses_malformed_ones_before_writi
     assert launched[0][i + 1] == "c_attn,mlp.c_proj"
     jobs.start("r2", model="m", targets="")
     assert "--targets" not in launched[1]  # empty: discovered
+
+
+def test_the_apps_layer_table_tells_gpt2s_two_c_proj_apart(tiny_families):
+    from acip_core.explorer import Explorer
+    from helpers import random_any_size
+
+    any_size = random_any_size(tiny_families["gpt2"])[0]
+    explorer = Explorer(any_size)
+    table = explorer.layer_table(0.5)
+    assert list(table.module) == ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj", "all"]
+    assert list(table.layers) == [2, 2, 2, 2, 8]
+    heat = explorer.rank_heatmap(0.5)
+    assert heat["types"] == ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"] and heat["blocks"] == [0, 1]
