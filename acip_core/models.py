@@ -76,6 +76,8 @@ def load_base(source: str = EMBEDDED, dtype: torch.dtype = torch.float32, meta: 
     elif Path(source).expanduser().exists():
         raise ModelSourceError(f"{source!r} is a file; give a model directory, a .gguf file, a hub id "
                                f"or {EMBEDDED!r}")
+    elif source.lower().endswith(".gguf"):
+        raise ModelSourceError(f"{source!r}: no such GGUF file")
     else:
         return _load_from_hub(source, dtype, meta)
     if not (folder / "config.json").is_file():

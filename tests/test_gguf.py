@@ -52,6 +52,8 @@ def test_a_file_that_is_no_gguf_is_refused_with_a_clear_message(tmp_path, monkey
     other.write_bytes(b"x")
     with pytest.raises(ModelSourceError, match="is a file; give a model directory, a .gguf file"):
         load_base(str(other))
+    with pytest.raises(ModelSourceError, match="no such GGUF file"):
+        load_base(str(tmp_path / "missing" / "model.gguf"))
 
 
 def _write_gguf(model, tokenizer, path):
