@@ -293,3 +293,18 @@ def test_the_apps_layer_table_tells_gpt2s_two_c_proj_apart(tiny_families):
     assert list(table.layers) == [2, 2, 2, 2, 8]
     heat = explorer.rank_heatmap(0.5)
     assert heat["types"] == ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"] and heat["blocks"] == [0, 1]
+
+
+@pytest.mark.embedded
+def test_discovery_on_smollm2_picks_the_shipped_artifacts_layers():
+    """The shipped artifact was scored with the seven Llama names: discovery picks the same 210 layers,
+    and the artifact reopens by its recorded layers."""
+    from pathlib import Path
+
+    from acip_core.artifact import load_artifact
+    from acip_core.models import EMBEDDED
+    from acip_core.pipeline import artifact_linears
+
+    model, _ = load_base(EMBEDDED)
+    artifact = load_artifact(Path(__file__).parent.parent / "precomputed" / "smollm2-135m-instruct")
+    assert list(target_linears(model)) == list(artifact.meta["layers"]) == list(artifact_linears(artifact, model))
