@@ -190,6 +190,8 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
                     stop_ratio = gr.Slider(0.05, 0.95, value=0.4, step=0.05, label="stop at size ratio")
                     batch_size = gr.Number(value=2, precision=0, label="batch size")
                     score_seq = gr.Number(value=128, precision=0, label="tokens per sequence")
+                    score_targets = gr.Textbox(value="", label="targets", placeholder="e.g. q_proj,o_proj",
+                                               info="empty: every linear projection of the decoder blocks")
                 with gr.Row():
                     start = gr.Button("Start run", variant="primary")
                     runs = gr.Dropdown(choices=[], label="run", allow_custom_value=False)
@@ -255,7 +257,7 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
 
         run_view = [runs_table, run_plot, run_text]
         start.click(h.score_start, [run_name, model, score_data, steps, basis, stop_ratio, batch_size, score_seq,
-                                    post_tune, token, score_upload], [runs_table, runs, run_plot, run_text],
+                                    post_tune, token, score_upload, score_targets], [runs_table, runs, run_plot, run_text],
                     api_name="score_start")
         gr.on([model.submit, model.blur, batch_size.blur, score_seq.blur], score_plan, [model, batch_size, score_seq],
               plan_md, api_name="score_plan", concurrency_limit=2, trigger_mode="always_last")

@@ -372,7 +372,7 @@ class Handlers:
 
     @ui_errors
     def score_start(self, name, model, data, steps, basis, stop_ratio, batch_size, seq_len, post_tune, token=None,
-                    upload=None, request: gr.Request = None):
+                    upload=None, targets=None, request: gr.Request = None):
         public.check_may_score(token)  # public mode: only the owner's token starts runs
         name = (name or "").strip() or time.strftime("run-%Y%m%d-%H%M%S")
         if upload:  # a visitor's own text: checked, kept once, the upload itself removed
@@ -383,7 +383,7 @@ class Handlers:
                             stop_ratio=float(stop_ratio), batch_size=check_int(batch_size, 1, None, "batch size"),
                             seq_len=check_int(seq_len, 8, None, "tokens per sequence"),
                             post_tune_steps=check_int(post_tune, 0, None, "post-tune steps"), checkpoint_every=10,
-                            owner=_who(token, request))
+                            owner=_who(token, request), targets=targets)
         fig, line = self.run_view(name)
         return self.runs_frame(), gr.update(choices=[r["name"] for r in self.app.jobs.list()], value=name), fig, line
 

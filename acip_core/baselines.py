@@ -34,7 +34,7 @@ def uniform_scores(basis) -> dict[str, torch.Tensor]:
 
 
 def block_of(fqn: str) -> int:
-    match = re.search(r"\.layers\.(\d+)\.", fqn)
+    match = re.search(r"\.(\d+)\.", fqn)  # model.layers.3.…, transformer.h.3.… (GPT-2), …
     if match is None:
         raise ValueError(f"{fqn} is not inside a numbered decoder block")
     return int(match.group(1))

@@ -92,13 +92,22 @@ def cmd_score(args):
     try:
         artifact = run_scoring(args.model, args.data, args.out, args.basis, cfg, args.resume,
                                on_step if dist is None or dist.rank == 0 else None,
-                               eval_data=args.eval_data, eval_windows=args.eval_windows, dist=dist)
+                               eval_data=args.eval_data, eval_windows=args.eval_windows, dist=dist,
+                               targets=_targets(args.targets))
     finally:
         if dist:
             dist.close()
     if dist is None or dist.rank == 0:
-        _emit(args, dict(out=args.out, result=artifact.meta["result"]),
-              f"wrote {args.out}: {json.dumps(artifact.meta['result'])}")
+        meta = artifact.meta
+        _emit(args, dict(out=args.out, result=meta["result"], targets=meta["targets"], target_layers=len(meta["layers"])),
+              f"wrote {args.out}: {json.dumps(meta['result'])}\ntargets ({meta.get('targets_chosen_by', '?')}): "
+              f"{len(meta['layers'])} layers named {','.join(meta['targets'])}")
+
+
+def _targets(value: str | None):
+    """--targets a,b,c as names (None: discover the targets)."""
+    names = [t.strip() for t in (value or "").split(",") if t.strip()]
+    return names or None
 
 
 @command
@@ -379,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start even when the memory plan (python -m acip_core plan) says it cannot fit")
     p.add_argument("--eval-data", default="corpus:heldout", help="text for the artifact's quick curve")
     p.add_argument("--eval-windows", type=int, default=8, help="256-token windows for that curve (0: none)")
+    p.add_argument("--targets", default=None,
+                   help="comma-separated layer names to compress (leaf names like q_proj,o_proj or FQN "
+                        "suffixes like mlp.c_proj); default: every linear projection of the decoder blocks")
     defaults = ScoreConfig()
     notes = dict(objective="lm (next-token NLL) | kd (distil the original) | lm+kd",
                  base_format="int8 | int4[-g32|-g64|-g128]: score on quantized frozen factors (less memory); "

@@ -341,10 +341,17 @@ class Explorer:
     def _layer_cells(self, size: Size):
         """(block, module type, kept rank, full rank, dense) for every target layer; dense as the size's
         format decides it (by its bytes: int4's padded factors run dense at lower ranks than float32)."""
-        for n, r in size.ranks.items():
-            numbers = [int(p) for p in n.split(".") if p.isdigit()]
-            shape = self.any_size.shapes[n]
-            yield (numbers[0] if numbers else 0, n.rsplit(".", 1)[-1], r, shape.full_rank,
+        cells = []
+        for n in size.ranks:
+            parts = n.split(".")
+            at = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+            cells.append((n, int(parts[at]) if at is not None else 0, parts[-1],
+                          ".".join(parts[at + 1:]) if at is not None else parts[-1]))
+        # a leaf name twice in one block (GPT-2's attn.c_proj and mlp.c_proj): name types by their path
+        clash = len({(b, leaf) for _, b, leaf, _ in cells}) < len(cells)
+        for n, block, leaf, path in cells:
+            r, shape = size.ranks[n], self.any_size.shapes[n]
+            yield (block, path if clash else leaf, r, shape.full_rank,
                    shape.format_bytes(r, self.any_size.lora_rank, size.format)[1])
 
     def _as_size(self, size, dtype: str | None = None) -> Size:

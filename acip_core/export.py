@@ -36,6 +36,7 @@ from .artifact import atomic_file
 from .layers import LowRankLinear
 from .formats import parse_format
 from .materialize import AnySizeModel, Size
+from .parametrize import transposed_names
 
 TEMPLATE = Path(__file__).parent / "export_template" / "modeling_acip.py"
 MODULE_FILE, WEIGHTS_FILE, CONFIG_FILE, CARD_FILE = ("modeling_acip.py", "model.safetensors",
@@ -107,7 +108,8 @@ def _export(any_size, size, out_dir, dtype, card, dense: bool) -> Path:
         tensors, ranks, quant = _quantized_state_dict(model, fmt)
     else:
         model = any_size.materialize(size, "float32")  # shares the base's tensors; only read below
-        tensors, ranks = _state_dict(model, TORCH_DTYPES[dtype], dense)
+        tensors, ranks = _state_dict(model, TORCH_DTYPES[dtype], dense,
+                                     transposed_names(any_size.base) if dense else ())
     params = sum(t.numel() for t in tensors.values())
     info = dict(format=EXPORT_FORMAT, kind="dense" if dense else "lowrank", dtype=dtype,
                 weights_format=fmt.key, weights_bytes=size.nbytes,
@@ -125,6 +127,8 @@ def _export(any_size, size, out_dir, dtype, card, dense: bool) -> Path:
         config.update(acip_quant=quant)
         if quant["embeddings"] == "int8":  # the head reads the embedding's codes (modeling_acip.QuantHead)
             config.update(tie_word_embeddings=False)
+    if not dense and transposed_names(any_size.base):  # modeling_acip swaps these Conv1D for nn.Linear
+        config.update(acip_transposed=sorted(transposed_names(any_size.base)))
     if not dense:
         config.update(model_type=f"acip_lowrank_{base_type}", acip_base_model_type=base_type,
                       acip_ranks=ranks, architectures=[f"ACIPForCausalLM__{base_type}"],
@@ -155,8 +159,9 @@ def _export(any_size, size, out_dir, dtype, card, dense: bool) -> Path:
     return out
 
 
-def _state_dict(model: torch.nn.Module, dtype: torch.dtype, dense: bool):
-    """(tensors to save, {fqn: rank} of the factorized layers) of a materialized model."""
+def _state_dict(model: torch.nn.Module, dtype: torch.dtype, dense: bool, transposed=()):
+    """(tensors to save, {fqn: rank} of the factorized layers) of a materialized model. `transposed`:
+    layers the base stores as Conv1D ([in, out]; parametrize.transposed_names), written back so."""
     lowrank = {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
     raw = {k: v for k, v in model.state_dict().items() if k.rpartition(".")[0] not in lowrank}
     inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
@@ -177,6 +182,8 @@ def _state_dict(model: torch.nn.Module, dtype: torch.dtype, dense: bool):
                 raw[f"{n}.up_t"] = m.up_t  # [r, out], as layers.LowRankLinear multiplies it
                 if m.bias is not None:
                     raw[f"{n}.bias"] = m.bias
+        for n in transposed:  # the base architecture's own layout (a square c_proj would load silently)
+            raw[f"{n}.weight"] = raw[f"{n}.weight"].t()
         tensors, storages = {}, set()
         for k, v in raw.items():
             t = v.detach().to(dtype).contiguous()

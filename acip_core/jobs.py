@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
 RUN_FILE, LOG_FILE, OUTPUT_FILE = "run.json", "log.jsonl", "output.log"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_TARGETS = re.compile(r"^[A-Za-z0-9_.]{1,64}(,[A-Za-z0-9_.]{1,64}){0,63}$")
 
 
 def _alive(pid: int) -> bool:
@@ -109,8 +110,10 @@ class ScoringJobs:
 
     # -- launching ----------------------------------------------------------------------------
     def start(self, name: str, model: str, data: str = DEFAULT_DATA, steps: int = 200,
-              basis: str = "whitened", stop_ratio: float = 0.4, owner: str | None = None, **options) -> dict:
-        """Launches a new run; `options` are further ScoreConfig fields (e.g. batch_size=2).
+              basis: str = "whitened", stop_ratio: float = 0.4, owner: str | None = None,
+              targets: str | None = None, **options) -> dict:
+        """Launches a new run; `options` are further ScoreConfig fields (e.g. batch_size=2); `targets`
+        the layers to compress as the CLI's --targets (None or empty: discovered).
 
         Everything is checked before anything is written: a refused start leaves no folder; a run whose
         memory plan (plan.py) does not fit what is free now is refused with both numbers. `owner`
@@ -129,9 +132,12 @@ class ScoringJobs:
                           ("batch_size", lim.max_batch_size), ("seq_len", lim.max_seq_len)):
             if getattr(cfg, key) > most:
                 raise ValueError(f"{key} {getattr(cfg, key)} is above the limit of {most} here")
+        targets = ",".join(t.strip() for t in (targets or "").split(",") if t.strip())
+        if targets and not _TARGETS.match(targets):
+            raise ValueError(f"targets {targets[:80]!r}: comma-separated layer names (letters, digits, '_', '.')")
         # --force: the memory plan is checked here, once (_check_memory), not again by the child
         args = ["-m", "acip_core", "-v", "score", "--model", model, "--data", data,
-                "--out", str(folder), "--basis", basis, "--force"]
+                "--out", str(folder), "--basis", basis, "--force"] + (["--targets", targets] if targets else [])
         defaults = ScoreConfig()
         for key, value in vars(cfg).items():
             if value != getattr(defaults, key) or key in ("steps", "stop_ratio"):

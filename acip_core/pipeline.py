@@ -20,7 +20,7 @@ from .data import BatchStream, load_text, token_windows
 from .formats import parse_format
 from .materialize import AnySizeModel
 from .models import fingerprint, load_base, pick_device
-from .parametrize import DEFAULT_TARGETS, acip_layers, parametrize_, replace_modules_, target_linears
+from .parametrize import acip_layers, parametrize_, replace_modules_, target_linears, target_names, weight_share
 from .score import ScoreConfig, autocast_dtype, remove_checkpoint, score_loop
 from .train import release_memory, steps_memory
 
@@ -83,8 +83,11 @@ def target_fingerprint(linears) -> str:
 def run_scoring(model_source: str, data: str, out: str | Path, basis_kind: str = "whitened",
                 cfg: ScoreConfig | None = None, resume: bool = False, on_step=None, should_stop=None,
                 eval_data: str | None = "corpus:heldout", eval_windows: int = 8, curve_sizes=None,
-                targets=DEFAULT_TARGETS, dist=None) -> Artifact | None:
+                targets=None, dist=None) -> Artifact | None:
     """Scores `model_source` on `data` and writes the artifact to `out`.
+
+    `targets`: None discovers the layers to compress (parametrize.discover_targets), or names
+    (leaf names or FQN suffixes) choose them; what was chosen is logged and written to acip.json.
 
     Returns the artifact, or None when should_stop() ended the run early (resume it later).
     `dist` (a DistContext) makes this one rank of a distributed run; only rank 0 writes.
@@ -113,9 +116,11 @@ def run_scoring(model_source: str, data: str, out: str | Path, basis_kind: str =
         model, tokenizer = load_base(model_source, meta=not loads)
         if not sharded:
             model.to(device)  # sharded: FSDP moves each rank's shard to the device, never the whole model
-        linears = target_linears(model, targets)
-        if not linears:
-            raise ValueError(f"{model_source}: no linear layers named {targets}")
+        linears = target_linears(model, targets)  # TargetError (with what the model has) when none
+        chosen = target_names(linears)
+        log.info("%s: %d target layers (%s: %s), %.1f %% of its 2-D weights", type(model).__name__,
+                 len(linears), "discovered" if targets is None else "--targets", ",".join(chosen),
+                 100 * weight_share(model, linears))
         fp = target_fingerprint(linears) if loads else None
         recipe = default_recipe(basis_kind, data)
         basis = basis_for(model, tokenizer, linears, recipe, fp) if loads else meta_basis(linears)
@@ -175,14 +180,15 @@ def run_scoring(model_source: str, data: str, out: str | Path, basis_kind: str =
             model = train_model = layers = None  # the score map and adapters for the curve and every later use
             release_memory()
             model, tokenizer = load_base(model_source)
-            basis = basis_for(model, tokenizer, target_linears(model, targets), recipe, fp)
+            basis = basis_for(model, tokenizer, target_linears(model, list(shapes)), recipe, fp)
         elif not sharded:
             replace_modules_(model, originals)
             model.cpu()
         meta = dict(
             model=dict(source=model_source, fingerprint=fp, architecture=type(model).__name__,
                        model_type=model.config.model_type),
-            targets=list(targets),
+            targets=chosen,  # leaf names; the exact layers are `layers`' keys (reopened by them)
+            targets_chosen_by="discovery" if targets is None else "--targets",
             layers=shapes,
             basis=dict(recipe=recipe, check=check),
             mask_scale=cfg.mask_scale,
@@ -234,7 +240,7 @@ def open_artifact(folder: str | Path, on_progress=None) -> AnySizeModel:
 
 
 def any_size_from(artifact: Artifact, model, tokenizer, on_progress=None) -> AnySizeModel:
-    linears = target_linears(model, artifact.meta.get("targets", DEFAULT_TARGETS))
+    linears = artifact_linears(artifact, model)
     shapes = {n: [m.out_features, m.in_features, m.bias is not None] for n, m in linears.items()}
     if shapes != artifact.meta["layers"]:
         raise ArtifactError(f"{artifact.path}: its layers do not match the model "
@@ -252,6 +258,17 @@ def any_size_from(artifact: Artifact, model, tokenizer, on_progress=None) -> Any
     return AnySizeModel(model, tokenizer, basis, artifact.scores, artifact.adapters,
                         int(lora.get("rank", 0)), float(lora.get("alpha", 16.0)), meta=artifact.meta,
                         calibration=calibration_for(model, tokenizer, linears, artifact.meta["basis"]["recipe"]))
+
+
+def artifact_linears(artifact: Artifact, model) -> dict:
+    """The artifact's target layers on `model`: exactly the FQNs of its `layers` (whichever rule chose
+    them when it was scored), as nn.Linear."""
+    from .parametrize import TargetError
+
+    try:
+        return target_linears(model, list(artifact.meta["layers"]))
+    except TargetError as err:
+        raise ArtifactError(f"{artifact.path}: {err} (an artifact for another model?)") from None
 
 
 def calibration_for(model, tokenizer, linears, recipe: dict):
@@ -321,7 +338,7 @@ def open_method(folder: str | Path, method: str = "acip"):
     model, tokenizer = load_base(artifact.meta["model"]["source"])
     if method == "acip":
         return any_size_from(artifact, model, tokenizer), artifact
-    linears = target_linears(model, artifact.meta.get("targets", DEFAULT_TARGETS))
+    linears = artifact_linears(artifact, model)
     fp = target_fingerprint(linears)
     recipe = artifact.meta["basis"]["recipe"]
     if method in ("svd-magnitude", "block-removal"):

@@ -9,7 +9,8 @@ torch and transformers (no ACIP Studio). Load with
 
 config.json names the base architecture (`acip_base_model_type`, e.g. "llama" or "qwen2") and the
 factorized layers with their ranks (`acip_ranks`, {module name: rank}); every other layer is the
-base architecture's own. A weight-only int8/int4 export also has `acip_quant` ({"kind", "group_size",
+base architecture's own, except GPT-2-style Conv1D layers listed in `acip_transposed`, stored and run
+as nn.Linear ([out, in]). A weight-only int8/int4 export also has `acip_quant` ({"kind", "group_size",
 "embeddings", "dense": [names]}): every factor and every listed dense layer then holds codes
 (`qweight`: int8, or two 4-bit codes per uint8 byte, low nibble first) and `scales` (int8: one per
 output row; int4: [in/group, rows, 2] scale and zero, w = (q - 8)·scale + zero), multiplied on the CPU
@@ -175,13 +176,21 @@ class Bf16Linear(nn.Linear):
         return bf16_linear(x, self.weight, self.bias)
 
 
-def factorize_(model: nn.Module, ranks: dict, quant: dict | None = None) -> None:
+def factorize_(model: nn.Module, ranks: dict, quant: dict | None = None, transposed=()) -> None:
     """Replaces each listed nn.Linear by a LowRankLinear of its rank (same device and dtype), and with
-    `quant` every factor and listed dense layer by its quantized form."""
+    `quant` every factor and listed dense layer by its quantized form. `transposed` (config
+    `acip_transposed`) names GPT-2-style Conv1D layers (weight [in, out]) that ACIP Studio computes,
+    and this folder stores, as nn.Linear (weight [out, in]): they are swapped first."""
     def swap(name, new):
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
+    for name in transposed or ():
+        old = model.get_submodule(name)
+        if not isinstance(old, nn.Linear):  # Conv1D: y = x·W + b with W [in, out]
+            n_in, n_out = old.weight.shape
+            swap(name, nn.Linear(n_in, n_out, bias=getattr(old, "bias", None) is not None,
+                                 device=old.weight.device, dtype=old.weight.dtype))
     dtype = torch.bfloat16
     for name, rank in (ranks or {}).items():
         old = model.get_submodule(name)
@@ -236,7 +245,8 @@ def classes_for(base_model_type: str):
 
         def __init__(self, config, *args, **kwargs):
             base_model.__init__(self, config, *args, **kwargs)
-            factorize_(self, getattr(config, "acip_ranks", None), getattr(config, "acip_quant", None))
+            factorize_(self, getattr(config, "acip_ranks", None), getattr(config, "acip_quant", None),
+                       getattr(config, "acip_transposed", None))
 
         model_cls = type(MODEL_PREFIX + base_model_type, (base_model,), {
             "__module__": __name__,

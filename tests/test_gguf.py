@@ -1,0 +1,113 @@
+"""A local .gguf as --model: converted once to a cached safetensors folder keyed by the file."""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from acip_core import models
+from acip_core.models import EMBEDDED, ModelSourceError, embedded_gguf, gguf_key, load_base
+from acip_core.parametrize import target_linears
+
+
+@pytest.mark.embedded
+def test_the_embedded_gguf_given_as_a_path_loads_as_the_embedded_model(tmp_path, monkeypatch):
+    reference, _ = load_base(EMBEDDED)
+    names = ("model.layers.0.self_attn.q_proj.weight", "model.layers.29.mlp.down_proj.weight", "model.norm.weight")
+    want = {n: reference.get_parameter(n).detach().clone() for n in names}
+    del reference
+    gguf = tmp_path / "copy" / "smol.gguf"  # a copy elsewhere: any path, not the wheel's
+    gguf.parent.mkdir()
+    shutil.copyfile(embedded_gguf(), gguf)
+    monkeypatch.setenv("ACIP_STUDIO_CACHE", str(tmp_path / "cache"))
+    model, tok = load_base(str(gguf))
+    assert type(model).__name__ == "LlamaForCausalLM" and len(target_linears(model)) == 210
+    for n in names:
+        assert torch.equal(model.get_parameter(n), want[n])
+    assert tok("Debian").input_ids
+    folder = tmp_path / "cache" / "models" / gguf_key(gguf)
+    assert (folder / "model.safetensors").is_file() and not list(folder.parent.glob("*.tmp"))
+
+    def no_conversion(*a):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(models, "_convert_gguf", no_conversion)
+    load_base(str(gguf))  # the cache is used
+    st = gguf.stat()
+    os.utime(gguf, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a rewritten file is another model
+    assert gguf_key(gguf) != folder.name
+    with pytest.raises(AssertionError, match="converted again"):
+        load_base(str(gguf))
+
+
+def test_a_file_that_is_no_gguf_is_refused_with_a_clear_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACIP_STUDIO_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"not a gguf at all")
+    with pytest.raises(ModelSourceError, match="broken.gguf: transformers cannot read this GGUF"):
+        load_base(str(bad))
+    assert not list((tmp_path / "cache" / "models").glob("*"))  # nothing half-written stays
+    other = tmp_path / "weights.bin"
+    other.write_bytes(b"x")
+    with pytest.raises(ModelSourceError, match="is a file; give a model directory, a .gguf file"):
+        load_base(str(other))
+    with pytest.raises(ModelSourceError, match="no such GGUF file"):
+        load_base(str(tmp_path / "missing" / "model.gguf"))
+
+
+def _write_gguf(model, tokenizer, path):
+    """`model` (a Qwen2) and its byte-level BPE tokenizer as a float32 GGUF, written with the gguf
+    package under llama.cpp's names (gguf.get_tensor_name_map)."""
+    import json
+
+    import gguf
+
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), "qwen2")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    tokens = [t for t, _ in sorted(spec["vocab"].items(), key=lambda kv: kv[1])]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in tokenizer.all_special_tokens else 1 for t in tokens])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["merges"]])
+    w.add_bos_token_id(tokenizer.eos_token_id)
+    w.add_eos_token_id(tokenizer.eos_token_id)
+    w.add_pad_token_id(tokenizer.pad_token_id)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, cfg.num_hidden_layers)
+    for name, t in model.state_dict().items():
+        w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), t.float().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_a_tiny_gguf_written_with_the_gguf_package_loads_with_the_same_logits_and_tokens(
+        tiny_qwen, tiny_tokenizer, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from helpers import random_ids
+
+    pytest.importorskip("gguf")
+    source = AutoModelForCausalLM.from_pretrained(tiny_qwen).eval()
+    path = tmp_path / "tiny-qwen2.gguf"
+    _write_gguf(source, tiny_tokenizer, path)
+    monkeypatch.setenv("ACIP_STUDIO_CACHE", str(tmp_path / "cache"))
+    model, tok = load_base(str(path))
+    assert type(model).__name__ == "Qwen2ForCausalLM" and len(target_linears(model)) == 14
+    ids = random_ids(len(tiny_tokenizer))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, source(ids).logits)
+    text = "The handbook says: install the package"
+    assert tok(text).input_ids == tiny_tokenizer(text).input_ids
