@@ -29,7 +29,7 @@ from .basis import Factors
 from .formats import (Format, QuantEmbedding, QuantLinear, QuantLowRankLinear, int4_balance, parse_format,
                       weight_nbytes, zero_rows)
 from .layers import Bf16Linear, LowRankLinear
-from .prune import LayerShape, RankIndex
+from .prune import DEFAULT_SIZE_RULE, LayerShape, RankIndex, check_size_rule
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +68,21 @@ class AnySizeModel:
     def __init__(self, base: nn.Module, tokenizer, basis: dict[str, Factors],
                  scores: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor] | None = None,
                  lora_rank: int = 0, lora_alpha: float = 16.0, meta: dict | None = None,
-                 calibration=None):
+                 calibration=None, size_rule: str = DEFAULT_SIZE_RULE):
         # calibration: () -> {layer: input Gram}, for int4's error-compensating quantizer (None: RTN)
         self.calibration = calibration
         self.base, self.tokenizer, self.meta = base.eval(), tokenizer, meta or {}
         self.targets = list(basis)
         self.originals = {n: base.get_submodule(n) for n in self.targets}
-        self.shapes = {n: LayerShape(m.out_features, m.in_features, m.bias is not None)
+        # size_rule (prune.SIZE_RULES): "official" keeps every layer factorized with its LoRA (no dense
+        # fallback) and meets a ratio as the official code does; the shapes and the index carry it
+        self.size_rule = check_size_rule(size_rule)
+        self.shapes = {n: LayerShape(m.out_features, m.in_features, m.bias is not None,
+                                     dense_fallback=size_rule != "official")
                        for n, m in self.originals.items()}
         self.lora_rank = lora_rank if adapters else 0
         self.index = RankIndex(scores, self.shapes, self.lora_rank,
-                               non_target_params(base, self.targets))
+                               non_target_params(base, self.targets), size_rule)
         scaling = lora_alpha / lora_rank if self.lora_rank else 0.0
         self._families = {}  # format key -> (base tree, factors, dense weights) in that format
         self._targets_of = {}  # format key -> {target name: module of that family's tree}
@@ -119,8 +123,17 @@ class AnySizeModel:
         nbytes = int(self.index.bytes_cum(fmt, self.other_bytes(fmt))[prefix])
         return Size(prefix, ranks, self.index.ratio_at(prefix), params, dense, fmt, nbytes)
 
+    def materialized_ratio(self, size: Size) -> float:
+        """Target-layer weights the materialized size holds (factors with their LoRA rows, or the dense
+        weight) over the original's. Beside size_ratio (LoRA not counted, a layer never above dense)
+        it shows the band where the two differ: under the official rule a layer whose rank is near
+        full holds more than its dense weight."""
+        held = sum(self.shapes[n].materialized_params(r, self.lora_rank) for n, r in size.ranks.items())
+        return held / self.index.dense_total
+
     def size_for_ratio(self, size_ratio: float, fmt: "Format | str" = "float32") -> Size:
-        """The smallest size whose size_ratio is >= the target (never below it)."""
+        """The smallest size whose size_ratio is >= the target (never below it); under the official
+        size rule, the official code's choice (strictly above the target: prune.RankIndex)."""
         return self.size_at(self.index.prefix_for_ratio(float(size_ratio)), fmt)
 
     def size_for_budget(self, gigabytes: float, fmt: "Format | str" = "float32") -> Size:
