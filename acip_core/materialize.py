@@ -17,6 +17,7 @@ prefix of `down` (a view) and a column prefix of `up` (a small copy of whole gro
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import threading
 import time
@@ -45,6 +46,7 @@ class Size:
     dense_layers: int  # layers that run with their original weight (in this format)
     format: Format = Format()  # how its weights are stored
     nbytes: int = 0  # bytes of every tensor the materialized model holds, in `format`
+    original: bool = False  # every target layer its original weight, no LoRA (AnySizeModel.original_size)
 
     @property
     def gigabytes(self) -> float:
@@ -153,6 +155,19 @@ class AnySizeModel:
     def full_size(self, fmt: "Format | str" = "float32") -> Size:
         return self.size_at(len(self.index.layer_of), fmt)
 
+    def original_size(self, fmt: "Format | str" = "float32") -> Size:
+        """The original model in `fmt` (every target layer its own weight, no LoRA). Under our rule that
+        is the full size; under the official rule the full size keeps its factors and LoRA, so the
+        original's figures are those of dense layers and materialize() runs them dense."""
+        fmt = parse_format(fmt)
+        full = self.full_size(fmt)
+        if self.size_rule != "official":
+            return full
+        plain = [LayerShape(s.out_features, s.in_features, s.bias) for s in self.shapes.values()]
+        nbytes = self.other_bytes(fmt) + sum(s.format_bytes(s.full_rank, 0, fmt)[0] for s in plain)
+        params = self.index.other_params + sum(s.dense_params for s in plain)
+        return dataclasses.replace(full, params=params, dense_layers=len(plain), nbytes=nbytes, original=True)
+
     # -- materializing --------------------------------------------------------------------------
     def _family(self, fmt: Format):
         """(base tree, factors, dense weights) in `fmt`, built once (under the lock) on first use."""
@@ -229,6 +244,7 @@ class AnySizeModel:
             fmt = str(fmt).removeprefix("torch.")
         fmt = parse_format(fmt)
         ranks = size.ranks if isinstance(size, Size) else size
+        is_original = isinstance(size, Size) and size.original
         base, factors = self._family(fmt)
         targets = self._targets_of[fmt.key]
         swap = {}
@@ -237,7 +253,7 @@ class AnySizeModel:
             r = int(ranks[n])
             if not 0 <= r <= self.shapes[n].full_rank:
                 raise ValueError(f"{n}: rank {r} outside [0, {self.shapes[n].full_rank}]")
-            if self.shapes[n].format_bytes(r, self.lora_rank, fmt)[1]:
+            if is_original or self.shapes[n].format_bytes(r, self.lora_rank, fmt)[1]:
                 swap[id(original)] = original  # shared module: the original weight, no LoRA
                 continue
             down, up = factors[n]
