@@ -301,3 +301,23 @@ def test_a_wrong_base_model_is_refused(families, tmp_path, monkeypatch):
     with pytest.raises(OfficialCheckpointError, match="another base model"):
         import_official(str(families["llama"]), tmp_path / "b", base=str(other))
     assert not (tmp_path / "b" / "acip.json").exists()
+
+
+def test_the_app_lists_and_opens_an_imported_artifact(imported, tmp_path, monkeypatch):
+    from acip_core.explorer import Explorer
+    from acip_core.registry import find_artifacts
+
+    # a fresh basis cache (another machine): the basis is the SVD of the base, as for the compact storage
+    monkeypatch.setenv("ACIP_STUDIO_CACHE", str(tmp_path / "cache"))
+
+    folder, model = imported["opt", "full"]
+    shelf = tmp_path / "precomputed"
+    shutil.copytree(folder, shelf / "acip-opt-tiny")
+    assert find_artifacts(precomputed=shelf) == [("acip-opt-tiny (precomputed)", str(shelf / "acip-opt-tiny"))]
+    explorer = Explorer.open(shelf / "acip-opt-tiny")
+    summary = explorer.size_for(0.5)
+    assert summary["size_ratio"] == _expected("opt")[0]["ratios"]["0.50"]["size_ratio"]
+    assert summary["dense_layers"] == 0 and summary["original_params"] == model.original_size().params
+    _, logits = _expected("opt")
+    ids = torch.tensor(_expected("opt")[0]["input_ids"])
+    assert (_logits(explorer.model(0.5), ids) - logits["logits_0.50"]).abs().max() <= TOLERANCE["compact"]
