@@ -321,3 +321,24 @@ def test_the_app_lists_and_opens_an_imported_artifact(imported, tmp_path, monkey
     _, logits = _expected("opt")
     ids = torch.tensor(_expected("opt")[0]["input_ids"])
     assert (_logits(explorer.model(0.5), ids) - logits["logits_0.50"]).abs().max() <= TOLERANCE["compact"]
+
+
+def test_the_app_import_box_writes_an_artifact_the_list_shows(families, tmp_path, monkeypatch):
+    pytest.importorskip("gradio")
+    sys.path.insert(0, str(Path(__file__).parent.parent))
+    from acip_core.studio import Studio, StudioConfig
+    from app import build_demo
+    from app_handlers import official_import
+
+    monkeypatch.setenv("ACIP_STUDIO_CACHE", str(tmp_path / "cache"))
+    config = StudioConfig(default_artifact=str(tmp_path / "none"), precomputed=tmp_path / "precomputed",
+                          runs=tmp_path / "runs", downloads=tmp_path / "downloads")
+    app = Studio(config)
+    note = official_import(app, str(families["opt"]), "acip-opt", lambda *a, **k: None)
+    assert note.startswith("Imported") and "acip\\-opt" in note  # Markdown-escaped
+    assert (str(config.precomputed / "acip-opt")) in [f for _, f in app.artifacts()]
+    warned = []
+    monkeypatch.setattr("app_handlers.gr.Warning", lambda m, **k: warned.append(m))
+    official_import(app, str(families["opt"]), "../escape", lambda *a, **k: None)
+    assert warned and "use letters, digits" in warned[0]
+    assert "official_import" in str(build_demo(config).config)  # the box is there locally
