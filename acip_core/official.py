@@ -154,8 +154,8 @@ def read_checkpoint(source: str, base: str | None = None) -> OfficialCheckpoint:
         if value is None and not required:
             return default
         if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-            raise OfficialCheckpointError(f"{config_path}: {path} must be {getattr(kind, '__name__', kind)}, "
-                                          f"got {value!r}")
+            what = "a number" if isinstance(kind, tuple) else f"a {kind.__name__}"
+            raise OfficialCheckpointError(f"{config_path}: {path} must be {what}, got {value!r}")
         return value
 
     param = "parametrization_config"

@@ -260,7 +260,7 @@ def _broken(families, tmp_path, edit) -> Path:
     (lambda c: "{not json", "is not valid JSON"),
     (lambda c: c.update(model_type="llama"), "model_type is 'llama', not 'acip_model'"),
     (lambda c: c["base_model_config"]["pretrained_model_kwargs"].clear(),
-     "pretrained_model_name_or_path must be str"),
+     "pretrained_model_name_or_path must be a str, got None"),
     (lambda c: c["parametrization_config"]["module_factory_kwargs"].update(mask_func="sigmoid"),
      "mask_func 'sigmoid'"),
     (lambda c: c["parametrization_config"].update(module_factory_cls="qr"), "only 'svd'"),
