@@ -238,7 +238,7 @@ with torch.no_grad():
 
 def test_offline_hub_id_is_refused_at_once(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
     start = time.perf_counter()
     with pytest.raises(OfficialCheckpointError, match="not in the local Hugging Face cache and HF_HUB_OFFLINE"):
         read_checkpoint("MerantixMomentum/acip_llama31_8b")
@@ -342,3 +342,30 @@ def test_the_app_import_box_writes_an_artifact_the_list_shows(families, tmp_path
     official_import(app, str(families["opt"]), "../escape", lambda *a, **k: None)
     assert warned and "use letters, digits" in warned[0]
     assert "official_import" in str(build_demo(config).config)  # the box is there locally
+
+
+def test_a_hub_id_is_fetched_with_snapshot_download(families, monkeypatch):
+    """The hub path, proven with a local folder standing in for the download (no internet here)."""
+    import huggingface_hub
+
+    from acip_core import models
+
+    calls = []
+
+    def fake(repo_id, allow_patterns=None, local_files_only=False):
+        calls.append((repo_id, local_files_only))
+        if local_files_only:
+            raise FileNotFoundError("not cached")  # first the local cache, then the download
+        assert "*.safetensors" in allow_patterns and "config.json" in allow_patterns
+        return str(families["llama"])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: True)
+    ckpt = read_checkpoint("MerantixMomentum/acip_tiny_llama")
+    assert calls == [("MerantixMomentum/acip_tiny_llama", True), ("MerantixMomentum/acip_tiny_llama", False)]
+    assert ckpt.folder == families["llama"] and ckpt.storage == "full"
+    assert ckpt.base == str((families["llama"] / "base").resolve())
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(OfficialCheckpointError, match="cannot be reached"):
+        read_checkpoint("MerantixMomentum/acip_other")
