@@ -402,7 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="fine-tune one size (LoRA, factors frozen) into a tuned size")
     p.add_argument("--artifact", required=True, help="the artifact whose size is tuned")
-    p.add_argument("--size-ratio", type=float, required=True, help="the size, in (0, 1)")
+    p.add_argument("--size-ratio", "--compression-ratio", dest="size_ratio", type=float, required=True,
+                   help="the size, in (0, 1)")
     p.add_argument("--data", default=DEFAULT_DATA, help="training text (never an evaluation set)")
     p.add_argument("--out", required=True, help="output folder of the tuned size")
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
@@ -459,7 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="decode/prefill tokens/s of a size vs the original, one process")
     p.add_argument("--artifact", required=True, help="artifact folder, or a tuned size's folder")
-    p.add_argument("--size-ratio", type=float, help="not needed for a tuned size")
+    p.add_argument("--size-ratio", "--compression-ratio", dest="size_ratio", type=float,
+                   help="not needed for a tuned size")
     _format_args(p)
     p.add_argument("--prompt-tokens", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -488,8 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the task files (then lm_eval --include_path OUT)")
     p = sub.add_parser("export", help="write one size as a Hugging Face model folder")
     p.add_argument("--artifact", required=True, help="artifact folder, or a tuned size's folder (its LoRA merged)")
-    p.add_argument("--size-ratio", type=float, help="kept fraction of the target layers, in [0, 1] "
-                                                    "(not needed for a tuned size)")
+    p.add_argument("--size-ratio", "--compression-ratio", dest="size_ratio", type=float,
+                   help="kept fraction of the target layers, in [0, 1] (not needed for a tuned size)")
     p.add_argument("--out", required=True, help="output folder (new, empty, or a previous export)")
     p.add_argument("--dense", action="store_true",
                    help="multiply the factors out: a plain base-architecture folder (no remote code, full size)")
