@@ -369,3 +369,26 @@ def test_a_hub_id_is_fetched_with_snapshot_download(families, monkeypatch):
     monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: False)
     with pytest.raises(OfficialCheckpointError, match="cannot be reached"):
         read_checkpoint("MerantixMomentum/acip_other")
+
+
+def test_an_unknown_size_rule_is_refused_and_ours_stays_the_default(imported, tmp_path, monkeypatch):
+    from acip_core.artifact import ArtifactError, load_artifact
+
+    monkeypatch.setenv("ACIP_STUDIO_CACHE", str(tmp_path / "cache"))
+
+    folder = tmp_path / "art"
+    shutil.copytree(imported["llama", "compact"][0], folder)
+    meta = json.loads((folder / "acip.json").read_text())
+    (folder / "acip.json").write_text(json.dumps(dict(meta, size_rule="newer")))
+    with pytest.raises(ArtifactError, match="unknown size_rule 'newer'"):
+        load_artifact(folder)
+    meta.pop("size_rule")  # an artifact of ours: no rule recorded, ours applies
+    (folder / "acip.json").write_text(json.dumps(meta))
+    assert load_artifact(folder).size_rule == "acip-studio"
+    from acip_core.pipeline import open_artifact
+
+    ours = open_artifact(folder)  # the same scores under our rule: size 1.0 is the original, dense
+    assert ours.size_rule == "acip-studio" and ours.original_size() == ours.full_size()
+    expected, logits = _expected("llama")
+    full = _logits(ours.materialize(ours.full_size()), torch.tensor(expected["input_ids"]))
+    assert (full - logits["logits_base"]).abs().max() <= 1e-5
