@@ -209,6 +209,8 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
                                           elem_id="runs-table")
                 run_plot = gr.Plot(label="progress")
                 timer = gr.Timer(3.0)
+                if not lim.public:
+                    _official_import_box(h)
 
         # -- wiring ---------------------------------------------------------------------------
         view = [artifact, ratio, x_axis, dtype, metric, results, fitted]
@@ -269,6 +271,21 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
         timer.tick(h.score_poll, [runs, known], [runs_table, runs, run_plot, run_text, artifact, artifact_b, known],
                    api_name="score_poll", show_progress="hidden")
     return demo
+
+
+def _official_import_box(h: Handlers) -> None:
+    """Import an official ACIP model (hub id or folder) into precomputed/<name>; local mode only. The
+    artifact list picks it up on the next poll tick like a finished run."""
+    from app_handlers import official_import
+
+    with gr.Accordion("Import an official ACIP model", open=False, elem_id="official-import"):
+        with gr.Row():
+            source = gr.Textbox(label="hub id or folder", placeholder="MerantixMomentum/acip_llama31_8b")
+            name = gr.Textbox(label="artifact name", placeholder="default: the repository's name")
+            go = gr.Button("Import")
+        note = gr.Markdown()
+    go.click(lambda s, n, progress=gr.Progress(): official_import(h.app, s, n, progress), [source, name], note,
+             api_name="official_import", concurrency_limit=1, concurrency_id="heavy")
 
 
 def launch_options() -> dict:

@@ -453,6 +453,28 @@ class Handlers:
         return frame, runs, fig, line, artifacts, artifacts, dict(artifacts=folders, runs=names, plot=plot_key)
 
 
+@ui_errors
+def official_import(app: Studio, source, name, progress=gr.Progress()):
+    """The "import an official ACIP model" box (local mode only): converts a hub id or a folder into
+    precomputed/<name> (acip_core/official.py), with progress; the artifact list then shows it."""
+    import re
+
+    from acip_core.official import import_official
+
+    if public.is_public():
+        raise ValueError("importing official ACIP models is available locally only")
+    source, name = str(source or "").strip(), str(name or "").strip()
+    if not source:
+        raise ValueError("give a hub id (e.g. MerantixMomentum/acip_llama31_8b) or a checkpoint folder")
+    name = name or source.rstrip("/").rsplit("/", 1)[-1]
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", name):
+        raise ValueError(f"artifact name {name!r}: use letters, digits and -_. (it becomes a folder)")
+    out = app.config.precomputed / name
+    progress(0, desc=f"reading {source}")
+    import_official(source, out, on_progress=lambda stage, done, total: progress(done / total, desc=stage))
+    return f"Imported `{public.md_escape(source)}` as **{public.md_escape(name)}**: choose it in the artifact list."
+
+
 def _who(token, request) -> str | None:
     """Who controls runs: the token holder, this session (public mode), or anyone (local)."""
     return public.owner(token, getattr(request, "session_hash", None))

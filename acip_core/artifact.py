@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load, save
 
-from .prune import LayerShape
+from .prune import DEFAULT_SIZE_RULE, SIZE_RULES, LayerShape
 
 FORMAT_VERSION = 1
 META_FILE, SCORES_FILE, ADAPTERS_FILE, CURVE_FILE = ("acip.json", "scores.safetensors",
@@ -48,6 +48,12 @@ class Artifact:
     @property
     def shapes(self) -> dict[str, LayerShape]:
         return {n: LayerShape(*v) for n, v in self.meta["layers"].items()}
+
+    @property
+    def size_rule(self) -> str:
+        """How a ratio becomes ranks and which layers may run dense (prune.SIZE_RULES); an imported
+        official checkpoint records "official", our own artifacts have none: the default."""
+        return self.meta.get("size_rule", DEFAULT_SIZE_RULE)
 
     @property
     def lora_rank(self) -> int:
@@ -198,6 +204,9 @@ def _check_shapes(artifact: Artifact, folder: Path) -> None:
                                         f"expected {expected}")
                 if not torch.isfinite(t).all():
                     raise ArtifactError(f"{folder / ADAPTERS_FILE}: {key} contains NaN or infinity")
+    if artifact.meta.get("size_rule", DEFAULT_SIZE_RULE) not in SIZE_RULES:
+        raise ArtifactError(f"{folder / META_FILE}: unknown size_rule {artifact.meta['size_rule']!r} "
+                            f"(known: {', '.join(SIZE_RULES)}); a newer ACIP Studio wrote it?")
     if not all(isinstance(v, (int, float)) and math.isfinite(v)
                for pair in artifact.meta["basis"].get("check", {}).values() for v in pair):
         raise ArtifactError(f"{folder / META_FILE}: basis check values must be finite numbers")

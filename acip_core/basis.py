@@ -219,14 +219,18 @@ def calibration_grams(model: nn.Module, tokenizer, linears: dict[str, nn.Linear]
 
 
 def basis_for(model: nn.Module, tokenizer, linears: dict[str, nn.Linear], recipe: dict,
-              model_fingerprint: str, on_progress=None) -> dict[str, Factors]:
-    """The basis described by `recipe` for this model, from the cache or built (and cached)."""
+              model_fingerprint: str, on_progress=None, prebuilt=None) -> dict[str, Factors]:
+    """The basis described by `recipe` for this model, from the cache or built (and cached).
+    `prebuilt`: () -> factors that are this recipe's basis read from elsewhere (an official checkpoint's
+    own SVD factors, official.py), called and cached in place of building it when not cached yet."""
     from .data import load_text
     from .models import cache_dir
 
     text = load_text(recipe["data"]) if recipe["kind"] == "whitened" else ""
 
     def build():
+        if prebuilt is not None:
+            return prebuilt()
         windows = calibration_windows(tokenizer, recipe, text) if recipe["kind"] == "whitened" else None
         start = time.perf_counter()
         basis = build_basis(model, linears, recipe["kind"], windows, on_progress)

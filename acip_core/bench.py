@@ -51,10 +51,10 @@ def compare_speed(any_size: AnySizeModel, size_ratio: float, fmt="float32", prom
     other than float32 the float32 original is measured in the same rounds too (`*_vs_float32`)."""
     fmt = parse_format(fmt)
     size = any_size.size_for_ratio(size_ratio, fmt)
-    models = {"original": any_size.materialize(any_size.full_size(fmt), fmt),
+    models = {"original": any_size.materialize(any_size.original_size(fmt), fmt),
               "compressed": any_size.materialize(size, fmt)}
     if fmt.key != "float32":
-        models["original_float32"] = any_size.materialize(any_size.full_size(), "float32")
+        models["original_float32"] = any_size.materialize(any_size.original_size(), "float32")
     vocab = len(any_size.tokenizer)
     ids = torch.randint(100, vocab - 1, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
     for m in models.values():  # warm-up
@@ -63,8 +63,8 @@ def compare_speed(any_size: AnySizeModel, size_ratio: float, fmt="float32", prom
     for _ in range(rounds):
         for name, m in models.items():
             runs[name].append(speed(m, ids, new_tokens))
-    out = dict(size_ratio=round(size.size_ratio, 5), format=fmt.key, params_original=any_size.full_size().params,
-               params_compressed=size.params, gb_original=any_size.full_size(fmt).gigabytes,
+    out = dict(size_ratio=round(size.size_ratio, 5), format=fmt.key, params_original=any_size.original_size().params,
+               params_compressed=size.params, gb_original=any_size.original_size(fmt).gigabytes,
                gb_compressed=size.gigabytes, threads=torch.get_num_threads(), prompt_tokens=prompt_tokens,
                new_tokens=new_tokens, rounds=rounds, cpu_flags=cpu_flags())
     for name in models:

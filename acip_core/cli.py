@@ -57,7 +57,9 @@ def _size_args(p, budget=True, fmt_default=None):
     p.add_argument("--artifact", required=True, help="artifact folder (e.g. precomputed/smollm2-135m-instruct), "
                                                      "or a tuned size's folder (its size is its own)")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--size-ratio", type=float, help="kept fraction of the target layers, in [0, 1]")
+    group.add_argument("--size-ratio", "--compression-ratio", dest="size_ratio", type=float,
+                       help="kept fraction of the target layers, in [0, 1] (--compression-ratio: the "
+                            "official ACIP code's first name for it, the same value)")
     if budget:
         group.add_argument("--budget-gb", type=float, help="memory budget in GB (1e9 bytes) for the weights")
     _format_args(p, fmt_default)
@@ -138,6 +140,8 @@ def cmd_size(args):
         result = _size_dict(size, args.size_ratio if args.size_ratio is not None else args.budget_gb)
     if args.budget_gb is not None:
         result["budget_left_gb"] = args.budget_gb - size.gigabytes
+    if getattr(model, "size_rule", None) == "official":  # their ratio (size_ratio) and what is held
+        result.update(size_rule="official", materialized_ratio=round(model.materialized_ratio(size), 5))
     _emit(args, result, "\n".join(f"{k}: {v}" for k, v in result.items()))
 
 
@@ -147,6 +151,29 @@ def _open_method_size(args):
 
     return open_sized(args.artifact, args.size_ratio, getattr(args, "budget_gb", None), _fmt(args),
                       getattr(args, "method", "acip"))
+
+
+@command
+def cmd_import_acip(args):
+    from .artifact import load_artifact
+    from .official import import_official
+
+    def on_progress(stage, done, total):
+        if not args.json and (done == total or done % 50 == 0):
+            print(f"{stage}: {done} / {total} layers", file=sys.stderr, flush=True)
+
+    artifact = import_official(args.source, args.out, args.base, on_progress)
+    artifact = load_artifact(args.out)  # as every later command reads it (checksums verified)
+    official = artifact.meta["official"]
+    ours = {p.name: p.stat().st_size for p in sorted(artifact.path.iterdir()) if p.is_file()}
+    result = dict(out=str(args.out), source=args.source, storage=official["storage"],
+                  base=artifact.meta["model"]["source"], layers=len(artifact.scores),
+                  lora=artifact.meta["lora"], size_rule=artifact.size_rule,
+                  checkpoint_bytes=sum(official["bytes"].values()), artifact_bytes=sum(ours.values()))
+    _emit(args, result, f"wrote {args.out} from {args.source} ({official['storage']} storage, "
+                        f"{len(artifact.scores)} layers, base {result['base']}): "
+                        f"{result['checkpoint_bytes'] / 1e6:.1f} MB of theirs -> {result['artifact_bytes'] / 1e6:.1f} MB; "
+                        f"next: python -m acip_core curve --artifact {args.out}")
 
 
 @command
@@ -416,7 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="fine-tune one size (LoRA, factors frozen) into a tuned size")
     p.add_argument("--artifact", required=True, help="the artifact whose size is tuned")
-    p.add_argument("--size-ratio", type=float, required=True, help="the size, in (0, 1)")
+    p.add_argument("--size-ratio", "--compression-ratio", dest="size_ratio", type=float, required=True,
+                   help="the size, in (0, 1)")
     p.add_argument("--data", default=DEFAULT_DATA, help="training text (never an evaluation set)")
     p.add_argument("--out", required=True, help="output folder of the tuned size")
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
@@ -435,6 +463,12 @@ def build_parser() -> argparse.ArgumentParser:
     _size_args(p, fmt_default=None)
     p.add_argument("--eval-set", default="heldout",
                    help="with --budget-gb and no --format: the curve's eval set that ranks the candidates")
+    p = sub.add_parser("import-acip", help="convert an official ACIP checkpoint (hub or folder) into an artifact")
+    p.add_argument("--from", dest="source", required=True,
+                   help="a hub id like MerantixMomentum/acip_llama31_8b, or the checkpoint's folder")
+    p.add_argument("--out", required=True, help="output folder of the artifact")
+    p.add_argument("--base", default=None, help="the base model (folder or hub id) instead of the one "
+                                                "the checkpoint's config names")
     p = sub.add_parser("eval", help="perplexity of one size on a text")
     _size_args(p, budget=True)
     p.add_argument("--data", default="corpus:heldout")
@@ -467,7 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="decode/prefill tokens/s of a size vs the original, one process")
     p.add_argument("--artifact", required=True, help="artifact folder, or a tuned size's folder")
-    p.add_argument("--size-ratio", type=float, help="not needed for a tuned size")
+    p.add_argument("--size-ratio", "--compression-ratio", dest="size_ratio", type=float,
+                   help="not needed for a tuned size")
     _format_args(p)
     p.add_argument("--prompt-tokens", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -496,8 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the task files (then lm_eval --include_path OUT)")
     p = sub.add_parser("export", help="write one size as a Hugging Face model folder")
     p.add_argument("--artifact", required=True, help="artifact folder, or a tuned size's folder (its LoRA merged)")
-    p.add_argument("--size-ratio", type=float, help="kept fraction of the target layers, in [0, 1] "
-                                                    "(not needed for a tuned size)")
+    p.add_argument("--size-ratio", "--compression-ratio", dest="size_ratio", type=float,
+                   help="kept fraction of the target layers, in [0, 1] (not needed for a tuned size)")
     p.add_argument("--out", required=True, help="output folder (new, empty, or a previous export)")
     p.add_argument("--dense", action="store_true",
                    help="multiply the factors out: a plain base-architecture folder (no remote code, full size)")

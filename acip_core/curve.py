@@ -28,7 +28,7 @@ def size_row(method: str, target: float | None, size: Size) -> dict:
 
 
 def original_row(model: AnySizeModel, evals: dict[str, torch.Tensor], batch_size=4) -> dict:
-    row = size_row("original", 1.0, model.full_size())
+    row = size_row("original", 1.0, model.original_size())
     for name, windows in evals.items():
         row[f"ppl_{name}"] = perplexity(model.base, windows, batch_size)["perplexity"]
     return row
@@ -37,7 +37,7 @@ def original_row(model: AnySizeModel, evals: dict[str, torch.Tensor], batch_size
 def acip_curve(model: AnySizeModel, evals: dict[str, torch.Tensor], sizes=DEFAULT_SIZES,
                batch_size: int = 4, on_progress=None, method: str = "acip") -> pd.DataFrame:
     """Rows for the original and for each size (perplexity on every eval set)."""
-    rows = [original_row(model, evals, batch_size)] if evals else [size_row("original", 1.0, model.full_size())]
+    rows = [original_row(model, evals, batch_size)] if evals else [size_row("original", 1.0, model.original_size())]
     for i, target in enumerate(sizes):
         size = model.size_for_ratio(target)
         row = size_row(method, target, size)
@@ -83,10 +83,10 @@ def method_curve(folder, method: str, evals: dict[str, torch.Tensor], sizes=DEFA
         if on_progress:
             on_progress(i + 1, len(points))
     if method == "acip":  # the reference line, measured the same way
-        row = dict(size_row("original", 1.0, any_size.full_size(fmt)),
+        row = dict(size_row("original", 1.0, any_size.original_size(fmt)),
                    windows=max((len(w) for w in evals.values()), default=0))
         for name, windows in evals.items():
-            result = perplexity(any_size.materialize(any_size.full_size(fmt), fmt), windows, batch_size)
+            result = perplexity(any_size.materialize(any_size.original_size(fmt), fmt), windows, batch_size)
             row[f"ppl_{name}"], row[f"nll_std_{name}"] = result["perplexity"], result["nll_std"]
         rows.insert(0, row)
     return pd.DataFrame(rows)

@@ -230,7 +230,7 @@ class Explorer:
         self.any_size, self.curve, self.name = any_size, curve, name
         self.folder = Path(folder) if folder else None
         self.tokenizer = any_size.tokenizer
-        self.full = any_size.full_size()
+        self.full = any_size.original_size()
         self._sizes: OrderedDict = OrderedDict()  # rounded ratio -> Size
         self._models: OrderedDict = OrderedDict()  # (prefix, dtype) -> nn.Module
         self._windows: dict = {}

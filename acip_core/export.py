@@ -385,7 +385,7 @@ def model_card(any_size: AnySizeModel, size: Size, info: dict, card: dict) -> st
         source if source.count("/") == 1 and not Path(source).expanduser().exists() else None)
     dtype, dense = info.get("weights_format", info["dtype"]), info["kind"] == "dense"
     nbytes = info["weights_bytes"] if not dense else info["params"] * torch.finfo(TORCH_DTYPES[info["dtype"]]).bits // 8
-    full = any_size.full_size().params
+    full = any_size.original_size().params
     name = card.get("title") or f"{Path(source).name} at size {size.size_ratio:.2f} (ACIP {info['kind']})"
 
     front = ["---", "library_name: transformers", "tags:", "- acip", "- compression",

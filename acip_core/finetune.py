@@ -224,7 +224,7 @@ def run_finetune(artifact_folder: str | Path, size_ratio: float, data: str, out:
         fmt = parse_format(cfg.format)
         student, layers = tunable_model(any_size, size, parent.adapters, float(lora.get("alpha", 16.0)),
                                         cfg.lora_dropout, fmt)
-        teacher = any_size.materialize(any_size.full_size()) if cfg.objective != "lm" else None
+        teacher = any_size.materialize(any_size.original_size()) if cfg.objective != "lm" else None
         if fmt.quantized:  # the student holds its own quantized packs: the float32 factors can go
             any_size.release_float32_factors()  # (the untuned size is measured from a fresh copy)
             release_memory()

@@ -17,6 +17,7 @@ prefix of `down` (a view) and a column prefix of `up` (a small copy of whole gro
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import threading
 import time
@@ -29,7 +30,7 @@ from .basis import Factors
 from .formats import (Format, QuantEmbedding, QuantLinear, QuantLowRankLinear, int4_balance, parse_format,
                       weight_nbytes, zero_rows)
 from .layers import Bf16Linear, LowRankLinear
-from .prune import LayerShape, RankIndex
+from .prune import DEFAULT_SIZE_RULE, LayerShape, RankIndex, check_size_rule
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class Size:
     dense_layers: int  # layers that run with their original weight (in this format)
     format: Format = Format()  # how its weights are stored
     nbytes: int = 0  # bytes of every tensor the materialized model holds, in `format`
+    original: bool = False  # every target layer its original weight, no LoRA (AnySizeModel.original_size)
 
     @property
     def gigabytes(self) -> float:
@@ -68,17 +70,21 @@ class AnySizeModel:
     def __init__(self, base: nn.Module, tokenizer, basis: dict[str, Factors],
                  scores: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor] | None = None,
                  lora_rank: int = 0, lora_alpha: float = 16.0, meta: dict | None = None,
-                 calibration=None):
+                 calibration=None, size_rule: str = DEFAULT_SIZE_RULE):
         # calibration: () -> {layer: input Gram}, for int4's error-compensating quantizer (None: RTN)
         self.calibration = calibration
         self.base, self.tokenizer, self.meta = base.eval(), tokenizer, meta or {}
         self.targets = list(basis)
         self.originals = {n: base.get_submodule(n) for n in self.targets}
-        self.shapes = {n: LayerShape(m.out_features, m.in_features, m.bias is not None)
+        # size_rule (prune.SIZE_RULES): "official" keeps every layer factorized with its LoRA (no dense
+        # fallback) and meets a ratio as the official code does; the shapes and the index carry it
+        self.size_rule = check_size_rule(size_rule)
+        self.shapes = {n: LayerShape(m.out_features, m.in_features, m.bias is not None,
+                                     dense_fallback=size_rule != "official")
                        for n, m in self.originals.items()}
         self.lora_rank = lora_rank if adapters else 0
         self.index = RankIndex(scores, self.shapes, self.lora_rank,
-                               non_target_params(base, self.targets))
+                               non_target_params(base, self.targets), size_rule)
         scaling = lora_alpha / lora_rank if self.lora_rank else 0.0
         self._families = {}  # format key -> (base tree, factors, dense weights) in that format
         self._targets_of = {}  # format key -> {target name: module of that family's tree}
@@ -119,8 +125,17 @@ class AnySizeModel:
         nbytes = int(self.index.bytes_cum(fmt, self.other_bytes(fmt))[prefix])
         return Size(prefix, ranks, self.index.ratio_at(prefix), params, dense, fmt, nbytes)
 
+    def materialized_ratio(self, size: Size) -> float:
+        """Target-layer weights the materialized size holds (factors with their LoRA rows, or the dense
+        weight) over the original's. Beside size_ratio (LoRA not counted, a layer never above dense)
+        it shows the band where the two differ: under the official rule a layer whose rank is near
+        full holds more than its dense weight."""
+        held = sum(self.shapes[n].materialized_params(r, self.lora_rank) for n, r in size.ranks.items())
+        return held / self.index.dense_total
+
     def size_for_ratio(self, size_ratio: float, fmt: "Format | str" = "float32") -> Size:
-        """The smallest size whose size_ratio is >= the target (never below it)."""
+        """The smallest size whose size_ratio is >= the target (never below it); under the official
+        size rule, the official code's choice (strictly above the target: prune.RankIndex)."""
         return self.size_at(self.index.prefix_for_ratio(float(size_ratio)), fmt)
 
     def size_for_budget(self, gigabytes: float, fmt: "Format | str" = "float32") -> Size:
@@ -139,6 +154,19 @@ class AnySizeModel:
 
     def full_size(self, fmt: "Format | str" = "float32") -> Size:
         return self.size_at(len(self.index.layer_of), fmt)
+
+    def original_size(self, fmt: "Format | str" = "float32") -> Size:
+        """The original model in `fmt` (every target layer its own weight, no LoRA). Under our rule that
+        is the full size; under the official rule the full size keeps its factors and LoRA, so the
+        original's figures are those of dense layers and materialize() runs them dense."""
+        fmt = parse_format(fmt)
+        full = self.full_size(fmt)
+        if self.size_rule != "official":
+            return full
+        plain = [LayerShape(s.out_features, s.in_features, s.bias) for s in self.shapes.values()]
+        nbytes = self.other_bytes(fmt) + sum(s.format_bytes(s.full_rank, 0, fmt)[0] for s in plain)
+        params = self.index.other_params + sum(s.dense_params for s in plain)
+        return dataclasses.replace(full, params=params, dense_layers=len(plain), nbytes=nbytes, original=True)
 
     # -- materializing --------------------------------------------------------------------------
     def _family(self, fmt: Format):
@@ -216,6 +244,7 @@ class AnySizeModel:
             fmt = str(fmt).removeprefix("torch.")
         fmt = parse_format(fmt)
         ranks = size.ranks if isinstance(size, Size) else size
+        is_original = isinstance(size, Size) and size.original
         base, factors = self._family(fmt)
         targets = self._targets_of[fmt.key]
         swap = {}
@@ -224,7 +253,7 @@ class AnySizeModel:
             r = int(ranks[n])
             if not 0 <= r <= self.shapes[n].full_rank:
                 raise ValueError(f"{n}: rank {r} outside [0, {self.shapes[n].full_rank}]")
-            if self.shapes[n].format_bytes(r, self.lora_rank, fmt)[1]:
+            if is_original or self.shapes[n].format_bytes(r, self.lora_rank, fmt)[1]:
                 swap[id(original)] = original  # shared module: the original weight, no LoRA
                 continue
             down, up = factors[n]

@@ -257,7 +257,8 @@ def any_size_from(artifact: Artifact, model, tokenizer, on_progress=None) -> Any
     lora = artifact.meta.get("lora", {})
     return AnySizeModel(model, tokenizer, basis, artifact.scores, artifact.adapters,
                         int(lora.get("rank", 0)), float(lora.get("alpha", 16.0)), meta=artifact.meta,
-                        calibration=calibration_for(model, tokenizer, linears, artifact.meta["basis"]["recipe"]))
+                        calibration=calibration_for(model, tokenizer, linears, artifact.meta["basis"]["recipe"]),
+                        size_rule=artifact.size_rule)
 
 
 def artifact_linears(artifact: Artifact, model) -> dict:

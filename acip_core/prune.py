@@ -9,6 +9,14 @@ Two measures, both exact:
   many bytes *in that format* as the dense weight (int4 rounds kept ranks up to its group size); in an
   int format's `fast` layout its second kernel call is charged `Format.call_bytes` more (a call's
   floor is worth ~110-150 KB of reading, so a small layer such as k_proj runs faster dense at any rank).
+
+Two size rules (SIZE_RULES; an artifact records its own, ours is the default):
+- "acip-studio": a ratio is met from above (>=, ties broken by singular-value order) and a layer runs
+  dense as above.
+- "official": the rule of the official ACIP code, for imported official checkpoints (official.py,
+  ARCHITECTURE.md "Official ACIP checkpoints"): the largest number k >= 1 of lowest scores pruned
+  whose ratio stays strictly above the target, every score above the k-th smallest kept (ties at the
+  threshold pruned together), and no dense fallback: every target layer stays factorized with its LoRA.
 """
 
 from __future__ import annotations
@@ -20,12 +28,22 @@ import torch
 
 from .formats import Format
 
+SIZE_RULES = ("acip-studio", "official")
+DEFAULT_SIZE_RULE = "acip-studio"
+
+
+def check_size_rule(rule: str) -> str:
+    if rule not in SIZE_RULES:
+        raise ValueError(f"unknown size rule {rule!r}; known: {', '.join(SIZE_RULES)}")
+    return rule
+
 
 @dataclass(frozen=True)
 class LayerShape:
     out_features: int
     in_features: int
     bias: bool = False
+    dense_fallback: bool = True  # False under the official size rule: always factorized, LoRA kept
 
     @property
     def full_rank(self) -> int:
@@ -41,7 +59,7 @@ class LayerShape:
         return min(self.dense_params, factorized)
 
     def runs_dense(self, rank: int, lora_rank: int = 0) -> bool:
-        return (rank + lora_rank) * (self.in_features + self.out_features) >= \
+        return self.dense_fallback and (rank + lora_rank) * (self.in_features + self.out_features) >= \
             self.out_features * self.in_features
 
     def materialized_params(self, rank: int, lora_rank: int = 0) -> int:
@@ -63,7 +81,7 @@ class LayerShape:
         kept = fmt.kept_rank(rank + lora_rank, self.padded_rank(lora_rank, fmt))
         factored = fmt.weight_bytes(kept, self.in_features) + fmt.weight_bytes(self.out_features, kept) + bias
         charge = fmt.call_bytes if kept else 0
-        return (dense, True) if factored + charge >= dense else (factored, False)
+        return (dense, True) if self.dense_fallback and factored + charge >= dense else (factored, False)
 
     def format_params(self, rank: int, lora_rank: int, fmt: Format) -> int:
         """Weights this layer holds at `rank` in `fmt` (materialized_params with the format's dense
@@ -96,6 +114,8 @@ def _materialized_table(sh: LayerShape, lora_rank: int) -> torch.Tensor:
     r = torch.arange(sh.full_rank + 1, dtype=torch.int64)
     factorized = (r + lora_rank) * (sh.in_features + sh.out_features)
     dense = sh.out_features * sh.in_features
+    if not sh.dense_fallback:
+        return factorized + sh.out_features * sh.bias
     return torch.where(factorized >= dense, dense, factorized) + sh.out_features * sh.bias
 
 
@@ -109,11 +129,12 @@ class RankIndex:
     """
 
     def __init__(self, scores: dict[str, torch.Tensor], shapes: dict[str, LayerShape],
-                 lora_rank: int = 0, other_params: int = 0):
+                 lora_rank: int = 0, other_params: int = 0, size_rule: str = DEFAULT_SIZE_RULE):
         if set(scores) != set(shapes):
             raise ValueError("scores and shapes name different layers")
         self.names = list(shapes)
         self.shapes, self.lora_rank, self.other_params = shapes, lora_rank, other_params
+        self.size_rule = check_size_rule(size_rule)
         self.orders = {}  # per layer: its entries by descending score (stable: index order on ties)
         layer_ids, positions, keys, indices = [], [], [], []
         for lid, name in enumerate(self.names):
@@ -135,6 +156,7 @@ class RankIndex:
         self.layer_of = layer_id[perm]  # [N] layer of the p-th kept entry
         pos = position[perm]  # [N] its position in its layer's order: keeping it makes rank pos+1
         self._pos, self._bytes = pos, {}
+        self._descending = key[perm]  # [N] the scores in the global order (the official rule's threshold)
         self.paper_cum = self._cumulative(pos, _paper_table)
         self.params_cum = self._cumulative(pos, lambda sh: _materialized_table(sh, lora_rank))
         self.params_cum += other_params
@@ -160,8 +182,23 @@ class RankIndex:
             raise ValueError(f"size_ratio must be within [0, 1], got {target}")
         if target == 1.0:  # the paper's rule: 1.0 keeps everything
             return len(self.layer_of)
+        if self.size_rule == "official":
+            return self._official_prefix(target)
         need = torch.tensor([target * self.dense_total - 1e-6], dtype=torch.float64)
         return int(torch.searchsorted(self.paper_cum.double(), need, side="left"))
+
+    def _official_prefix(self, target: float) -> int:
+        """The official rule: prune the k lowest scores for the largest k >= 1 whose ratio is strictly
+        above `target`, keeping every score above the k-th smallest (torch.kthvalue's). Those are a
+        prefix of the global order (descending scores); with ties at the threshold it is shorter than
+        n - k, as in the official code. The ratio falls as k grows, so the largest k is the count of
+        those that pass (the official binary search finds the same k)."""
+        ascending = self._descending.flip(0)
+        n = len(ascending)
+        kept = n - torch.searchsorted(ascending, ascending, right=True)  # [n]: kept entries for k = 1..n
+        above = (self.paper_cum[kept].double() / self.dense_total) > target
+        k = max(int(above.sum()), 1)
+        return int(kept[k - 1])
 
     def prefix_for_params(self, max_params: int) -> int:
         """Most entries whose materialized model holds at most max_params; -1 if none fits."""
