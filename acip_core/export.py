@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 from . import __version__
 from .artifact import atomic_file
 from .layers import LowRankLinear
+from .evaluate import REPETITION_PENALTY
 from .formats import parse_format
 from .materialize import AnySizeModel, Size
 
@@ -47,7 +48,7 @@ INFO_FILE = "acip_export.json"
 EXPORT_FORMAT = 2  # 2: factorized layers store up_t [r, out] (1 stored up [out, r])
 # the app's chat settings (explorer.py uses them), written to generation_config.json so that a plain
 # generate() on the export decodes as the app does
-GENERATION = dict(do_sample=False, repetition_penalty=1.15)
+GENERATION = dict(do_sample=False, repetition_penalty=REPETITION_PENALTY)
 PAPER = ("Genzel et al., 2025, *Choose Your Model Size: Any Compression of Large Language Models Without "
          "Re-Computation*, arXiv:2502.01717")
 LICENSES = {"smollm2-135m-instruct": "apache-2.0"}  # licence of the base models we know (README: models)
