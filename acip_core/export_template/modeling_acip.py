@@ -57,6 +57,29 @@ class LowRankLinear(nn.Module):
 INT8_INPUT_MULTIPLE = 16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
 
 
+# torch's CPU int8 kernel crashes the process (SIGSEGV, torch 2.13 on AVX-512) when its weight does not
+# start on a 64-byte boundary and it multiplies 16 rows or more; from_pretrained can hand a buffer that
+# starts anywhere in the safetensors file. So what a kernel reads is first made 64-byte aligned.
+ALIGNMENT = 64
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself when contiguous and 64-byte aligned (or not on the CPU), else an aligned contiguous copy."""
+    if t.device.type != "cpu" or (t.is_contiguous() and t.data_ptr() % ALIGNMENT == 0):
+        return t
+    out = t.contiguous().clone()
+    if out.data_ptr() % ALIGNMENT:
+        nbytes = out.numel() * out.element_size()
+        buf = torch.empty(nbytes + ALIGNMENT, dtype=torch.uint8)
+        start = -buf.data_ptr() % ALIGNMENT
+        out = buf[start:start + nbytes].view(t.dtype).view(t.shape).copy_(t)
+    return out
+
+
+_INT8_MM = torch.ops.aten._weight_int8pack_mm  # torch's CPU kernels
+_INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu
+
+
 class QuantLinear(nn.Module):
     """y = x·Wᵀ (+ b) with W stored as int8 or int4 codes and scales (see the module docstring)."""
 
@@ -99,13 +122,22 @@ class QuantLinear(nn.Module):
         elif self.kind == "int8" and self.in_features % INT8_INPUT_MULTIPLE:  # codes cast, scale after (as the app)
             y = nn.functional.linear(x2, self.qweight.to(x2.dtype)) * self.scales
         elif self.kind == "int8":
-            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales)
+            self._align_()
+            y = _INT8_MM(x2.contiguous(), self.qweight, self.scales)
         else:
+            self._align_()
             if self._packed is None:  # torch's CPU layout, built once from the portable codes
-                self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes().contiguous(), 1)
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self._packed, self.group, self.scales)
+                self._packed = aligned(torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes().contiguous(), 1))
+            y = _INT4_MM(x2.contiguous(), self._packed, self.group, self.scales)
         y = y[:, : self.out_features].reshape(*lead, self.out_features)
         return y if self.bias is None else y + self.bias
+
+    def _align_(self) -> None:
+        """The loaded (or sliced) buffers replaced by 64-byte aligned copies where they are not (`aligned`)."""
+        for name in ("qweight", "scales"):
+            t = getattr(self, name)
+            if t.data_ptr() % ALIGNMENT or not t.is_contiguous():
+                setattr(self, name, aligned(t))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.kind}"
