@@ -54,6 +54,7 @@ PAPER = ("Genzel et al., 2025, *Choose Your Model Size: Any Compression of Large
 LICENSES = {"smollm2-135m-instruct": "apache-2.0"}  # licence of the base models we know (README: models)
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+MIN_TRANSFORMERS = "4.56"  # the first to read `dtype` (modeling_acip.MIN_TRANSFORMERS)
 
 
 def export_lowrank(any_size: AnySizeModel, size: Size | float, out_dir: str | Path,
@@ -264,6 +265,8 @@ def _portable_tokenizer_config(path: Path) -> None:
     config = json.loads(path.read_text(encoding="utf-8"))
     for key in ("local_files_only", "is_local", "name_or_path", "_name_or_path"):
         config.pop(key, None)
+    # 4.x's fast tokenizer also returns token_type_ids, which generate(**inputs) refuses for a causal LM
+    config["model_input_names"] = ["input_ids", "attention_mask"]
     if config.get("tokenizer_class") == "TokenizersBackend":  # 5.x's name; both read this one
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
     path.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -408,11 +411,12 @@ def model_card(any_size: AnySizeModel, size: Size, info: dict, card: dict) -> st
                      + (f" ([{hub_id}](https://huggingface.co/{hub_id}))" if hub_id else "")
                      + ", made with ACIP (Any Compression via Iterative Pruning) in ACIP Studio.", "",
                      "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows] + [""]
-    load = "AutoModelForCausalLM.from_pretrained(folder)" if dense else \
-        "AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)"
+    # dtype="auto": the export's own dtype (config.json) in 4.x too, whose default is float32
+    load = "AutoModelForCausalLM.from_pretrained(folder, dtype=\"auto\")" if dense else \
+        "AutoModelForCausalLM.from_pretrained(folder, dtype=\"auto\", trust_remote_code=True)"
     tokenizer = "AutoTokenizer.from_pretrained(folder)" if dense else \
         "AutoTokenizer.from_pretrained(folder, trust_remote_code=True)"
-    lines += ["## Use", "", "Needs `torch` and `transformers` >= 4.45.", "", "```python",
+    lines += ["## Use", "", f"Needs `torch` and `transformers` >= {MIN_TRANSFORMERS} (checked with 4.57 and 5.x).", "", "```python",
               "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
               "folder = \"path/to/this/folder\"", f"model = {load}", f"tokenizer = {tokenizer}",
               "messages = [{\"role\": \"user\", \"content\": \"What is the capital of France?\"}]",

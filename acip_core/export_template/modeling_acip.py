@@ -27,9 +27,13 @@ from transformers import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 CONFIG_PREFIX, MODEL_PREFIX, MODEL_TYPE_PREFIX = "ACIPConfig__", "ACIPForCausalLM__", "acip_lowrank_"
-MIN_TRANSFORMERS = (4, 45)  # config.json carries both rope_theta (4.x) and rope_parameters (5.x)
+# config.json carries both rope_theta (4.x) and rope_parameters (5.x); 4.56 is the first to read the
+# `dtype` of config.json and of from_pretrained (older ones load everything in float32, which the
+# quantized layers' bf16 scales refuse and which is not the bf16 export's numbers)
+MIN_TRANSFORMERS = (4, 56)
+TRANSFORMERS_VERSION = tuple(int(p) for p in transformers.__version__.split(".")[:2] if p.isdigit())
 
-if tuple(int(p) for p in transformers.__version__.split(".")[:2] if p.isdigit()) < MIN_TRANSFORMERS:
+if TRANSFORMERS_VERSION < MIN_TRANSFORMERS:
     raise ImportError(f"this model needs transformers >= {'.'.join(map(str, MIN_TRANSFORMERS))}; "
                       f"found {transformers.__version__}: pip install -U transformers")
 
@@ -270,11 +274,21 @@ def classes_for(base_model_type: str):
             base_model.__init__(self, config, *args, **kwargs)
             factorize_(self, getattr(config, "acip_ranks", None), getattr(config, "acip_quant", None))
 
+        @classmethod
+        def from_pretrained(cls, *args, **kwargs):
+            # the export's own dtype (config.json) unless the caller names one: 5.x's default, while
+            # 4.x's is float32 (a quantized export then fails at its first product, a bf16 one runs
+            # other numbers than the export's)
+            if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
+                kwargs["dtype"] = "auto"
+            return super(model_cls, cls).from_pretrained(*args, **kwargs)
+
         model_cls = type(MODEL_PREFIX + base_model_type, (base_model,), {
             "__module__": __name__,
             "__doc__": f"{base_model.__name__} with the layers of config.acip_ranks factorized.",
             "config_class": config_cls,
             "__init__": __init__,
+            "from_pretrained": from_pretrained,
         })
         _CLASSES[base_model_type] = (config_cls, model_cls)
     return _CLASSES[base_model_type]
