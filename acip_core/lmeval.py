@@ -2,7 +2,7 @@
 
 Two kinds of task names are accepted:
 - OFFLINE_TASKS: 4-way tasks built from held-out text (acip_core/tasks_build.py), stored as jsonl in
-  assets/lm_eval/ with YAML templates beside them; they need no network.
+  assets/lm_eval/ with YAML templates and their loader (acip_data.py) beside them; they need no network.
 - PAPER_TASKS: the paper's tasks (piqa, hellaswag, ...; 0-shot, metric acc) from lm-eval's own task
   folders; their datasets come from the Hugging Face hub, so they need the internet (or a local
   datasets cache with HF_DATASETS_OFFLINE=1). Offline they fail at once with a clear message.
@@ -17,6 +17,7 @@ import copy
 import json
 import logging
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -84,15 +85,23 @@ def _unavailable(tasks: list[str], why: str) -> TaskUnavailableError:
         f"offline tasks {', '.join(OFFLINE_TASKS)}")
 
 
+LOADER = "acip_data.py"  # lm-eval's custom_dataset for our tasks (assets/lm_eval/acip_data.py)
+
+
 def write_task_configs(tasks: list[str], folder: str | Path) -> None:
-    """Fills each offline task's YAML template with the absolute path of its jsonl, into `folder`."""
+    """Writes each offline task's YAML into `folder` with its jsonl and the loader beside it: the YAML
+    names its data relative to itself, so the folder works on any machine and wherever it is copied."""
+    folder = Path(folder)
     for task in tasks:
         data = ASSET_DIR / f"{task}.jsonl"
         template = ASSET_DIR / f"{task}.yaml"
         if not data.is_file() or not template.is_file():
             raise FileNotFoundError(f"{data} or {template} is missing: run python -m acip_core.tasks_build")
-        text = template.read_text(encoding="utf-8").replace("@DATA_FILE@", json.dumps(str(data.resolve())))
-        (Path(folder) / f"{task}.yaml").write_text(text, encoding="utf-8")
+        text = template.read_text(encoding="utf-8").replace("@DATA_FILE@", json.dumps(data.name))
+        shutil.copyfile(data, folder / data.name)
+        (folder / f"{task}.yaml").write_text(text, encoding="utf-8")
+    if tasks:
+        shutil.copyfile(ASSET_DIR / LOADER, folder / LOADER)
 
 
 def _counter(lm, on_progress):

@@ -28,9 +28,13 @@ from transformers import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 CONFIG_PREFIX, MODEL_PREFIX, MODEL_TYPE_PREFIX = "ACIPConfig__", "ACIPForCausalLM__", "acip_lowrank_"
-MIN_TRANSFORMERS = (4, 45)  # config.json carries both rope_theta (4.x) and rope_parameters (5.x)
+# config.json carries both rope_theta (4.x) and rope_parameters (5.x); 4.56 is the first to read the
+# `dtype` of config.json and of from_pretrained (older ones load everything in float32, which the
+# quantized layers' bf16 scales refuse and which is not the bf16 export's numbers)
+MIN_TRANSFORMERS = (4, 56)
+TRANSFORMERS_VERSION = tuple(int(p) for p in transformers.__version__.split(".")[:2] if p.isdigit())
 
-if tuple(int(p) for p in transformers.__version__.split(".")[:2] if p.isdigit()) < MIN_TRANSFORMERS:
+if TRANSFORMERS_VERSION < MIN_TRANSFORMERS:
     raise ImportError(f"this model needs transformers >= {'.'.join(map(str, MIN_TRANSFORMERS))}; "
                       f"found {transformers.__version__}: pip install -U transformers")
 
@@ -56,6 +60,29 @@ class LowRankLinear(nn.Module):
 # torch's CPU int8 kernel multiplies input sizes that are multiples of 8, and of 16 where it runs its
 # AVX-512 code (8 mod 16 gives NaN or crashes there, torch 2.13); other factors: codes cast, scale after.
 INT8_INPUT_MULTIPLE = 16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
+
+
+# torch's CPU int8 kernel crashes the process (SIGSEGV, torch 2.13 on AVX-512) when its weight does not
+# start on a 64-byte boundary and it multiplies 16 rows or more; from_pretrained can hand a buffer that
+# starts anywhere in the safetensors file. So what a kernel reads is first made 64-byte aligned.
+ALIGNMENT = 64
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself when contiguous and 64-byte aligned (or not on the CPU), else an aligned contiguous copy."""
+    if t.device.type != "cpu" or (t.is_contiguous() and t.data_ptr() % ALIGNMENT == 0):
+        return t
+    out = t.contiguous().clone()
+    if out.data_ptr() % ALIGNMENT:
+        nbytes = out.numel() * out.element_size()
+        buf = torch.empty(nbytes + ALIGNMENT, dtype=torch.uint8)
+        start = -buf.data_ptr() % ALIGNMENT
+        out = buf[start:start + nbytes].view(t.dtype).view(t.shape).copy_(t)
+    return out
+
+
+_INT8_MM = torch.ops.aten._weight_int8pack_mm  # torch's CPU kernels
+_INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu
 
 
 class QuantLinear(nn.Module):
@@ -100,13 +127,22 @@ class QuantLinear(nn.Module):
         elif self.kind == "int8" and self.in_features % INT8_INPUT_MULTIPLE:  # codes cast, scale after (as the app)
             y = nn.functional.linear(x2, self.qweight.to(x2.dtype)) * self.scales
         elif self.kind == "int8":
-            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales)
+            self._align_()
+            y = _INT8_MM(x2.contiguous(), self.qweight, self.scales)
         else:
+            self._align_()
             if self._packed is None:  # torch's CPU layout, built once from the portable codes
-                self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes().contiguous(), 1)
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self._packed, self.group, self.scales)
+                self._packed = aligned(torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes().contiguous(), 1))
+            y = _INT4_MM(x2.contiguous(), self._packed, self.group, self.scales)
         y = y[:, : self.out_features].reshape(*lead, self.out_features)
         return y if self.bias is None else y + self.bias
+
+    def _align_(self) -> None:
+        """The loaded (or sliced) buffers replaced by 64-byte aligned copies where they are not (`aligned`)."""
+        for name in ("qweight", "scales"):
+            t = getattr(self, name)
+            if t.data_ptr() % ALIGNMENT or not t.is_contiguous():
+                setattr(self, name, aligned(t))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.kind}"
@@ -248,11 +284,21 @@ def classes_for(base_model_type: str):
             factorize_(self, getattr(config, "acip_ranks", None), getattr(config, "acip_quant", None),
                        getattr(config, "acip_transposed", None))
 
+        @classmethod
+        def from_pretrained(cls, *args, **kwargs):
+            # the export's own dtype (config.json) unless the caller names one: 5.x's default, while
+            # 4.x's is float32 (a quantized export then fails at its first product, a bf16 one runs
+            # other numbers than the export's)
+            if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
+                kwargs["dtype"] = "auto"
+            return super(model_cls, cls).from_pretrained(*args, **kwargs)
+
         model_cls = type(MODEL_PREFIX + base_model_type, (base_model,), {
             "__module__": __name__,
             "__doc__": f"{base_model.__name__} with the layers of config.acip_ranks factorized.",
             "config_class": config_cls,
             "__init__": __init__,
+            "from_pretrained": from_pretrained,
         })
         _CLASSES[base_model_type] = (config_cls, model_cls)
     return _CLASSES[base_model_type]
