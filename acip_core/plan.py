@@ -290,6 +290,8 @@ def trace_step(model: nn.Module, batch: int, seq_len: int, amp_dtype: torch.dtyp
 
     ids = torch.zeros(batch, seq_len, dtype=torch.long, device="meta")
     model.train()
+    # a padding warning some families (GPT-2) compute by reading the ids: a meta tensor has no values
+    model.config.pad_token_id = None
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _AutocastOnMeta(amp_dtype):
         logits = model(input_ids=ids).logits[:, :-1]
         vocab_loss(logits, ids[:, 1:])

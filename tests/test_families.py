@@ -275,6 +275,7 @@ def test_a_scoring_job_passes_targets_on_and_refuses_malformed_ones_before_writi
     assert not (tmp_path / "runs" / "r").exists()
     launched = []
     monkeypatch.setattr(jobs, "_launch", lambda name, args: launched.append(args) or {})
+    monkeypatch.setattr(jobs, "_check_memory", lambda *a: None)  # "m" is no model to plan
     jobs.start("r", model="m", targets=" c_attn , mlp.c_proj ")
     i = launched[0].index("--targets")
     assert launched[0][i + 1] == "c_attn,mlp.c_proj"
@@ -308,3 +309,15 @@ def test_discovery_on_smollm2_picks_the_shipped_artifacts_layers():
     model, _ = load_base(EMBEDDED)
     artifact = load_artifact(Path(__file__).parent.parent / "precomputed" / "smollm2-135m-instruct")
     assert list(target_linears(model)) == list(artifact.meta["layers"]) == list(artifact_linears(artifact, model))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_memory_plan_counts_every_family_from_its_config(tiny_families, family):
+    """plan.py builds the model on the meta device and runs one step there: no family may need values
+    (GPT-2's padding check read the ids), and the plan counts the layers discovery takes."""
+    from acip_core.plan import plan_scoring
+
+    model, _ = load_base(tiny_families[family])
+    plan = plan_scoring(tiny_families[family], batch_size=2, seq_len=32, probe=False)
+    assert plan.shapes["target_layers"] == len(target_linears(model))
+    assert plan.phase_bytes("ram")["steps"] > 0
