@@ -9,10 +9,10 @@ and int8 (default layout), and the float32 original.
 Setup (llama-cpp-python builds from source; native off, the CPU's flags named explicitly — a native
 build died with "Illegal instruction" on an AVX-512 Xeon):
     CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \
-        .venv/bin/python -m pip install --no-deps --target /opt/llama-cpp llama-cpp-python==0.3.36
+        .venv/bin/python -m pip install --no-deps --target /opt/llama-cpp llama-cpp-python==0.3.36 diskcache
     (add -DGGML_AVX512=ON on an AVX-512 CPU)
 Run on an idle machine:
-    PYTHONPATH=/opt/llama-cpp .venv/bin/python benchmarks/llama_cpp.py [--rounds 3] [--out benchmarks/llama_cpp.json]
+    PYTHONPATH=/opt/llama-cpp .venv/bin/python benchmarks/llamacpp_speed.py [--rounds 3] [--out benchmarks/llamacpp_speed.json]
 """
 
 import argparse
@@ -84,7 +84,7 @@ def main():
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default="benchmarks/llama_cpp.json")
+    p.add_argument("--out", default="benchmarks/llamacpp_speed.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     any_size = open_artifact(args.artifact)
@@ -111,6 +111,9 @@ def main():
         for _ in range(args.rounds):
             for name, runner in runners.items():
                 runs[name].append(measure(runner))
+        for runner in runners.values():  # before the temporary file goes, and not at interpreter exit
+            if isinstance(runner, LlamaCpp):
+                runner.llm.close()
     rows = {name: {k: statistics.median(r[k] for r in rs) for k in ("prefill_tok_s", "decode_tok_s")}
             for name, rs in runs.items()}
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
