@@ -19,7 +19,8 @@ from acip_core import plots, public, studio as text
 from acip_core.curve import curve_at, eval_set_label, ppl_columns, suggested_ratio
 from acip_core.data import DEFAULT_DATA
 from acip_core.evaluate import Cancelled
-from acip_core.explorer import DTYPE_CHOICES, Explorer, check_history, check_int, clean_prompt, message_text
+from acip_core.explorer import DTYPE_CHOICES, Explorer, check_history, check_int,
+                               check_message_count, clean_prompt, message_text
 from acip_core.models import EMBEDDED
 from acip_core.studio import Studio
 
@@ -218,7 +219,7 @@ class Handlers:
             gr.Warning(f"Size A {float(ratio_a):.3f}: {note}", title="Size A")
         stop = self._stop(request, "chat")
         stop.clear()
-        history_a, history_b = list(history_a or []), list(history_b or [])
+        history_a, history_b = check_message_count(history_a), check_message_count(history_b)
         for history in (history_a, history_b):  # before anything is shown: a forged history is refused
             check_history([dict(role=m.get("role"), content=message_text(m.get("content"))) for m in history
                            if isinstance(m, dict) and m.get("role") in ("user", "assistant")])

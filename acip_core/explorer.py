@@ -118,6 +118,19 @@ def check_history(messages: list[dict]) -> None:
                          "press Clear and start again")
 
 
+def check_message_count(history) -> list:
+    """A chat history as a list, refused when it holds more than limits().chat_messages messages:
+    counted before any message is read or templated, so refusing costs nothing."""
+    history = [] if history is None else history
+    if not isinstance(history, (list, tuple)):
+        raise ValueError("the chat history must be a list of messages: press Clear and start again")
+    cap = limits().chat_messages
+    if len(history) > cap:
+        raise ValueError(f"the chat history holds {len(history):,} messages (the limit is {cap:,}): "
+                         "press Clear and start again")
+    return list(history)
+
+
 def message_text(content) -> str:
     """The text of a chat message's content (a string, or Gradio's list of content blocks)."""
     if isinstance(content, str):
@@ -158,6 +171,7 @@ class Generation:
 
         self.text, self.tokens, self.first_token_s, self.error = "", 0, None, None
         self.done, self.truncated, self.prompt_tokens = False, truncated, ids.shape[1]
+        self._polled_tokens = 0
         self._stop = threading.Event()
         self._start = self._first_at = self._last_at = time.perf_counter()
         self._streamer = _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -189,7 +203,8 @@ class Generation:
         """Takes the text streamed so far; True if anything changed. Raises the thread's error."""
         import queue
 
-        changed, wait = False, timeout
+        changed, wait = self.tokens != self._polled_tokens, timeout
+        self._polled_tokens = self.tokens
         while not self.done:
             try:
                 piece = self._streamer.text_queue.get(timeout=wait)
@@ -208,6 +223,11 @@ class Generation:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Waits for the generation thread; True when it has ended."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def snapshot(self, size_ratio: float) -> dict:
         return dict(text=self.text, tokens=self.tokens, first_token_s=self.first_token_s,
@@ -383,34 +403,51 @@ class Explorer:
     # -- chat ---------------------------------------------------------------------------------
     def _chat_ids(self, history, message: str, max_new_tokens: int):
         """Prompt ids through the chat template (oldest turns dropped to fit the context and the
-        server's cap of public.limits().chat_tokens: the history comes from the client and may be forged)."""
+        server's cap of public.limits().chat_tokens: the history comes from the client and may be forged).
+
+        The work is bounded before any tokenizing: at most limits().chat_messages messages are
+        accepted (counted, not templated), and of those only the newest that can fit are templated at
+        all (≤ budget // 2 messages, ≤ 16 characters per token). The template's own tokens count
+        towards the budget: how many of those newest turns fit is found by bisection over the number
+        kept, so a long history costs a dozen templatings, not one per dropped turn."""
+        raw = check_message_count(history)  # cheap: counted before anything is read or templated
+        lim = limits()
         messages = [dict(role=m["role"], content=message_text(m.get("content")))
-                    for m in (history or []) if isinstance(m, dict) and m.get("role") in ("user", "assistant")]
+                    for m in raw if isinstance(m, dict) and m.get("role") in ("user", "assistant")]
         messages = [m for m in messages if m["content"]]
         check_history(messages)
         limit = int(getattr(self.any_size.base.config, "max_position_embeddings", 2048) or 2048)
-        budget = max(min(limit - max_new_tokens, limits().chat_tokens), 8)
+        budget = max(min(limit - max_new_tokens, lim.chat_tokens), 8)
         kept, chars = [], len(message)  # newest first, by characters (a token holds at most ~16)
         for m in reversed(messages):
             chars += len(m["content"])
-            if chars > 16 * budget:
+            if chars > 16 * budget or len(kept) >= budget // 2:
                 break
             kept.insert(0, m)
-        truncated = len(kept) < len(messages)
-        messages = kept + [dict(role="user", content=message)]
-        while True:
+        newest = dict(role="user", content=message)
+
+        def encode(turns):
+            msgs = turns + [newest]
             if getattr(self.tokenizer, "chat_template", None):
-                ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                         return_tensors="pt", return_dict=True)["input_ids"]
+                return self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True,
+                                                          return_tensors="pt", return_dict=True)["input_ids"]
+            return self.tokenizer("\n".join(m["content"] for m in msgs), return_tensors="pt").input_ids
+
+        ids = encode(kept)
+        if ids.shape[1] <= budget:
+            return ids, len(kept) < len(messages)
+        lo, hi, fit = 0, len(kept) - 1, None  # the most newest turns that fit: bisection on the count
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            trial = encode(kept[len(kept) - mid:] if mid else [])
+            if trial.shape[1] <= budget:
+                lo, fit = mid + 1, trial
             else:
-                text = "\n".join(m["content"] for m in messages)
-                ids = self.tokenizer(text, return_tensors="pt").input_ids
-            if ids.shape[1] <= budget:
-                return ids, truncated
-            if len(messages) > 1:  # drop the oldest turn first
-                messages, truncated = messages[1:], True
-                continue
-            return ids[:, -budget:], True  # the message alone is too long: keep its end
+                hi = mid - 1
+        if fit is not None:
+            return fit, True
+        alone = encode([]) if kept else ids  # the message alone is too long: keep its end
+        return alone[:, -budget:], True
 
     def start_chat(self, ratio, history, message, max_new_tokens=128, repetition_penalty=1.15,
                    dtype: str = "float32") -> Generation:
@@ -426,9 +463,12 @@ class Explorer:
 
     def stream_chat(self, ratio, history, message, max_new_tokens=128, repetition_penalty=1.15,
                     dtype: str = "float32"):
-        """Yields snapshots dict(text, tokens, first_token_s, tokens_per_s, done, ...) as text streams.
+        """Yields snapshots dict(text, tokens, first_token_s, tokens_per_s, done, ...) as text streams
+        (and with every new token, even one that shows no text, so a consumer regains control often).
 
-        Closing the generator (a cancelled request) stops the generation thread.
+        Closing the generator (a cancelled request, a client that went away: Gradio closes a streaming
+        handler's generator) stops the generation thread at its next token (Generation's stopping
+        criterion).
         """
         size_ratio = self.size(ratio).size_ratio
         gen = self.start_chat(ratio, history, message, max_new_tokens, repetition_penalty, dtype)

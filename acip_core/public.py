@@ -57,6 +57,7 @@ class Limits:
     exports_bytes: int  # the exports folder; oldest exports are removed first
     bases_bytes: int  # the cached bases; least recently used removed first
     chat_tokens: int  # history + message of one chat request, after the chat template
+    chat_messages: int  # messages of one chat history (counted before any templating)
     cache_seconds: int  # Gradio's cache (uploads, downloads) is cleaned of files older than this
     heavy_per_hour: float  # measurements, sweeps and exports one visitor (session) may start per hour
 
@@ -65,7 +66,7 @@ def _local() -> Limits:
     return Limits(public=False, scoring="open", max_steps=100_000, max_batch_size=256, max_seq_len=32_768,
                   max_run_seconds=math.inf, max_running=1, lm_eval_items=100_000, perplexity_windows=1024,
                   upload_bytes=200 * MB, uploads_bytes=2 * GB, runs_bytes=math.inf, exports_bytes=20 * GB,
-                  bases_bytes=20 * GB, chat_tokens=4096, cache_seconds=24 * 3600,
+                  bases_bytes=20 * GB, chat_tokens=4096, chat_messages=2000, cache_seconds=24 * 3600,
                   heavy_per_hour=math.inf)
 
 
@@ -75,7 +76,7 @@ def _public(env) -> Limits:
     return Limits(public=True, scoring="token" if env.get("ACIP_ADMIN_TOKEN") else "off", max_steps=400,
                   max_batch_size=4, max_seq_len=512, max_run_seconds=1800, max_running=1, lm_eval_items=100,
                   perplexity_windows=64, upload_bytes=10 * MB, uploads_bytes=100 * MB, runs_bytes=3 * GB,
-                  exports_bytes=2 * GB, bases_bytes=3 * GB, chat_tokens=1024, cache_seconds=3600,
+                  exports_bytes=2 * GB, bases_bytes=3 * GB, chat_tokens=1024, chat_messages=400, cache_seconds=3600,
                   heavy_per_hour=20)
 
 

@@ -260,6 +260,74 @@ def test_a_long_history_is_capped_by_tokens(explorer, monkeypatch):
     assert "newest question" in explorer.tokenizer.decode(ids[0])
 
 
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture
+def templated(explorer, monkeypatch):
+    """The explorer's tokenizer with a ChatML template (SmolLM2's kind), counting its templatings."""
+    calls = []
+    original = type(explorer.tokenizer).apply_chat_template
+
+    def counting(self, messages, *args, **kwargs):
+        calls.append(len(messages))
+        return original(self, messages, *args, **kwargs)
+
+    monkeypatch.setattr(explorer.tokenizer, "chat_template", CHATML, raising=False)
+    monkeypatch.setattr(type(explorer.tokenizer), "apply_chat_template", counting)
+    return calls
+
+
+def test_a_history_of_too_many_tiny_messages_is_refused_before_any_templating(explorer, templated, public_mode):
+    tiny = [dict(role="user" if i % 2 == 0 else "assistant", content="a") for i in range(12_000)]
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="holds 12,000 messages \\(the limit is 400\\)"):
+        explorer.start_chat(1.0, tiny, "hi", 4)
+    assert templated == [] and time.perf_counter() - start < 1.0
+
+
+def test_the_largest_allowed_history_costs_a_few_templatings_and_fits_with_the_templates_tokens(
+        explorer, templated, public_mode, monkeypatch):
+    monkeypatch.setenv("ACIP_LIMIT_CHAT_TOKENS", "200")
+    tiny = [dict(role="user" if i % 2 == 0 else "assistant", content=f"m{i}") for i in range(400)]
+    ids, truncated = explorer._chat_ids(tiny, "the newest question", 4)
+    text = explorer.tokenizer.decode(ids[0])
+    assert truncated and ids.shape[1] <= 200 and text.endswith("<|im_start|>assistant\n")
+    assert "newest question" in text and "m399" in text and "m0<" not in text
+    assert len(templated) <= 12, templated  # bisection, not one templating per dropped turn
+    # the template's tokens count: the same turns without it would have let more through
+    kept = text.count("<|im_start|>") - 2  # the newest question and the generation prompt
+    plain = sum(len(explorer.tokenizer(f"m{i}").input_ids) for i in range(400 - kept, 400))
+    assert plain < 200 - 10 and kept < 100
+    # one more turn would not have fitted (the most that fit, not merely some)
+    more = explorer._chat_ids(tiny[-(kept + 1):], "the newest question", 4)
+    assert more[1]
+
+
+def test_closing_a_chat_stream_stops_its_generation(explorer, monkeypatch):
+    """Gradio closes a streaming handler's generator when its client goes away: the generation
+    thread must stop then, not run to max_new_tokens."""
+    from acip_core import explorer as engine
+
+    started = []
+    real = engine.Generation
+
+    class Recorded(real):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    monkeypatch.setattr(engine, "Generation", Recorded)
+    stream = explorer.stream_chat(1.0, [], "tell me a long story", 1000)
+    first = next(stream)
+    assert first["tokens"] >= 1 and not first["done"]
+    stream.close()
+    gen = started[0]
+    assert gen.join(timeout=10), "the generation thread kept running after its stream was closed"
+    assert gen.tokens < 1000
+
+
 def test_lm_eval_items_are_capped_in_public_mode(explorer, public_mode):
     with pytest.raises(ValueError, match=r"limit must be a whole number in \[1, 100\]"):
         explorer.measure_lm_eval(1.0, ["any"], limit=100_000)
