@@ -44,6 +44,35 @@ JS = """() => { document.addEventListener('keydown', (e) => {
 
 
 
+class _ChatHistory(gr.Chatbot.data_model):
+    """Gradio's chat history model, whose refusal is one short line: Gradio's own prints the payload
+    and every validation error (a 0.5 MB forged history wrote 3.7 MB to the log); this logs a
+    summary (how many messages, how many errors) and shows the visitor a toast."""
+
+    @classmethod
+    def model_validate(cls, obj, *args, **kwargs):
+        try:
+            return super().model_validate(obj, *args, **kwargs)
+        except ValueError as err:  # pydantic's ValidationError
+            count = len(obj) if isinstance(obj, (list, tuple)) else -1
+            errors = err.error_count() if hasattr(err, "error_count") else 1
+            logging.getLogger("acip_studio").info("malformed chat history refused: %d messages, %d errors",
+                                                  count, errors)
+            raise gr.Error("The chat history is not in the chat's message format: press Clear and start "
+                           "again.", print_exception=False) from None
+
+
+class TextChatbot(gr.Chatbot):
+    """The chat panes: every message shown as plain text (no Markdown, no HTML: a visitor's prompt
+    or a model's reply never fetches a URL or styles the page); a malformed history is refused by
+    _ChatHistory."""
+
+    data_model = _ChatHistory
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, render_markdown=False, sanitize_html=True, **kwargs)
+
+
 # -- layout -------------------------------------------------------------------------------------
 def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
     """The whole UI for a StudioConfig (default: from the environment); wiring only."""
@@ -109,8 +138,8 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
                 gr.Markdown("Greedy decoding, so two sizes can be compared word for word. "
                             "**A** uses the selected size; **B** any size of this or another artifact.")
                 with gr.Row():
-                    chat_a = gr.Chatbot(label="A: the selected size", height=420, elem_id="chat-a")
-                    chat_b = gr.Chatbot(label="B: the comparison size", height=420, elem_id="chat-b")
+                    chat_a = TextChatbot(label="A: the selected size", height=420, elem_id="chat-a")
+                    chat_b = TextChatbot(label="B: the comparison size", height=420, elem_id="chat-b")
                 with gr.Row():
                     message = gr.Textbox(placeholder=f"Message (≤ {MAX_PROMPT_CHARS:,} characters)",
                                          show_label=False, scale=5, max_lines=8, elem_id="chat-input")
@@ -266,16 +295,21 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
 
 
 def launch_options() -> dict:
-    # uploads above the cap are refused by Gradio itself (413), before any handler runs
+    # uploads above the cap are refused by Gradio itself (413), before any handler runs; the bytes one
+    # visitor and all visitors may upload, and non-text files, by the app's middleware (app_uploads.py)
+    from starlette.middleware import Middleware
+
+    from app_uploads import UploadGuard
+
     return dict(theme=gr.themes.Soft(primary_hue="indigo"), css=CSS, js=JS,
-                max_file_size=public.limits().upload_bytes)
+                max_file_size=public.limits().upload_bytes, app_kwargs=dict(middleware=[Middleware(UploadGuard)]))
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     demo = build_demo()
     studio = demo.handlers.app
-    public.clean_at_start(exports=studio.download_dir("exports"), roots=[cache_dir(), studio.jobs.root,
+    public.clean_at_start(exports=studio.config.downloads / "exports", roots=[cache_dir(), studio.jobs.root,
                                                                         studio.config.precomputed])
     first = studio.default_artifact()[0]
     if first:  # start loading now, so the first visitor does not wait

@@ -19,8 +19,8 @@ from acip_core import plots, public, studio as text
 from acip_core.curve import curve_at, eval_set_label, ppl_columns, suggested_ratio
 from acip_core.data import DEFAULT_DATA
 from acip_core.evaluate import Cancelled
-from acip_core.explorer import DTYPE_CHOICES, Explorer, check_history, check_int,
-                               check_message_count, clean_prompt, message_text
+from acip_core.explorer import (DTYPE_CHOICES, Explorer, check_history, check_int, check_message_count,
+                                clean_prompt, message_text)
 from acip_core.models import EMBEDDED
 from acip_core.studio import Studio
 
@@ -68,6 +68,34 @@ def ui_errors(fn):
     return wrapper
 
 
+def heavy(fn):
+    """A heavy job (perplexity, lm-eval, sweep, export): counted against the visitor's hourly quota
+    (public.SessionQuota, by session and client IP) before it runs; given back when the request is
+    refused for its input (ValueError, FileNotFoundError: no work was done)."""
+    refused, signature = (ValueError, FileNotFoundError), inspect.signature(fn)
+
+    def keys(self, args, kwargs):  # Gradio passes the request by position or by name
+        return public.visitor_keys(signature.bind_partial(self, *args, **kwargs).arguments.get("request"))
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def gen_wrapper(self, *args, **kwargs):
+            who = keys(self, args, kwargs)
+            started = self.quota.take(who)
+            try:
+                yield from fn(self, *args, **kwargs)
+            except refused:
+                self.quota.give_back(who, started)
+                raise
+        return gen_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        with self.quota.job(keys(self, args, kwargs), refused):
+            return fn(self, *args, **kwargs)
+    return wrapper
+
+
 class Handlers:
     """Every event handler, for one Studio. Per-visitor values come in and go out as gr.State."""
 
@@ -76,10 +104,6 @@ class Handlers:
         self._stops: dict[tuple[str, str], threading.Event] = {}
         self._lock = threading.Lock()
         self.quota = public.SessionQuota(public.limits().heavy_per_hour)  # heavy jobs per visitor (public)
-
-    def _heavy(self, request) -> None:
-        """One more heavy job for this visitor, or a clear refusal (public.SessionQuota)."""
-        self.quota.take(getattr(request, "session_hash", None))
 
     # -- artifacts ------------------------------------------------------------------------------
     def folder(self, value) -> str:
@@ -252,10 +276,10 @@ class Handlers:
         self._stop(request, "chat").set()
 
     @ui_errors
+    @heavy
     def sweep(self, folder, sizes, message, max_new_tokens, dtype, request: gr.Request = None):
         """One prompt answered by many sizes, one after another (greedy), as a grid of replies."""
         ex = self.explorer(folder)
-        self._heavy(request)
         ratios = text.parse_sizes(sizes)
         message = clean_prompt(message)
         stop = self._stop(request, "chat")
@@ -270,16 +294,17 @@ class Handlers:
             stream.close()
 
     # -- measure --------------------------------------------------------------------------------
-    def _results_file(self, results) -> str | None:
+    def _results_file(self, results, request=None) -> str | None:
         if not results:
             return None
-        return str(Explorer.results_csv(results, self.app.download_dir("results") / "acip-results.csv"))
+        folder = self.app.download_dir("results", getattr(request, "session_hash", None))
+        return str(Explorer.results_csv(results, folder / "acip-results.csv"))
 
     @ui_errors
+    @heavy
     def perplexity(self, folder, ratio, data, windows, seq_len, dtype, results, request: gr.Request = None,
                    progress=gr.Progress()):
         ex = self.explorer(folder)
-        self._heavy(request)
         stop = self._stop(request, "measure")
         stop.clear()
         progress(0.0, desc="reading the text and preparing the size")
@@ -290,13 +315,13 @@ class Handlers:
         except Cancelled:
             return "Perplexity cancelled.", gr.skip(), gr.skip(), gr.skip()
         results = list(results or []) + [row]
-        return text.perplexity_text(row), text.results_table(results), self._results_file(results), results
+        return text.perplexity_text(row), text.results_table(results), self._results_file(results, request), results
 
     @ui_errors
+    @heavy
     def lm_eval(self, folder, ratio, tasks, limit, batch_size, dtype, results, request: gr.Request = None,
                 progress=gr.Progress()):
         ex = self.explorer(folder)
-        self._heavy(request)
         stop = self._stop(request, "measure")
         stop.clear()
         progress(0.0, desc="loading lm-eval and its tasks")
@@ -311,7 +336,7 @@ class Handlers:
         results = list(results or []) + [row]
         metrics = ", ".join(f"{k} {v:.3f}" for k, v in row.items() if "/" in k and isinstance(v, float))
         return (f"lm-eval at size {row['size_ratio']:.3f}: {metrics or 'no metrics returned'} "
-                f"({row['seconds']:.0f} s)."), text.results_table(results), self._results_file(results), results
+                f"({row['seconds']:.0f} s)."), text.results_table(results), self._results_file(results, request), results
 
     def measure_cancel(self, request: gr.Request = None):
         self._stop(request, "measure").set()
@@ -319,13 +344,13 @@ class Handlers:
 
     # -- export ---------------------------------------------------------------------------------
     @ui_errors
+    @heavy
     def export(self, folder, ratio, kind, dtype, results, request: gr.Request = None, progress=gr.Progress()):
         ex = self.explorer(folder)
-        self._heavy(request)
         dense = EXPORT_KINDS.get(kind, str(kind).startswith("dense"))
         size = ex.size(ratio)
         name = f"{ex.name}-size{size.size_ratio:.3f}-{'dense' if dense else 'lowrank'}-{dtype}"
-        work = self.app.download_dir("exports")
+        work = self.app.download_dir("exports", getattr(request, "session_hash", None))
         progress(None, desc="writing safetensors and zipping")
         try:
             info = ex.export(ratio, work / name, dense=dense, dtype=dtype, zip_path=work / f"{name}.zip",

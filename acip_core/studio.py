@@ -8,6 +8,7 @@ patching globals (docs/ARCHITECTURE.md, "Layout").
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import shutil
@@ -149,19 +150,26 @@ class Studio:
             return value
         raise ValueError(f"{value[:200]!r} is not one of the available artifacts (choose one by name).")
 
-    def download_dir(self, kind: str) -> Path:
-        """A fresh folder for one download; old downloads go first (age, then total size)."""
+    def download_dir(self, kind: str, session: str | None = None) -> Path:
+        """A fresh folder for one download; old downloads go first (age, then total size), but never
+        a session's newest one while it may still be downloading (prune)."""
         root = self.config.downloads / kind
         prune(self.config.downloads, self.config.downloads_max_bytes, self.config.downloads_max_age_s)
-        folder = root / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(4).hex()}"
+        tag = hashlib.sha256(str(session or "anonymous").encode()).hexdigest()[:8]
+        folder = root / f"{time.strftime('%Y%m%d-%H%M%S')}-{tag}-{os.urandom(4).hex()}"
         folder.mkdir(parents=True)
         return folder
 
 
-def prune(root: Path, max_bytes: int, max_age_s: float) -> None:
-    """Deletes download folders (root/<kind>/<one>) older than max_age_s, then the oldest until the
-    rest holds at most max_bytes."""
-    entries = []
+DOWNLOAD_GRACE_S = 600.0  # a visitor's newest download is kept this long whatever the size bound
+
+
+def prune(root: Path, max_bytes: int, max_age_s: float, grace_s: float = DOWNLOAD_GRACE_S) -> None:
+    """Deletes download folders (root/<kind>/<time>-<session tag>-<random>) older than max_age_s,
+    then the oldest until the rest holds at most max_bytes, sparing each session's newest folder
+    of each kind while it is younger than grace_s (a link its visitor was just given: another
+    visitor's export must not take it away mid-download; the bound may be passed by those)."""
+    entries, now = [], time.time()
     for kind in (root.iterdir() if root.is_dir() else ()):
         for one in (kind.iterdir() if kind.is_dir() else ()):
             try:
@@ -171,10 +179,16 @@ def prune(root: Path, max_bytes: int, max_age_s: float) -> None:
             except OSError:
                 continue
     entries.sort()
+    newest = {}  # (kind, session tag) -> (mtime, its newest folder)
+    for mtime, _, one in entries:
+        parts = one.name.split("-")
+        newest[(one.parent.name, parts[2] if len(parts) >= 4 else one.name)] = (mtime, one)
+    spared = {one for mtime, one in newest.values() if now - mtime <= grace_s}
     total = sum(e[1] for e in entries)
     for mtime, size, one in entries:
-        if time.time() - mtime <= max_age_s and total <= max_bytes:
-            break
+        old = now - mtime > max_age_s
+        if not old and (total <= max_bytes or one in spared):
+            continue
         shutil.rmtree(one, ignore_errors=True) if one.is_dir() else one.unlink(missing_ok=True)
         total -= size
 
