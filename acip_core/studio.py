@@ -154,8 +154,9 @@ class Studio:
         """A fresh folder for one download; old downloads go first (age, then total size), but never
         a session's newest one while it may still be downloading (prune)."""
         root = self.config.downloads / kind
-        prune(self.config.downloads, self.config.downloads_max_bytes, self.config.downloads_max_age_s)
         tag = hashlib.sha256(str(session or "anonymous").encode()).hexdigest()[:8]
+        prune(self.config.downloads, self.config.downloads_max_bytes, self.config.downloads_max_age_s,
+              replacing=(kind, tag))
         folder = root / f"{time.strftime('%Y%m%d-%H%M%S')}-{tag}-{os.urandom(4).hex()}"
         folder.mkdir(parents=True)
         return folder
@@ -164,11 +165,13 @@ class Studio:
 DOWNLOAD_GRACE_S = 600.0  # a visitor's newest download is kept this long whatever the size bound
 
 
-def prune(root: Path, max_bytes: int, max_age_s: float, grace_s: float = DOWNLOAD_GRACE_S) -> None:
+def prune(root: Path, max_bytes: int, max_age_s: float, grace_s: float = DOWNLOAD_GRACE_S,
+          replacing: tuple[str, str] | None = None) -> None:
     """Deletes download folders (root/<kind>/<time>-<session tag>-<random>) older than max_age_s,
     then the oldest until the rest holds at most max_bytes, sparing each session's newest folder
     of each kind while it is younger than grace_s (a link its visitor was just given: another
-    visitor's export must not take it away mid-download; the bound may be passed by those)."""
+    visitor's export must not take it away mid-download; the bound may be passed by those).
+    `replacing` (kind, session tag): that session is being given a newer one, so its old one may go."""
     entries, now = [], time.time()
     for kind in (root.iterdir() if root.is_dir() else ()):
         for one in (kind.iterdir() if kind.is_dir() else ()):
@@ -183,7 +186,7 @@ def prune(root: Path, max_bytes: int, max_age_s: float, grace_s: float = DOWNLOA
     for mtime, _, one in entries:
         parts = one.name.split("-")
         newest[(one.parent.name, parts[2] if len(parts) >= 4 else one.name)] = (mtime, one)
-    spared = {one for mtime, one in newest.values() if now - mtime <= grace_s}
+    spared = {one for key, (mtime, one) in newest.items() if now - mtime <= grace_s and key != replacing}
     total = sum(e[1] for e in entries)
     for mtime, size, one in entries:
         old = now - mtime > max_age_s

@@ -489,3 +489,73 @@ def test_a_session_over_its_hourly_quota_of_heavy_jobs_is_refused_and_others_are
     assert public.SessionQuota(per_hour=math.inf).take("a") is None  # local mode: no quota
     assert public.limits({"SPACE_ID": "x/y"}).heavy_per_hour == 20 and "per hour" in public.describe(
         public.limits({"SPACE_ID": "x/y"}))
+
+
+# -- issue 28: who a visitor is, what they may upload, what is kept for them ---------------------------
+def _request(xff=None, host="10.0.0.9", session="s1"):
+    from types import SimpleNamespace
+
+    headers = {"x-forwarded-for": xff} if xff else {}
+    return SimpleNamespace(headers=headers, client=SimpleNamespace(host=host), session_hash=session)
+
+
+def test_the_client_ip_is_the_proxys_entry_of_x_forwarded_for_never_the_clients_own():
+    local, space = {}, {"SPACE_ID": "me/space"}
+    assert public.client_ip(_request("6.6.6.6"), local) == "10.0.0.9"  # no proxy: the header is ignored
+    assert public.client_ip(_request("6.6.6.6, 1.2.3.4"), space) == "1.2.3.4"  # the Space proxy's entry
+    assert public.client_ip(_request("1.2.3.4, 5.6.7.8"), {"ACIP_PROXY_HOPS": "2"}) == "1.2.3.4"
+    assert public.client_ip(_request(None), space) == "10.0.0.9"
+    assert public.visitor_keys(_request("6.6.6.6, 1.2.3.4", session="abc"), space) == ["session:abc", "ip:1.2.3.4"]
+    with pytest.raises(ValueError, match="ACIP_PROXY_HOPS"):
+        public.client_ip(_request(), {"ACIP_PROXY_HOPS": "x"})
+
+
+def test_the_quota_counts_every_key_and_gives_back_a_refused_start():
+    now = [0.0]
+    quota = public.SessionQuota(2, clock=lambda: now[0])
+    quota.take(["session:a", "ip:1"])
+    with pytest.raises(ValueError, match="bad input"), quota.job(["session:b", "ip:1"]):
+        raise ValueError("bad input")  # refused: given back
+    quota.take(["session:b", "ip:1"])
+    with pytest.raises(ValueError, match="this address has started 2"):
+        quota.take(["session:c", "ip:1"])  # a new session, the same address
+    quota.take(["session:c", "ip:2"])
+    now[0] = 3601.0
+    quota.take(["session:d", "ip:1"])  # an hour later
+
+
+def test_uploads_are_bounded_per_address_and_in_total():
+    now = [0.0]
+    quota = public.UploadQuota(per_visitor=30, total=50, clock=lambda: now[0])
+    quota.take("ip:1", 20)
+    with pytest.raises(ValueError, match="from this address reached"):
+        quota.take("ip:1", 11)
+    quota.take("ip:2", 25)
+    with pytest.raises(ValueError, match="to this Space reached"):
+        quota.take("ip:3", 6)
+    now[0] = 3600.5
+    quota.take("ip:3", 30)
+
+
+def test_nul_files_are_found(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"text\n" * 1000)
+    (tmp_path / "b.txt").write_bytes(b"x" * 2_000_000 + b"\0")
+    assert public.nul_files([tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "gone"]) == [str(tmp_path / "b.txt")]
+
+
+def test_a_visitors_newest_download_is_not_pruned_by_another_visitors_export(tmp_path, monkeypatch):
+    """Another visitor's export link answered 403 20 s after a later export: the size bound removed it."""
+    from acip_core.studio import Studio, StudioConfig
+
+    monkeypatch.setenv("ACIP_LIMIT_EXPORTS_BYTES", "1500")
+    studio = Studio(StudioConfig(downloads=tmp_path / "dl", runs=tmp_path / "runs", precomputed=tmp_path / "pre"))
+    mine = studio.download_dir("exports", "visitor-a")
+    (mine / "model.zip").write_bytes(b"z" * 1000)
+    older = studio.download_dir("exports", "visitor-b")
+    (older / "model.zip").write_bytes(b"z" * 1000)
+    newer = studio.download_dir("exports", "visitor-b")  # over the bound: b's older one goes, a's stays
+    assert mine.exists() and newer.exists() and not older.exists()
+    old = time.time() - 3 * 3600  # past the age limit even the newest goes
+    os.utime(mine, (old, old))
+    studio.download_dir("exports", "visitor-c")
+    assert not mine.exists()
