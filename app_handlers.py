@@ -4,6 +4,7 @@ page out and wires these; the library never imports gradio (docs/ARCHITECTURE.md
 from __future__ import annotations
 
 import functools
+import html
 import inspect
 import logging
 import math
@@ -36,10 +37,16 @@ EXPORT_KINDS = {"low-rank: smallest files (loads with trust_remote_code)": False
                 "dense: original shapes, no memory saved (for compatibility)": True}
 
 
+def toast(text) -> str:
+    """A toast's text as plain text: Gradio renders a toast's message as HTML, and messages echo what
+    a visitor typed (a run name, sweep sizes), so an `<img src=…>` in them would be fetched."""
+    return html.escape(str(text), quote=False)
+
+
 def ui_errors(fn):
-    """A failing handler shows its message as a toast and leaves every output as it was (an error
-    status would cover the outputs: the slider, the conversation). Programming errors get a short
-    message; the server log has the traceback."""
+    """A failing handler shows its message as a toast (as text: `toast`) and leaves every output as it
+    was (an error status would cover the outputs: the slider, the conversation). Programming errors
+    get a short message; the server log has the traceback."""
     def message(err):
         if isinstance(err, gr.Error):
             return err.message
@@ -54,7 +61,7 @@ def ui_errors(fn):
             try:
                 yield from fn(*args, **kwargs)
             except Exception as err:
-                gr.Warning(message(err), title="Could not do that", duration=8)
+                gr.Warning(toast(message(err)), title="Could not do that", duration=8)
                 yield gr.skip()
         return gen_wrapper
 
@@ -63,7 +70,7 @@ def ui_errors(fn):
         try:
             return fn(*args, **kwargs)
         except Exception as err:
-            gr.Warning(message(err), title="Could not do that", duration=8)
+            gr.Warning(toast(message(err)), title="Could not do that", duration=8)
             return gr.skip()
     return wrapper
 
@@ -209,8 +216,8 @@ class Handlers:
             if budget_gb is None:
                 raise ValueError("Type a memory budget in GB first.")
             fits = ex.fit_budget_every_dtype(budget_gb)
-        except ValueError as err:
-            return gr.skip(), gr.skip(), f"⚠ {err}", gr.skip()
+        except ValueError as err:  # it may echo what was typed: shown as text
+            return gr.skip(), gr.skip(), f"⚠ {public.md_escape(err)}", gr.skip()
         best = next((f for f in fits if f.get("best")), None)
         if best is None:
             return gr.skip(), gr.skip(), (f"⚠ {budget_gb:g} GB is smaller than the smallest model in every "
@@ -240,7 +247,7 @@ class Handlers:
         message = clean_prompt(message)
         note = text.below_range_note(ex.size(ratio_a).size_ratio, ex.describe()["smallest_measured"])
         if note:
-            gr.Warning(f"Size A {float(ratio_a):.3f}: {note}", title="Size A")
+            gr.Warning(toast(f"Size A {float(ratio_a):.3f}: {note}"), title="Size A")
         stop = self._stop(request, "chat")
         stop.clear()
         history_a, history_b = check_message_count(history_a), check_message_count(history_b)
@@ -432,8 +439,8 @@ class Handlers:
         name = time.strftime(f"ft-{size.size_ratio:.2f}-{objective}-%Y%m%d-%H%M%S").replace("+", "")
         self.app.jobs.start_finetune(name, str(folder), float(ratio), objective=objective, steps=steps,
                                      format=dtype, owner=_who(token, request))
-        gr.Info(f"Fine-tuning size {size.size_ratio:.3f} in {dtype} ({objective}, {steps} steps) as run "
-                f"{name}: follow it in the Score tab. When done, it is listed as an artifact and on the curve.")
+        gr.Info(toast(f"Fine-tuning size {size.size_ratio:.3f} in {dtype} ({objective}, {steps} steps) as run "
+                f"{name}: follow it in the Score tab. When done, it is listed as an artifact and on the curve."))
         return gr.update(choices=[r["name"] for r in self.app.jobs.list()], value=name)
 
     @ui_errors
@@ -458,7 +465,7 @@ class Handlers:
         public.check_may_score(token)
         note = self.resume_note(run)
         self.app.jobs.resume(run, who=_who(token, request))
-        gr.Info(note.replace("**", ""))
+        gr.Info(toast(note.replace("**", "")))
         return (self.runs_frame(),) + self.run_view(run)
 
     def score_poll(self, run, known):

@@ -42,3 +42,28 @@ def test_curve_analytics():
     assert 51.6 < at["value"] < 100 and at["value"] == interp_log([0.4, 0.7], [100.0, 51.6], 0.55)
     assert curve_at(curve, 0.2)["value"] is None
     assert suggested_ratio(curve) == 1.0 and suggested_ratio(curve, within=1.5) == 0.7
+
+
+def _formats_curve():
+    rows = [dict(method="original", format=f, size_ratio=1.0, gb=g, ppl_heldout=36.6)
+            for f, g in (("int8", 0.2), ("int4-g32", 0.1))]
+    for method, shift in (("acip", 0), ("svd-magnitude", 20), ("whitened-magnitude", 10)):
+        for fmt, gb in (("int8", 0.2), ("int4-g32", 0.1), ("int8+fast", 0.21)):
+            rows += [dict(method=method, format=fmt, size_ratio=r, gb=gb * r, ppl_heldout=40 + shift + 10 * (1 - r))
+                     for r in (0.4, 0.7)]
+    return pd.DataFrame(rows)
+
+
+def test_one_colour_per_method_and_formats_told_apart_by_dash_or_marker():
+    """In int8 the ACIP line had svd-magnitude's green, in int4 whitened-magnitude's orange."""
+    seen = {}
+    for dtype in ("int8", "int4-g32", "int8+fast"):
+        fig = plots.curve_figure(_formats_curve(), "size_ratio", dtype)
+        for t in fig.data:
+            if t.name.startswith(("acip", "svd-magnitude", "whitened-magnitude")):
+                seen.setdefault(t.name.split()[0], set()).add(t.line.color)
+    assert all(len(c) == 1 for c in seen.values()), seen  # one colour per method in every format
+    assert len({c for cs in seen.values() for c in cs}) == 3  # and no two methods share one
+    fig = plots.curve_figure(_formats_curve(), "gb", "int8")
+    styles = [(t.line.dash, t.marker.symbol) for t in fig.data if t.name.startswith("acip ")]
+    assert len(styles) == 3 and len(set(styles)) == 3, styles  # each format its own dash/marker
