@@ -123,11 +123,14 @@ class Handlers:
 
     def _loading(self, value, progress):
         """Yields a status line while the named artifact loads, with a progress bar when the load has counts."""
-        folder = self.folder(value)
+        folder, first = self.folder(value), None
         for line in self.app.registry.wait_lines(folder):
             state = self.app.registry.loading(folder)
             if progress is not None and state is not None and state.total:
-                progress((state.done, state.total), desc="building the basis", unit="layers")
+                first = first if first is not None else (state.done, time.perf_counter())  # the rate seen here
+                eta = text.eta_text(state.done - first[0], state.total - first[0], time.perf_counter() - first[1])
+                progress((state.done, state.total), desc=f"building the basis ({eta})" if eta else
+                         "building the basis", unit="layers")
             yield f"Loading **{os.path.basename(folder)}**: {line}"
 
     def _stop(self, request, kind: str) -> threading.Event:
@@ -317,7 +320,7 @@ class Handlers:
         progress(0.0, desc="reading the text and preparing the size")
         try:
             row = ex.measure_perplexity(ratio, data, windows, seq_len, dtype, batch_size=2,
-                                        on_progress=lambda d, n: progress((d, n), desc="windows", unit="windows"),
+                                        on_progress=_with_eta(progress, "windows", "windows"),
                                         should_stop=stop.is_set)
         except Cancelled:
             return "Perplexity cancelled.", gr.skip(), gr.skip(), gr.skip()
@@ -335,13 +338,13 @@ class Handlers:
         try:
             row = ex.measure_lm_eval(ratio, tasks, limit, batch_size, dtype,  # it checks both
                                      should_stop=stop.is_set,
-                                     on_progress=lambda d, n: progress((d, n), desc="lm-eval", unit="requests"))
+                                     on_progress=_with_eta(progress, "lm-eval", "requests"))
         except Cancelled:
             return "lm-eval cancelled.", gr.skip(), gr.skip(), gr.skip()
         except ImportError as err:
             raise gr.Error(f"lm-eval support is not available here ({err}).") from None
         results = list(results or []) + [row]
-        metrics = ", ".join(f"{k} {v:.3f}" for k, v in row.items() if "/" in k and isinstance(v, float))
+        metrics = ", ".join(f"{k} {text.metric_value(v)}" for k, v in row.items() if "/" in k and isinstance(v, float))
         return (f"lm-eval at size {row['size_ratio']:.3f}: {metrics or 'no metrics returned'} "
                 f"({row['seconds']:.0f} s)."), text.results_table(results), self._results_file(results, request), results
 
@@ -484,6 +487,16 @@ class Handlers:
         else:
             fig, line = gr.skip(), gr.skip()
         return frame, runs, fig, line, artifacts, artifacts, dict(artifacts=folders, runs=names, plot=plot_key)
+
+
+def _with_eta(progress, desc: str, unit: str):
+    """A progress callback (done, total) whose bar also says the time left at the rate so far."""
+    start = time.perf_counter()
+
+    def update(done, total):
+        eta = text.eta_text(done, total, time.perf_counter() - start)
+        progress((done, total), desc=f"{desc} ({eta})" if eta else desc, unit=unit)
+    return update
 
 
 def _who(token, request) -> str | None:

@@ -325,11 +325,16 @@ def budget_text(budget_gb: float, fits: list[dict]) -> str:
 
 
 def perplexity_text(row: dict, min_windows: int = 32) -> str:
-    """A measured perplexity with its spread, and a warning when it cannot be told from the curve."""
+    """A measured perplexity with its spread, and a warning when it cannot be told from the curve.
+    One window has no spread (a standard error needs two): that is said, never "± 0 %"."""
+    where = (f"at size {row['size_ratio']:.3f} ({row['dtype']}) on {row['data']}: {row['windows']} "
+             f"window{'s' if row['windows'] != 1 else ''} × {row['seq_len']} tokens in {row['seconds']:.1f} s "
+             f"({row['tokens_per_s']:.0f} tokens/s). Added to the curve (this session only).")
+    if row["windows"] < 2:
+        return (f"Perplexity **{row['perplexity']:.1f}** {where}  \n⚠ One window: no spread can be "
+                f"measured (it needs at least two), so this value cannot be compared; use ≥ {min_windows}.")
     text = (f"Perplexity **{row['perplexity']:.1f}** (± one standard error: {row['ppl_low']:.1f}–"
-            f"{row['ppl_high']:.1f}) at size {row['size_ratio']:.3f} ({row['dtype']}) on {row['data']}: "
-            f"{row['windows']} windows × {row['seq_len']} tokens in {row['seconds']:.1f} s "
-            f"({row['tokens_per_s']:.0f} tokens/s). Added to the curve (this session only).")
+            f"{row['ppl_high']:.1f}) {where}")
     curve = row.get("curve_perplexity")
     if curve is not None and row["ppl_low"] <= curve <= row["ppl_high"]:
         text += (f"  \n⚠ The curve says ≈ {curve:.1f} here, inside this measurement's spread: "
@@ -404,18 +409,37 @@ def layers_frame(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def reply(snap: dict) -> str:
-    """A chat reply as shown: an empty finished reply says so instead of an empty bubble."""
+    """A chat reply as shown: an empty finished reply says why instead of an empty bubble (at once,
+    or tokens that show no text: special or white-space tokens). The panes show plain text."""
     if snap["done"] and not snap["text"].strip():
-        return "*(no text: the model ended its reply at once at this size)*"
+        if snap.get("tokens"):
+            return (f"(no visible text: the model's {snap['tokens']} tokens at this size are special or "
+                    "white-space tokens)")
+        return "(no text: the model ended its reply at once at this size)"
     return snap["text"]
+
+
+def metric_value(value) -> str:
+    """An lm-eval figure: counts (samples) as whole numbers, scores with 3 decimals."""
+    return f"{int(value):,}" if float(value).is_integer() and abs(value) >= 1 else f"{value:.3f}"
+
+
+def eta_text(done: int, total: int, elapsed_s: float) -> str:
+    """"ETA 1 min 05 s" from the rate so far ('' before the first count)."""
+    if done <= 0 or total <= done or elapsed_s <= 0:
+        return ""
+    left = elapsed_s / done * (total - done)
+    return f"ETA {int(left // 60)} min {int(left % 60):02d} s" if left >= 60 else f"ETA {left:.0f} s"
 
 
 def results_table(results) -> pd.DataFrame:
     """The session's results, newest first, the measured value (with its spread) up front."""
     frame = pd.DataFrame(list(results or [])[::-1])
     if "perplexity" in frame:
-        frame.insert(3, "± (one s.e.)", [f"{lo:.1f}–{hi:.1f}" if pd.notna(lo) else "" for lo, hi in
-                                         zip(frame.get("ppl_low", []), frame.get("ppl_high", []))])
+        frame.insert(3, "± (one s.e.)", [f"{lo:.1f}–{hi:.1f}" if pd.notna(lo) and (pd.isna(w) or w >= 2) else
+                                         "no spread (1 window)" if pd.notna(lo) else "" for lo, hi, w in
+                                         zip(frame.get("ppl_low", []), frame.get("ppl_high", []),
+                                             frame.get("windows", [float("nan")] * len(frame)))])
         frame["perplexity"] = frame.perplexity.round(2)
     metrics = [c for c in frame.columns if "/" in c]
     keep = ["time", "kind", "size_ratio", "dtype", "data"] + metrics + \
