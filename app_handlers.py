@@ -194,7 +194,7 @@ class Handlers:
         if fitted is not None and abs(fitted - float(ratio)) < 1e-9:  # the budget's own answer: kept
             budget, answer = gr.skip(), gr.skip()
         else:  # the selected size's need, not a stale budget, and no answer to a budget no longer shown
-            budget, answer = math.ceil(summary["gb"] * 1000) / 1000, ""
+            budget, answer = text.gb_up(summary["gb"]), ""  # the badge's GB, to the digit
         return (text.summary_frame(summary, at, note), text.layers_frame(ex.layer_table(size, dtype)),
                 plots.heatmap_figure(ex.rank_heatmap(size, dtype)), self._curve(ex, summary, x_axis, dtype, metric, results),
                 text.size_badge(summary, note), budget, answer)
@@ -218,16 +218,16 @@ class Handlers:
         try:
             if budget_gb is None:
                 raise ValueError("Type a memory budget in GB first.")
-            fits = ex.fit_budget_every_dtype(budget_gb)
+            answer = ex.budget_answer(budget_gb)
         except ValueError as err:  # it may echo what was typed: shown as text
             return gr.skip(), gr.skip(), f"⚠ {public.md_escape(err)}", gr.skip()
-        best = next((f for f in fits if f.get("best")), None)
+        best, fits = answer["best"], answer["rows"]
         if best is None:
             return gr.skip(), gr.skip(), (f"⚠ {budget_gb:g} GB is smaller than the smallest model in every "
                                           f"format ({text.gigabytes(min(f['smallest_gb'] for f in fits))} in "
                                           "the smallest): nothing moved."), gr.skip()
-        ratio = int(best["size_ratio"] * 1000) / 1000  # floor: that slider value still fits the budget
-        return ratio, best["dtype"], text.budget_text(float(budget_gb), fits), ratio
+        ratio = text.slider_ratio(best["size_ratio"])  # rounded down: that slider value still fits the budget
+        return ratio, best["dtype"], text.budget_text(float(budget_gb), answer), ratio
 
     @ui_errors
     def artifact_b(self, folder_b):

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from .artifact import load_artifact
-from .curve import acip_rows, best_in_format, comparable_acip, curve_at, ppl_columns, smallest_measured, spread
+from .curve import curve_at, rank_for_budget, rule_text, smallest_measured, spread
 from .data import load_text, token_windows
 from .evaluate import Cancelled, perplexity
 from .jobs import ScoringJobs  # noqa: F401  (re-exported: the app's other engine)
@@ -658,33 +658,39 @@ class Explorer:
                                             t["format"]).gigabytes
         return found
 
-    def fit_budget_every_dtype(self, gigabytes) -> list[dict]:
-        """The budget's answer in every format the app offers (curve.best_in_format, the CLI's
-        `size --budget-gb` ranking: the best measured size that fits, by the curve's perplexity on
-        the first eval set; the largest size that fits where the curve lacks the format). The best
-        of the formats whose perplexities are comparable (else the largest size) has best=True.
-        Formats whose smallest size does not fit are listed with fits=False."""
+    def budget_answer(self, gigabytes) -> dict:
+        """The budget's answer in every format the app offers, by the one ranking (curve.rank_for_budget,
+        the CLI's `size --budget-gb` too): rows (one per format: dtype, fits, the size's summary,
+        perplexity, ranked; smallest_gb where it does not fit), the best (best=True in its row; by the
+        ranking rule among formats measured on comparable windows; the largest size that fits where
+        nothing fitting was measured, with measured=False), eval_set, windows, rule (in words) and
+        smallest_measured (size_ratio, format, gb of the smallest measured model)."""
         budget = _budget(gigabytes)
-        cols = ppl_columns(self.curve)
-        eval_set = cols[0][len("ppl_"):] if cols else "heldout"
-        acip = comparable_acip(self.curve)
-        comparable = set(acip.format) if acip is not None else set()
-        all_acip = acip_rows(self.curve)
+        ranking = rank_for_budget(self.any_size, self.curve, budget, None, DTYPE_CHOICES)
         rows = []
-        for dtype in DTYPE_CHOICES:
-            try:
-                pick = best_in_format(self.any_size, all_acip, budget, dtype, eval_set)
-            except ValueError:
-                rows.append(dict(dtype=dtype, fits=False, smallest_gb=self.smallest_gb(dtype)))
+        for r in ranking["rows"]:
+            if not r["fits"]:
+                rows.append(dict(dtype=r["format"], fits=False, smallest_gb=r["smallest_gb"]))
                 continue
-            rows.append(dict(self._budget_row(pick["size"], dtype, budget), fits=True, perplexity=pick["perplexity"],
-                             ranked=dtype in comparable))
+            rows.append(dict(self._budget_row(r["size"], r["format"], budget), fits=True,
+                             perplexity=r["perplexity"], ranked=r["ranked"]))
         fitting = [r for r in rows if r["fits"]]
-        if fitting:
-            best = min(fitting, key=lambda r: (r["perplexity"] if r["perplexity"] is not None and r["ranked"]
-                                               else math.inf, -r["size_ratio"], DTYPE_CHOICES.index(r["dtype"])))
+        measured = ranking["best"] is not None
+        if measured:
+            best = next(r for r in fitting if r["dtype"] == ranking["best"]["format"])
+        elif fitting:  # nothing fitting was measured: the largest size, said to be unmeasured
+            best = max(fitting, key=lambda r: (r["size_ratio"], -DTYPE_CHOICES.index(r["dtype"])))
+        else:
+            best = None
+        if best is not None:
             best["best"] = True
-        return rows
+        return dict(rows=rows, best=best, measured=measured, eval_set=ranking["eval_set"],
+                    windows=ranking["windows"], rule=rule_text(ranking),
+                    smallest_measured=ranking["smallest_measured"])
+
+    def fit_budget_every_dtype(self, gigabytes) -> list[dict]:
+        """The rows of `budget_answer` (one per format; the best has best=True)."""
+        return self.budget_answer(gigabytes)["rows"]
 
 
 def _budget(gigabytes) -> float:

@@ -235,11 +235,17 @@ def millions(n: int) -> str:
 
 
 def gigabytes(gb: float) -> str:
-    """GB with 3 decimals; MB below 0.01 GB (so a small remainder never reads "0.000 GB"); a huge
+    """GB with 3 decimals, rounded up (gb_up); MB below 0.01 GB (so a small remainder never reads "0.000 GB"); a huge
     number (a visitor's budget of 1e308 GB) in short scientific form."""
     if abs(gb) >= 1e6:
         return f"{gb:.3g} GB"
-    return f"{gb:.3f} GB" if abs(gb) >= 0.01 else f"{gb * 1000:.1f} MB"
+    return f"{gb_up(gb):.3f} GB" if abs(gb) >= 0.01 else f"{math.ceil(gb * 1e4 - 1e-9) / 10:.1f} MB"
+
+
+def gb_up(gb: float) -> float:
+    """GB rounded up to 3 decimals: the one GB format of the app (the badge, the tables and the budget
+    box: a need rounded up still holds the size when typed back as a budget)."""
+    return math.ceil(gb * 1000 - 1e-9) / 1000
 
 
 FINETUNE_HELP = (
@@ -304,8 +310,16 @@ def size_badge(s: dict, note: str = "") -> str:
     return text + (f"  \n⚠ {note}" if note else "")
 
 
-def budget_text(budget_gb: float, fits: list[dict]) -> str:
-    """The budget's answer in every format (Explorer.fit_budget_every_dtype), best first named."""
+def slider_ratio(ratio: float) -> float:
+    """A size ratio as the slider holds it (3 decimals, rounded down: that value still fits a budget);
+    every text that names a budget's size uses this, so it reads as the slider does."""
+    return math.floor(float(ratio) * 1000 + 1e-6) / 1000
+
+
+def budget_text(budget_gb: float, answer: dict) -> str:
+    """The budget's answer in every format (Explorer.budget_answer), best first named, and what decided
+    it; never calls an unmeasured size measured."""
+    fits = answer["rows"]
     lines = [f"**{budget_gb:g} GB** fits:", "", "| format | size | weights | left | perplexity |",
              "|---|---|---|---|---|"]
     for f in fits:
@@ -315,12 +329,19 @@ def budget_text(budget_gb: float, fits: list[dict]) -> str:
         # no perplexity: a size outside the curve's measured sizes
         ppl = f"≈ {f['perplexity']:.1f}" if f.get("perplexity") is not None else "not measured"
         mark = " **(best)**" if f.get("best") else ""
-        lines.append(f"| {f['dtype']}{mark} | **{f['size_ratio']:.3f}** | {gigabytes(f['gb'])} | "
+        lines.append(f"| {f['dtype']}{mark} | **{slider_ratio(f['size_ratio']):.3f}** | {gigabytes(f['gb'])} | "
                      f"{gigabytes(f['budget_left_gb'])} | {ppl} |")
-    best = next((f for f in fits if f.get("best")), None)
-    if best:
-        lines += ["", f"The slider moved to the best: size {best['size_ratio']:.3f} in {best['dtype']} "
-                      "(lowest perplexity on the curve in that format; the runners-up are the other rows)."]
+    best = answer.get("best")
+    if best and answer.get("measured"):
+        lines += ["", f"The slider moved to the best: size {slider_ratio(best['size_ratio']):.3f} in {best['dtype']}, "
+                      f"{answer['rule']}. The runners-up are the other rows."]
+    elif best:
+        small = answer.get("smallest_measured")
+        need = (f" The smallest measured model is size {small['size_ratio']:.3f} in {small['format']}: it needs "
+                f"{gigabytes(small['gb'])}." if small else "")
+        lines += ["", f"No size that fits was measured: the slider moved to the largest that fits, size "
+                      f"{slider_ratio(best['size_ratio']):.3f} in {best['dtype']}, whose quality is unknown "
+                      f"(an extrapolation, likely unusable).{need}"]
     return "\n".join(lines)
 
 
