@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import logging
 import math
+import os
 import re
 import threading
 import time
@@ -42,6 +43,42 @@ MAX_PROMPT_CHARS = 8000
 MAX_NEW_TOKENS = 1024
 MAX_HISTORY_CHARS = 200_000  # a longer chat history was not sent by the page; refused
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffe\uffff]")  # keeps \t \n \r
+
+
+# -- sharing the cores ---------------------------------------------------------------------------
+class ComputeGate:
+    """At most `slots` forward passes run at once in this process (CPU only).
+
+    Every request (two chats, a perplexity job) runs in its own thread, and each forward pass uses
+    all of torch's intra-op threads; torch.set_num_threads cannot give each request its own share (it
+    is process-wide in effect: a thread that sets it changes the count every new thread starts
+    with), and two passes at once oversubscribe the cores, whose OpenMP threads then wait on each
+    other. So whole forward passes take turns: concurrent chats interleave token by token, each pass
+    on every core, and N chats together decode about as fast as one (benchmarks/concurrency.py
+    measures it). ACIP_COMPUTE_SLOTS sets the slots (default 1; 0 turns the gate off)."""
+
+    def __init__(self, slots: int | None = None):
+        slots = int(os.environ.get("ACIP_COMPUTE_SLOTS", "1")) if slots is None else slots
+        self.slots = slots
+        self._sem = threading.BoundedSemaphore(slots) if slots > 0 else None
+
+    def wrap(self, model):
+        """Makes `model`'s forward take a slot (a no-op off the CPU or with the gate off). Returns it."""
+        if self._sem is None or getattr(model, "_acip_gated", False):
+            return model
+        if next(model.parameters()).device.type != "cpu":
+            return model
+        inner, sem = model.forward, self._sem
+
+        def forward(*args, **kwargs):
+            with sem:
+                return inner(*args, **kwargs)
+
+        model.forward, model._acip_gated = forward, True
+        return model
+
+
+GATE = ComputeGate()
 
 
 # -- validation ---------------------------------------------------------------------------------
@@ -344,7 +381,7 @@ class Explorer:
         key = (size.prefix, dtype)
         with self._lock:
             if key not in self._models:
-                self._models[key] = self.any_size.materialize(size, dtype)
+                self._models[key] = GATE.wrap(self.any_size.materialize(size, dtype))
                 while len(self._models) > self._cache_size:
                     self._models.popitem(last=False)
             self._models.move_to_end(key)
@@ -572,7 +609,7 @@ class Explorer:
             limit = check_int(lim.lm_eval_items if limit is None else limit, 1, lim.lm_eval_items, "limit")
         batch_size = check_int(batch_size, 1, 512, "batch_size")
         size = self.size(ratio)
-        model = self.any_size.materialize(size, dtype)  # its own tree: lm-eval's hooks stay on it
+        model = GATE.wrap(self.any_size.materialize(size, dtype))  # its own tree: lm-eval's hooks stay on it
         start = time.perf_counter()
         result = run_lm_eval(model, self.tokenizer, tasks, limit, batch_size, should_stop, on_progress)
         seconds = time.perf_counter() - start

@@ -74,7 +74,11 @@ def test_visitor_strings_are_text_in_toasts_and_chat(app_url, browser, bait):  #
         while time.time() < deadline and speed.inner_text().count("done") < 2:
             time.sleep(0.3)
         bubble = page.locator("#chat-a").get_by_text(re.compile(r"<img src=")).first
-        bubble.wait_for(timeout=30_000)
+        try:
+            bubble.wait_for(timeout=30_000)
+        except Exception:
+            page.screenshot(path=OUT / f"{name}-text-failure.png", full_page=True)
+            raise AssertionError(f"no text bubble; fetched {hits}; pane: {page.locator('#chat-a').inner_html()[-3000:]}")
         assert "**bold**" in bubble.inner_text()  # not rendered as Markdown either
         assert page.locator("#chat-a img, #chat-b img").count() == 0
         time.sleep(2)  # any fetch the page would make has been made
