@@ -36,6 +36,11 @@ CSS = """
 #budget-text table {font-size: 0.9em}
 #budget-text td, #budget-text th {padding: 4px 6px; white-space: nowrap}  /* 0.900, not 0.90 / 0 */
 footer {display: none !important}
+/* 1024-1400 px: numbers and headers whole (issue 28: "25" for 256, lm-eval headers split mid-word) */
+#sweep-new input[type=number], #max-new input[type=number], #windows input[type=number],
+#ratio-b input[type=number], #size-slider input[type=number] {min-width: 4.5em}
+#lm-table th, #lm-table th * {word-break: keep-all; overflow-wrap: normal; hyphens: none}
+#summary td, #summary td * {overflow-wrap: anywhere; white-space: normal}
 """
 # Enter in the size slider's number box applies the typed value at once (Gradio applies it on blur)
 JS = """() => { document.addEventListener('keydown', (e) => {
@@ -62,15 +67,20 @@ class _ChatHistory(gr.Chatbot.data_model):
                            "again.", print_exception=False) from None
 
 
-class TextChatbot(gr.Chatbot):
-    """The chat panes: every message shown as plain text (no Markdown, no HTML: a visitor's prompt
-    or a model's reply never fetches a URL or styles the page); a malformed history is refused by
-    _ChatHistory."""
+class _Chatbot(gr.Chatbot):
+    """Gradio's chatbot whose malformed history is refused by _ChatHistory. (No __init__ of its own:
+    Gradio sends the page the props named in the class's __init__ signature.)"""
 
     data_model = _ChatHistory
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, render_markdown=False, sanitize_html=True, **kwargs)
+    def get_block_name(self) -> str:
+        return "chatbot"  # the page draws it with Gradio's own chatbot (else: an unknown component)
+
+
+def TextChatbot(**kwargs) -> gr.Chatbot:
+    """A chat pane: every message shown as plain text (no Markdown, no HTML: a visitor's prompt or a
+    model's reply never fetches a URL or styles the page)."""
+    return _Chatbot(render_markdown=False, sanitize_html=True, **kwargs)
 
 
 # -- layout -------------------------------------------------------------------------------------
@@ -106,7 +116,7 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
                         curve = gr.Plot(label="compression–performance curve", show_label=False, elem_id="curve")
                         with gr.Row():
                             x_axis = gr.Radio(list(X_AXES), value="size ratio", label="x axis")
-                            metric = gr.Dropdown(choices=[], label="evaluation set", elem_id="metric")
+                            metric = gr.Dropdown(choices=[], label="evaluation set", elem_id="metric", min_width=300)
                     with gr.Column(scale=2):
                         ratio = gr.Slider(0.0, 1.0, value=1.0, step=0.001, label="size ratio",
                                           info="kept fraction of the compressed layers (1 = original); "
@@ -118,7 +128,7 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
                             fit = gr.Button("fit budget", scale=1, elem_id="fit")
                         budget_md = gr.Markdown(elem_id="budget-text")
                         summary = gr.Dataframe(label="this size", interactive=False, wrap=True, headers=["", "this size"],
-                                               column_widths=["48%", "52%"], elem_id="summary")
+                                               column_widths=["40%", "60%"], max_height=800, elem_id="summary")
                         with gr.Accordion("Recover this size: fine-tune it", open=False, elem_id="finetune"):
                             gr.Markdown(text.FINETUNE_HELP)
                             with gr.Row(equal_height=True):
@@ -150,7 +160,7 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
                 gr.Examples(EXAMPLES, inputs=message)
                 with gr.Row():
                     side_by_side = gr.Checkbox(value=True, label="side by side with B")
-                    artifact_b = gr.Dropdown(choices=choices, label="B: artifact", elem_id="artifact-b")
+                    artifact_b = gr.Dropdown(choices=choices, label="B: artifact", elem_id="artifact-b", min_width=340)
                     ratio_b = gr.Slider(0.0, 1.0, value=1.0, step=0.001, label="B: size ratio", elem_id="ratio-b")
                     max_new = gr.Slider(1, 512, value=128, step=1, label="max new tokens", elem_id="max-new")
                     penalty = gr.Slider(1.0, 2.0, value=1.15, step=0.01, label="repetition penalty")
@@ -160,7 +170,8 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
                 with gr.Row():
                     sweep_prompt = gr.Textbox(value=EXAMPLES[0], label="prompt", scale=4, elem_id="sweep-prompt")
                     sweep_sizes = gr.Textbox(value="1.0:0.4:0.1", label="sizes", scale=2, elem_id="sweep-sizes")
-                    sweep_new = gr.Slider(1, 256, value=48, step=1, label="max new tokens", elem_id="sweep-new")
+                    sweep_new = gr.Slider(1, 256, value=48, step=1, label="max new tokens", elem_id="sweep-new",
+                                          min_width=240)
                     sweep_btn = gr.Button("Run sweep", variant="primary", elem_id="run-sweep")
                 sweep_grid = gr.Dataframe(headers=["size", "params", "reply", "tok/s"], interactive=False,
                                           wrap=True, column_widths=["8%", "10%", "72%", "10%"], elem_id="sweep-grid")

@@ -124,10 +124,9 @@ def curve_figure(curve: pd.DataFrame | None, x: str = "size_ratio", dtype: str =
         elif len(original):  # GB view: the original in every format, and the frontier
             # (a fast layout's original is its small layout's: every layer dense either way)
             original = original[~original.format.str.endswith("+fast")]
-            fig.add_trace(go.Scatter(
-                x=original.gb, y=original[metric], mode="markers+text", name="original (each format)",
-                text=original.format, textposition="top center", textfont=dict(size=9, color="#374151"),
-                marker=dict(color=COLORS["original"], size=12, symbol="star"),
+            fig.add_trace(go.Scatter(  # no text labels: at close GB they overlapped (the hover names the format)
+                x=original.gb, y=original[metric], mode="markers", name="original (each format)",
+                text=original.format, marker=dict(color=COLORS["original"], size=12, symbol="star"),
                 hovertemplate="original in %{text}<br>%{x:.4f} GB<br>perplexity %{y:.4g}<extra></extra>"))
             front = pareto_frontier(data, metric[4:])
             if len(front):
@@ -137,7 +136,8 @@ def curve_figure(curve: pd.DataFrame | None, x: str = "size_ratio", dtype: str =
                     customdata=np.stack([front.format, front.size_ratio], axis=-1),
                     hovertemplate="frontier: %{customdata[0]} at size %{customdata[1]:.2f}<br>%{x:.4f} GB"
                                   "<br>perplexity %{y:.4g}<extra></extra>"))
-        fig.update_layout(xaxis_title=xlabel, yaxis=dict(type="log", title=f"perplexity on {eval_set_label(metric)} (log)"))
+        fig.update_layout(xaxis_title=xlabel, yaxis=dict(type="log", title="perplexity (log)"))
+        title = f"{title} · {eval_set_label(metric)}" if title else eval_set_label(metric)
         acip = data[(data.method == "acip") & (data.format == shown_fmt)]
         focus = list(data[data.method == "acip"][metric]) + ([ref] if ref is not None else [])
         if measured is not None and len(measured) and "perplexity" in measured:
@@ -149,8 +149,8 @@ def curve_figure(curve: pd.DataFrame | None, x: str = "size_ratio", dtype: str =
             clipped = [m for m, _ in lines if m != "acip" and (data[data.method == m][metric] > hi).any()]
             if clipped:
                 fig.add_annotation(text=f"{', '.join(clipped)}: partly above the frame (double-click "
-                                        "the plot to show everything)", x=0.99, y=0.99, xref="paper",
-                                   yref="paper", xanchor="right", yanchor="top", showarrow=False,
+                                        "the plot to show everything)", x=0.01, y=0.01, xref="paper",
+                                   yref="paper", xanchor="left", yanchor="bottom", showarrow=False,
                                    font=dict(size=11, color="#6b7280"), bgcolor="rgba(255,255,255,0.8)")
     if current is not None and acip is not None:
         xc = current["size_ratio"] if x == "size_ratio" else current["gb"]
@@ -235,8 +235,8 @@ def heatmap_figure(heat: dict, title: str = "") -> go.Figure:
     fig.update_layout(**_LAYOUT, height=max(300, 60 + 16 * len(heat["blocks"])),
                       title=dict(text=title or "kept rank per layer (D = runs dense)", x=0.01, font=dict(size=14)))
     fig.update_yaxes(title="block", autorange="reversed", type="category")
-    fig.update_xaxes(title="module", side="top", type="category")
-    fig.update_layout(margin=dict(l=60, r=20, t=80, b=20))
+    fig.update_xaxes(title="module", side="bottom", type="category")  # on top it ran into the title
+    fig.update_layout(margin=dict(l=60, r=20, t=50, b=60))
     return fig
 
 

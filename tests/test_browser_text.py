@@ -86,3 +86,30 @@ def test_visitor_strings_are_text_in_toasts_and_chat(app_url, browser, bait):  #
         assert hits == [], f"the browser fetched {hits}"
     finally:
         page.close()
+
+
+@pytest.mark.parametrize("width", [1400, 1024])
+def test_nothing_is_cut_at_common_widths(app_url, browser, width):  # noqa: F811
+    """Numbers and choices are whole at 1024 and 1400 px (a slider's maximum read "25" for 256, the
+    B artifact and evaluation-set dropdowns were cut); screenshots of each tab for a look."""
+    url, name = app_url
+    page = browser.new_page(viewport={"width": width, "height": 1000})
+    page.goto(url)
+    page.get_by_text(re.compile(r"Ready\.")).wait_for(timeout=600_000)
+    page.locator("#curve .main-svg").first.wait_for(timeout=180_000)
+    time.sleep(1)
+    cut = """els => els.filter(e => e.offsetParent !== null && e.scrollWidth > e.clientWidth + 1)
+                     .map(e => (e.closest('[id]') || e).id + '=' + e.value)"""
+    try:
+        page.screenshot(path=OUT / f"{name}-{width}-explore.png", full_page=True)
+        assert page.locator("#metric input").evaluate_all(cut) == []
+        page.get_by_text("GB", exact=True).first.click()  # the GB view
+        time.sleep(2)
+        page.screenshot(path=OUT / f"{name}-{width}-explore-gb.png", full_page=True)
+        for tab in ("Chat", "Sweep", "Measure"):
+            page.get_by_role("tab", name=tab).click()
+            time.sleep(1)
+            page.screenshot(path=OUT / f"{name}-{width}-{tab.lower()}.png", full_page=True)
+            assert page.locator("input[type=number], #artifact-b input").evaluate_all(cut) == [], tab
+    finally:
+        page.close()

@@ -24,7 +24,12 @@ def test_clipped_baselines_are_said_and_the_title_has_room():
     fig = plots.curve_figure(_curve(), title="tiny: perplexity vs size")
     notes = [a.text for a in fig.layout.annotations]
     assert any("magnitude" in n and "above the frame" in n for n in notes)
-    assert fig.layout.margin.t >= 90 and fig.layout.title.text == "tiny: perplexity vs size"
+    assert fig.layout.margin.t >= 90 and fig.layout.title.text.startswith("tiny: perplexity vs size")
+    # the eval set is named in the title; the y title stays short (a long one was cut and ran into the
+    # title at 1024 px); the hint sits at the bottom left, clear of the top tick
+    assert "held-out" in fig.layout.title.text and fig.layout.yaxis.title.text == "perplexity (log)"
+    (hint,) = [a for a in fig.layout.annotations if "above the frame" in a.text]
+    assert (hint.x, hint.y, hint.yanchor) == (0.01, 0.01, "bottom")
 
 
 def test_measured_points_carry_their_spread():

@@ -293,3 +293,11 @@ def test_a_malformed_history_is_refused_with_a_summary_in_the_log(public_app, ti
     logged = len(out) + len(err) + len(caplog.text)
     assert payload > 400_000 and logged < 5_000, logged
     assert "malformed chat history refused: 3000 messages" in caplog.text
+
+
+def test_the_chat_panes_are_gradios_chatbot_showing_plain_text(public_app):
+    """A subclass must still be drawn by the page's chatbot, with Markdown and HTML off."""
+    _, _, demo = public_app
+    panes = [c for c in demo.config["components"] if c["type"] == "chatbot"]
+    assert len(panes) == 2 and all(c["type"] == "chatbot" for c in panes), panes
+    assert all(c["props"]["render_markdown"] is False and c["props"]["sanitize_html"] for c in panes)
