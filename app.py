@@ -39,7 +39,7 @@ footer {display: none !important}
 /* 1024-1400 px: numbers and headers whole (issue 28: "25" for 256, lm-eval headers split mid-word) */
 #sweep-new input[type=number], #max-new input[type=number], #windows input[type=number],
 #ratio-b input[type=number], #size-slider input[type=number] {min-width: 4.5em}
-#lm-table th, #lm-table th * {word-break: keep-all; overflow-wrap: normal; hyphens: none}
+#lm-table th, #lm-table th *, #layers th, #layers th * {word-break: keep-all; overflow-wrap: normal; hyphens: none}
 #summary td, #summary td * {overflow-wrap: anywhere; white-space: normal}
 """
 # Enter in the size slider's number box applies the typed value at once (Gradio applies it on blur)
