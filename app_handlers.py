@@ -43,6 +43,20 @@ def toast(text) -> str:
     return html.escape(str(text), quote=False)
 
 
+def shown(message: str) -> str:
+    """A chat message as the panes get it: HTML-escaped. The panes render no Markdown, but Gradio's
+    chatbot still renders HTML (an `<img src=…>` in a prompt was fetched by the browser), so the text
+    is sent escaped and reads as typed."""
+    return html.escape(message, quote=False)
+
+
+def said(history) -> list[dict]:
+    """A pane's history as the model reads it: user and assistant messages, their text unescaped (the
+    inverse of `shown`)."""
+    return [dict(role=m["role"], content=html.unescape(message_text(m.get("content")))) for m in history
+            if isinstance(m, dict) and m.get("role") in ("user", "assistant")]
+
+
 def ui_errors(fn):
     """A failing handler shows its message as a toast (as text: `toast`) and leaves every output as it
     was (an error status would cover the outputs: the slider, the conversation). Programming errors
@@ -253,12 +267,12 @@ class Handlers:
             gr.Warning(toast(f"Size A {float(ratio_a):.3f}: {note}"), title="Size A")
         stop = self._stop(request, "chat")
         stop.clear()
-        history_a, history_b = check_message_count(history_a), check_message_count(history_b)
+        shown_a, shown_b = check_message_count(history_a), check_message_count(history_b)
+        history_a, history_b = said(shown_a), said(shown_b)  # what the model reads: the text itself
         for history in (history_a, history_b):  # before anything is shown: a forged history is refused
-            check_history([dict(role=m.get("role"), content=message_text(m.get("content"))) for m in history
-                           if isinstance(m, dict) and m.get("role") in ("user", "assistant")])
-        turn = [dict(role="user", content=message), dict(role="assistant", content="")]
-        new_a, new_b = history_a + turn, (history_b + [dict(t) for t in turn]) if side_by_side else history_b
+            check_history(history)
+        turn = [dict(role="user", content=shown(message)), dict(role="assistant", content="")]
+        new_a, new_b = shown_a + turn, (shown_b + [dict(t) for t in turn]) if side_by_side else shown_b
         waiting = [x.name for x in {ex, ex_b} if not x.format_ready(dtype)]  # a bad format: refused here
         if side_by_side:
             stream = ex.compare(ratio_a, ratio_b, message, history_a, history_b, max_new_tokens,
@@ -270,10 +284,10 @@ class Handlers:
                              "factors are quantized once, up to a minute or two on a CPU)…" if waiting else "generating…"), ""
         try:
             for a, b in text.throttled(stream, CHAT_UPDATE_S):
-                new_a[-1] = dict(role="assistant", content=text.reply(a))
+                new_a[-1] = dict(role="assistant", content=shown(text.reply(a)))
                 stats = text.speed_line("A", a)
                 if b is not None:
-                    new_b[-1] = dict(role="assistant", content=text.reply(b))
+                    new_b[-1] = dict(role="assistant", content=shown(text.reply(b)))
                     stats += "  \n" + text.speed_line("B" + ("" if ex_b is ex else f" ({ex_b.name})"), b)
                 yield new_a, new_b, stats, ""
                 if stop.is_set():
