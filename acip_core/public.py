@@ -448,8 +448,9 @@ def describe(lim: Limits | None = None) -> str:
             f"{scoring}, one at a time, at most {lim.max_steps} steps, batch {lim.max_batch_size} × "
             f"{lim.max_seq_len} tokens and {lim.max_run_seconds / 60:.0f} min; lm-eval at most "
             f"{lim.lm_eval_items} items per task; {lim.heavy_per_hour:g} measurements, sweeps or exports per "
-            f"visitor per hour; chat history {lim.chat_tokens} tokens; uploads "
-            f"{lim.upload_bytes / MB:g} MB of text; models and texts only by name (no server paths); old "
+            f"visitor (session and address) per hour; chat history {lim.chat_messages} messages and "
+            f"{lim.chat_tokens} tokens; uploads {lim.upload_bytes / MB:g} MB of text per file, "
+            f"{lim.visitor_upload_bytes / MB:g} MB per address per hour; models and texts only by name (no server paths); old "
             "exports and runs are removed first when the disk bound is reached. Run it locally for no limits.")
 
 
