@@ -67,20 +67,13 @@ class _ChatHistory(gr.Chatbot.data_model):
                            "again.", print_exception=False) from None
 
 
-class _Chatbot(gr.Chatbot):
-    """Gradio's chatbot whose malformed history is refused by _ChatHistory. (No __init__ of its own:
-    Gradio sends the page the props named in the class's __init__ signature.)"""
-
-    data_model = _ChatHistory
-
-    def get_block_name(self) -> str:
-        return "chatbot"  # the page draws it with Gradio's own chatbot (else: an unknown component)
-
-
 def TextChatbot(**kwargs) -> gr.Chatbot:
-    """A chat pane: every message shown as plain text (no Markdown, no HTML: a visitor's prompt or a
-    model's reply never fetches a URL or styles the page)."""
-    return _Chatbot(render_markdown=False, sanitize_html=True, **kwargs)
+    """A chat pane: no Markdown (the handlers send HTML-escaped text, app_handlers.shown: Gradio's
+    chatbot renders HTML even then), and a malformed history refused by _ChatHistory. (An instance
+    attribute, not a subclass: Gradio writes a .pyi beside the module of every component subclass.)"""
+    chat = gr.Chatbot(render_markdown=False, sanitize_html=True, **kwargs)
+    chat.data_model = _ChatHistory
+    return chat
 
 
 # -- layout -------------------------------------------------------------------------------------
