@@ -185,7 +185,8 @@ def prune(root: Path, max_bytes: int, max_age_s: float, grace_s: float = DOWNLOA
     newest = {}  # (kind, session tag) -> (mtime, its newest folder)
     for mtime, _, one in entries:
         parts = one.name.split("-")
-        newest[(one.parent.name, parts[2] if len(parts) >= 4 else one.name)] = (mtime, one)
+        if len(parts) >= 4:  # named by download_dir (else: not a visitor's, never spared)
+            newest[(one.parent.name, parts[2])] = (mtime, one)
     spared = {one for key, (mtime, one) in newest.items() if now - mtime <= grace_s and key != replacing}
     total = sum(e[1] for e in entries)
     for mtime, size, one in entries:
@@ -234,12 +235,15 @@ def millions(n: int) -> str:
     return f"{n / 1e6:,.1f} M" if n >= 1e5 else f"{n:,}"
 
 
-def gigabytes(gb: float) -> str:
-    """GB with 3 decimals, rounded up (gb_up); MB below 0.01 GB (so a small remainder never reads "0.000 GB"); a huge
-    number (a visitor's budget of 1e308 GB) in short scientific form."""
+def gigabytes(gb: float, up: bool = True) -> str:
+    """GB with 3 decimals, rounded up (gb_up: what a size needs; up=False rounds down: what is left);
+    MB below 0.01 GB (so a small remainder never reads "0.000 GB"); a huge number (a visitor's budget
+    of 1e308 GB) in short scientific form."""
     if abs(gb) >= 1e6:
         return f"{gb:.3g} GB"
-    return f"{gb_up(gb):.3f} GB" if abs(gb) >= 0.01 else f"{math.ceil(gb * 1e4 - 1e-9) / 10:.1f} MB"
+    if abs(gb) < 0.01:
+        return f"{gb * 1000:.1f} MB"
+    return f"{gb_up(gb):.3f} GB" if up else f"{math.floor(gb * 1000 + 1e-9) / 1000:.3f} GB"
 
 
 def gb_up(gb: float) -> float:
@@ -330,7 +334,7 @@ def budget_text(budget_gb: float, answer: dict) -> str:
         ppl = f"≈ {f['perplexity']:.1f}" if f.get("perplexity") is not None else "not measured"
         mark = " **(best)**" if f.get("best") else ""
         lines.append(f"| {f['dtype']}{mark} | **{slider_ratio(f['size_ratio']):.3f}** | {gigabytes(f['gb'])} | "
-                     f"{gigabytes(f['budget_left_gb'])} | {ppl} |")
+                     f"{gigabytes(f['budget_left_gb'], up=False)} | {ppl} |")
     best = answer.get("best")
     if best and answer.get("measured"):
         lines += ["", f"The slider moved to the best: size {slider_ratio(best['size_ratio']):.3f} in {best['dtype']}, "
