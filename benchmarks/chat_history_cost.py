@@ -29,13 +29,25 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--artifact", default=str(ROOT / "precomputed" / "smollm2-135m-instruct"))
     parser.add_argument("--json")
+    parser.add_argument("--prompt-only", metavar="MODEL_DIR",
+                        help="only build the prompts, with this model folder's tokenizer and config (no "
+                             "model load, no first token): the templating cost alone")
     args = parser.parse_args()
     from acip_core.explorer import MAX_HISTORY_CHARS, Explorer
     from acip_core.public import limits
 
     lim = limits()
-    ex = Explorer.open(args.artifact)
-    ex.model(1.0)
+    if args.prompt_only:
+        from types import SimpleNamespace
+
+        from transformers import AutoConfig, AutoTokenizer
+
+        ex = SimpleNamespace(tokenizer=AutoTokenizer.from_pretrained(args.prompt_only),
+                             any_size=SimpleNamespace(base=SimpleNamespace(config=AutoConfig.from_pretrained(args.prompt_only))))
+        ex._chat_ids = lambda *a: Explorer._chat_ids(ex, *a)
+    else:
+        ex = Explorer.open(args.artifact)
+        ex.model(1.0)
     calls = []
     template = type(ex.tokenizer).apply_chat_template
 
@@ -63,6 +75,11 @@ def main() -> int:
             print(rows[-1], flush=True)
             continue
         prompt_s = time.perf_counter() - start
+        if args.prompt_only:
+            rows.append(dict(history=name, templatings=len(calls), prompt_tokens=int(ids.shape[1]),
+                             truncated=truncated, prompt_s=round(prompt_s, 3)))
+            print(rows[-1], flush=True)
+            continue
         start = time.perf_counter()
         snap = None
         for snap in ex.stream_chat(1.0, history, "What is Debian?", 1, 1.0):
