@@ -550,7 +550,8 @@ def strangers(app: AppProcess, req: Requests, prompt: str, log=print) -> dict:
         threads.append(threading.Thread(target=work, name=name))
 
     def history(n):
-        return [dict(role="user" if i % 2 == 0 else "assistant", content="a") for i in range(n)]
+        return [dict(role="user" if i % 2 == 0 else "assistant", content=[dict(type="text", text="a")])  # as the page sends it
+                for i in range(n)]
 
     def chat_with(history_a, address, message=prompt):
         client = app.session(address)
