@@ -38,12 +38,44 @@ CSS = """
 #budget-text table {font-size: 0.9em}
 #budget-text td, #budget-text th {padding: 4px 6px; white-space: nowrap}  /* 0.900, not 0.90 / 0 */
 footer {display: none !important}
+/* 1024-1400 px: numbers and headers whole (issue 28: "25" for 256, lm-eval headers split mid-word) */
+#sweep-new input[type=number], #max-new input[type=number], #windows input[type=number],
+#ratio-b input[type=number], #size-slider input[type=number] {min-width: 4.5em}
+#lm-table th, #lm-table th *, #layers th, #layers th * {word-break: keep-all; overflow-wrap: normal; hyphens: none}
+#summary td, #summary td * {overflow-wrap: anywhere; white-space: normal}
 """
 # Enter in the size slider's number box applies the typed value at once (Gradio applies it on blur)
 JS = """() => { document.addEventListener('keydown', (e) => {
   if (e.key === 'Enter' && e.target.matches('#size-slider input[type=number], #ratio-b input[type=number]')) {
     e.target.blur(); } }); }"""
 
+
+
+class _ChatHistory(gr.Chatbot.data_model):
+    """Gradio's chat history model, whose refusal is one short line: Gradio's own prints the payload
+    and every validation error (a 0.5 MB forged history wrote 3.7 MB to the log); this logs a
+    summary (how many messages, how many errors) and shows the visitor a toast."""
+
+    @classmethod
+    def model_validate(cls, obj, *args, **kwargs):
+        try:
+            return super().model_validate(obj, *args, **kwargs)
+        except ValueError as err:  # pydantic's ValidationError
+            count = len(obj) if isinstance(obj, (list, tuple)) else -1
+            errors = err.error_count() if hasattr(err, "error_count") else 1
+            logging.getLogger("acip_studio").info("malformed chat history refused: %d messages, %d errors",
+                                                  count, errors)
+            raise gr.Error("The chat history is not in the chat's message format: press Clear and start "
+                           "again.", print_exception=False) from None
+
+
+def TextChatbot(**kwargs) -> gr.Chatbot:
+    """A chat pane: no Markdown (the handlers send HTML-escaped text, app_handlers.shown: Gradio's
+    chatbot renders HTML even then), and a malformed history refused by _ChatHistory. (An instance
+    attribute, not a subclass: Gradio writes a .pyi beside the module of every component subclass.)"""
+    chat = gr.Chatbot(render_markdown=False, sanitize_html=True, **kwargs)
+    chat.data_model = _ChatHistory
+    return chat
 
 
 # -- layout -------------------------------------------------------------------------------------
@@ -79,7 +111,7 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
                         curve = gr.Plot(label="compression–performance curve", show_label=False, elem_id="curve")
                         with gr.Row():
                             x_axis = gr.Radio(list(X_AXES), value="size ratio", label="x axis")
-                            metric = gr.Dropdown(choices=[], label="evaluation set", elem_id="metric")
+                            metric = gr.Dropdown(choices=[], label="evaluation set", elem_id="metric", min_width=300)
                     with gr.Column(scale=2):
                         ratio = gr.Slider(0.0, 1.0, value=1.0, step=0.001, label="size ratio",
                                           info="kept fraction of the compressed layers (1 = original); "
@@ -91,7 +123,7 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
                             fit = gr.Button("fit budget", scale=1, elem_id="fit")
                         budget_md = gr.Markdown(elem_id="budget-text")
                         summary = gr.Dataframe(label="this size", interactive=False, wrap=True, headers=["", "this size"],
-                                               column_widths=["48%", "52%"], elem_id="summary")
+                                               column_widths=["40%", "60%"], max_height=800, elem_id="summary")
                         with gr.Accordion("Recover this size: fine-tune it", open=False, elem_id="finetune"):
                             gr.Markdown(text.FINETUNE_HELP)
                             with gr.Row(equal_height=True):
@@ -111,8 +143,8 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
                 gr.Markdown("Greedy decoding, so two sizes can be compared word for word. "
                             "**A** uses the selected size; **B** any size of this or another artifact.")
                 with gr.Row():
-                    chat_a = gr.Chatbot(label="A: the selected size", height=420, elem_id="chat-a")
-                    chat_b = gr.Chatbot(label="B: the comparison size", height=420, elem_id="chat-b")
+                    chat_a = TextChatbot(label="A: the selected size", height=420, elem_id="chat-a")
+                    chat_b = TextChatbot(label="B: the comparison size", height=420, elem_id="chat-b")
                 with gr.Row():
                     message = gr.Textbox(placeholder=f"Message (≤ {MAX_PROMPT_CHARS:,} characters)",
                                          show_label=False, scale=5, max_lines=8, elem_id="chat-input")
@@ -123,7 +155,7 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
                 gr.Examples(EXAMPLES, inputs=message)
                 with gr.Row():
                     side_by_side = gr.Checkbox(value=True, label="side by side with B")
-                    artifact_b = gr.Dropdown(choices=choices, label="B: artifact", elem_id="artifact-b")
+                    artifact_b = gr.Dropdown(choices=choices, label="B: artifact", elem_id="artifact-b", min_width=340)
                     ratio_b = gr.Slider(0.0, 1.0, value=1.0, step=0.001, label="B: size ratio", elem_id="ratio-b")
                     max_new = gr.Slider(1, 512, value=128, step=1, label="max new tokens", elem_id="max-new")
                     penalty = gr.Slider(1.0, 2.0, value=REPETITION_PENALTY, step=0.01, label="repetition penalty")
@@ -133,7 +165,8 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
                 with gr.Row():
                     sweep_prompt = gr.Textbox(value=EXAMPLES[0], label="prompt", scale=4, elem_id="sweep-prompt")
                     sweep_sizes = gr.Textbox(value="1.0:0.4:0.1", label="sizes", scale=2, elem_id="sweep-sizes")
-                    sweep_new = gr.Slider(1, 256, value=48, step=1, label="max new tokens", elem_id="sweep-new")
+                    sweep_new = gr.Slider(1, 256, value=48, step=1, label="max new tokens", elem_id="sweep-new",
+                                          min_width=240)
                     sweep_btn = gr.Button("Run sweep", variant="primary", elem_id="run-sweep")
                 sweep_grid = gr.Dataframe(headers=["size", "params", "reply", "tok/s"], interactive=False,
                                           wrap=True, column_widths=["8%", "10%", "72%", "10%"], elem_id="sweep-grid")
@@ -290,16 +323,21 @@ def _official_import_box(h: Handlers) -> None:
 
 
 def launch_options() -> dict:
-    # uploads above the cap are refused by Gradio itself (413), before any handler runs
+    # uploads above the cap are refused by Gradio itself (413), before any handler runs; the bytes one
+    # visitor and all visitors may upload, and non-text files, by the app's middleware (app_uploads.py)
+    from starlette.middleware import Middleware
+
+    from app_uploads import UploadGuard
+
     return dict(theme=gr.themes.Soft(primary_hue="indigo"), css=CSS, js=JS,
-                max_file_size=public.limits().upload_bytes)
+                max_file_size=public.limits().upload_bytes, app_kwargs=dict(middleware=[Middleware(UploadGuard)]))
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     demo = build_demo()
     studio = demo.handlers.app
-    public.clean_at_start(exports=studio.download_dir("exports"), roots=[cache_dir(), studio.jobs.root,
+    public.clean_at_start(exports=studio.config.downloads / "exports", roots=[cache_dir(), studio.jobs.root,
                                                                         studio.config.precomputed])
     first = studio.default_artifact()[0]
     if first:  # start loading now, so the first visitor does not wait

@@ -4,6 +4,7 @@ page out and wires these; the library never imports gradio (docs/ARCHITECTURE.md
 from __future__ import annotations
 
 import functools
+import html
 import inspect
 import logging
 import math
@@ -19,7 +20,8 @@ from acip_core import plots, public, studio as text
 from acip_core.curve import curve_at, eval_set_label, ppl_columns, suggested_ratio
 from acip_core.data import DEFAULT_DATA
 from acip_core.evaluate import Cancelled
-from acip_core.explorer import DTYPE_CHOICES, Explorer, check_history, check_int, clean_prompt, message_text
+from acip_core.explorer import (DTYPE_CHOICES, Explorer, check_history, check_int, check_message_count,
+                                clean_prompt, message_text)
 from acip_core.models import EMBEDDED
 from acip_core.studio import Studio
 
@@ -35,10 +37,30 @@ EXPORT_KINDS = {"low-rank: smallest files (loads with trust_remote_code)": False
                 "dense: original shapes, no memory saved (for compatibility)": True}
 
 
+def toast(text) -> str:
+    """A toast's text as plain text: Gradio renders a toast's message as HTML, and messages echo what
+    a visitor typed (a run name, sweep sizes), so an `<img src=…>` in them would be fetched."""
+    return html.escape(str(text), quote=False)
+
+
+def shown(message: str) -> str:
+    """A chat message as the panes get it: HTML-escaped. The panes render no Markdown, but Gradio's
+    chatbot still renders HTML (an `<img src=…>` in a prompt was fetched by the browser), so the text
+    is sent escaped and reads as typed."""
+    return html.escape(message, quote=False)
+
+
+def said(history) -> list[dict]:
+    """A pane's history as the model reads it: user and assistant messages, their text unescaped (the
+    inverse of `shown`)."""
+    return [dict(role=m["role"], content=html.unescape(message_text(m.get("content")))) for m in history
+            if isinstance(m, dict) and m.get("role") in ("user", "assistant")]
+
+
 def ui_errors(fn):
-    """A failing handler shows its message as a toast and leaves every output as it was (an error
-    status would cover the outputs: the slider, the conversation). Programming errors get a short
-    message; the server log has the traceback."""
+    """A failing handler shows its message as a toast (as text: `toast`) and leaves every output as it
+    was (an error status would cover the outputs: the slider, the conversation). Programming errors
+    get a short message; the server log has the traceback."""
     def message(err):
         if isinstance(err, gr.Error):
             return err.message
@@ -53,7 +75,7 @@ def ui_errors(fn):
             try:
                 yield from fn(*args, **kwargs)
             except Exception as err:
-                gr.Warning(message(err), title="Could not do that", duration=8)
+                gr.Warning(toast(message(err)), title="Could not do that", duration=8)
                 yield gr.skip()
         return gen_wrapper
 
@@ -62,8 +84,36 @@ def ui_errors(fn):
         try:
             return fn(*args, **kwargs)
         except Exception as err:
-            gr.Warning(message(err), title="Could not do that", duration=8)
+            gr.Warning(toast(message(err)), title="Could not do that", duration=8)
             return gr.skip()
+    return wrapper
+
+
+def heavy(fn):
+    """A heavy job (perplexity, lm-eval, sweep, export): counted against the visitor's hourly quota
+    (public.SessionQuota, by session and client IP) before it runs; given back when the request is
+    refused for its input (ValueError, FileNotFoundError: no work was done)."""
+    refused, signature = (ValueError, FileNotFoundError), inspect.signature(fn)
+
+    def keys(self, args, kwargs):  # Gradio passes the request by position or by name
+        return public.visitor_keys(signature.bind_partial(self, *args, **kwargs).arguments.get("request"))
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def gen_wrapper(self, *args, **kwargs):
+            who = keys(self, args, kwargs)
+            started = self.quota.take(who)
+            try:
+                yield from fn(self, *args, **kwargs)
+            except refused:
+                self.quota.give_back(who, started)
+                raise
+        return gen_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        with self.quota.job(keys(self, args, kwargs), refused):
+            return fn(self, *args, **kwargs)
     return wrapper
 
 
@@ -76,10 +126,6 @@ class Handlers:
         self._lock = threading.Lock()
         self.quota = public.SessionQuota(public.limits().heavy_per_hour)  # heavy jobs per visitor (public)
 
-    def _heavy(self, request) -> None:
-        """One more heavy job for this visitor, or a clear refusal (public.SessionQuota)."""
-        self.quota.take(getattr(request, "session_hash", None))
-
     # -- artifacts ------------------------------------------------------------------------------
     def folder(self, value) -> str:
         """The folder of the artifact a selector names (Studio.folder_of: names only in public mode; its
@@ -91,11 +137,14 @@ class Handlers:
 
     def _loading(self, value, progress):
         """Yields a status line while the named artifact loads, with a progress bar when the load has counts."""
-        folder = self.folder(value)
+        folder, first = self.folder(value), None
         for line in self.app.registry.wait_lines(folder):
             state = self.app.registry.loading(folder)
             if progress is not None and state is not None and state.total:
-                progress((state.done, state.total), desc="building the basis", unit="layers")
+                first = first if first is not None else (state.done, time.perf_counter())  # the rate seen here
+                eta = text.eta_text(state.done - first[0], state.total - first[0], time.perf_counter() - first[1])
+                progress((state.done, state.total), desc=f"building the basis ({eta})" if eta else
+                         "building the basis", unit="layers")
             yield f"Loading **{os.path.basename(folder)}**: {line}"
 
     def _stop(self, request, kind: str) -> threading.Event:
@@ -159,7 +208,7 @@ class Handlers:
         if fitted is not None and abs(fitted - float(ratio)) < 1e-9:  # the budget's own answer: kept
             budget, answer = gr.skip(), gr.skip()
         else:  # the selected size's need, not a stale budget, and no answer to a budget no longer shown
-            budget, answer = math.ceil(summary["gb"] * 1000) / 1000, ""
+            budget, answer = text.gb_up(summary["gb"]), ""  # the badge's GB, to the digit
         return (text.summary_frame(summary, at, note), text.layers_frame(ex.layer_table(size, dtype)),
                 plots.heatmap_figure(ex.rank_heatmap(size, dtype)), self._curve(ex, summary, x_axis, dtype, metric, results),
                 text.size_badge(summary, note), budget, answer)
@@ -183,16 +232,16 @@ class Handlers:
         try:
             if budget_gb is None:
                 raise ValueError("Type a memory budget in GB first.")
-            fits = ex.fit_budget_every_dtype(budget_gb)
-        except ValueError as err:
-            return gr.skip(), gr.skip(), f"⚠ {err}", gr.skip()
-        best = next((f for f in fits if f.get("best")), None)
+            answer = ex.budget_answer(budget_gb)
+        except ValueError as err:  # it may echo what was typed: shown as text
+            return gr.skip(), gr.skip(), f"⚠ {public.md_escape(err)}", gr.skip()
+        best, fits = answer["best"], answer["rows"]
         if best is None:
             return gr.skip(), gr.skip(), (f"⚠ {budget_gb:g} GB is smaller than the smallest model in every "
                                           f"format ({text.gigabytes(min(f['smallest_gb'] for f in fits))} in "
                                           "the smallest): nothing moved."), gr.skip()
-        ratio = int(best["size_ratio"] * 1000) / 1000  # floor: that slider value still fits the budget
-        return ratio, best["dtype"], text.budget_text(float(budget_gb), fits), ratio
+        ratio = text.slider_ratio(best["size_ratio"])  # rounded down: that slider value still fits the budget
+        return ratio, best["dtype"], text.budget_text(float(budget_gb), answer), ratio
 
     @ui_errors
     def artifact_b(self, folder_b):
@@ -215,15 +264,15 @@ class Handlers:
         message = clean_prompt(message)
         note = text.below_range_note(ex.size(ratio_a).size_ratio, ex.describe()["smallest_measured"])
         if note:
-            gr.Warning(f"Size A {float(ratio_a):.3f}: {note}", title="Size A")
+            gr.Warning(toast(f"Size A {float(ratio_a):.3f}: {note}"), title="Size A")
         stop = self._stop(request, "chat")
         stop.clear()
-        history_a, history_b = list(history_a or []), list(history_b or [])
+        shown_a, shown_b = check_message_count(history_a), check_message_count(history_b)
+        history_a, history_b = said(shown_a), said(shown_b)  # what the model reads: the text itself
         for history in (history_a, history_b):  # before anything is shown: a forged history is refused
-            check_history([dict(role=m.get("role"), content=message_text(m.get("content"))) for m in history
-                           if isinstance(m, dict) and m.get("role") in ("user", "assistant")])
-        turn = [dict(role="user", content=message), dict(role="assistant", content="")]
-        new_a, new_b = history_a + turn, (history_b + [dict(t) for t in turn]) if side_by_side else history_b
+            check_history(history)
+        turn = [dict(role="user", content=shown(message)), dict(role="assistant", content="")]
+        new_a, new_b = shown_a + turn, (shown_b + [dict(t) for t in turn]) if side_by_side else shown_b
         waiting = [x.name for x in {ex, ex_b} if not x.format_ready(dtype)]  # a bad format: refused here
         if side_by_side:
             stream = ex.compare(ratio_a, ratio_b, message, history_a, history_b, max_new_tokens,
@@ -235,10 +284,10 @@ class Handlers:
                              "factors are quantized once, up to a minute or two on a CPU)…" if waiting else "generating…"), ""
         try:
             for a, b in text.throttled(stream, CHAT_UPDATE_S):
-                new_a[-1] = dict(role="assistant", content=text.reply(a))
+                new_a[-1] = dict(role="assistant", content=shown(text.reply(a)))
                 stats = text.speed_line("A", a)
                 if b is not None:
-                    new_b[-1] = dict(role="assistant", content=text.reply(b))
+                    new_b[-1] = dict(role="assistant", content=shown(text.reply(b)))
                     stats += "  \n" + text.speed_line("B" + ("" if ex_b is ex else f" ({ex_b.name})"), b)
                 yield new_a, new_b, stats, ""
                 if stop.is_set():
@@ -251,10 +300,10 @@ class Handlers:
         self._stop(request, "chat").set()
 
     @ui_errors
+    @heavy
     def sweep(self, folder, sizes, message, max_new_tokens, dtype, request: gr.Request = None):
         """One prompt answered by many sizes, one after another (greedy), as a grid of replies."""
         ex = self.explorer(folder)
-        self._heavy(request)
         ratios = text.parse_sizes(sizes)
         message = clean_prompt(message)
         stop = self._stop(request, "chat")
@@ -269,48 +318,49 @@ class Handlers:
             stream.close()
 
     # -- measure --------------------------------------------------------------------------------
-    def _results_file(self, results) -> str | None:
+    def _results_file(self, results, request=None) -> str | None:
         if not results:
             return None
-        return str(Explorer.results_csv(results, self.app.download_dir("results") / "acip-results.csv"))
+        folder = self.app.download_dir("results", getattr(request, "session_hash", None))
+        return str(Explorer.results_csv(results, folder / "acip-results.csv"))
 
     @ui_errors
+    @heavy
     def perplexity(self, folder, ratio, data, windows, seq_len, dtype, results, request: gr.Request = None,
                    progress=gr.Progress()):
         ex = self.explorer(folder)
-        self._heavy(request)
         stop = self._stop(request, "measure")
         stop.clear()
         progress(0.0, desc="reading the text and preparing the size")
         try:
             row = ex.measure_perplexity(ratio, data, windows, seq_len, dtype, batch_size=2,
-                                        on_progress=lambda d, n: progress((d, n), desc="windows", unit="windows"),
+                                        on_progress=_with_eta(progress, "windows", "windows"),
                                         should_stop=stop.is_set)
         except Cancelled:
             return "Perplexity cancelled.", gr.skip(), gr.skip(), gr.skip()
         results = list(results or []) + [row]
-        return text.perplexity_text(row), text.results_table(results), self._results_file(results), results
+        return text.perplexity_text(row), text.results_table(results), self._results_file(results, request), results
 
     @ui_errors
+    @heavy
     def lm_eval(self, folder, ratio, tasks, limit, batch_size, dtype, results, request: gr.Request = None,
                 progress=gr.Progress()):
         ex = self.explorer(folder)
-        self._heavy(request)
         stop = self._stop(request, "measure")
         stop.clear()
         progress(0.0, desc="loading lm-eval and its tasks")
         try:
             row = ex.measure_lm_eval(ratio, tasks, limit, batch_size, dtype,  # it checks both
                                      should_stop=stop.is_set,
-                                     on_progress=lambda d, n: progress((d, n), desc="lm-eval", unit="requests"))
+                                     on_progress=_with_eta(progress, "lm-eval", "requests"))
         except Cancelled:
             return "lm-eval cancelled.", gr.skip(), gr.skip(), gr.skip()
         except ImportError as err:
             raise gr.Error(f"lm-eval support is not available here ({err}).") from None
         results = list(results or []) + [row]
-        metrics = ", ".join(f"{k} {v:.3f}" for k, v in row.items() if "/" in k and isinstance(v, float))
+        metrics = ", ".join(f"{k} {text.metric_value(v)}" for k, v in row.items() if "/" in k and isinstance(v, float))
         return (f"lm-eval at size {row['size_ratio']:.3f}: {metrics or 'no metrics returned'} "
-                f"({row['seconds']:.0f} s)."), text.results_table(results), self._results_file(results), results
+                f"({row['seconds']:.0f} s)."), text.results_table(results), self._results_file(results, request), results
 
     def measure_cancel(self, request: gr.Request = None):
         self._stop(request, "measure").set()
@@ -318,13 +368,13 @@ class Handlers:
 
     # -- export ---------------------------------------------------------------------------------
     @ui_errors
+    @heavy
     def export(self, folder, ratio, kind, dtype, results, request: gr.Request = None, progress=gr.Progress()):
         ex = self.explorer(folder)
-        self._heavy(request)
         dense = EXPORT_KINDS.get(kind, str(kind).startswith("dense"))
         size = ex.size(ratio)
         name = f"{ex.name}-size{size.size_ratio:.3f}-{'dense' if dense else 'lowrank'}-{dtype}"
-        work = self.app.download_dir("exports")
+        work = self.app.download_dir("exports", getattr(request, "session_hash", None))
         progress(None, desc="writing safetensors and zipping")
         try:
             info = ex.export(ratio, work / name, dense=dense, dtype=dtype, zip_path=work / f"{name}.zip",
@@ -406,8 +456,8 @@ class Handlers:
         name = time.strftime(f"ft-{size.size_ratio:.2f}-{objective}-%Y%m%d-%H%M%S").replace("+", "")
         self.app.jobs.start_finetune(name, str(folder), float(ratio), objective=objective, steps=steps,
                                      format=dtype, owner=_who(token, request))
-        gr.Info(f"Fine-tuning size {size.size_ratio:.3f} in {dtype} ({objective}, {steps} steps) as run "
-                f"{name}: follow it in the Score tab. When done, it is listed as an artifact and on the curve.")
+        gr.Info(toast(f"Fine-tuning size {size.size_ratio:.3f} in {dtype} ({objective}, {steps} steps) as run "
+                f"{name}: follow it in the Score tab. When done, it is listed as an artifact and on the curve."))
         return gr.update(choices=[r["name"] for r in self.app.jobs.list()], value=name)
 
     @ui_errors
@@ -432,7 +482,7 @@ class Handlers:
         public.check_may_score(token)
         note = self.resume_note(run)
         self.app.jobs.resume(run, who=_who(token, request))
-        gr.Info(note.replace("**", ""))
+        gr.Info(toast(note.replace("**", "")))
         return (self.runs_frame(),) + self.run_view(run)
 
     def score_poll(self, run, known):
@@ -473,6 +523,16 @@ def official_import(app: Studio, source, name, progress=gr.Progress()):
     progress(0, desc=f"reading {source}")
     import_official(source, out, on_progress=lambda stage, done, total: progress(done / total, desc=stage))
     return f"Imported `{public.md_escape(source)}` as **{public.md_escape(name)}**: choose it in the artifact list."
+
+
+def _with_eta(progress, desc: str, unit: str):
+    """A progress callback (done, total) whose bar also says the time left at the rate so far."""
+    start = time.perf_counter()
+
+    def update(done, total):
+        eta = text.eta_text(done, total, time.perf_counter() - start)
+        progress((done, total), desc=f"{desc} ({eta})" if eta else desc, unit=unit)
+    return update
 
 
 def _who(token, request) -> str | None:

@@ -229,61 +229,150 @@ def comparable_acip(curve: pd.DataFrame | None) -> pd.DataFrame | None:
     return acip
 
 
-def best_in_format(any_size: AnySizeModel, acip: pd.DataFrame | None, budget_gb: float, key: str,
-                   eval_set: str = "heldout") -> dict:
-    """The budget's answer in one format: the largest size that fits (raises ValueError when even the
-    smallest does not) and, where the curve has this format, the best by perplexity of that size and
-    every measured size below it (a curve need not be monotone: 0.9 can beat 1.0). Returns dict(size,
-    format, size_ratio, gb, perplexity: interpolated on the curve, or None where it has no value)."""
+def noise_at(rows: pd.DataFrame, size_ratio: float, eval_set: str = "heldout") -> float | None:
+    """One standard error of log perplexity at `size_ratio` on one (method, format) line: the spread
+    Measure and curve.csv record (nll_std_<set> over `windows` windows: nll_std / √windows, as
+    `spread`), interpolated between measured sizes; None where the curve records no spread."""
+    col = f"nll_std_{eval_set}"
+    if col not in rows or "windows" not in rows:
+        return None
+    pts = rows[["size_ratio", col, "windows"]].dropna().sort_values("size_ratio")
+    if not len(pts):
+        return None
+    se = pts[col] / np.sqrt(pts.windows.clip(lower=1))
+    return float(np.interp(size_ratio, pts.size_ratio, se))
+
+
+def _candidates(any_size: AnySizeModel, line: pd.DataFrame | None, budget_gb: float, key: str,
+                eval_set: str) -> tuple[Size, list[dict]]:
+    """The largest size of format `key` within the budget (ValueError when even the smallest does not
+    fit) and every size the ranking may pick in it: that one and each measured size below it (a curve
+    need not be monotone), each with its perplexity (interpolated on the curve) and its noise."""
     largest = any_size.size_for_budget(budget_gb, key)
-    best = dict(size=largest, format=key, size_ratio=round(largest.size_ratio, 5), gb=largest.gigabytes,
-                perplexity=None)
-    line = acip[acip.format == key] if acip is not None else None
     if line is None or not len(line):
-        return best
-    sizes = [largest] + [any_size.size_for_ratio(r, key) for r in line.size_ratio
-                         if r < largest.size_ratio - 1e-9]
+        return largest, []
+    sizes = [largest] + [any_size.size_for_ratio(r, key) for r in line.size_ratio if r < largest.size_ratio - 1e-9]
+    found = []
     for size in sizes:
         ppl = interpolate_ppl(line, size.size_ratio, eval_set)
-        if ppl is not None and size.gigabytes <= budget_gb and (best["perplexity"] is None
-                                                               or ppl < best["perplexity"]):
-            best = dict(size=size, format=key, size_ratio=round(size.size_ratio, 5), gb=size.gigabytes,
-                        perplexity=ppl)
-    return best
+        if ppl is not None and size.gigabytes <= budget_gb:
+            found.append(dict(size=size, format=key, size_ratio=round(size.size_ratio, 5), gb=size.gigabytes,
+                              perplexity=ppl, noise=noise_at(line, size.size_ratio, eval_set)))
+    return largest, found
+
+
+def _pick(candidates: list[dict]) -> dict | None:
+    """THE ranking rule (README "Precision", "the budget's answer"): the lowest perplexity wins unless
+    a larger size (or, at the same size, a format with more bytes: closer to the original) is within
+    noise of it, in which case the largest such wins. Within noise: the two log perplexities differ by
+    at most one standard error of their difference, √(se_a² + se_b²) (0 where no spread is recorded).
+    So a user with room for the original gets the original unless a smaller model is better beyond
+    noise."""
+    if not candidates:
+        return None
+    best = min(candidates, key=lambda c: c["perplexity"])
+
+    def tied(c):
+        se = math.hypot(c["noise"] or 0.0, best["noise"] or 0.0)
+        return math.log(c["perplexity"]) - math.log(best["perplexity"]) <= se
+
+    return max((c for c in candidates if tied(c)), key=lambda c: (round(c["size_ratio"], 4), c["gb"]))
+
+
+def best_in_format(any_size: AnySizeModel, acip: pd.DataFrame | None, budget_gb: float, key: str,
+                   eval_set: str = "heldout") -> dict:
+    """The budget's answer in one format by the ranking rule (`_pick`): dict(size, format, size_ratio,
+    gb, perplexity, noise); perplexity None where the curve has no value for this format's fitting
+    sizes (then the largest size that fits). Raises ValueError when even the smallest size does not fit."""
+    line = acip[acip.format == key] if acip is not None else None
+    largest, found = _candidates(any_size, line, budget_gb, key, eval_set)
+    pick = _pick(found)
+    return pick or dict(size=largest, format=key, size_ratio=round(largest.size_ratio, 5), gb=largest.gigabytes,
+                        perplexity=None, noise=None)
+
+
+def rank_for_budget(any_size: AnySizeModel, curve: pd.DataFrame | None, budget_gb: float,
+                    eval_set: str | None = None, formats=None) -> dict:
+    """The one budget ranking (the CLI's `size --budget-gb` and the app's budget answer): for every
+    format of `formats` (default: the curve's), its answer (`best_in_format`) or that it does not fit,
+    and the best of all by the ranking rule (`_pick`) over every fitting measured size of every format
+    measured on comparable windows (`comparable_acip`). Returns dict(rows: one per format (format,
+    fits, smallest_gb or the pick, ranked), best: the winning row or None when nothing fitting was
+    measured, eval_set, windows: the window count that decided, smallest_measured: the smallest
+    measured size of any ranked format (size_ratio, format, gb) for "what is needed")."""
+    cols = ppl_columns(curve)
+    eval_set = eval_set or (cols[0][len("ppl_"):] if cols else "heldout")
+    acip = acip_rows(curve)
+    comparable = comparable_acip(curve)
+    ranked_formats = set(comparable.format) if comparable is not None else set()
+    keys = list(formats) if formats is not None else list(dict.fromkeys(acip.format)) if acip is not None else []
+    rows, pool = [], []
+    for key in keys:
+        try:
+            line = acip[acip.format == key] if acip is not None else None
+            largest, found = _candidates(any_size, line, budget_gb, key, eval_set)
+        except ValueError:
+            rows.append(dict(format=key, fits=False, smallest_gb=any_size.size_at(0, key).gigabytes))
+            continue
+        pick = _pick(found) or dict(size=largest, format=key, size_ratio=round(largest.size_ratio, 5),
+                                    gb=largest.gigabytes, perplexity=None, noise=None)
+        ranked = key in ranked_formats and pick["perplexity"] is not None
+        rows.append(dict(pick, fits=True, ranked=ranked))
+        if key in ranked_formats:
+            pool += found
+    winner = _pick(pool)
+    best = next((r for r in rows if winner is not None and r["fits"] and r["format"] == winner["format"]), None)
+    if best is not None and best["size_ratio"] != winner["size_ratio"]:  # the format's own pick differs
+        best.update(winner)
+    smallest = None  # what the smallest measured model needs (GB in its own format, as sized here)
+    col = f"ppl_{eval_set}"
+    for key in (k for k in keys if k in ranked_formats):
+        line = comparable[(comparable.format == key)]
+        line = line[line[col].notna()] if col in line else line.iloc[0:0]
+        if len(line):
+            size = any_size.size_for_ratio(float(line.size_ratio.min()), key)
+            if smallest is None or size.gigabytes < smallest["gb"]:
+                smallest = dict(size_ratio=round(size.size_ratio, 5), format=key, gb=size.gigabytes)
+    windows = int(comparable.windows.max()) if comparable is not None and "windows" in comparable \
+        and comparable.windows.notna().any() else None
+    return dict(rows=rows, best=best, eval_set=eval_set, windows=windows, smallest_measured=smallest)
 
 
 def best_for_budget(any_size: AnySizeModel, curve: pd.DataFrame | None, budget_gb: float,
                     eval_set: str = "heldout", formats=None) -> dict:
-    """The best (size, format) under `budget_gb` by the measured curve (`best_in_format` in every
-    format measured on comparable windows, ranked by perplexity on `eval_set`). Returns the pick
-    (`size`, `format`, `size_ratio`, `gb`, `perplexity`) and `runners_up` (the next two). The app's
-    budget answer (Explorer.fit_budget_every_dtype) is the same ranking over the app's formats."""
+    """The best (size, format) under `budget_gb` by the measured curve: `rank_for_budget` (the app's
+    budget answer is the same ranking). Returns the pick (`size`, `format`, `size_ratio`, `gb`,
+    `perplexity`, `noise`), `runners_up` (the next two ranked formats, by perplexity), `eval_set` and
+    `rule` (how it was decided)."""
     acip = comparable_acip(curve)
     if acip is None:
         raise ValueError("this artifact has no measured curve to rank formats by: pass --format, or "
                          "measure one with python -m acip_core curve --formats ...")
     keys = [k for k in (formats or dict.fromkeys(acip.format)) if k in set(acip.format)]
-    candidates, too_small = [], []
-    for key in keys:
-        try:
-            pick = best_in_format(any_size, acip, budget_gb, key, eval_set)
-        except ValueError:
-            too_small.append(key)
-            continue
-        if pick["perplexity"] is not None:
-            candidates.append(pick)
-    if not candidates:
+    ranking = rank_for_budget(any_size, curve, budget_gb, eval_set, keys)
+    fitting = [r for r in ranking["rows"] if r["fits"]]
+    if ranking["best"] is None:
         smallest = min((any_size.size_at(0, k).gigabytes, k) for k in keys)
-        if len(too_small) == len(keys):
+        if not fitting:
             raise ValueError(f"{budget_gb:g} GB is smaller than the smallest model "
                              f"({format_gb(smallest[0])} in {smallest[1]})")
         raise ValueError(f"{budget_gb:g} GB holds no measured size in any format (measured sizes start "
                          f"at {acip.size_ratio.min():.2f}; pass --format for an unmeasured size)")
-    candidates.sort(key=lambda c: c["perplexity"])
-    best = dict(candidates[0])
-    best["runners_up"] = [{k: v for k, v in c.items() if k != "size"} for c in candidates[1:3]]
+    best = {k: v for k, v in ranking["best"].items() if k not in ("fits", "ranked")}
+    others = sorted((r for r in fitting if r["ranked"] and r is not ranking["best"]), key=lambda r: r["perplexity"])
+    best["runners_up"] = [{k: v for k, v in r.items() if k not in ("size", "fits", "ranked")} for r in others[:2]]
     best["eval_set"] = eval_set
+    best["rule"] = rule_text(ranking)
     return best
+
+
+def rule_text(ranking: dict) -> str:
+    """How `rank_for_budget`'s answer was decided, in words (the CLI prints it, the app shows it)."""
+    where = f"perplexity on {eval_set_label('ppl_' + ranking['eval_set'])}"
+    if ranking.get("windows"):
+        where += f" ({ranking['windows']} windows)"
+    return (f"decided by {where}: the lowest wins unless a larger size is within noise of it (one standard "
+            "error of the difference), then the largest such")
 
 
 def pareto_frontier(curve: pd.DataFrame, eval_set: str = "heldout", methods=("acip", "original")) -> pd.DataFrame:

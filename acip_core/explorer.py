@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import logging
 import math
+import os
 import re
 import threading
 import time
@@ -23,7 +24,7 @@ import pandas as pd
 import torch
 
 from .artifact import load_artifact
-from .curve import acip_rows, best_in_format, comparable_acip, curve_at, ppl_columns, smallest_measured, spread
+from .curve import curve_at, rank_for_budget, rule_text, smallest_measured, spread
 from .data import load_text, token_windows
 from .evaluate import REPETITION_PENALTY, Cancelled, perplexity
 from .formats import parse_format
@@ -41,6 +42,42 @@ MAX_PROMPT_CHARS = 8000
 MAX_NEW_TOKENS = 1024
 MAX_HISTORY_CHARS = 200_000  # a longer chat history was not sent by the page; refused
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffe\uffff]")  # keeps \t \n \r
+
+
+# -- sharing the cores ---------------------------------------------------------------------------
+class ComputeGate:
+    """At most `slots` forward passes run at once in this process (CPU only).
+
+    Every request (two chats, a perplexity job) runs in its own thread, and each forward pass uses
+    all of torch's intra-op threads; torch.set_num_threads cannot give each request its own share (it
+    is process-wide in effect: a thread that sets it changes the count every new thread starts
+    with), and two passes at once oversubscribe the cores, whose OpenMP threads then wait on each
+    other. So whole forward passes take turns: concurrent chats interleave token by token, each pass
+    on every core, and N chats together decode about as fast as one (benchmarks/concurrency.py
+    measures it). ACIP_COMPUTE_SLOTS sets the slots (default 1; 0 turns the gate off)."""
+
+    def __init__(self, slots: int | None = None):
+        slots = int(os.environ.get("ACIP_COMPUTE_SLOTS", "1")) if slots is None else slots
+        self.slots = slots
+        self._sem = threading.BoundedSemaphore(slots) if slots > 0 else None
+
+    def wrap(self, model):
+        """Makes `model`'s forward take a slot (a no-op off the CPU or with the gate off). Returns it."""
+        if self._sem is None or getattr(model, "_acip_gated", False):
+            return model
+        if next(model.parameters()).device.type != "cpu":
+            return model
+        inner, sem = model.forward, self._sem
+
+        def forward(*args, **kwargs):
+            with sem:
+                return inner(*args, **kwargs)
+
+        model.forward, model._acip_gated = forward, True
+        return model
+
+
+GATE = ComputeGate()
 
 
 # -- validation ---------------------------------------------------------------------------------
@@ -117,6 +154,19 @@ def check_history(messages: list[dict]) -> None:
                          "press Clear and start again")
 
 
+def check_message_count(history) -> list:
+    """A chat history as a list, refused when it holds more than limits().chat_messages messages:
+    counted before any message is read or templated, so refusing costs nothing."""
+    history = [] if history is None else history
+    if not isinstance(history, (list, tuple)):
+        raise ValueError("the chat history must be a list of messages: press Clear and start again")
+    cap = limits().chat_messages
+    if len(history) > cap:
+        raise ValueError(f"the chat history holds {len(history):,} messages (the limit is {cap:,}): "
+                         "press Clear and start again")
+    return list(history)
+
+
 def message_text(content) -> str:
     """The text of a chat message's content (a string, or Gradio's list of content blocks)."""
     if isinstance(content, str):
@@ -157,6 +207,7 @@ class Generation:
 
         self.text, self.tokens, self.first_token_s, self.error = "", 0, None, None
         self.done, self.truncated, self.prompt_tokens = False, truncated, ids.shape[1]
+        self._polled_tokens = 0
         self._stop = threading.Event()
         self._start = self._first_at = self._last_at = time.perf_counter()
         self._streamer = _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -188,7 +239,8 @@ class Generation:
         """Takes the text streamed so far; True if anything changed. Raises the thread's error."""
         import queue
 
-        changed, wait = False, timeout
+        changed, wait = self.tokens != self._polled_tokens, timeout
+        self._polled_tokens = self.tokens
         while not self.done:
             try:
                 piece = self._streamer.text_queue.get(timeout=wait)
@@ -207,6 +259,11 @@ class Generation:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Waits for the generation thread; True when it has ended."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def snapshot(self, size_ratio: float) -> dict:
         return dict(text=self.text, tokens=self.tokens, first_token_s=self.first_token_s,
@@ -323,7 +380,7 @@ class Explorer:
         key = (size.prefix, dtype)
         with self._lock:
             if key not in self._models:
-                self._models[key] = self.any_size.materialize(size, dtype)
+                self._models[key] = GATE.wrap(self.any_size.materialize(size, dtype))
                 while len(self._models) > self._cache_size:
                     self._models.popitem(last=False)
             self._models.move_to_end(key)
@@ -389,34 +446,51 @@ class Explorer:
     # -- chat ---------------------------------------------------------------------------------
     def _chat_ids(self, history, message: str, max_new_tokens: int):
         """Prompt ids through the chat template (oldest turns dropped to fit the context and the
-        server's cap of public.limits().chat_tokens: the history comes from the client and may be forged)."""
+        server's cap of public.limits().chat_tokens: the history comes from the client and may be forged).
+
+        The work is bounded before any tokenizing: at most limits().chat_messages messages are
+        accepted (counted, not templated), and of those only the newest that can fit are templated at
+        all (≤ budget // 2 messages, ≤ 16 characters per token). The template's own tokens count
+        towards the budget: how many of those newest turns fit is found by bisection over the number
+        kept, so a long history costs a dozen templatings, not one per dropped turn."""
+        raw = check_message_count(history)  # cheap: counted before anything is read or templated
+        lim = limits()
         messages = [dict(role=m["role"], content=message_text(m.get("content")))
-                    for m in (history or []) if isinstance(m, dict) and m.get("role") in ("user", "assistant")]
+                    for m in raw if isinstance(m, dict) and m.get("role") in ("user", "assistant")]
         messages = [m for m in messages if m["content"]]
         check_history(messages)
         limit = int(getattr(self.any_size.base.config, "max_position_embeddings", 2048) or 2048)
-        budget = max(min(limit - max_new_tokens, limits().chat_tokens), 8)
+        budget = max(min(limit - max_new_tokens, lim.chat_tokens), 8)
         kept, chars = [], len(message)  # newest first, by characters (a token holds at most ~16)
         for m in reversed(messages):
             chars += len(m["content"])
-            if chars > 16 * budget:
+            if chars > 16 * budget or len(kept) >= budget // 2:
                 break
             kept.insert(0, m)
-        truncated = len(kept) < len(messages)
-        messages = kept + [dict(role="user", content=message)]
-        while True:
+        newest = dict(role="user", content=message)
+
+        def encode(turns):
+            msgs = turns + [newest]
             if getattr(self.tokenizer, "chat_template", None):
-                ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                         return_tensors="pt", return_dict=True)["input_ids"]
+                return self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True,
+                                                          return_tensors="pt", return_dict=True)["input_ids"]
+            return self.tokenizer("\n".join(m["content"] for m in msgs), return_tensors="pt").input_ids
+
+        ids = encode(kept)
+        if ids.shape[1] <= budget:
+            return ids, len(kept) < len(messages)
+        lo, hi, fit = 0, len(kept) - 1, None  # the most newest turns that fit: bisection on the count
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            trial = encode(kept[len(kept) - mid:] if mid else [])
+            if trial.shape[1] <= budget:
+                lo, fit = mid + 1, trial
             else:
-                text = "\n".join(m["content"] for m in messages)
-                ids = self.tokenizer(text, return_tensors="pt").input_ids
-            if ids.shape[1] <= budget:
-                return ids, truncated
-            if len(messages) > 1:  # drop the oldest turn first
-                messages, truncated = messages[1:], True
-                continue
-            return ids[:, -budget:], True  # the message alone is too long: keep its end
+                hi = mid - 1
+        if fit is not None:
+            return fit, True
+        alone = encode([]) if kept else ids  # the message alone is too long: keep its end
+        return alone[:, -budget:], True
 
     def start_chat(self, ratio, history, message, max_new_tokens=128, repetition_penalty=REPETITION_PENALTY,
                    dtype: str = "float32") -> Generation:
@@ -432,9 +506,12 @@ class Explorer:
 
     def stream_chat(self, ratio, history, message, max_new_tokens=128, repetition_penalty=REPETITION_PENALTY,
                     dtype: str = "float32"):
-        """Yields snapshots dict(text, tokens, first_token_s, tokens_per_s, done, ...) as text streams.
+        """Yields snapshots dict(text, tokens, first_token_s, tokens_per_s, done, ...) as text streams
+        (and with every new token, even one that shows no text, so a consumer regains control often).
 
-        Closing the generator (a cancelled request) stops the generation thread.
+        Closing the generator (a cancelled request, a client that went away: Gradio closes a streaming
+        handler's generator) stops the generation thread at its next token (Generation's stopping
+        criterion).
         """
         size_ratio = self.size(ratio).size_ratio
         gen = self.start_chat(ratio, history, message, max_new_tokens, repetition_penalty, dtype)
@@ -538,7 +615,7 @@ class Explorer:
             limit = check_int(lim.lm_eval_items if limit is None else limit, 1, lim.lm_eval_items, "limit")
         batch_size = check_int(batch_size, 1, 512, "batch_size")
         size = self.size(ratio)
-        model = self.any_size.materialize(size, dtype)  # its own tree: lm-eval's hooks stay on it
+        model = GATE.wrap(self.any_size.materialize(size, dtype))  # its own tree: lm-eval's hooks stay on it
         start = time.perf_counter()
         result = run_lm_eval(model, self.tokenizer, tasks, limit, batch_size, should_stop, on_progress)
         seconds = time.perf_counter() - start
@@ -624,33 +701,39 @@ class Explorer:
                                             t["format"]).gigabytes
         return found
 
-    def fit_budget_every_dtype(self, gigabytes) -> list[dict]:
-        """The budget's answer in every format the app offers (curve.best_in_format, the CLI's
-        `size --budget-gb` ranking: the best measured size that fits, by the curve's perplexity on
-        the first eval set; the largest size that fits where the curve lacks the format). The best
-        of the formats whose perplexities are comparable (else the largest size) has best=True.
-        Formats whose smallest size does not fit are listed with fits=False."""
+    def budget_answer(self, gigabytes) -> dict:
+        """The budget's answer in every format the app offers, by the one ranking (curve.rank_for_budget,
+        the CLI's `size --budget-gb` too): rows (one per format: dtype, fits, the size's summary,
+        perplexity, ranked; smallest_gb where it does not fit), the best (best=True in its row; by the
+        ranking rule among formats measured on comparable windows; the largest size that fits where
+        nothing fitting was measured, with measured=False), eval_set, windows, rule (in words) and
+        smallest_measured (size_ratio, format, gb of the smallest measured model)."""
         budget = _budget(gigabytes)
-        cols = ppl_columns(self.curve)
-        eval_set = cols[0][len("ppl_"):] if cols else "heldout"
-        acip = comparable_acip(self.curve)
-        comparable = set(acip.format) if acip is not None else set()
-        all_acip = acip_rows(self.curve)
+        ranking = rank_for_budget(self.any_size, self.curve, budget, None, DTYPE_CHOICES)
         rows = []
-        for dtype in DTYPE_CHOICES:
-            try:
-                pick = best_in_format(self.any_size, all_acip, budget, dtype, eval_set)
-            except ValueError:
-                rows.append(dict(dtype=dtype, fits=False, smallest_gb=self.smallest_gb(dtype)))
+        for r in ranking["rows"]:
+            if not r["fits"]:
+                rows.append(dict(dtype=r["format"], fits=False, smallest_gb=r["smallest_gb"]))
                 continue
-            rows.append(dict(self._budget_row(pick["size"], dtype, budget), fits=True, perplexity=pick["perplexity"],
-                             ranked=dtype in comparable))
+            rows.append(dict(self._budget_row(r["size"], r["format"], budget), fits=True,
+                             perplexity=r["perplexity"], ranked=r["ranked"]))
         fitting = [r for r in rows if r["fits"]]
-        if fitting:
-            best = min(fitting, key=lambda r: (r["perplexity"] if r["perplexity"] is not None and r["ranked"]
-                                               else math.inf, -r["size_ratio"], DTYPE_CHOICES.index(r["dtype"])))
+        measured = ranking["best"] is not None
+        if measured:
+            best = next(r for r in fitting if r["dtype"] == ranking["best"]["format"])
+        elif fitting:  # nothing fitting was measured: the largest size, said to be unmeasured
+            best = max(fitting, key=lambda r: (r["size_ratio"], -DTYPE_CHOICES.index(r["dtype"])))
+        else:
+            best = None
+        if best is not None:
             best["best"] = True
-        return rows
+        return dict(rows=rows, best=best, measured=measured, eval_set=ranking["eval_set"],
+                    windows=ranking["windows"], rule=rule_text(ranking),
+                    smallest_measured=ranking["smallest_measured"])
+
+    def fit_budget_every_dtype(self, gigabytes) -> list[dict]:
+        """The rows of `budget_answer` (one per format; the best has best=True)."""
+        return self.budget_answer(gigabytes)["rows"]
 
 
 def _budget(gigabytes) -> float:

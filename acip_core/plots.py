@@ -36,14 +36,25 @@ def _x_of(frame: pd.DataFrame, x: str, dtype: str = "") -> pd.Series:
     return frame[column] if column in frame else frame["params"] * 4 / 1e9
 
 
-def _format_style(key: str, i: int) -> dict:
-    """One colour per format family; int8/int4 embeddings (+emb8) drawn thinner and dotted, the fast
-    layout (+fast) dashed."""
-    colors = {"float32": COLORS["acip"], "bfloat16": "#0891b2", "int8": "#16a34a", "int4": "#ca8a04"}
+_FORMAT_DASH = {"float32": "solid", "bfloat16": "dash", "int8": "dot", "int4": "dashdot"}
+_FORMAT_MARKER = {"float32": "circle", "bfloat16": "square", "int8": "diamond", "int4": "triangle-up"}
+
+
+def _format_style(key: str) -> tuple[dict, dict]:
+    """(line, marker) of ACIP in one format: ACIP's one colour; the format family told apart by the
+    dash and the marker symbol, +emb8 by a thinner line, +fast by an open marker."""
     base = key.split("-")[0].split("+")[0]
-    dash = {(True, True): "dashdot", (True, False): "dot", (False, True): "dash"}.get(("+emb8" in key, "+fast" in key))
-    return dict(color=colors.get(base, _PALETTE[i % len(_PALETTE)]), width=1.5 if "+emb8" in key else 2.5,
-                dash=dash or "solid")
+    line = dict(color=COLORS["acip"], width=1.5 if "+emb8" in key else 2.5, dash=_FORMAT_DASH.get(base, "longdash"))
+    symbol = _FORMAT_MARKER.get(base, "x") + ("-open" if "+fast" in key else "")
+    return line, dict(symbol=symbol)
+
+
+def method_colors(methods) -> dict:
+    """One colour per method: ACIP and the original their own, every other method the next colour of
+    a palette that holds neither (so no baseline ever looks like ACIP in some format)."""
+    others = [m for m in dict.fromkeys(methods) if m not in COLORS]
+    return {**{m: COLORS[m] for m in dict.fromkeys(methods) if m in COLORS},
+            **{m: _PALETTE[i % len(_PALETTE)] for i, m in enumerate(others)}}
 
 
 def curve_figure(curve: pd.DataFrame | None, x: str = "size_ratio", dtype: str = "float32",
@@ -86,17 +97,18 @@ def curve_figure(curve: pd.DataFrame | None, x: str = "size_ratio", dtype: str =
             lines = [(m, shown_fmt if m == "acip" else None) for m in dict.fromkeys(data.method) if m != "original"]
         else:
             lines = [("acip", f) for f in formats]
-        for i, (method, fmt) in enumerate(lines):
+        colors = method_colors(data.method)
+        for method, fmt in lines:
             rows = data[(data.method == method) & ((data.format == fmt) if fmt else True)]
             if fmt is None:  # a baseline: its first measured format
                 rows = rows[rows.format == rows.format.iloc[0]] if len(rows) else rows
             rows = rows.sort_values("size_ratio")
             name = method if x == "size_ratio" and method != "acip" else f"{method} {rows.format.iloc[0] if len(rows) else fmt}"
-            style = _format_style(fmt, i) if method == "acip" else dict(
-                color=COLORS.get(method, _PALETTE[i % len(_PALETTE)]), width=2.5)
+            style, marker = _format_style(fmt) if method == "acip" else (dict(color=colors[method], width=2.5),
+                                                                          dict(symbol="circle"))
             fig.add_trace(go.Scatter(
                 x=_x_of(rows, x), y=rows[metric], mode="lines+markers", name=name, line=style,
-                marker=dict(size=5 if x == "gb" else 6),
+                marker=dict(marker, size=6 if x == "gb" else 7),
                 customdata=np.stack([rows.size_ratio, _x_of(rows, "gb")], axis=-1),
                 hovertemplate=f"{name}<br>size %{{customdata[0]:.3f}}<br>%{{customdata[1]:.4f}} GB"
                               "<br>perplexity %{y:.4g}<extra></extra>"))
@@ -112,10 +124,9 @@ def curve_figure(curve: pd.DataFrame | None, x: str = "size_ratio", dtype: str =
         elif len(original):  # GB view: the original in every format, and the frontier
             # (a fast layout's original is its small layout's: every layer dense either way)
             original = original[~original.format.str.endswith("+fast")]
-            fig.add_trace(go.Scatter(
-                x=original.gb, y=original[metric], mode="markers+text", name="original (each format)",
-                text=original.format, textposition="top center", textfont=dict(size=9, color="#374151"),
-                marker=dict(color=COLORS["original"], size=12, symbol="star"),
+            fig.add_trace(go.Scatter(  # no text labels: at close GB they overlapped (the hover names the format)
+                x=original.gb, y=original[metric], mode="markers", name="original (each format)",
+                text=original.format, marker=dict(color=COLORS["original"], size=12, symbol="star"),
                 hovertemplate="original in %{text}<br>%{x:.4f} GB<br>perplexity %{y:.4g}<extra></extra>"))
             front = pareto_frontier(data, metric[4:])
             if len(front):
@@ -125,7 +136,8 @@ def curve_figure(curve: pd.DataFrame | None, x: str = "size_ratio", dtype: str =
                     customdata=np.stack([front.format, front.size_ratio], axis=-1),
                     hovertemplate="frontier: %{customdata[0]} at size %{customdata[1]:.2f}<br>%{x:.4f} GB"
                                   "<br>perplexity %{y:.4g}<extra></extra>"))
-        fig.update_layout(xaxis_title=xlabel, yaxis=dict(type="log", title=f"perplexity on {eval_set_label(metric)} (log)"))
+        fig.update_layout(xaxis_title=xlabel, yaxis=dict(type="log", title="perplexity (log)"))
+        title = f"{title} · {eval_set_label(metric)}" if title else eval_set_label(metric)
         acip = data[(data.method == "acip") & (data.format == shown_fmt)]
         focus = list(data[data.method == "acip"][metric]) + ([ref] if ref is not None else [])
         if measured is not None and len(measured) and "perplexity" in measured:
@@ -137,8 +149,8 @@ def curve_figure(curve: pd.DataFrame | None, x: str = "size_ratio", dtype: str =
             clipped = [m for m, _ in lines if m != "acip" and (data[data.method == m][metric] > hi).any()]
             if clipped:
                 fig.add_annotation(text=f"{', '.join(clipped)}: partly above the frame (double-click "
-                                        "the plot to show everything)", x=0.99, y=0.99, xref="paper",
-                                   yref="paper", xanchor="right", yanchor="top", showarrow=False,
+                                        "the plot to show everything)", x=0.01, y=0.01, xref="paper",
+                                   yref="paper", xanchor="left", yanchor="bottom", showarrow=False,
                                    font=dict(size=11, color="#6b7280"), bgcolor="rgba(255,255,255,0.8)")
     if current is not None and acip is not None:
         xc = current["size_ratio"] if x == "size_ratio" else current["gb"]
@@ -223,8 +235,8 @@ def heatmap_figure(heat: dict, title: str = "") -> go.Figure:
     fig.update_layout(**_LAYOUT, height=max(300, 60 + 16 * len(heat["blocks"])),
                       title=dict(text=title or "kept rank per layer (D = runs dense)", x=0.01, font=dict(size=14)))
     fig.update_yaxes(title="block", autorange="reversed", type="category")
-    fig.update_xaxes(title="module", side="top", type="category")
-    fig.update_layout(margin=dict(l=60, r=20, t=80, b=20))
+    fig.update_xaxes(title="module", side="bottom", type="category")  # on top it ran into the title
+    fig.update_layout(margin=dict(l=60, r=20, t=50, b=60))
     return fig
 
 

@@ -19,6 +19,7 @@ import re
 import shutil
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,16 +58,19 @@ class Limits:
     exports_bytes: int  # the exports folder; oldest exports are removed first
     bases_bytes: int  # the cached bases; least recently used removed first
     chat_tokens: int  # history + message of one chat request, after the chat template
+    chat_messages: int  # messages of one chat history (counted before any templating)
     cache_seconds: int  # Gradio's cache (uploads, downloads) is cleaned of files older than this
-    heavy_per_hour: float  # measurements, sweeps and exports one visitor (session) may start per hour
+    heavy_per_hour: float  # measurements, sweeps and exports one visitor (session, and IP) may start per hour
+    visitor_upload_bytes: float  # what one client IP may upload per hour (all files)
+    total_upload_bytes: float  # what all visitors together may upload per hour
 
 
 def _local() -> Limits:
     return Limits(public=False, scoring="open", max_steps=100_000, max_batch_size=256, max_seq_len=32_768,
                   max_run_seconds=math.inf, max_running=1, lm_eval_items=100_000, perplexity_windows=1024,
                   upload_bytes=200 * MB, uploads_bytes=2 * GB, runs_bytes=math.inf, exports_bytes=20 * GB,
-                  bases_bytes=20 * GB, chat_tokens=4096, cache_seconds=24 * 3600,
-                  heavy_per_hour=math.inf)
+                  bases_bytes=20 * GB, chat_tokens=4096, chat_messages=2000, cache_seconds=24 * 3600,
+                  heavy_per_hour=math.inf, visitor_upload_bytes=math.inf, total_upload_bytes=math.inf)
 
 
 def _public(env) -> Limits:
@@ -75,8 +79,8 @@ def _public(env) -> Limits:
     return Limits(public=True, scoring="token" if env.get("ACIP_ADMIN_TOKEN") else "off", max_steps=400,
                   max_batch_size=4, max_seq_len=512, max_run_seconds=1800, max_running=1, lm_eval_items=100,
                   perplexity_windows=64, upload_bytes=10 * MB, uploads_bytes=100 * MB, runs_bytes=3 * GB,
-                  exports_bytes=2 * GB, bases_bytes=3 * GB, chat_tokens=1024, cache_seconds=3600,
-                  heavy_per_hour=20)
+                  exports_bytes=2 * GB, bases_bytes=3 * GB, chat_tokens=1024, chat_messages=400, cache_seconds=3600,
+                  heavy_per_hour=20, visitor_upload_bytes=30 * MB, total_upload_bytes=300 * MB)
 
 
 def limits(env=None) -> Limits:
@@ -98,32 +102,136 @@ def limits(env=None) -> Limits:
     return dataclasses.replace(base, **changes)
 
 
+def client_ip(request, env=None) -> str | None:
+    """The visitor's IP address from a gr.Request (or anything with .headers and .client). Behind a
+    proxy (a Space: the proxy adds the visitor's address to X-Forwarded-For) the address is the
+    ACIP_PROXY_HOPS-th entry from the right of that header (default 1 on a Space, where SPACE_ID is
+    set, else 0: the connection's own address). Entries to the left of it are whatever the client
+    sent and are never trusted. None when the request carries neither."""
+    env = os.environ if env is None else env
+    try:
+        hops = int(env.get("ACIP_PROXY_HOPS", "1" if env.get("SPACE_ID") else "0"))
+    except ValueError:
+        raise ValueError(f"ACIP_PROXY_HOPS={env.get('ACIP_PROXY_HOPS')!r} is not a whole number") from None
+    headers = getattr(request, "headers", None) or {}
+    if hops > 0:
+        forwarded = [h.strip() for h in str(headers.get("x-forwarded-for") or "").split(",") if h.strip()]
+        if len(forwarded) >= hops:
+            return forwarded[-hops]
+    client = getattr(request, "client", None)
+    return getattr(client, "host", None) or None
+
+
+def visitor_keys(request, env=None) -> list[str]:
+    """The keys a visitor's quotas are counted under: the browser session and the client IP (a new
+    session from the same address shares the address's count)."""
+    keys = ["session:" + str(getattr(request, "session_hash", None) or "anonymous")]
+    ip = client_ip(request, env)
+    if ip:
+        keys.append("ip:" + ip)
+    return keys
+
+
 class SessionQuota:
     """Heavy jobs (perplexity, lm-eval, sweeps, exports) share one slot for every visitor; in public
-    mode each session may start at most `per_hour` of them in any hour, so one stranger cannot keep
+    mode each visitor may start at most `per_hour` of them in any hour, so one stranger cannot keep
     the slot (or the queue in front of it) for everyone: a job over the quota is refused at once,
-    which frees the slot at once. Thread-safe; sessions are forgotten an hour after their last job."""
+    which frees the slot at once. A visitor is counted under every key of public.visitor_keys (its
+    session and its IP): a start counts for each, and any key over the quota refuses. A start that
+    is refused afterwards (bad input) is given back (`job`). Thread-safe; keys are forgotten an hour
+    after their last job."""
 
     def __init__(self, per_hour: float, clock=time.monotonic):
         self.per_hour, self.clock = per_hour, clock
         self._starts: dict[str, list[float]] = {}
         self._lock = threading.Lock()
 
-    def take(self, session: str | None) -> None:
-        """Counts one start for `session`, or raises ValueError saying when the next one is allowed."""
+    def take(self, keys) -> float | None:
+        """Counts one start for every key (a str: one key), or raises ValueError saying when the next one
+        is allowed. Returns the start's time (for give_back), None when unlimited."""
         if math.isinf(self.per_hour):
-            return
+            return None
+        keys = [keys or "anonymous"] if isinstance(keys, str) or keys is None else list(keys) or ["anonymous"]
         now = self.clock()
         with self._lock:
             for key in [k for k, v in self._starts.items() if not v or now - v[-1] > 3600]:
                 del self._starts[key]
-            starts = [t for t in self._starts.get(session or "anonymous", []) if now - t < 3600]
-            if len(starts) >= self.per_hour:
-                wait = 3600 - (now - starts[0])
-                raise ValueError(f"this session has started {len(starts)} measurements/exports in the last "
-                                 f"hour, the public limit; the next is possible in {wait / 60:.0f} min "
-                                 "(run the app locally for no limits)")
-            self._starts[session or "anonymous"] = starts + [now]
+            for key in keys:
+                starts = [t for t in self._starts.get(key, []) if now - t < 3600]
+                if len(starts) >= self.per_hour:
+                    wait = 3600 - (now - starts[0])
+                    who = "this address" if key.startswith("ip:") else "this session"
+                    raise ValueError(f"{who} has started {len(starts)} measurements/exports in the last "
+                                     f"hour, the public limit; the next is possible in {wait / 60:.0f} min "
+                                     "(run the app locally for no limits)")
+            for key in keys:
+                self._starts[key] = [t for t in self._starts.get(key, []) if now - t < 3600] + [now]
+        return now
+
+    def give_back(self, keys, started: float | None) -> None:
+        """Uncounts a start (`take`'s return value) that did no work: a request refused for its input."""
+        if started is None:
+            return
+        keys = [keys or "anonymous"] if isinstance(keys, str) or keys is None else list(keys) or ["anonymous"]
+        with self._lock:
+            for key in keys:
+                starts = self._starts.get(key, [])
+                if started in starts:
+                    starts.remove(started)
+
+    @contextmanager
+    def job(self, keys, refused=(ValueError, FileNotFoundError)):
+        """One heavy job: counted on entry; given back when the body raises one of `refused` (input
+        that was refused, so no work was done)."""
+        started = self.take(keys)
+        try:
+            yield
+        except refused:
+            self.give_back(keys, started)
+            raise
+
+
+class UploadQuota:
+    """What anonymous visitors may upload (Gradio's /gradio_api/upload route, before any handler):
+    per visitor key (public.visitor_keys: the client IP) at most `per_visitor` bytes and in total
+    at most `total` bytes in any hour; a request is counted by its Content-Length before its body is
+    read. Gradio keeps uploads for Limits.cache_seconds (an hour in public mode), so these bound the
+    upload folder too. Thread-safe."""
+
+    def __init__(self, per_visitor: float, total: float, clock=time.monotonic):
+        self.per_visitor, self.total, self.clock = per_visitor, total, clock
+        self._sent: list[tuple[float, str, int]] = []  # (time, key, bytes)
+        self._lock = threading.Lock()
+
+    def take(self, key: str, nbytes: int) -> None:
+        """Counts `nbytes` for `key`, or raises ValueError saying which bound it would pass."""
+        now = self.clock()
+        with self._lock:
+            self._sent = [e for e in self._sent if now - e[0] < 3600]
+            mine = sum(b for _, k, b in self._sent if k == key)
+            everyone = sum(b for _, _, b in self._sent)
+            if mine + nbytes > self.per_visitor:
+                raise ValueError(f"uploads from this address reached {self.per_visitor / MB:g} MB in the last "
+                                 "hour, the public limit: try again later")
+            if everyone + nbytes > self.total:
+                raise ValueError(f"uploads to this Space reached {self.total / MB:g} MB in the last hour, "
+                                 "the public limit: try again later")
+            self._sent.append((now, key, nbytes))
+
+
+def nul_files(paths) -> list[str]:
+    """The files among `paths` that hold a NUL byte (so are not text), read in 1 MB blocks."""
+    bad = []
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                while block := f.read(MB):
+                    if b"\0" in block:
+                        bad.append(str(path))
+                        break
+        except OSError:
+            continue
+    return bad
 
 
 # -- who may do what ----------------------------------------------------------------------------
@@ -340,8 +448,9 @@ def describe(lim: Limits | None = None) -> str:
             f"{scoring}, one at a time, at most {lim.max_steps} steps, batch {lim.max_batch_size} × "
             f"{lim.max_seq_len} tokens and {lim.max_run_seconds / 60:.0f} min; lm-eval at most "
             f"{lim.lm_eval_items} items per task; {lim.heavy_per_hour:g} measurements, sweeps or exports per "
-            f"visitor per hour; chat history {lim.chat_tokens} tokens; uploads "
-            f"{lim.upload_bytes / MB:g} MB of text; models and texts only by name (no server paths); old "
+            f"visitor (session and address) per hour; chat history {lim.chat_messages} messages and "
+            f"{lim.chat_tokens} tokens; uploads {lim.upload_bytes / MB:g} MB of text per file, "
+            f"{lim.visitor_upload_bytes / MB:g} MB per address per hour; models and texts only by name (no server paths); old "
             "exports and runs are removed first when the disk bound is reached. Run it locally for no limits.")
 
 

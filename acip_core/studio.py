@@ -8,6 +8,7 @@ patching globals (docs/ARCHITECTURE.md, "Layout").
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import shutil
@@ -146,19 +147,29 @@ class Studio:
             return value
         raise ValueError(f"{value[:200]!r} is not one of the available artifacts (choose one by name).")
 
-    def download_dir(self, kind: str) -> Path:
-        """A fresh folder for one download; old downloads go first (age, then total size)."""
+    def download_dir(self, kind: str, session: str | None = None) -> Path:
+        """A fresh folder for one download; old downloads go first (age, then total size), but never
+        a session's newest one while it may still be downloading (prune)."""
         root = self.config.downloads / kind
-        prune(self.config.downloads, self.config.downloads_max_bytes, self.config.downloads_max_age_s)
-        folder = root / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(4).hex()}"
+        tag = hashlib.sha256(str(session or "anonymous").encode()).hexdigest()[:8]
+        prune(self.config.downloads, self.config.downloads_max_bytes, self.config.downloads_max_age_s,
+              replacing=(kind, tag))
+        folder = root / f"{time.strftime('%Y%m%d-%H%M%S')}-{tag}-{os.urandom(4).hex()}"
         folder.mkdir(parents=True)
         return folder
 
 
-def prune(root: Path, max_bytes: int, max_age_s: float) -> None:
-    """Deletes download folders (root/<kind>/<one>) older than max_age_s, then the oldest until the
-    rest holds at most max_bytes."""
-    entries = []
+DOWNLOAD_GRACE_S = 600.0  # a visitor's newest download is kept this long whatever the size bound
+
+
+def prune(root: Path, max_bytes: int, max_age_s: float, grace_s: float = DOWNLOAD_GRACE_S,
+          replacing: tuple[str, str] | None = None) -> None:
+    """Deletes download folders (root/<kind>/<time>-<session tag>-<random>) older than max_age_s,
+    then the oldest until the rest holds at most max_bytes, sparing each session's newest folder
+    of each kind while it is younger than grace_s (a link its visitor was just given: another
+    visitor's export must not take it away mid-download; the bound may be passed by those).
+    `replacing` (kind, session tag): that session is being given a newer one, so its old one may go."""
+    entries, now = [], time.time()
     for kind in (root.iterdir() if root.is_dir() else ()):
         for one in (kind.iterdir() if kind.is_dir() else ()):
             try:
@@ -168,10 +179,17 @@ def prune(root: Path, max_bytes: int, max_age_s: float) -> None:
             except OSError:
                 continue
     entries.sort()
+    newest = {}  # (kind, session tag) -> (mtime, its newest folder)
+    for mtime, _, one in entries:
+        parts = one.name.split("-")
+        if len(parts) >= 4:  # named by download_dir (else: not a visitor's, never spared)
+            newest[(one.parent.name, parts[2])] = (mtime, one)
+    spared = {one for key, (mtime, one) in newest.items() if now - mtime <= grace_s and key != replacing}
     total = sum(e[1] for e in entries)
     for mtime, size, one in entries:
-        if time.time() - mtime <= max_age_s and total <= max_bytes:
-            break
+        old = now - mtime > max_age_s
+        if not old and (total <= max_bytes or one in spared):
+            continue
         shutil.rmtree(one, ignore_errors=True) if one.is_dir() else one.unlink(missing_ok=True)
         total -= size
 
@@ -214,12 +232,21 @@ def millions(n: int) -> str:
     return f"{n / 1e6:,.1f} M" if n >= 1e5 else f"{n:,}"
 
 
-def gigabytes(gb: float) -> str:
-    """GB with 3 decimals; MB below 0.01 GB (so a small remainder never reads "0.000 GB"); a huge
-    number (a visitor's budget of 1e308 GB) in short scientific form."""
+def gigabytes(gb: float, up: bool = True) -> str:
+    """GB with 3 decimals, rounded up (gb_up: what a size needs; up=False rounds down: what is left);
+    MB below 0.01 GB (so a small remainder never reads "0.000 GB"); a huge number (a visitor's budget
+    of 1e308 GB) in short scientific form."""
     if abs(gb) >= 1e6:
         return f"{gb:.3g} GB"
-    return f"{gb:.3f} GB" if abs(gb) >= 0.01 else f"{gb * 1000:.1f} MB"
+    if abs(gb) < 0.01:
+        return f"{gb * 1000:.1f} MB"
+    return f"{gb_up(gb):.3f} GB" if up else f"{math.floor(gb * 1000 + 1e-9) / 1000:.3f} GB"
+
+
+def gb_up(gb: float) -> float:
+    """GB rounded up to 3 decimals: the one GB format of the app (the badge, the tables and the budget
+    box: a need rounded up still holds the size when typed back as a budget)."""
+    return math.ceil(gb * 1000 - 1e-9) / 1000
 
 
 FINETUNE_HELP = (
@@ -284,8 +311,16 @@ def size_badge(s: dict, note: str = "") -> str:
     return text + (f"  \n⚠ {note}" if note else "")
 
 
-def budget_text(budget_gb: float, fits: list[dict]) -> str:
-    """The budget's answer in every format (Explorer.fit_budget_every_dtype), best first named."""
+def slider_ratio(ratio: float) -> float:
+    """A size ratio as the slider holds it (3 decimals, rounded down: that value still fits a budget);
+    every text that names a budget's size uses this, so it reads as the slider does."""
+    return math.floor(float(ratio) * 1000 + 1e-6) / 1000
+
+
+def budget_text(budget_gb: float, answer: dict) -> str:
+    """The budget's answer in every format (Explorer.budget_answer), best first named, and what decided
+    it; never calls an unmeasured size measured."""
+    fits = answer["rows"]
     lines = [f"**{budget_gb:g} GB** fits:", "", "| format | size | weights | left | perplexity |",
              "|---|---|---|---|---|"]
     for f in fits:
@@ -295,21 +330,33 @@ def budget_text(budget_gb: float, fits: list[dict]) -> str:
         # no perplexity: a size outside the curve's measured sizes
         ppl = f"≈ {f['perplexity']:.1f}" if f.get("perplexity") is not None else "not measured"
         mark = " **(best)**" if f.get("best") else ""
-        lines.append(f"| {f['dtype']}{mark} | **{f['size_ratio']:.3f}** | {gigabytes(f['gb'])} | "
-                     f"{gigabytes(f['budget_left_gb'])} | {ppl} |")
-    best = next((f for f in fits if f.get("best")), None)
-    if best:
-        lines += ["", f"The slider moved to the best: size {best['size_ratio']:.3f} in {best['dtype']} "
-                      "(lowest perplexity on the curve in that format; the runners-up are the other rows)."]
+        lines.append(f"| {f['dtype']}{mark} | **{slider_ratio(f['size_ratio']):.3f}** | {gigabytes(f['gb'])} | "
+                     f"{gigabytes(f['budget_left_gb'], up=False)} | {ppl} |")
+    best = answer.get("best")
+    if best and answer.get("measured"):
+        lines += ["", f"The slider moved to the best: size {slider_ratio(best['size_ratio']):.3f} in {best['dtype']}, "
+                      f"{answer['rule']}. The runners-up are the other rows."]
+    elif best:
+        small = answer.get("smallest_measured")
+        need = (f" The smallest measured model is size {small['size_ratio']:.3f} in {small['format']}: it needs "
+                f"{gigabytes(small['gb'])}." if small else "")
+        lines += ["", f"No size that fits was measured: the slider moved to the largest that fits, size "
+                      f"{slider_ratio(best['size_ratio']):.3f} in {best['dtype']}, whose quality is unknown "
+                      f"(an extrapolation, likely unusable).{need}"]
     return "\n".join(lines)
 
 
 def perplexity_text(row: dict, min_windows: int = 32) -> str:
-    """A measured perplexity with its spread, and a warning when it cannot be told from the curve."""
+    """A measured perplexity with its spread, and a warning when it cannot be told from the curve.
+    One window has no spread (a standard error needs two): that is said, never "± 0 %"."""
+    where = (f"at size {row['size_ratio']:.3f} ({row['dtype']}) on {row['data']}: {row['windows']} "
+             f"window{'s' if row['windows'] != 1 else ''} × {row['seq_len']} tokens in {row['seconds']:.1f} s "
+             f"({row['tokens_per_s']:.0f} tokens/s). Added to the curve (this session only).")
+    if row["windows"] < 2:
+        return (f"Perplexity **{row['perplexity']:.1f}** {where}  \n⚠ One window: no spread can be "
+                f"measured (it needs at least two), so this value cannot be compared; use ≥ {min_windows}.")
     text = (f"Perplexity **{row['perplexity']:.1f}** (± one standard error: {row['ppl_low']:.1f}–"
-            f"{row['ppl_high']:.1f}) at size {row['size_ratio']:.3f} ({row['dtype']}) on {row['data']}: "
-            f"{row['windows']} windows × {row['seq_len']} tokens in {row['seconds']:.1f} s "
-            f"({row['tokens_per_s']:.0f} tokens/s). Added to the curve (this session only).")
+            f"{row['ppl_high']:.1f}) {where}")
     curve = row.get("curve_perplexity")
     if curve is not None and row["ppl_low"] <= curve <= row["ppl_high"]:
         text += (f"  \n⚠ The curve says ≈ {curve:.1f} here, inside this measurement's spread: "
@@ -384,18 +431,37 @@ def layers_frame(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def reply(snap: dict) -> str:
-    """A chat reply as shown: an empty finished reply says so instead of an empty bubble."""
+    """A chat reply as shown: an empty finished reply says why instead of an empty bubble (at once,
+    or tokens that show no text: special or white-space tokens). The panes show plain text."""
     if snap["done"] and not snap["text"].strip():
-        return "*(no text: the model ended its reply at once at this size)*"
+        if snap.get("tokens"):
+            return (f"(no visible text: the model's {snap['tokens']} tokens at this size are special or "
+                    "white-space tokens)")
+        return "(no text: the model ended its reply at once at this size)"
     return snap["text"]
+
+
+def metric_value(value) -> str:
+    """An lm-eval figure: counts (samples) as whole numbers, scores with 3 decimals."""
+    return f"{int(value):,}" if float(value).is_integer() and abs(value) >= 1 else f"{value:.3f}"
+
+
+def eta_text(done: int, total: int, elapsed_s: float) -> str:
+    """"ETA 1 min 05 s" from the rate so far ('' before the first count)."""
+    if done <= 0 or total <= done or elapsed_s <= 0:
+        return ""
+    left = elapsed_s / done * (total - done)
+    return f"ETA {int(left // 60)} min {int(left % 60):02d} s" if left >= 60 else f"ETA {left:.0f} s"
 
 
 def results_table(results) -> pd.DataFrame:
     """The session's results, newest first, the measured value (with its spread) up front."""
     frame = pd.DataFrame(list(results or [])[::-1])
     if "perplexity" in frame:
-        frame.insert(3, "± (one s.e.)", [f"{lo:.1f}–{hi:.1f}" if pd.notna(lo) else "" for lo, hi in
-                                         zip(frame.get("ppl_low", []), frame.get("ppl_high", []))])
+        frame.insert(3, "± (one s.e.)", [f"{lo:.1f}–{hi:.1f}" if pd.notna(lo) and (pd.isna(w) or w >= 2) else
+                                         "no spread (1 window)" if pd.notna(lo) else "" for lo, hi, w in
+                                         zip(frame.get("ppl_low", []), frame.get("ppl_high", []),
+                                             frame.get("windows", [float("nan")] * len(frame)))])
         frame["perplexity"] = frame.perplexity.round(2)
     metrics = [c for c in frame.columns if "/" in c]
     keep = ["time", "kind", "size_ratio", "dtype", "data"] + metrics + \

@@ -121,12 +121,15 @@ class AppProcess:
                 time.sleep(0.25)
         raise TimeoutError(f"app.py did not answer at {self.url}:\n{self.log_tail()}")
 
-    def session(self):
+    def session(self, address: str | None = None):
         """A new client (its own session) after its page load: /start returns once the artifact is
-        loaded, and fills the session's artifact dropdown, whose choices every other endpoint checks."""
+        loaded, and fills the session's artifact dropdown, whose choices every other endpoint checks.
+        `address`: the visitor's IP as a Space's proxy reports it (X-Forwarded-For; the public app
+        trusts it with ACIP_PROXY_HOPS=1), so simulated visitors have their own per-address quotas."""
         from gradio_client import Client
 
-        client = Client(self.url, verbose=False, download_files=False, analytics_enabled=False)
+        headers = {"X-Forwarded-For": address} if address else None
+        client = Client(self.url, verbose=False, download_files=False, analytics_enabled=False, headers=headers)
         self.listed = listed_artifact(client.predict(api_name="/start"))
         return client
 
@@ -336,7 +339,7 @@ def user(n: int, app: AppProcess, req: Requests, ref: dict, deadline: float, tal
     rng = random.Random(seed * 1000 + n)
     start = time.perf_counter()
     try:
-        client = app.session()
+        client = app.session(f"10.0.1.{n + 1}")  # each simulated user its own address (public mode)
     except Exception as err:
         tally.error("start", err)
         return
@@ -419,8 +422,8 @@ def run(artifact: str | Path = DEFAULT_ARTIFACT, clients: int = 8, seconds: floa
     scratch = Path(tempfile.mkdtemp(prefix="acip-load-scratch-"))
     env = dict(TMPDIR=str(scratch / "tmp"), GRADIO_TEMP_DIR=str(scratch / "gradio"))  # measured: disk
     (scratch / "tmp").mkdir()
-    if public:
-        env.update(ACIP_PUBLIC="1", ACIP_LIMIT_EXPORTS_BYTES=str(int(exports_bytes)))
+    if public:  # X-Forwarded-For as a Space's proxy sets it: one address per simulated visitor
+        env.update(ACIP_PUBLIC="1", ACIP_LIMIT_EXPORTS_BYTES=str(int(exports_bytes)), ACIP_PROXY_HOPS="1")
     t0 = time.perf_counter()
     with AppProcess(artifact, runs_dir, env=env) as app:
         log(f"app up in {app.ready_s:.1f} s (pid {app.proc.pid}, {app.url})")
@@ -446,8 +449,10 @@ def run(artifact: str | Path = DEFAULT_ARTIFACT, clients: int = 8, seconds: floa
         load_s = time.perf_counter() - start
         samples = sampler.stop()
         disk_samples = disk.stop()
+        strange = strangers(app, req, prompts[0], log) if public else None
         rss_end, hwm = app.rss()
         tracebacks = app.log_text().count("Traceback (most recent call last)")
+        log_bytes = app.log_path.stat().st_size
         log_tail = app.log_tail(30) if tracebacks else ""
     kinds = ["start"] + [k for k, _ in mix]
     per_kind = {}
@@ -487,11 +492,95 @@ def run(artifact: str | Path = DEFAULT_ARTIFACT, clients: int = 8, seconds: floa
         disk=dict(peak_mb=round(max((b for _, b in disk_samples), default=0) / MB, 1),
                   end_mb=round(tree_bytes(scratch) / MB, 1),
                   timeline_mb=[(t, round(b / MB, 1)) for t, b in disk_samples[::5]]),
+        strangers=strange, app_log_bytes=log_bytes,
         total_s=round(time.perf_counter() - t0, 1))
     import shutil
 
     shutil.rmtree(scratch, ignore_errors=True)
     return report
+
+
+# -- public mode: what strangers send (issue 28) ----------------------------------------------------
+# A visitor's chat while strangers attack is answered within VICTIM_FACTOR × the same chat on the quiet
+# app + VICTIM_SLACK_S: the attacks are refused cheaply (their cost bounded by public.Limits), and
+# forward passes take turns (explorer.ComputeGate), so the one allowed worst-case history costs at
+# most one more chat's worth of compute at a time.
+VICTIM_FACTOR, VICTIM_SLACK_S = 3.0, 10.0
+MARKUP = ('<img src="http://127.0.0.1:9/x.png"> ![x](http://127.0.0.1:9/y.png) '
+          '<a href="http://127.0.0.1:9/z">z</a> **bold**')
+
+
+def _upload(url: str, payload: bytes, address: str) -> int:
+    boundary = "acipload"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"f.txt\"\r\n"
+            "Content-Type: text/plain\r\n\r\n").encode() + payload + f"\r\n--{boundary}--\r\n".encode()
+    request = urllib.request.Request(url + "gradio_api/upload", data=body, method="POST", headers={
+        "Content-Type": f"multipart/form-data; boundary={boundary}", "X-Forwarded-For": address})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as answer:
+            return answer.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def strangers(app: AppProcess, req: Requests, prompt: str, log=print) -> dict:
+    """Public mode, after the load: a quiet visitor's chat is timed alone, then again while strangers
+    send (a) a history of 12,000 tiny messages, (b) the largest history allowed (chat_messages tiny
+    messages), (c) an upload flood (10 different 9 MB files from one address) and a file with NUL
+    bytes, (d) markup strings as a prompt and as sweep sizes. Reports each attack's answer and
+    time, and whether the visitor's chat came within VICTIM_FACTOR × quiet + VICTIM_SLACK_S."""
+    sys.path.insert(0, str(ROOT))
+    from acip_core.public import limits
+
+    cap = limits({"ACIP_PUBLIC": "1"}).chat_messages
+    visitor = app.session("10.0.2.1")
+    start = time.perf_counter()
+    quiet_reply = req.chat(visitor, 1.0, prompt)
+    quiet_s = time.perf_counter() - start
+    out, threads = dict(quiet_chat_s=round(quiet_s, 2)), []
+
+    def timed(name, fn):
+        def work():
+            t = time.perf_counter()
+            try:
+                out[name] = dict(answer=str(fn())[:200])
+            except Exception as err:  # a refusal is the expected answer of most attacks
+                out[name] = dict(refused=f"{type(err).__name__}: {str(err)[:200]}")
+            out[name]["seconds"] = round(time.perf_counter() - t, 2)
+        threads.append(threading.Thread(target=work, name=name))
+
+    def history(n):
+        return [dict(role="user" if i % 2 == 0 else "assistant", content=[dict(type="text", text="a")])  # as the page sends it
+                for i in range(n)]
+
+    def chat_with(history_a, address, message=prompt):
+        client = app.session(address)
+        return client.predict(req.artifact, 1.0, req.artifact, 1.0, False, message, history_a, [],
+                              req.max_new_tokens, 1.15, "float32", api_name="/chat")[2]
+
+    timed("history_12000_messages", lambda: chat_with(history(12_000), "10.0.3.1"))
+    timed(f"history_{cap}_messages", lambda: chat_with(history(cap), "10.0.3.2"))
+    flood = lambda: [_upload(app.url, os.urandom(9 * 10**6 // 2).hex().encode()[:9 * 10**6], "10.0.3.3")
+                     for _ in range(10)]
+    timed("upload_flood_10x9MB", flood)
+    timed("upload_nul", lambda: _upload(app.url, b"text\0binary" * 100, "10.0.3.4"))
+    timed("markup_prompt", lambda: chat_with([], "10.0.3.5", MARKUP))
+    timed("markup_sweep_sizes", lambda: app.session("10.0.3.6").predict(
+        req.artifact, MARKUP, prompt, 4, "float32", api_name="/sweep"))
+    for t in threads:
+        t.start()
+    time.sleep(1.0)  # the attacks are under way
+    start = time.perf_counter()
+    loaded_reply = req.chat(visitor, 1.0, prompt)
+    out["visitor_chat_s"] = round(time.perf_counter() - start, 2)
+    for t in threads:
+        t.join()
+    out["visitor_bound_s"] = round(VICTIM_FACTOR * quiet_s + VICTIM_SLACK_S, 2)
+    out["visitor_within_bound"] = out["visitor_chat_s"] <= out["visitor_bound_s"]
+    out["visitor_same_reply"] = loaded_reply == quiet_reply
+    log(f"strangers: visitor's chat {out['visitor_chat_s']} s (quiet {quiet_s:.2f} s, bound "
+        f"{out['visitor_bound_s']} s); " + "; ".join(f"{k}: {v}" for k, v in out.items() if isinstance(v, dict)))
+    return out
 
 
 def summary(report: dict) -> str:
@@ -515,6 +604,12 @@ def summary(report: dict) -> str:
     if "disk" in report:
         lines.append(f"disk (app temp + Gradio cache): peak {report['disk']['peak_mb']:.0f} MB, "
                      f"{report['disk']['end_mb']:.0f} MB at the end")
+    if report.get("strangers"):
+        st = report["strangers"]
+        lines.append(f"strangers: a visitor's chat took {st['visitor_chat_s']} s during the attacks (quiet "
+                     f"{st['quiet_chat_s']} s, bound {st['visitor_bound_s']} s: "
+                     f"{'within' if st['visitor_within_bound'] else 'OVER'}); app log {report['app_log_bytes']} bytes")
+        lines += [f"  {k}: {v}" for k, v in st.items() if isinstance(v, dict)]
     lines += report["samples"][:10]
     if report["server_log_tail"]:
         lines += ["server log tail:", report["server_log_tail"]]
@@ -542,7 +637,9 @@ def main() -> int:
     print(summary(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
-    return 1 if report["errors"] or report["mismatches"] or report["server_tracebacks"] else 0
+    strange = report.get("strangers") or {}
+    failed = strange and not (strange["visitor_within_bound"] and strange["visitor_same_reply"])
+    return 1 if report["errors"] or report["mismatches"] or report["server_tracebacks"] or failed else 0
 
 
 if __name__ == "__main__":

@@ -293,3 +293,28 @@ def ppl_columns_first(explorer) -> str:
     from acip_core.curve import ppl_columns
 
     return ppl_columns(explorer.curve)[0][len("ppl_"):]
+
+
+def test_a_budget_below_every_measured_size_never_calls_its_answer_measured(explorer):
+    from acip_core import studio
+
+    tiny = explorer.smallest_gb("bfloat16") * 1.01
+    answer = explorer.budget_answer(tiny)
+    assert answer["best"] is not None and not answer["measured"]
+    words = studio.budget_text(tiny, answer)
+    assert "No size that fits was measured" in words and "lowest perplexity" not in words
+    small = answer["smallest_measured"]
+    assert small["format"] == "float32" and small["size_ratio"] == pytest.approx(0.4, abs=0.01)
+    assert f"it needs {studio.gigabytes(small['gb'])}" in words
+    # the size named is the slider's value (rounded down to 3 decimals), never rounded up past it
+    shown = studio.slider_ratio(answer["best"]["size_ratio"])
+    assert f"size {shown:.3f} in {answer['best']['dtype']}" in words
+    assert shown <= answer["best"]["size_ratio"]
+
+
+def test_one_gb_format_everywhere():
+    from acip_core import studio
+
+    assert studio.gigabytes(0.38301) == "0.384 GB" and studio.gb_up(0.38301) == 0.384
+    assert studio.gigabytes(0.384) == "0.384 GB" and studio.gb_up(0.384) == 0.384
+    assert studio.slider_ratio(0.18999) == 0.189 and studio.slider_ratio(0.19) == 0.19

@@ -24,7 +24,12 @@ def test_clipped_baselines_are_said_and_the_title_has_room():
     fig = plots.curve_figure(_curve(), title="tiny: perplexity vs size")
     notes = [a.text for a in fig.layout.annotations]
     assert any("magnitude" in n and "above the frame" in n for n in notes)
-    assert fig.layout.margin.t >= 90 and fig.layout.title.text == "tiny: perplexity vs size"
+    assert fig.layout.margin.t >= 90 and fig.layout.title.text.startswith("tiny: perplexity vs size")
+    # the eval set is named in the title; the y title stays short (a long one was cut and ran into the
+    # title at 1024 px); the hint sits at the bottom left, clear of the top tick
+    assert "held-out" in fig.layout.title.text and fig.layout.yaxis.title.text == "perplexity (log)"
+    (hint,) = [a for a in fig.layout.annotations if "above the frame" in a.text]
+    assert (hint.x, hint.y, hint.yanchor) == (0.01, 0.01, "bottom")
 
 
 def test_measured_points_carry_their_spread():
@@ -42,3 +47,28 @@ def test_curve_analytics():
     assert 51.6 < at["value"] < 100 and at["value"] == interp_log([0.4, 0.7], [100.0, 51.6], 0.55)
     assert curve_at(curve, 0.2)["value"] is None
     assert suggested_ratio(curve) == 1.0 and suggested_ratio(curve, within=1.5) == 0.7
+
+
+def _formats_curve():
+    rows = [dict(method="original", format=f, size_ratio=1.0, gb=g, ppl_heldout=36.6)
+            for f, g in (("int8", 0.2), ("int4-g32", 0.1))]
+    for method, shift in (("acip", 0), ("svd-magnitude", 20), ("whitened-magnitude", 10)):
+        for fmt, gb in (("int8", 0.2), ("int4-g32", 0.1), ("int8+fast", 0.21)):
+            rows += [dict(method=method, format=fmt, size_ratio=r, gb=gb * r, ppl_heldout=40 + shift + 10 * (1 - r))
+                     for r in (0.4, 0.7)]
+    return pd.DataFrame(rows)
+
+
+def test_one_colour_per_method_and_formats_told_apart_by_dash_or_marker():
+    """In int8 the ACIP line had svd-magnitude's green, in int4 whitened-magnitude's orange."""
+    seen = {}
+    for dtype in ("int8", "int4-g32", "int8+fast"):
+        fig = plots.curve_figure(_formats_curve(), "size_ratio", dtype)
+        for t in fig.data:
+            if t.name.startswith(("acip", "svd-magnitude", "whitened-magnitude")):
+                seen.setdefault(t.name.split()[0], set()).add(t.line.color)
+    assert all(len(c) == 1 for c in seen.values()), seen  # one colour per method in every format
+    assert len({c for cs in seen.values() for c in cs}) == 3  # and no two methods share one
+    fig = plots.curve_figure(_formats_curve(), "gb", "int8")
+    styles = [(t.line.dash, t.marker.symbol) for t in fig.data if t.name.startswith("acip ")]
+    assert len(styles) == 3 and len(set(styles)) == 3, styles  # each format its own dash/marker

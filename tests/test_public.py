@@ -260,6 +260,74 @@ def test_a_long_history_is_capped_by_tokens(explorer, monkeypatch):
     assert "newest question" in explorer.tokenizer.decode(ids[0])
 
 
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture
+def templated(explorer, monkeypatch):
+    """The explorer's tokenizer with a ChatML template (SmolLM2's kind), counting its templatings."""
+    calls = []
+    original = type(explorer.tokenizer).apply_chat_template
+
+    def counting(self, messages, *args, **kwargs):
+        calls.append(len(messages))
+        return original(self, messages, *args, **kwargs)
+
+    monkeypatch.setattr(explorer.tokenizer, "chat_template", CHATML, raising=False)
+    monkeypatch.setattr(type(explorer.tokenizer), "apply_chat_template", counting)
+    return calls
+
+
+def test_a_history_of_too_many_tiny_messages_is_refused_before_any_templating(explorer, templated, public_mode):
+    tiny = [dict(role="user" if i % 2 == 0 else "assistant", content="a") for i in range(12_000)]
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="holds 12,000 messages \\(the limit is 400\\)"):
+        explorer.start_chat(1.0, tiny, "hi", 4)
+    assert templated == [] and time.perf_counter() - start < 1.0
+
+
+def test_the_largest_allowed_history_costs_a_few_templatings_and_fits_with_the_templates_tokens(
+        explorer, templated, public_mode, monkeypatch):
+    monkeypatch.setenv("ACIP_LIMIT_CHAT_TOKENS", "200")
+    tiny = [dict(role="user" if i % 2 == 0 else "assistant", content=f"m{i}") for i in range(400)]
+    ids, truncated = explorer._chat_ids(tiny, "the newest question", 4)
+    text = explorer.tokenizer.decode(ids[0])
+    assert truncated and ids.shape[1] <= 200 and text.endswith("<|im_start|>assistant\n")
+    assert "newest question" in text and "m399" in text and "m0<" not in text
+    assert len(templated) <= 12, templated  # bisection, not one templating per dropped turn
+    # the template's tokens count: the same turns without it would have let more through
+    kept = text.count("<|im_start|>") - 2  # the newest question and the generation prompt
+    plain = sum(len(explorer.tokenizer(f"m{i}").input_ids) for i in range(400 - kept, 400))
+    assert plain < 200 - 10 and kept < 100
+    # one more turn would not have fitted (the most that fit, not merely some)
+    more = explorer._chat_ids(tiny[-(kept + 1):], "the newest question", 4)
+    assert more[1]
+
+
+def test_closing_a_chat_stream_stops_its_generation(explorer, monkeypatch):
+    """Gradio closes a streaming handler's generator when its client goes away: the generation
+    thread must stop then, not run to max_new_tokens."""
+    from acip_core import explorer as engine
+
+    started = []
+    real = engine.Generation
+
+    class Recorded(real):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    monkeypatch.setattr(engine, "Generation", Recorded)
+    stream = explorer.stream_chat(1.0, [], "tell me a long story", 1000)
+    first = next(stream)
+    assert first["tokens"] >= 1 and not first["done"]
+    stream.close()
+    gen = started[0]
+    assert gen.join(timeout=10), "the generation thread kept running after its stream was closed"
+    assert gen.tokens < 1000
+
+
 def test_lm_eval_items_are_capped_in_public_mode(explorer, public_mode):
     with pytest.raises(ValueError, match=r"limit must be a whole number in \[1, 100\]"):
         explorer.measure_lm_eval(1.0, ["any"], limit=100_000)
@@ -421,3 +489,73 @@ def test_a_session_over_its_hourly_quota_of_heavy_jobs_is_refused_and_others_are
     assert public.SessionQuota(per_hour=math.inf).take("a") is None  # local mode: no quota
     assert public.limits({"SPACE_ID": "x/y"}).heavy_per_hour == 20 and "per hour" in public.describe(
         public.limits({"SPACE_ID": "x/y"}))
+
+
+# -- issue 28: who a visitor is, what they may upload, what is kept for them ---------------------------
+def _request(xff=None, host="10.0.0.9", session="s1"):
+    from types import SimpleNamespace
+
+    headers = {"x-forwarded-for": xff} if xff else {}
+    return SimpleNamespace(headers=headers, client=SimpleNamespace(host=host), session_hash=session)
+
+
+def test_the_client_ip_is_the_proxys_entry_of_x_forwarded_for_never_the_clients_own():
+    local, space = {}, {"SPACE_ID": "me/space"}
+    assert public.client_ip(_request("6.6.6.6"), local) == "10.0.0.9"  # no proxy: the header is ignored
+    assert public.client_ip(_request("6.6.6.6, 1.2.3.4"), space) == "1.2.3.4"  # the Space proxy's entry
+    assert public.client_ip(_request("1.2.3.4, 5.6.7.8"), {"ACIP_PROXY_HOPS": "2"}) == "1.2.3.4"
+    assert public.client_ip(_request(None), space) == "10.0.0.9"
+    assert public.visitor_keys(_request("6.6.6.6, 1.2.3.4", session="abc"), space) == ["session:abc", "ip:1.2.3.4"]
+    with pytest.raises(ValueError, match="ACIP_PROXY_HOPS"):
+        public.client_ip(_request(), {"ACIP_PROXY_HOPS": "x"})
+
+
+def test_the_quota_counts_every_key_and_gives_back_a_refused_start():
+    now = [0.0]
+    quota = public.SessionQuota(2, clock=lambda: now[0])
+    quota.take(["session:a", "ip:1"])
+    with pytest.raises(ValueError, match="bad input"), quota.job(["session:b", "ip:1"]):
+        raise ValueError("bad input")  # refused: given back
+    quota.take(["session:b", "ip:1"])
+    with pytest.raises(ValueError, match="this address has started 2"):
+        quota.take(["session:c", "ip:1"])  # a new session, the same address
+    quota.take(["session:c", "ip:2"])
+    now[0] = 3601.0
+    quota.take(["session:d", "ip:1"])  # an hour later
+
+
+def test_uploads_are_bounded_per_address_and_in_total():
+    now = [0.0]
+    quota = public.UploadQuota(per_visitor=30, total=50, clock=lambda: now[0])
+    quota.take("ip:1", 20)
+    with pytest.raises(ValueError, match="from this address reached"):
+        quota.take("ip:1", 11)
+    quota.take("ip:2", 25)
+    with pytest.raises(ValueError, match="to this Space reached"):
+        quota.take("ip:3", 6)
+    now[0] = 3600.5
+    quota.take("ip:3", 30)
+
+
+def test_nul_files_are_found(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"text\n" * 1000)
+    (tmp_path / "b.txt").write_bytes(b"x" * 2_000_000 + b"\0")
+    assert public.nul_files([tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "gone"]) == [str(tmp_path / "b.txt")]
+
+
+def test_a_visitors_newest_download_is_not_pruned_by_another_visitors_export(tmp_path, monkeypatch):
+    """Another visitor's export link answered 403 20 s after a later export: the size bound removed it."""
+    from acip_core.studio import Studio, StudioConfig
+
+    monkeypatch.setenv("ACIP_LIMIT_EXPORTS_BYTES", "1500")
+    studio = Studio(StudioConfig(downloads=tmp_path / "dl", runs=tmp_path / "runs", precomputed=tmp_path / "pre"))
+    mine = studio.download_dir("exports", "visitor-a")
+    (mine / "model.zip").write_bytes(b"z" * 1000)
+    older = studio.download_dir("exports", "visitor-b")
+    (older / "model.zip").write_bytes(b"z" * 1000)
+    newer = studio.download_dir("exports", "visitor-b")  # over the bound: b's older one goes, a's stays
+    assert mine.exists() and newer.exists() and not older.exists()
+    old = time.time() - 3 * 3600  # past the age limit even the newest goes
+    os.utime(mine, (old, old))
+    studio.download_dir("exports", "visitor-c")
+    assert not mine.exists()

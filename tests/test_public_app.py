@@ -192,3 +192,112 @@ def test_an_upload_over_the_cap_is_refused_by_gradio(public_app):
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(request, timeout=60)
     assert err.value.code == 413
+
+
+# -- issue 28: bounded uploads, quotas by address, summaries in the log -----------------------------
+def _upload(url, payload: bytes, name="cal.txt"):
+    boundary = "acipboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\n"
+            f"Content-Type: text/plain\r\n\r\n").encode() + payload + f"\r\n--{boundary}--\r\n".encode()
+    request = urllib.request.Request(url + "gradio_api/upload", data=body, method="POST",
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def test_a_file_with_nul_bytes_is_refused_at_upload_and_not_kept(public_app):
+    url, _, demo = public_app
+    _fresh_upload_budget()  # the test's own upload budget (other tests upload too)
+    status, paths = _upload(url, b"plain text\n" * 10)
+    assert status == 200 and len(paths) == 1 and open(paths[0], "rb").read().startswith(b"plain text")
+    before = {p for p in _gradio_files(demo)}
+    status, text = _upload(url, b"text then \0 binary" * 10, name="bin.txt")
+    assert status == 400 and "NUL bytes" in text
+    assert {p for p in _gradio_files(demo)} == before  # nothing of it was kept
+
+
+def _fresh_upload_budget():
+    from acip_core import public
+    from app_uploads import UploadGuard
+
+    guard = UploadGuard.latest
+    guard.quota = public.UploadQuota(guard.limits.visitor_upload_bytes, guard.limits.total_upload_bytes)
+
+
+def _gradio_files(demo):
+    import pathlib
+
+    root = pathlib.Path(demo.server_app.uploaded_file_dir)
+    return [p for p in root.rglob("*") if p.is_file()]
+
+
+def test_an_upload_flood_from_one_address_is_refused_within_its_hourly_bytes(public_app):
+    """10 files of 9 MB were taken in 1.6 s before; now one address gets Limits.visitor_upload_bytes
+    (30 MB) an hour, counted before the body is read."""
+    from acip_core import public
+
+    url, _, demo = public_app
+    _fresh_upload_budget()
+    lim = public.limits()
+    accepted, codes = 0, []
+    for i in range(6):
+        payload = (f"file {i} " * 1_300_000).encode()[:9 * 10**6]
+        status, _ = _upload(url, payload, name=f"f{i}.txt")
+        codes.append(status)
+        accepted += len(payload) if status == 200 else 0
+    assert 429 in codes and codes.index(429) >= 1, codes
+    assert accepted <= lim.visitor_upload_bytes and all(c == 429 for c in codes[codes.index(429):]), codes
+
+
+def test_refused_requests_do_not_count_and_a_new_session_shares_its_address_quota(public_app, tiny_artifact):
+    from acip_core import public
+
+    url, _, demo = public_app
+    h = demo.handlers
+    old, h.quota = h.quota, public.SessionQuota(2)
+    try:
+        first = _client(url)
+        first.predict(api_name="/start")
+        name = h.app.name_of(str(tiny_artifact))
+        for _ in range(4):  # refused for its input: never counted
+            with _refused(public_app, "limit must be a whole number in \\[1, 100\\]"):
+                first.predict(name, 0.7, ["arc_easy"], 500, 8, "float32", api_name="/lm_eval")
+        for _ in range(2):
+            text, *_ = first.predict(name, 0.7, "corpus:heldout", 1, 128, "float32", api_name="/perplexity")
+            assert "Perplexity **" in text
+        second = _client(url)  # a fresh session hash, the same address
+        second.predict(api_name="/start")
+        with _refused(public_app, "this address has started 2 measurements"):
+            second.predict(name, 0.7, "corpus:heldout", 1, 128, "float32", api_name="/perplexity")
+    finally:
+        h.quota = old
+
+
+def test_a_malformed_history_is_refused_with_a_summary_in_the_log(public_app, tiny_artifact, capfd, caplog):
+    import logging
+
+    url, _, demo = public_app
+    client = _client(url)
+    client.predict(api_name="/start")
+    name = demo.handlers.app.name_of(str(tiny_artifact))
+    forged = [dict(role="user", content=[dict(type="nonsense", foo="z" * 100)]) for _ in range(3000)]
+    payload = len(json.dumps(forged))
+    capfd.readouterr()
+    with caplog.at_level(logging.INFO, logger="acip_studio"):
+        with pytest.raises(Exception, match="not in the chat's message format"):
+            client.predict(name, 1.0, name, 1.0, False, "hi", forged, [], 4, 1.15, "float32", api_name="/chat")
+    out, err = capfd.readouterr()
+    logged = len(out) + len(err) + len(caplog.text)
+    assert payload > 400_000 and logged < 5_000, logged
+    assert "malformed chat history refused: 3000 messages" in caplog.text
+
+
+def test_the_chat_panes_are_gradios_chatbot_showing_plain_text(public_app):
+    """A subclass must still be drawn by the page's chatbot, with Markdown and HTML off."""
+    _, _, demo = public_app
+    panes = [c for c in demo.config["components"] if c["type"] == "chatbot"]
+    assert len(panes) == 2 and all(c["type"] == "chatbot" for c in panes), panes
+    assert all(c["props"]["render_markdown"] is False and c["props"]["sanitize_html"] for c in panes)

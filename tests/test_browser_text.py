@@ -1,0 +1,115 @@
+"""What a visitor types is shown as text in a real Chromium (issue 28): a string that would fetch a
+URL if it were rendered as HTML or Markdown (an `<img>`, a Markdown image) goes into a toast (sweep
+sizes, a run name) and into the chat; a local HTTP server counts what the browser asks it for."""
+
+import http.server
+import re
+import threading
+import time
+
+import pytest
+
+from test_browser import ARGS, CHROMIUM, OUT, app_url, browser  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture(scope="module")
+def bait():
+    """(url, hits): a local server; hits lists every path the browser requested from it."""
+    hits = []
+
+    class Count(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Count)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", hits
+    server.shutdown()
+
+
+def _markup(base, what):
+    return (f'<img src="{base}/{what}-img.png"> ![x]({base}/{what}-md.png) '
+            f'<a href="{base}/{what}-a">link</a> **bold**')
+
+
+def test_visitor_strings_are_text_in_toasts_and_chat(app_url, browser, bait):  # noqa: F811
+    url, name = app_url
+    base, hits = bait
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    page.get_by_text(re.compile(r"Ready\.")).wait_for(timeout=600_000)
+    try:
+        # sweep sizes: refused, and the refusal (a toast) echoes them
+        page.get_by_role("tab", name="Sweep").click()
+        sizes = page.locator("#sweep-sizes textarea, #sweep-sizes input").first
+        sizes.fill(_markup(base, "sweep"))
+        page.locator("#run-sweep").click()
+        page.get_by_text(re.compile("sizes must be numbers")).first.wait_for(timeout=60_000)
+        assert page.get_by_text(re.compile(r"<img src=")).count() >= 1  # shown, as text
+
+        # a run name: refused by its characters, echoed in the toast
+        page.get_by_role("tab", name="Score").click()
+        run = page.get_by_label("run name")
+        run.fill(_markup(base, "run"))
+        page.get_by_role("button", name="Start run").click()
+        page.get_by_text(re.compile(r"run name|letters, digits", re.I)).first.wait_for(timeout=60_000)
+
+        # chat: the prompt and the reply are text
+        page.get_by_role("tab", name="Chat").click()
+        max_new = page.locator("#max-new input[type=number]")
+        max_new.fill("4")
+        max_new.press("Enter")
+        box = page.locator("#chat-input textarea")
+        box.fill(_markup(base, "chat"))
+        box.press("Enter")
+        speed = page.locator("#speed")
+        deadline = time.time() + 300
+        while time.time() < deadline and speed.inner_text().count("done") < 2:
+            time.sleep(0.3)
+        bubble = page.locator("#chat-a").get_by_text(re.compile(r"<img src=")).first
+        try:
+            bubble.wait_for(timeout=30_000)
+        except Exception:
+            page.screenshot(path=OUT / f"{name}-text-failure.png", full_page=True)
+            raise AssertionError(f"no text bubble; fetched {hits}; pane: {page.locator('#chat-a').inner_html()[-3000:]}")
+        assert "**bold**" in bubble.inner_text()  # not rendered as Markdown either
+        assert page.locator("#chat-a img, #chat-b img").count() == 0
+        time.sleep(2)  # any fetch the page would make has been made
+        page.screenshot(path=OUT / f"{name}-text-not-markup.png", full_page=True)
+        assert hits == [], f"the browser fetched {hits}"
+    finally:
+        page.close()
+
+
+@pytest.mark.parametrize("width", [1400, 1024])
+def test_nothing_is_cut_at_common_widths(app_url, browser, width):  # noqa: F811
+    """Numbers and choices are whole at 1024 and 1400 px (a slider's maximum read "25" for 256, the
+    B artifact and evaluation-set dropdowns were cut); screenshots of each tab for a look."""
+    url, name = app_url
+    page = browser.new_page(viewport={"width": width, "height": 1000})
+    page.goto(url)
+    page.get_by_text(re.compile(r"Ready\.")).wait_for(timeout=600_000)
+    page.locator("#curve .main-svg").first.wait_for(timeout=180_000)
+    time.sleep(1)
+    cut = """els => els.filter(e => e.offsetParent !== null && e.scrollWidth > e.clientWidth + 1)
+                     .map(e => (e.closest('[id]') || e).id + '=' + e.value)"""
+    try:
+        page.screenshot(path=OUT / f"{name}-{width}-explore.png", full_page=True)
+        assert page.locator("#metric input").evaluate_all(cut) == []
+        page.get_by_text("GB", exact=True).first.click()  # the GB view
+        time.sleep(2)
+        page.screenshot(path=OUT / f"{name}-{width}-explore-gb.png", full_page=True)
+        for tab in ("Chat", "Sweep", "Measure"):
+            page.get_by_role("tab", name=tab).click()
+            time.sleep(1)
+            page.screenshot(path=OUT / f"{name}-{width}-{tab.lower()}.png", full_page=True)
+            assert page.locator("input[type=number], #artifact-b input").evaluate_all(cut) == [], tab
+    finally:
+        page.close()
