@@ -185,7 +185,10 @@ def _path(page):
     assert page.locator("#budget-text table").count() == 1
     size = _wait_change(lambda: _badge(page), size)
     size = _settled(page)
-    assert size == "1.000"
+    # the slider went to the size the answer names best (the original unless a smaller size measured
+    # better beyond noise: README "Budget"), never to another
+    best = re.search(r"slider moved to the best: size ([0-9.]+)", page.locator("#budget-text").inner_text())
+    assert best and size == best.group(1)
     page.shot("06-budget")
     slider.focus()
     slider.press("PageDown")
@@ -226,16 +229,17 @@ def _path(page):
 
 
 def test_fine_tune_this_size_says_why_where_there_is_nothing_to_tune(page):
-    """Explore's "fine-tune this size" (issue 12) on the tiny artifact, whose LoRA (rank 32 on 32-wide
-    layers) makes every layer run dense at every size: the button answers with the reason at once
-    and starts no run (it used to start one that failed a second later). The run itself, from the
-    same handler, is tested on a small-LoRA artifact in tests/test_finetune.py."""
+    """Explore's "fine-tune this size" at 0.995 of the tiny artifact, where every layer still runs its
+    original weight (a rank-2 LoRA on 32-wide layers: a layer is smaller factorized only after losing
+    more of its rank than 0.5 % of the size allows): the button answers with the reason at once and
+    starts no run (it used to start one that failed a second later). The run itself, from the same
+    handler, is tested in tests/test_finetune.py."""
     if os.environ.get("ACIP_BROWSER_ARTIFACT"):
-        pytest.skip("a property of the tiny artifact (a real one has layers to tune)")
+        pytest.skip("a property of the tiny artifact")
     page.get_by_role("tab", name="Explore").click()
     page.locator("#finetune").get_by_text("Recover this size").click()  # opens the accordion
     typed = page.locator("#size-slider input[type=number]")
-    typed.fill("0.6")
+    typed.fill("0.995")
     typed.press("Enter")
     _settled(page)
     page.locator("#ft-start").click()
@@ -259,12 +263,10 @@ def test_a_second_visitor_sees_none_of_the_first_ones_measurements(app_url, brow
         other.close()
 
 
-def test_the_gb_view_shows_the_frontier_and_a_budget_fits_an_int4_size(browser, tiny_artifact, tmp_path):
+def test_the_gb_view_shows_the_frontier_and_a_budget_fits_an_int4_size(browser, tiny_llama, tmp_path):
     """Precision as the second axis, as a person sees it: on an artifact whose curve has float32 and
     int4 rows, the GB view draws both lines and the frontier, and a budget that only int4 meets
     moves the format selector to int4 (and the slider to the size it fits)."""
-    import shutil
-
     import app
     from acip_core.artifact import load_artifact, write_curve
     from acip_core.curve import method_curve
@@ -272,8 +274,11 @@ def test_the_gb_view_shows_the_frontier_and_a_budget_fits_an_int4_size(browser, 
     from acip_core.pipeline import open_artifact
     from acip_core.studio import StudioConfig
 
-    folder = tmp_path / "tiny-formats"
-    shutil.copytree(tiny_artifact, folder)
+    from helpers import score_tiny
+
+    # a rank-32 LoRA: every layer of the 32-wide model runs dense, so its int4 sizes (whole groups of
+    # 32) are the smallest models and a budget below every bf16 size still fits an int4 one
+    folder = score_tiny(tiny_llama, tmp_path / "tiny-formats", eval_windows=0, lora_rank=32, lora_alpha=16.0)
     model = open_artifact(folder)
     evals = {"heldout": token_windows(model.tokenizer, load_text("corpus:heldout"), 32, 4)}
     frames = [method_curve(folder, "acip", evals, [0.4, 0.7, 1.0], fmt) for fmt in ("float32", "int4-g32")]

@@ -35,7 +35,7 @@ def test_the_image_installs_cpu_torch_then_the_makefiles_steps():
     # the same pins, in the same order, as the Makefile (CI) and requirements.txt
     makefile = (ROOT / "Makefile").read_text()
     make_steps = [line.split("pip install -q ", 1)[1].split() for line in makefile.splitlines()
-                  if "pip install -q " in line]
+                  if "pip install -q " in line and "$(TF4)" not in line]  # transformers 4.x: tests only
     docker_steps = [[a for a in p if a not in ("--user", "--index-url", args["TORCH_INDEX"])] for p in pips]
     assert docker_steps == make_steps
     pinned = [line for line in (ROOT / "requirements.txt").read_text().splitlines() if line.startswith("torch==")]

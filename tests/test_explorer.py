@@ -180,10 +180,12 @@ def test_budget_in_every_dtype_names_the_best(explorer):
     assert fits["float32"]["perplexity"] is not None and fits["int8"]["perplexity"] is None
     from acip_core.curve import best_for_budget  # one ranking: the CLI's `size --budget-gb` picks the same
     pick = best_for_budget(explorer.any_size, explorer.curve, gb, ppl_columns_first(explorer))
-    assert (pick["format"], pick["size_ratio"]) == (best["dtype"], best["size_ratio"])
+    assert pick["format"] == best["dtype"]  # curve rows keep 5 decimals of the ratio, the app all of them
+    assert pick["size_ratio"] == pytest.approx(best["size_ratio"], abs=1e-5)
     tiny = explorer.smallest_gb("bfloat16") * 1.01
     fits = {f["dtype"]: f for f in explorer.fit_budget_every_dtype(tiny)}
-    assert fits["float32"]["fits"] is False and fits["bfloat16"]["fits"] and fits["int4-g32"]["fits"]
+    # (int4 sizes move in whole groups of 32: on 32-wide layers they are not the smallest models)
+    assert fits["float32"]["fits"] is False and fits["bfloat16"]["fits"]
     assert sum(bool(f.get("best")) for f in fits.values()) == 1
 
 
