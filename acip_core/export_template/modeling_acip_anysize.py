@@ -268,9 +268,10 @@ class AnySizeMixin:
         if not picks:
             gb, key = min(smallest)
             raise ValueError(f"{budget_gb:g} GB is smaller than the smallest model ({gb:.4f} GB in {key})")
-        ranked = [p for p in picks if p["perplexity"] is not None] if len(keys) > 1 else picks
+        ranked = picks if format is not None or not acip else [p for p in picks if p["perplexity"] is not None]
         if not ranked:
-            raise ValueError(f"{budget_gb:g} GB holds no measured size in any format; pass format=...")
+            raise ValueError(f"{budget_gb:g} GB holds no measured size in any format (measured sizes start at "
+                             f"{min(r['size_ratio'] for r in acip):.2f}; pass format= for an unmeasured size)")
         return min(ranked, key=lambda p: p["perplexity"])  # min keeps the first of equals, as a stable sort
 
     def set_size(self, size_ratio: float | None = None, format: str | None = None, budget_gb: float | None = None,
@@ -280,6 +281,7 @@ class AnySizeMixin:
         Returns what was chosen; `model.acip_size` keeps it."""
         if (size_ratio is None) == (budget_gb is None):
             raise ValueError("give one of size_ratio or budget_gb")
+        pick = {}
         if budget_gb is not None:
             pick = self.best_for_budget(budget_gb, format, eval_set)
             prefix, fmt = pick["prefix"], self._format(pick["format"])
@@ -297,7 +299,8 @@ class AnySizeMixin:
         for layer, rank in zip(layers, ranks):
             layer.set_rank(fmt, rank)
             dense += layer.runs_dense(fmt["key"], rank)
-        info = dict(self.size_info(prefix, fmt["key"]), dense_layers=dense, ranks=dict(zip(names, ranks)))
+        info = dict(self.size_info(prefix, fmt["key"]), dense_layers=dense, ranks=dict(zip(names, ranks)),
+                    perplexity=pick.get("perplexity"))  # the curve's, for a budget's pick
         self.__dict__["acip_size"] = info
         return info
 
