@@ -30,9 +30,17 @@ X_AXES = {"size ratio": "size_ratio", "GB": "gb"}
 # new view changes one line, not a hand-counted number in every handler.
 EXPLORE_VIEWS = ("summary", "layers", "heatmap", "curve", "badge", "budget", "budget answer")
 SKIP_VIEWS = (gr.skip(),) * len(EXPLORE_VIEWS)
+ANY_SIZE_KIND = "any size: every size and format in one folder (choose after download: model.set_size)"
 CHAT_UPDATE_S = 0.2  # streamed text reaches the page at most this often (see studio.throttled)
 EXPORT_KINDS = {"low-rank: smallest files (loads with trust_remote_code)": False,
-                "dense: original shapes, no memory saved (for compatibility)": True}
+                "dense: original shapes, no memory saved (for compatibility)": True,
+                ANY_SIZE_KIND: None}
+
+
+def ex_formats(stored: str) -> list:
+    from acip_core.export_anysize import FORMATS
+
+    return list(FORMATS[stored])
 
 
 def ui_errors(fn):
@@ -321,6 +329,8 @@ class Handlers:
     def export(self, folder, ratio, kind, dtype, results, request: gr.Request = None, progress=gr.Progress()):
         ex = self.explorer(folder)
         self._heavy(request)
+        if kind == ANY_SIZE_KIND:
+            return self._export_any_size(ex, dtype, progress)
         dense = EXPORT_KINDS.get(kind, str(kind).startswith("dense"))
         size = ex.size(ratio)
         name = f"{ex.name}-size{size.size_ratio:.3f}-{'dense' if dense else 'lowrank'}-{dtype}"
@@ -338,6 +348,29 @@ class Handlers:
         return (f"Exported size **{info['size_ratio']:.3f}** ({info['kind']}, {dtype}, "
                 f"{text.millions(info['params'])} params stored) in {info['seconds']:.1f} s: "
                 f"{info['bytes'] / 1e6:.1f} MB unzipped. {what} Load the unzipped folder with {how}."), info["zip"]
+
+    def _export_any_size(self, ex, dtype, progress):
+        """The artifact as one any-size folder (export_anysize.py), zipped: float32 weights, or bfloat16
+        ones when bfloat16 is selected (half the bytes; int sizes either way)."""
+        from acip_core.export import zip_folder
+        from acip_core.export_anysize import export_anysize
+
+        stored = "bfloat16" if dtype == "bfloat16" else "float32"
+        name = f"{ex.name}-anysize-{stored}"
+        work = self.app.download_dir("exports")
+        progress(None, desc="writing every size and format (int4 codes: about a minute the first time)")
+        start = time.perf_counter()
+        try:
+            out = export_anysize(ex.any_size, work / name, stored, curve=ex.curve, card=dict(artifact=ex.name))
+            size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+            zipped = zip_folder(out, work / f"{name}.zip")
+        finally:
+            shutil.rmtree(work / name, ignore_errors=True)
+        return (f"Exported **every size** ({stored} weights; formats {', '.join(ex_formats(stored))}) in "
+                f"{time.perf_counter() - start:.1f} s: {size / 1e6:.1f} MB unzipped. Load the unzipped folder with "
+                "`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, size_ratio=0.6, "
+                "format=\"int4\")`, then `model.set_size(0.8)` or `model.set_size(budget_gb=0.2)` without "
+                "reloading."), str(zipped)
 
     # -- score ----------------------------------------------------------------------------------
     def runs_frame(self) -> pd.DataFrame:

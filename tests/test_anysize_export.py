@@ -287,3 +287,30 @@ def test_cli_any_size_refuses_one_size_options(tmp_path, capsys):
     assert "--any-size holds every size" in capsys.readouterr().err
     assert cli.main(["export", "--artifact", str(tmp_path), "--size-ratio", "0.5", "--dtype", "bfloat16",
                      "--out", str(tmp_path / "o")]) == 2
+
+
+def test_the_apps_export_tab_writes_an_any_size_zip(tiny_artifact, tmp_path):
+    """The Export tab's "any size" choice: a zip whose folder loads at any size with the app's numbers."""
+    import zipfile
+
+    import app_handlers
+    from acip_core.studio import Studio, StudioConfig
+
+    studio = Studio(StudioConfig(default_artifact=str(tiny_artifact), precomputed=tmp_path / "precomputed",
+                                 runs=tmp_path / "runs", artifact_dirs=[str(tiny_artifact)],
+                                 downloads=tmp_path / "downloads"))
+    h = app_handlers.Handlers(studio)
+    assert app_handlers.ANY_SIZE_KIND in app_handlers.EXPORT_KINDS
+    message, zip_path = h.export(str(tiny_artifact), 0.6, app_handlers.ANY_SIZE_KIND, "bfloat16", [],
+                                 progress=lambda *a, **k: None)
+    assert "every size" in message and "set_size" in message
+    with zipfile.ZipFile(zip_path) as zf:
+        zf.extractall(tmp_path / "unzipped")
+    (folder,) = [p for p in (tmp_path / "unzipped").iterdir() if p.is_dir()]
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, local_files_only=True,
+                                                 size_ratio=0.7, format="int8").eval()
+    ex = h.explorer(str(tiny_artifact))
+    ids = random_ids(len(ex.tokenizer))
+    size = ex.any_size.size_for_ratio(0.7, "int8")
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ex.any_size.materialize(size, "int8")(ids).logits)
