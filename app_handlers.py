@@ -11,6 +11,7 @@ import os
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import gradio as gr
 import pandas as pd
@@ -348,6 +349,38 @@ class Handlers:
         return (f"Exported size **{info['size_ratio']:.3f}** ({info['kind']}, {dtype}, "
                 f"{text.millions(info['params'])} params stored) in {info['seconds']:.1f} s: "
                 f"{info['bytes'] / 1e6:.1f} MB unzipped. {what} Load the unzipped folder with {how}."), info["zip"]
+
+    @ui_errors
+    def share(self, folder, ratio, kind, dtype, repo_id, token, private, request: gr.Request = None,
+              progress=gr.Progress()):
+        """Exports as the Export tab would and uploads the folder to the hub with the visitor's token
+        (local mode only: a public server never uploads with a token typed into it)."""
+        import tempfile
+
+        from acip_core.push import check_push, push_folder
+
+        if public.is_public():
+            raise gr.Error("Sharing on the hub is not offered on a public server: export, then push locally "
+                           "(python -m acip_core push).")
+        token = check_push(str(repo_id or "").strip(), token)  # before any work: repo id, token, network
+        ex = self.explorer(folder)
+        self._heavy(request)
+        work = Path(tempfile.mkdtemp(prefix=".share-", dir=self.app.download_dir("exports")))
+        try:
+            progress(None, desc="exporting")
+            if kind == ANY_SIZE_KIND:
+                from acip_core.export_anysize import export_anysize
+
+                out = export_anysize(ex.any_size, work / "model", "bfloat16" if dtype == "bfloat16" else "float32",
+                                     curve=ex.curve, card=dict(artifact=ex.name))
+            else:
+                out = work / "model"
+                ex.export(ratio, out, dense=EXPORT_KINDS.get(kind, str(kind).startswith("dense")), dtype=dtype)
+            progress(None, desc="uploading")
+            url = push_folder(out, str(repo_id).strip(), token, bool(private))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return f"Uploaded to the hub as `{str(repo_id).strip()}` ({public.md_escape(url)})."  # checked: user/name
 
     def _export_any_size(self, ex, dtype, progress):
         """The artifact as one any-size folder (export_anysize.py), zipped: float32 weights, or bfloat16

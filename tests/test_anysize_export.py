@@ -314,3 +314,38 @@ def test_the_apps_export_tab_writes_an_any_size_zip(tiny_artifact, tmp_path):
     size = ex.any_size.size_for_ratio(0.7, "int8")
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ex.any_size.materialize(size, "int8")(ids).logits)
+
+
+def test_the_apps_share_button_uploads_an_export_locally_only(tiny_artifact, tmp_path, monkeypatch):
+    import app_handlers
+    from acip_core.studio import Studio, StudioConfig
+
+    seen = []
+
+    class Recorder(_FakeApi):
+        def upload_folder(self, **kwargs):  # the folder exists while it is uploaded
+            seen.append(sorted(p.name for p in Path(kwargs["folder_path"]).iterdir()))
+            super().upload_folder(**kwargs)
+
+    monkeypatch.setattr(push, "HfApi", Recorder)
+    monkeypatch.setattr(push, "hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("ACIP_PUBLIC", "0")
+    studio = Studio(StudioConfig(default_artifact=str(tiny_artifact), precomputed=tmp_path / "precomputed",
+                                 runs=tmp_path / "runs", artifact_dirs=[str(tiny_artifact)],
+                                 downloads=tmp_path / "downloads"))
+    h = app_handlers.Handlers(studio)
+    quiet = dict(progress=lambda *a, **k: None)
+    Recorder.calls = []
+    kind = next(iter(app_handlers.EXPORT_KINDS))  # low-rank, one size
+    message = h.share(str(tiny_artifact), 0.6, kind, "float32", "someone/tiny-60", "hf_typed", True, **quiet)
+    assert "Uploaded to the hub as `someone/tiny-60`" in message
+    assert Recorder.calls[1][1]["token"] == "hf_typed" and Recorder.calls[1][1]["private"] is True
+    assert "modeling_acip.py" in seen[0] and "config.json" in seen[0]
+    assert not [p for p in (tmp_path / "downloads").rglob("*") if p.is_file()]  # nothing left behind
+    Recorder.calls = []
+    assert h.share(str(tiny_artifact), 0.6, kind, "float32", "someone/x", "", True, **quiet) is not None
+    monkeypatch.setenv("ACIP_PUBLIC", "1")
+    h.share(str(tiny_artifact), 0.6, kind, "float32", "someone/x", "hf_typed", True, **quiet)
+    assert Recorder.calls == []  # no token, then public mode: refused before any work
