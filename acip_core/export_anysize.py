@@ -266,7 +266,7 @@ def _mb(nbytes: float) -> str:
 
 def model_card(any_size: AnySizeModel, info: dict, formats: list[Format], curve, card: dict, png: bool) -> str:
     """README.md: download once, choose later — how to choose, the sizes, the budgets, the provenance."""
-    from .curve import best_for_budget, comparable_acip, interpolate_ppl
+    from .curve import best_for_budget, comparable_acip, format_gb, interpolate_ppl
     from .models import EMBEDDED
 
     meta = any_size.meta or {}
@@ -302,12 +302,12 @@ def model_card(any_size: AnySizeModel, info: dict, formats: list[Format], curve,
               "ACIP Studio's budget picker uses.", ""]
     acip = comparable_acip(curve) if curve is not None else None
     eval_set = "heldout" if acip is not None and "ppl_heldout" in acip else None
-    lines += ["## Sizes", "", "| size ratio | " + " | ".join(f"{f.key} GB" for f in formats)
+    lines += ["## Sizes", "", "| size ratio | " + " | ".join(f"{f.key}" for f in formats)
               + (" | perplexity (" + eval_set + ", " + formats[0].key + ")" if eval_set else "") + " |",
               "|---" * (len(formats) + 1 + bool(eval_set)) + "|"]
     for r in CARD_RATIOS:
         sizes = [any_size.size_for_ratio(r, f) for f in formats]
-        row = f"| {r:.2f} | " + " | ".join(f"{s.gigabytes:.3f}" for s in sizes)
+        row = f"| {r:.2f} | " + " | ".join(format_gb(s.gigabytes) for s in sizes)
         if eval_set:
             line = acip[acip.format == formats[0].key]
             ppl = interpolate_ppl(line, sizes[0].size_ratio, eval_set) if len(line) else None
@@ -319,17 +319,17 @@ def model_card(any_size: AnySizeModel, info: dict, formats: list[Format], curve,
     if acip is not None and eval_set:
         keys = [f.key for f in formats if f.key in set(acip.format)]
         full = any_size.full_size(formats[0]).gigabytes
-        budgets = sorted({round(full * x, 2) for x in (0.25, 0.35, 0.5, 0.75, 1.0)})
+        budgets = sorted({float(f"{full * x:.2g}") for x in (0.25, 0.35, 0.5, 0.75, 1.0)})
         lines += ["## Budgets", "", f"The answer of `set_size(budget_gb=...)` (perplexity on {eval_set} text, "
                   "interpolated on the measured curve, `curve.csv`):", "",
                   "| budget (GB) | format | size ratio | GB | perplexity |", "|---|---|---|---|---|"]
         for b in budgets:
             try:
                 pick = best_for_budget(any_size, curve, b, eval_set, formats=keys)
-                lines.append(f"| {b:.2f} | {pick['format']} | {pick['size_ratio']:.3f} | {pick['gb']:.3f} | "
+                lines.append(f"| {b:g} | {pick['format']} | {pick['size_ratio']:.3f} | {format_gb(pick['gb'])} | "
                              f"{pick['perplexity']:.2f} |")
             except ValueError as err:
-                lines.append(f"| {b:.2f} | – | – | – | {err} |")
+                lines.append(f"| {b:g} | – | – | – | {err} |")
         lines.append("")
     lines += ["## What is in the folder", "",
               f"- `model.safetensors`: {_mb(info['tensor_bytes'])} of tensors ({info['dtype']} weights). The original "
