@@ -23,6 +23,9 @@ from helpers import random_any_size, random_ids
 
 SIZES, FORMATS = (0.5, 0.8, 1.0), ("float32", "bfloat16", "int8", "int4-g32")
 OTHER_USER = "acip-anysize-test"
+# the interpreter of the fresh process: this one, or one another user can run where this one lives under
+# a private home (e.g. a script that sets PYTHONHOME and PYTHONPATH for a copy of it, then execs it)
+PYTHON = os.environ.get("ACIP_TEST_PYTHON", sys.executable)
 
 
 def _curve(any_size) -> pd.DataFrame:
@@ -90,8 +93,8 @@ def _as_other_user() -> list:
         subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", OTHER_USER],
                        check=True, capture_output=True)
     prefix = ["runuser", "-u", OTHER_USER, "--"]
-    probe = subprocess.run([*prefix, sys.executable, "-c", "import torch, transformers"], capture_output=True,
-                           cwd="/")
+    probe = subprocess.run([*prefix, PYTHON, "-c", "import torch, transformers"], capture_output=True, cwd="/",
+                           env=dict(os.environ, PYTHONPATH=""))
     return prefix if probe.returncode == 0 else []
 
 
@@ -112,11 +115,13 @@ def test_every_size_and_format_from_one_folder_in_a_fresh_process(wide, folder):
             for path in [work, *work.rglob("*")]:
                 os.chown(path, uid, -1)
             os.chmod(work, 0o700)  # nobody else's: the other user reads its own copy
-        proc = subprocess.run([*prefix, sys.executable, "-c", CHILD, str(copy), str(work), json.dumps(SIZES),
+        proc = subprocess.run([*prefix, PYTHON, "-c", CHILD, str(copy), str(work), json.dumps(SIZES),
                                json.dumps(FORMATS)], capture_output=True, text=True, timeout=600, env=env,
                               cwd=str(work))
         assert proc.returncode == 0, proc.stderr[-3000:]
         result = torch.load(work / "result.pt")
+        if prefix:  # the other user wrote it
+            assert (work / "result.pt").stat().st_uid == pwd.getpwnam(OTHER_USER).pw_uid
     finally:
         shutil.rmtree(work, ignore_errors=True)
     assert result["loaded_at"]["format"] == "int4-g32"
