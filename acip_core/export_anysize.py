@@ -8,8 +8,9 @@ compressed layer (materialize.py's layout, score order, LoRA merged in front):
 - `down` [rows, in], `up_t` [rows, out]: the row prefix that some size runs factorized (past the
   layer's dense crossover it runs its original weight, so later rows are never read);
 - `weight` (+ `bias`): the original weight, for the sizes where the layer runs dense;
-- int4 codes and scales of the factors' prefix and of the dense weight, as the app's int4 family holds
-  them (GPTQ with the artifact's calibration Grams cannot be redone without the calibration text);
+- int4 codes and scales of the factors' prefix, as the app's int4 family holds them (GPTQ with the
+  artifact's calibration Grams cannot be redone without the calibration text); those of the dense
+  weight (round to nearest: the same arithmetic from float32) only in a bfloat16 folder;
 - int8: in a float32 folder only `up`'s per-row scales (they span the whole padded rank; the codes are
   recomputed exactly from the float32 rows on first use), in a bfloat16 folder the codes themselves.
 Globally: the layer of each score entry (the global order), the size ratio and the bytes in every
@@ -129,7 +130,7 @@ def _tensors(any_size: AnySizeModel, plan: dict, formats: list[Format], dtype: s
                          "weight": (dense.data, dense.scales)}
             else:
                 g = f.group_for(original.in_features)
-                parts = {"weight": _portable(dense)}
+                parts = {} if int8_codes == "computed" else {"weight": _portable(dense)}  # else rounded at load
                 parts["down"] = _portable(qdown.rows(q)) if q else _empty_int4(0, original.in_features, g)
                 parts["up"] = _portable(qup.cols(q)) if q else \
                     _empty_int4(-(-original.out_features // 32) * 32, 0, qup.group_size)
@@ -205,7 +206,8 @@ def export_anysize(any_size: AnySizeModel, out_dir: str | Path, dtype: str = "fl
                 entries=len(any_size.index.layer_of), dense_total=any_size.index.dense_total,
                 layer_names=list(any_size.targets), layers=plan,
                 formats={f.key: dict(kind=f.name, step=f.rank_step, group_size=f.group_size,
-                                     codes=int8_codes if f.name == "int8" else None) for f in formats},
+                                     codes=int8_codes if f.name == "int8" else None,
+                                     dense_codes=int8_codes if f.name == "int4" else None) for f in formats},
                 default=dict(size_ratio=float(default_size), format=formats[0].key), curve=rows)
     config = _portable_config(any_size.base.config.to_dict(), any_size)
     config.update(dtype=dtype, model_type=f"acip_anysize_{base_type}", acip_base_model_type=base_type,

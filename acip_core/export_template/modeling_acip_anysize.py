@@ -14,9 +14,10 @@ in the artifact's score order with the LoRA merged in front, down = [(α/r)·A ;
 up_t = [Bᵀ ; Uᵀ]: keeping rank r is the row prefix [:lora + r]. Only the rows some size uses
 factorized are stored (past them the layer runs its original weight, which is stored too). The
 global order (`acip_index.layer_of`: the layer of each score entry, best first) turns a size ratio
-into ranks; `acip_index.bytes_<format>` holds the bytes of the model after each prefix. int4 codes
-(and int8 ones in a bfloat16 folder) are stored as ACIP Studio quantized them; a float32 folder's
-int8 codes are computed from its float32 weights on first use, as ACIP Studio computes them.
+into ranks; `acip_index.bytes_<format>` holds the bytes of the model after each prefix. The int4 codes
+of the factors are stored as ACIP Studio quantized them (GPTQ on its calibration text); a float32
+folder computes int8 codes and the dense weights' int4 codes from its float32 weights on first use, as
+ACIP Studio computes them (a bfloat16 folder stores those too).
 """
 
 from __future__ import annotations
@@ -45,6 +46,37 @@ def quantize_int8(weight: torch.Tensor, dtype=torch.bfloat16):
     w = weight.detach().float()
     scale = (w.abs().amax(dim=1) / 127).clamp_min(1e-12).to(dtype).float()
     return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous(), scale.to(dtype).contiguous()
+
+
+INT4_CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)  # ACIP Studio's formats._INT4_CLIPS
+
+
+def quantize_int4(weight: torch.Tensor, group: int, dtype=torch.bfloat16):
+    """(codes two per byte [rows, in/2] uint8, scales [in/group, rows, 2]; rows padded with zeros to 32):
+    round to nearest on the per-group grid with the least squared error among INT4_CLIPS, ACIP Studio's
+    formats.quantize_int4 without a Gram (how it quantizes a dense layer), step for step."""
+    w = weight.detach().float()
+    rows = -(-w.shape[0] // 32) * 32
+    w = torch.cat([w, w.new_zeros(rows - w.shape[0], w.shape[1])]) if rows > w.shape[0] else w
+    wg = w.reshape(rows, -1, group)
+    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+    mid = (lo + hi) / 2
+    best_err = best = None
+    for c in INT4_CLIPS:
+        scale = ((hi - lo) * c / 15).clamp_min(1e-8).to(dtype).float()
+        zero = (mid - (hi - lo) * c / 2 + 8 * scale).to(dtype).float()
+        q = torch.round((wg - zero) / scale + 8).clamp(0, 15)
+        err = ((q - 8) * scale + zero - wg).pow(2).sum(-1, keepdim=True)
+        if best is None:
+            best_err, best = err, (scale, zero)
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = tuple(torch.where(better, new, old) for new, old in zip((scale, zero), best))
+    scale, zero = best
+    codes = torch.round((wg - zero) / scale + 8).clamp(0, 15).to(torch.uint8).reshape(rows, -1)
+    sz = torch.stack([scale.squeeze(-1), zero.squeeze(-1)], dim=-1).transpose(0, 1).contiguous().to(dtype)
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous(), sz
 
 
 def _meta(cls, *args, **kwargs):
@@ -92,7 +124,8 @@ class AnySizeLinear(nn.Module):
                     self.register_buffer(f"{name}_{part}_s", torch.zeros(shape[0], dtype=torch.bfloat16))
             elif fmt["kind"] == "int4":
                 g, o32 = int(fmt["group_size"]), -(-o // 32) * 32
-                for part, (r, k) in (("down", (q, i)), ("up", (o32, q)), ("weight", (o32, i))):
+                parts = (("down", (q, i)), ("up", (o32, q)), ("weight", (o32, i)))
+                for part, (r, k) in parts[:2] if fmt.get("dense_codes") == "computed" else parts:
                     self.register_buffer(f"{name}_{part}_q", torch.zeros(r, k // 2, dtype=torch.uint8))
                     self.register_buffer(f"{name}_{part}_s", torch.zeros(k // g, r, 2, dtype=torch.bfloat16))
         self.__dict__["_family"] = {}  # format key -> (dense weight, down, up) in that format, built once
@@ -177,7 +210,11 @@ class AnySizeLinear(nn.Module):
             fam = (quantize_int8(self.weight), quantize_int8(down32), (up_codes, scales))
         else:
             fam = tuple((getattr(self, f"{name}_{p}_q"), getattr(self, f"{name}_{p}_s"))
+                        if p != "weight" or fmt.get("dense_codes") != "computed" else None
                         for p in ("weight", "down", "up"))
+            if fam[0] is None:  # the dense weight's codes: round to nearest from float32, as ACIP Studio does
+                g = max(x for x in (32, 64, 128) if x <= int(fmt["group_size"]) and self.in_features % x == 0)
+                fam = (quantize_int4(self.weight, g),) + fam[1:]
         self._family[key] = fam
         return fam
 
