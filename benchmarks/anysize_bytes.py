@@ -41,11 +41,67 @@ def kinds(path: Path, layers: list) -> dict:
     return out
 
 
+def planned(artifact: str) -> dict:
+    """The tensor bytes an any-size folder of `artifact` will hold, by kind, from its layers' shapes
+    alone (export_anysize.layer_plan; the base's parameter count from the curve's original row)."""
+    import types
+
+    import pandas as pd
+
+    from acip_core.export_anysize import FORMATS, layer_plan
+    from acip_core.formats import parse_format
+    from acip_core.prune import LayerShape
+
+    meta = json.loads((Path(artifact) / "acip.json").read_text())
+    curve = pd.read_csv(Path(artifact) / "curve.csv")
+    base_params = int(curve[curve.method == "original"].params.iloc[0])
+    shapes = {n: LayerShape(*v) for n, v in meta["layers"].items()}
+    fake = types.SimpleNamespace(lora_rank=meta["lora"]["rank"], shapes=shapes, targets=list(shapes))
+    targets = sum(s.dense_params for s in shapes.values())
+    entries = sum(s.full_rank for s in shapes.values())
+    out = {}
+    for dtype, size in (("float32", 4), ("bfloat16", 2)):
+        formats = [parse_format(f) for f in FORMATS[dtype]]
+        plan = layer_plan(fake, formats, dtype)
+        split = {"dense weights": targets * size, "factors": sum(p["rows"] * (p["in"] + p["out"]) for p in plan.values()) * size,
+                 "other (embeddings, norms)": (base_params - targets) * size,
+                 "index": 4 * entries + 8 * (entries + 1) * (1 + len(formats))}
+        for f in formats:
+            if not f.quantized:
+                continue
+            stored = dtype != "float32"
+            total = 0
+            for p in plan.values():
+                r, i, o = p["quant_rows"][f.key], p["in"], p["out"]
+                if f.name == "int8" and not stored:
+                    total += 2 * o  # up's scales
+                    continue
+                total += f.weight_bytes(r, i) + (f.weight_bytes(o, r) if r else 0) + (f.weight_bytes(o, i) if stored else 0)
+            split[f.name] = total
+        out[dtype] = dict(split=split, total=sum(split.values()))
+    full = sum(s.full_rank * (s.in_features + s.out_features + 1) for s in shapes.values())
+    out["official_estimate"] = (base_params + full) * 4
+    out["original"] = base_params * 4
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("folders", nargs="+")
+    parser.add_argument("folders", nargs="*")
+    parser.add_argument("--plan", default=None, help="an artifact: the bytes its any-size folders will hold, "
+                                                      "computed from its shapes (no export)")
     parser.add_argument("--original", default=os.path.expanduser("~/.cache/acip-studio/models/smollm2-135m-instruct/model.safetensors"))
     args = parser.parse_args()
+    if args.plan:
+        plan = planned(args.plan)
+        for dtype in ("float32", "bfloat16"):
+            t = plan[dtype]["total"]
+            print(f"{dtype}: {t / 1e6:.1f} MB of tensors = {t / plan['original']:.2f}x the original's float32 params, "
+                  f"{t / plan['official_estimate']:.2f}x the official layout ({plan['official_estimate'] / 1e6:.1f} MB)")
+            for k, v in sorted(plan[dtype]["split"].items(), key=lambda kv: -kv[1]):
+                print(f"    {k:>28}: {v / 1e6:8.1f} MB")
+        print(json.dumps(plan))
+        return
     original = os.path.getsize(args.original)
     result = dict(original_file=original)
     print(f"original safetensors ({args.original}): {original / 1e6:.1f} MB")
