@@ -206,6 +206,15 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
                     export_btn = gr.Button("Export", variant="primary")
                 export_text = gr.Markdown(elem_id="export-text")
                 export_file = gr.File(label="download", interactive=False)
+                share_btn = None
+                if not public.is_public():  # uploads with a token typed in: a local feature only
+                    with gr.Accordion("Share on the Hugging Face hub", open=False):
+                        with gr.Row():
+                            repo_id = gr.Textbox(label="repo id", placeholder="user/name")
+                            hf_token = gr.Textbox(label="access token (write)", type="password")
+                            private = gr.Checkbox(label="private", value=True)
+                            share_btn = gr.Button("Export and upload")
+                        share_text = gr.Markdown(elem_id="share-text")
             with gr.Tab("Score", id="score"):
                 gr.Markdown("Start a new scoring run in the background (a separate process: it survives page "
                             "reloads). A finished run appears in the artifact list at the top. A run has two "
@@ -290,6 +299,9 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
 
         export_btn.click(h.export, [artifact, ratio, kind, dtype, results], [export_text, export_file],
                          api_name="export", concurrency_limit=1, concurrency_id="heavy")
+        if share_btn is not None:
+            share_btn.click(h.share, [artifact, ratio, kind, dtype, repo_id, hf_token, private], [share_text],
+                            api_name="share", concurrency_limit=1, concurrency_id="heavy")
 
         run_view = [runs_table, run_plot, run_text]
         start.click(h.score_start, [run_name, model, score_data, steps, basis, stop_ratio, batch_size, score_seq,

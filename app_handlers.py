@@ -12,6 +12,7 @@ import os
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import gradio as gr
 import pandas as pd
@@ -32,9 +33,17 @@ X_AXES = {"size ratio": "size_ratio", "GB": "gb"}
 # new view changes one line, not a hand-counted number in every handler.
 EXPLORE_VIEWS = ("summary", "layers", "heatmap", "curve", "badge", "budget", "budget answer")
 SKIP_VIEWS = (gr.skip(),) * len(EXPLORE_VIEWS)
+ANY_SIZE_KIND = "any size: every size and format in one folder (choose after download: model.set_size)"
 CHAT_UPDATE_S = 0.2  # streamed text reaches the page at most this often (see studio.throttled)
 EXPORT_KINDS = {"low-rank: smallest files (loads with trust_remote_code)": False,
-                "dense: original shapes, no memory saved (for compatibility)": True}
+                "dense: original shapes, no memory saved (for compatibility)": True,
+                ANY_SIZE_KIND: None}
+
+
+def ex_formats(stored: str) -> list:
+    from acip_core.export_anysize import FORMATS
+
+    return list(FORMATS[stored])
 
 
 def toast(text) -> str:
@@ -371,6 +380,8 @@ class Handlers:
     @heavy
     def export(self, folder, ratio, kind, dtype, results, request: gr.Request = None, progress=gr.Progress()):
         ex = self.explorer(folder)
+        if kind == ANY_SIZE_KIND:
+            return self._export_any_size(ex, dtype, progress, getattr(request, "session_hash", None))
         dense = EXPORT_KINDS.get(kind, str(kind).startswith("dense"))
         size = ex.size(ratio)
         name = f"{ex.name}-size{size.size_ratio:.3f}-{'dense' if dense else 'lowrank'}-{dtype}"
@@ -388,6 +399,61 @@ class Handlers:
         return (f"Exported size **{info['size_ratio']:.3f}** ({info['kind']}, {dtype}, "
                 f"{text.millions(info['params'])} params stored) in {info['seconds']:.1f} s: "
                 f"{info['bytes'] / 1e6:.1f} MB unzipped. {what} Load the unzipped folder with {how}."), info["zip"]
+
+    @ui_errors
+    @heavy
+    def share(self, folder, ratio, kind, dtype, repo_id, token, private, request: gr.Request = None,
+              progress=gr.Progress()):
+        """Exports as the Export tab would and uploads the folder to the hub with the visitor's token
+        (local mode only: a public server never uploads with a token typed into it)."""
+        import tempfile
+
+        from acip_core.push import check_push, push_folder
+
+        if public.is_public():
+            raise gr.Error("Sharing on the hub is not offered on a public server: export, then push locally "
+                           "(python -m acip_core push).")
+        token = check_push(str(repo_id or "").strip(), token)  # before any work: repo id, token, network
+        ex = self.explorer(folder)
+        work = Path(tempfile.mkdtemp(prefix=".share-", dir=self.app.download_dir("exports")))
+        try:
+            progress(None, desc="exporting")
+            if kind == ANY_SIZE_KIND:
+                from acip_core.export_anysize import export_anysize
+
+                out = export_anysize(ex.any_size, work / "model", "bfloat16" if dtype == "bfloat16" else "float32",
+                                     curve=ex.curve, card=dict(artifact=ex.name))
+            else:
+                out = work / "model"
+                ex.export(ratio, out, dense=EXPORT_KINDS.get(kind, str(kind).startswith("dense")), dtype=dtype)
+            progress(None, desc="uploading")
+            url = push_folder(out, str(repo_id).strip(), token, bool(private))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return f"Uploaded to the hub as `{str(repo_id).strip()}` ({public.md_escape(url)})."  # checked: user/name
+
+    def _export_any_size(self, ex, dtype, progress, session=None):
+        """The artifact as one any-size folder (export_anysize.py), zipped: float32 weights, or bfloat16
+        ones when bfloat16 is selected (half the bytes; int sizes either way)."""
+        from acip_core.export import zip_folder
+        from acip_core.export_anysize import export_anysize
+
+        stored = "bfloat16" if dtype == "bfloat16" else "float32"
+        name = f"{ex.name}-anysize-{stored}"
+        work = self.app.download_dir("exports", session)
+        progress(None, desc="writing every size and format (int4 codes: about a minute the first time)")
+        start = time.perf_counter()
+        try:
+            out = export_anysize(ex.any_size, work / name, stored, curve=ex.curve, card=dict(artifact=ex.name))
+            size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+            zipped = zip_folder(out, work / f"{name}.zip")
+        finally:
+            shutil.rmtree(work / name, ignore_errors=True)
+        return (f"Exported **every size** ({stored} weights; formats {', '.join(ex_formats(stored))}) in "
+                f"{time.perf_counter() - start:.1f} s: {size / 1e6:.1f} MB unzipped. Load the unzipped folder with "
+                "`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, size_ratio=0.6, "
+                "format=\"int4\")`, then `model.set_size(0.8)` or `model.set_size(budget_gb=0.2)` without "
+                "reloading."), str(zipped)
 
     # -- score ----------------------------------------------------------------------------------
     def runs_frame(self) -> pd.DataFrame:

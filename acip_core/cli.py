@@ -280,6 +280,10 @@ def cmd_export(args):
     from .artifact import load_artifact
     from .export import card_from_curve, export_dense, export_lowrank, saved_params
 
+    if args.any_size:
+        return _export_any_size(args)
+    if args.dtype is not None or args.curve_png is not None:
+        raise ValueError("--dtype and --curve-png belong to --any-size (one size takes --format)")
     model, size = _open_method_size(args)
     export = export_dense if args.dense else export_lowrank
     from .tuned import is_tuned
@@ -295,6 +299,40 @@ def cmd_export(args):
     load = "" if args.dense else ", trust_remote_code=True"
     _emit(args, result, f"wrote {out} ({sum(files.values()) / 1e6:.1f} MB, size {size.size_ratio:.4f}); "
                         f"load with AutoModelForCausalLM.from_pretrained({str(out)!r}{load})")
+
+
+def _export_any_size(args):
+    from pathlib import Path
+
+    from .artifact import load_artifact
+    from .export_anysize import export_anysize, folder_bytes
+    from .pipeline import open_artifact
+    from .tuned import is_tuned
+
+    if args.dense or args.size_ratio is not None or args.format != "float32":
+        raise ValueError("--any-size holds every size and format: drop --dense, --size-ratio and --format")
+    if is_tuned(args.artifact):
+        raise ValueError("a tuned size is one size: export it without --any-size")
+    model = open_artifact(args.artifact)
+    out = export_anysize(model, args.out, args.dtype or "float32", curve=load_artifact(args.artifact).curve,
+                         card=dict(artifact=Path(args.artifact).name), curve_png=args.curve_png)
+    on_disk = folder_bytes(out)
+    info = json.loads((out / "acip_export.json").read_text())
+    result = dict(out=str(out), kind="anysize", dtype=info["dtype"], formats=info["formats"],
+                  weights_bytes=on_disk["weights"], folder_bytes=on_disk["total"],
+                  original_float32_bytes=info["original_float32_bytes"],
+                  official_layout_bytes=info["official_layout_bytes"], files=on_disk["files"])
+    _emit(args, result, f"wrote {out} ({on_disk['total'] / 1e6:.1f} MB; the original in float32: "
+                        f"{info['original_float32_bytes'] / 1e6:.1f} MB); load with AutoModelForCausalLM."
+                        f"from_pretrained({str(out)!r}, trust_remote_code=True, size_ratio=0.6, format='int4')")
+
+
+@command
+def cmd_push(args):
+    from .push import push_folder
+
+    url = push_folder(args.folder, args.repo_id, args.token, args.private)
+    _emit(args, dict(url=url, repo_id=args.repo_id, private=args.private), f"uploaded {args.folder} to {url}")
 
 
 @command
@@ -536,7 +574,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (new, empty, or a previous export)")
     p.add_argument("--dense", action="store_true",
                    help="multiply the factors out: a plain base-architecture folder (no remote code, full size)")
+    p.add_argument("--any-size", action="store_true",
+                   help="every size and format in one folder: choose with from_pretrained(..., size_ratio=, "
+                        "format=) or model.set_size(...) after loading")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="--any-size: the stored weights (bfloat16: half the bytes, no float32 sizes)")
+    p.add_argument("--curve-png", default=None, help="--any-size: a plot of the curve for the model card")
     _format_args(p)
+    p = sub.add_parser("push", help="upload an export folder to the Hugging Face hub")
+    p.add_argument("folder", help="an export folder (python -m acip_core export ...)")
+    p.add_argument("--repo-id", required=True, help="user/name (created if needed)")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--token", default=None, help="a write token (default: HF_TOKEN)")
     for p in sub.choices.values():
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     return parser
