@@ -52,12 +52,14 @@ class ComputeGate:
     all of torch's intra-op threads; torch.set_num_threads cannot give each request its own share (it
     is process-wide in effect: a thread that sets it changes the count every new thread starts
     with), and two passes at once oversubscribe the cores, whose OpenMP threads then wait on each
-    other. So whole forward passes take turns: concurrent chats interleave token by token, each pass
-    on every core, and N chats together decode about as fast as one (benchmarks/concurrency.py
-    measures it). ACIP_COMPUTE_SLOTS sets the slots (default 1; 0 turns the gate off)."""
+    other. With the gate whole forward passes take turns: concurrent chats interleave token by token,
+    each pass on every core. Measured on a quiet 2-core CPU (benchmarks/RESULTS.md "Concurrent
+    requests"), taking turns is slower at every load (4 chats: 18.5 against 29.0 tokens/s in all; a
+    chat beside a perplexity job waits for its windows: 7.1 against 18.7), so the gate is off by
+    default; ACIP_COMPUTE_SLOTS=N turns it on with N slots for hosts whose cores are shared."""
 
     def __init__(self, slots: int | None = None):
-        slots = int(os.environ.get("ACIP_COMPUTE_SLOTS", "1")) if slots is None else slots
+        slots = int(os.environ.get("ACIP_COMPUTE_SLOTS", "0")) if slots is None else slots
         self.slots = slots
         self._sem = threading.BoundedSemaphore(slots) if slots > 0 else None
 
@@ -687,6 +689,7 @@ class Explorer:
                     target_layers=len(self.any_size.targets),
                     basis=meta.get("basis", {}).get("recipe", {}).get("kind"),
                     steps=result.get("steps"), stopped_at=result.get("size_ratio_reached"),
+                    imported_from=(meta.get("official") or {}).get("source"),
                     smallest_measured=smallest_measured(self.curve), tuned=self.tuned)
 
     def tuned_sizes(self, extra=()) -> list[dict]:

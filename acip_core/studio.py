@@ -264,9 +264,11 @@ def describe_text(info: dict) -> str:
     from .public import md_escape  # an artifact's fields may come from a visitor's run: shown as text
 
     info = {k: md_escape(str(v)) if isinstance(v, str) else v for k, v in info.items()}
+    how = (f"imported from the official ACIP checkpoint {info['imported_from']} (their sizes: their size rule)"
+           if info.get("imported_from") else
+           f"scored for {info['steps']} steps down to size {info['stopped_at']}")
     line = (f"**{info['name']}**: {info['model']} ({info['architecture']}), {info['target_layers']} "
-            f"compressed layers, {info['basis']} basis, scored for {info['steps']} steps down to size "
-            f"{info['stopped_at']}. Ready.")
+            f"compressed layers, {info['basis']} basis, {how}. Ready.")
     if info.get("tuned"):
         t = info["tuned"]
         line += (f" A **tuned size**: its LoRA was fine-tuned at size {t['size_ratio']:.3f} in {t['format']}, "

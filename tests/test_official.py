@@ -315,6 +315,10 @@ def test_the_app_lists_and_opens_an_imported_artifact(imported, tmp_path, monkey
     shutil.copytree(folder, shelf / "acip-opt-tiny")
     assert find_artifacts(precomputed=shelf) == [("acip-opt-tiny (precomputed)", str(shelf / "acip-opt-tiny"))]
     explorer = Explorer.open(shelf / "acip-opt-tiny")
+    from acip_core.studio import describe_text
+
+    line = describe_text(explorer.describe())  # the app's status line: where it came from, no "None steps"
+    assert "imported from the official ACIP checkpoint" in line and "None" not in line
     summary = explorer.size_for(0.5)
     assert summary["size_ratio"] == _expected("opt")[0]["ratios"]["0.50"]["size_ratio"]
     assert summary["dense_layers"] == 0 and summary["original_params"] == model.original_size().params
