@@ -148,14 +148,7 @@ def _export(any_size, size, out_dir, dtype, card, dense: bool) -> Path:
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         if not dense:
             shutil.copyfile(TEMPLATE, tmp / MODULE_FILE)
-        generation = getattr(any_size.base, "generation_config", None)
-        if generation is not None:
-            generation = copy.deepcopy(generation)
-            generation.update(**GENERATION)
-            generation.save_pretrained(tmp)
-        if any_size.tokenizer is not None:
-            any_size.tokenizer.save_pretrained(tmp)
-            _portable_tokenizer_config(tmp / "tokenizer_config.json")
+        write_generation_and_tokenizer(any_size, tmp)
         (tmp / CARD_FILE).write_text(readme, encoding="utf-8")
         (tmp / LICENSE_FILE).write_text(license_text(any_size), encoding="utf-8")
         for path in tmp.iterdir():  # readable by another uid (a container's), as the zip keeps modes
@@ -268,6 +261,19 @@ def _portable_config(config: dict, any_size) -> dict:
             config.setdefault("rope_scaling", {k: v for k, v in rope.items() if k != "rope_theta"})
     config["_name_or_path"] = public_name(any_size)
     return config
+
+
+def write_generation_and_tokenizer(any_size: AnySizeModel, folder: Path) -> None:
+    """The app's generation settings over the base's generation config, and the tokenizer (portable
+    to transformers 4.x): what every export folder holds beside its weights."""
+    generation = getattr(any_size.base, "generation_config", None)
+    if generation is not None:
+        generation = copy.deepcopy(generation)
+        generation.update(**GENERATION)
+        generation.save_pretrained(folder)
+    if any_size.tokenizer is not None:
+        any_size.tokenizer.save_pretrained(folder)
+        _portable_tokenizer_config(folder / "tokenizer_config.json")
 
 
 def _portable_tokenizer_config(path: Path) -> None:

@@ -31,9 +31,9 @@ import torch
 from safetensors.torch import save_file
 
 from . import __version__
-from .export import (CARD_FILE, CONFIG_FILE, EMBEDDED_HUB_ID, GENERATION, INFO_FILE, LICENSES, PAPER, TEMPLATE,
-                     WEIGHTS_FILE, _check_target, _portable, _portable_config, _portable_tokenizer_config,
-                     _write_folder, public_name)
+from .export import (CARD_FILE, CONFIG_FILE, EMBEDDED_HUB_ID, INFO_FILE, LICENSES, PAPER, TEMPLATE,
+                     WEIGHTS_FILE, _check_target, _portable, _portable_config, _write_folder, public_name,
+                     write_generation_and_tokenizer)
 from .formats import Format, parse_format
 from .materialize import AnySizeModel
 
@@ -231,16 +231,7 @@ def export_anysize(any_size: AnySizeModel, out_dir: str | Path, dtype: str = "fl
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         shutil.copyfile(TEMPLATE, tmp / TEMPLATE.name)  # the layers, imported by the any-size module
         shutil.copyfile(ANYSIZE_TEMPLATE, tmp / ANYSIZE_MODULE)
-        generation = getattr(any_size.base, "generation_config", None)
-        if generation is not None:
-            import copy
-
-            generation = copy.deepcopy(generation)
-            generation.update(**GENERATION)
-            generation.save_pretrained(tmp)
-        if any_size.tokenizer is not None:
-            any_size.tokenizer.save_pretrained(tmp)
-            _portable_tokenizer_config(tmp / "tokenizer_config.json")
+        write_generation_and_tokenizer(any_size, tmp)
         if curve is not None:
             curve.to_csv(tmp / CURVE_FILE, index=False)
         if curve_png is not None:

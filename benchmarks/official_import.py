@@ -23,18 +23,13 @@ from safetensors.torch import load_file
 
 
 def _tokenizer(folder: Path) -> None:
-    """The fixtures' bases have no tokenizer (which loading needs); ids must stay below 256."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """The fixtures' bases have no tokenizer (which loading needs): the tests' one (ids below 256)."""
+    import sys
 
-    from acip_core.data import load_text
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from test_official import _tokenizer as tests_tokenizer
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([load_text("corpus:handbook")[:50_000]],
-                            trainers.BpeTrainer(vocab_size=200, limit_alphabet=100,
-                                                special_tokens=["<unk>", "<|endoftext|>"]))
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>").save_pretrained(folder)
+    tests_tokenizer(folder)
 
 
 def measure(fixtures: Path, work: Path) -> list[dict]:
