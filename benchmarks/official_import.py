@@ -6,7 +6,7 @@ theirs), the materialized ratio (what the model holds in its target layers, LoRA
 largest |logit difference| to the official logits; and the bytes of their files against our artifact.
 No timings. Usage:
 
-    python benchmarks/official_import.py [--fixtures /work/shared/fixtures/official-acip] [--json]
+    python benchmarks/official_import.py [--fixtures ../shared/fixtures/official-acip] [--json]
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def measure(fixtures: Path, work: Path) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fixtures", default="/work/shared/fixtures/official-acip")
+    parser.add_argument("--fixtures", default=str(Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official-acip"))
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,5 +1,5 @@
 """Official ACIP checkpoints (official.py) against the fixtures written by the official code:
-/work/shared/fixtures/official-acip/ (README.md there: layout, expected.json, expected.safetensors)."""
+../shared/fixtures/official-acip/ beside the repository (README.md there: layout, expected.json, expected.safetensors)."""
 
 import json
 import os
@@ -16,7 +16,9 @@ from safetensors.torch import load_file
 from acip_core.official import OfficialCheckpointError, import_official, read_checkpoint
 from acip_core.prune import LayerShape, RankIndex
 
-FIXTURES = Path(os.environ.get("ACIP_OFFICIAL_FIXTURES", "/work/shared/fixtures/official-acip"))
+# shared/ lies beside the repository (as CI lays it out); ACIP_OFFICIAL_FIXTURES points elsewhere
+FIXTURES = Path(os.environ.get("ACIP_OFFICIAL_FIXTURES",
+                              Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official-acip"))
 FAMILIES = ("llama", "opt")
 # Max |logit difference| against the official logits. Measured (torch 2.13 CPU vs their 2.5.1):
 # full storage <= 3.4e-7 (their own factors), compact <= 1.1e-5 (our float64 SVD of the base against
