@@ -263,21 +263,32 @@ def _quantize_(model: nn.Module, quant: dict, dtype: torch.dtype, swap) -> None:
 _CLASSES: dict = {}
 
 
+def base_classes(base_model_type: str):
+    """(config class, causal-LM class) this transformers has for a base model_type, or a clear error."""
+    try:
+        base_config = CONFIG_MAPPING[base_model_type]
+        return base_config, MODEL_FOR_CAUSAL_LM_MAPPING[base_config]
+    except (KeyError, ValueError):
+        raise ValueError(f"this transformers version has no causal LM of type {base_model_type!r}; "
+                         "upgrade transformers") from None
+
+
+def derived_config(base_config, name: str, model_type: str, doc: str, module: str):
+    """The base's config class under our own model_type (what config.json names)."""
+    return type(name, (base_config,), {
+        "__module__": module,
+        "__doc__": doc,
+        "model_type": model_type,
+        "base_model_tp_plan": None,  # tensor-parallel plans of the base do not fit factorized layers
+    })
+
+
 def classes_for(base_model_type: str):
     """(config class, model class) for a base model_type, built once per process."""
     if base_model_type not in _CLASSES:
-        try:
-            base_config = CONFIG_MAPPING[base_model_type]
-            base_model = MODEL_FOR_CAUSAL_LM_MAPPING[base_config]
-        except (KeyError, ValueError):
-            raise ValueError(f"this transformers version has no causal LM of type {base_model_type!r}; "
-                             "upgrade transformers") from None
-        config_cls = type(CONFIG_PREFIX + base_model_type, (base_config,), {
-            "__module__": __name__,
-            "__doc__": f"{base_config.__name__} plus `acip_ranks` {{module name: rank}}.",
-            "model_type": MODEL_TYPE_PREFIX + base_model_type,
-            "base_model_tp_plan": None,  # tensor-parallel plans of the base do not fit factorized layers
-        })
+        base_config, base_model = base_classes(base_model_type)
+        config_cls = derived_config(base_config, CONFIG_PREFIX + base_model_type, MODEL_TYPE_PREFIX + base_model_type,
+                                    f"{base_config.__name__} plus `acip_ranks` {{module name: rank}}.", __name__)
 
         def __init__(self, config, *args, **kwargs):
             base_model.__init__(self, config, *args, **kwargs)

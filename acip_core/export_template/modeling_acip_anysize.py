@@ -27,10 +27,8 @@ import math
 import numpy as np
 import torch
 from torch import nn
-from transformers import CONFIG_MAPPING
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from .modeling_acip import Bf16Linear, LowRankLinear, QuantLinear, QuantLowRankLinear
+from .modeling_acip import Bf16Linear, LowRankLinear, QuantLinear, QuantLowRankLinear, base_classes, derived_config
 
 CONFIG_PREFIX, MODEL_PREFIX, MODEL_TYPE_PREFIX = "ACIPAnySizeConfig__", "ACIPAnySizeForCausalLM__", "acip_anysize_"
 FLOATS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -401,18 +399,10 @@ _CLASSES: dict = {}
 def classes_for(base_model_type: str):
     """(config class, model class) for a base model_type, built once per process."""
     if base_model_type not in _CLASSES:
-        try:
-            base_config = CONFIG_MAPPING[base_model_type]
-            base_model = MODEL_FOR_CAUSAL_LM_MAPPING[base_config]
-        except (KeyError, ValueError):
-            raise ValueError(f"this transformers version has no causal LM of type {base_model_type!r}; "
-                             "upgrade transformers") from None
-        config_cls = type(CONFIG_PREFIX + base_model_type, (base_config,), {
-            "__module__": __name__,
-            "__doc__": f"{base_config.__name__} plus `acip_anysize` (what the any-size folder stores).",
-            "model_type": MODEL_TYPE_PREFIX + base_model_type,
-            "base_model_tp_plan": None,
-        })
+        base_config, base_model = base_classes(base_model_type)
+        config_cls = derived_config(base_config, CONFIG_PREFIX + base_model_type, MODEL_TYPE_PREFIX + base_model_type,
+                                    f"{base_config.__name__} plus `acip_anysize` (what the any-size folder stores).",
+                                    __name__)
 
         def __init__(self, config, *args, **kwargs):
             base_model.__init__(self, config, *args, **kwargs)
