@@ -201,3 +201,15 @@ def parametrize_(model: nn.Module, basis: dict[str, Factors], mask_scale=0.02, l
 def acip_layers(model: nn.Module) -> dict[str, ACIPLinear]:
     """Every ACIPLinear of a parametrized model, keyed by FQN."""
     return {name: m for name, m in model.named_modules() if isinstance(m, ACIPLinear)}
+
+
+def train_only_masks_and_lora_(model: nn.Module) -> dict[str, ACIPLinear]:
+    """Freezes every parameter but the masks and LoRA of the ACIPLinear layers (what scoring trains);
+    returns those layers keyed by FQN."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers = acip_layers(model)
+    for layer in layers.values():
+        for p in (layer.mask, layer.lora_A, layer.lora_B):
+            p.requires_grad_(True)
+    return layers

@@ -20,7 +20,8 @@ from .data import BatchStream, load_text, token_windows
 from .formats import parse_format
 from .materialize import AnySizeModel
 from .models import fingerprint, load_base, pick_device
-from .parametrize import acip_layers, parametrize_, replace_modules_, target_linears, target_names, weight_share
+from .parametrize import (acip_layers, parametrize_, replace_modules_, target_linears, target_names,
+                          train_only_masks_and_lora_, weight_share)
 from .score import ScoreConfig, autocast_dtype, remove_checkpoint, score_loop
 from .train import release_memory, steps_memory
 
@@ -137,12 +138,7 @@ def run_scoring(model_source: str, data: str, out: str | Path, basis_kind: str =
         originals = parametrize_(model, basis, cfg.mask_scale, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
         if not loads:
             dist.real_trainables(acip_layers(model))
-        for p in model.parameters():
-            p.requires_grad_(False)
-        layers = acip_layers(model)
-        for l in layers.values():
-            for p in (l.mask, l.lora_A, l.lora_B):
-                p.requires_grad_(True)
+        layers = train_only_masks_and_lora_(model)
         if dist:
             dist.broadcast_params(layers)
         check = basis_check(basis) if loads else None

@@ -318,7 +318,7 @@ def plan_scoring(model: str, batch_size: int = 2, seq_len: int = 256, base_forma
     transformers config to use instead of reading `model`'s."""
     from .basis import meta_basis
     from .formats import parse_format
-    from .parametrize import acip_layers, parametrize_, target_linears
+    from .parametrize import parametrize_, target_linears, train_only_masks_and_lora_
 
     for name, v in (("batch_size", batch_size), ("seq_len", seq_len), ("fsdp", fsdp)):
         if not isinstance(v, int) or v < 1:
@@ -362,12 +362,8 @@ def plan_scoring(model: str, batch_size: int = 2, seq_len: int = 256, base_forma
     # activations: one forward of the scoring form on the meta device, with this process's rows
     with torch.device("meta"):
         parametrize_(net, meta_basis(linears), lora_rank=lora_rank)
-    for p in net.parameters():
-        p.requires_grad_(False)
-    layers = acip_layers(net)
+    layers = train_only_masks_and_lora_(net)
     for l in layers.values():
-        for p in (l.mask, l.lora_A, l.lora_B):
-            p.requires_grad_(True)
         if amp is not None and not fmt.quantized:  # score_loop stores the frozen tensors in the compute dtype
             l.weight, l.U, l.Vh = l.weight.to(amp), l.U.to(amp), l.Vh.to(amp)
     rows = batch_size // fsdp
