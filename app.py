@@ -2,7 +2,7 @@
 
 Run `python app.py` (or `make run`). The artifact shown first is $ACIP_ARTIFACT, else
 precomputed/smollm2-135m-instruct, else any other artifact found (precomputed/*, finished runs/*).
-The UI is built from a StudioConfig (acip_core/studio.py). Models live in its registry of Explorers;
+The UI is built from a StudioConfig (acip_core/serving/studio.py). Models live in its registry of Explorers;
 what belongs to one visitor (measurements, the fitted budget) lives in gr.State, and the selected
 size is the slider's value: every view updates on its change and every job reads it.
 """
@@ -15,14 +15,14 @@ import os
 import gradio as gr
 import pandas as pd
 
-from acip_core import public
-from acip_core import studio as text
-from acip_core.curve import eval_set_label
-from acip_core.data import DATA_CHOICES, DEFAULT_DATA
-from acip_core.evaluate import REPETITION_PENALTY
-from acip_core.explorer import DTYPE_CHOICES, MAX_PROMPT_CHARS
-from acip_core.models import EMBEDDED, cache_dir, pick_device
-from acip_core.studio import Studio, StudioConfig
+from acip_core.serving import public
+from acip_core.serving import studio as text
+from acip_core.evaluation.curve import eval_set_label
+from acip_core.sources.data import DATA_CHOICES, DEFAULT_DATA
+from acip_core.evaluation.evaluate import REPETITION_PENALTY
+from acip_core.serving.explorer import DTYPE_CHOICES, MAX_PROMPT_CHARS
+from acip_core.sources.models import EMBEDDED, cache_dir, pick_device
+from acip_core.serving.studio import Studio, StudioConfig
 from app_handlers import EXPLORE_VIEWS, EXPORT_KINDS, X_AXES, Handlers, lm_eval_tasks  # noqa: F401  (EXPORT_KINDS: tests)
 from app_handlers import score_plan
 
@@ -245,7 +245,7 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
                     score_upload = gr.File(label="or upload calibration text (UTF-8 .txt)", file_types=[".txt"],
                                            type="filepath")
                     token = gr.Textbox(label="admin token", type="password", visible=lim.scoring == "token")
-                plan_md = gr.Markdown(elem_id="score-plan")  # memory plan of the typed model (acip_core/plan.py)
+                plan_md = gr.Markdown(elem_id="score-plan")  # memory plan of the typed model (acip_core/training/plan.py)
                 run_text = gr.Markdown()
                 runs_table = gr.Dataframe(label="runs", interactive=False, headers=["run", "state", "step", "phase", "loss",
                                                                                    "λ", "size_ratio", "elapsed_s", "ETA"],

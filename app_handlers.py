@@ -17,14 +17,16 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from acip_core import plots, public, studio as text
-from acip_core.curve import curve_at, eval_set_label, ppl_columns, suggested_ratio
-from acip_core.data import DEFAULT_DATA
-from acip_core.evaluate import Cancelled
-from acip_core.explorer import (DTYPE_CHOICES, Explorer, check_history, check_int, check_message_count,
+from acip_core.evaluation import plots
+from acip_core.serving import public
+from acip_core.serving import studio as text
+from acip_core.evaluation.curve import curve_at, eval_set_label, ppl_columns, suggested_ratio
+from acip_core.sources.data import DEFAULT_DATA
+from acip_core.evaluation.evaluate import Cancelled
+from acip_core.serving.explorer import (DTYPE_CHOICES, Explorer, check_history, check_int, check_message_count,
                                 clean_prompt, message_text)
-from acip_core.models import EMBEDDED
-from acip_core.studio import Studio
+from acip_core.sources.models import EMBEDDED
+from acip_core.serving.studio import Studio
 
 log = logging.getLogger("acip_studio")
 X_AXES = {"size ratio": "size_ratio", "GB": "gb"}
@@ -41,7 +43,7 @@ EXPORT_KINDS = {"low-rank: smallest files (loads with trust_remote_code)": False
 
 
 def ex_formats(stored: str) -> list:
-    from acip_core.export_anysize import FORMATS
+    from acip_core.export.anysize import FORMATS
 
     return list(FORMATS[stored])
 
@@ -255,7 +257,7 @@ class Handlers:
     @ui_errors
     def artifact_b(self, folder_b):
         """Chat B's artifact: a tuned size moves B's slider to the size it was tuned at."""
-        from acip_core.tuned import is_tuned, load_tuned
+        from acip_core.artifacts.tuned import is_tuned, load_tuned
 
         folder_b = self.folder(folder_b)
         if not is_tuned(folder_b):
@@ -408,7 +410,7 @@ class Handlers:
         (local mode only: a public server never uploads with a token typed into it)."""
         import tempfile
 
-        from acip_core.push import check_push, push_folder
+        from acip_core.export.push import check_push, push_folder
 
         if public.is_public():
             raise gr.Error("Sharing on the hub is not offered on a public server: export, then push locally "
@@ -419,7 +421,7 @@ class Handlers:
         try:
             progress(None, desc="exporting")
             if kind == ANY_SIZE_KIND:
-                from acip_core.export_anysize import export_anysize
+                from acip_core.export.anysize import export_anysize
 
                 out = export_anysize(ex.any_size, work / "model", "bfloat16" if dtype == "bfloat16" else "float32",
                                      curve=ex.curve, card=dict(artifact=ex.name))
@@ -435,8 +437,8 @@ class Handlers:
     def _export_any_size(self, ex, dtype, progress, session=None):
         """The artifact as one any-size folder (export_anysize.py), zipped: float32 weights, or bfloat16
         ones when bfloat16 is selected (half the bytes; int sizes either way)."""
-        from acip_core.export import zip_folder
-        from acip_core.export_anysize import export_anysize
+        from acip_core.export.sized import zip_folder
+        from acip_core.export.anysize import export_anysize
 
         stored = "bfloat16" if dtype == "bfloat16" else "float32"
         name = f"{ex.name}-anysize-{stored}"
@@ -572,10 +574,10 @@ class Handlers:
 @ui_errors
 def official_import(app: Studio, source, name, progress=gr.Progress()):
     """The "import an official ACIP model" box (local mode only): converts a hub id or a folder into
-    precomputed/<name> (acip_core/official.py), with progress; the artifact list then shows it."""
+    precomputed/<name> (acip_core/artifacts/official.py), with progress; the artifact list then shows it."""
     import re
 
-    from acip_core.official import import_official
+    from acip_core.artifacts.official import import_official
 
     if public.is_public():
         raise ValueError("importing official ACIP models is available locally only")
@@ -607,19 +609,19 @@ def _who(token, request) -> str | None:
 
 
 def lm_eval_tasks() -> tuple[list[str], list[str]]:
-    """(offline tasks, all suggested tasks) from acip_core.lmeval when it is there."""
+    """(offline tasks, all suggested tasks) from acip_core.evaluation.lmeval when it is there."""
     try:
-        from acip_core.lmeval import OFFLINE_TASKS, PAPER_TASKS
+        from acip_core.evaluation.lmeval import OFFLINE_TASKS, PAPER_TASKS
         return list(OFFLINE_TASKS), list(OFFLINE_TASKS) + [t for t in PAPER_TASKS if t not in OFFLINE_TASKS]
     except Exception:
         return [], []
 
 
 def score_plan(model, batch_size, seq_len) -> str:
-    """The Score tab's memory plan of the typed model and settings (acip_core/plan.py: from the config
+    """The Score tab's memory plan of the typed model and settings (acip_core/training/plan.py: from the config
     alone, no weights read), as Markdown; a problem is said in its place, never raised (a toast per
     keystroke would be noise)."""
-    from acip_core.plan import GiB, plan_scoring
+    from acip_core.training.plan import GiB, plan_scoring
 
     try:
         source = public.check_model((model or EMBEDDED).strip())
@@ -646,6 +648,6 @@ def score_plan(model, batch_size, seq_len) -> str:
 
 
 def pick_device_type() -> str:
-    from acip_core.models import pick_device
+    from acip_core.sources.models import pick_device
 
     return pick_device().type

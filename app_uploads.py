@@ -17,7 +17,7 @@ import logging
 import os
 from types import SimpleNamespace
 
-from acip_core import public
+from acip_core.serving import public
 
 log = logging.getLogger("acip_studio")
 

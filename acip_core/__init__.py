@@ -9,14 +9,14 @@ Never imports gradio. Public verbs:
     perplexity(model, windows)             -> dict
 """
 
-__version__ = "0.1.0"
-
-from .artifact import Artifact, ArtifactError, load_artifact, save_artifact  # noqa: E402
-from .evaluate import generate_text, perplexity  # noqa: E402
-from .materialize import AnySizeModel, Size  # noqa: E402
-from .models import EMBEDDED, ModelSourceError, load_base  # noqa: E402
-from .pipeline import open_artifact, run_scoring  # noqa: E402
-from .score import ScoreConfig  # noqa: E402
+from acip_core.system.version import __version__  # noqa: F401
+from acip_core.artifacts.artifact import Artifact, ArtifactError, load_artifact, save_artifact
+from acip_core.evaluation.evaluate import generate_text, perplexity
+from acip_core.engine.materialize import AnySizeModel, Size
+from acip_core.sources.models import EMBEDDED, ModelSourceError, load_base
+from acip_core.artifacts.open import open_artifact
+from acip_core.training.pipeline import run_scoring
+from acip_core.training.score import ScoreConfig
 
 __all__ = ["Artifact", "ArtifactError", "load_artifact", "save_artifact", "generate_text", "perplexity",
            "AnySizeModel", "Size", "EMBEDDED", "ModelSourceError", "load_base", "open_artifact",

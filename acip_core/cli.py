@@ -10,10 +10,10 @@ import sys
 import time
 from dataclasses import fields
 
-from .data import DEFAULT_DATA
-from .score import ScoreConfig
-from .train import OBJECTIVES
-from .selftext import HELD_OUT_DOMAIN
+from acip_core.sources.data import DEFAULT_DATA
+from acip_core.training.score import ScoreConfig
+from acip_core.training.train import OBJECTIVES
+from acip_core.evaluation.selftext import HELD_OUT_DOMAIN
 
 COMMANDS = {}
 
@@ -28,7 +28,7 @@ def _emit(args, result: dict, text: str) -> None:
 
 
 def _format_args(p, default="float32"):
-    from .formats import EMBEDDING_CHOICES, FORMAT_NAMES, INT4_GROUP_SIZES, LAYOUTS
+    from acip_core.formats.core import EMBEDDING_CHOICES, FORMAT_NAMES, INT4_GROUP_SIZES, LAYOUTS
 
     p.add_argument("--format", default=default, choices=FORMAT_NAMES,
                    help="how the weights are stored: float32, bfloat16, int8 (per channel), int4 (groups); "
@@ -43,7 +43,7 @@ def _format_args(p, default="float32"):
 
 
 def _fmt(args):
-    from .formats import parse_format
+    from acip_core.formats.core import parse_format
 
     if args.format is None:
         if args.layout == "fast":
@@ -72,7 +72,7 @@ def _size_dict(size, target) -> dict:
 
 @command
 def cmd_score(args):
-    from .pipeline import run_scoring
+    from acip_core.training.pipeline import run_scoring
 
     cfg = ScoreConfig(**{f.name: getattr(args, f.name) for f in fields(ScoreConfig)
                          if getattr(args, f.name, None) is not None})
@@ -82,13 +82,13 @@ def cmd_score(args):
             print(f"step {e['step']:5d} {e['phase']:9s} loss {e['loss']:.4f} nll {e['nll']:.4f} "
                   f"λ {e['reg_weight']:.3g} size {e['size_ratio']:.3f} {e['seconds']:.0f}s", flush=True)
 
-    from .distributed import DistContext
+    from acip_core.training.distributed import DistContext
 
     dist = DistContext.from_env(fsdp=args.fsdp)  # set up by torchrun / accelerate launch
     if args.fsdp and dist is None:
         logging.getLogger(__name__).warning("--fsdp needs more than one process (torchrun / accelerate launch); running unsharded")
     if dist is None and not args.force:  # a run that cannot fit is refused before it loads anything
-        from .plan import check_fits, plan_for_config
+        from acip_core.training.plan import check_fits, plan_for_config
 
         check_fits(plan_for_config(args.model, cfg, args.basis))
     try:
@@ -114,8 +114,8 @@ def _targets(value: str | None):
 
 @command
 def cmd_plan(args):
-    from .models import pick_device
-    from .plan import plan_scoring
+    from acip_core.sources.models import pick_device
+    from acip_core.training.plan import plan_scoring
 
     plan = plan_scoring(args.model, args.batch_size, args.seq_len, args.base_format, fsdp=args.fsdp,
                         device=args.device or pick_device().type, precision=args.precision, lora_rank=args.lora_rank, basis=args.basis,
@@ -125,9 +125,9 @@ def cmd_plan(args):
 
 @command
 def cmd_size(args):
-    from .artifact import load_artifact
-    from .curve import best_for_budget
-    from .pipeline import open_artifact
+    from acip_core.artifacts.artifact import load_artifact
+    from acip_core.evaluation.curve import best_for_budget
+    from acip_core.training.pipeline import open_artifact
 
     if args.budget_gb is not None and args.format is None:  # the best (size, format) by the measured curve
         model = open_artifact(args.artifact)
@@ -147,7 +147,7 @@ def cmd_size(args):
 
 def _open_method_size(args):
     """The model of --method and its size for --size-ratio / --budget-gb (or a tuned size's own)."""
-    from .pipeline import open_sized
+    from acip_core.evaluation.baselines import open_sized
 
     return open_sized(args.artifact, args.size_ratio, getattr(args, "budget_gb", None), _fmt(args),
                       getattr(args, "method", "acip"))
@@ -155,8 +155,8 @@ def _open_method_size(args):
 
 @command
 def cmd_import_acip(args):
-    from .artifact import load_artifact
-    from .official import import_official
+    from acip_core.artifacts.artifact import load_artifact
+    from acip_core.artifacts.official import import_official
 
     def on_progress(stage, done, total):
         if not args.json and (done == total or done % 50 == 0):
@@ -178,8 +178,8 @@ def cmd_import_acip(args):
 
 @command
 def cmd_eval(args):
-    from .data import load_text, token_windows
-    from .evaluate import perplexity
+    from acip_core.sources.data import load_text, token_windows
+    from acip_core.evaluation.evaluate import perplexity
 
     model, size = _open_method_size(args)
     windows = token_windows(model.tokenizer, load_text(args.data), args.seq_len, args.max_windows)
@@ -192,7 +192,7 @@ def cmd_eval(args):
 
 @command
 def cmd_generate(args):
-    from .evaluate import generate_text
+    from acip_core.evaluation.evaluate import generate_text
 
     model, size = _open_method_size(args)
     text = generate_text(model.materialize(size, size.format), model.tokenizer, args.prompt,
@@ -205,7 +205,7 @@ def cmd_size_latency(args):
     """Median time of size_for_ratio + materialize for random ratios (in-process)."""
     import random
 
-    from .pipeline import open_artifact
+    from acip_core.training.pipeline import open_artifact
 
     model = open_artifact(args.artifact)
     rng, times = random.Random(0), []
@@ -220,9 +220,9 @@ def cmd_size_latency(args):
 
 @command
 def cmd_self_text(args):
-    from .artifact import atomic_write_bytes
-    from .models import load_base
-    from .selftext import sample_text
+    from acip_core.artifacts.artifact import atomic_write_bytes
+    from acip_core.sources.models import load_base
+    from acip_core.evaluation.selftext import sample_text
 
     model, tokenizer = load_base(args.model, torch_dtype(args.dtype))
     text = sample_text(model, tokenizer, args.prompts, args.max_new_tokens, args.batch_size, args.seed,
@@ -235,11 +235,12 @@ def cmd_self_text(args):
 def cmd_curve(args):
     import pandas as pd
 
-    from .artifact import load_artifact, write_curve
-    from .baselines import METHODS
-    from .curve import curve_frame, method_curve
-    from .data import load_text, token_windows
-    from .models import load_base
+    from acip_core.artifacts.artifact import load_artifact, write_curve
+    from acip_core.evaluation.baselines import METHODS
+    from acip_core.evaluation.baselines import method_curve
+    from acip_core.evaluation.curve import curve_frame
+    from acip_core.sources.data import load_text, token_windows
+    from acip_core.sources.models import load_base
 
     methods = METHODS if args.methods == "all" else args.methods.split(",")
     lo, hi, step = (float(x) for x in args.sizes.split(":"))
@@ -253,7 +254,7 @@ def cmd_curve(args):
     calib = token_windows(tokenizer, load_text("corpus:train"), 128, 4)  # block-removal order: small, like IteRABRe
     remeasured = list(methods) + (["original"] if "acip" in methods else [])  # acip's rows bring the original's
     frames = [] if args.replace or artifact.curve is None else [curve_frame(artifact.curve)]
-    from .formats import parse_format
+    from acip_core.formats.core import parse_format
 
     formats = [parse_format(f) for f in args.formats.split(",")]
     if frames:  # only the (method, format) pairs measured now are replaced
@@ -277,8 +278,8 @@ def cmd_curve(args):
 def cmd_export(args):
     from pathlib import Path
 
-    from .artifact import load_artifact
-    from .export import card_from_curve, export_dense, export_lowrank, saved_params
+    from acip_core.artifacts.artifact import load_artifact
+    from acip_core.export.sized import card_from_curve, export_dense, export_lowrank, saved_params
 
     if args.any_size:
         return _export_any_size(args)
@@ -286,7 +287,7 @@ def cmd_export(args):
         raise ValueError("--dtype and --curve-png belong to --any-size (one size takes --format)")
     model, size = _open_method_size(args)
     export = export_dense if args.dense else export_lowrank
-    from .tuned import is_tuned
+    from acip_core.artifacts.tuned import is_tuned
 
     curve = None if is_tuned(args.artifact) else load_artifact(args.artifact).curve
     card = dict(card_from_curve(curve, size.size_ratio, size.format.key),
@@ -304,10 +305,10 @@ def cmd_export(args):
 def _export_any_size(args):
     from pathlib import Path
 
-    from .artifact import load_artifact
-    from .export_anysize import export_anysize, folder_bytes
-    from .pipeline import open_artifact
-    from .tuned import is_tuned
+    from acip_core.artifacts.artifact import load_artifact
+    from acip_core.export.anysize import export_anysize, folder_bytes
+    from acip_core.training.pipeline import open_artifact
+    from acip_core.artifacts.tuned import is_tuned
 
     if args.dense or args.size_ratio is not None or args.format != "float32":
         raise ValueError("--any-size holds every size and format: drop --dense, --size-ratio and --format")
@@ -329,7 +330,7 @@ def _export_any_size(args):
 
 @command
 def cmd_push(args):
-    from .push import push_folder
+    from acip_core.export.push import push_folder
 
     url = push_folder(args.folder, args.repo_id, args.token, args.private)
     _emit(args, dict(url=url, repo_id=args.repo_id, private=args.private), f"uploaded {args.folder} to {url}")
@@ -337,7 +338,7 @@ def cmd_push(args):
 
 @command
 def cmd_bench(args):
-    from .bench import compare_speed
+    from acip_core.evaluation.bench import compare_speed
 
     fmt = _fmt(args)
     model, size = _open_method_size(args)
@@ -356,8 +357,8 @@ def cmd_bench(args):
 
 @command
 def cmd_finetune(args):
-    from .distributed import DistContext
-    from .finetune import FinetuneConfig, run_finetune
+    from acip_core.training.distributed import DistContext
+    from acip_core.training.finetune import FinetuneConfig, run_finetune
 
     cfg = FinetuneConfig(**{f.name: getattr(args, f.name) for f in fields(FinetuneConfig)
                             if f.name != "format" and getattr(args, f.name, None) is not None},
@@ -402,7 +403,7 @@ def torch_dtype(name: str):
 
 @command
 def cmd_lm_eval(args):
-    from .lmeval import check_tasks, run_lm_eval
+    from acip_core.evaluation.lmeval import check_tasks, run_lm_eval
 
     tasks = check_tasks(args.tasks.split(","))  # a bad name fails before the model loads
     model, size = _open_method_size(args)
@@ -420,7 +421,7 @@ def cmd_lm_eval(args):
 def cmd_lm_eval_tasks(args):
     from pathlib import Path
 
-    from .lmeval import OFFLINE_TASKS, write_task_configs
+    from acip_core.evaluation.lmeval import OFFLINE_TASKS, write_task_configs
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -432,9 +433,9 @@ def cmd_lm_eval_tasks(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .baselines import METHODS
-    from .basis import BASIS_KINDS
-    from .models import EMBEDDED
+    from acip_core.evaluation.baselines import METHODS
+    from acip_core.engine.basis import BASIS_KINDS
+    from acip_core.sources.models import EMBEDDED
 
     parser = argparse.ArgumentParser(prog="python -m acip_core", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -477,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--basis", default="whitened", choices=BASIS_KINDS)
     p.add_argument("--no-probe", action="store_true", help="no timed matrix product (no step-time estimate)")
 
-    from .finetune import FinetuneConfig
+    from acip_core.training.finetune import FinetuneConfig
 
     p = sub.add_parser("finetune", help="fine-tune one size (LoRA, factors frozen) into a tuned size")
     p.add_argument("--artifact", required=True, help="the artifact whose size is tuned")

@@ -18,7 +18,7 @@ sys.path.insert(0, "tests")
 import conftest  # noqa: E402
 from helpers import random_any_size  # noqa: E402
 
-from acip_core.export_anysize import export_anysize  # noqa: E402
+from acip_core.export.anysize import export_anysize  # noqa: E402
 
 SIZES, FORMATS = (0.5, 0.8, 1.0), ("float32", "bfloat16", "int8", "int4-g32")
 parser = argparse.ArgumentParser()

@@ -7,7 +7,7 @@ On this CPU a bf16 matrix-vector product through F.linear pays ~20-40 us per cal
 re-laid out once (what torch.compile's freezing does) avoids that. This swaps every linear product of
 a materialized model (dense layers, both factors of the low-rank ones, the LM head) for the pre-packed
 op and measures decode/prefill tokens/s of the original and the size, plain and pre-packed, in one
-process (acip_core.bench.speed, alternating, medians). Outputs are checked against the plain models.
+process (acip_core.evaluation.bench.speed, alternating, medians). Outputs are checked against the plain models.
 """
 
 import argparse
@@ -21,9 +21,9 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from acip_core.bench import speed  # noqa: E402
-from acip_core.layers import LowRankLinear  # noqa: E402
-from acip_core.pipeline import open_artifact  # noqa: E402
+from acip_core.evaluation.bench import speed  # noqa: E402
+from acip_core.engine.layers import LowRankLinear  # noqa: E402
+from acip_core.artifacts.open import open_artifact  # noqa: E402
 
 
 class PackedLinear(nn.Module):

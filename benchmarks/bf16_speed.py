@@ -1,8 +1,8 @@
-"""Perplexity speed of the formats with their bf16 products as shipped (layers.bf16_linear: many rows
+"""Perplexity speed of the formats with their bf16 products as shipped (kernels.bf16_linear: many rows
 in float32 on CPUs without bf16 instructions) against plain bf16 products, in one process, alternating.
 
     .venv/bin/python benchmarks/bf16_speed.py [--formats bfloat16,int8,int4-g32] [--size-ratio 0.5] [--windows 8]
-The plain rows are the same model with the float32 path switched off (`layers._fast_bf16` forced
+The plain rows are the same model with the float32 path switched off (`kernels._fast_bf16` forced
 True): in bfloat16 every linear product differs, in int8/int4 only the LM head's (their other
 products are the int kernels). Perplexities must agree to bf16 rounding. Run it on an idle machine;
 prints tokens/s and the perplexity of each.
@@ -17,11 +17,11 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from acip_core import layers  # noqa: E402
-from acip_core.bench import cpu_flags  # noqa: E402
-from acip_core.data import load_text, token_windows  # noqa: E402
-from acip_core.evaluate import perplexity  # noqa: E402
-from acip_core.pipeline import open_artifact  # noqa: E402
+from acip_core.formats import kernels  # noqa: E402
+from acip_core.evaluation.bench import cpu_flags  # noqa: E402
+from acip_core.sources.data import load_text, token_windows  # noqa: E402
+from acip_core.evaluation.evaluate import perplexity  # noqa: E402
+from acip_core.artifacts.open import open_artifact  # noqa: E402
 
 
 def main():
@@ -35,7 +35,7 @@ def main():
     torch.set_num_threads(2)
     model = open_artifact(args.artifact)
     windows = token_windows(model.tokenizer, load_text("corpus:heldout"), 256, args.windows)
-    shipped = layers._fast_bf16
+    shipped = kernels._fast_bf16
     fast = shipped()
     print(f"cpu: {cpu_flags()}, bf16 instructions: {fast}, {torch.get_num_threads()} threads, "
           f"{args.windows} windows x 256 tokens, batch 4")
@@ -44,9 +44,9 @@ def main():
         runs = {"shipped": [], "plain bf16": []}
         for _ in range(args.rounds):
             for name in runs:
-                layers._fast_bf16 = (lambda: True) if name == "plain bf16" else shipped
+                kernels._fast_bf16 = (lambda: True) if name == "plain bf16" else shipped
                 runs[name].append(perplexity(net, windows))
-        layers._fast_bf16 = shipped
+        kernels._fast_bf16 = shipped
         for name, rs in runs.items():
             if key == "float32" and name != "shipped":
                 continue

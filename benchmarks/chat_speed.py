@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from acip_core.bench import cpu_flags, timed_generate  # noqa: E402
-from acip_core.explorer import Generation  # noqa: E402
-from acip_core.pipeline import open_artifact  # noqa: E402
+from acip_core.evaluation.bench import cpu_flags, timed_generate  # noqa: E402
+from acip_core.serving.explorer import Generation  # noqa: E402
+from acip_core.artifacts.open import open_artifact  # noqa: E402
 
 PROMPT = "Explain what a package manager does."
 

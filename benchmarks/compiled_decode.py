@@ -23,8 +23,8 @@ from transformers import CompileConfig, StaticCache
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from acip_core.bench import timed_generate  # noqa: E402
-from acip_core.pipeline import open_artifact  # noqa: E402
+from acip_core.evaluation.bench import timed_generate  # noqa: E402
+from acip_core.artifacts.open import open_artifact  # noqa: E402
 
 
 CACHE_LEN = 512  # prompt (256) + the longest generation

@@ -35,7 +35,7 @@ def one(artifact: str, chats: int, tokens: int, ratio: float, ppl_windows: int) 
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from acip_core.explorer import GATE, Explorer
+    from acip_core.serving.explorer import GATE, Explorer
 
     ex = Explorer.open(artifact)
     ex.model(ratio)  # materialized before the clock starts

@@ -13,8 +13,8 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from acip_core.artifact import load_artifact  # noqa: E402
-from acip_core.curve import curve_frame  # noqa: E402
+from acip_core.artifacts.artifact import load_artifact  # noqa: E402
+from acip_core.evaluation.curve import curve_frame  # noqa: E402
 
 BASELINES = ["whitened-magnitude", "uniform-whitened", "svd-magnitude"]
 

@@ -15,7 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from acip_core.pipeline import open_artifact  # noqa: E402
+from acip_core.artifacts.open import open_artifact  # noqa: E402
 
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::mv", "aten::addmv", "aten::_mkldnn_matmul",
               "aten::mkldnn_linear", "aten::matmul", "aten::linear",

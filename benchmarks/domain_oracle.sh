@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p runs/oracle
 .venv/bin/python - <<'PY'
-from acip_core.data import _corpus_part, load_text
+from acip_core.sources.data import _corpus_part, load_text
 open("runs/oracle/calib.txt", "w").write(load_text("corpus:broad") + "\n\n" + _corpus_part("pydoc", 0.0, 0.5))
 open("runs/oracle/domain_b.txt", "w").write(_corpus_part("pydoc", 0.5, 1.0))
 PY

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
 def load_seconds(cache: str) -> float:
-    code = ("import time; t=time.perf_counter(); from acip_core.models import load_base; load_base(); "
+    code = ("import time; t=time.perf_counter(); from acip_core.sources.models import load_base; load_base(); "
             "print(time.perf_counter()-t)")
     out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, ACIP_STUDIO_CACHE=cache),
                          capture_output=True, text=True, check=True)
@@ -28,7 +28,7 @@ def load_seconds(cache: str) -> float:
 
 
 def llama7b_threshold_ms(n=20) -> dict:
-    from acip_core.prune import LayerShape, RankIndex
+    from acip_core.engine.prune import LayerShape, RankIndex
 
     shapes = {f"{b}.{k}": LayerShape(o, i) for b in range(32) for k, (o, i) in {
         "q": (4096, 4096), "k": (4096, 4096), "v": (4096, 4096), "o": (4096, 4096),
@@ -55,14 +55,14 @@ def main():
         result["load_cold_s"] = load_seconds(cache)
         result["load_cached_s"] = min(load_seconds(cache) for _ in range(3))
     # the cached load inside one process: the first pays for importing transformers, the second not
-    from acip_core.models import load_base
+    from acip_core.sources.models import load_base
     for key in ("load_cached_in_process_first_s", "load_cached_in_process_s"):
         t = time.perf_counter()
         load_base()
         result[key] = time.perf_counter() - t
     result.update(llama7b_threshold_ms())
     if os.path.exists(os.path.join(args.artifact, "acip.json")):
-        from acip_core.pipeline import open_artifact
+        from acip_core.training.pipeline import open_artifact
 
         t = time.perf_counter()
         model = open_artifact(args.artifact)

@@ -11,7 +11,7 @@ import torch
 sys.path.insert(0, "tests")
 import conftest
 from helpers import random_any_size
-from acip_core.export import export_dense, export_lowrank
+from acip_core.export.sized import export_dense, export_lowrank
 from transformers import AutoModelForCausalLM
 
 d = Path(tempfile.mkdtemp())

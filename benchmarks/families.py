@@ -13,9 +13,9 @@ sys.path.insert(0, "tests")
 import conftest  # noqa: E402
 import test_families as tf  # noqa: E402
 from families import FAMILIES, tiny_family  # noqa: E402
-from acip_core.data import load_text  # noqa: E402
-from acip_core.models import load_base  # noqa: E402
-from acip_core.parametrize import (DEFAULT_TARGETS, TargetError, decoder_blocks, discover_targets,  # noqa: E402
+from acip_core.sources.data import load_text  # noqa: E402
+from acip_core.sources.models import load_base  # noqa: E402
+from acip_core.engine.parametrize import (DEFAULT_TARGETS, TargetError, decoder_blocks, discover_targets,  # noqa: E402
                                    target_linears, target_names, weight_share)
 
 torch.set_num_threads(1)

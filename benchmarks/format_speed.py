@@ -19,9 +19,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from acip_core.bench import compare_speed, cpu_flags  # noqa: E402
-from acip_core.materialize import count_bytes  # noqa: E402
-from acip_core.pipeline import open_artifact  # noqa: E402
+from acip_core.evaluation.bench import compare_speed, cpu_flags  # noqa: E402
+from acip_core.engine.materialize import count_bytes  # noqa: E402
+from acip_core.artifacts.open import open_artifact  # noqa: E402
 
 
 def rss_mb() -> float:

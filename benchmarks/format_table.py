@@ -14,9 +14,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from acip_core.artifact import load_artifact  # noqa: E402
-from acip_core.curve import best_for_budget, curve_frame, interpolate_ppl, pareto_frontier  # noqa: E402
-from acip_core.pipeline import open_artifact  # noqa: E402
+from acip_core.artifacts.artifact import load_artifact  # noqa: E402
+from acip_core.evaluation.curve import best_for_budget, curve_frame, interpolate_ppl, pareto_frontier  # noqa: E402
+from acip_core.artifacts.open import open_artifact  # noqa: E402
 
 
 def main():

@@ -38,10 +38,10 @@ tests=$!
 OMP_NUM_THREADS=8 timeout "${BASIS_S:-180}" $PY - > "$W/basis.txt" 2>&1 <<'EOF'
 import logging, time
 logging.basicConfig(level=logging.INFO)
-from acip_core.basis import basis_for, default_recipe
-from acip_core.models import load_base
-from acip_core.parametrize import target_linears
-from acip_core.pipeline import target_fingerprint
+from acip_core.engine.basis import basis_for, default_recipe
+from acip_core.sources.models import load_base
+from acip_core.engine.parametrize import target_linears
+from acip_core.training.pipeline import target_fingerprint
 t = time.perf_counter()
 model, tok = load_base("smollm2-135m-instruct")
 print("model", round(time.perf_counter() - t, 1), "s", flush=True)

@@ -11,7 +11,7 @@ import sys
 
 PROBE = r"""
 import sys, torch
-from acip_core import formats
+from acip_core.formats import core as formats
 kind, offset, rows, through = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "qweight"
 g = torch.Generator().manual_seed(0)
 w = torch.randn(256, 512, generator=g)
@@ -40,7 +40,7 @@ print((y.float() - ref).abs().max().item())
 
 if __name__ == "__main__":
     sys.path.insert(0, ".")
-    from acip_core.bench import cpu_flags
+    from acip_core.evaluation.bench import cpu_flags
     import torch
 
     print(json.dumps(dict(torch=torch.__version__, cpu_flags=cpu_flags(),

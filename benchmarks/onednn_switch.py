@@ -13,8 +13,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from acip_core.bench import speed  # noqa: E402
-from acip_core.pipeline import open_artifact  # noqa: E402
+from acip_core.evaluation.bench import speed  # noqa: E402
+from acip_core.artifacts.open import open_artifact  # noqa: E402
 
 
 def main():

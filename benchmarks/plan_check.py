@@ -1,4 +1,4 @@
-"""The memory plan (acip_core/plan.py) against measured peaks (benchmarks/RESULTS.md, "Memory plan").
+"""The memory plan (acip_core/training/plan.py) against measured peaks (benchmarks/RESULTS.md, "Memory plan").
 
   .venv/bin/python benchmarks/plan_check.py [--run-tiny] [--run-smollm2 STEPS]
 
@@ -54,7 +54,7 @@ def _tiny_model(folder: Path) -> str:
 
 
 def main() -> None:
-    from acip_core.plan import plan_scoring
+    from acip_core.training.plan import plan_scoring
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run-tiny", action="store_true")

@@ -12,8 +12,8 @@ import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from acip_core.artifact import load_artifact  # noqa: E402
-from acip_core.plots import curve_figure, ppl_columns  # noqa: E402
+from acip_core.artifacts.artifact import load_artifact  # noqa: E402
+from acip_core.evaluation.plots import curve_figure, ppl_columns  # noqa: E402
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]

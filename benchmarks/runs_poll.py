@@ -4,7 +4,7 @@ artifacts (three readers of the runs folder).
     python benchmarks/runs_poll.py [--runs 2000] [--old path/to/old/jobs.py]
 
 Makes `--runs` stopped run folders (run.json + a 200-line log.jsonl each) in a temp dir, then times
-three list() calls (one tick) with acip_core.jobs, and with an older jobs.py when --old is given
+three list() calls (one tick) with acip_core.serving.jobs, and with an older jobs.py when --old is given
 (loaded as acip_core.old_jobs, so its relative imports resolve).
 """
 
@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2000)
     parser.add_argument("--old", help="an older jobs.py to compare with")
     args = parser.parse_args()
-    from acip_core.jobs import ScoringJobs
+    from acip_core.serving.jobs import ScoringJobs
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "runs"

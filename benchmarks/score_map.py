@@ -13,8 +13,8 @@ from collections import defaultdict
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from acip_core.artifact import load_artifact  # noqa: E402
-from acip_core.prune import LayerShape, RankIndex  # noqa: E402
+from acip_core.artifacts.artifact import load_artifact  # noqa: E402
+from acip_core.engine.prune import LayerShape, RankIndex  # noqa: E402
 
 
 def main():

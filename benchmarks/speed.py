@@ -23,10 +23,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from acip_core.bench import compare_speed  # noqa: E402
-from acip_core.data import load_text, token_windows  # noqa: E402
-from acip_core.evaluate import perplexity  # noqa: E402
-from acip_core.pipeline import open_artifact  # noqa: E402
+from acip_core.evaluation.bench import compare_speed  # noqa: E402
+from acip_core.sources.data import load_text, token_windows  # noqa: E402
+from acip_core.evaluation.evaluate import perplexity  # noqa: E402
+from acip_core.artifacts.open import open_artifact  # noqa: E402
 
 
 class LoRALinear(torch.nn.Module):
@@ -62,10 +62,10 @@ def step_seconds(model, params, ids, amp, steps=4):
 
 
 def scoring_step_ratio(batch=2, seq=128):
-    from acip_core.basis import build_basis
-    from acip_core.models import load_base
-    from acip_core.parametrize import acip_layers, parametrize_, replace_modules_, target_linears
-    from acip_core.score import autocast_dtype
+    from acip_core.engine.basis import build_basis
+    from acip_core.sources.models import load_base
+    from acip_core.engine.parametrize import acip_layers, parametrize_, replace_modules_, target_linears
+    from acip_core.training.score import autocast_dtype
 
     model, tok = load_base()
     ids = token_windows(tok, load_text("corpus:train"), seq, batch)

@@ -18,14 +18,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from acip_core import train  # noqa: E402
-from acip_core.artifact import load_artifact  # noqa: E402
-from acip_core.bench import cpu_flags  # noqa: E402
-from acip_core.data import BatchStream, load_text, token_windows  # noqa: E402
-from acip_core.finetune import tunable_model  # noqa: E402
-from acip_core.models import load_base  # noqa: E402
-from acip_core.pipeline import any_size_from  # noqa: E402
-from acip_core.score import autocast_dtype  # noqa: E402
+from acip_core.training import train  # noqa: E402
+from acip_core.artifacts.artifact import load_artifact  # noqa: E402
+from acip_core.evaluation.bench import cpu_flags  # noqa: E402
+from acip_core.sources.data import BatchStream, load_text, token_windows  # noqa: E402
+from acip_core.training.finetune import tunable_model  # noqa: E402
+from acip_core.sources.models import load_base  # noqa: E402
+from acip_core.training.pipeline import any_size_from  # noqa: E402
+from acip_core.training.score import autocast_dtype  # noqa: E402
 
 
 def torch_composition(logits, targets, teacher_logits=None, temperature=1.0, lm=True, kd=False):

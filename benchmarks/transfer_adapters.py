@@ -19,12 +19,12 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from acip_core.artifact import load_artifact  # noqa: E402
-from acip_core.curve import acip_curve  # noqa: E402
-from acip_core.data import load_text, token_windows  # noqa: E402
-from acip_core.finetune import EVAL_SETS  # noqa: E402
-from acip_core.models import load_base  # noqa: E402
-from acip_core.pipeline import any_size_from  # noqa: E402
+from acip_core.artifacts.artifact import load_artifact  # noqa: E402
+from acip_core.evaluation.curve import acip_curve  # noqa: E402
+from acip_core.sources.data import load_text, token_windows  # noqa: E402
+from acip_core.training.finetune import EVAL_SETS  # noqa: E402
+from acip_core.sources.models import load_base  # noqa: E402
+from acip_core.training.pipeline import any_size_from  # noqa: E402
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ def _tokenizer(folder):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
     from transformers import PreTrainedTokenizerFast
 
-    from acip_core.data import load_text
+    from acip_core.sources.data import load_text
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -96,8 +96,8 @@ def _no_call_charge_on_tiny_models(request, monkeypatch):
     `Format.call_bytes`), so with it every int layer would run dense and no test would reach the
     quantized low-rank form: tests on tiny models run without it; real shapes (the shipped
     artifact, tests/test_smollm2.py and test_prune's charge test) keep it."""
-    from acip_core import formats
-    from acip_core.prune import LayerShape
+    from acip_core.formats import core as formats
+    from acip_core.engine.prune import LayerShape
 
     if any(name.startswith("tiny_") for name in request.fixturenames):
         monkeypatch.setattr(formats, "CALL_BYTES", 0)

@@ -2,10 +2,10 @@
 
 import torch
 
-from acip_core.basis import build_basis
-from acip_core.data import load_text, token_windows
-from acip_core.models import load_base
-from acip_core.parametrize import parametrize_, target_linears
+from acip_core.engine.basis import build_basis
+from acip_core.sources.data import load_text, token_windows
+from acip_core.sources.models import load_base
+from acip_core.engine.parametrize import parametrize_, target_linears
 
 
 def calib_windows(tokenizer, n=8, seq_len=32):
@@ -31,7 +31,7 @@ def parametrized_copy(folder, kind="whitened", **kw):
 
 def random_any_size(folder, seed=0, lora_rank=4, lora_alpha=8.0):
     """An AnySizeModel of a tiny model with random scores and random LoRA adapters."""
-    from acip_core.materialize import AnySizeModel
+    from acip_core.engine.materialize import AnySizeModel
 
     model, tok, linears, basis = model_and_basis(folder)
     g = torch.Generator().manual_seed(seed)

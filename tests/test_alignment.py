@@ -13,9 +13,9 @@ import textwrap
 import pytest
 import torch
 
-from acip_core import formats
-from acip_core.export import TEMPLATE
-from acip_core.formats import ALIGNMENT, QWeight, aligned, parse_format
+from acip_core.formats import core as formats
+from acip_core.export.sized import TEMPLATE
+from acip_core.formats.core import ALIGNMENT, QWeight, aligned, parse_format
 
 OFFSETS = (4, 8, 16, 24)  # bytes past a 64-byte boundary (16 is misaligned too: 64 is what is promised)
 
@@ -113,7 +113,7 @@ def test_export_quant_linear_aligns_loaded_buffers_before_the_kernel(template, m
         ref = _int8_weight(64, 128)
         qweight, scales = ref.data, ref.scales
     else:
-        from acip_core.export import _portable
+        from acip_core.export.sized import _portable
 
         ref = parse_format("int4-g32").pack(torch.randn(64, 128, generator=torch.Generator().manual_seed(2)))
         portable = _portable(ref)
@@ -133,7 +133,7 @@ def test_a_quantized_export_runs_full_logits_from_its_loaded_files_in_a_fresh_pr
     then a full-logits forward of 32 rows: every buffer a kernel read is aligned and the logits are the app's."""
     import json
 
-    from acip_core.export import export_lowrank
+    from acip_core.export.sized import export_lowrank
     from helpers import random_any_size, random_ids
 
     any_size = random_any_size(tiny_llama_wide)[0]

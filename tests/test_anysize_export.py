@@ -15,10 +15,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from acip_core import cli, push
-from acip_core.curve import best_for_budget, best_in_format
-from acip_core.export_anysize import export_anysize, layer_plan
-from acip_core.formats import parse_format
+from acip_core import cli
+from acip_core.export import push
+from acip_core.evaluation.curve import best_for_budget, best_in_format
+from acip_core.export.anysize import export_anysize, layer_plan
+from acip_core.formats.core import parse_format
 from helpers import random_any_size, random_ids
 
 SIZES, FORMATS = (0.5, 0.8, 1.0), ("float32", "bfloat16", "int8", "int4-g32")
@@ -299,7 +300,7 @@ def test_the_apps_export_tab_writes_an_any_size_zip(tiny_artifact, tmp_path):
     import zipfile
 
     import app_handlers
-    from acip_core.studio import Studio, StudioConfig
+    from acip_core.serving.studio import Studio, StudioConfig
 
     studio = Studio(StudioConfig(default_artifact=str(tiny_artifact), precomputed=tmp_path / "precomputed",
                                  runs=tmp_path / "runs", artifact_dirs=[str(tiny_artifact)],
@@ -323,7 +324,7 @@ def test_the_apps_export_tab_writes_an_any_size_zip(tiny_artifact, tmp_path):
 
 def test_the_apps_share_button_uploads_an_export_locally_only(tiny_artifact, tmp_path, monkeypatch):
     import app_handlers
-    from acip_core.studio import Studio, StudioConfig
+    from acip_core.serving.studio import Studio, StudioConfig
 
     seen = []
 

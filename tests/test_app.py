@@ -18,7 +18,7 @@ def test_import_does_not_launch():
 
 
 def _config(tiny_artifact, tmp):
-    from acip_core.studio import StudioConfig
+    from acip_core.serving.studio import StudioConfig
 
     return StudioConfig(default_artifact=str(tiny_artifact), precomputed=tmp / "precomputed",
                         runs=tmp / "runs", artifact_dirs=[str(tiny_artifact)], downloads=tmp / "downloads")
@@ -131,7 +131,7 @@ def test_no_number_field_has_a_gradio_minimum(demo):
 @pytest.mark.parametrize("value,ok", [(3, 3), (3.0, 3), (0, None), (-2, None), (2.5, None), (None, None),
                                       (float("inf"), None), ("x", None), ("2.5", None), ("4", 4)])
 def test_number_fields_are_checked_with_their_name(value, ok):
-    from acip_core.explorer import check_int
+    from acip_core.serving.explorer import check_int
 
     if ok is not None:
         assert check_int(value, 1, None, "steps") == ok
@@ -152,7 +152,7 @@ def test_budget_answers_for_every_dtype_and_picks_the_best(client, demo, tiny_ar
 
 
 def test_a_gigabyte_remainder_reads_in_mb_below_a_hundredth():
-    from acip_core.studio import gigabytes
+    from acip_core.serving.studio import gigabytes
 
     assert gigabytes(0.00004) == "0.0 MB" and gigabytes(0.0042) == "4.2 MB" and gigabytes(0.25) == "0.250 GB"
     assert gigabytes(1e308) == "1e+308 GB"  # a visitor's huge budget: not 309 digits
@@ -262,7 +262,7 @@ def test_score_tab_starts_polls_and_cancels_a_run(client, tiny_llama):
 
 def test_start_without_any_artifact_says_what_to_do(tmp_path):
     import app
-    from acip_core.studio import StudioConfig
+    from acip_core.serving.studio import StudioConfig
 
     demo = app.build_demo(StudioConfig(default_artifact=str(tmp_path / "missing"), precomputed=tmp_path / "none",
                                        runs=tmp_path / "runs", downloads=tmp_path / "dl"))
@@ -274,7 +274,7 @@ def test_a_broken_artifact_is_reported_in_the_status_line(tmp_path, tiny_artifac
     import shutil
 
     import app
-    from acip_core.studio import StudioConfig
+    from acip_core.serving.studio import StudioConfig
 
     broken = tmp_path / "broken"
     shutil.copytree(tiny_artifact, broken)
@@ -289,7 +289,7 @@ def test_downloads_are_one_copy_and_bounded(tmp_path):
     import os
     import time
 
-    from acip_core.studio import prune
+    from acip_core.serving.studio import prune
 
     for i, age in enumerate((7200, 30, 20, 10)):
         one = tmp_path / "exports" / f"e{i}"
@@ -302,7 +302,7 @@ def test_downloads_are_one_copy_and_bounded(tmp_path):
 
 def test_a_download_is_served_from_where_it_was_written(tmp_path):
     """The default download folder is inside Gradio's cache, so Gradio does not keep a second copy."""
-    from acip_core.studio import Studio, StudioConfig
+    from acip_core.serving.studio import Studio, StudioConfig
 
     app = Studio(StudioConfig(runs=tmp_path / "runs"))
     path = app.download_dir("exports") / "m.zip"
@@ -317,7 +317,7 @@ def test_a_download_is_served_from_where_it_was_written(tmp_path):
 def test_a_hub_id_that_cannot_load_is_refused_at_once(tmp_path, monkeypatch):
     import time
 
-    from acip_core.studio import check_model_source
+    from acip_core.serving.studio import check_model_source
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     start = time.perf_counter()
@@ -335,7 +335,7 @@ def test_resume_says_what_it_will_do(tmp_path):
     import json
 
     import app
-    from acip_core.studio import StudioConfig
+    from acip_core.serving.studio import StudioConfig
 
     demo = app.build_demo(StudioConfig(default_artifact=str(tmp_path / "none"), precomputed=tmp_path / "p",
                                        runs=tmp_path / "runs", downloads=tmp_path / "dl"))
@@ -358,7 +358,7 @@ def test_a_size_below_the_curve_is_warned_about(demo, tiny_artifact):
 def test_streamed_updates_are_throttled_but_the_last_always_comes():
     import time
 
-    from acip_core.studio import throttled
+    from acip_core.serving.studio import throttled
 
     def fast():
         for i in range(50):

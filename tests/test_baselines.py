@@ -1,15 +1,15 @@
 import pytest
 import torch
 
-from acip_core.baselines import block_of, block_removal_order, block_removal_size, ranks_without, uniform_scores
-from acip_core.basis import Factors
-from acip_core.pipeline import method_size, open_method
-from acip_core.evaluate import perplexity
+from acip_core.evaluation.baselines import block_of, block_removal_order, block_removal_size, ranks_without, uniform_scores
+from acip_core.engine.basis import Factors
+from acip_core.evaluation.baselines import method_size, open_method
+from acip_core.evaluation.evaluate import perplexity
 from helpers import random_ids
 
 
 def test_uniform_scores_keep_the_same_fraction_everywhere():
-    from acip_core.prune import LayerShape, RankIndex
+    from acip_core.engine.prune import LayerShape, RankIndex
 
     basis = {"a": Factors(torch.eye(8), torch.ones(8), torch.eye(8)),
              "b": Factors(torch.eye(16)[:, :16], torch.ones(16), torch.eye(16))}

@@ -22,7 +22,7 @@ def app_url(tmp_path_factory, request):
         pytest.skip(f"{CHROMIUM} is missing: install it with `apt-get install chromium` (as root)")
     pytest.importorskip("playwright.sync_api", reason="pip install playwright")
     import app
-    from acip_core.studio import StudioConfig
+    from acip_core.serving.studio import StudioConfig
 
     artifact = os.environ.get("ACIP_BROWSER_ARTIFACT") or str(request.getfixturevalue("tiny_artifact"))
     tmp = tmp_path_factory.mktemp("browser")
@@ -268,11 +268,11 @@ def test_the_gb_view_shows_the_frontier_and_a_budget_fits_an_int4_size(browser, 
     int4 rows, the GB view draws both lines and the frontier, and a budget that only int4 meets
     moves the format selector to int4 (and the slider to the size it fits)."""
     import app
-    from acip_core.artifact import load_artifact, write_curve
-    from acip_core.curve import method_curve
-    from acip_core.data import load_text, token_windows
-    from acip_core.pipeline import open_artifact
-    from acip_core.studio import StudioConfig
+    from acip_core.artifacts.artifact import load_artifact, write_curve
+    from acip_core.evaluation.baselines import method_curve
+    from acip_core.sources.data import load_text, token_windows
+    from acip_core.training.pipeline import open_artifact
+    from acip_core.serving.studio import StudioConfig
 
     from helpers import score_tiny
 

@@ -14,7 +14,7 @@ from helpers import random_any_size
 def test_bench_runs_in_float32_and_another_format_as_text_and_json(tiny_llama, monkeypatch, capsys, fmt, as_json):
     """float32 has no separate float32 original (no `decode_tok_s_original_float32`): its summary must not
     ask for one; another format reports it. The real measurement, on a tiny model with tiny counts."""
-    from acip_core.formats import parse_format
+    from acip_core.formats.core import parse_format
 
     any_size = random_any_size(tiny_llama)[0]
     monkeypatch.setattr(cli, "_open_method_size",
@@ -34,9 +34,9 @@ def test_bench_runs_in_float32_and_another_format_as_text_and_json(tiny_llama, m
 
 
 def test_one_repetition_penalty_for_the_cli_the_app_the_sweep_and_the_exports():
-    from acip_core.evaluate import REPETITION_PENALTY, generate_text
-    from acip_core.explorer import Explorer
-    from acip_core.export import GENERATION
+    from acip_core.evaluation.evaluate import REPETITION_PENALTY, generate_text
+    from acip_core.serving.explorer import Explorer
+    from acip_core.export.sized import GENERATION
 
     assert inspect.signature(generate_text).parameters["repetition_penalty"].default == REPETITION_PENALTY
     for method in (Explorer.start_chat, Explorer.stream_chat, Explorer.compare, Explorer.sweep):
@@ -46,7 +46,7 @@ def test_one_repetition_penalty_for_the_cli_the_app_the_sweep_and_the_exports():
 
 def test_cli_generate_uses_the_default_penalty(monkeypatch, capsys):
     """`generate` passes no penalty of its own: generate_text's default (REPETITION_PENALTY) decides."""
-    from acip_core import evaluate
+    from acip_core.evaluation import evaluate
 
     seen = {}
 

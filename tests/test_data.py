@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from acip_core.data import SPLITS, DataSourceError, load_text
+from acip_core.sources.data import SPLITS, DataSourceError, load_text
 
 HELD_OUT = ("heldout", "domain")
 CALIBRATION = [key for key in SPLITS if key not in HELD_OUT]

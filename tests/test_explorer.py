@@ -8,9 +8,9 @@ import time
 import pandas as pd
 import pytest
 
-from acip_core.evaluate import Cancelled
-from acip_core.explorer import Explorer, check_ratio, clean_prompt
-from acip_core.jobs import ScoringJobs, read_log
+from acip_core.evaluation.evaluate import Cancelled
+from acip_core.serving.explorer import Explorer, check_ratio, clean_prompt
+from acip_core.serving.jobs import ScoringJobs, read_log
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,7 @@ def test_budget_in_every_dtype_names_the_best(explorer):
     assert ranked and best["perplexity"] == min(ranked)
     # the tiny artifact's curve was measured in float32 only: other formats are not ranked by a guess
     assert fits["float32"]["perplexity"] is not None and fits["int8"]["perplexity"] is None
-    from acip_core.curve import best_for_budget  # one ranking: the CLI's `size --budget-gb` picks the same
+    from acip_core.evaluation.curve import best_for_budget  # one ranking: the CLI's `size --budget-gb` picks the same
     pick = best_for_budget(explorer.any_size, explorer.curve, gb, ppl_columns_first(explorer))
     assert pick["format"] == best["dtype"]  # curve rows keep 5 decimals of the ratio, the app all of them
     assert pick["size_ratio"] == pytest.approx(best["size_ratio"], abs=1e-5)
@@ -280,7 +280,7 @@ def test_scoring_job_runs_cancels_resumes_and_finishes(tmp_path, tiny_llama):
 
 
 def test_lm_eval_row(explorer):
-    from acip_core.lmeval import OFFLINE_TASKS
+    from acip_core.evaluation.lmeval import OFFLINE_TASKS
 
     row = explorer.measure_lm_eval(0.7, [OFFLINE_TASKS[0]], limit=4, batch_size=4)
     assert row["kind"] == "lm-eval" and 0 <= row[f"{OFFLINE_TASKS[0]}/acc"] <= 1
@@ -292,13 +292,13 @@ def test_lm_eval_row(explorer):
 
 
 def ppl_columns_first(explorer) -> str:
-    from acip_core.curve import ppl_columns
+    from acip_core.evaluation.curve import ppl_columns
 
     return ppl_columns(explorer.curve)[0][len("ppl_"):]
 
 
 def test_a_budget_below_every_measured_size_never_calls_its_answer_measured(explorer):
-    from acip_core import studio
+    from acip_core.serving import studio
 
     tiny = explorer.smallest_gb("bfloat16") * 1.01
     answer = explorer.budget_answer(tiny)
@@ -315,7 +315,7 @@ def test_a_budget_below_every_measured_size_never_calls_its_answer_measured(expl
 
 
 def test_one_gb_format_everywhere():
-    from acip_core import studio
+    from acip_core.serving import studio
 
     assert studio.gigabytes(0.38301) == "0.384 GB" and studio.gb_up(0.38301) == 0.384
     assert studio.gigabytes(0.384) == "0.384 GB" and studio.gb_up(0.384) == 0.384

@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from acip_core.export import TEMPLATE, export_dense, export_lowrank, zip_folder
-from acip_core.layers import LowRankLinear
-from acip_core.materialize import count_params
+from acip_core.export.sized import TEMPLATE, export_dense, export_lowrank, zip_folder
+from acip_core.engine.layers import LowRankLinear
+from acip_core.engine.materialize import count_params
 from helpers import random_any_size, random_ids
 
 
@@ -198,8 +198,8 @@ def test_cli_export(tiny_llama, tmp_path, monkeypatch, capsys):
 
     import pandas as pd
 
-    import acip_core.artifact
-    import acip_core.pipeline
+    import acip_core.artifacts.artifact
+    import acip_core.training.pipeline
     from acip_core.cli import main
 
     any_size = random_any_size(tiny_llama)[0]
@@ -209,7 +209,7 @@ def test_cli_export(tiny_llama, tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(acip_core.cli, "_open_method_size",  # the folder "art" stands for any_size
                         lambda args: (any_size, any_size.size_for_ratio(args.size_ratio, acip_core.cli._fmt(args))))
-    monkeypatch.setattr(acip_core.artifact, "load_artifact", lambda folder: types.SimpleNamespace(curve=curve))
+    monkeypatch.setattr(acip_core.artifacts.artifact, "load_artifact", lambda folder: types.SimpleNamespace(curve=curve))
     out = tmp_path / "cli"
     assert main(["export", "--artifact", "art", "--size-ratio", "0.5", "--out", str(out), "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -232,7 +232,7 @@ def test_export_folder_is_portable(tied_llama, tmp_path):
     """What a user who downloads an export meets: readable files, the app's generation settings,
     a config transformers 4.x reads right (rope_theta), no machine paths, a licence, a card whose
     snippet never stops to ask about remote code, and a dense card that says it saves nothing."""
-    from acip_core.export import GENERATION
+    from acip_core.export.sized import GENERATION
 
     any_size = random_any_size(tied_llama)[0]
     for dense in (False, True):

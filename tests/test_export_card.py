@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from acip_core.export import LICENSE_FILE, export_lowrank
-from acip_core.formats import parse_format
-from acip_core.models import EMBEDDED
+from acip_core.export.sized import LICENSE_FILE, export_lowrank
+from acip_core.formats.core import parse_format
+from acip_core.sources.models import EMBEDDED
 from helpers import random_any_size
 
 ROOT = Path(__file__).resolve().parents[1]

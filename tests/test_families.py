@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from acip_core.models import load_base
-from acip_core.parametrize import (TargetError, decoder_blocks, discover_targets, target_linears, target_names,
+from acip_core.sources.models import load_base
+from acip_core.engine.parametrize import (TargetError, decoder_blocks, discover_targets, target_linears, target_names,
                                    transposed_names, weight_share)
 from families import FAMILIES, MOE, MOE_TARGETS, tiny_family
 from helpers import random_ids
@@ -136,7 +136,7 @@ print(json.dumps(out))
 
 def _app_tokens(any_size, size, fmt, ids, pad):
     """What the app's chat does at this size (explorer.Generation): greedy, repetition penalty 1.15."""
-    from acip_core.export import GENERATION
+    from acip_core.export.sized import GENERATION
 
     with torch.no_grad():
         return any_size.materialize(size, fmt).generate(
@@ -146,10 +146,10 @@ def _app_tokens(any_size, size, fmt, ids, pad):
 
 def _run_family(family, folder, out, tokenizer, text):
     from acip_core import ScoreConfig, run_scoring
-    from acip_core.evaluate import generate_text
-    from acip_core.export import export_dense, export_lowrank
-    from acip_core.materialize import count_bytes, count_params
-    from acip_core.pipeline import open_artifact
+    from acip_core.evaluation.evaluate import generate_text
+    from acip_core.export.sized import export_dense, export_lowrank
+    from acip_core.engine.materialize import count_bytes, count_params
+    from acip_core.training.pipeline import open_artifact
 
     cfg = ScoreConfig(steps=3, batch_size=2, seq_len=32, lr=2e-3, post_tune_steps=0, checkpoint_every=100,
                       precision="fp32", lora_rank=4)
@@ -187,7 +187,7 @@ def _run_family(family, folder, out, tokenizer, text):
 @pytest.fixture(scope="module")
 def family_matrix(tiny_families, tiny_tokenizer, tmp_path_factory):
     """Every family's path, then one fresh process that loads every export (keeps CI time low)."""
-    from acip_core.data import load_text
+    from acip_core.sources.data import load_text
 
     root = tmp_path_factory.mktemp("matrix")
     text = root / "calibration.txt"  # a short text: tokenizing the whole corpus would dominate tiny runs
@@ -248,8 +248,8 @@ def _cli(*args):
 
 
 def test_cli_score_takes_targets_and_writes_what_it_chose(tiny_families, tmp_path):
-    from acip_core.artifact import load_artifact
-    from acip_core.data import load_text
+    from acip_core.artifacts.artifact import load_artifact
+    from acip_core.sources.data import load_text
 
     text = tmp_path / "calibration.txt"
     text.write_text(load_text("corpus:train")[:30_000], encoding="utf-8")
@@ -267,7 +267,7 @@ def test_cli_score_takes_targets_and_writes_what_it_chose(tiny_families, tmp_pat
 
 
 def test_a_scoring_job_passes_targets_on_and_refuses_malformed_ones_before_writing(tmp_path, monkeypatch):
-    from acip_core.jobs import ScoringJobs
+    from acip_core.serving.jobs import ScoringJobs
 
     jobs = ScoringJobs(tmp_path / "runs")
     with pytest.raises(ValueError, match="comma-separated layer names"):
@@ -284,7 +284,7 @@ def test_a_scoring_job_passes_targets_on_and_refuses_malformed_ones_before_writi
 
 
 def test_the_apps_layer_table_tells_gpt2s_two_c_proj_apart(tiny_families):
-    from acip_core.explorer import Explorer
+    from acip_core.serving.explorer import Explorer
     from helpers import random_any_size
 
     any_size = random_any_size(tiny_families["gpt2"])[0]
@@ -302,9 +302,9 @@ def test_discovery_on_smollm2_picks_the_shipped_artifacts_layers():
     and the artifact reopens by its recorded layers."""
     from pathlib import Path
 
-    from acip_core.artifact import load_artifact
-    from acip_core.models import EMBEDDED
-    from acip_core.pipeline import artifact_linears
+    from acip_core.artifacts.artifact import load_artifact
+    from acip_core.sources.models import EMBEDDED
+    from acip_core.training.pipeline import artifact_linears
 
     model, _ = load_base(EMBEDDED)
     artifact = load_artifact(Path(__file__).parent.parent / "precomputed" / "smollm2-135m-instruct")
@@ -315,7 +315,7 @@ def test_discovery_on_smollm2_picks_the_shipped_artifacts_layers():
 def test_the_memory_plan_counts_every_family_from_its_config(tiny_families, family):
     """plan.py builds the model on the meta device and runs one step there: no family may need values
     (GPT-2's padding check read the ids), and the plan counts the layers discovery takes."""
-    from acip_core.plan import plan_scoring
+    from acip_core.training.plan import plan_scoring
 
     model, _ = load_base(tiny_families[family])
     plan = plan_scoring(tiny_families[family], batch_size=2, seq_len=32, probe=False)

@@ -10,11 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from acip_core.artifact import ArtifactError, load_artifact, save_artifact
-from acip_core.finetune import FinetuneConfig, run_finetune
-from acip_core.pipeline import open_artifact, open_sized, open_tuned
-from acip_core.train import vocab_loss
-from acip_core.tuned import TUNED_FILE, load_tuned, tuned_sizes
+from acip_core.artifacts.artifact import ArtifactError, load_artifact, save_artifact
+from acip_core.training.finetune import FinetuneConfig, run_finetune
+from acip_core.artifacts.open import open_artifact, open_tuned
+from acip_core.evaluation.baselines import open_sized
+from acip_core.training.train import vocab_loss
+from acip_core.artifacts.tuned import TUNED_FILE, load_tuned, tuned_sizes
 
 
 def kd_loss(student, teacher, t):
@@ -105,8 +106,8 @@ def test_a_few_steps_lower_the_loss_and_write_a_small_tuned_size(tuned, tiny_art
 
 
 def test_the_tuned_size_opens_with_its_own_size_and_its_figures_reproduce(tuned, tiny_artifact):
-    from acip_core.data import load_text, token_windows
-    from acip_core.evaluate import perplexity
+    from acip_core.sources.data import load_text, token_windows
+    from acip_core.evaluation.evaluate import perplexity
 
     model, size = open_sized(tuned)
     meta = json.loads((tuned / TUNED_FILE).read_text())
@@ -123,11 +124,11 @@ def test_the_tuned_size_opens_with_its_own_size_and_its_figures_reproduce(tuned,
 def test_a_size_tuned_in_int8_trains_over_quantized_factors_and_is_served_in_int8(tiny_artifact, tmp_path):
     """ACIP → int8 → FT (the paper's Table A4 order): the frozen factors are int8 QWeights while the
     LoRA trains; the tuned size opens in int8 by default and its recorded figures are the served ones."""
-    from acip_core.data import load_text, token_windows
-    from acip_core.evaluate import perplexity
-    from acip_core.finetune import tunable_model
-    from acip_core.formats import Format, QuantLowRankLinear
-    from acip_core.pipeline import open_method
+    from acip_core.sources.data import load_text, token_windows
+    from acip_core.evaluation.evaluate import perplexity
+    from acip_core.training.finetune import tunable_model
+    from acip_core.formats.core import Format, QuantLowRankLinear
+    from acip_core.evaluation.baselines import open_method
 
     any_size, artifact = open_method(tiny_artifact)
     _, layers = tunable_model(any_size, any_size.size_for_ratio(SIZE), artifact.adapters, 8.0, 0.0, Format("int8"))
@@ -218,7 +219,7 @@ def test_the_tuned_export_merges_the_tuned_lora_and_loads_in_a_fresh_process(tun
 
 def test_scoring_with_distillation_runs_and_its_teacher_shares_the_weights(tiny_llama, tmp_path):
     from acip_core import ScoreConfig, run_scoring
-    from acip_core.pipeline import original_model
+    from acip_core.training.pipeline import original_model
     from helpers import parametrized_copy
 
     model, _, _, originals = parametrized_copy(tiny_llama, "svd")
@@ -236,7 +237,7 @@ def test_scoring_with_distillation_runs_and_its_teacher_shares_the_weights(tiny_
 def test_a_finetune_runs_as_a_background_job(tiny_artifact, tmp_path):
     import time
 
-    from acip_core.jobs import ScoringJobs
+    from acip_core.serving.jobs import ScoringJobs
 
     jobs = ScoringJobs(tmp_path / "runs")
     with pytest.raises(ValueError, match="not an artifact"):
@@ -277,7 +278,7 @@ def test_the_app_lists_opens_draws_and_starts_tuned_sizes(tuned, tiny_artifact, 
     import gradio as gr
 
     import app
-    from acip_core.studio import StudioConfig
+    from acip_core.serving.studio import StudioConfig
 
     parent = tmp_path / "art"
     shutil.copytree(tiny_artifact, parent)

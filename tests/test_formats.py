@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 import torch
 
-from acip_core.curve import best_for_budget, interpolate_ppl, pareto_frontier
-from acip_core.formats import Format, QuantLinear, int4_balance, parse_format, quantize_int4, quantize_int8
-from acip_core.layers import LowRankLinear
-from acip_core.materialize import count_bytes
+from acip_core.evaluation.curve import best_for_budget, interpolate_ppl, pareto_frontier
+from acip_core.formats.core import Format, QuantLinear, int4_balance, parse_format, quantize_int4, quantize_int8
+from acip_core.engine.layers import LowRankLinear
+from acip_core.engine.materialize import count_bytes
 from helpers import random_any_size, random_ids
 
 
@@ -83,7 +83,7 @@ def test_the_int4_family_quantizes_down_with_the_calibration_grams(tiny_llama_wi
     """An int4 family measures the Grams once (AnySizeModel.calibration), picks each `down` factor's
     codes by them and balances the factors along the rank (formats.int4_balance); without a
     calibration it rounds to nearest."""
-    from acip_core.basis import input_grams
+    from acip_core.engine.basis import input_grams
     from helpers import calib_windows
 
     model, _, _ = random_any_size(tiny_llama_wide)
@@ -114,8 +114,8 @@ def test_the_int4_family_quantizes_down_with_the_calibration_grams(tiny_llama_wi
 def test_fine_tunings_frozen_int4_factors_have_the_familys_down_codes(tiny_llama_wide):
     """finetune._frozen_factors quantizes rows lora..kept of `down` on their own, in one GPTQ batch:
     rows are independent, so they are the served family's codes (up to float rounding in the batch)."""
-    from acip_core.basis import input_grams
-    from acip_core.finetune import _frozen_factors
+    from acip_core.engine.basis import input_grams
+    from acip_core.training.finetune import _frozen_factors
     from helpers import calib_windows
 
     model, _, _ = random_any_size(tiny_llama_wide, lora_rank=32)
@@ -318,18 +318,18 @@ def test_quantized_export_loads_in_a_fresh_process_with_the_apps_tokens(tiny_lla
     import subprocess
     import sys
 
-    from acip_core.export import export_lowrank
+    from acip_core.export.sized import export_lowrank
 
     model, _, _ = random_any_size(tiny_llama_wide)
     if calibrated:
-        from acip_core.basis import input_grams
+        from acip_core.engine.basis import input_grams
         from helpers import calib_windows
 
         grams = input_grams(model.base, model.originals, calib_windows(model.tokenizer), dtype=torch.float32)
         model.calibration = lambda: grams
     size = model.size_for_ratio(0.5, key)
     out = export_lowrank(model, size, tmp_path / key)
-    from acip_core.export import export_info
+    from acip_core.export.sized import export_info
 
     config = json.loads((out / "config.json").read_text())
     assert config["acip_quant"]["kind"] == key[:4] and export_info(out)["weights_format"] == key
@@ -357,22 +357,23 @@ def test_bf16_linear_multiplies_many_rows_in_float32_with_the_same_numbers(monke
     weight's rows where the CPU has no bf16 instructions; the output equals the float32 product rounded
     to bf16, and decode (few rows) keeps the plain bf16 product. The bf16 family's linears and the int
     families' native head are Bf16Linear."""
-    from acip_core import layers
+    from acip_core.engine import layers
+    from acip_core.formats import kernels
 
     g = torch.Generator().manual_seed(0)
     lin = torch.nn.Linear(64, 2500, bias=True).to(torch.bfloat16)  # 2500: a partial last chunk
     head = copy.copy(lin)
-    head.__class__ = layers.Bf16Linear
+    head.__class__ = kernels.Bf16Linear
     x = torch.randn(2, 20, 64, generator=g).to(torch.bfloat16)
     want = torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
     calls = []
     real_linear = torch.nn.functional.linear
-    monkeypatch.setattr(layers, "_fast_bf16", lambda: False)
-    monkeypatch.setattr(layers.F, "linear", lambda *a: calls.append(a[0].dtype) or real_linear(*a))
+    monkeypatch.setattr(kernels, "_fast_bf16", lambda: False)
+    monkeypatch.setattr(kernels.F, "linear", lambda *a: calls.append(a[0].dtype) or real_linear(*a))
     with torch.no_grad():
         got = head(x)
         assert got.dtype == torch.bfloat16 and set(calls) == {torch.float32}
-        assert len(calls) == -(-2500 // layers.CHUNK_ROWS)
+        assert len(calls) == -(-2500 // kernels.CHUNK_ROWS)
         assert torch.equal(got, want.to(torch.bfloat16))  # one rounding of the float32 product
         few = lin(x[:, :3])
         calls.clear()
@@ -383,7 +384,7 @@ def test_bf16_linear_multiplies_many_rows_in_float32_with_the_same_numbers(monke
         assert y.dtype == torch.bfloat16 and calls == [torch.float32, torch.float32]
         mid = torch.nn.functional.linear(x.float(), low.down.float()).to(torch.bfloat16)
         assert torch.equal(y, torch.nn.functional.linear(mid.float(), low.up_t.t().float()).to(torch.bfloat16))
-        monkeypatch.setattr(layers, "_fast_bf16", lambda: True)
+        monkeypatch.setattr(kernels, "_fast_bf16", lambda: True)
         assert torch.equal(head(x), lin(x))  # a CPU with bf16 instructions: unchanged
     model, _, _ = random_any_size(tiny_llama_tied)  # the int families' native head is one, tied as before
     for key, cls in (("int8", "Bf16Linear"), ("int4-g32", "Bf16Linear"), ("int8+emb8", "QuantLinear"),
@@ -399,7 +400,7 @@ def test_bf16_linear_multiplies_many_rows_in_float32_with_the_same_numbers(monke
 def test_int4_row_and_column_prefixes_are_the_repacked_prefixes():
     """The fast prefixes (slices of the packed bytes; AVX-512's last 32 rows of a block of 64 repacked)
     equal packing the prefix's codes from scratch, for every row count a size keeps (multiples of 32)."""
-    from acip_core.formats import _int4_cpu_block, _pack_int4
+    from acip_core.formats.core import _int4_cpu_block, _pack_int4
 
     assert _int4_cpu_block() in (32, 64)  # torch 2.13's AVX2 / AVX-512 layouts (else repacked: correct, slower)
     q = quantize_int4(torch.randn(200, 256, generator=torch.Generator().manual_seed(2)), 32)
@@ -415,7 +416,7 @@ def test_int4_row_and_column_prefixes_are_the_repacked_prefixes():
 
 
 def test_gb_view_draws_every_format_the_originals_and_the_frontier():
-    from acip_core.plots import curve_figure
+    from acip_core.evaluation.plots import curve_figure
 
     curve = _hand_curve()
     curve["gb"] = curve.size_ratio * curve.format.map({"float32": 4, "int8": 1, "int4-g32": 0.5})
@@ -430,7 +431,7 @@ def test_gb_view_draws_every_format_the_originals_and_the_frontier():
 
 
 def test_int4_codes_are_read_back_from_the_cpu_layout_and_not_kept():
-    from acip_core.formats import _int4_cpu_block, _pack_int4, _unpack_int4_cpu, quantize_int4
+    from acip_core.formats.core import _int4_cpu_block, _pack_int4, _unpack_int4_cpu, quantize_int4
 
     assert _int4_cpu_block() in (32, 64)  # torch's CPU layouts as documented in formats._unpack_int4_cpu
     for rows in (32, 96, 160):  # whole blocks, and AVX-512's smaller last block
@@ -454,7 +455,7 @@ def test_scaled_rows_are_the_same_codes_standing_for_scaled_rows():
 def test_int4_balance_lowers_the_output_error_of_the_up_factor():
     """`up`'s input with a steep second moment (as singular directions have): the balanced factors
     give the same float product and a smaller output error once `up` is rounded to int4."""
-    from acip_core.formats import int4_balance
+    from acip_core.formats.core import int4_balance
 
     torch.manual_seed(0)
     r, k, out = 64, 48, 80
@@ -490,7 +491,7 @@ def _noisy_curve(smaller_by: float, nll_std: float = 0.22, windows: int = 16):
 def test_room_for_the_original_gets_it_unless_a_smaller_size_is_better_beyond_noise(tiny_llama_tied):
     """At a huge budget the answer was bfloat16 at 0.95: 2.4 % below the original, inside the
     spread (one s.e. of the difference here: √2 × 0.22 / √16 = 7.8 % in log perplexity)."""
-    from acip_core.curve import rank_for_budget
+    from acip_core.evaluation.curve import rank_for_budget
 
     model, _, _ = random_any_size(tiny_llama_tied)
     huge = model.full_size().gigabytes * 10

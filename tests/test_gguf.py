@@ -6,9 +6,9 @@ import shutil
 import pytest
 import torch
 
-from acip_core import models
-from acip_core.models import EMBEDDED, ModelSourceError, embedded_gguf, gguf_key, load_base
-from acip_core.parametrize import target_linears
+from acip_core.sources import models
+from acip_core.sources.models import EMBEDDED, ModelSourceError, embedded_gguf, gguf_key, load_base
+from acip_core.engine.parametrize import target_linears
 
 
 @pytest.mark.embedded

@@ -1,7 +1,7 @@
 import torch
 
-from acip_core.basis import svd_factors, whitened_factors
-from acip_core.layers import ACIPLinear, LowRankLinear, ste_mask
+from acip_core.engine.basis import svd_factors, whitened_factors
+from acip_core.engine.layers import ACIPLinear, LowRankLinear, ste_mask
 
 
 def _layer(out=12, inp=8, bias=True, lora_rank=4, seed=0):

@@ -5,11 +5,11 @@ import time
 import pytest
 import torch
 
-from acip_core.evaluate import Cancelled
-from acip_core.lmeval import (OFFLINE_TASKS, PAPER_TASKS, TaskUnavailableError, check_tasks,
+from acip_core.evaluation.evaluate import Cancelled
+from acip_core.evaluation.lmeval import (OFFLINE_TASKS, PAPER_TASKS, TaskUnavailableError, check_tasks,
                               run_lm_eval)
-from acip_core.models import load_base
-from acip_core.tasks_build import ASSET_DIR, N_CHOICES, TASK_SPECS, build_task, to_jsonl
+from acip_core.sources.models import load_base
+from acip_core.evaluation.tasks_build import ASSET_DIR, N_CHOICES, TASK_SPECS, build_task, to_jsonl
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -45,7 +45,7 @@ def test_offline_tasks_run_through_lm_eval(tiny):
 
 
 def test_a_materialized_size_runs_and_can_be_cancelled(tiny_llama):
-    from acip_core.materialize import AnySizeModel
+    from acip_core.engine.materialize import AnySizeModel
     from helpers import model_and_basis
 
     model, tok, _, basis = model_and_basis(tiny_llama)
@@ -74,8 +74,9 @@ def test_unknown_and_unreachable_tasks_are_clear_errors(tiny):
 
 
 def test_cli_lm_eval(tiny_llama, monkeypatch, capsys):
-    from acip_core import cli, pipeline
-    from acip_core.materialize import AnySizeModel
+    from acip_core import cli
+    from acip_core.training import pipeline
+    from acip_core.engine.materialize import AnySizeModel
     from helpers import model_and_basis
 
     model, tok, _, basis = model_and_basis(tiny_llama)
@@ -103,7 +104,7 @@ def test_task_files_for_lm_evals_own_cli(tmp_path, capsys):
     from lm_eval.tasks import TaskManager
 
     from acip_core.cli import main
-    from acip_core.lmeval import OFFLINE_TASKS
+    from acip_core.evaluation.lmeval import OFFLINE_TASKS
 
     assert main(["lm-eval-tasks", "--out", str(tmp_path / "tasks"), "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 
 from acip_core.cli import main
-from acip_core.lmeval import OFFLINE_TASKS
-from acip_core.tasks_build import ASSET_DIR
+from acip_core.evaluation.lmeval import OFFLINE_TASKS
+from acip_core.evaluation.tasks_build import ASSET_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 

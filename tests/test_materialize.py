@@ -3,10 +3,10 @@ import threading
 import pytest
 import torch
 
-from acip_core.evaluate import generate_text
-from acip_core.materialize import count_params
-from acip_core.models import load_base
-from acip_core.parametrize import acip_layers, parametrize_, replace_modules_
+from acip_core.evaluation.evaluate import generate_text
+from acip_core.engine.materialize import count_params
+from acip_core.sources.models import load_base
+from acip_core.engine.parametrize import acip_layers, parametrize_, replace_modules_
 from helpers import random_any_size, random_ids
 
 LORA_RANK, LORA_ALPHA = 4, 8.0

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from acip_core.official import OfficialCheckpointError, import_official, read_checkpoint
-from acip_core.prune import LayerShape, RankIndex
+from acip_core.artifacts.official import OfficialCheckpointError, import_official, read_checkpoint
+from acip_core.engine.prune import LayerShape, RankIndex
 
 # shared/ lies beside the repository (as CI lays it out); ACIP_OFFICIAL_FIXTURES points elsewhere
 FIXTURES = Path(os.environ.get("ACIP_OFFICIAL_FIXTURES",
@@ -33,7 +33,7 @@ def _tokenizer(folder: Path):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from acip_core.data import load_text
+    from acip_core.sources.data import load_text
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -59,7 +59,7 @@ def families(tmp_path_factory):
 def imported(families, tmp_path_factory):
     """(family, storage) -> (artifact folder, AnySizeModel), each import with its own basis cache, so
     the compact one really computes an SVD and the full one really uses the stored factors."""
-    from acip_core.pipeline import open_artifact
+    from acip_core.training.pipeline import open_artifact
 
     out, previous = {}, os.environ.get("ACIP_STUDIO_CACHE")
     try:
@@ -130,7 +130,7 @@ def test_sizes_reproduce_the_official_ratios_ranks_and_logits(imported, fam, sto
 
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_compact_storage_imports_the_same_artifact_as_the_full_one(imported, fam):
-    from acip_core.artifact import load_artifact
+    from acip_core.artifacts.artifact import load_artifact
 
     full, compact = (load_artifact(imported[fam, s][0]) for s in ("full", "compact"))
     assert full.meta["official"]["storage"] == "full" and compact.meta["official"]["storage"] == "compact"
@@ -209,7 +209,7 @@ def test_cli_imports_and_shows_both_ratios(families, tmp_path, monkeypatch):
 
 
 def test_export_of_an_imported_size_loads_in_a_fresh_process(imported, tmp_path):
-    from acip_core.export import export_lowrank
+    from acip_core.export.sized import export_lowrank
 
     _, model = imported["llama", "full"]
     size = model.size_for_ratio(0.5)
@@ -306,8 +306,8 @@ def test_a_wrong_base_model_is_refused(families, tmp_path, monkeypatch):
 
 
 def test_the_app_lists_and_opens_an_imported_artifact(imported, tmp_path, monkeypatch):
-    from acip_core.explorer import Explorer
-    from acip_core.registry import find_artifacts
+    from acip_core.serving.explorer import Explorer
+    from acip_core.serving.registry import find_artifacts
 
     # a fresh basis cache (another machine): the basis is the SVD of the base, as for the compact storage
     monkeypatch.setenv("ACIP_STUDIO_CACHE", str(tmp_path / "cache"))
@@ -317,7 +317,7 @@ def test_the_app_lists_and_opens_an_imported_artifact(imported, tmp_path, monkey
     shutil.copytree(folder, shelf / "acip-opt-tiny")
     assert find_artifacts(precomputed=shelf) == [("acip-opt-tiny (precomputed)", str(shelf / "acip-opt-tiny"))]
     explorer = Explorer.open(shelf / "acip-opt-tiny")
-    from acip_core.studio import describe_text
+    from acip_core.serving.studio import describe_text
 
     line = describe_text(explorer.describe())  # the app's status line: where it came from, no "None steps"
     assert "imported from the official ACIP checkpoint" in line and "None" not in line
@@ -332,7 +332,7 @@ def test_the_app_lists_and_opens_an_imported_artifact(imported, tmp_path, monkey
 def test_the_app_import_box_writes_an_artifact_the_list_shows(families, tmp_path, monkeypatch):
     pytest.importorskip("gradio")
     sys.path.insert(0, str(Path(__file__).parent.parent))
-    from acip_core.studio import Studio, StudioConfig
+    from acip_core.serving.studio import Studio, StudioConfig
     from app import build_demo
     from app_handlers import official_import
 
@@ -354,7 +354,7 @@ def test_a_hub_id_is_fetched_with_snapshot_download(families, monkeypatch):
     """The hub path, proven with a local folder standing in for the download (no internet here)."""
     import huggingface_hub
 
-    from acip_core import models
+    from acip_core.sources import models
 
     calls = []
 
@@ -378,7 +378,7 @@ def test_a_hub_id_is_fetched_with_snapshot_download(families, monkeypatch):
 
 
 def test_an_unknown_size_rule_is_refused_and_ours_stays_the_default(imported, tmp_path, monkeypatch):
-    from acip_core.artifact import ArtifactError, load_artifact
+    from acip_core.artifacts.artifact import ArtifactError, load_artifact
 
     monkeypatch.setenv("ACIP_STUDIO_CACHE", str(tmp_path / "cache"))
 
@@ -391,7 +391,7 @@ def test_an_unknown_size_rule_is_refused_and_ours_stays_the_default(imported, tm
     meta.pop("size_rule")  # an artifact of ours: no rule recorded, ours applies
     (folder / "acip.json").write_text(json.dumps(meta))
     assert load_artifact(folder).size_rule == "acip-studio"
-    from acip_core.pipeline import open_artifact
+    from acip_core.training.pipeline import open_artifact
 
     ours = open_artifact(folder)  # the same scores under our rule: size 1.0 is the original, dense
     assert ours.size_rule == "acip-studio" and ours.original_size() == ours.full_size()

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from acip_core.parametrize import DEFAULT_TARGETS, acip_layers, replace_modules_, target_linears
+from acip_core.engine.parametrize import DEFAULT_TARGETS, acip_layers, replace_modules_, target_linears
 from helpers import parametrized_copy, random_ids
-from acip_core.models import load_base
+from acip_core.sources.models import load_base
 
 
 def test_targets_are_the_seven_projections_and_never_the_head(tiny_model_dir):

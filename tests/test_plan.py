@@ -1,4 +1,4 @@
-"""The memory plan (acip_core/plan.py): exact counts on the meta device, a measured peak within the
+"""The memory plan (acip_core/training/plan.py): exact counts on the meta device, a measured peak within the
 stated error, refusals that name both numbers and create nothing, and a hub id that fails fast."""
 
 import json
@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-from acip_core import plan as plan_mod
-from acip_core.plan import PlanRefused, check_fits, model_config, plan_scoring, trace_step
+from acip_core.training import plan as plan_mod
+from acip_core.training.plan import PlanRefused, check_fits, model_config, plan_scoring, trace_step
 
 # The plan's error against a measured peak RSS of a tiny model's scoring steps: benchmarks/RESULTS.md,
 # "Memory plan" (there the runtime term, measured with SmolLM2's tokenizer and corpus:broad, is most of it).
@@ -19,8 +19,8 @@ TINY_PLAN_ERROR = 0.25
 
 
 def _parametrized(model, meta: bool):
-    from acip_core.basis import build_basis, meta_basis
-    from acip_core.parametrize import acip_layers, parametrize_, target_linears
+    from acip_core.engine.basis import build_basis, meta_basis
+    from acip_core.engine.parametrize import acip_layers, parametrize_, target_linears
 
     linears = target_linears(model)
     basis = meta_basis(linears) if meta else build_basis(model, linears, "svd")
@@ -38,7 +38,7 @@ def test_the_meta_count_of_saved_activations_is_the_real_one(tiny_model_dir):
     """One forward on the meta device counts exactly the bytes a real CPU step saves for its backward."""
     from transformers import AutoModelForCausalLM
 
-    from acip_core.train import vocab_loss
+    from acip_core.training.train import vocab_loss
 
     real = _parametrized(AutoModelForCausalLM.from_pretrained(tiny_model_dir), meta=False)
     frozen = {t.untyped_storage().data_ptr() for t in list(real.parameters()) + list(real.buffers())}
@@ -60,7 +60,7 @@ def test_the_meta_count_of_saved_activations_is_the_real_one(tiny_model_dir):
 def test_the_plan_counts_what_the_scoring_form_holds(tiny_qwen):
     from transformers import AutoModelForCausalLM
 
-    from acip_core.parametrize import acip_layers, target_linears
+    from acip_core.engine.parametrize import acip_layers, target_linears
 
     real = AutoModelForCausalLM.from_pretrained(tiny_qwen)
     targets = target_linears(real)
@@ -125,7 +125,7 @@ def _tight(monkeypatch, ram_bytes):
 
 
 def test_a_plan_larger_than_memory_is_refused_with_both_numbers(tiny_llama, tmp_path, monkeypatch):
-    from acip_core.jobs import ScoringJobs
+    from acip_core.serving.jobs import ScoringJobs
 
     _tight(monkeypatch, 64 * 2**20)
     plan = plan_scoring(tiny_llama, 2, 32, probe=False)
@@ -153,7 +153,7 @@ def test_a_plan_that_fits_passes(tiny_llama, monkeypatch):
 
 
 def test_a_hub_id_that_is_not_cached_fails_fast_offline(monkeypatch):
-    from acip_core.models import ModelSourceError
+    from acip_core.sources.models import ModelSourceError
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()

@@ -2,8 +2,8 @@
 
 import pandas as pd
 
-from acip_core import plots
-from acip_core.curve import curve_at, interp_log, suggested_ratio
+from acip_core.evaluation import plots
+from acip_core.evaluation.curve import curve_at, interp_log, suggested_ratio
 
 
 def _curve():

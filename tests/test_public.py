@@ -12,11 +12,11 @@ import time
 import pytest
 import torch
 
-from acip_core import public
-from acip_core.artifact import ArtifactError, load_artifact, problem
-from acip_core.data import load_text
-from acip_core.jobs import ScoringJobs
-from acip_core.models import ModelSourceError, load_base
+from acip_core.serving import public
+from acip_core.artifacts.artifact import ArtifactError, load_artifact, problem
+from acip_core.sources.data import load_text
+from acip_core.serving.jobs import ScoringJobs
+from acip_core.sources.models import ModelSourceError, load_base
 
 
 @pytest.fixture
@@ -237,7 +237,7 @@ def test_the_runs_folder_is_scanned_once_per_tick(tmp_path):
 # -- chat history -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def explorer(tiny_artifact):
-    from acip_core.explorer import Explorer
+    from acip_core.serving.explorer import Explorer
 
     return Explorer.open(tiny_artifact, cache_size=2)
 
@@ -308,7 +308,7 @@ def test_the_largest_allowed_history_costs_a_few_templatings_and_fits_with_the_t
 def test_closing_a_chat_stream_stops_its_generation(explorer, monkeypatch):
     """Gradio closes a streaming handler's generator when its client goes away: the generation
     thread must stop then, not run to max_new_tokens."""
-    from acip_core import explorer as engine
+    from acip_core.serving import explorer as engine
 
     started = []
     real = engine.Generation
@@ -409,7 +409,7 @@ def test_exports_are_evicted_oldest_first(tmp_path):
 def test_the_exports_limit_bounds_the_apps_downloads(tmp_path, monkeypatch):
     """ACIP_LIMIT_EXPORTS_BYTES (public default 2 GB) is the bound the app prunes its downloads to
     (it was documented but unused: a public load test reached 4.3 GB with a 0.6 GB limit)."""
-    from acip_core.studio import Studio, StudioConfig
+    from acip_core.serving.studio import Studio, StudioConfig
 
     monkeypatch.setenv("ACIP_PUBLIC", "1")
     assert StudioConfig().downloads_max_bytes == 2 * public.GB
@@ -422,7 +422,7 @@ def test_the_exports_limit_bounds_the_apps_downloads(tmp_path, monkeypatch):
 
 
 def test_bases_are_evicted_least_recently_used(monkeypatch, tmp_path):
-    from acip_core.basis import Factors, cached_basis
+    from acip_core.engine.basis import Factors, cached_basis
 
     def build():
         return {"l": Factors(torch.zeros(8, 8), torch.zeros(8), torch.zeros(8, 8))}
@@ -463,7 +463,7 @@ def test_leftovers_and_stale_exports_are_removed_at_start(tmp_path):
 
 
 def test_a_hub_id_fails_fast_when_offline(monkeypatch):
-    from acip_core import models
+    from acip_core.sources import models
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: False)
@@ -545,7 +545,7 @@ def test_nul_files_are_found(tmp_path):
 
 def test_a_visitors_newest_download_is_not_pruned_by_another_visitors_export(tmp_path, monkeypatch):
     """Another visitor's export link answered 403 20 s after a later export: the size bound removed it."""
-    from acip_core.studio import Studio, StudioConfig
+    from acip_core.serving.studio import Studio, StudioConfig
 
     monkeypatch.setenv("ACIP_LIMIT_EXPORTS_BYTES", "1500")
     studio = Studio(StudioConfig(downloads=tmp_path / "dl", runs=tmp_path / "runs", precomputed=tmp_path / "pre"))

@@ -19,7 +19,7 @@ TOKEN = "t0ken-for-tests"
 def public_app(tiny_artifact, tmp_path_factory):
     """(url, runs folder): the app launched in public mode with an admin token, as app.py launches it."""
     import app
-    from acip_core.studio import StudioConfig
+    from acip_core.serving.studio import StudioConfig
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ACIP_PUBLIC", "1")
@@ -220,7 +220,7 @@ def test_a_file_with_nul_bytes_is_refused_at_upload_and_not_kept(public_app):
 
 
 def _fresh_upload_budget():
-    from acip_core import public
+    from acip_core.serving import public
     from app_uploads import UploadGuard
 
     guard = UploadGuard.latest
@@ -237,7 +237,7 @@ def _gradio_files(demo):
 def test_an_upload_flood_from_one_address_is_refused_within_its_hourly_bytes(public_app):
     """10 files of 9 MB were taken in 1.6 s before; now one address gets Limits.visitor_upload_bytes
     (30 MB) an hour, counted before the body is read."""
-    from acip_core import public
+    from acip_core.serving import public
 
     url, _, demo = public_app
     _fresh_upload_budget()
@@ -253,7 +253,7 @@ def test_an_upload_flood_from_one_address_is_refused_within_its_hourly_bytes(pub
 
 
 def test_refused_requests_do_not_count_and_a_new_session_shares_its_address_quota(public_app, tiny_artifact):
-    from acip_core import public
+    from acip_core.serving import public
 
     url, _, demo = public_app
     h = demo.handlers

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from acip_core import ScoreConfig, load_artifact, run_scoring
-from acip_core.score import update_scores
+from acip_core.training.score import update_scores
 
 
 def test_algorithm_1_on_a_hand_made_mask_trajectory():
@@ -72,7 +72,7 @@ def test_a_second_run_into_a_finished_folder_is_refused(tiny_artifact, tiny_llam
 
 
 def test_a_live_run_locks_its_folder(tiny_llama, tmp_path):
-    from acip_core.pipeline import RunLock, RunLockedError
+    from acip_core.training.pipeline import RunLock, RunLockedError
 
     with RunLock(tmp_path):
         with pytest.raises(RunLockedError, match="already writing"):
@@ -92,7 +92,8 @@ def test_bad_config_is_rejected(bad):
 
 
 def test_a_save_killed_before_the_state_swap_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
-    from acip_core import score, train
+    from acip_core.training import score
+    from acip_core.training import train
     p = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.AdamW([p])
     score.save_checkpoint(tmp_path, score.RunState(step=4), {"p": p}, opt, None)
@@ -119,8 +120,8 @@ def test_a_save_killed_before_the_state_swap_leaves_the_previous_checkpoint_load
 
 @pytest.mark.parametrize("fmt", ["int8", "int4-g32"])
 def test_a_quantized_base_layer_runs_the_low_bit_factors_and_trains_masks_and_lora(fmt):
-    from acip_core.formats import parse_format
-    from acip_core.layers import ACIPLinear
+    from acip_core.formats.core import parse_format
+    from acip_core.engine.layers import ACIPLinear
 
     torch.manual_seed(0)
     w = torch.randn(64, 32)
@@ -145,7 +146,7 @@ def test_a_quantized_base_layer_runs_the_low_bit_factors_and_trains_masks_and_lo
 
 
 def test_scoring_on_a_quantized_base_transfers_to_the_full_precision_model(tiny_llama, tiny_llama_wide, tmp_path):
-    from acip_core.pipeline import open_method
+    from acip_core.evaluation.baselines import open_method
 
     cfg = _cfg(steps=12, post_tune_steps=2, base_format="int4")
     with pytest.raises(ValueError, match="does not fit layer .*k_proj.*multiple of 32"):  # 16-wide k_proj

@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from acip_core.selftext import HELD_OUT_DOMAIN, drop_paragraphs
+from acip_core.evaluation.selftext import HELD_OUT_DOMAIN, drop_paragraphs
 
 
 def test_paragraphs_about_or_in_python_are_left_out():

@@ -5,14 +5,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from acip_core.artifact import load_artifact
-from acip_core.basis import build_basis
-from acip_core.curve import method_curve
-from acip_core.data import load_text, token_windows
-from acip_core.evaluate import generate_text
-from acip_core.materialize import AnySizeModel
-from acip_core.models import EMBEDDED, load_base
-from acip_core.parametrize import parametrize_, replace_modules_, target_linears
+from acip_core.artifacts.artifact import load_artifact
+from acip_core.engine.basis import build_basis
+from acip_core.evaluation.baselines import method_curve
+from acip_core.sources.data import load_text, token_windows
+from acip_core.evaluation.evaluate import generate_text
+from acip_core.engine.materialize import AnySizeModel
+from acip_core.sources.models import EMBEDDED, load_base
+from acip_core.engine.parametrize import parametrize_, replace_modules_, target_linears
 
 pytestmark = pytest.mark.embedded
 

@@ -1,7 +1,7 @@
-"""What the app says (acip_core/studio.py): no spread from one window, replies without visible text,
+"""What the app says (acip_core/serving/studio.py): no spread from one window, replies without visible text,
 lm-eval counts, ETAs."""
 
-from acip_core import studio as text
+from acip_core.serving import studio as text
 
 
 def _row(windows, low, high):

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from acip_core.artifact import load_artifact
-from acip_core.tuned import TUNED_DIR, check_parent, load_tuned, tuned_sizes
+from acip_core.artifacts.artifact import load_artifact
+from acip_core.artifacts.tuned import TUNED_DIR, check_parent, load_tuned, tuned_sizes
 
 SHIPPED = Path(__file__).resolve().parent.parent / "precomputed" / "smollm2-135m-instruct"
 FOLDERS = sorted((SHIPPED / TUNED_DIR).iterdir()) if (SHIPPED / TUNED_DIR).is_dir() else []

@@ -1,0 +1,1 @@
+"""Measuring sizes: perplexity and generation, lm-eval, the curve, baselines, speed."""
