@@ -113,3 +113,36 @@ def test_nothing_is_cut_at_common_widths(app_url, browser, width):  # noqa: F811
             assert page.locator("input[type=number], #artifact-b input").evaluate_all(cut) == [], tab
     finally:
         page.close()
+
+
+def test_a_reply_with_markup_is_text_in_the_sweep_grid(app_url, browser, bait, monkeypatch):  # noqa: F811
+    """The sweep grid shows replies as the model wrote them: a reply holding HTML or Markdown that
+    would fetch a URL is shown as characters, and nothing is fetched (the real handler and grid; only
+    the model's reply is fixed, since a small model cannot be made to echo markup)."""
+    from acip_core.serving.explorer import Explorer
+
+    url, _ = app_url
+    base, hits = bait
+    reply = _markup(base, "sweep-reply")
+
+    def markup_sweep(self, ratios, message, max_new_tokens, *args, **kwargs):
+        done = []
+        for _ in ratios:
+            done.append({"text": reply, "done": True, "tokens": 12, "tokens_per_s": 5.0})
+            yield list(done)
+
+    monkeypatch.setattr(Explorer, "sweep", markup_sweep)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    page.get_by_text(re.compile(r"Ready\.")).wait_for(timeout=600_000)
+    try:
+        page.get_by_role("tab", name="Sweep").click()
+        page.locator("#sweep-sizes textarea, #sweep-sizes input").first.fill("1.0,0.5")
+        page.locator("#run-sweep").click()
+        page.locator("#sweep-grid").get_by_text(re.compile(r"<img src=")).first.wait_for(timeout=60_000)
+        assert page.locator("#sweep-grid").get_by_text(re.compile(r"\*\*bold\*\*")).count() >= 1
+        assert page.locator("#sweep-grid img, #sweep-grid a[href^='http']").count() == 0
+        time.sleep(2)
+        assert hits == [], f"the browser fetched {hits}"
+    finally:
+        page.close()

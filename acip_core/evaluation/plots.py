@@ -148,8 +148,9 @@ def curve_figure(curve: pd.DataFrame | None, x: str = "size_ratio", dtype: str =
             fig.update_yaxes(range=[math.log10(lo), math.log10(hi)], **log_ticks(lo, hi))
             clipped = [m for m, _ in lines if m != "acip" and (data[data.method == m][metric] > hi).any()]
             if clipped:
-                fig.add_annotation(text=f"{', '.join(clipped)}: partly above the frame (double-click "
-                                        "the plot to show everything)", x=0.01, y=0.01, xref="paper",
+                # two short lines: one line was cut at the plot's right edge in a 1024-px window
+                fig.add_annotation(text=f"{', '.join(clipped)}:<br>partly above the frame; double-click "
+                                        "to show all", x=0.01, y=0.01, xref="paper",
                                    yref="paper", xanchor="left", yanchor="bottom", showarrow=False,
                                    font=dict(size=11, color="#6b7280"), bgcolor="rgba(255,255,255,0.8)")
     if current is not None and acip is not None:
