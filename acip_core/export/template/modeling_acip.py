@@ -297,12 +297,7 @@ def classes_for(base_model_type: str):
 
         @classmethod
         def from_pretrained(cls, *args, **kwargs):
-            # the export's own dtype (config.json) unless the caller names one: 5.x's default, while
-            # 4.x's is float32 (a quantized export then fails at its first product, a bf16 one runs
-            # other numbers than the export's)
-            if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
-                kwargs["dtype"] = "auto"
-            return super(model_cls, cls).from_pretrained(*args, **kwargs)
+            return super(model_cls, cls).from_pretrained(*args, **own_dtype(kwargs))
 
         model_cls = type(MODEL_PREFIX + base_model_type, (base_model,), {
             "__module__": __name__,
@@ -313,6 +308,16 @@ def classes_for(base_model_type: str):
         })
         _CLASSES[base_model_type] = (config_cls, model_cls)
     return _CLASSES[base_model_type]
+
+
+def own_dtype(kwargs: dict) -> dict:
+    """from_pretrained's keyword arguments with the export's own dtype (config.json) unless the caller
+    names one: 5.x's default, while 4.x's is float32 (a quantized export then fails at its first
+    product, a bf16 one runs other numbers than the export's, an any-size bf16 folder is read into
+    float32 first: SmolLM2's peaked at 1,276 MB against 1,060 MB under 4.57.6)."""
+    if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
+        kwargs = dict(kwargs, dtype="auto")
+    return kwargs
 
 
 def __getattr__(name: str):  # ACIPConfig__llama, ACIPForCausalLM__qwen2, ... (named in auto_map)

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .modeling_acip import Bf16Linear, LowRankLinear, QuantLinear, QuantLowRankLinear, base_classes, derived_config
+from .modeling_acip import (Bf16Linear, LowRankLinear, QuantLinear, QuantLowRankLinear, base_classes, derived_config,
+                            own_dtype)
 
 CONFIG_PREFIX, MODEL_PREFIX, MODEL_TYPE_PREFIX = "ACIPAnySizeConfig__", "ACIPAnySizeForCausalLM__", "acip_anysize_"
 FLOATS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -409,7 +410,7 @@ def classes_for(base_model_type: str):
             self._anysize_init(config)
 
         def from_pretrained(cls, *args, size_ratio=None, format=None, budget_gb=None, **kwargs):
-            model = base_model.from_pretrained.__func__(cls, *args, **kwargs)
+            model = base_model.from_pretrained.__func__(cls, *args, **own_dtype(kwargs))
             default = model.config.acip_anysize.get("default", {})
             if budget_gb is not None:
                 model.set_size(budget_gb=budget_gb, format=format)
