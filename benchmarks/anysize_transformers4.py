@@ -5,7 +5,6 @@ same numbers). Setup (outside the venv):
   .venv/bin/python -m pip install --no-deps --target /tmp/tf4 "transformers==4.57.*" "tokenizers==0.22.*" "huggingface_hub==0.36.*"
 Run: HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python benchmarks/anysize_transformers4.py [--tf4 /tmp/tf4]"""
 import argparse
-import json
 import os
 import subprocess
 import sys
