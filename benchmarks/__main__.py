@@ -42,7 +42,7 @@ def purpose(path: Path) -> str:
 
 def one_line(text: str, width: int = 110) -> str:
     """The first sentence, cut to `width` characters."""
-    for stop in (". ", "? ", ": "):
+    for stop in (". ", "? "):
         if stop in text:
             text = text.split(stop, 1)[0] + stop.strip()
             break

@@ -12,11 +12,14 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
-from common import BENCHMARKS, read_result
+from common import BENCHMARKS, ROOT, read_result
 
 RESULTS_MD = BENCHMARKS / "RESULTS.md"
+# the superseded figures kept in docs/HISTORY.md come from result files too
+DOCUMENTS = (RESULTS_MD, ROOT / "docs" / "HISTORY.md")
 
 
 def _row(*cells) -> str:
@@ -30,6 +33,12 @@ def _head(*names) -> list[str]:
 def _seconds(x: float) -> str:
     """Seconds as the latency tables show them: 2 decimals below 10 s, 1 from there."""
     return f"{x:.2f} s" if x < 10 else f"{x:.1f} s"
+
+
+def _half_up(x: float, digits: int) -> str:
+    """`x` rounded half up as written in its result file (app_latency.json holds figures already rounded
+    to 2 digits: 4.85 s is shown 4.9 s, as the table showed it before it was generated)."""
+    return str(Decimal(str(x)).quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP))
 
 
 def figures(name: str):
@@ -102,7 +111,7 @@ def app_latency() -> list[str]:
     f = figures("app_latency")
     out = _head("what", "figure") + [
         _row("cold start, caches filled (process start → the page's `/start` answered: model loaded, views drawn)",
-             f"**{f['cold_start_s']:.1f} s** (server up after {f['server_up_s']:.1f} s)"),
+             f"**{_half_up(f['cold_start_s'], 1)} s** (server up after {_half_up(f['server_up_s'], 1)} s)"),
         _row("warm start (a new browser session on the running app)", f"**{f['warm_start_s']:.2f} s**"),
         _row("slider release → new summary, layer table, heatmap and curve marker (`/size`, median / max of 10)",
              f"**{f['size_release_median_s']:.2f} s** / {f['size_release_max_s']:.2f} s")]
@@ -195,6 +204,22 @@ TABLES = {
     "lmeval_sweep": lmeval_sweep,
 }
 
+# the result file of a table whose name is not its file's
+TABLE_SOURCES = {"speed_engine": "speed", "engine": "engine_numbers"}
+
+
+def source(name: str) -> str:
+    """The line under a generated table: where its figures come from, when, on what machine."""
+    record = read_result(name)
+    if "command" not in record:  # a .jsonl sweep: its lines carry no machine of their own
+        return f"<sub>from `benchmarks/results/{name}.jsonl`</sub>"
+    m = record["machine"]
+    where = m.get("recorded") or f"{m.get('cpu')}, {m.get('cores')} cores"
+    flags = f", flags `{m['cpu_flags']}`" if m.get("cpu_flags") else ""
+    return (f"<sub>`{record['command']}`, {record['date']}; {where}{flags}, torch {m.get('torch')}, "
+            f"{m.get('torch_threads')} threads (`benchmarks/results/{name}.json`)</sub>")
+
+
 _BLOCK = re.compile(r"(<!-- table:([\w-]+) -->\n)(.*?)(<!-- /table:\2 -->)", re.S)
 
 
@@ -206,7 +231,7 @@ def regenerate(text: str) -> tuple[str, list[str]]:
         name = m.group(2)
         if name not in TABLES:
             raise SystemExit(f"RESULTS.md marks a table {name!r} that benchmarks/tables.py does not know")
-        body = "\n".join(TABLES[name]()) + "\n"
+        body = "\n".join(TABLES[name]() + ["", source(TABLE_SOURCES.get(name, name))]) + "\n"
         if body != m.group(3):
             changed.append(name)
         return m.group(1) + body + m.group(4)
@@ -217,17 +242,20 @@ def regenerate(text: str) -> tuple[str, list[str]]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks tables", description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table differs")
-    parser.add_argument("--file", default=str(RESULTS_MD))
+    parser.add_argument("files", nargs="*", default=[str(p) for p in DOCUMENTS],
+                        help="the documents (default: RESULTS.md and docs/HISTORY.md)")
     args = parser.parse_args(argv)
-    path = Path(args.file)
-    text, changed = regenerate(path.read_text())
-    if args.check:
-        for name in changed:
-            print(f"{path}: table {name} differs from benchmarks/results/ (python -m benchmarks tables)")
-        return 1 if changed else 0
-    path.write_text(text)
-    print(f"{path}: {len(changed)} table(s) rewritten" + (f": {', '.join(changed)}" if changed else ""))
-    return 0
+    differ = False
+    for path in map(Path, args.files):
+        text, changed = regenerate(path.read_text())
+        differ = differ or bool(changed)
+        if args.check:
+            for name in changed:
+                print(f"{path}: table {name} differs from benchmarks/results/ (python -m benchmarks tables)")
+            continue
+        path.write_text(text)
+        print(f"{path}: {len(changed)} table(s) rewritten" + (f": {', '.join(changed)}" if changed else ""))
+    return 1 if args.check and differ else 0
 
 
 if __name__ == "__main__":
