@@ -1,6 +1,7 @@
 """The tables of benchmarks/RESULTS.md (and docs/HISTORY.md) are the ones their result files make
 (`python -m benchmarks tables --check`, benchmarks/tables.py)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -36,3 +37,17 @@ def test_the_entry_point_lists_every_benchmark_with_its_purpose():
     scripts = {p.stem for p in (ROOT / "benchmarks").glob("*.py")} | {p.stem for p in (ROOT / "benchmarks").glob("*.sh")}
     assert scripts - {"__main__", "common", "tables"} <= names
     assert "tables" in names
+
+
+def test_a_result_file_holds_the_machine_the_date_and_the_command_with_the_figures(tmp_path):
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); import common, json; "
+            f"p = common.write_result('probe', {{'tok_s': 1.5}}, {str(tmp_path / 'probe.json')!r}); "
+            "print(p.read_text())")
+    run = subprocess.run([sys.executable, "-c", code, "--rounds", "3"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    record = json.loads(run.stdout)
+    assert record["figures"] == {"tok_s": 1.5}
+    assert record["command"].endswith("--rounds 3")
+    assert record["date"][:2] == "20"
+    assert {"cpu", "cpu_flags", "cores", "torch", "torch_threads"} <= set(record["machine"])
