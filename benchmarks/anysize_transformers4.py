@@ -5,7 +5,6 @@ same numbers). Setup (outside the venv):
   .venv/bin/python -m pip install --no-deps --target /tmp/tf4 "transformers==4.57.*" "tokenizers==0.22.*" "huggingface_hub==0.36.*"
 Run: HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python benchmarks/anysize_transformers4.py [--tf4 /tmp/tf4]"""
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -14,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, "tests")
+import common  # noqa: E402  (the repository on sys.path)
+sys.path.insert(0, str(common.ROOT / "tests"))  # the tests' tiny models
 import conftest  # noqa: E402
 from helpers import random_any_size  # noqa: E402
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LOG = Path(os.environ.get("TMPDIR", "/tmp")) / "app_latency.log"
-sys.path.insert(0, str(ROOT))
+import common  # noqa: E402  (the repository on sys.path, the shared options)
 from acip_core.serving.explorer import message_text  # noqa: E402
 from load_test import listed_artifact  # noqa: E402  (this script's folder is on sys.path)
 
@@ -72,10 +72,11 @@ def chat_numbers(client, artifact: str, ratio: float, tokens: int, dtype: str) -
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("artifact", nargs="?", default="precomputed/smollm2-135m-instruct")
+    parser.add_argument("artifact", nargs="?", default=common.ARTIFACT)
     parser.add_argument("--port", type=int, default=7861)
     parser.add_argument("--chat-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="float32")
+    common.add_json(parser)
     args = parser.parse_args()
     from gradio_client import Client
 
@@ -103,9 +104,12 @@ def main() -> None:
                            api_name="/size")
             times.append(time.perf_counter() - t)
         chats = [chat_numbers(client, artifact, r, args.chat_tokens, args.dtype) for r in (1.0, 0.5)]
-        print(json.dumps(dict(artifact=args.artifact, server_up_s=round(server_up, 2), cold_start_s=round(cold, 2),
-                              warm_start_s=round(warm, 2), size_release_median_s=round(statistics.median(times), 3),
-                              size_release_max_s=round(max(times), 3), chat=chats), indent=1))
+        result = dict(artifact=args.artifact, server_up_s=round(server_up, 2), cold_start_s=round(cold, 2),
+                      warm_start_s=round(warm, 2), size_release_median_s=round(statistics.median(times), 3),
+                      size_release_max_s=round(max(times), 3), chat=chats)
+        print(json.dumps(result, indent=1))
+        if args.json is not None:
+            common.write_result("app_latency", result, args.json or None)
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -12,14 +12,12 @@ process (acip_core.evaluation.bench.speed, alternating, medians). Outputs are ch
 
 import argparse
 import json
-import os
 import statistics
-import sys
 
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import common  # noqa: E402,F401  (the repository on sys.path, the shared options)
 
 from acip_core.evaluation.bench import speed  # noqa: E402
 from acip_core.engine.layers import LowRankLinear  # noqa: E402
@@ -65,7 +63,7 @@ def packed_copy(model: nn.Module) -> nn.Module:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--artifact", default="precomputed/smollm2-135m-instruct")
+    common.add_artifact(parser)
     parser.add_argument("--size-ratio", type=float, default=0.5)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()

@@ -9,13 +9,11 @@ prints tokens/s and the perplexity of each.
 """
 
 import argparse
-import os
 import statistics
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import common  # noqa: E402,F401  (the repository on sys.path, the shared options)
 
 from acip_core.formats import kernels  # noqa: E402
 from acip_core.evaluation.bench import cpu_flags  # noqa: E402
@@ -26,7 +24,7 @@ from acip_core.artifacts.open import open_artifact  # noqa: E402
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--artifact", default="precomputed/smollm2-135m-instruct")
+    common.add_artifact(p)
     p.add_argument("--formats", default="bfloat16,int8,int4-g32")
     p.add_argument("--size-ratio", type=float, default=0.5)
     p.add_argument("--windows", type=int, default=8)

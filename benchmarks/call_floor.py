@@ -6,13 +6,11 @@ bytes read — `formats.CALL_BYTES`, the charge of the `fast` layout (benchmarks
     .venv/bin/python benchmarks/call_floor.py      # run alone: it measures memory bandwidth
 """
 
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import common  # noqa: E402,F401  (the repository on sys.path, the shared options)
 
 from acip_core.formats.core import Format, parse_format  # noqa: E402
 

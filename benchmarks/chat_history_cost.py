@@ -21,13 +21,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import common  # noqa: E402,F401  (the repository on sys.path, the shared options)
 
 
 def main() -> int:
     os.environ.setdefault("ACIP_PUBLIC", "1")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--artifact", default=str(ROOT / "precomputed" / "smollm2-135m-instruct"))
+    common.add_artifact(parser)
     parser.add_argument("--json")
     parser.add_argument("--prompt-only", metavar="MODEL_DIR",
                         help="only build the prompts, with this model folder's tokenizer and config (no "

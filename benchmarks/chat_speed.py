@@ -17,13 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import common  # noqa: E402,F401  (the repository on sys.path, the shared options)
 from acip_core.evaluation.bench import cpu_flags, timed_generate  # noqa: E402
 from acip_core.serving.explorer import Generation  # noqa: E402
 from acip_core.artifacts.open import open_artifact  # noqa: E402
@@ -47,7 +45,7 @@ def in_thread(model, tokenizer, ids, tokens: int, penalty: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--artifact", default="precomputed/smollm2-135m-instruct")
+    common.add_artifact(parser)
     parser.add_argument("--size-ratio", type=float, default=1.0)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)

@@ -12,16 +12,14 @@ and the one-time compile cost (paid again for every new size, since each size ha
 """
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import torch
 import torch._inductor.config
 from transformers import CompileConfig, StaticCache
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import common  # noqa: E402,F401  (the repository on sys.path, the shared options)
 
 from acip_core.evaluation.bench import timed_generate  # noqa: E402
 from acip_core.artifacts.open import open_artifact  # noqa: E402
@@ -48,7 +46,7 @@ def decode_tok_s(model, ids, new_tokens: int, compiled: bool) -> float:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--artifact", default="precomputed/smollm2-135m-instruct")
+    common.add_artifact(parser)
     parser.add_argument("--size-ratio", type=float, default=0.5)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)

@@ -25,6 +25,8 @@ import threading
 import time
 from pathlib import Path
 
+import common  # the repository on sys.path, the shared options
+
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ("Explain what a package manager does.", "Write a haiku about autumn.",
            "Give three tips for writing clear emails.", "What is the capital of France?")
@@ -32,7 +34,6 @@ PROMPTS = ("Explain what a package manager does.", "Write a haiku about autumn."
 
 def one(artifact: str, chats: int, tokens: int, ratio: float, ppl_windows: int) -> dict:
     """One configuration, in this process: N concurrent chats (+ a perplexity job)."""
-    sys.path.insert(0, str(ROOT))
     import torch
 
     from acip_core.serving.explorer import GATE, Explorer
@@ -72,12 +73,12 @@ def one(artifact: str, chats: int, tokens: int, ratio: float, ppl_windows: int) 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--artifact", default=str(ROOT / "precomputed" / "smollm2-135m-instruct"))
+    common.add_artifact(parser)
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--chats", default="1,2,4")
     parser.add_argument("--size-ratio", type=float, default=0.7)
     parser.add_argument("--ppl-windows", type=int, default=8, help="a perplexity job beside the chats (0: none)")
-    parser.add_argument("--json", help="write the rows here")
+    common.add_json(parser)
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child: one configuration
     args = parser.parse_args()
     if args.one:
@@ -96,7 +97,7 @@ def main() -> int:
                 print(f"slots={row['slots']} chats={n} ppl_windows={ppl}: aggregate {row['aggregate_tok_s']} tok/s, "
                       f"per chat {row['per_chat_tok_s']}, perplexity {row['ppl_seconds']} s", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(rows=rows, cpu=_cpu(), date=time.strftime("%Y-%m-%d")), indent=1))
+        common.write_result("concurrency", dict(rows=rows, cpu=_cpu(), date=time.strftime("%Y-%m-%d")), args.json or None)
     return 0
 
 

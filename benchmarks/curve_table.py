@@ -8,10 +8,8 @@ low-rank layer), so the parameter counts are printed too.
 """
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import common  # noqa: E402,F401  (the repository on sys.path, the shared options)
 
 from acip_core.artifacts.artifact import load_artifact  # noqa: E402
 from acip_core.evaluation.curve import curve_frame  # noqa: E402
@@ -21,7 +19,7 @@ BASELINES = ["whitened-magnitude", "uniform-whitened", "svd-magnitude"]
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--artifact", default="precomputed/smollm2-135m-instruct")
+    common.add_artifact(parser)
     parser.add_argument("--format", default="bfloat16")
     args = parser.parse_args()
     curve = curve_frame(load_artifact(args.artifact).curve)

@@ -7,13 +7,11 @@ not shrink with the size: it bounds the decode speed-up of a smaller model (see 
 """
 
 import argparse
-import os
-import sys
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import common  # noqa: E402,F401  (the repository on sys.path, the shared options)
 
 from acip_core.artifacts.open import open_artifact  # noqa: E402
 
@@ -37,7 +35,7 @@ def profile_decode(model, ids, new_tokens: int):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--artifact", default="precomputed/smollm2-135m-instruct")
+    common.add_artifact(parser)
     parser.add_argument("--size-ratio", type=float, default=0.5)
     parser.add_argument("--format", default="float32", help="a format key: float32, bfloat16, int8, int4-g32+emb8, ...")
     parser.add_argument("--new-tokens", type=int, default=32)

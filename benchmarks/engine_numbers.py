@@ -16,7 +16,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import common  # noqa: E402  (the repository on sys.path, the shared options)
 
 
 def load_seconds(cache: str) -> float:
@@ -48,7 +48,8 @@ def llama7b_threshold_ms(n=20) -> dict:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--artifact", default="precomputed/smollm2-135m-instruct")
+    common.add_artifact(parser)
+    common.add_json(parser)
     args = parser.parse_args()
     result = {}
     with tempfile.TemporaryDirectory() as cache:
@@ -83,6 +84,8 @@ def main():
             result[f"size_and_materialize_median_ms_{dtype}"] = 1e3 * statistics.median(total)
     result["threads"] = torch.get_num_threads()
     print(json.dumps(result, indent=1))
+    if args.json is not None:
+        common.write_result("engine_numbers", result, args.json or None)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ Run: HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python benchmarks/export_transforme
 import json, os, subprocess, sys, tempfile
 from pathlib import Path
 import torch
-sys.path.insert(0, "tests")
+import common  # noqa: E402  (the repository on sys.path)
+sys.path.insert(0, str(common.ROOT / "tests"))  # the tests' tiny models
 import conftest
 from helpers import random_any_size
 from acip_core.export.sized import export_dense, export_lowrank

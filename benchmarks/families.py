@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, "tests")
+import common  # noqa: E402  (the repository on sys.path)
+sys.path.insert(0, str(common.ROOT / "tests"))  # the tests' tiny models
 import conftest  # noqa: E402
 import test_families as tf  # noqa: E402
 from families import FAMILIES, tiny_family  # noqa: E402

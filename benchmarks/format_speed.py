@@ -2,22 +2,19 @@
 float32 original, measured in one process (alternating, after warm-up), plus the resident bytes.
 
     .venv/bin/python benchmarks/format_speed.py [--formats int8,int4-g32] [--sizes 0.5,0.7,0.9]
-Writes benchmarks/format_speed.json and prints a table. Run it on an idle machine (2 threads).
+Writes benchmarks/results/format_speed.json and prints a table. Run it on an idle machine (2 threads).
 Also: a new (size, format) in milliseconds (median of 50 random ratios, family already built), and
 the process RSS growth of materializing the 0.5 size in each format (tensors really int8/int4).
 """
 
 import argparse
-import json
-import os
 import random
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import common  # noqa: E402  (the repository on sys.path, the shared options)
 
 from acip_core.evaluation.bench import compare_speed, cpu_flags  # noqa: E402
 from acip_core.engine.materialize import count_bytes  # noqa: E402
@@ -31,13 +28,13 @@ def rss_mb() -> float:
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--artifact", default="precomputed/smollm2-135m-instruct")
+    common.add_artifact(p)
     p.add_argument("--formats", default="bfloat16,int8,int4-g32,int8+emb8,int4-g32+emb8")
     p.add_argument("--sizes", default="0.5,0.7,0.9")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=44)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--out", default="benchmarks/format_speed.json")
+    p.add_argument("--out", default="benchmarks/results/format_speed.json")
     args = p.parse_args()
     torch.set_num_threads(2)
     model = open_artifact(args.artifact)
@@ -68,8 +65,7 @@ def main():
                   f"= {res['decode_speedup']:.2f}x the {key} original ({res['decode_tok_s_original']:.1f}), "
                   f"{res['decode_speedup_vs_float32']:.2f}x the float32 original; "
                   f"{res['gb_compressed']:.3f} GB; new size {res['new_size_median_ms']:.1f} ms", flush=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
+    common.write_result("format_speed", out, args.out)
     print(f"cpu: {out['cpu_flags']}, {out['threads']} threads; wrote {args.out}")
 
 

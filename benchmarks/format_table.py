@@ -7,12 +7,10 @@ on the same windows as the pick are compared.
 """
 
 import argparse
-import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import common  # noqa: E402,F401  (the repository on sys.path, the shared options)
 
 from acip_core.artifacts.artifact import load_artifact  # noqa: E402
 from acip_core.evaluation.curve import best_for_budget, curve_frame, interpolate_ppl, pareto_frontier  # noqa: E402
@@ -21,7 +19,7 @@ from acip_core.artifacts.open import open_artifact  # noqa: E402
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--artifact", default="precomputed/smollm2-135m-instruct")
+    common.add_artifact(p)
     p.add_argument("--budgets", default="0.10,0.11,0.12,0.13,0.14,0.15,0.16,0.18,0.20,0.25,0.30,0.40,0.55")
     args = p.parse_args()
     curve = curve_frame(load_artifact(args.artifact).curve)

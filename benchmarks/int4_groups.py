@@ -5,10 +5,8 @@ the one with the best perplexity per byte; 576-wide inputs take groups of 64 whe
 """
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import common  # noqa: E402,F401  (the repository on sys.path, the shared options)
 
 from acip_core.sources.data import load_text, token_windows  # noqa: E402
 from acip_core.evaluation.evaluate import perplexity  # noqa: E402
@@ -17,7 +15,7 @@ from acip_core.artifacts.open import open_artifact  # noqa: E402
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--artifact", default="precomputed/smollm2-135m-instruct")
+    common.add_artifact(p)
     p.add_argument("--sizes", default="0.5,0.7,1.0")
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--data", default="corpus:heldout")

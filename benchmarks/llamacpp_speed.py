@@ -12,22 +12,19 @@ build died with "Illegal instruction" on an AVX-512 Xeon):
         .venv/bin/python -m pip install --no-deps --target /opt/llama-cpp llama-cpp-python==0.3.36 diskcache
     (add -DGGML_AVX512=ON on an AVX-512 CPU)
 Run on an idle machine:
-    PYTHONPATH=/opt/llama-cpp .venv/bin/python benchmarks/llamacpp_speed.py [--rounds 3] [--out benchmarks/llamacpp_speed.json]
+    PYTHONPATH=/opt/llama-cpp .venv/bin/python benchmarks/llamacpp_speed.py [--rounds 3] [--out benchmarks/results/llamacpp_speed.json]
 """
 
 import argparse
 import importlib.util
-import json
-import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import common  # noqa: E402  (the repository on sys.path, the shared options)
 
 from acip_core.evaluation.bench import cpu_flags, speed  # noqa: E402
 from acip_core.artifacts.open import open_artifact  # noqa: E402
@@ -78,13 +75,13 @@ class LlamaCpp:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--artifact", default="precomputed/smollm2-135m-instruct")
+    common.add_artifact(p)
     p.add_argument("--size-ratio", type=float, default=0.5)
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default="benchmarks/llamacpp_speed.json")
+    p.add_argument("--out", default="benchmarks/results/llamacpp_speed.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     any_size = open_artifact(args.artifact)
@@ -120,7 +117,7 @@ def main():
     report = dict(cpu=cpu, cpu_flags=cpu_flags(), threads=args.threads, torch=torch.__version__,
                   prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, rounds=args.rounds,
                   date=time.strftime("%Y-%m-%d"), rows=rows)
-    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    common.write_result("llamacpp_speed", report, args.out)
     f32 = rows["app float32 original"]["decode_tok_s"]
     print(f"{cpu} ({cpu_flags()}), {args.threads} threads, torch {torch.__version__}")
     print(f"| runner | decode tok/s | prefill tok/s | decode vs app float32 original |\n|---|---|---|---|")

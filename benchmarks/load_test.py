@@ -24,7 +24,6 @@ The test suite runs a small version (tests/test_load.py) on the tiny artifact.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import re
@@ -38,8 +37,10 @@ import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_ARTIFACT = ROOT / "precomputed" / "smollm2-135m-instruct"
+import common  # the repository on sys.path, the shared options
+
+ROOT = common.ROOT
+DEFAULT_ARTIFACT = Path(common.ARTIFACT)
 PROMPTS = ("What is the capital of France?", "Write a haiku about autumn.",
            "Give three tips for writing clear emails.")
 DEFAULT_RATIOS = (1.0, 0.75, 0.55, 0.4)
@@ -401,8 +402,6 @@ def explorer_cache_limit() -> int | None:
     try:
         import inspect
 
-        if str(ROOT) not in sys.path:
-            sys.path.insert(0, str(ROOT))
         from acip_core.serving.explorer import Explorer
         return inspect.signature(Explorer.open).parameters["cache_size"].default
     except Exception:
@@ -529,7 +528,6 @@ def strangers(app: AppProcess, req: Requests, prompt: str, log=print) -> dict:
     messages), (c) an upload flood (10 different 9 MB files from one address) and a file with NUL
     bytes, (d) markup strings as a prompt and as sweep sizes. Reports each attack's answer and
     time, and whether the visitor's chat came within VICTIM_FACTOR × quiet + VICTIM_SLACK_S."""
-    sys.path.insert(0, str(ROOT))
     from acip_core.serving.public import limits
 
     cap = limits({"ACIP_PUBLIC": "1"}).chat_messages
@@ -621,7 +619,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=120)
     parser.add_argument("--artifact", default=str(DEFAULT_ARTIFACT))
-    parser.add_argument("--json", help="write the report here")
+    common.add_json(parser)
     parser.add_argument("--ratios", default=",".join(map(str, DEFAULT_RATIOS)),
                         help="chat/slider sizes (budgets between them add more)")
     parser.add_argument("--bf16-ratio", type=float, default=0.55, help="one bfloat16 size (negative: none)")
@@ -636,7 +634,7 @@ def main() -> int:
                  seed=args.seed, public=args.public, exports_bytes=args.exports_mb * 1e6)
     print(summary(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+        common.write_result("load_test", report, args.json or None)
     strange = report.get("strangers") or {}
     failed = strange and not (strange["visitor_within_bound"] and strange["visitor_same_reply"])
     return 1 if report["errors"] or report["mismatches"] or report["server_tracebacks"] or failed else 0

@@ -22,12 +22,12 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import common  # noqa: E402,F401  (the repository on sys.path, the shared options)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--artifact", default=str(ROOT / "precomputed" / "smollm2-135m-instruct"))
+    common.add_artifact(parser)
     parser.add_argument("--messages", type=int, default=3000)
     parser.add_argument("--gradio-chatbot", action="store_true",
                         help="the panes as plain gr.Chatbot (Gradio's own refusal: the figure before the fix)")

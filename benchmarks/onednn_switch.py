@@ -6,12 +6,10 @@ For each dtype and each setting of torch.backends.mkldnn: prefill and decode tok
 """
 
 import argparse
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import common  # noqa: E402,F401  (the repository on sys.path, the shared options)
 
 from acip_core.evaluation.bench import speed  # noqa: E402
 from acip_core.artifacts.open import open_artifact  # noqa: E402
@@ -19,7 +17,7 @@ from acip_core.artifacts.open import open_artifact  # noqa: E402
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--artifact", default="precomputed/smollm2-135m-instruct")
+    common.add_artifact(parser)
     args = parser.parse_args()
     model = open_artifact(args.artifact)
     ids = torch.randint(100, len(model.tokenizer) - 1, (1, 256), generator=torch.Generator().manual_seed(0))

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import common  # noqa: E402,F401  (the repository on sys.path, the shared options)
 MiB = 2**20
 
 

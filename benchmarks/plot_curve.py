@@ -7,10 +7,9 @@ ACIP in every format, the original in each format, the frontier); needs Debian's
 
 import argparse
 import os
-import sys
 import tempfile
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import common  # noqa: E402,F401  (the repository on sys.path, the shared options)
 
 from acip_core.artifacts.artifact import load_artifact  # noqa: E402
 from acip_core.evaluation.plots import curve_figure, ppl_columns  # noqa: E402
@@ -22,7 +21,7 @@ TITLES = {"ppl_heldout": "held-out handbook text (in-domain)", "ppl_domain": "Py
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--artifact", default="precomputed/smollm2-135m-instruct")
+    common.add_artifact(parser)
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright
 

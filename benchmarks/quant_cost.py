@@ -11,10 +11,8 @@ Prints a markdown table per eval set (perplexity, the int size's ratio to its tw
 """
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import common  # noqa: E402,F401  (the repository on sys.path, the shared options)
 
 from acip_core.sources.data import load_text, token_windows  # noqa: E402
 from acip_core.evaluation.evaluate import perplexity  # noqa: E402
@@ -37,7 +35,7 @@ def twin_ranks(model, size):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--artifact", default="precomputed/smollm2-135m-instruct")
+    common.add_artifact(p)
     p.add_argument("--formats", default="int8,int4-g32")
     p.add_argument("--sizes", default="0.3:1.0:0.1")
     p.add_argument("--windows", type=int, default=16)

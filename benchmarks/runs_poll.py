@@ -11,12 +11,11 @@ three list() calls (one tick) with acip_core.serving.jobs, and with an older job
 import argparse
 import importlib.util
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import common  # noqa: E402,F401  (the repository on sys.path, the shared options)
 
 
 def make_runs(root: Path, n: int) -> None:

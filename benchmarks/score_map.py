@@ -6,12 +6,10 @@ Needs only the artifact's scores and the layer shapes in acip.json (no model, no
 """
 
 import argparse
-import os
 import re
-import sys
 from collections import defaultdict
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import common  # noqa: E402,F401  (the repository on sys.path, the shared options)
 
 from acip_core.artifacts.artifact import load_artifact  # noqa: E402
 from acip_core.engine.prune import LayerShape, RankIndex  # noqa: E402
@@ -19,7 +17,7 @@ from acip_core.engine.prune import LayerShape, RankIndex  # noqa: E402
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--artifact", default="precomputed/smollm2-135m-instruct")
+    common.add_artifact(parser)
     parser.add_argument("--size-ratio", type=float, default=None)
     args = parser.parse_args()
     artifact = load_artifact(args.artifact)

@@ -1,7 +1,7 @@
 """Every speed figure of the project, each as a ratio to its reference measured in the same run.
 
     .venv/bin/python benchmarks/speed.py [--artifact precomputed/smollm2-135m-instruct] [--quick]
-Prints a table and writes benchmarks/speed.json. Figures:
+Prints a table and writes benchmarks/results/speed.json. Figures:
 - decode / prefill tokens/s of sizes 0.5, 0.7, 0.9 vs the original (batch 1, KV cache, 256-token prompt,
   128 new tokens; fp32 and bf16; alternating after warm-up)
 - perplexity-evaluation throughput at 0.5 vs the original
@@ -11,17 +11,14 @@ Prints a table and writes benchmarks/speed.json. Figures:
 """
 
 import argparse
-import json
-import os
 import random
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import common  # noqa: E402  (the repository on sys.path, the shared options)
 
 from acip_core.evaluation.bench import compare_speed  # noqa: E402
 from acip_core.sources.data import load_text, token_windows  # noqa: E402
@@ -100,7 +97,7 @@ def any_size_latency(model, n=100):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--artifact", default="precomputed/smollm2-135m-instruct")
+    common.add_artifact(parser)
     parser.add_argument("--quick", action="store_true", help="fewer rounds and sizes")
     args = parser.parse_args()
     model = open_artifact(args.artifact)
@@ -132,8 +129,7 @@ def main():
     s = out["scoring_step"]
     print(f"scoring step: ACIP {s['acip_step_s']:.2f} s vs LoRA {s['lora_step_s']:.2f} s = "
           f"{s['acip_over_lora']:.2f}x", flush=True)
-    with open(os.path.join(os.path.dirname(__file__), "speed.json"), "w") as f:
-        json.dump(out, f, indent=1)
+    common.write_result("speed", out)
 
 
 if __name__ == "__main__":

@@ -8,15 +8,13 @@ Run it on an idle machine. Prints each variant's median step time and its losses
 """
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import common  # noqa: E402,F401  (the repository on sys.path, the shared options)
 
 from acip_core.training import train  # noqa: E402
 from acip_core.artifacts.artifact import load_artifact  # noqa: E402
@@ -42,7 +40,7 @@ def torch_composition(logits, targets, teacher_logits=None, temperature=1.0, lm=
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--artifact", default="precomputed/smollm2-135m-instruct")
+    common.add_artifact(p)
     p.add_argument("--size-ratio", type=float, default=0.8)
     p.add_argument("--objective", default="lm+kd")
     p.add_argument("--rounds", type=int, default=3)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import common  # noqa: E402,F401  (the repository on sys.path, the shared options)
 from acip_core.artifacts.artifact import load_artifact  # noqa: E402
 from acip_core.evaluation.curve import acip_curve  # noqa: E402
 from acip_core.sources.data import load_text, token_windows  # noqa: E402
