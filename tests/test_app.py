@@ -151,11 +151,13 @@ def test_budget_answers_for_every_dtype_and_picks_the_best(client, demo, tiny_ar
     assert (ratio, dtype, fitted) == (gr.skip(),) * 3 and "smaller than the smallest model" in answer
 
 
-def test_a_gigabyte_remainder_reads_in_mb_below_a_hundredth():
-    from acip_core.serving.studio import gigabytes
+def test_a_gigabyte_figure_reads_in_mb_below_a_hundredth_rounded_to_the_safe_side():
+    from acip_core.system.units import format_gb
 
-    assert gigabytes(0.00004) == "0.0 MB" and gigabytes(0.0042) == "4.2 MB" and gigabytes(0.25) == "0.250 GB"
-    assert gigabytes(1e308) == "1e+308 GB"  # a visitor's huge budget: not 309 digits
+    assert format_gb(0.0042) == "4.2 MB" and format_gb(0.25) == "0.250 GB"
+    assert format_gb(0.00004) == "0.1 MB" and format_gb(0.00004, left=True) == "0.0 MB"  # a need up, a rest down
+    assert format_gb(0.00426) == "4.3 MB" and format_gb(0.00426, left=True) == "4.2 MB"
+    assert format_gb(1e308) == "1e+308 GB"  # a visitor's huge budget: not 309 digits
 
 
 def test_chat_streams_text(client, demo, tiny_artifact):

@@ -316,7 +316,9 @@ def test_a_budget_below_every_measured_size_never_calls_its_answer_measured(expl
 
 def test_one_gb_format_everywhere():
     from acip_core.serving import studio
+    from acip_core.system.units import format_gb, gb_up
 
-    assert studio.gigabytes(0.38301) == "0.384 GB" and studio.gb_up(0.38301) == 0.384
-    assert studio.gigabytes(0.384) == "0.384 GB" and studio.gb_up(0.384) == 0.384
+    assert format_gb(0.38301) == "0.384 GB" and gb_up(0.38301) == 0.384
+    assert format_gb(0.384) == "0.384 GB" and gb_up(0.384) == 0.384
+    assert format_gb(0.38399, left=True) == "0.383 GB" and format_gb(0.384, left=True) == "0.384 GB"
     assert studio.slider_ratio(0.18999) == 0.189 and studio.slider_ratio(0.19) == 0.19
