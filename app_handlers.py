@@ -238,7 +238,7 @@ class Handlers:
         best, fits = answer["best"], answer["rows"]
         if best is None:
             return gr.skip(), gr.skip(), (f"⚠ {budget_gb:g} GB is smaller than the smallest model in every "
-                                          f"format ({text.gigabytes(min(f['smallest_gb'] for f in fits))} in "
+                                          f"format ({text.format_gb(min(f['smallest_gb'] for f in fits))} in "
                                           "the smallest): nothing moved."), gr.skip()
         ratio = text.slider_ratio(best["size_ratio"])  # rounded down: that slider value still fits the budget
         return ratio, best["dtype"], text.budget_text(float(budget_gb), answer), ratio
