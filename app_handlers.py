@@ -395,10 +395,9 @@ class Handlers:
         if public.is_public():
             raise gr.Error("Sharing on the hub is not offered on a public server: export, then push locally "
                            "(python -m acip_core push).")
-        ex = self.explorer(folder)
         dense = None if kind == ANY_SIZE_KIND else EXPORT_KINDS.get(kind, str(kind).startswith("dense"))
-        url = self.app.push(ex, ratio, dense, dtype, repo_id, token, private,  # checks repo id, token, network first
-                            on_stage=lambda stage: progress(None, desc=stage))
+        url = self.app.push(self.folder(folder), ratio, dense, dtype, repo_id, token, private,
+                            on_stage=lambda stage: progress(None, desc=stage))  # repo id, token, network first
         return f"Uploaded to the hub as `{str(repo_id).strip()}` ({public.md_escape(url)})."  # checked: user/name
 
     def _export_any_size(self, ex, dtype, progress, session=None):
@@ -461,11 +460,11 @@ class Handlers:
             data = str(public.accept_upload(upload))
         text.check_model_source(model or EMBEDDED)  # a bad hub id fails now, not after a minute of retries
         self.app.start_scoring(name, model=(model or EMBEDDED).strip(), data=data or DEFAULT_DATA,
-                            steps=check_int(steps, 1, None, "max scoring steps"), basis=basis,
-                            stop_ratio=float(stop_ratio), batch_size=check_int(batch_size, 1, None, "batch size"),
-                            seq_len=check_int(seq_len, 8, None, "tokens per sequence"),
-                            post_tune_steps=check_int(post_tune, 0, None, "post-tune steps"), checkpoint_every=10,
-                            owner=_who(token, request), targets=targets)
+                               steps=check_int(steps, 1, None, "max scoring steps"), basis=basis,
+                               stop_ratio=float(stop_ratio), batch_size=check_int(batch_size, 1, None, "batch size"),
+                               seq_len=check_int(seq_len, 8, None, "tokens per sequence"),
+                               post_tune_steps=check_int(post_tune, 0, None, "post-tune steps"), checkpoint_every=10,
+                               owner=_who(token, request), targets=targets)
         fig, line = self.run_view(name)
         return self.runs_frame(), gr.update(choices=self.app.run_names(), value=name), fig, line
 
@@ -532,9 +531,9 @@ class Handlers:
 def official_import(app: Studio, source, name, progress=gr.Progress()):
     """The "import an official ACIP model" box (local mode only): converts a hub id or a folder into
     precomputed/<name> (acip_core/artifacts/official.py), with progress; the artifact list then shows it."""
-    progress(0, desc=f"reading {str(source or '').strip()}")
-    name = app.import_official(source, name, on_progress=lambda stage, done, total: progress(done / total, desc=stage))
     source = str(source or "").strip()
+    progress(0, desc=f"reading {source}")
+    name = app.import_official(source, name, on_progress=lambda stage, done, total: progress(done / total, desc=stage))
     return f"Imported `{public.md_escape(source)}` as **{public.md_escape(name)}**: choose it in the artifact list."
 
 

@@ -263,17 +263,19 @@ class Studio:
 
         return zip_folder(folder, zip_path)
 
-    def push(self, ex: Explorer, ratio, dense: bool | None, dtype: str, repo_id: str, token, private: bool,
+    def push(self, folder: str, ratio, dense: bool | None, dtype: str, repo_id: str, token, private: bool,
              on_stage=lambda stage: None) -> str:
-        """Exports a size (dense or low-rank; dense=None: every size, as one any-size folder) and uploads
-        it to the hub as `repo_id`; the repository id, the token and the network are checked before any
-        work (export/push.py). Returns the repository's URL."""
+        """Exports a size of the artifact at `folder` (dense or low-rank; dense=None: every size, as one
+        any-size folder) and uploads it to the hub as `repo_id`; the repository id, the token and the
+        network are checked before any work, the artifact's load included (export/push.py). Returns the
+        repository's URL."""
         import tempfile
 
         from acip_core.export.push import check_push, push_folder
 
         repo_id = str(repo_id or "").strip()
         token = check_push(repo_id, token)
+        ex = self.explorer(folder)
         work = Path(tempfile.mkdtemp(prefix=".share-", dir=self.download_dir("exports")))
         try:
             on_stage("exporting")
