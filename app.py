@@ -15,15 +15,12 @@ import os
 import gradio as gr
 import pandas as pd
 
+from acip_core import DATA_CHOICES, DEFAULT_DATA, EMBEDDED, REPETITION_PENALTY, eval_set_label
 from acip_core.serving import public
 from acip_core.serving import studio as text
-from acip_core.evaluation.curve import eval_set_label
-from acip_core.sources.data import DATA_CHOICES, DEFAULT_DATA
-from acip_core.evaluation.evaluate import REPETITION_PENALTY
 from acip_core.serving.explorer import DTYPE_CHOICES, MAX_PROMPT_CHARS
-from acip_core.sources.models import EMBEDDED, cache_dir, pick_device
 from acip_core.serving.studio import Studio, StudioConfig
-from app_handlers import EXPLORE_VIEWS, EXPORT_KINDS, X_AXES, Handlers, lm_eval_tasks  # noqa: F401  (EXPORT_KINDS: tests)
+from app_handlers import EXPLORE_VIEWS, EXPORT_KINDS, X_AXES, Handlers  # noqa: F401  (EXPORT_KINDS: tests)
 from app_handlers import score_plan
 
 EXAMPLES = ["What is the capital of France?", "Explain what a package manager does, in two sentences.",
@@ -82,7 +79,7 @@ def TextChatbot(**kwargs) -> gr.Chatbot:
 def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
     """The whole UI for a StudioConfig (default: from the environment); wiring only."""
     h = Handlers(Studio(config or StudioConfig.from_env()))
-    offline_tasks, all_tasks = lm_eval_tasks()
+    offline_tasks, all_tasks = h.app.lm_eval_tasks()
     choices = h.app.artifact_choices()  # by name: never a server path (Studio.folder_of)
     lim = public.limits()
     # Gradio's cache (uploads, downloads) is cleaned of files older than lim.cache_seconds
@@ -219,7 +216,7 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
                 gr.Markdown("Start a new scoring run in the background (a separate process: it survives page "
                             "reloads). A finished run appears in the artifact list at the top. A run has two "
                             "phases: scoring (until the stop ratio or max steps) then post-tuning the LoRA. "
-                            f"Scoring runs on **{pick_device().type}** here. {public.describe(lim)}")
+                            f"Scoring runs on **{h.app.device_name()}** here. {public.describe(lim)}")
                 with gr.Row():
                     run_name = gr.Textbox(label="run name", placeholder="e.g. smollm2-quick (letters, digits, -_.)")
                     model = gr.Textbox(value=EMBEDDED, label="model", info="embedded default or hub id" if lim.public
@@ -262,7 +259,7 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
         demo.load(h.start, None, [artifact, status, ratio, metric] + explore_out, api_name="start",
                   show_progress="minimal").then(lambda f: gr.update(choices=h.app.artifact_choices(), value=f),
                                                 artifact, artifact_b, api_name=False)
-        demo.load(lambda: gr.update(choices=[r["name"] for r in h.app.jobs.list()]), None, runs, api_name="runs")
+        demo.load(lambda: gr.update(choices=h.app.run_names()), None, runs, api_name="runs")
         artifact.input(h.artifact, [artifact, ratio, x_axis, dtype], [status, metric, ratio, dtype] + explore_out,
                        api_name="artifact")
         # one selected size: every change of the slider (drag, keys, typed, budget) redraws everything
@@ -349,11 +346,10 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     demo = build_demo()
     studio = demo.handlers.app
-    public.clean_at_start(exports=studio.config.downloads / "exports", roots=[cache_dir(), studio.jobs.root,
-                                                                        studio.config.precomputed])
+    studio.clean_at_start()
     first = studio.default_artifact()[0]
     if first:  # start loading now, so the first visitor does not wait
-        demo.handlers.app.registry.start(first)
+        studio.preload(first)
     demo.queue(default_concurrency_limit=2, max_size=64 if public.is_public() else None).launch(
         server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
         server_port=int(os.environ.get("GRADIO_SERVER_PORT") or 7860), **launch_options())

@@ -12,20 +12,16 @@ import os
 import shutil
 import threading
 import time
-from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 
-from acip_core.evaluation import plots
+from acip_core import DEFAULT_DATA, EMBEDDED, Cancelled, curve_at, eval_set_label, ppl_columns, suggested_ratio
+from acip_core.evaluation import plots  # the app's figures: a view of evaluation results (.importlinter)
 from acip_core.serving import public
 from acip_core.serving import studio as text
-from acip_core.evaluation.curve import curve_at, eval_set_label, ppl_columns, suggested_ratio
-from acip_core.sources.data import DEFAULT_DATA
-from acip_core.evaluation.evaluate import Cancelled
 from acip_core.serving.explorer import (DTYPE_CHOICES, Explorer, check_history, check_int, check_message_count,
-                                clean_prompt, message_text)
-from acip_core.sources.models import EMBEDDED
+                                        clean_prompt, message_text)
 from acip_core.serving.studio import Studio
 
 log = logging.getLogger("acip_studio")
@@ -40,12 +36,6 @@ CHAT_UPDATE_S = 0.2  # streamed text reaches the page at most this often (see st
 EXPORT_KINDS = {"low-rank: smallest files (loads with trust_remote_code)": False,
                 "dense: original shapes, no memory saved (for compatibility)": True,
                 ANY_SIZE_KIND: None}
-
-
-def ex_formats(stored: str) -> list:
-    from acip_core.export.anysize import FORMATS
-
-    return list(FORMATS[stored])
 
 
 def toast(text) -> str:
@@ -144,13 +134,12 @@ class Handlers:
         return self.app.folder_of(value)
 
     def explorer(self, value) -> Explorer:
-        return self.app.registry.open_explorer(self.folder(value))
+        return self.app.explorer(self.folder(value))
 
     def _loading(self, value, progress):
         """Yields a status line while the named artifact loads, with a progress bar when the load has counts."""
         folder, first = self.folder(value), None
-        for line in self.app.registry.wait_lines(folder):
-            state = self.app.registry.loading(folder)
+        for line, state in self.app.loading_lines(folder):
             if progress is not None and state is not None and state.total:
                 first = first if first is not None else (state.done, time.perf_counter())  # the rate seen here
                 eta = text.eta_text(state.done - first[0], state.total - first[0], time.perf_counter() - first[1])
@@ -228,7 +217,7 @@ class Handlers:
         metric = metric if metric in ppl_columns(ex.curve) else None
         return plots.curve_figure(ex.curve, X_AXES.get(x_axis, "size_ratio"), dtype, metric, summary,
                                   pd.DataFrame([r for r in results or [] if r.get("artifact") == ex.name]),
-                                  title=f"{ex.name}: perplexity vs size", tuned=ex.tuned_sizes(self.app.jobs.tuned()))
+                                  title=f"{ex.name}: perplexity vs size", tuned=self.app.tuned_sizes(ex))
 
     @ui_errors
     def on_size(self, folder, ratio, x_axis, dtype, metric, results, fitted):
@@ -249,7 +238,7 @@ class Handlers:
         best, fits = answer["best"], answer["rows"]
         if best is None:
             return gr.skip(), gr.skip(), (f"⚠ {budget_gb:g} GB is smaller than the smallest model in every "
-                                          f"format ({text.gigabytes(min(f['smallest_gb'] for f in fits))} in "
+                                          f"format ({text.format_gb(min(f['smallest_gb'] for f in fits))} in "
                                           "the smallest): nothing moved."), gr.skip()
         ratio = text.slider_ratio(best["size_ratio"])  # rounded down: that slider value still fits the budget
         return ratio, best["dtype"], text.budget_text(float(budget_gb), answer), ratio
@@ -257,13 +246,8 @@ class Handlers:
     @ui_errors
     def artifact_b(self, folder_b):
         """Chat B's artifact: a tuned size moves B's slider to the size it was tuned at."""
-        from acip_core.artifacts.tuned import is_tuned, load_tuned
-
-        folder_b = self.folder(folder_b)
-        if not is_tuned(folder_b):
-            return gr.skip()
-        tuned = load_tuned(folder_b)
-        return float(tuned.meta["size"].get("target", tuned.size_ratio))
+        target = self.app.tuned_target(self.folder(folder_b))
+        return gr.skip() if target is None else target
 
     # -- chat -----------------------------------------------------------------------------------
     @ui_errors
@@ -408,50 +392,29 @@ class Handlers:
               progress=gr.Progress()):
         """Exports as the Export tab would and uploads the folder to the hub with the visitor's token
         (local mode only: a public server never uploads with a token typed into it)."""
-        import tempfile
-
-        from acip_core.export.push import check_push, push_folder
-
         if public.is_public():
             raise gr.Error("Sharing on the hub is not offered on a public server: export, then push locally "
                            "(python -m acip_core push).")
-        token = check_push(str(repo_id or "").strip(), token)  # before any work: repo id, token, network
-        ex = self.explorer(folder)
-        work = Path(tempfile.mkdtemp(prefix=".share-", dir=self.app.download_dir("exports")))
-        try:
-            progress(None, desc="exporting")
-            if kind == ANY_SIZE_KIND:
-                from acip_core.export.anysize import export_anysize
-
-                out = export_anysize(ex.any_size, work / "model", "bfloat16" if dtype == "bfloat16" else "float32",
-                                     curve=ex.curve, card=dict(artifact=ex.name))
-            else:
-                out = work / "model"
-                ex.export(ratio, out, dense=EXPORT_KINDS.get(kind, str(kind).startswith("dense")), dtype=dtype)
-            progress(None, desc="uploading")
-            url = push_folder(out, str(repo_id).strip(), token, bool(private))
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        dense = None if kind == ANY_SIZE_KIND else EXPORT_KINDS.get(kind, str(kind).startswith("dense"))
+        url = self.app.push(self.folder(folder), ratio, dense, dtype, repo_id, token, private,
+                            on_stage=lambda stage: progress(None, desc=stage))  # repo id, token, network first
         return f"Uploaded to the hub as `{str(repo_id).strip()}` ({public.md_escape(url)})."  # checked: user/name
 
     def _export_any_size(self, ex, dtype, progress, session=None):
         """The artifact as one any-size folder (export_anysize.py), zipped: float32 weights, or bfloat16
         ones when bfloat16 is selected (half the bytes; int sizes either way)."""
-        from acip_core.export.sized import zip_folder
-        from acip_core.export.anysize import export_anysize
-
         stored = "bfloat16" if dtype == "bfloat16" else "float32"
         name = f"{ex.name}-anysize-{stored}"
         work = self.app.download_dir("exports", session)
         progress(None, desc="writing every size and format (int4 codes: about a minute the first time)")
         start = time.perf_counter()
         try:
-            out = export_anysize(ex.any_size, work / name, stored, curve=ex.curve, card=dict(artifact=ex.name))
+            out = self.app.export_any_size(ex, work / name, stored)
             size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-            zipped = zip_folder(out, work / f"{name}.zip")
+            zipped = self.app.zip_folder(out, work / f"{name}.zip")
         finally:
             shutil.rmtree(work / name, ignore_errors=True)
-        return (f"Exported **every size** ({stored} weights; formats {', '.join(ex_formats(stored))}) in "
+        return (f"Exported **every size** ({stored} weights; formats {', '.join(self.app.any_size_formats(stored))}) in "
                 f"{time.perf_counter() - start:.1f} s: {size / 1e6:.1f} MB unzipped. Load the unzipped folder with "
                 "`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, size_ratio=0.6, "
                 "format=\"int4\")`, then `model.set_size(0.8)` or `model.set_size(budget_gb=0.2)` without "
@@ -459,16 +422,16 @@ class Handlers:
 
     # -- score ----------------------------------------------------------------------------------
     def runs_frame(self) -> pd.DataFrame:
-        return text.runs_frame(self.app.jobs.list())
+        return text.runs_frame(self.app.runs())
 
     def run_view(self, run: str | None):
         if not run:
             return plots.empty_figure("start a run, or pick one"), ""
         try:
-            status = self.app.jobs.status(run)
+            status = self.app.run_status(run)
         except ValueError:
             return plots.empty_figure("no such run"), ""
-        fig = plots.run_figure(self.app.jobs.history(run), status["stop_ratio"], title=f"run {run}")
+        fig = plots.run_figure(self.app.run_history(run), status["stop_ratio"], title=f"run {run}")
         line = f"**{run}**: {status['state']}: {public.md_escape(status['message'])}"  # visitors' strings: text
         if status["eta_s"] is not None:
             line += f" ETA ≤ {status['eta_s'] / 60:.1f} min"
@@ -479,12 +442,12 @@ class Handlers:
         if status["state"] in ("cancelled", "failed"):
             line += "  \n" + self.resume_note(run)
         if status["state"] == "failed":
-            line += f"\n\n```\n{self.app.jobs.output_tail(run, 8).replace('`', chr(0x2cb))}\n```"  # no fence escape
+            line += f"\n\n```\n{self.app.run_output_tail(run, 8).replace('`', chr(0x2cb))}\n```"  # no fence escape
         return fig, line
 
     def resume_note(self, run: str) -> str:
         """What Resume will do, said before it is pressed."""
-        step = text.checkpoint_step(self.app.jobs.folder(run))
+        step = self.app.resume_step(run)
         return (f"**Resume** continues after step {step} (its last checkpoint)." if step else
                 "**Resume** starts again at step 1: the run stopped before its first checkpoint.")
 
@@ -496,14 +459,14 @@ class Handlers:
         if upload:  # a visitor's own text: checked, kept once, the upload itself removed
             data = str(public.accept_upload(upload))
         text.check_model_source(model or EMBEDDED)  # a bad hub id fails now, not after a minute of retries
-        self.app.jobs.start(name, model=(model or EMBEDDED).strip(), data=data or DEFAULT_DATA,
-                            steps=check_int(steps, 1, None, "max scoring steps"), basis=basis,
-                            stop_ratio=float(stop_ratio), batch_size=check_int(batch_size, 1, None, "batch size"),
-                            seq_len=check_int(seq_len, 8, None, "tokens per sequence"),
-                            post_tune_steps=check_int(post_tune, 0, None, "post-tune steps"), checkpoint_every=10,
-                            owner=_who(token, request), targets=targets)
+        self.app.start_scoring(name, model=(model or EMBEDDED).strip(), data=data or DEFAULT_DATA,
+                               steps=check_int(steps, 1, None, "max scoring steps"), basis=basis,
+                               stop_ratio=float(stop_ratio), batch_size=check_int(batch_size, 1, None, "batch size"),
+                               seq_len=check_int(seq_len, 8, None, "tokens per sequence"),
+                               post_tune_steps=check_int(post_tune, 0, None, "post-tune steps"), checkpoint_every=10,
+                               owner=_who(token, request), targets=targets)
         fig, line = self.run_view(name)
-        return self.runs_frame(), gr.update(choices=[r["name"] for r in self.app.jobs.list()], value=name), fig, line
+        return self.runs_frame(), gr.update(choices=self.app.run_names(), value=name), fig, line
 
     @ui_errors
     def finetune_start(self, folder, ratio, dtype, objective, steps, token=None, request: gr.Request = None):
@@ -511,36 +474,29 @@ class Handlers:
         (the Score tab follows it; the tuned size joins the artifact list and the curve when done)."""
         public.check_may_score(token)
         folder = self.folder(folder)
-        ex = self.explorer(folder)
-        if ex.tuned:
-            raise gr.Error("This is already a tuned size: pick its artifact to fine-tune another size.")
-        size = ex.size(ratio)
-        if size.size_ratio >= 0.999:
-            raise gr.Error("The original (size 1.0) has nothing to recover: pick a smaller size first.")
-        if ex.any_size.size_at(size.prefix, dtype).dense_layers >= len(ex.any_size.targets):
-            raise gr.Error(f"At size {size.size_ratio:.3f} in {dtype} every layer runs its original weight "
-                           "(none is smaller factorized): nothing to fine-tune. Pick a smaller size.")
+        size = self.explorer(folder).size(ratio)
         steps = check_int(steps, 1, None, "steps")
         name = time.strftime(f"ft-{size.size_ratio:.2f}-{objective}-%Y%m%d-%H%M%S").replace("+", "")
-        self.app.jobs.start_finetune(name, str(folder), float(ratio), objective=objective, steps=steps,
-                                     format=dtype, owner=_who(token, request))
+        # what may be tuned is fine-tuning's rule (Studio.start_finetune asks it): its ValueError is the toast
+        self.app.start_finetune(name, folder, float(ratio), format=dtype, objective=objective, steps=steps,
+                                owner=_who(token, request))
         gr.Info(toast(f"Fine-tuning size {size.size_ratio:.3f} in {dtype} ({objective}, {steps} steps) as run "
                 f"{name}: follow it in the Score tab. When done, it is listed as an artifact and on the curve."))
-        return gr.update(choices=[r["name"] for r in self.app.jobs.list()], value=name)
+        return gr.update(choices=self.app.run_names(), value=name)
 
     @ui_errors
     def score_cancel(self, run, token=None, request: gr.Request = None):
         if not run:
             raise gr.Error("Pick a run first.")
-        self.app.jobs.cancel(run, who=_who(token, request))
+        self.app.cancel_run(run, who=_who(token, request))
         return (self.runs_frame(),) + self.run_view(run)
 
     @ui_errors
     def score_delete(self, run, token=None, request: gr.Request = None):
         if not run:
             raise gr.Error("Pick a run first.")
-        self.app.jobs.delete(run, who=_who(token, request))
-        return (self.runs_frame(), gr.update(choices=[r["name"] for r in self.app.jobs.list()], value=None),
+        self.app.delete_run(run, who=_who(token, request))
+        return (self.runs_frame(), gr.update(choices=self.app.run_names(), value=None),
                 *self.run_view(None))
 
     @ui_errors
@@ -549,7 +505,7 @@ class Handlers:
             raise gr.Error("Pick a run first.")
         public.check_may_score(token)
         note = self.resume_note(run)
-        self.app.jobs.resume(run, who=_who(token, request))
+        self.app.resume_run(run, who=_who(token, request))
         gr.Info(toast(note.replace("**", "")))
         return (self.runs_frame(),) + self.run_view(run)
 
@@ -558,7 +514,7 @@ class Handlers:
         they changed (re-sending choices would close a dropdown the user has open)."""
         known = dict(known or {})
         choices = self.app.artifact_choices()
-        folders, names = [f for _, f in choices], [r["name"] for r in self.app.jobs.list()]
+        folders, names = [f for _, f in choices], self.app.run_names()
         artifacts = gr.update(choices=choices) if folders != known.get("artifacts") else gr.skip()
         runs = gr.update(choices=names) if names != known.get("runs") else gr.skip()
         frame = self.runs_frame()
@@ -575,21 +531,9 @@ class Handlers:
 def official_import(app: Studio, source, name, progress=gr.Progress()):
     """The "import an official ACIP model" box (local mode only): converts a hub id or a folder into
     precomputed/<name> (acip_core/artifacts/official.py), with progress; the artifact list then shows it."""
-    import re
-
-    from acip_core.artifacts.official import import_official
-
-    if public.is_public():
-        raise ValueError("importing official ACIP models is available locally only")
-    source, name = str(source or "").strip(), str(name or "").strip()
-    if not source:
-        raise ValueError("give a hub id (e.g. MerantixMomentum/acip_llama31_8b) or a checkpoint folder")
-    name = name or source.rstrip("/").rsplit("/", 1)[-1]
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", name):
-        raise ValueError(f"artifact name {name!r}: use letters, digits and -_. (it becomes a folder)")
-    out = app.config.precomputed / name
+    source = str(source or "").strip()
     progress(0, desc=f"reading {source}")
-    import_official(source, out, on_progress=lambda stage, done, total: progress(done / total, desc=stage))
+    name = app.import_official(source, name, on_progress=lambda stage, done, total: progress(done / total, desc=stage))
     return f"Imported `{public.md_escape(source)}` as **{public.md_escape(name)}**: choose it in the artifact list."
 
 
@@ -608,46 +552,14 @@ def _who(token, request) -> str | None:
     return public.owner(token, getattr(request, "session_hash", None))
 
 
-def lm_eval_tasks() -> tuple[list[str], list[str]]:
-    """(offline tasks, all suggested tasks) from acip_core.evaluation.lmeval when it is there."""
-    try:
-        from acip_core.evaluation.lmeval import OFFLINE_TASKS, PAPER_TASKS
-        return list(OFFLINE_TASKS), list(OFFLINE_TASKS) + [t for t in PAPER_TASKS if t not in OFFLINE_TASKS]
-    except Exception:
-        return [], []
-
-
 def score_plan(model, batch_size, seq_len) -> str:
     """The Score tab's memory plan of the typed model and settings (acip_core/training/plan.py: from the config
     alone, no weights read), as Markdown; a problem is said in its place, never raised (a toast per
     keystroke would be noise)."""
-    from acip_core.training.plan import GiB, plan_scoring
-
     try:
         source = public.check_model((model or EMBEDDED).strip())
-        plan = plan_scoring(source, check_int(batch_size, 1, None, "batch size"),
-                            check_int(seq_len, 8, None, "tokens per sequence"),
-                            device=pick_device_type(), probe=False)
+        plan = Studio.plan_run(source, check_int(batch_size, 1, None, "batch size"),
+                               check_int(seq_len, 8, None, "tokens per sequence"))
     except Exception as err:  # noqa: BLE001 - any failure is the answer shown, not a crash
         return f"**Memory plan**: not available ({public.md_escape(str(err)[:300])})"
-    lines = [f"**Memory plan** of {public.md_escape(source)} at batch {plan.settings['batch_size']} × "
-             f"{plan.settings['seq_len']} tokens ({plan.settings['precision_used']}, on {plan.settings['device']}; "
-             "an estimate from the config, no weights read):"]
-    for where in plan.scoring_where:
-        phases = plan.phase_bytes(where)
-        avail = plan.available.get(where)
-        verdict = "" if avail is None else (f" of {avail / GiB:.1f} GiB free now: **fits**" if plan.needed(where) <= avail
-                                            else f" of {avail / GiB:.1f} GiB free now: **does not fit** (a start is refused)")
-        lines.append(f"- scoring needs **{plan.needed(where) / GiB:.2f} GiB** of {where.upper()}{verdict} "
-                     f"(steps {phases.get('steps', 0) / GiB:.2f}, first basis build {phases.get('basis build', 0) / GiB:.2f})")
-    big = sorted((t for t in plan.terms if "steps" in t.phases), key=lambda t: -t.bytes)[:4]
-    lines.append("- largest terms: " + ", ".join(f"{t.name} {t.bytes / GiB:.2f} GiB" for t in big))
-    lines.append(f"- serving it here afterwards: {plan.needed('ram', ('serve',)) / GiB:.2f} GiB "
-                 "(`python -m acip_core plan` lists every term)")
-    return "\n".join(lines)
-
-
-def pick_device_type() -> str:
-    from acip_core.sources.models import pick_device
-
-    return pick_device().type
+    return text.plan_text(source, plan)

@@ -151,11 +151,28 @@ def test_budget_answers_for_every_dtype_and_picks_the_best(client, demo, tiny_ar
     assert (ratio, dtype, fitted) == (gr.skip(),) * 3 and "smaller than the smallest model" in answer
 
 
-def test_a_gigabyte_remainder_reads_in_mb_below_a_hundredth():
-    from acip_core.serving.studio import gigabytes
+def test_fine_tuning_a_size_with_nothing_to_tune_says_fine_tunings_reason_and_starts_no_run(demo, tiny_artifact,
+                                                                                             monkeypatch):
+    """The handler restates no rule of fine-tuning: its own (finetune.check_tunable, asked by
+    Studio.start_finetune before a run is launched) answers at once, as a toast."""
+    warned, started = [], []
+    monkeypatch.setattr("app_handlers.gr.Warning", lambda m, **k: warned.append(m))
+    h = demo.handlers
+    monkeypatch.setattr(h.app.jobs, "start_finetune", lambda *a, **k: started.append((a, k)))
+    assert h.finetune_start(str(tiny_artifact), 1.0, "float32", "kd", 3) == gr.skip()
+    assert warned and "nothing to fine-tune" in warned[0] and not started
+    h.finetune_start(str(tiny_artifact), 0.4, "int8", "kd", 3)  # layers run factorized there: handed on
+    (name, folder, ratio), kw = started[0]
+    assert folder == str(tiny_artifact) and ratio == 0.4 and kw["format"] == "int8" and name.startswith("ft-0.")
 
-    assert gigabytes(0.00004) == "0.0 MB" and gigabytes(0.0042) == "4.2 MB" and gigabytes(0.25) == "0.250 GB"
-    assert gigabytes(1e308) == "1e+308 GB"  # a visitor's huge budget: not 309 digits
+
+def test_a_gigabyte_figure_reads_in_mb_below_a_hundredth_rounded_to_the_safe_side():
+    from acip_core.system.units import format_gb
+
+    assert format_gb(0.0042) == "4.2 MB" and format_gb(0.25) == "0.250 GB"
+    assert format_gb(0.00004) == "0.1 MB" and format_gb(0.00004, left=True) == "0.0 MB"  # a need up, a rest down
+    assert format_gb(0.00426) == "4.3 MB" and format_gb(0.00426, left=True) == "4.2 MB"
+    assert format_gb(1e308) == "1e+308 GB"  # a visitor's huge budget: not 309 digits
 
 
 def test_chat_streams_text(client, demo, tiny_artifact):

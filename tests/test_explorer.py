@@ -307,7 +307,7 @@ def test_a_budget_below_every_measured_size_never_calls_its_answer_measured(expl
     assert "No size that fits was measured" in words and "lowest perplexity" not in words
     small = answer["smallest_measured"]
     assert small["format"] == "float32" and small["size_ratio"] == pytest.approx(0.4, abs=0.01)
-    assert f"it needs {studio.gigabytes(small['gb'])}" in words
+    assert f"it needs {studio.format_gb(small['gb'])}" in words
     # the size named is the slider's value (rounded down to 3 decimals), never rounded up past it
     shown = studio.slider_ratio(answer["best"]["size_ratio"])
     assert f"size {shown:.3f} in {answer['best']['dtype']}" in words
@@ -316,7 +316,9 @@ def test_a_budget_below_every_measured_size_never_calls_its_answer_measured(expl
 
 def test_one_gb_format_everywhere():
     from acip_core.serving import studio
+    from acip_core.system.units import format_gb, gb_up
 
-    assert studio.gigabytes(0.38301) == "0.384 GB" and studio.gb_up(0.38301) == 0.384
-    assert studio.gigabytes(0.384) == "0.384 GB" and studio.gb_up(0.384) == 0.384
+    assert format_gb(0.38301) == "0.384 GB" and gb_up(0.38301) == 0.384
+    assert format_gb(0.384) == "0.384 GB" and gb_up(0.384) == 0.384
+    assert format_gb(0.38399, left=True) == "0.383 GB" and format_gb(0.384, left=True) == "0.384 GB"
     assert studio.slider_ratio(0.18999) == 0.189 and studio.slider_ratio(0.19) == 0.19

@@ -476,6 +476,24 @@ def test_a_hub_id_fails_fast_when_offline(monkeypatch):
         load_base("someone/some-model")
 
 
+def test_one_offline_check_per_concept_reads_every_spelling(monkeypatch):
+    """sources.models: hub_offline (models, uploads, imports, the Score tab's hub check) and
+    datasets_offline (hf: texts, lm-eval's paper tasks), each as its library reads its switch."""
+    from acip_core.serving.studio import check_model_source
+    from acip_core.sources.models import datasets_offline, hub_offline
+
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    for value, offline in (("1", True), ("true", True), ("YES", True), ("on", True), ("0", False), ("", False)):
+        monkeypatch.setenv("HF_HUB_OFFLINE", value)
+        assert hub_offline() is offline and datasets_offline() is offline, value
+    monkeypatch.setenv("HF_HUB_OFFLINE", "on")  # the spelling the Score tab's own check used to miss
+    with pytest.raises(ValueError, match="switched off"):
+        check_model_source("someone/no-such-model", reachable=lambda: True)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "on")  # datasets only: models may still come from the hub
+    assert datasets_offline() and not hub_offline()
+
+
 def test_a_session_over_its_hourly_quota_of_heavy_jobs_is_refused_and_others_are_not():
     now = [0.0]
     quota = public.SessionQuota(per_hour=3, clock=lambda: now[0])

@@ -32,6 +32,7 @@ from acip_core.formats.core import (Format, QuantEmbedding, QuantLinear, QuantLo
 from acip_core.engine.layers import LowRankLinear
 from acip_core.formats.kernels import Bf16Linear
 from acip_core.engine.prune import DEFAULT_SIZE_RULE, LayerShape, RankIndex, check_size_rule
+from acip_core.system.units import format_gb
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ class AnySizeModel:
         if prefix < 0:
             smallest = self.size_at(0, fmt).gigabytes
             raise ValueError(f"{gigabytes:g} GB is smaller than the smallest model "
-                             f"({smallest:.3f} GB in {fmt.key})")
+                             f"({format_gb(smallest)} in {fmt.key})")
         return self.size_at(prefix, fmt)
 
     def full_size(self, fmt: "Format | str" = "float32") -> Size:

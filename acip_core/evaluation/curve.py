@@ -15,6 +15,7 @@ import torch
 
 from acip_core.evaluation.evaluate import perplexity
 from acip_core.engine.materialize import AnySizeModel, Size
+from acip_core.system.units import format_gb
 
 log = logging.getLogger(__name__)
 
@@ -137,11 +138,6 @@ def spread(perplexity: float, nll_std: float, windows: int) -> tuple[float, floa
 
 
 # -- analytics over a measured curve ----------------------------------------------------------------
-def format_gb(gigabytes: float) -> str:
-    """GB with sensible rounding: MB below 0.01 GB."""
-    return f"{gigabytes * 1e3:.2f} MB" if gigabytes < 0.01 else f"{gigabytes:.3f} GB"
-
-
 def curve_frame(curve: pd.DataFrame | None) -> pd.DataFrame | None:
     """The curve with `format` and `gb` columns (curves written before formats existed were measured by
     the curve command in bfloat16: their rows are read as bfloat16, gb from gb_bfloat16)."""

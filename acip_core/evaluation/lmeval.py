@@ -16,16 +16,14 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import shutil
-import socket
 import tempfile
 import time
 from pathlib import Path
-from urllib.parse import urlparse
 
 from acip_core.evaluation.evaluate import Cancelled
 from acip_core.evaluation.tasks_build import ASSET_DIR, TASK_SPECS
+from acip_core.sources.models import datasets_offline, hub_reachable
 
 log = logging.getLogger(__name__)
 
@@ -59,22 +57,6 @@ def check_tasks(tasks: list[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _offline_mode() -> bool:
-    return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on")
-               for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub answers a TCP connect within `timeout` s (no retries)."""
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-_hub_reachable = hub_reachable
 
 
 def _unavailable(tasks: list[str], why: str) -> TaskUnavailableError:
@@ -150,7 +132,7 @@ def run_lm_eval(model, tokenizer, tasks: list[str], limit: int | None = None, ba
     """
     names = check_tasks(tasks)
     paper = [t for t in names if t in PAPER_TASKS]
-    if paper and not _offline_mode() and not _hub_reachable():
+    if paper and not datasets_offline() and not hub_reachable():
         raise _unavailable(paper, "the hub is not reachable (no internet?)")
     if limit is not None and int(limit) < 1:
         raise ValueError(f"limit must be a positive number of items, got {limit}")

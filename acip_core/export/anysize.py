@@ -36,6 +36,7 @@ from acip_core.export.sized import (CARD_FILE, CONFIG_FILE, EMBEDDED_HUB_ID, INF
                      write_generation_and_tokenizer)
 from acip_core.formats.core import Format, parse_format
 from acip_core.engine.materialize import AnySizeModel
+from acip_core.system.units import format_gb
 
 ANYSIZE_TEMPLATE = TEMPLATE.parent / "modeling_acip_anysize.py"
 ANYSIZE_MODULE = "modeling_acip_anysize.py"
@@ -253,13 +254,9 @@ def folder_bytes(folder: str | Path) -> dict:
 
 
 # -- the model card --------------------------------------------------------------------------------
-def _mb(nbytes: float) -> str:
-    return f"{nbytes / 1e9:.3f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.2f} MB"
-
-
 def model_card(any_size: AnySizeModel, info: dict, formats: list[Format], curve, card: dict, png: bool) -> str:
     """README.md: download once, choose later — how to choose, the sizes, the budgets, the provenance."""
-    from acip_core.evaluation.curve import best_for_budget, comparable_acip, format_gb, interpolate_ppl
+    from acip_core.evaluation.curve import best_for_budget, comparable_acip, interpolate_ppl
     from acip_core.sources.models import EMBEDDED
 
     meta = any_size.meta or {}
@@ -325,9 +322,9 @@ def model_card(any_size: AnySizeModel, info: dict, formats: list[Format], curve,
                 lines.append(f"| {b:g} | – | – | – | {err} |")
         lines.append("")
     lines += ["## What is in the folder", "",
-              f"- `model.safetensors`: {_mb(info['tensor_bytes'])} of tensors ({info['dtype']} weights). The original "
-              f"in float32 is {_mb(info['original_float32_bytes'])}; the official ACIP layout (full-rank factors "
-              f"plus the base model) would be about {_mb(info['official_layout_bytes'])}.",
+              f"- `model.safetensors`: {format_gb(info['tensor_bytes'] / 1e9)} of tensors ({info['dtype']} weights). The original "
+              f"in float32 is {format_gb(info['original_float32_bytes'] / 1e9)}; the official ACIP layout (full-rank factors "
+              f"plus the base model) would be about {format_gb(info['official_layout_bytes'] / 1e9)}.",
               "- Each compressed layer holds its two factors once, in score order with the LoRA merged, only "
               "the rows some size runs factorized (a layer whose factors would not be smaller runs its original "
               "weight, also stored), and the int codes a quantized size needs.",

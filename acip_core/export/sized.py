@@ -37,6 +37,7 @@ from acip_core.engine.layers import LowRankLinear
 from acip_core.evaluation.evaluate import REPETITION_PENALTY
 from acip_core.formats.core import parse_format
 from acip_core.engine.materialize import AnySizeModel, Size
+from acip_core.system.units import format_gb
 from acip_core.engine.parametrize import transposed_names
 
 TEMPLATE = Path(__file__).parent / "template" / "modeling_acip.py"
@@ -413,8 +414,7 @@ def model_card(any_size: AnySizeModel, size: Size, info: dict, card: dict) -> st
     front += ["---", ""]
     rows = [("size ratio (kept fraction of the compressed layers' parameters)", f"{size.size_ratio:.4f}"),
             ("parameters", f"{info['params']:,} (base model: {full:,})"),
-            ("weights", (f"{nbytes / 1e9:.3f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.2f} MB")
-             + f" in {dtype}"),
+            ("weights", f"{format_gb(nbytes / 1e9)} in {dtype}"),
             ("compressed layers", f"{info['factorized_layers']} of {info['target_layers']} factorized"
              + (" (multiplied out into dense weights in this folder)" if dense else ""))]
     if dense:

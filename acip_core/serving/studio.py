@@ -21,8 +21,10 @@ import pandas as pd
 
 from acip_core.serving import public
 from acip_core.evaluation.curve import eval_set_label
+from acip_core.serving.explorer import Explorer
 from acip_core.serving.jobs import ScoringJobs
 from acip_core.serving.registry import Registry, find_artifacts
+from acip_core.system.units import format_gb, gb_up  # noqa: F401  (gb_up: the app's budget box)
 
 # the "What am I looking at?" panel (its README references are section titles)
 HELP = """
@@ -158,6 +160,178 @@ class Studio:
         folder.mkdir(parents=True)
         return folder
 
+    # -- the verbs of the app's handlers: they call these, never the Studio's parts (.jobs, .registry)
+    # nor an Explorer's any-size model (the .importlinter contract "the app calls the serving layer")
+    def explorer(self, folder: str) -> Explorer:
+        """The loaded Explorer of an artifact folder (loads it, or waits for its load)."""
+        return self.registry.open_explorer(folder)
+
+    def preload(self, folder: str) -> None:
+        """Starts loading an artifact in the background (the first visitor then waits less)."""
+        self.registry.start(folder)
+
+    def loading_lines(self, folder: str):
+        """(status line, Loading or None: its counts) while the artifact at `folder` loads."""
+        for line in self.registry.wait_lines(folder):
+            yield line, self.registry.loading(folder)
+
+    def tuned_sizes(self, ex: Explorer) -> list[dict]:
+        """The tuned sizes of an explorer's artifact, the finished fine-tuning runs' included."""
+        return ex.tuned_sizes(self.jobs.tuned())
+
+    @staticmethod
+    def tuned_target(folder: str) -> float | None:
+        """The size a tuned size's artifact was tuned at (its target), or None for an untuned artifact."""
+        from acip_core.artifacts.tuned import is_tuned, load_tuned
+
+        if not is_tuned(folder):
+            return None
+        tuned = load_tuned(folder)
+        return float(tuned.meta["size"].get("target", tuned.size_ratio))
+
+    def clean_at_start(self) -> None:
+        """Removes what killed processes left in the downloads, the model cache, the runs and
+        precomputed (public.clean_at_start)."""
+        from acip_core.sources.models import cache_dir
+
+        public.clean_at_start(exports=self.config.downloads / "exports",
+                              roots=[cache_dir(), self.jobs.root, self.config.precomputed])
+
+    # runs (scoring and fine-tuning: serving/jobs.py)
+    def runs(self) -> list[dict]:
+        return self.jobs.list()
+
+    def run_names(self) -> list[str]:
+        return [r["name"] for r in self.jobs.list()]
+
+    def run_status(self, run: str) -> dict:
+        return self.jobs.status(run)
+
+    def run_history(self, run: str) -> pd.DataFrame:
+        return self.jobs.history(run)
+
+    def run_output_tail(self, run: str, lines: int = 20) -> str:
+        return self.jobs.output_tail(run, lines)
+
+    def resume_step(self, run: str) -> int | None:
+        """The step a stopped run's last checkpoint holds (Resume continues after it), or None."""
+        return checkpoint_step(self.jobs.folder(run))
+
+    def start_scoring(self, name: str, **settings) -> dict:
+        """A background scoring run (ScoringJobs.start: its settings and checks)."""
+        return self.jobs.start(name, **settings)
+
+    def start_finetune(self, name: str, folder: str, ratio: float, format: str, **settings) -> dict:
+        """A background fine-tuning run of one size of an artifact (ScoringJobs.start_finetune). A size
+        with nothing to tune is refused now, by fine-tuning's own rule (training/finetune.py
+        `check_tunable`), not by a run that fails a second later; a tuned size's artifact is refused
+        by start_finetune itself."""
+        from acip_core.training.finetune import check_tunable
+
+        ex = self.explorer(folder)
+        if not ex.tuned:
+            check_tunable(ex.any_size, ex.size(ratio), format)
+        return self.jobs.start_finetune(name, str(folder), float(ratio), format=format, **settings)
+
+    def cancel_run(self, run: str, who: str | None = None) -> dict:
+        return self.jobs.cancel(run, who=who)
+
+    def delete_run(self, run: str, who: str | None = None) -> None:
+        self.jobs.delete(run, who=who)
+
+    def resume_run(self, run: str, who: str | None = None) -> dict:
+        return self.jobs.resume(run, who=who)
+
+    # exports (export/)
+    @staticmethod
+    def any_size_formats(stored: str) -> list[str]:
+        """The formats an any-size folder of `stored` weights (float32 or bfloat16) offers."""
+        from acip_core.export.anysize import FORMATS
+
+        return list(FORMATS[stored])
+
+    @staticmethod
+    def export_any_size(ex: Explorer, out: Path, stored: str) -> Path:
+        """The explorer's artifact as one any-size folder (export/anysize.py) with its curve."""
+        from acip_core.export.anysize import export_anysize
+
+        return export_anysize(ex.any_size, out, stored, curve=ex.curve, card=dict(artifact=ex.name))
+
+    @staticmethod
+    def zip_folder(folder: Path, zip_path: Path) -> Path:
+        from acip_core.export.sized import zip_folder
+
+        return zip_folder(folder, zip_path)
+
+    def push(self, folder: str, ratio, dense: bool | None, dtype: str, repo_id: str, token, private: bool,
+             on_stage=lambda stage: None) -> str:
+        """Exports a size of the artifact at `folder` (dense or low-rank; dense=None: every size, as one
+        any-size folder) and uploads it to the hub as `repo_id`; the repository id, the token and the
+        network are checked before any work, the artifact's load included (export/push.py). Returns the
+        repository's URL."""
+        import tempfile
+
+        from acip_core.export.push import check_push, push_folder
+
+        repo_id = str(repo_id or "").strip()
+        token = check_push(repo_id, token)
+        ex = self.explorer(folder)
+        work = Path(tempfile.mkdtemp(prefix=".share-", dir=self.download_dir("exports")))
+        try:
+            on_stage("exporting")
+            out = work / "model"
+            if dense is None:
+                self.export_any_size(ex, out, "bfloat16" if dtype == "bfloat16" else "float32")
+            else:
+                ex.export(ratio, out, dense=dense, dtype=dtype)
+            on_stage("uploading")
+            return push_folder(out, repo_id, token, bool(private))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def import_official(self, source: str, name: str = "", on_progress=None) -> str:
+        """Converts an official ACIP checkpoint (hub id or folder) into precomputed/<name> (local mode
+        only: artifacts/official.py); the artifact list then shows it. Returns the name."""
+        import re
+
+        from acip_core.artifacts.official import import_official
+
+        if public.is_public():
+            raise ValueError("importing official ACIP models is available locally only")
+        source, name = str(source or "").strip(), str(name or "").strip()
+        if not source:
+            raise ValueError("give a hub id (e.g. MerantixMomentum/acip_llama31_8b) or a checkpoint folder")
+        name = name or source.rstrip("/").rsplit("/", 1)[-1]
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", name):
+            raise ValueError(f"artifact name {name!r}: use letters, digits and -_. (it becomes a folder)")
+        import_official(source, self.config.precomputed / name, on_progress=on_progress)
+        return name
+
+    # what the host offers
+    @staticmethod
+    def plan_run(model: str, batch_size: int, seq_len: int):
+        """The memory plan of a scoring run of `model` (training/plan.py: from the config alone, no
+        weights read) on this host's device."""
+        from acip_core.training.plan import plan_scoring
+
+        return plan_scoring(model, batch_size, seq_len, device=Studio.device_name(), probe=False)
+
+    @staticmethod
+    def lm_eval_tasks() -> tuple[list[str], list[str]]:
+        """(offline tasks, all suggested tasks) of evaluation/lmeval.py; ([], []) where it cannot load."""
+        try:
+            from acip_core.evaluation.lmeval import OFFLINE_TASKS, PAPER_TASKS
+        except Exception:  # noqa: BLE001 - the Measure tab then offers no task, the rest works
+            return [], []
+        return list(OFFLINE_TASKS), list(OFFLINE_TASKS) + [t for t in PAPER_TASKS if t not in OFFLINE_TASKS]
+
+    @staticmethod
+    def device_name() -> str:
+        """Where scoring runs here: "cuda" or "cpu"."""
+        from acip_core.sources.models import pick_device
+
+        return pick_device().type
+
 
 DOWNLOAD_GRACE_S = 600.0  # a visitor's newest download is kept this long whatever the size bound
 
@@ -206,9 +380,10 @@ def check_model_source(source: str, reachable=None) -> None:
 
     if isinstance(try_to_load_from_cache(source, "config.json"), str):
         return
-    if reachable is None:
-        from acip_core.evaluation.lmeval import hub_reachable as reachable
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    from acip_core.sources.models import hub_offline, hub_reachable
+
+    reachable = reachable or hub_reachable
+    offline = hub_offline()
     if offline or not reachable():
         raise ValueError(f"{source!r} is not in the local Hugging Face cache and the hub is "
                          f"{'switched off (HF_HUB_OFFLINE)' if offline else 'not reachable'}: download it "
@@ -230,23 +405,6 @@ def checkpoint_step(run_folder: Path) -> int | None:
 # -- texts ------------------------------------------------------------------------------------------
 def millions(n: int) -> str:
     return f"{n / 1e6:,.1f} M" if n >= 1e5 else f"{n:,}"
-
-
-def gigabytes(gb: float, up: bool = True) -> str:
-    """GB with 3 decimals, rounded up (gb_up: what a size needs; up=False rounds down: what is left);
-    MB below 0.01 GB (so a small remainder never reads "0.000 GB"); a huge number (a visitor's budget
-    of 1e308 GB) in short scientific form."""
-    if abs(gb) >= 1e6:
-        return f"{gb:.3g} GB"
-    if abs(gb) < 0.01:
-        return f"{gb * 1000:.1f} MB"
-    return f"{gb_up(gb):.3f} GB" if up else f"{math.floor(gb * 1000 + 1e-9) / 1000:.3f} GB"
-
-
-def gb_up(gb: float) -> float:
-    """GB rounded up to 3 decimals: the one GB format of the app (the badge, the tables and the budget
-    box: a need rounded up still holds the size when typed back as a budget)."""
-    return math.ceil(gb * 1000 - 1e-9) / 1000
 
 
 FINETUNE_HELP = (
@@ -289,8 +447,8 @@ def summary_frame(s: dict, at: dict, note: str = "") -> pd.DataFrame:
     rows = [("size ratio (target layers)", f"{s['size_ratio']:.4f}"),
             ("parameters", f"{millions(s['params'])} of {millions(s['original_params'])} "
                            f"({100 * s['params_fraction']:.1f} %)"),
-            (f"weights in {s['format']}", gigabytes(s["gb"])),
-            ("in every format", " · ".join(f"{k} {gigabytes(v)}" for k, v in s["gb_by_format"].items())),
+            (f"weights in {s['format']}", format_gb(s["gb"])),
+            ("in every format", " · ".join(f"{k} {format_gb(v)}" for k, v in s["gb_by_format"].items())),
             ("layers", f"{s['low_rank_layers']} low-rank · {s['dense_layers']} dense (of {s['layers']})"),
             ("kept singular values", f"{100 * s['kept_rank_fraction']:.1f} %")]
     if at.get("metric"):
@@ -309,7 +467,7 @@ def summary_frame(s: dict, at: dict, note: str = "") -> pd.DataFrame:
 def size_badge(s: dict, note: str = "") -> str:
     """One line, visible on every tab: the size that Chat (A), Measure, Sweep and Export use."""
     text = (f"**Selected size {s['size_ratio']:.3f}**: {millions(s['params'])} params, "
-            f"{gigabytes(s['gb'])} in {s['format']}")
+            f"{format_gb(s['gb'])} in {s['format']}")
     return text + (f"  \n⚠ {note}" if note else "")
 
 
@@ -327,13 +485,13 @@ def budget_text(budget_gb: float, answer: dict) -> str:
              "|---|---|---|---|---|"]
     for f in fits:
         if not f["fits"]:
-            lines.append(f"| {f['dtype']} | — | needs ≥ {gigabytes(f['smallest_gb'])} | | |")
+            lines.append(f"| {f['dtype']} | — | needs ≥ {format_gb(f['smallest_gb'])} | | |")
             continue
         # no perplexity: a size outside the curve's measured sizes
         ppl = f"≈ {f['perplexity']:.1f}" if f.get("perplexity") is not None else "not measured"
         mark = " **(best)**" if f.get("best") else ""
-        lines.append(f"| {f['dtype']}{mark} | **{slider_ratio(f['size_ratio']):.3f}** | {gigabytes(f['gb'])} | "
-                     f"{gigabytes(f['budget_left_gb'], up=False)} | {ppl} |")
+        lines.append(f"| {f['dtype']}{mark} | **{slider_ratio(f['size_ratio']):.3f}** | {format_gb(f['gb'])} | "
+                     f"{format_gb(f['budget_left_gb'], left=True)} | {ppl} |")
     best = answer.get("best")
     if best and answer.get("measured"):
         lines += ["", f"The slider moved to the best: size {slider_ratio(best['size_ratio']):.3f} in {best['dtype']}, "
@@ -341,7 +499,7 @@ def budget_text(budget_gb: float, answer: dict) -> str:
     elif best:
         small = answer.get("smallest_measured")
         need = (f" The smallest measured model is size {small['size_ratio']:.3f} in {small['format']}: it needs "
-                f"{gigabytes(small['gb'])}." if small else "")
+                f"{format_gb(small['gb'])}." if small else "")
         lines += ["", f"No size that fits was measured: the slider moved to the largest that fits, size "
                       f"{slider_ratio(best['size_ratio']):.3f} in {best['dtype']}, whose quality is unknown "
                       f"(an extrapolation, likely unusable).{need}"]
@@ -495,3 +653,25 @@ def runs_frame(runs: list[dict]) -> pd.DataFrame:
                          elapsed_s=None if r["seconds"] is None else round(r["seconds"]), ETA=eta))
     return pd.DataFrame(rows, columns=["run", "state", "step", "phase", "loss", "λ", "size_ratio",
                                        "elapsed_s", "ETA"])
+
+
+def plan_text(source: str, plan) -> str:
+    """The Score tab's memory plan of a model and settings (Studio.plan_run), as Markdown."""
+    from acip_core.training.plan import GiB
+
+    lines = [f"**Memory plan** of {public.md_escape(source)} at batch {plan.settings['batch_size']} × "
+             f"{plan.settings['seq_len']} tokens ({plan.settings['precision_used']}, on {plan.settings['device']}; "
+             "an estimate from the config, no weights read):"]
+    for where in plan.scoring_where:
+        phases = plan.phase_bytes(where)
+        avail = plan.available.get(where)
+        verdict = "" if avail is None else (f" of {avail / GiB:.1f} GiB free now: **fits**" if plan.needed(where) <= avail
+                                            else f" of {avail / GiB:.1f} GiB free now: **does not fit** (a start is refused)")
+        lines.append(f"- scoring needs **{plan.needed(where) / GiB:.2f} GiB** of {where.upper()}{verdict} "
+                     f"(steps {phases.get('steps', 0) / GiB:.2f}, first basis build {phases.get('basis build', 0) / GiB:.2f})")
+    big = sorted((t for t in plan.terms if "steps" in t.phases), key=lambda t: -t.bytes)[:4]
+    lines.append("- largest terms: " + ", ".join(f"{t.name} {t.bytes / GiB:.2f} GiB" for t in big))
+    lines.append(f"- serving it here afterwards: {plan.needed('ram', ('serve',)) / GiB:.2f} GiB "
+                 "(`python -m acip_core plan` lists every term)")
+    return "\n".join(lines)
+

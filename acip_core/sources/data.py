@@ -19,12 +19,11 @@ Anything else is a local text file, or `hf:NAME[:CONFIG][:SPLIT]` for a `dataset
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
-from acip_core.sources.models import hub_offline
+from acip_core.sources.models import datasets_offline
 
 CORPUS_DIR = Path(__file__).resolve().parents[2] / "assets" / "corpus"
 CORPUS_FILES = {"handbook": "debian_handbook.txt", "fortunes": "fortunes.txt", "pydoc": "pydoc_topics.txt",
@@ -93,7 +92,7 @@ def _load_hf(spec: str) -> str:
     parts = spec.split(":")
     name, config = parts[0], (parts[1] or None) if len(parts) > 1 else None
     split = parts[2] if len(parts) > 2 else "train"
-    if hub_offline() or os.environ.get("HF_DATASETS_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+    if datasets_offline():
         raise DataSourceError(f"hf:{spec} needs the internet (HF offline mode is set); "
                               "use a local text file or the offline corpus (corpus:train)")
     try:

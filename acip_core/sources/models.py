@@ -32,9 +32,21 @@ def cache_dir() -> Path:
     return path
 
 
+def _env_true(name: str) -> bool:
+    """An environment switch as huggingface_hub and datasets read theirs (1/true/yes/on, any case),
+    read now, not at import (tests and the app set them at run time)."""
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def hub_offline() -> bool:
-    """HF_HUB_OFFLINE as huggingface_hub reads it (1/true/yes/on), read now, not at import."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    """The one offline check of the hub (models, uploads, imports): HF_HUB_OFFLINE."""
+    return _env_true("HF_HUB_OFFLINE")
+
+
+def datasets_offline() -> bool:
+    """The one offline check of hub datasets (hf: texts, lm-eval's paper tasks): HF_DATASETS_OFFLINE,
+    or the whole hub offline (the datasets library follows HF_HUB_OFFLINE too)."""
+    return hub_offline() or _env_true("HF_DATASETS_OFFLINE")
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

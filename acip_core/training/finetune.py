@@ -142,6 +142,25 @@ def _frozen_factors(any_size: AnySizeModel, names: list, ranks: dict, fmt: Forma
     return frozen
 
 
+def factorized_targets(any_size: AnySizeModel, size: Size, fmt: Format) -> list[str]:
+    """The target layers that run factorized at `size` in `fmt` (the others run their original weight,
+    which has no LoRA to tune)."""
+    rank = any_size.lora_rank
+    return [n for n in any_size.targets
+            if not any_size.shapes[n].format_bytes(int(size.ranks[n]), rank, fmt)[1]]
+
+
+def check_tunable(any_size: AnySizeModel, size: Size, fmt: Format | str | None = None) -> None:
+    """Fine-tuning's rule: a size is tunable when its artifact has LoRA adapters and at least one of
+    its layers runs factorized in `fmt`. ValueError says why not (tunable_model enforces it; the app
+    asks it before it launches a run, serving/studio.py)."""
+    if not any_size.lora_rank:
+        raise ValueError("this artifact has no LoRA adapters to fine-tune")
+    if not factorized_targets(any_size, size, parse_format(fmt or Format())):
+        raise ValueError(f"no layer is factorized at size {size.size_ratio:.3f} (every one runs its original "
+                         "weight): nothing to fine-tune; choose a smaller size")
+
+
 def tunable_model(any_size: AnySizeModel, size: Size, adapters: dict, lora_alpha: float, dropout: float,
                   fmt: Format | None = None):
     """The size in `fmt` as a trainable module tree over the shared tensors; returns (model, {fqn: layer}).
@@ -151,19 +170,15 @@ def tunable_model(any_size: AnySizeModel, size: Size, adapters: dict, lora_alpha
     quantizes them; factors: _frozen_factors) and run by its kernel; activations stay float32
     (InFloat32). Nothing of the format's whole family is built: training holds only this size."""
     fmt = fmt or Format()
+    check_tunable(any_size, size, fmt)
     base, _ = any_size._family(Format() if fmt.quantized else fmt)
     rank = any_size.lora_rank
-    if not rank:
-        raise ValueError("this artifact has no LoRA adapters to fine-tune")
-    swap, factorized = {}, []
+    swap, factorized = {}, factorized_targets(any_size, size, fmt)
     for n in any_size.targets:
-        original, r = base.get_submodule(n), int(size.ranks[n])
-        if any_size.shapes[n].format_bytes(r, rank, fmt)[1]:
-            if fmt.quantized:  # the original weight in the format (no LoRA, App. D.3)
-                bias = None if original.bias is None else original.bias.detach().to(fmt.compute_dtype)
-                swap[id(original)] = InFloat32(QuantLinear(fmt.pack(original.weight), bias), fmt.compute_dtype)
-            continue
-        factorized.append(n)
+        original = base.get_submodule(n)
+        if n not in factorized and fmt.quantized:  # the original weight in the format (no LoRA, App. D.3)
+            bias = None if original.bias is None else original.bias.detach().to(fmt.compute_dtype)
+            swap[id(original)] = InFloat32(QuantLinear(fmt.pack(original.weight), bias), fmt.compute_dtype)
     frozen = _frozen_factors(any_size, factorized, {n: int(size.ranks[n]) for n in factorized}, fmt,
                              {n: getattr(base.get_submodule(n), "bias", None) for n in factorized})
     layers = {}
@@ -171,9 +186,6 @@ def tunable_model(any_size: AnySizeModel, size: Size, adapters: dict, lora_alpha
         layers[n] = TunableLowRank(frozen[n], adapters[f"{n}.lora_A"], adapters[f"{n}.lora_B"],
                                    lora_alpha / rank, dropout)
         swap[id(base.get_submodule(n))] = layers[n]
-    if not layers:
-        raise ValueError(f"no layer is factorized at size {size.size_ratio:.3f} (every one runs its original "
-                         "weight): nothing to fine-tune; choose a smaller size")
     if fmt.quantized and fmt.embeddings == "int8":  # the embedding / LM head in int8, as served
         swap.update({k: InFloat32(m, fmt.compute_dtype) for k, m in _quantized_embeddings(base, base, fmt).items()})
     for p in base.parameters():  # shared with the base: frozen (the explorer never trains them)
