@@ -19,8 +19,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from acip_core.sources.data import DATA_CHOICES
-from acip_core.sources.models import EMBEDDED, cache_dir
+from acip_core.sources.data import DATA_CHOICES, check_data, uploads_dir  # noqa: F401 (the policy's one face)
+from acip_core.sources.models import EMBEDDED
 from acip_core.system.disk import evict_oldest, remove_leftovers, remove_stale
 from acip_core.system.limits import GB, MB, Limits, describe, is_public, limits  # noqa: F401 (the policy's one face)
 
@@ -198,18 +198,6 @@ def may_control(run_owner: str | None, who: str | None) -> bool:
 
 
 # -- what a visitor may name --------------------------------------------------------------------
-def uploads_dir() -> Path:
-    """Where accepted calibration uploads are kept (bounded: limits().uploads_bytes)."""
-    return cache_dir() / "uploads"
-
-
-def _inside(path: Path, root: Path) -> bool:
-    try:
-        return path.resolve().is_relative_to(root.resolve())
-    except (OSError, RuntimeError):
-        return False
-
-
 def check_model(source, env=None) -> str:
     """A model field's value: in public mode only the embedded model or a hub id, never a server path.
     (Visitors name models only for scoring runs, so jobs.start checks here; an artifact's own model
@@ -225,17 +213,6 @@ def check_model(source, env=None) -> str:
                                                   or os.path.lexists(source) or (_REPO / source).exists()):
         raise ValueError(f"on this public Space a model is {EMBEDDED!r} or a Hugging Face id like "
                          "'HuggingFaceTB/SmolLM2-360M-Instruct'; server paths are not accepted")
-    return source
-
-
-def check_data(source, env=None) -> str:
-    """A text field's value: in public mode only an offered corpus name or an accepted upload."""
-    if not isinstance(source, str) or not source.strip():
-        raise ValueError(f"choose a text: one of {DATA_CHOICES} or an uploaded file")
-    source = source.strip()
-    if is_public(env) and source not in DATA_CHOICES and not _inside(Path(source), uploads_dir()):
-        raise ValueError(f"on this public Space the text is one of {DATA_CHOICES} or a file you upload; "
-                         "server paths and hf: datasets are not accepted")
     return source
 
 

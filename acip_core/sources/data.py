@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from acip_core.sources.models import datasets_offline
+from acip_core.sources.models import cache_dir, datasets_offline
+from acip_core.system.limits import is_public
 
 CORPUS_DIR = Path(__file__).resolve().parents[2] / "assets" / "corpus"
 CORPUS_FILES = {"handbook": "debian_handbook.txt", "fortunes": "fortunes.txt", "pydoc": "pydoc_topics.txt",
@@ -65,6 +66,30 @@ def _corpus_part(name: str, start: float, end: float) -> str:
     return text[a:b]
 
 
+# -- what a visitor may name (public mode: README "Public deployment") ---------------------------
+def uploads_dir() -> Path:
+    """Where accepted calibration uploads are kept (bounded: limits().uploads_bytes)."""
+    return cache_dir() / "uploads"
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError):
+        return False
+
+
+def check_data(source, env=None) -> str:
+    """A text field's value: in public mode only an offered corpus name or an accepted upload."""
+    if not isinstance(source, str) or not source.strip():
+        raise ValueError(f"choose a text: one of {DATA_CHOICES} or an uploaded file")
+    source = source.strip()
+    if is_public(env) and source not in DATA_CHOICES and not _inside(Path(source), uploads_dir()):
+        raise ValueError(f"on this public Space the text is one of {DATA_CHOICES} or a file you upload; "
+                         "server paths and hf: datasets are not accepted")
+    return source
+
+
 def load_text(source: str) -> str:
     """The text of a named corpus split, a local file, or an `hf:` dataset."""
     if source.startswith("corpus:"):
@@ -76,6 +101,8 @@ def load_text(source: str) -> str:
         raise DataSourceError(f"unknown corpus part {key!r}; choose one of {DATA_CHOICES}")
     if source == "corpus":
         return load_text(DEFAULT_DATA)
+    if is_public():  # the serving layer checks what a visitor names; this holds for any other caller
+        check_data(source)
     if source.startswith("hf:"):
         return _load_hf(source[3:])
     path = Path(source).expanduser()
