@@ -28,29 +28,42 @@ def _emit(args, result: dict, text: str) -> None:
 
 
 def _format_args(p, default="float32"):
-    from acip_core.formats.core import EMBEDDING_CHOICES, FORMAT_NAMES, INT4_GROUP_SIZES, LAYOUTS
+    from acip_core.formats.registry import FORMAT_NAMES, FAMILIES, EMBEDDING_CHOICES, LAYOUTS, parse_format
 
-    p.add_argument("--format", default=default, choices=FORMAT_NAMES,
-                   help="how the weights are stored: float32, bfloat16, int8 (per channel), int4 (groups); "
+    groups = sorted({g for f in FAMILIES.values() for g in f.group_sizes})
+
+    def key(text: str) -> str:  # a family name or a full key (formats/registry.py, the key grammar)
+        try:
+            parse_format(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return text
+
+    p.add_argument("--format", default=default, type=key, metavar="KEY",
+                   help=f"how the weights are stored: {', '.join(FORMAT_NAMES)}, or a full key such as "
+                        "int4-g32+fast or int8+emb8 (the options below, in one word); "
                         "default float32, or a tuned size's own format")
-    p.add_argument("--group-size", type=int, default=None, choices=INT4_GROUP_SIZES,
+    p.add_argument("--group-size", type=int, default=None, choices=groups,
                    help="int4 only: group length along the input axis (default 32, chosen by measurement)")
-    p.add_argument("--embeddings", default="native", choices=EMBEDDING_CHOICES,
-                   help="int8: quantize the embedding / LM head too (default: the compute dtype)")
-    p.add_argument("--layout", default="small", choices=LAYOUTS,
-                   help="int8/int4: small (fewest bytes, the default) or fast (a layer factorized only where "
-                        "two kernel calls beat one: never slower than the original, more bytes)")
+    p.add_argument("--embeddings", default=None, choices=EMBEDDING_CHOICES,
+                   help="quantized formats: int8 quantizes the embedding / LM head too (+emb8; default: "
+                        "the compute dtype)")
+    p.add_argument("--layout", default=None, choices=LAYOUTS,
+                   help="quantized formats: small (fewest bytes, the default) or fast (+fast: a layer "
+                        "factorized only where two kernel calls beat one: never slower than the original, "
+                        "more bytes)")
 
 
-def _fmt(args):
-    from acip_core.formats.core import parse_format
+def _format(args):
+    """The Format of --format (a key) and its option flags, or None when --format was not given."""
+    from acip_core.formats.registry import parse_format
 
     if args.format is None:
         if args.layout == "fast":
-            raise ValueError("only int8 / int4 have a fast layout: give --format int8 or --format int4")
+            raise ValueError("only the quantized formats have a fast layout: give --format int8 or --format int4")
         return None
-    return parse_format(args.format, args.group_size if args.format == "int4" else None, args.embeddings,
-                        args.layout)
+    grouped = bool(parse_format(args.format).family.group_sizes)  # --group-size means nothing to the others
+    return parse_format(args.format, args.group_size if grouped else None, args.embeddings, args.layout)
 
 
 def _size_args(p, budget=True, fmt_default=None):
@@ -149,7 +162,7 @@ def _open_method_size(args):
     """The model of --method and its size for --size-ratio / --budget-gb (or a tuned size's own)."""
     from acip_core.evaluation.baselines import open_sized
 
-    return open_sized(args.artifact, args.size_ratio, getattr(args, "budget_gb", None), _fmt(args),
+    return open_sized(args.artifact, args.size_ratio, getattr(args, "budget_gb", None), _format(args),
                       getattr(args, "method", "acip"))
 
 
@@ -212,7 +225,7 @@ def cmd_size_latency(args):
     for _ in range(args.n):
         r = rng.uniform(0.3, 1.0)
         start = time.perf_counter()
-        model.materialize(model.size_for_ratio(r, _fmt(args)), _fmt(args))
+        model.materialize(model.size_for_ratio(r, _format(args)), _format(args))
         times.append(time.perf_counter() - start)
     result = dict(n=args.n, median_ms=1e3 * statistics.median(times), max_ms=1e3 * max(times))
     _emit(args, result, f"size + materialize: median {result['median_ms']:.1f} ms over {args.n}")
@@ -254,7 +267,7 @@ def cmd_curve(args):
     calib = token_windows(tokenizer, load_text("corpus:train"), 128, 4)  # block-removal order: small, like IteRABRe
     remeasured = list(methods) + (["original"] if "acip" in methods else [])  # acip's rows bring the original's
     frames = [] if args.replace or artifact.curve is None else [curve_frame(artifact.curve)]
-    from acip_core.formats.core import parse_format
+    from acip_core.formats.registry import parse_format
 
     formats = [parse_format(f) for f in args.formats.split(",")]
     if frames:  # only the (method, format) pairs measured now are replaced
@@ -340,7 +353,7 @@ def cmd_push(args):
 def cmd_bench(args):
     from acip_core.evaluation.bench import compare_speed
 
-    fmt = _fmt(args)
+    fmt = _format(args)
     model, size = _open_method_size(args)
     result = compare_speed(model, size.size_ratio, fmt, args.prompt_tokens,
                            args.new_tokens, args.rounds)
@@ -362,7 +375,7 @@ def cmd_finetune(args):
 
     cfg = FinetuneConfig(**{f.name: getattr(args, f.name) for f in fields(FinetuneConfig)
                             if f.name != "format" and getattr(args, f.name, None) is not None},
-                         format=_fmt(args).key)
+                         format=_format(args).key)
     clock = []  # (time, step) of this process's first step: the ETA leaves out loading and warm-up
 
     def on_step(e):

@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from acip_core.formats.core import Format, parse_format  # noqa: E402
+from acip_core.formats.registry import Format, parse_format  # noqa: E402
 
 SHAPES = [(64, 576), (128, 576), (256, 576), (192, 576), (576, 576), (1536, 576),  # down factors, k/q/gate
           (576, 64), (576, 128), (576, 256), (1536, 256), (576, 1536)]  # up factors, down_proj

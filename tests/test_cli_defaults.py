@@ -14,7 +14,7 @@ from helpers import random_any_size
 def test_bench_runs_in_float32_and_another_format_as_text_and_json(tiny_llama, monkeypatch, capsys, fmt, as_json):
     """float32 has no separate float32 original (no `decode_tok_s_original_float32`): its summary must not
     ask for one; another format reports it. The real measurement, on a tiny model with tiny counts."""
-    from acip_core.formats.core import parse_format
+    from acip_core.formats.registry import parse_format
 
     any_size = random_any_size(tiny_llama)[0]
     monkeypatch.setattr(cli, "_open_method_size",

@@ -11,7 +11,7 @@ import pytest
 from safetensors import safe_open
 
 from acip_core.export.sized import LICENSE_FILE, export_lowrank
-from acip_core.formats.core import parse_format
+from acip_core.formats.registry import parse_format
 from acip_core.sources.models import EMBEDDED
 from helpers import random_any_size
 

@@ -19,7 +19,7 @@ import torch
 
 from acip_core.evaluation.evaluate import REPETITION_PENALTY
 from acip_core.export.sized import export_dense, export_lowrank
-from acip_core.formats.core import parse_format
+from acip_core.formats.registry import parse_format
 from helpers import random_any_size, random_ids
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -127,7 +127,8 @@ def test_a_size_tuned_in_int8_trains_over_quantized_factors_and_is_served_in_int
     from acip_core.sources.data import load_text, token_windows
     from acip_core.evaluation.evaluate import perplexity
     from acip_core.training.finetune import tunable_model
-    from acip_core.formats.core import Format, QuantLowRankLinear
+    from acip_core.formats.qweight import QuantLowRankLinear
+    from acip_core.formats.registry import Format
     from acip_core.evaluation.baselines import open_method
 
     any_size, artifact = open_method(tiny_artifact)

@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from acip_core.evaluation.curve import best_for_budget, interpolate_ppl, pareto_frontier
-from acip_core.formats.core import Format, QuantLinear, int4_balance, parse_format, quantize_int4, quantize_int8
+from acip_core.formats.int4 import int4_balance, quantize_int4
+from acip_core.formats.int8 import quantize_int8
+from acip_core.formats.qweight import QuantLinear
+from acip_core.formats.registry import Format, parse_format
 from acip_core.engine.layers import LowRankLinear
 from acip_core.engine.materialize import count_bytes
 from helpers import random_any_size, random_ids
@@ -400,7 +403,7 @@ def test_bf16_linear_multiplies_many_rows_in_float32_with_the_same_numbers(monke
 def test_int4_row_and_column_prefixes_are_the_repacked_prefixes():
     """The fast prefixes (slices of the packed bytes; AVX-512's last 32 rows of a block of 64 repacked)
     equal packing the prefix's codes from scratch, for every row count a size keeps (multiples of 32)."""
-    from acip_core.formats.core import _int4_cpu_block, _pack_int4
+    from acip_core.formats.int4 import _int4_cpu_block, _pack_int4
 
     assert _int4_cpu_block() in (32, 64)  # torch 2.13's AVX2 / AVX-512 layouts (else repacked: correct, slower)
     q = quantize_int4(torch.randn(200, 256, generator=torch.Generator().manual_seed(2)), 32)
@@ -431,7 +434,7 @@ def test_gb_view_draws_every_format_the_originals_and_the_frontier():
 
 
 def test_int4_codes_are_read_back_from_the_cpu_layout_and_not_kept():
-    from acip_core.formats.core import _int4_cpu_block, _pack_int4, _unpack_int4_cpu, quantize_int4
+    from acip_core.formats.int4 import _int4_cpu_block, _pack_int4, _unpack_int4_cpu, quantize_int4
 
     assert _int4_cpu_block() in (32, 64)  # torch's CPU layouts as documented in formats._unpack_int4_cpu
     for rows in (32, 96, 160):  # whole blocks, and AVX-512's smaller last block
@@ -455,7 +458,7 @@ def test_scaled_rows_are_the_same_codes_standing_for_scaled_rows():
 def test_int4_balance_lowers_the_output_error_of_the_up_factor():
     """`up`'s input with a steep second moment (as singular directions have): the balanced factors
     give the same float product and a smaller output error once `up` is rounded to int4."""
-    from acip_core.formats.core import int4_balance
+    from acip_core.formats.int4 import int4_balance
 
     torch.manual_seed(0)
     r, k, out = 64, 48, 80

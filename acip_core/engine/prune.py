@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from acip_core.formats.core import Format
+from acip_core.formats.registry import Format
 
 SIZE_RULES = ("acip-studio", "official")
 DEFAULT_SIZE_RULE = "acip-studio"

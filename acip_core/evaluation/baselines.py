@@ -27,7 +27,7 @@ from acip_core.engine.materialize import AnySizeModel, Size
 from acip_core.engine.prune import size_ratio as ratio_of
 from acip_core.evaluation.curve import DEFAULT_SIZES, size_row
 from acip_core.evaluation.evaluate import perplexity
-from acip_core.formats.core import parse_format
+from acip_core.formats.registry import parse_format
 from acip_core.sources.models import load_base
 
 log = logging.getLogger(__name__)

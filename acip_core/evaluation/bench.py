@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from acip_core.formats.core import parse_format
+from acip_core.formats.registry import parse_format
 from acip_core.engine.materialize import AnySizeModel
 
 

@@ -34,7 +34,7 @@ from acip_core.system.version import __version__
 from acip_core.export.sized import (CARD_FILE, CONFIG_FILE, EMBEDDED_HUB_ID, INFO_FILE, LICENSES, PAPER, TEMPLATE,
                      WEIGHTS_FILE, _check_target, _portable, _portable_config, _write_folder, public_name,
                      write_generation_and_tokenizer)
-from acip_core.formats.core import Format, parse_format
+from acip_core.formats.registry import Format, parse_format
 from acip_core.engine.materialize import AnySizeModel
 
 ANYSIZE_TEMPLATE = TEMPLATE.parent / "modeling_acip_anysize.py"

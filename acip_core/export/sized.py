@@ -35,7 +35,7 @@ from acip_core.system.version import __version__
 from acip_core.artifacts.artifact import atomic_file
 from acip_core.engine.layers import LowRankLinear
 from acip_core.evaluation.evaluate import REPETITION_PENALTY
-from acip_core.formats.core import parse_format
+from acip_core.formats.registry import parse_format
 from acip_core.engine.materialize import AnySizeModel, Size
 from acip_core.engine.parametrize import transposed_names
 
@@ -207,7 +207,7 @@ def _portable(q) -> dict:
 
 def _quantized_state_dict(model: torch.nn.Module, fmt):
     """(tensors, {fqn: rank} of the factorized layers, the config's acip_quant) of a quantized size."""
-    from acip_core.formats.core import QuantEmbedding, QuantLinear, QuantLowRankLinear
+    from acip_core.formats.qweight import QuantEmbedding, QuantLinear, QuantLowRankLinear
 
     tensors, ranks, dense, skip = {}, {}, [], set()
     emb = model.get_input_embeddings()

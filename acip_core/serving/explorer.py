@@ -27,7 +27,7 @@ from acip_core.artifacts.artifact import load_artifact
 from acip_core.evaluation.curve import curve_at, rank_for_budget, rule_text, smallest_measured, spread
 from acip_core.sources.data import load_text, token_windows
 from acip_core.evaluation.evaluate import REPETITION_PENALTY, Cancelled, perplexity
-from acip_core.formats.core import parse_format
+from acip_core.formats.registry import parse_format
 from acip_core.engine.materialize import AnySizeModel, Size
 from acip_core.serving.public import check_data, limits
 

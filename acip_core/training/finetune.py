@@ -24,7 +24,8 @@ from torch import nn
 from acip_core.artifacts.artifact import load_artifact
 from acip_core.sources.data import BatchStream, load_text, token_windows
 from acip_core.evaluation.evaluate import perplexity
-from acip_core.formats.core import Format, QuantLinear, QuantLowRankLinear, parse_format, zero_rows
+from acip_core.formats.qweight import QuantLinear, QuantLowRankLinear, zero_rows
+from acip_core.formats.registry import Format, parse_format
 from acip_core.engine.layers import LowRankLinear
 from acip_core.engine.materialize import AnySizeModel, Size, _clone_tree, _quantized_embeddings
 from acip_core.sources.models import load_base

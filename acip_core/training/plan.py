@@ -317,7 +317,7 @@ def plan_scoring(model: str, batch_size: int = 2, seq_len: int = 256, base_forma
     run over that many processes (`--fsdp`), each with batch_size / fsdp rows. `config`: a
     transformers config to use instead of reading `model`'s."""
     from acip_core.engine.basis import meta_basis
-    from acip_core.formats.core import parse_format
+    from acip_core.formats.registry import parse_format
     from acip_core.engine.parametrize import parametrize_, target_linears, train_only_masks_and_lora_
 
     for name, v in (("batch_size", batch_size), ("seq_len", seq_len), ("fsdp", fsdp)):
@@ -452,7 +452,7 @@ def _serve_terms(add, net, linears, k_of, lora_rank, P, W) -> None:
     factors in score order with the LoRA rows in front (float32), and each format family it builds:
     bfloat16 copies the tree and the factors; an int format holds the tree in bf16, the dense weights
     and the factors packed."""
-    from acip_core.formats.core import parse_format
+    from acip_core.formats.registry import parse_format
 
     rows = {n: k_of[n] + lora_rank for n in linears}
     factors32 = sum(4 * rows[n] * (m.in_features + m.out_features) for n, m in linears.items())

@@ -63,7 +63,7 @@ class ScoreConfig:
             raise ValueError(f"objective must be one of {OBJECTIVES}")
         if not 0.0 < self.temperature <= 100.0:
             raise ValueError("temperature must be in (0, 100]")
-        from acip_core.formats.core import parse_format
+        from acip_core.formats.registry import parse_format
 
         base = parse_format(self.base_format)  # raises on an unknown format
         if base.name == "bfloat16" or base.embeddings != "native" or base.layout != "small":
