@@ -66,7 +66,7 @@ def _format(args):
     return parse_format(args.format, args.group_size if grouped else None, args.embeddings, args.layout)
 
 
-def _size_args(p, budget=True, fmt_default=None):
+def _size_args(p, budget=True, format_default=None):
     p.add_argument("--artifact", required=True, help="artifact folder (e.g. precomputed/smollm2-135m-instruct), "
                                                      "or a tuned size's folder (its size is its own)")
     group = p.add_mutually_exclusive_group()
@@ -75,7 +75,7 @@ def _size_args(p, budget=True, fmt_default=None):
                             "official ACIP code's first name for it, the same value)")
     if budget:
         group.add_argument("--budget-gb", type=float, help="memory budget in GB (1e9 bytes) for the weights")
-    _format_args(p, fmt_default)
+    _format_args(p, format_default)
 
 
 def _size_dict(size, target) -> dict:
@@ -274,13 +274,13 @@ def cmd_curve(args):
         old = frames[0]
         keep = ~(old.method.isin(remeasured) & old.format.isin([f.key for f in formats]))
         frames = [old[keep]]
-    for fmt in formats:
+    for format in formats:
         for method in methods:
-            if method != "acip" and fmt.quantized:
+            if method != "acip" and format.quantized:
                 continue  # baselines are compared in float formats; quantization is ACIP's second axis
             start = time.perf_counter()
-            frames.append(method_curve(args.artifact, method, evals, sizes, fmt, args.batch_size, calib))
-            print(f"{method} {fmt.key}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+            frames.append(method_curve(args.artifact, method, evals, sizes, format, args.batch_size, calib))
+            print(f"{method} {format.key}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
             curve = pd.concat(frames, ignore_index=True)
             curve.attrs = {}
             write_curve(args.artifact, curve)  # after every line: an interrupted run keeps what it measured
@@ -353,11 +353,11 @@ def cmd_push(args):
 def cmd_bench(args):
     from acip_core.evaluation.bench import compare_speed
 
-    fmt = _format(args)
+    format = _format(args)
     model, size = _open_method_size(args)
-    result = compare_speed(model, size.size_ratio, fmt, args.prompt_tokens,
+    result = compare_speed(model, size.size_ratio, format, args.prompt_tokens,
                            args.new_tokens, args.rounds)
-    lines = [f"size {result['size_ratio']:.3f} vs original, {fmt.key}, {result['threads']} threads, batch 1:",
+    lines = [f"size {result['size_ratio']:.3f} vs original, {format.key}, {result['threads']} threads, batch 1:",
              f"  decode  {result['decode_tok_s_compressed']:8.1f} vs {result['decode_tok_s_original']:8.1f} tok/s"
              f"  = {result['decode_speedup']:.2f}x",
              f"  prefill {result['prefill_tok_s_compressed']:8.1f} vs {result['prefill_tok_s_original']:8.1f} tok/s"
@@ -512,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"default {getattr(ft_defaults, f.name)}", **kw)
 
     p = sub.add_parser("size", help="the size for a ratio or a memory budget")
-    _size_args(p, fmt_default=None)
+    _size_args(p, format_default=None)
     p.add_argument("--eval-set", default="heldout",
                    help="with --budget-gb and no --format: the curve's eval set that ranks the candidates")
     p = sub.add_parser("import-acip", help="convert an official ACIP checkpoint (hub or folder) into an artifact")

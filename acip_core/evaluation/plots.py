@@ -92,19 +92,19 @@ def curve_figure(curve: pd.DataFrame | None, x: str = "size_ratio", dtype: str =
         fig = go.Figure()
         data = curve[curve[metric].notna()]
         formats = list(dict.fromkeys(data[data.method == "acip"].format))
-        shown_fmt = dtype if dtype in formats else (formats[0] if formats else dtype)
+        shown_format = dtype if dtype in formats else (formats[0] if formats else dtype)
         if x == "size_ratio":  # ACIP in the selected format, baselines in theirs
-            lines = [(m, shown_fmt if m == "acip" else None) for m in dict.fromkeys(data.method) if m != "original"]
+            lines = [(m, shown_format if m == "acip" else None) for m in dict.fromkeys(data.method) if m != "original"]
         else:
             lines = [("acip", f) for f in formats]
         colors = method_colors(data.method)
-        for method, fmt in lines:
-            rows = data[(data.method == method) & ((data.format == fmt) if fmt else True)]
-            if fmt is None:  # a baseline: its first measured format
+        for method, format in lines:
+            rows = data[(data.method == method) & ((data.format == format) if format else True)]
+            if format is None:  # a baseline: its first measured format
                 rows = rows[rows.format == rows.format.iloc[0]] if len(rows) else rows
             rows = rows.sort_values("size_ratio")
-            name = method if x == "size_ratio" and method != "acip" else f"{method} {rows.format.iloc[0] if len(rows) else fmt}"
-            style, marker = _format_style(fmt) if method == "acip" else (dict(color=colors[method], width=2.5),
+            name = method if x == "size_ratio" and method != "acip" else f"{method} {rows.format.iloc[0] if len(rows) else format}"
+            style, marker = _format_style(format) if method == "acip" else (dict(color=colors[method], width=2.5),
                                                                           dict(symbol="circle"))
             fig.add_trace(go.Scatter(
                 x=_x_of(rows, x), y=rows[metric], mode="lines+markers", name=name, line=style,
@@ -113,7 +113,7 @@ def curve_figure(curve: pd.DataFrame | None, x: str = "size_ratio", dtype: str =
                 hovertemplate=f"{name}<br>size %{{customdata[0]:.3f}}<br>%{{customdata[1]:.4f}} GB"
                               "<br>perplexity %{y:.4g}<extra></extra>"))
         original = data[data.method == "original"]
-        ref_rows = original[original.format == shown_fmt] if len(original) else original
+        ref_rows = original[original.format == shown_format] if len(original) else original
         ref_rows = ref_rows if len(ref_rows) else original
         ref = float(ref_rows[metric].iloc[0]) if len(ref_rows) else None
         if ref is not None and x == "size_ratio":  # a trace, not add_hline (log axis units)
@@ -138,7 +138,7 @@ def curve_figure(curve: pd.DataFrame | None, x: str = "size_ratio", dtype: str =
                                   "<br>perplexity %{y:.4g}<extra></extra>"))
         fig.update_layout(xaxis_title=xlabel, yaxis=dict(type="log", title="perplexity (log)"))
         title = f"{title} · {eval_set_label(metric)}" if title else eval_set_label(metric)
-        acip = data[(data.method == "acip") & (data.format == shown_fmt)]
+        acip = data[(data.method == "acip") & (data.format == shown_format)]
         focus = list(data[data.method == "acip"][metric]) + ([ref] if ref is not None else [])
         if measured is not None and len(measured) and "perplexity" in measured:
             focus += list(measured.perplexity.dropna())

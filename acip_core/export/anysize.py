@@ -46,22 +46,22 @@ FORMATS = {"float32": ("float32", "bfloat16", "int8", "int4-g32"), "bfloat16": (
 CARD_RATIOS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
-def dense_from(shape, lora_rank: int, fmt: Format) -> int:
-    """The smallest rank at which the layer runs dense in `fmt` (prune.LayerShape.format_bytes: its bytes
+def dense_from(shape, lora_rank: int, format: Format) -> int:
+    """The smallest rank at which the layer runs dense in `format` (prune.LayerShape.format_bytes: its bytes
     grow with the rank, so from there on it stays dense); full_rank + 1 if never."""
     lo, hi = 0, shape.full_rank + 1
     while lo < hi:  # binary search over the monotone rule
         mid = (lo + hi) // 2
-        if shape.format_bytes(mid, lora_rank, fmt)[1]:
+        if shape.format_bytes(mid, lora_rank, format)[1]:
             hi = mid
         else:
             lo = mid + 1
     return lo
 
 
-def _kept(shape, lora_rank: int, fmt: Format, rank: int) -> int:
+def _kept(shape, lora_rank: int, format: Format, rank: int) -> int:
     keep = lora_rank + rank
-    return fmt.kept_rank(keep, shape.padded_rank(lora_rank, fmt)) if fmt.quantized else keep
+    return format.kept_rank(keep, shape.padded_rank(lora_rank, format)) if format.quantized else keep
 
 
 def layer_plan(any_size: AnySizeModel, formats: list[Format], dtype: str) -> dict:

@@ -94,31 +94,31 @@ def is_export(folder: str | Path) -> bool:
 # -- the export ------------------------------------------------------------------------------------
 def _export(any_size, size, out_dir, dtype, card, dense: bool) -> Path:
     # a Format or its key (float32, bfloat16, int8, int4-g32, ...); None: the size's own format
-    fmt = parse_format(dtype if dtype is not None else getattr(size, "format", "float32"))
-    if fmt.quantized and dense:
+    format = parse_format(dtype if dtype is not None else getattr(size, "format", "float32"))
+    if format.quantized and dense:
         raise ValueError(f"a dense export is a plain float checkpoint of the base architecture; "
-                         f"{fmt.key} is exported low-rank (quantized codes + remote code)")
-    dtype = "bfloat16" if fmt.quantized else fmt.key  # the compute dtype
-    if not isinstance(size, Size) or size.format != fmt:
-        size = any_size.size_for_ratio(float(getattr(size, "size_ratio", size)), fmt) \
-            if not isinstance(size, Size) else any_size.size_at(size.prefix, fmt)
+                         f"{format.key} is exported low-rank (quantized codes + remote code)")
+    dtype = "bfloat16" if format.quantized else format.key  # the compute dtype
+    if not isinstance(size, Size) or size.format != format:
+        size = any_size.size_for_ratio(float(getattr(size, "size_ratio", size)), format) \
+            if not isinstance(size, Size) else any_size.size_at(size.prefix, format)
     out = Path(out_dir).expanduser().absolute()
     _check_target(out)
     base_type = any_size.base.config.model_type
     if not dense and not base_type.isidentifier():
         raise ValueError(f"model_type {base_type!r} cannot be named in a class; use a dense export")
     quant = None
-    if fmt.quantized:
-        model = any_size.materialize(size, fmt)  # the app's very tensors: same codes, same kernels
-        tensors, ranks, quant = _quantized_state_dict(model, fmt)
+    if format.quantized:
+        model = any_size.materialize(size, format)  # the app's very tensors: same codes, same kernels
+        tensors, ranks, quant = _quantized_state_dict(model, format)
     else:
         model = any_size.materialize(size, "float32")  # shares the base's tensors; only read below
         tensors, ranks = _state_dict(model, TORCH_DTYPES[dtype], dense,
                                      transposed_names(any_size.base) if dense else ())
     # weights, not stored elements: int4 holds two codes a byte, and scales and zeros are no weights
-    params = size.params if fmt.quantized else sum(t.numel() for t in tensors.values())
+    params = size.params if format.quantized else sum(t.numel() for t in tensors.values())
     info = dict(format=EXPORT_FORMAT, kind="dense" if dense else "lowrank", dtype=dtype,
-                weights_format=fmt.key, weights_bytes=size.nbytes,
+                weights_format=format.key, weights_bytes=size.nbytes,
                 size_ratio=round(size.size_ratio, 6), params=params, runtime_params=size.params,
                 factorized_layers=len(ranks), target_layers=len(any_size.targets),
                 base_model=any_size.meta.get("model", {}).get("source"),
@@ -205,7 +205,7 @@ def _portable(q) -> dict:
     return {"qweight": (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous(), "scales": q.scales.contiguous()}
 
 
-def _quantized_state_dict(model: torch.nn.Module, fmt):
+def _quantized_state_dict(model: torch.nn.Module, format):
     """(tensors, {fqn: rank} of the factorized layers, the config's acip_quant) of a quantized size."""
     from acip_core.formats.qweight import QuantEmbedding, QuantLinear, QuantLowRankLinear
 
@@ -244,7 +244,7 @@ def _quantized_state_dict(model: torch.nn.Module, fmt):
             t = t.clone()  # safetensors refuses shared memory; views of the family's factors are copied
         storages.add(t.untyped_storage().data_ptr())
         out[k] = t
-    quant = dict(kind=fmt.name, group_size=fmt.group_size, embeddings=fmt.embeddings, dense=sorted(dense))
+    quant = dict(kind=format.name, group_size=format.group_size, embeddings=format.embeddings, dense=sorted(dense))
     return out, ranks, quant
 
 
@@ -308,12 +308,12 @@ def saved_params(folder: str | Path) -> int:
     return int((export_info(folder) or {}).get("params", 0))
 
 
-def card_from_curve(curve, size_ratio: float, fmt: str | None = None) -> dict:
+def card_from_curve(curve, size_ratio: float, format: str | None = None) -> dict:
     """Model card quality from an artifact's curve (curve.csv): the first eval set's perplexity at
     this size in this format (interpolated between measured sizes) and the original's; {} outside."""
     from acip_core.evaluation.curve import curve_at, eval_set_label
 
-    at = curve_at(curve, size_ratio, fmt=fmt)
+    at = curve_at(curve, size_ratio, format=format)
     if at["value"] is None:
         return {}
     card = dict(perplexity=at["value"],
@@ -489,18 +489,18 @@ def model_card(any_size: AnySizeModel, size: Size, info: dict, card: dict) -> st
     return "\n".join(lines)
 
 
-def tensor_layout(fmt_key: str) -> str:
+def tensor_layout(format_key: str) -> str:
     """How a factorized layer's tensors are named and shaped in model.safetensors (what _state_dict
     and _quantized_state_dict write)."""
-    fmt = parse_format(fmt_key)
-    if not fmt.quantized:
+    format = parse_format(format_key)
+    if not format.quantized:
         return ("`<layer>.down.weight` [rank, in] and `<layer>.up_t` [rank, out] (y = (x·downᵀ)·up_t, "
                 "+ `<layer>.bias`).")
-    codes = ("int8 codes" if fmt.name == "int8" else
+    codes = ("int8 codes" if format.name == "int8" else
              "int4 codes, two per byte, low nibble first (so [rows, in / 2])")
-    scales = ("`scales` [rows] (one per row)" if fmt.name == "int8" else
-              f"`scales` [in / {fmt.group_size}, rows, 2] (scale and zero per group of {fmt.group_size} inputs)")
-    pad = " (rows padded to a multiple of 32)" if fmt.name == "int4" else ""
+    scales = ("`scales` [rows] (one per row)" if format.name == "int8" else
+              f"`scales` [in / {format.group_size}, rows, 2] (scale and zero per group of {format.group_size} inputs)")
+    pad = " (rows padded to a multiple of 32)" if format.name == "int4" else ""
     return (f"`<layer>.down.qweight` [rank, in] and `<layer>.up.qweight` [out, rank]{pad}, {codes}, each with "
             f"{scales}; y = up(down(x)) (+ `<layer>.up.bias`).")
 
