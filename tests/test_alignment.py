@@ -114,10 +114,8 @@ def test_export_quant_linear_aligns_loaded_buffers_before_the_kernel(template, m
         ref = _int8_weight(64, 128)
         qweight, scales = ref.data, ref.scales
     else:
-        from acip_core.export.sized import _portable
-
         ref = parse_format("int4-g32").pack(torch.randn(64, 128, generator=torch.Generator().manual_seed(2)))
-        portable = _portable(ref)
+        portable = ref.portable()
         qweight, scales = portable["qweight"], portable["scales"]
     layer.qweight, layer.scales = misaligned(qweight, offset), misaligned(scales, offset)
     x = torch.randn(32, 128).to(torch.bfloat16)

@@ -208,7 +208,7 @@ def test_cli_export(tiny_llama, tmp_path, monkeypatch, capsys):
     import acip_core.cli
 
     monkeypatch.setattr(acip_core.cli, "_open_method_size",  # the folder "art" stands for any_size
-                        lambda args: (any_size, any_size.size_for_ratio(args.size_ratio, acip_core.cli._fmt(args))))
+                        lambda args: (any_size, any_size.size_for_ratio(args.size_ratio, acip_core.cli._format(args))))
     monkeypatch.setattr(acip_core.artifacts.artifact, "load_artifact", lambda folder: types.SimpleNamespace(curve=curve))
     out = tmp_path / "cli"
     assert main(["export", "--artifact", "art", "--size-ratio", "0.5", "--out", str(out), "--json"]) == 0

@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 
 from acip_core.system.version import __version__
 from acip_core.export.sized import (CARD_FILE, CONFIG_FILE, EMBEDDED_HUB_ID, INFO_FILE, LICENSES, PAPER, TEMPLATE,
-                     WEIGHTS_FILE, _check_target, _portable, _portable_config, _write_folder, public_name,
+                     WEIGHTS_FILE, _check_target, _portable_config, _write_folder, public_name,
                      write_generation_and_tokenizer)
 from acip_core.formats.registry import Format, parse_format
 from acip_core.engine.materialize import AnySizeModel
@@ -130,9 +130,9 @@ def _tensors(any_size: AnySizeModel, plan: dict, formats: list[Format], dtype: s
                          "weight": (dense.data, dense.scales)}
             else:
                 g = f.group_for(original.in_features)
-                parts = {} if int8_codes == "computed" else {"weight": _portable(dense)}  # else rounded at load
-                parts["down"] = _portable(qdown.rows(q)) if q else _empty_int4(0, original.in_features, g)
-                parts["up"] = _portable(qup.cols(q)) if q else \
+                parts = {} if int8_codes == "computed" else {"weight": dense.portable()}  # else rounded at load
+                parts["down"] = qdown.rows(q).portable() if q else _empty_int4(0, original.in_features, g)
+                parts["up"] = qup.cols(q).portable() if q else \
                     _empty_int4(-(-original.out_features // 32) * 32, 0, qup.group_size)
                 parts = {k: (v["qweight"], v["scales"]) for k, v in parts.items()}
             for part, (codes, scales) in parts.items():

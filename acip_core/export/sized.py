@@ -196,15 +196,6 @@ def _state_dict(model: torch.nn.Module, dtype: torch.dtype, dense: bool, transpo
     return tensors, ranks
 
 
-def _portable(q) -> dict:
-    """A QWeight as the tensors modeling_acip.QuantLinear loads: int8 codes, or int4 codes two per
-    byte (low nibble first), and the scales (int4: scale and zero per group)."""
-    if q.kind == "int8":
-        return {"qweight": q.data.contiguous(), "scales": q.scales.contiguous()}
-    codes = q.codes().to(torch.uint8)
-    return {"qweight": (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous(), "scales": q.scales.contiguous()}
-
-
 def _quantized_state_dict(model: torch.nn.Module, format):
     """(tensors, {fqn: rank} of the factorized layers, the config's acip_quant) of a quantized size."""
     from acip_core.formats.qweight import QuantEmbedding, QuantLinear, QuantLowRankLinear
@@ -215,18 +206,18 @@ def _quantized_state_dict(model: torch.nn.Module, format):
         if isinstance(m, QuantLowRankLinear):
             ranks[name] = m.rank
             for part, q in (("down", m.down), ("up", m.up)):
-                tensors.update({f"{name}.{part}.{k}": v for k, v in _portable(q).items()})
+                tensors.update({f"{name}.{part}.{k}": v for k, v in q.portable().items()})
             if m.bias is not None:
                 tensors[f"{name}.up.bias"] = m.bias
             skip.add(name)
         elif isinstance(m, QuantEmbedding):
-            tensors.update({f"{name}.table.{k}": v for k, v in _portable(m.qweight).items()})
+            tensors.update({f"{name}.table.{k}": v for k, v in m.qweight.portable().items()})
             skip.add(name)
         elif isinstance(m, QuantLinear):
             skip.add(name)
             if isinstance(emb, QuantEmbedding) and m.qweight is emb.qweight:
                 continue  # the tied head: modeling_acip.QuantHead reads the embedding's codes
-            tensors.update({f"{name}.{k}": v for k, v in _portable(m.qweight).items()})
+            tensors.update({f"{name}.{k}": v for k, v in m.qweight.portable().items()})
             if m.bias is not None:
                 tensors[f"{name}.bias"] = m.bias
             if name != next((n for n, x in model.named_modules() if x is model.get_output_embeddings()), None):
@@ -244,7 +235,7 @@ def _quantized_state_dict(model: torch.nn.Module, format):
             t = t.clone()  # safetensors refuses shared memory; views of the family's factors are copied
         storages.add(t.untyped_storage().data_ptr())
         out[k] = t
-    quant = dict(kind=format.name, group_size=format.group_size, embeddings=format.embeddings, dense=sorted(dense))
+    quant = dict(format.export_quant(), dense=sorted(dense))  # the template's loader: KINDS[kind]
     return out, ranks, quant
 
 
@@ -492,17 +483,7 @@ def model_card(any_size: AnySizeModel, size: Size, info: dict, card: dict) -> st
 def tensor_layout(format_key: str) -> str:
     """How a factorized layer's tensors are named and shaped in model.safetensors (what _state_dict
     and _quantized_state_dict write)."""
-    format = parse_format(format_key)
-    if not format.quantized:
-        return ("`<layer>.down.weight` [rank, in] and `<layer>.up_t` [rank, out] (y = (x·downᵀ)·up_t, "
-                "+ `<layer>.bias`).")
-    codes = ("int8 codes" if format.name == "int8" else
-             "int4 codes, two per byte, low nibble first (so [rows, in / 2])")
-    scales = ("`scales` [rows] (one per row)" if format.name == "int8" else
-              f"`scales` [in / {format.group_size}, rows, 2] (scale and zero per group of {format.group_size} inputs)")
-    pad = " (rows padded to a multiple of 32)" if format.name == "int4" else ""
-    return (f"`<layer>.down.qweight` [rank, in] and `<layer>.up.qweight` [out, rank]{pad}, {codes}, each with "
-            f"{scales}; y = up(down(x)) (+ `<layer>.up.bias`).")
+    return parse_format(format_key).tensor_layout()
 
 
 def tuned_lines(tuned: dict | None) -> list[str]:
