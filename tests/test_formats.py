@@ -424,12 +424,12 @@ def test_gb_view_draws_every_format_the_originals_and_the_frontier():
     curve = _hand_curve()
     curve["gb"] = curve.size_ratio * curve.format.map({"float32": 4, "int8": 1, "int4-g32": 0.5})
     curve = pd.concat([curve, curve[curve.size_ratio == 1.0].assign(method="original")], ignore_index=True)
-    fig = curve_figure(curve, x="gb", dtype="int8", current=dict(size_ratio=0.7, gb=0.7))
+    fig = curve_figure(curve, x="gb", format="int8", current=dict(size_ratio=0.7, gb=0.7))
     names = [t.name for t in fig.data]
     assert {"acip float32", "acip int8", "acip int4-g32"} <= set(names)
     assert "original (each format)" in names and "best for each budget (frontier)" in names
     assert "current size" in names  # on the int8 line at 0.7 GB
-    ratio_view = curve_figure(curve, x="size_ratio", dtype="int4-g32")
+    ratio_view = curve_figure(curve, x="size_ratio", format="int4-g32")
     assert [t.name for t in ratio_view.data if t.name.startswith("acip")] == ["acip int4-g32"]
 
 

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from acip_core.formats.registry import parse_format
+from acip_core.formats.registry import Format, parse_format
 from acip_core.engine.materialize import AnySizeModel
 
 
@@ -53,7 +53,7 @@ def compare_speed(any_size: AnySizeModel, size_ratio: float, format="float32", p
     size = any_size.size_for_ratio(size_ratio, format)
     models = {"original": any_size.materialize(any_size.original_size(format), format),
               "compressed": any_size.materialize(size, format)}
-    if format.key != "float32":
+    if format != Format():  # the float32 reference
         models["original_float32"] = any_size.materialize(any_size.original_size(), "float32")
     vocab = len(any_size.tokenizer)
     ids = torch.randint(100, vocab - 1, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))

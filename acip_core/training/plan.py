@@ -452,7 +452,7 @@ def _serve_terms(add, net, linears, k_of, lora_rank, P, W) -> None:
     factors in score order with the LoRA rows in front (float32), and each format family it builds:
     bfloat16 copies the tree and the factors; an int format holds the tree in bf16, the dense weights
     and the factors packed."""
-    from acip_core.formats.registry import parse_format
+    from acip_core.formats.registry import FAMILIES, Format
 
     rows = {n: k_of[n] + lora_rank for n in linears}
     factors32 = sum(4 * rows[n] * (m.in_features + m.out_features) for n, m in linears.items())
@@ -461,15 +461,14 @@ def _serve_terms(add, net, linears, k_of, lora_rank, P, W) -> None:
     other_bf16 = (P - W) // 2
     add("serve: + bfloat16 family", other_bf16 + W // 2 + factors32 // 2, "ram", ("family",),
         "built on first use of the format")
-    for key in ("int8", "int4-g32"):
-        format = parse_format(key)
+    for format in (Format(name) for name, family in FAMILIES.items() if family.quantized):
         try:
             dense = sum(format.weight_bytes(m.out_features, m.in_features) for m in linears.values())
             packed = sum(format.weight_bytes(_padded(rows[n], format), m.in_features)
                          + format.weight_bytes(m.out_features, _padded(rows[n], format)) for n, m in linears.items())
         except ValueError:
             continue  # widths this format cannot pack: the app cannot build it either
-        add(f"serve: + {key} family", other_bf16 + dense + packed, "ram", ("family",), "built on first use")
+        add(f"serve: + {format.key} family", other_bf16 + dense + packed, "ram", ("family",), "built on first use")
 
 
 def _padded(rows: int, format) -> int:

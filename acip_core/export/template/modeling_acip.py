@@ -138,9 +138,31 @@ class Int4Codes:
         return _INT4_MM(x2.contiguous(), layer._packed, layer.group, layer.scales)
 
 
+class Float8Codes:
+    """float8 (e4m3) codes [out, in], a float32 scale per row: w = q · scale. The codes cast to the
+    activations' dtype (exact), the product in it, the scale applied after (as ACIP Studio on a CPU)."""
+
+    @staticmethod
+    def rows(out_features: int) -> int:
+        return out_features
+
+    @staticmethod
+    def buffers(layer, rows: int, dtype) -> dict:
+        return {"qweight": torch.zeros(rows, layer.in_features, dtype=torch.float8_e4m3fn),
+                "scales": torch.zeros(rows, dtype=torch.float32)}
+
+    @staticmethod
+    def dequantize(layer) -> torch.Tensor:
+        return layer.qweight.float() * layer.scales.float()[:, None]
+
+    @staticmethod
+    def cpu_product(layer, x2: torch.Tensor) -> torch.Tensor:
+        return (bf16_linear(x2, layer.qweight.to(x2.dtype)).float() * layer.scales.float()).to(x2.dtype)
+
+
 # config.json's acip_quant["kind"] -> how its codes are stored and multiplied (ACIP Studio's format
 # registry writes the kind; a new format is one entry here)
-KINDS = {"int8": Int8Codes, "int4": Int4Codes}
+KINDS = {"int8": Int8Codes, "int4": Int4Codes, "float8": Float8Codes}
 
 
 class QuantLinear(nn.Module):
