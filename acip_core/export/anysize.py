@@ -43,6 +43,9 @@ ANYSIZE_FORMAT = 1
 CURVE_FILE, CURVE_PNG = "curve.csv", "curve.png"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 FORMATS = {"float32": ("float32", "bfloat16", "int8", "int4-g32"), "bfloat16": ("bfloat16", "int8", "int4-g32")}
+# the families modeling_acip_anysize.py slices per size (its own code per family: int8 codes computed from
+# float rows or stored, int4 prefixes repacked); float8 is exported one size at a time (export/sized.py)
+ANYSIZE_FAMILIES = ("float32", "bfloat16", "int8", "int4")
 CARD_RATIOS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
@@ -185,6 +188,9 @@ def export_anysize(any_size: AnySizeModel, out_dir: str | Path, dtype: str = "fl
     if not formats:
         raise ValueError("name at least one format")
     for f in formats:
+        if f.name not in ANYSIZE_FAMILIES:
+            raise ValueError(f"{f.key}: an any-size folder holds {', '.join(ANYSIZE_FAMILIES)}; export {f.key} "
+                             "one size at a time")
         if f.embeddings != "native" or f.layout != "small":
             raise ValueError(f"{f.key}: an any-size folder holds the plain formats (no +emb8 / +fast)")
         if f.name == "float32" and dtype != "float32":
