@@ -33,6 +33,19 @@ def test_format_keys_and_refusals():
         Format("int8", group_size=32)
 
 
+def test_every_registered_key_parses_back_to_its_format_and_each_family_draws_its_own_line():
+    from acip_core.formats.registry import APP_FORMATS, EMBEDDING_CHOICES, FAMILIES, LAYOUTS
+
+    for family in FAMILIES.values():
+        for group in family.group_sizes or (None,):
+            for emb in EMBEDDING_CHOICES:
+                for layout in LAYOUTS if family.quantized else ("small",):
+                    format = Format(family.name, group, emb, layout)
+                    assert parse_format(format.key) == format and str(format) == format.key
+    assert len({(f.dash, f.marker) for f in FAMILIES.values()}) == len(FAMILIES)
+    assert all(parse_format(key).key == key for key in APP_FORMATS)
+
+
 @pytest.mark.parametrize("shape", [(64, 96), (48, 64), (200, 128)])
 def test_round_trip_error_bounds(shape):
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(0))

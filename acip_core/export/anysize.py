@@ -193,7 +193,7 @@ def export_anysize(any_size: AnySizeModel, out_dir: str | Path, dtype: str = "fl
                              "one size at a time")
         if f.embeddings != "native" or f.layout != "small":
             raise ValueError(f"{f.key}: an any-size folder holds the plain formats (no +emb8 / +fast)")
-        if f.name == "float32" and dtype != "float32":
+        if not f.quantized and f.compute_dtype.itemsize > DTYPES[dtype].itemsize:
             raise ValueError("float32 sizes need float32 weights: --dtype float32")
     if len({f.name for f in formats}) != len(formats):
         raise ValueError("one group size per int format")
@@ -294,7 +294,7 @@ def model_card(any_size: AnySizeModel, info: dict, formats: list[Format], curve,
               "- `size_ratio` is the kept fraction of the compressed layers' parameters (1.0: the original). "
               "Quality falls as it falls: read the table below, then measure on your own task.",
               f"- `format`: {', '.join(f'`{f.key}`' for f in formats)}"
-              + (" (`int4` names the int4 one)" if any(f.name == "int4" for f in formats) else "")
+              + (" (`int4` names the int4 one)" if any(f.family.group_sizes for f in formats) else "")
               + ". Activations run in bfloat16 for int8 / int4 (weight-only quantization).",
               "- `budget_gb` picks, in every format (or the one you name), the largest size whose weights fit and "
               "every measured size below it, and keeps the one with the lowest measured perplexity — the rule "

@@ -190,13 +190,3 @@ def parse_format(spec: "str | Format | None", group_size: int | None = None,
         group_size = int(group)
     return Format(name, group_size, embeddings or emb, layout or lay)
 
-
-def format_keys() -> tuple[str, ...]:
-    """Every key the CLI's `--format` accepts, spelled out (each family with each of its options)."""
-    keys = []
-    for family in FAMILIES.values():
-        for group in family.group_sizes or (None,):
-            for emb in EMBEDDING_CHOICES:
-                for lay in LAYOUTS if family.quantized else ("small",):
-                    keys.append(Format(family.name, group, emb, lay).key)
-    return tuple(keys)
