@@ -44,7 +44,8 @@ CURVE_FILE, CURVE_PNG = "curve.csv", "curve.png"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 FORMATS = {"float32": ("float32", "bfloat16", "int8", "int4-g32"), "bfloat16": ("bfloat16", "int8", "int4-g32")}
 # the families modeling_acip_anysize.py slices per size (its own code per family: int8 codes computed from
-# float rows or stored, int4 prefixes repacked); float8 is exported one size at a time (export/sized.py)
+# float rows or stored, int4 prefixes repacked); other families are exported one size at a time
+# (export/sized.py)
 ANYSIZE_FAMILIES = ("float32", "bfloat16", "int8", "int4")
 CARD_RATIOS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 

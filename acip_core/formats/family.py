@@ -1,5 +1,5 @@
 """What a format family owns (docs/ARCHITECTURE.md, "Formats"): one `Family` object per way of storing a
-weight, in its own module (floats.py, int8.py, int4.py, float8.py); formats/registry.py lists them and
+weight, in its own module (floats.py, int8.py, int4.py, ...); formats/registry.py lists them and
 writes and parses their keys. Callers ask a Format (which delegates here), never compare its name.
 
 A method takes the `Format` it serves (its options: group size, embeddings, layout) as `format`.
