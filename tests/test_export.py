@@ -86,7 +86,7 @@ def test_safetensors_shrinks_in_proportion_to_params(any_size, tmp_path):
 def test_bfloat16_lowrank_export_holds_the_bfloat16_numbers(tiny_llama, tmp_path):
     any_size = random_any_size(tiny_llama)[0]
     size = any_size.size_for_ratio(0.6)
-    out = export_lowrank(any_size, size, tmp_path / "bf16", dtype="bfloat16")
+    out = export_lowrank(any_size, size, tmp_path / "bf16", format="bfloat16")
     assert _data_bytes(out / "model.safetensors") == 2 * size.params
     loaded = _load(out, dtype=torch.bfloat16)
     ids = random_ids(len(any_size.tokenizer))

