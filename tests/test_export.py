@@ -292,7 +292,7 @@ def test_exports_load_as_their_card_says_in_a_fresh_process_by_another_uid(tied_
         root.chmod(0o777)  # the other uid writes its HF module cache here
         as_other = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] \
             if os.geteuid() == 0 and shutil.which("setpriv") else []
-        folders = [str((export_dense if dense else export_lowrank)(any_size, size, root / f"m-{dense}", dtype=dtype))
+        folders = [str((export_dense if dense else export_lowrank)(any_size, size, root / f"m-{dense}", format=dtype))
                    for dense in (False, True)]
         env = dict(os.environ, HF_HOME=str(root / "hf"), HOME=str(root), HF_HUB_OFFLINE="1")
         proc = subprocess.run(as_other + [sys.executable, "-c", _AS_CARD_SAYS, json.dumps(folders),

@@ -80,7 +80,7 @@ def exports(tiny_llama_wide, tmp_path_factory):
         fmt = parse_format(key)
         size = any_size.size_for_ratio(0.5, fmt)
         folder = root / name / CARD_FOLDER
-        (export_dense if dense else export_lowrank)(any_size, size, folder, dtype=key)
+        (export_dense if dense else export_lowrank)(any_size, size, folder, format=key)
         code = card_code(folder)
         messages = eval(re.search(r"^messages = (.*)$", code, re.M).group(1))  # noqa: S307  (our own card)
         app = any_size.materialize(size, fmt)
