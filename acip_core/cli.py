@@ -470,9 +470,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", default=None,
                    help="comma-separated layer names to compress (leaf names like q_proj,o_proj or FQN "
                         "suffixes like mlp.c_proj); default: every linear projection of the decoder blocks")
+    from acip_core.formats.registry import FAMILIES
+
+    quantized = ", ".join(n for n, f in FAMILIES.items() if f.quantized)  # int4 takes -g32|-g64|-g128
     defaults = ScoreConfig()
     notes = dict(objective="lm (next-token NLL) | kd (distil the original) | lm+kd",
-                 base_format="int8 | int4[-g32|-g64|-g128]: score on quantized frozen factors (less memory); "
+                 base_format=f"{quantized} (a format key): score on quantized frozen factors (less memory); "
                              "the score map and adapters then apply to the full-precision model")
     for f in fields(ScoreConfig):
         note = notes.get(f.name)
@@ -483,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=EMBEDDED, help=f"{EMBEDDED}, a local directory, or a hub id (config.json only)")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="global batch (rows)")
     p.add_argument("--seq-len", type=int, default=defaults.seq_len)
-    p.add_argument("--base-format", default="float32", help="float32, int8 or int4[-g32|-g64|-g128]")
+    p.add_argument("--base-format", default="float32", help=f"float32 or a quantized format key ({quantized})")
     p.add_argument("--fsdp", type=int, default=1, help="N: per process of a run sharded over N processes")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: this machine's")
     p.add_argument("--precision", default=defaults.precision, choices=["auto", "bf16", "fp32"])
