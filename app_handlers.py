@@ -204,7 +204,7 @@ class Handlers:
         summary = ex.size_for(ratio, dtype)
         note = text.below_range_note(summary["size_ratio"], ex.describe()["smallest_measured"])
         size = ex.size(ratio)
-        at = curve_at(ex.curve, summary["size_ratio"], metric, fmt=summary["format"])
+        at = curve_at(ex.curve, summary["size_ratio"], metric, format=summary["format"])
         if fitted is not None and abs(fitted - float(ratio)) < 1e-9:  # the budget's own answer: kept
             budget, answer = gr.skip(), gr.skip()
         else:  # the selected size's need, not a stale budget, and no answer to a budget no longer shown

@@ -28,32 +28,45 @@ def _emit(args, result: dict, text: str) -> None:
 
 
 def _format_args(p, default="float32"):
-    from acip_core.formats.core import EMBEDDING_CHOICES, FORMAT_NAMES, INT4_GROUP_SIZES, LAYOUTS
+    from acip_core.formats.registry import FORMAT_NAMES, FAMILIES, EMBEDDING_CHOICES, LAYOUTS, parse_format
 
-    p.add_argument("--format", default=default, choices=FORMAT_NAMES,
-                   help="how the weights are stored: float32, bfloat16, int8 (per channel), int4 (groups); "
+    groups = sorted({g for f in FAMILIES.values() for g in f.group_sizes})
+
+    def key(text: str) -> str:  # a family name or a full key (formats/registry.py, the key grammar)
+        try:
+            parse_format(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return text
+
+    p.add_argument("--format", default=default, type=key, metavar="KEY",
+                   help=f"how the weights are stored: {', '.join(FORMAT_NAMES)}, or a full key such as "
+                        "int4-g32+fast or int8+emb8 (the options below, in one word); "
                         "default float32, or a tuned size's own format")
-    p.add_argument("--group-size", type=int, default=None, choices=INT4_GROUP_SIZES,
+    p.add_argument("--group-size", type=int, default=None, choices=groups,
                    help="int4 only: group length along the input axis (default 32, chosen by measurement)")
-    p.add_argument("--embeddings", default="native", choices=EMBEDDING_CHOICES,
-                   help="int8: quantize the embedding / LM head too (default: the compute dtype)")
-    p.add_argument("--layout", default="small", choices=LAYOUTS,
-                   help="int8/int4: small (fewest bytes, the default) or fast (a layer factorized only where "
-                        "two kernel calls beat one: never slower than the original, more bytes)")
+    p.add_argument("--embeddings", default=None, choices=EMBEDDING_CHOICES,
+                   help="quantized formats: int8 quantizes the embedding / LM head too (+emb8; default: "
+                        "the compute dtype)")
+    p.add_argument("--layout", default=None, choices=LAYOUTS,
+                   help="quantized formats: small (fewest bytes, the default) or fast (+fast: a layer "
+                        "factorized only where two kernel calls beat one: never slower than the original, "
+                        "more bytes)")
 
 
-def _fmt(args):
-    from acip_core.formats.core import parse_format
+def _format(args):
+    """The Format of --format (a key) and its option flags, or None when --format was not given."""
+    from acip_core.formats.registry import parse_format
 
     if args.format is None:
         if args.layout == "fast":
-            raise ValueError("only int8 / int4 have a fast layout: give --format int8 or --format int4")
+            raise ValueError("only the quantized formats have a fast layout: give --format int8 or --format int4")
         return None
-    return parse_format(args.format, args.group_size if args.format == "int4" else None, args.embeddings,
-                        args.layout)
+    grouped = bool(parse_format(args.format).family.group_sizes)  # --group-size means nothing to the others
+    return parse_format(args.format, args.group_size if grouped else None, args.embeddings, args.layout)
 
 
-def _size_args(p, budget=True, fmt_default=None):
+def _size_args(p, budget=True, format_default=None):
     p.add_argument("--artifact", required=True, help="artifact folder (e.g. precomputed/smollm2-135m-instruct), "
                                                      "or a tuned size's folder (its size is its own)")
     group = p.add_mutually_exclusive_group()
@@ -62,7 +75,7 @@ def _size_args(p, budget=True, fmt_default=None):
                             "official ACIP code's first name for it, the same value)")
     if budget:
         group.add_argument("--budget-gb", type=float, help="memory budget in GB (1e9 bytes) for the weights")
-    _format_args(p, fmt_default)
+    _format_args(p, format_default)
 
 
 def _size_dict(size, target) -> dict:
@@ -149,7 +162,7 @@ def _open_method_size(args):
     """The model of --method and its size for --size-ratio / --budget-gb (or a tuned size's own)."""
     from acip_core.evaluation.baselines import open_sized
 
-    return open_sized(args.artifact, args.size_ratio, getattr(args, "budget_gb", None), _fmt(args),
+    return open_sized(args.artifact, args.size_ratio, getattr(args, "budget_gb", None), _format(args),
                       getattr(args, "method", "acip"))
 
 
@@ -212,7 +225,7 @@ def cmd_size_latency(args):
     for _ in range(args.n):
         r = rng.uniform(0.3, 1.0)
         start = time.perf_counter()
-        model.materialize(model.size_for_ratio(r, _fmt(args)), _fmt(args))
+        model.materialize(model.size_for_ratio(r, _format(args)), _format(args))
         times.append(time.perf_counter() - start)
     result = dict(n=args.n, median_ms=1e3 * statistics.median(times), max_ms=1e3 * max(times))
     _emit(args, result, f"size + materialize: median {result['median_ms']:.1f} ms over {args.n}")
@@ -254,20 +267,20 @@ def cmd_curve(args):
     calib = token_windows(tokenizer, load_text("corpus:train"), 128, 4)  # block-removal order: small, like IteRABRe
     remeasured = list(methods) + (["original"] if "acip" in methods else [])  # acip's rows bring the original's
     frames = [] if args.replace or artifact.curve is None else [curve_frame(artifact.curve)]
-    from acip_core.formats.core import parse_format
+    from acip_core.formats.registry import parse_format
 
     formats = [parse_format(f) for f in args.formats.split(",")]
     if frames:  # only the (method, format) pairs measured now are replaced
         old = frames[0]
         keep = ~(old.method.isin(remeasured) & old.format.isin([f.key for f in formats]))
         frames = [old[keep]]
-    for fmt in formats:
+    for format in formats:
         for method in methods:
-            if method != "acip" and fmt.quantized:
+            if method != "acip" and format.quantized:
                 continue  # baselines are compared in float formats; quantization is ACIP's second axis
             start = time.perf_counter()
-            frames.append(method_curve(args.artifact, method, evals, sizes, fmt, args.batch_size, calib))
-            print(f"{method} {fmt.key}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+            frames.append(method_curve(args.artifact, method, evals, sizes, format, args.batch_size, calib))
+            print(f"{method} {format.key}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
             curve = pd.concat(frames, ignore_index=True)
             curve.attrs = {}
             write_curve(args.artifact, curve)  # after every line: an interrupted run keeps what it measured
@@ -340,11 +353,11 @@ def cmd_push(args):
 def cmd_bench(args):
     from acip_core.evaluation.bench import compare_speed
 
-    fmt = _fmt(args)
+    format = _format(args)
     model, size = _open_method_size(args)
-    result = compare_speed(model, size.size_ratio, fmt, args.prompt_tokens,
+    result = compare_speed(model, size.size_ratio, format, args.prompt_tokens,
                            args.new_tokens, args.rounds)
-    lines = [f"size {result['size_ratio']:.3f} vs original, {fmt.key}, {result['threads']} threads, batch 1:",
+    lines = [f"size {result['size_ratio']:.3f} vs original, {format.key}, {result['threads']} threads, batch 1:",
              f"  decode  {result['decode_tok_s_compressed']:8.1f} vs {result['decode_tok_s_original']:8.1f} tok/s"
              f"  = {result['decode_speedup']:.2f}x",
              f"  prefill {result['prefill_tok_s_compressed']:8.1f} vs {result['prefill_tok_s_original']:8.1f} tok/s"
@@ -362,7 +375,7 @@ def cmd_finetune(args):
 
     cfg = FinetuneConfig(**{f.name: getattr(args, f.name) for f in fields(FinetuneConfig)
                             if f.name != "format" and getattr(args, f.name, None) is not None},
-                         format=_fmt(args).key)
+                         format=_format(args).key)
     clock = []  # (time, step) of this process's first step: the ETA leaves out loading and warm-up
 
     def on_step(e):
@@ -457,9 +470,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", default=None,
                    help="comma-separated layer names to compress (leaf names like q_proj,o_proj or FQN "
                         "suffixes like mlp.c_proj); default: every linear projection of the decoder blocks")
+    from acip_core.formats.registry import FAMILIES
+
+    quantized = ", ".join(n for n, f in FAMILIES.items() if f.quantized)  # int4 takes -g32|-g64|-g128
     defaults = ScoreConfig()
     notes = dict(objective="lm (next-token NLL) | kd (distil the original) | lm+kd",
-                 base_format="int8 | int4[-g32|-g64|-g128]: score on quantized frozen factors (less memory); "
+                 base_format=f"{quantized} (a format key): score on quantized frozen factors (less memory); "
                              "the score map and adapters then apply to the full-precision model")
     for f in fields(ScoreConfig):
         note = notes.get(f.name)
@@ -470,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=EMBEDDED, help=f"{EMBEDDED}, a local directory, or a hub id (config.json only)")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="global batch (rows)")
     p.add_argument("--seq-len", type=int, default=defaults.seq_len)
-    p.add_argument("--base-format", default="float32", help="float32, int8 or int4[-g32|-g64|-g128]")
+    p.add_argument("--base-format", default="float32", help=f"float32 or a quantized format key ({quantized})")
     p.add_argument("--fsdp", type=int, default=1, help="N: per process of a run sharded over N processes")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: this machine's")
     p.add_argument("--precision", default=defaults.precision, choices=["auto", "bf16", "fp32"])
@@ -499,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"default {getattr(ft_defaults, f.name)}", **kw)
 
     p = sub.add_parser("size", help="the size for a ratio or a memory budget")
-    _size_args(p, fmt_default=None)
+    _size_args(p, format_default=None)
     p.add_argument("--eval-set", default="heldout",
                    help="with --budget-gb and no --format: the curve's eval set that ranks the candidates")
     p = sub.add_parser("import-acip", help="convert an official ACIP checkpoint (hub or folder) into an artifact")

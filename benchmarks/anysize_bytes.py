@@ -49,7 +49,7 @@ def planned(artifact: str) -> dict:
     import pandas as pd
 
     from acip_core.export.anysize import FORMATS, layer_plan
-    from acip_core.formats.core import parse_format
+    from acip_core.formats.registry import parse_format
     from acip_core.engine.prune import LayerShape
 
     meta = json.loads((Path(artifact) / "acip.json").read_text())

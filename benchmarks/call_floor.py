@@ -12,7 +12,7 @@ import torch
 
 import common  # noqa: E402,F401  (the repository on sys.path, the shared options)
 
-from acip_core.formats.core import Format, parse_format  # noqa: E402
+from acip_core.formats.registry import Format, parse_format  # noqa: E402
 
 SHAPES = [(64, 576), (128, 576), (256, 576), (192, 576), (576, 576), (1536, 576),  # down factors, k/q/gate
           (576, 64), (576, 128), (576, 256), (1536, 256), (576, 1536)]  # up factors, down_proj

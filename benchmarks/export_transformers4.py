@@ -26,7 +26,7 @@ for name, key, dense in [("lowrank-float32", "float32", False), ("lowrank-bfloat
                          ("lowrank-int8", "int8", False), ("lowrank-int4-g32+emb8", "int4-g32+emb8", False),
                          ("dense-float32", "float32", True), ("dense-bfloat16", "bfloat16", True)]:
     size = a.size_for_ratio(0.5, key)
-    folder = (export_dense if dense else export_lowrank)(a, size, d / name, dtype=key)
+    folder = (export_dense if dense else export_lowrank)(a, size, d / name, format=key)
     app = a.materialize(size, key)
     if dense:
         app = AutoModelForCausalLM.from_pretrained(folder, dtype=app.dtype).eval()

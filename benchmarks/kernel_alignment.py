@@ -11,11 +11,13 @@ import sys
 
 PROBE = r"""
 import sys, torch
-from acip_core.formats import core as formats
+from acip_core.formats.int8 import quantize_int8
+from acip_core.formats.qweight import QWeight
+from acip_core.formats.registry import parse_format
 kind, offset, rows, through = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "qweight"
 g = torch.Generator().manual_seed(0)
 w = torch.randn(256, 512, generator=g)
-q = formats.quantize_int8(w) if kind == "int8" else formats.parse_format("int4-g32").pack(w)
+q = quantize_int8(w) if kind == "int8" else parse_format("int4-g32").pack(w)
 def at(t, off):
     n = t.numel() * t.element_size()
     buf = bytearray(n + 128)
@@ -30,7 +32,7 @@ data, scales = at(q.data, offset), at(q.scales, offset)
 x = torch.randn(rows, 512, generator=g).to(torch.bfloat16)
 ref = x.float() @ q.dequantize().t()
 if through:
-    y = formats.QWeight(kind, data, scales, q.shape, q.group_size, q.q).matmul(x)
+    y = QWeight(kind, data, scales, q.shape, q.group_size, q.q).matmul(x)
 elif kind == "int8":
     y = torch.ops.aten._weight_int8pack_mm(x, data, scales)
 else:

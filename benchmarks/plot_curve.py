@@ -32,7 +32,7 @@ def main():
         page = browser.new_page(viewport={"width": 1000, "height": 480})
         for metric in ppl_columns(curve):
             for x, prefix in (("size_ratio", "curve_"), ("gb", "curve_gb_")):
-                fig = curve_figure(curve, x=x, dtype="bfloat16", metric=metric,
+                fig = curve_figure(curve, x=x, format="bfloat16", metric=metric,
                                    title=f"SmolLM2-135M-Instruct: perplexity on {TITLES.get(metric, metric)}")
                 html = os.path.join(tmp, f"{metric}.html")
                 fig.write_html(html, include_plotlyjs=True, full_html=True)

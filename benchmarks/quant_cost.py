@@ -16,7 +16,7 @@ import common  # noqa: E402,F401  (the repository on sys.path, the shared option
 
 from acip_core.sources.data import load_text, token_windows  # noqa: E402
 from acip_core.evaluation.evaluate import perplexity  # noqa: E402
-from acip_core.formats.core import parse_format  # noqa: E402
+from acip_core.formats.registry import parse_format  # noqa: E402
 from acip_core.artifacts.open import open_artifact  # noqa: E402
 
 

@@ -96,7 +96,7 @@ def _no_call_charge_on_tiny_models(request, monkeypatch):
     `Format.call_bytes`), so with it every int layer would run dense and no test would reach the
     quantized low-rank form: tests on tiny models run without it; real shapes (the shipped
     artifact, tests/test_smollm2.py and test_prune's charge test) keep it."""
-    from acip_core.formats import core as formats
+    from acip_core.formats import registry as formats
     from acip_core.engine.prune import LayerShape
 
     if any(name.startswith("tiny_") for name in request.fixturenames):

@@ -1,6 +1,6 @@
 """Every int8/int4 weight torch's CPU kernels read starts on a 64-byte boundary, in the app (QWeight) and
 in an export's remote code (modeling_acip.QuantLinear), whatever storage it came from: torch's int8
-kernel crashes the process on AVX-512 CPUs when it does not (formats.ALIGNMENT). This CPU may not
+kernel crashes the process on AVX-512 CPUs when it does not (formats.qweight.ALIGNMENT). This CPU may not
 crash, so the tests build deliberately misaligned storage (a tensor made from a bytes buffer at an
 offset), assert the alignment of what reaches the kernel (a wrapper that refuses anything else, so a
 lapse fails the test instead of crashing it) and that the product from that storage is right."""
@@ -13,9 +13,10 @@ import textwrap
 import pytest
 import torch
 
-from acip_core.formats import core as formats
+from acip_core.formats import int4, int8
 from acip_core.export.sized import TEMPLATE
-from acip_core.formats.core import ALIGNMENT, QWeight, aligned, parse_format
+from acip_core.formats.qweight import ALIGNMENT, QWeight, aligned
+from acip_core.formats.registry import parse_format
 
 OFFSETS = (4, 8, 16, 24)  # bytes past a 64-byte boundary (16 is misaligned too: 64 is what is promised)
 
@@ -58,13 +59,13 @@ def test_aligned_copies_misaligned_storage_and_keeps_aligned_storage(offset, dty
 
 def _int8_weight(rows=64, k=64, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return formats.quantize_int8(torch.randn(rows, k, generator=g), torch.bfloat16)
+    return int8.quantize_int8(torch.randn(rows, k, generator=g), torch.bfloat16)
 
 
 @pytest.mark.parametrize("offset", OFFSETS)
 def test_qweight_int8_from_misaligned_storage_reaches_the_kernel_aligned(monkeypatch, offset):
     seen = []
-    monkeypatch.setattr(formats, "_INT8_CPU", checked(formats._INT8_CPU, seen=seen))
+    monkeypatch.setattr(int8, "_INT8_CPU", checked(int8._INT8_CPU, seen=seen))
     ref = _int8_weight()
     q = QWeight("int8", misaligned(ref.data, offset), misaligned(ref.scales, offset), ref.shape)
     assert q.data.data_ptr() % ALIGNMENT == 0 and q.scales.data_ptr() % ALIGNMENT == 0
@@ -79,7 +80,7 @@ def test_qweight_int8_from_misaligned_storage_reaches_the_kernel_aligned(monkeyp
 @pytest.mark.parametrize("offset", OFFSETS)
 def test_qweight_int4_from_misaligned_storage_reaches_the_kernel_aligned(monkeypatch, offset):
     seen = []
-    monkeypatch.setattr(formats, "_INT4_CPU", checked(formats._INT4_CPU, seen=seen))
+    monkeypatch.setattr(int4, "_INT4_CPU", checked(int4._INT4_CPU, seen=seen))
     fmt = parse_format("int4-g32")
     ref = fmt.pack(torch.randn(64, 128, generator=torch.Generator().manual_seed(1)))
     q = QWeight("int4", misaligned(ref.data, offset), misaligned(ref.scales, offset), ref.shape,
@@ -113,10 +114,8 @@ def test_export_quant_linear_aligns_loaded_buffers_before_the_kernel(template, m
         ref = _int8_weight(64, 128)
         qweight, scales = ref.data, ref.scales
     else:
-        from acip_core.export.sized import _portable
-
         ref = parse_format("int4-g32").pack(torch.randn(64, 128, generator=torch.Generator().manual_seed(2)))
-        portable = _portable(ref)
+        portable = ref.portable()
         qweight, scales = portable["qweight"], portable["scales"]
     layer.qweight, layer.scales = misaligned(qweight, offset), misaligned(scales, offset)
     x = torch.randn(32, 128).to(torch.bfloat16)

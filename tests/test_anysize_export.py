@@ -19,7 +19,7 @@ from acip_core import cli
 from acip_core.export import push
 from acip_core.evaluation.curve import best_for_budget, best_in_format
 from acip_core.export.anysize import export_anysize, layer_plan
-from acip_core.formats.core import parse_format
+from acip_core.formats.registry import parse_format
 from helpers import random_any_size, random_ids
 
 SIZES, FORMATS = (0.5, 0.8, 1.0), ("float32", "bfloat16", "int8", "int4-g32")

@@ -48,4 +48,4 @@ def test_the_layout_flag_reaches_the_size(tiny_artifact):
     assert fast["dense_layers"] == fast["layers"] and fast["bytes"] >= small["bytes"]
     assert fast["size_ratio"] == small["size_ratio"]
     rc, out = _cli("size", "--artifact", str(tiny_artifact), "--size-ratio", "0.3", "--layout", "fast")
-    assert rc == 2 and "only int8 / int4 have a fast layout" in out["error"]
+    assert rc == 2 and "only the quantized formats have a fast layout" in out["error"]

@@ -14,7 +14,7 @@ from helpers import random_any_size
 def test_bench_runs_in_float32_and_another_format_as_text_and_json(tiny_llama, monkeypatch, capsys, fmt, as_json):
     """float32 has no separate float32 original (no `decode_tok_s_original_float32`): its summary must not
     ask for one; another format reports it. The real measurement, on a tiny model with tiny counts."""
-    from acip_core.formats.core import parse_format
+    from acip_core.formats.registry import parse_format
 
     any_size = random_any_size(tiny_llama)[0]
     monkeypatch.setattr(cli, "_open_method_size",
@@ -68,3 +68,25 @@ def test_cli_generate_uses_the_default_penalty(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_open_method_size", lambda args: (Fake(), FakeSize()))
     assert cli.main(["generate", "--artifact", "unused", "--size-ratio", "0.5", "--prompt", "hi", "--json"]) == 0
     assert seen["penalty"] == evaluate.REPETITION_PENALTY == 1.15
+
+
+@pytest.mark.parametrize("argv, key", [
+    (["--format", "int4-g32+fast"], "int4-g32+fast"),
+    (["--format", "int4", "--group-size", "32", "--layout", "fast"], "int4-g32+fast"),
+    (["--format", "int8+emb8"], "int8+emb8"),
+    (["--format", "int8", "--embeddings", "int8"], "int8+emb8"),
+    (["--format", "float8"], "float8"),
+    (["--format", "int8", "--group-size", "64"], "int8"),  # the group size means nothing to int8
+])
+def test_the_cli_takes_a_full_format_key_beside_the_option_flags(argv, key):
+    args = cli.build_parser().parse_args(["size", "--artifact", "a", "--size-ratio", "0.5"] + argv)
+    assert cli._format(args).key == key
+
+
+def test_the_cli_refuses_an_unknown_key_and_a_key_its_flags_contradict(capsys):
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["size", "--artifact", "a", "--format", "int5"])
+    assert "unknown format 'int5'" in capsys.readouterr().err
+    args = cli.build_parser().parse_args(["size", "--artifact", "a", "--format", "int4-g32", "--group-size", "64"])
+    with pytest.raises(ValueError, match="disagree"):
+        cli._format(args)

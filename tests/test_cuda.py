@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from acip_core import ScoreConfig, run_scoring
-from acip_core.formats.core import _cuda_int4_kernel, parse_format
+from acip_core.formats.int4 import _cuda_int4_kernel
+from acip_core.formats.registry import parse_format
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -86,7 +86,7 @@ def test_safetensors_shrinks_in_proportion_to_params(any_size, tmp_path):
 def test_bfloat16_lowrank_export_holds_the_bfloat16_numbers(tiny_llama, tmp_path):
     any_size = random_any_size(tiny_llama)[0]
     size = any_size.size_for_ratio(0.6)
-    out = export_lowrank(any_size, size, tmp_path / "bf16", dtype="bfloat16")
+    out = export_lowrank(any_size, size, tmp_path / "bf16", format="bfloat16")
     assert _data_bytes(out / "model.safetensors") == 2 * size.params
     loaded = _load(out, dtype=torch.bfloat16)
     ids = random_ids(len(any_size.tokenizer))
@@ -208,7 +208,7 @@ def test_cli_export(tiny_llama, tmp_path, monkeypatch, capsys):
     import acip_core.cli
 
     monkeypatch.setattr(acip_core.cli, "_open_method_size",  # the folder "art" stands for any_size
-                        lambda args: (any_size, any_size.size_for_ratio(args.size_ratio, acip_core.cli._fmt(args))))
+                        lambda args: (any_size, any_size.size_for_ratio(args.size_ratio, acip_core.cli._format(args))))
     monkeypatch.setattr(acip_core.artifacts.artifact, "load_artifact", lambda folder: types.SimpleNamespace(curve=curve))
     out = tmp_path / "cli"
     assert main(["export", "--artifact", "art", "--size-ratio", "0.5", "--out", str(out), "--json"]) == 0
@@ -292,7 +292,7 @@ def test_exports_load_as_their_card_says_in_a_fresh_process_by_another_uid(tied_
         root.chmod(0o777)  # the other uid writes its HF module cache here
         as_other = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] \
             if os.geteuid() == 0 and shutil.which("setpriv") else []
-        folders = [str((export_dense if dense else export_lowrank)(any_size, size, root / f"m-{dense}", dtype=dtype))
+        folders = [str((export_dense if dense else export_lowrank)(any_size, size, root / f"m-{dense}", format=dtype))
                    for dense in (False, True)]
         env = dict(os.environ, HF_HOME=str(root / "hf"), HOME=str(root), HF_HUB_OFFLINE="1")
         proc = subprocess.run(as_other + [sys.executable, "-c", _AS_CARD_SAYS, json.dumps(folders),

@@ -11,7 +11,7 @@ import pytest
 from safetensors import safe_open
 
 from acip_core.export.sized import LICENSE_FILE, export_lowrank
-from acip_core.formats.core import parse_format
+from acip_core.formats.registry import parse_format
 from acip_core.sources.models import EMBEDDED
 from helpers import random_any_size
 
@@ -34,7 +34,7 @@ def _row(card: str, name: str) -> str:
 def test_parameters_row_counts_weights_not_stored_bytes(any_size, tmp_path, key):
     fmt = parse_format(key)
     size = any_size.size_for_ratio(0.6, fmt)
-    out = export_lowrank(any_size, size, tmp_path / "e", dtype=key)
+    out = export_lowrank(any_size, size, tmp_path / "e", format=key)
     row = _row((out / "README.md").read_text(), "parameters")
     assert row.startswith(f"{size.params:,} (base model:"), (row, size.params)
     info = json.loads((out / "acip_export.json").read_text())
@@ -48,7 +48,7 @@ def test_parameters_row_counts_weights_not_stored_bytes(any_size, tmp_path, key)
 def test_the_tensor_layout_the_card_describes_is_what_the_file_holds(any_size, tmp_path, key):
     fmt = parse_format(key)
     size = any_size.size_for_ratio(0.5, fmt)
-    out = export_lowrank(any_size, size, tmp_path / "e", dtype=key)
+    out = export_lowrank(any_size, size, tmp_path / "e", format=key)
     card = (out / "README.md").read_text()
     ranks = json.loads((out / "config.json").read_text())["acip_ranks"]
     assert ranks, "nothing factorized at this size: the test would prove nothing"

@@ -19,7 +19,7 @@ import torch
 
 from acip_core.evaluation.evaluate import REPETITION_PENALTY
 from acip_core.export.sized import export_dense, export_lowrank
-from acip_core.formats.core import parse_format
+from acip_core.formats.registry import parse_format
 from helpers import random_any_size, random_ids
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +80,7 @@ def exports(tiny_llama_wide, tmp_path_factory):
         fmt = parse_format(key)
         size = any_size.size_for_ratio(0.5, fmt)
         folder = root / name / CARD_FOLDER
-        (export_dense if dense else export_lowrank)(any_size, size, folder, dtype=key)
+        (export_dense if dense else export_lowrank)(any_size, size, folder, format=key)
         code = card_code(folder)
         messages = eval(re.search(r"^messages = (.*)$", code, re.M).group(1))  # noqa: S307  (our own card)
         app = any_size.materialize(size, fmt)

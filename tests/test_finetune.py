@@ -127,7 +127,8 @@ def test_a_size_tuned_in_int8_trains_over_quantized_factors_and_is_served_in_int
     from acip_core.sources.data import load_text, token_windows
     from acip_core.evaluation.evaluate import perplexity
     from acip_core.training.finetune import tunable_model
-    from acip_core.formats.core import Format, QuantLowRankLinear
+    from acip_core.formats.qweight import QuantLowRankLinear
+    from acip_core.formats.registry import Format
     from acip_core.evaluation.baselines import open_method
 
     any_size, artifact = open_method(tiny_artifact)
@@ -143,7 +144,7 @@ def test_a_size_tuned_in_int8_trains_over_quantized_factors_and_is_served_in_int
     w = token_windows(model.tokenizer, load_text("corpus:heldout"), 256, 4)
     assert perplexity(model.materialize(size, size.format), w)["perplexity"] == \
         pytest.approx(fig["tuned"]["perplexity"], rel=1e-4)
-    assert open_sized(out, fmt="float32")[1].format.key == "float32"  # any format may still be asked for
+    assert open_sized(out, format="float32")[1].format.key == "float32"  # any format may still be asked for
 
 def test_resume_after_an_interruption_equals_the_uninterrupted_run(tiny_artifact, tmp_path):
     cfg = _cfg(objective="kd", temperature=2.0, lora_dropout=0.1)

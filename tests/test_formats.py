@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from acip_core.evaluation.curve import best_for_budget, interpolate_ppl, pareto_frontier
-from acip_core.formats.core import Format, QuantLinear, int4_balance, parse_format, quantize_int4, quantize_int8
+from acip_core.formats.int4 import int4_balance, quantize_int4
+from acip_core.formats.int8 import quantize_int8
+from acip_core.formats.qweight import QuantLinear
+from acip_core.formats.registry import Format, parse_format
 from acip_core.engine.layers import LowRankLinear
 from acip_core.engine.materialize import count_bytes
 from helpers import random_any_size, random_ids
@@ -28,6 +31,19 @@ def test_format_keys_and_refusals():
             parse_format(bad)
     with pytest.raises(ValueError):
         Format("int8", group_size=32)
+
+
+def test_every_registered_key_parses_back_to_its_format_and_each_family_draws_its_own_line():
+    from acip_core.formats.registry import APP_FORMATS, EMBEDDING_CHOICES, FAMILIES, LAYOUTS
+
+    for family in FAMILIES.values():
+        for group in family.group_sizes or (None,):
+            for emb in EMBEDDING_CHOICES:
+                for layout in LAYOUTS if family.quantized else ("small",):
+                    format = Format(family.name, group, emb, layout)
+                    assert parse_format(format.key) == format and str(format) == format.key
+    assert len({(f.dash, f.marker) for f in FAMILIES.values()}) == len(FAMILIES)
+    assert all(parse_format(key).key == key for key in APP_FORMATS)
 
 
 @pytest.mark.parametrize("shape", [(64, 96), (48, 64), (200, 128)])
@@ -400,7 +416,7 @@ def test_bf16_linear_multiplies_many_rows_in_float32_with_the_same_numbers(monke
 def test_int4_row_and_column_prefixes_are_the_repacked_prefixes():
     """The fast prefixes (slices of the packed bytes; AVX-512's last 32 rows of a block of 64 repacked)
     equal packing the prefix's codes from scratch, for every row count a size keeps (multiples of 32)."""
-    from acip_core.formats.core import _int4_cpu_block, _pack_int4
+    from acip_core.formats.int4 import _int4_cpu_block, _pack_int4
 
     assert _int4_cpu_block() in (32, 64)  # torch 2.13's AVX2 / AVX-512 layouts (else repacked: correct, slower)
     q = quantize_int4(torch.randn(200, 256, generator=torch.Generator().manual_seed(2)), 32)
@@ -421,17 +437,17 @@ def test_gb_view_draws_every_format_the_originals_and_the_frontier():
     curve = _hand_curve()
     curve["gb"] = curve.size_ratio * curve.format.map({"float32": 4, "int8": 1, "int4-g32": 0.5})
     curve = pd.concat([curve, curve[curve.size_ratio == 1.0].assign(method="original")], ignore_index=True)
-    fig = curve_figure(curve, x="gb", dtype="int8", current=dict(size_ratio=0.7, gb=0.7))
+    fig = curve_figure(curve, x="gb", format="int8", current=dict(size_ratio=0.7, gb=0.7))
     names = [t.name for t in fig.data]
     assert {"acip float32", "acip int8", "acip int4-g32"} <= set(names)
     assert "original (each format)" in names and "best for each budget (frontier)" in names
     assert "current size" in names  # on the int8 line at 0.7 GB
-    ratio_view = curve_figure(curve, x="size_ratio", dtype="int4-g32")
+    ratio_view = curve_figure(curve, x="size_ratio", format="int4-g32")
     assert [t.name for t in ratio_view.data if t.name.startswith("acip")] == ["acip int4-g32"]
 
 
 def test_int4_codes_are_read_back_from_the_cpu_layout_and_not_kept():
-    from acip_core.formats.core import _int4_cpu_block, _pack_int4, _unpack_int4_cpu, quantize_int4
+    from acip_core.formats.int4 import _int4_cpu_block, _pack_int4, _unpack_int4_cpu, quantize_int4
 
     assert _int4_cpu_block() in (32, 64)  # torch's CPU layouts as documented in formats._unpack_int4_cpu
     for rows in (32, 96, 160):  # whole blocks, and AVX-512's smaller last block
@@ -455,7 +471,7 @@ def test_scaled_rows_are_the_same_codes_standing_for_scaled_rows():
 def test_int4_balance_lowers_the_output_error_of_the_up_factor():
     """`up`'s input with a steep second moment (as singular directions have): the balanced factors
     give the same float product and a smaller output error once `up` is rounded to int4."""
-    from acip_core.formats.core import int4_balance
+    from acip_core.formats.int4 import int4_balance
 
     torch.manual_seed(0)
     r, k, out = 64, 48, 80

@@ -97,7 +97,7 @@ def test_the_fast_layout_charges_the_second_kernel_call():
     """SmolLM2's shapes, no tiny fixture: the charge is on. A low-rank layer in an int format makes
     two kernel calls, so in the fast layout it must save more than `call_bytes` over dense to run
     factorized; the small layout (the default) keeps the paper's byte rule."""
-    from acip_core.formats.core import Format, parse_format
+    from acip_core.formats.registry import Format, parse_format
 
     k_proj, gate = LayerShape(192, 576), LayerShape(1536, 576)
     for key in ("int8", "int4"):

@@ -120,7 +120,7 @@ def test_a_save_killed_before_the_state_swap_leaves_the_previous_checkpoint_load
 
 @pytest.mark.parametrize("fmt", ["int8", "int4-g32"])
 def test_a_quantized_base_layer_runs_the_low_bit_factors_and_trains_masks_and_lora(fmt):
-    from acip_core.formats.core import parse_format
+    from acip_core.formats.registry import parse_format
     from acip_core.engine.layers import ACIPLinear
 
     torch.manual_seed(0)

@@ -53,7 +53,7 @@ def test_shipped_artifact_opens_and_reproduces_its_curve():
     _, tok = load_base(EMBEDDED)
     windows = int(curve[curve.format == "bfloat16"].windows.max())  # the windows the rows were measured on
     evals = {"heldout": token_windows(tok, load_text("corpus:heldout"), 256, windows)}
-    measured = method_curve(SHIPPED, "acip", evals, sizes=[0.8], fmt="bfloat16").set_index("method")
+    measured = method_curve(SHIPPED, "acip", evals, sizes=[0.8], format="bfloat16").set_index("method")
     for method, target in (("original", 1.0), ("acip", 0.8)):
         rows = curve[(curve.method == method) & (curve.format == "bfloat16") & (curve.target.round(2) == target)]
         shipped = rows.ppl_heldout.item()

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load, save
 
 from acip_core.artifacts.artifact import ADAPTERS_FILE, Artifact, ArtifactError, _sha, atomic_write_bytes, load_artifact
-from acip_core.formats.core import parse_format
+from acip_core.formats.registry import parse_format
 
 TUNED_FILE = "tuned.json"
 TUNED_FORMAT = 1

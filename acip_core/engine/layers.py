@@ -53,14 +53,14 @@ class ACIPLinear(nn.Module):
         self.dropout = nn.Dropout(lora_dropout)
         self.qU = self.qVh = None  # a quantized base's factors (quantize_base_), else None
 
-    def quantize_base_(self, fmt) -> None:
+    def quantize_base_(self, format) -> None:
         """Scoring on a quantized base (`score --base-format`, the paper's §3.4 "quantize first"):
-        the frozen factors become QWeights of `fmt` (a formats.Format) and the dense weight and the
+        the frozen factors become QWeights of `format` (a formats.Format) and the dense weight and the
         float factors are dropped, so the run holds low-bit frozen tensors only. Every forward then
-        runs the factored form through the low-bit kernels (activations in fmt.compute_dtype);
+        runs the factored form through the low-bit kernels (activations in format.compute_dtype);
         masks, singular values and LoRA stay float32. The score map and adapters learnt this way
         apply to the full-precision factors afterwards (the transfer)."""
-        self.qU, self.qVh = fmt.pack(self.U), fmt.pack(self.Vh)
+        self.qU, self.qVh = format.pack(self.U), format.pack(self.Vh)
         self.weight = self.U = self.Vh = None
 
     @property

@@ -27,8 +27,9 @@ import torch
 from torch import nn
 
 from acip_core.engine.basis import Factors
-from acip_core.formats.core import (Format, QuantEmbedding, QuantLinear, QuantLowRankLinear, int4_balance, parse_format,
-                      weight_nbytes, zero_rows)
+from acip_core.formats.int4 import int4_balance
+from acip_core.formats.qweight import QuantEmbedding, QuantLinear, QuantLowRankLinear, weight_nbytes, zero_rows
+from acip_core.formats.registry import Format, parse_format
 from acip_core.engine.layers import LowRankLinear
 from acip_core.formats.kernels import Bf16Linear
 from acip_core.engine.prune import DEFAULT_SIZE_RULE, LayerShape, RankIndex, check_size_rule
@@ -103,9 +104,9 @@ class AnySizeModel:
         self._other_bytes = {}
 
     # -- choosing a size ------------------------------------------------------------------------
-    def other_bytes(self, fmt: Format) -> int:
-        """Bytes of everything outside the target layers in `fmt` (tied embeddings counted once)."""
-        if fmt.key not in self._other_bytes:
+    def other_bytes(self, format: Format) -> int:
+        """Bytes of everything outside the target layers in `format` (tied embeddings counted once)."""
+        if format.key not in self._other_bytes:
             embeddings = {id(m.weight) for m in (self.base.get_input_embeddings(),
                                                  self.base.get_output_embeddings()) if m is not None}
             skip = {id(p) for n in self.targets for p in self.originals[n].parameters()}
@@ -114,18 +115,18 @@ class AnySizeModel:
                 if id(p) in skip or id(p) in seen:
                     continue
                 seen.add(id(p))
-                total += fmt.embedding_bytes(*p.shape) if id(p) in embeddings else p.numel() * fmt.float_bytes
-            self._other_bytes[fmt.key] = total
-        return self._other_bytes[fmt.key]
+                total += format.embedding_bytes(*p.shape) if id(p) in embeddings else p.numel() * format.float_bytes
+            self._other_bytes[format.key] = total
+        return self._other_bytes[format.key]
 
-    def size_at(self, prefix: int, fmt: "Format | str" = "float32") -> Size:
-        fmt = parse_format(fmt)
+    def size_at(self, prefix: int, format: "Format | str" = "float32") -> Size:
+        format = parse_format(format)
         ranks = self.index.ranks_at(prefix)
-        dense = sum(self.shapes[n].format_bytes(r, self.lora_rank, fmt)[1] for n, r in ranks.items())
-        params = self.index.other_params + sum(self.shapes[n].format_params(r, self.lora_rank, fmt)
+        dense = sum(self.shapes[n].format_bytes(r, self.lora_rank, format)[1] for n, r in ranks.items())
+        params = self.index.other_params + sum(self.shapes[n].format_params(r, self.lora_rank, format)
                                                for n, r in ranks.items())
-        nbytes = int(self.index.bytes_cum(fmt, self.other_bytes(fmt))[prefix])
-        return Size(prefix, ranks, self.index.ratio_at(prefix), params, dense, fmt, nbytes)
+        nbytes = int(self.index.bytes_cum(format, self.other_bytes(format))[prefix])
+        return Size(prefix, ranks, self.index.ratio_at(prefix), params, dense, format, nbytes)
 
     def materialized_ratio(self, size: Size) -> float:
         """Target-layer weights the materialized size holds (factors with their LoRA rows, or the dense
@@ -135,66 +136,66 @@ class AnySizeModel:
         held = sum(self.shapes[n].materialized_params(r, self.lora_rank) for n, r in size.ranks.items())
         return held / self.index.dense_total
 
-    def size_for_ratio(self, size_ratio: float, fmt: "Format | str" = "float32") -> Size:
+    def size_for_ratio(self, size_ratio: float, format: "Format | str" = "float32") -> Size:
         """The smallest size whose size_ratio is >= the target (never below it); under the official
         size rule, the official code's choice (strictly above the target: prune.RankIndex)."""
-        return self.size_at(self.index.prefix_for_ratio(float(size_ratio)), fmt)
+        return self.size_at(self.index.prefix_for_ratio(float(size_ratio)), format)
 
-    def size_for_budget(self, gigabytes: float, fmt: "Format | str" = "float32") -> Size:
-        """The largest size whose materialized weights fit in `gigabytes` (1 GB = 1e9 bytes) in `fmt`."""
-        fmt = parse_format(fmt)
+    def size_for_budget(self, gigabytes: float, format: "Format | str" = "float32") -> Size:
+        """The largest size whose materialized weights fit in `gigabytes` (1 GB = 1e9 bytes) in `format`."""
+        format = parse_format(format)
         if not gigabytes == gigabytes or gigabytes <= 0:  # NaN or non-positive
             raise ValueError(f"the budget must be a positive number of GB, got {gigabytes}")
         # clamped before the integer conversion: 1e308 GB is "everything", not an overflow
         max_bytes = int(min(gigabytes, 1e9) * 1e9)  # 1e18 bytes: within int64
-        prefix = self.index.prefix_for_bytes(fmt, self.other_bytes(fmt), max_bytes)
+        prefix = self.index.prefix_for_bytes(format, self.other_bytes(format), max_bytes)
         if prefix < 0:
-            smallest = self.size_at(0, fmt).gigabytes
+            smallest = self.size_at(0, format).gigabytes
             raise ValueError(f"{gigabytes:g} GB is smaller than the smallest model "
-                             f"({format_gb(smallest)} in {fmt.key})")
-        return self.size_at(prefix, fmt)
+                             f"({format_gb(smallest)} in {format.key})")
+        return self.size_at(prefix, format)
 
-    def full_size(self, fmt: "Format | str" = "float32") -> Size:
-        return self.size_at(len(self.index.layer_of), fmt)
+    def full_size(self, format: "Format | str" = "float32") -> Size:
+        return self.size_at(len(self.index.layer_of), format)
 
-    def original_size(self, fmt: "Format | str" = "float32") -> Size:
-        """The original model in `fmt` (every target layer its own weight, no LoRA). Under our rule that
+    def original_size(self, format: "Format | str" = "float32") -> Size:
+        """The original model in `format` (every target layer its own weight, no LoRA). Under our rule that
         is the full size; under the official rule the full size keeps its factors and LoRA, so the
         original's figures are those of dense layers and materialize() runs them dense."""
-        fmt = parse_format(fmt)
-        full = self.full_size(fmt)
+        format = parse_format(format)
+        full = self.full_size(format)
         if self.size_rule != "official":
             return full
         plain = [LayerShape(s.out_features, s.in_features, s.bias) for s in self.shapes.values()]
-        nbytes = self.other_bytes(fmt) + sum(s.format_bytes(s.full_rank, 0, fmt)[0] for s in plain)
+        nbytes = self.other_bytes(format) + sum(s.format_bytes(s.full_rank, 0, format)[0] for s in plain)
         params = self.index.other_params + sum(s.dense_params for s in plain)
         return dataclasses.replace(full, params=params, dense_layers=len(plain), nbytes=nbytes, original=True)
 
     # -- materializing --------------------------------------------------------------------------
-    def _family(self, fmt: Format):
-        """(base tree, factors, dense weights) in `fmt`, built once (under the lock) on first use."""
+    def _family(self, format: Format):
+        """(base tree, factors, dense weights) in `format`, built once (under the lock) on first use."""
         with self._lock:
-            if fmt.key not in self._families:
-                self._set_family(fmt.key, self._build_family(fmt))
-            return self._families[fmt.key]
+            if format.key not in self._families:
+                self._set_family(format.key, self._build_family(format))
+            return self._families[format.key]
 
-    def has_family(self, fmt: "Format | str") -> bool:
-        """Whether sizes of `fmt` materialize at once (its family is built; the first int4 one measures
+    def has_family(self, format: "Format | str") -> bool:
+        """Whether sizes of `format` materialize at once (its family is built; the first int4 one measures
         the calibration Grams and runs GPTQ: about a minute on a 2-core CPU)."""
-        return parse_format(fmt).key in self._families
+        return parse_format(format).key in self._families
 
-    def grams(self, fmt: Format) -> dict:
-        """The layer inputs' Grams for int4's error-compensating quantizer (measured now: one forward
-        pass; {} for other formats or without a calibration, where int4 rounds to nearest)."""
-        return self.calibration() if fmt.name == "int4" and self.calibration else {}
+    def grams(self, format: Format) -> dict:
+        """The layer inputs' Grams for a calibrated format's quantizer (int4's GPTQ; measured now: one
+        forward pass; {} for other formats or without a calibration, where int4 rounds to nearest)."""
+        return self.calibration() if format.calibrated and self.calibration else {}
 
-    def int4_balances(self, fmt: Format, grams: dict) -> dict:
+    def int4_balances(self, format: Format, grams: dict) -> dict:
         """{layer: per-rank scales} of formats.int4_balance for the layers with a Gram, from the whole
         float32 factors (LoRA rows first); `up`'s groups run along its padded rank. The family and
         fine-tuning's frozen factors (which take rows lora.. of them) use the same."""
         factors32 = self._families[Format().key][1]
-        return {n: int4_balance(*factors32[n], gram, fmt.group_for(self.shapes[n].padded_rank(self.lora_rank, fmt)),
-                                fmt.compute_dtype)
+        return {n: int4_balance(*factors32[n], gram, format.group_for(self.shapes[n].padded_rank(self.lora_rank, format)),
+                                format.compute_dtype)
                 for n, gram in grams.items()}
 
     def release_float32_factors(self) -> None:
@@ -205,21 +206,21 @@ class AnySizeModel:
             base32, factors32 = self._families[Format().key]
             self._families[Format().key] = (base32, _Released(factors32))
 
-    def _build_family(self, fmt: Format):
+    def _build_family(self, format: Format):
         base32, factors32 = self._families[Format().key]
         # norms, embeddings (ties kept); every nn.Linear a Bf16Linear (many rows in float32 on avx2 CPUs)
-        dtype = fmt.compute_dtype
+        dtype = format.compute_dtype
         converted = _bf16_linears(_cast_like_from_pretrained(base32, dtype))
-        if not fmt.quantized:  # bfloat16: the converted copy of the tree and of the factors
+        if not format.quantized:  # bfloat16: the converted copy of the tree and of the factors
             return converted, {n: (a.to(dtype), b.to(dtype)) for n, (a, b) in factors32.items()}
         start = time.perf_counter()
         swap = {}
         for n in self.targets:  # dense layers: the original float32 weight, quantized
             lin = self.originals[n]
             bias = None if lin.bias is None else lin.bias.detach().to(dtype)
-            swap[id(converted.get_submodule(n))] = QuantLinear(fmt.pack(lin.weight), bias).eval()
-        if fmt.embeddings == "int8":
-            swap.update(_quantized_embeddings(base32, converted, fmt))
+            swap[id(converted.get_submodule(n))] = QuantLinear(format.pack(lin.weight), bias).eval()
+        if format.embeddings == "int8":
+            swap.update(_quantized_embeddings(base32, converted, format))
         base = _clone_tree(converted, swap)  # the converted target weights are dropped with `converted`
         # int4 with Grams: the codes of `down` (whose input is the layer's) picked by the output's error
         # (GPTQ), and the factors balanced along the rank (formats.int4_balance: `up`'s rows scaled
@@ -227,41 +228,41 @@ class AnySizeModel:
         # near-diagonal second moment in the whitened basis, where GPTQ is round-to-nearest.
         # Both are padded with zero rank rows to the format's padded rank (a kept prefix never uses them).
         names = list(factors32)
-        rows = [self.shapes[n].padded_rank(self.lora_rank, fmt) for n in names]
-        grams = self.grams(fmt)
-        balance = self.int4_balances(fmt, grams)
-        downs = fmt.pack_many([factors32[n][0] for n in names], [grams.get(n) for n in names], rows)
+        rows = [self.shapes[n].padded_rank(self.lora_rank, format) for n in names]
+        grams = self.grams(format)
+        balance = self.int4_balances(format, grams)
+        downs = format.pack_many([factors32[n][0] for n in names], [grams.get(n) for n in names], rows)
         del grams  # 0.4 GB for SmolLM2: not kept once the family is built
         factors = {}
         for n, r, down in zip(names, rows, downs):
             c = balance.get(n)
             up_t = factors32[n][1] if c is None else factors32[n][1] * c[:, None]
-            factors[n] = (down if c is None else down.scale_rows(1 / c), fmt.pack(zero_rows(up_t, r).t()))
-        log.info("built the %s family in %.1f s", fmt.key, time.perf_counter() - start)
+            factors[n] = (down if c is None else down.scale_rows(1 / c), format.pack(zero_rows(up_t, r).t()))
+        log.info("built the %s family in %.1f s", format.key, time.perf_counter() - start)
         return base, factors
 
-    def materialize(self, size: Size | dict, fmt: "Format | str | torch.dtype" = "float32") -> nn.Module:
-        """A runnable model at `size` (a Size or a dict fqn -> rank) in `fmt`, sharing the family's tensors."""
-        if isinstance(fmt, torch.dtype):
-            fmt = str(fmt).removeprefix("torch.")
-        fmt = parse_format(fmt)
+    def materialize(self, size: Size | dict, format: "Format | str | torch.dtype" = "float32") -> nn.Module:
+        """A runnable model at `size` (a Size or a dict fqn -> rank) in `format`, sharing the family's tensors."""
+        if isinstance(format, torch.dtype):
+            format = str(format).removeprefix("torch.")
+        format = parse_format(format)
         ranks = size.ranks if isinstance(size, Size) else size
         is_original = isinstance(size, Size) and size.original
-        base, factors = self._family(fmt)
-        targets = self._targets_of[fmt.key]
+        base, factors = self._family(format)
+        targets = self._targets_of[format.key]
         swap = {}
         for n in self.targets:
             original = targets[n]
             r = int(ranks[n])
             if not 0 <= r <= self.shapes[n].full_rank:
                 raise ValueError(f"{n}: rank {r} outside [0, {self.shapes[n].full_rank}]")
-            if is_original or self.shapes[n].format_bytes(r, self.lora_rank, fmt)[1]:
+            if is_original or self.shapes[n].format_bytes(r, self.lora_rank, format)[1]:
                 swap[id(original)] = original  # shared module: the original weight, no LoRA
                 continue
             down, up = factors[n]
             bias = getattr(original, "bias", None)
-            if fmt.quantized:
-                keep = fmt.kept_rank(self.lora_rank + r, self.shapes[n].padded_rank(self.lora_rank, fmt))
+            if format.quantized:
+                keep = format.kept_rank(self.lora_rank + r, self.shapes[n].padded_rank(self.lora_rank, format))
                 swap[id(original)] = QuantLowRankLinear(down.rows(keep), up.cols(keep), bias).eval()
             else:
                 keep = self.lora_rank + r
@@ -291,18 +292,17 @@ class _Released(dict):
         raise RuntimeError("the float32 factors were released: no new format can be built")
 
 
-def _quantized_embeddings(base32: nn.Module, converted: nn.Module, fmt: Format) -> dict:
-    """Swaps (keyed by the converted tree's modules) for the input embedding and the LM head in int8
-    per row, quantized from the float32 weights; tied ones share one QWeight."""
-    from acip_core.formats.core import quantize_int8
-
+def _quantized_embeddings(base32: nn.Module, converted: nn.Module, format: Format) -> dict:
+    """Swaps (keyed by the converted tree's modules) for the input embedding and the LM head as the
+    format packs them (Format.pack_embedding: int8 per row), from the float32 weights; tied ones share
+    one QWeight."""
     emb, head = base32.get_input_embeddings(), base32.get_output_embeddings()
-    q_emb = quantize_int8(emb.weight, fmt.compute_dtype)
+    q_emb = format.pack_embedding(emb.weight)
     swap = {id(converted.get_input_embeddings()):
-            QuantEmbedding(q_emb, fmt.compute_dtype, getattr(emb, "padding_idx", None))}
+            QuantEmbedding(q_emb, format.compute_dtype, getattr(emb, "padding_idx", None))}
     if head is not None:
-        q_head = q_emb if head.weight is emb.weight else quantize_int8(head.weight, fmt.compute_dtype)
-        bias = None if getattr(head, "bias", None) is None else head.bias.detach().to(fmt.compute_dtype)
+        q_head = q_emb if head.weight is emb.weight else format.pack_embedding(head.weight)
+        bias = None if getattr(head, "bias", None) is None else head.bias.detach().to(format.compute_dtype)
         swap[id(converted.get_output_embeddings())] = QuantLinear(q_head, bias)
     return swap
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from acip_core.formats.core import Format
+from acip_core.formats.registry import Format
 
 SIZE_RULES = ("acip-studio", "official")
 DEFAULT_SIZE_RULE = "acip-studio"
@@ -67,28 +67,28 @@ class LayerShape:
             return self.dense_params
         return (rank + lora_rank) * (self.in_features + self.out_features) + self.out_features * self.bias
 
-    def padded_rank(self, lora_rank: int, fmt: Format) -> int:
+    def padded_rank(self, lora_rank: int, format: Format) -> int:
         """Rows of the stored factors: LoRA + full rank, padded with zeros to the format's rank step."""
-        step = fmt.rank_step
+        step = format.rank_step
         return -(-(self.full_rank + lora_rank) // step) * step
 
     @functools.lru_cache(maxsize=None)  # a model has a handful of distinct shapes: few entries, asked 420x a size
-    def format_bytes(self, rank: int, lora_rank: int, fmt: Format) -> tuple[int, bool]:
-        """(bytes, runs dense) of this layer at `rank` in `fmt`: the factorized form when it is smaller
+    def format_bytes(self, rank: int, lora_rank: int, format: Format) -> tuple[int, bool]:
+        """(bytes, runs dense) of this layer at `rank` in `format`: the factorized form when it is smaller
         by more than the cost of its second kernel call (none at rank 0: no call), else dense."""
-        bias = self.out_features * self.bias * fmt.float_bytes
-        dense = fmt.weight_bytes(self.out_features, self.in_features) + bias
-        kept = fmt.kept_rank(rank + lora_rank, self.padded_rank(lora_rank, fmt))
-        factored = fmt.weight_bytes(kept, self.in_features) + fmt.weight_bytes(self.out_features, kept) + bias
-        charge = fmt.call_bytes if kept else 0
+        bias = self.out_features * self.bias * format.float_bytes
+        dense = format.weight_bytes(self.out_features, self.in_features) + bias
+        kept = format.kept_rank(rank + lora_rank, self.padded_rank(lora_rank, format))
+        factored = format.weight_bytes(kept, self.in_features) + format.weight_bytes(self.out_features, kept) + bias
+        charge = format.call_bytes if kept else 0
         return (dense, True) if self.dense_fallback and factored + charge >= dense else (factored, False)
 
-    def format_params(self, rank: int, lora_rank: int, fmt: Format) -> int:
-        """Weights this layer holds at `rank` in `fmt` (materialized_params with the format's dense
+    def format_params(self, rank: int, lora_rank: int, format: Format) -> int:
+        """Weights this layer holds at `rank` in `format` (materialized_params with the format's dense
         choice and its kept rank, rounded up to the rank step)."""
-        if self.format_bytes(rank, lora_rank, fmt)[1]:
+        if self.format_bytes(rank, lora_rank, format)[1]:
             return self.dense_params
-        kept = fmt.kept_rank(rank + lora_rank, self.padded_rank(lora_rank, fmt))
+        kept = format.kept_rank(rank + lora_rank, self.padded_rank(lora_rank, format))
         return kept * (self.in_features + self.out_features) + self.out_features * self.bias
 
 
@@ -104,9 +104,9 @@ def _paper_table(sh: LayerShape) -> torch.Tensor:
         + sh.out_features * sh.bias
 
 
-def _format_table(sh: LayerShape, lora_rank: int, fmt: Format) -> torch.Tensor:
-    """Bytes of a layer at rank 0..k in `fmt` (non-decreasing: kept ranks round up, dense caps)."""
-    return torch.tensor([sh.format_bytes(r, lora_rank, fmt)[0] for r in range(sh.full_rank + 1)],
+def _format_table(sh: LayerShape, lora_rank: int, format: Format) -> torch.Tensor:
+    """Bytes of a layer at rank 0..k in `format` (non-decreasing: kept ranks round up, dense caps)."""
+    return torch.tensor([sh.format_bytes(r, lora_rank, format)[0] for r in range(sh.full_rank + 1)],
                         dtype=torch.int64)
 
 
@@ -204,16 +204,16 @@ class RankIndex:
         """Most entries whose materialized model holds at most max_params; -1 if none fits."""
         return int(torch.searchsorted(self.params_cum, torch.tensor([max_params]), side="right")) - 1
 
-    def bytes_cum(self, fmt: Format, other_bytes: int) -> torch.Tensor:
-        """Bytes of the materialized model after each prefix, in `fmt` (computed once per format)."""
-        if fmt.key not in self._bytes:
-            cum = self._cumulative(self._pos, lambda sh: _format_table(sh, self.lora_rank, fmt))
-            self._bytes[fmt.key] = cum + other_bytes
-        return self._bytes[fmt.key]
+    def bytes_cum(self, format: Format, other_bytes: int) -> torch.Tensor:
+        """Bytes of the materialized model after each prefix, in `format` (computed once per format)."""
+        if format.key not in self._bytes:
+            cum = self._cumulative(self._pos, lambda sh: _format_table(sh, self.lora_rank, format))
+            self._bytes[format.key] = cum + other_bytes
+        return self._bytes[format.key]
 
-    def prefix_for_bytes(self, fmt: Format, other_bytes: int, max_bytes: int) -> int:
-        """Most entries whose materialized model takes at most max_bytes in fmt; -1 if none fits."""
-        cum = self.bytes_cum(fmt, other_bytes)
+    def prefix_for_bytes(self, format: Format, other_bytes: int, max_bytes: int) -> int:
+        """Most entries whose materialized model takes at most max_bytes in format; -1 if none fits."""
+        cum = self.bytes_cum(format, other_bytes)
         return int(torch.searchsorted(cum, torch.tensor([max_bytes]), side="right")) - 1
 
     def ratio_at(self, p: int) -> float:

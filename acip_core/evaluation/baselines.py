@@ -27,7 +27,7 @@ from acip_core.engine.materialize import AnySizeModel, Size
 from acip_core.engine.prune import size_ratio as ratio_of
 from acip_core.evaluation.curve import DEFAULT_SIZES, size_row
 from acip_core.evaluation.evaluate import perplexity
-from acip_core.formats.core import parse_format
+from acip_core.formats.registry import parse_format
 from acip_core.sources.models import load_base
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def block_removal_order(any_size: AnySizeModel, windows: torch.Tensor, on_progre
     return removed
 
 
-def block_removal_size(any_size: AnySizeModel, order: list[int], size_ratio: float, fmt="float32") -> Size:
+def block_removal_size(any_size: AnySizeModel, order: list[int], size_ratio: float, format="float32") -> Size:
     """The most blocks removed (in `order`) whose size ratio is still >= the target."""
     if not 0.0 <= size_ratio <= 1.0 or size_ratio != size_ratio:
         raise ValueError(f"size_ratio must be within [0, 1], got {size_ratio}")
@@ -92,21 +92,21 @@ def block_removal_size(any_size: AnySizeModel, order: list[int], size_ratio: flo
         if ratio_of(any_size.shapes, ranks) < size_ratio:
             break
         best = ranks
-    return sized(any_size, best, fmt)
+    return sized(any_size, best, format)
 
 
-def block_removal_sizes(any_size: AnySizeModel, order: list[int], fmt="float32") -> list[Size]:
+def block_removal_sizes(any_size: AnySizeModel, order: list[int], format="float32") -> list[Size]:
     """Every discrete size of the method: 0, 1, 2, … blocks removed."""
-    return [sized(any_size, ranks_without(any_size, set(order[:j])), fmt) for j in range(len(order) + 1)]
+    return [sized(any_size, ranks_without(any_size, set(order[:j])), format) for j in range(len(order) + 1)]
 
 
-def sized(any_size: AnySizeModel, ranks: dict[str, int], fmt="float32") -> Size:
-    fmt = parse_format(fmt)
+def sized(any_size: AnySizeModel, ranks: dict[str, int], format="float32") -> Size:
+    format = parse_format(format)
     params = any_size.index.other_params + sum(
         any_size.shapes[n].materialized_params(r, any_size.lora_rank) for n, r in ranks.items())
-    layers = [any_size.shapes[n].format_bytes(r, any_size.lora_rank, fmt) for n, r in ranks.items()]
-    nbytes = any_size.other_bytes(fmt) + sum(b for b, _ in layers)
-    return Size(-1, ranks, ratio_of(any_size.shapes, ranks), params, sum(d for _, d in layers), fmt, nbytes)
+    layers = [any_size.shapes[n].format_bytes(r, any_size.lora_rank, format) for n, r in ranks.items()]
+    nbytes = any_size.other_bytes(format) + sum(b for b, _ in layers)
+    return Size(-1, ranks, ratio_of(any_size.shapes, ranks), params, sum(d for _, d in layers), format, nbytes)
 
 
 def open_method(folder: str | Path, method: str = "acip"):
@@ -134,18 +134,18 @@ def open_method(folder: str | Path, method: str = "acip"):
                         calibration=calibration_for(model, tokenizer, linears, artifact.meta["basis"]["recipe"])), artifact
 
 
-def method_size(method: str, any_size: AnySizeModel, artifact: Artifact, size_ratio: float, fmt="float32"):
-    """The Size of `method` for a target ratio in `fmt` (block removal: its nearest discrete size above)."""
+def method_size(method: str, any_size: AnySizeModel, artifact: Artifact, size_ratio: float, format="float32"):
+    """The Size of `method` for a target ratio in `format` (block removal: its nearest discrete size above)."""
     if method != "block-removal":
-        return any_size.size_for_ratio(size_ratio, fmt)
+        return any_size.size_for_ratio(size_ratio, format)
     order = artifact.meta.get("baselines", {}).get("block_removal_order")
     if order is None:
         raise ArtifactError(f"{artifact.path} has no block-removal order yet: run "
                             f"python -m acip_core curve --artifact {artifact.path}")
-    return block_removal_size(any_size, order, size_ratio, fmt)
+    return block_removal_size(any_size, order, size_ratio, format)
 
 
-def method_curve(folder, method: str, evals: dict[str, torch.Tensor], sizes=DEFAULT_SIZES, fmt="bfloat16",
+def method_curve(folder, method: str, evals: dict[str, torch.Tensor], sizes=DEFAULT_SIZES, format="bfloat16",
                  batch_size: int = 4, calib_windows: torch.Tensor | None = None, on_progress=None) -> pd.DataFrame:
     """Rows of one method in one format at every size (block removal: at each of its own discrete sizes)."""
     any_size, artifact = open_method(folder, method)
@@ -155,13 +155,13 @@ def method_curve(folder, method: str, evals: dict[str, torch.Tensor], sizes=DEFA
             order = block_removal_order(any_size, calib_windows, on_progress)
             artifact.meta.setdefault("baselines", {})["block_removal_order"] = order
             save_artifact(folder, artifact)
-        points = [(None, s) for s in block_removal_sizes(any_size, order, fmt) if s.size_ratio >= min(sizes) - 1e-9]
+        points = [(None, s) for s in block_removal_sizes(any_size, order, format) if s.size_ratio >= min(sizes) - 1e-9]
     else:
-        points = [(t, any_size.size_for_ratio(t, fmt)) for t in sizes]
+        points = [(t, any_size.size_for_ratio(t, format)) for t in sizes]
     rows = []
     for i, (target, size) in enumerate(points):
         row = dict(size_row(method, target, size), windows=max((len(w) for w in evals.values()), default=0))
-        net = any_size.materialize(size, fmt)
+        net = any_size.materialize(size, format)
         for name, windows in evals.items():
             result = perplexity(net, windows, batch_size)
             row[f"ppl_{name}"], row[f"nll_std_{name}"] = result["perplexity"], result["nll_std"]
@@ -171,17 +171,17 @@ def method_curve(folder, method: str, evals: dict[str, torch.Tensor], sizes=DEFA
         if on_progress:
             on_progress(i + 1, len(points))
     if method == "acip":  # the reference line, measured the same way
-        row = dict(size_row("original", 1.0, any_size.original_size(fmt)),
+        row = dict(size_row("original", 1.0, any_size.original_size(format)),
                    windows=max((len(w) for w in evals.values()), default=0))
         for name, windows in evals.items():
-            result = perplexity(any_size.materialize(any_size.original_size(fmt), fmt), windows, batch_size)
+            result = perplexity(any_size.materialize(any_size.original_size(format), format), windows, batch_size)
             row[f"ppl_{name}"], row[f"nll_std_{name}"] = result["perplexity"], result["nll_std"]
         rows.insert(0, row)
     return pd.DataFrame(rows)
 
 
 def open_sized(folder: str | Path, size_ratio: float | None = None, budget_gb: float | None = None,
-               fmt=None, method: str = "acip"):
+               format=None, method: str = "acip"):
     """(model, size) for a command's --artifact, size and format options. A tuned size's folder brings
     its own size (the options may be left out, or must name that size) and its format (the default);
     an artifact needs a size or a budget, and defaults to float32."""
@@ -192,13 +192,13 @@ def open_sized(folder: str | Path, size_ratio: float | None = None, budget_gb: f
         if budget_gb is not None or (size_ratio is not None and abs(size_ratio - size.size_ratio) > 5e-3):
             raise ValueError(f"{folder} is a tuned size with its own size ({size.size_ratio:.4f}); "
                              "leave out --size-ratio / --budget-gb")
-        return model, model.size_at(size.prefix, fmt or model.meta["tuned"]["format"])
-    fmt = fmt or "float32"
+        return model, model.size_at(size.prefix, format or model.meta["tuned"]["format"])
+    format = format or "float32"
     if size_ratio is None and budget_gb is None:
         raise ValueError("give --size-ratio or --budget-gb (only a tuned size's folder has its own size)")
     model, artifact = open_method(folder, method)
     if budget_gb is not None:
         if method == "block-removal":
             raise ValueError("block-removal takes --size-ratio, not --budget-gb")
-        return model, model.size_for_budget(budget_gb, fmt)
-    return model, method_size(method, model, artifact, size_ratio, fmt)
+        return model, model.size_for_budget(budget_gb, format)
+    return model, method_size(method, model, artifact, size_ratio, format)

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from acip_core.formats.core import parse_format
+from acip_core.formats.registry import Format, parse_format
 from acip_core.engine.materialize import AnySizeModel
 
 
@@ -44,16 +44,16 @@ def speed(model, ids: torch.Tensor, new_tokens: int) -> dict:
     return dict(prefill_tok_s=ids.numel() / prefill, decode_tok_s=new_tokens / decode)
 
 
-def compare_speed(any_size: AnySizeModel, size_ratio: float, fmt="float32", prompt_tokens: int = 256,
+def compare_speed(any_size: AnySizeModel, size_ratio: float, format="float32", prompt_tokens: int = 256,
                   new_tokens: int = 128, rounds: int = 3) -> dict:
-    """Decode and prefill tokens/s of the original and of `size_ratio` in format `fmt` (batch 1, KV cache),
+    """Decode and prefill tokens/s of the original and of `size_ratio` in format `format` (batch 1, KV cache),
     medians of `rounds` alternating measurements after one warm-up each, and their ratios. For a format
     other than float32 the float32 original is measured in the same rounds too (`*_vs_float32`)."""
-    fmt = parse_format(fmt)
-    size = any_size.size_for_ratio(size_ratio, fmt)
-    models = {"original": any_size.materialize(any_size.original_size(fmt), fmt),
-              "compressed": any_size.materialize(size, fmt)}
-    if fmt.key != "float32":
+    format = parse_format(format)
+    size = any_size.size_for_ratio(size_ratio, format)
+    models = {"original": any_size.materialize(any_size.original_size(format), format),
+              "compressed": any_size.materialize(size, format)}
+    if format != Format():  # the float32 reference
         models["original_float32"] = any_size.materialize(any_size.original_size(), "float32")
     vocab = len(any_size.tokenizer)
     ids = torch.randint(100, vocab - 1, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
@@ -63,8 +63,8 @@ def compare_speed(any_size: AnySizeModel, size_ratio: float, fmt="float32", prom
     for _ in range(rounds):
         for name, m in models.items():
             runs[name].append(speed(m, ids, new_tokens))
-    out = dict(size_ratio=round(size.size_ratio, 5), format=fmt.key, params_original=any_size.original_size().params,
-               params_compressed=size.params, gb_original=any_size.original_size(fmt).gigabytes,
+    out = dict(size_ratio=round(size.size_ratio, 5), format=format.key, params_original=any_size.original_size().params,
+               params_compressed=size.params, gb_original=any_size.original_size(format).gigabytes,
                gb_compressed=size.gigabytes, threads=torch.get_num_threads(), prompt_tokens=prompt_tokens,
                new_tokens=new_tokens, rounds=rounds, cpu_flags=cpu_flags())
     for name in models:

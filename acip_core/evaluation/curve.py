@@ -80,19 +80,19 @@ def interp_log(xs, ys, x0) -> float | None:
     return float(math.exp(np.interp(x0, xa, np.log(ya))))
 
 
-def first_method(curve: pd.DataFrame, metric: str, fmt: str | None = None) -> pd.DataFrame:
+def first_method(curve: pd.DataFrame, metric: str, format: str | None = None) -> pd.DataFrame:
     """Rows of the curve's first compressed method (the artifact's own: ACIP) that have `metric`, in
-    format `fmt` when it was measured in it (else in its first measured format)."""
+    format `format` when it was measured in it (else in its first measured format)."""
     curve = curve_frame(curve)
     rows = curve[(curve.method != "original") & curve[metric].notna()]
     rows = rows[rows.method == rows.method.iloc[0]] if len(rows) else rows
     if len(rows):
-        rows = rows[rows.format == (fmt if fmt in set(rows.format) else rows.format.iloc[0])]
+        rows = rows[rows.format == (format if format in set(rows.format) else rows.format.iloc[0])]
     return rows
 
 
 def curve_at(curve: pd.DataFrame | None, size_ratio: float, metric: str | None = None,
-             fmt: str | None = None) -> dict:
+             format: str | None = None) -> dict:
     """What the curve says at a size (in a format): dict(metric, value (interpolated; None outside the
     measured sizes), original, span (smallest, largest measured size) or None)."""
     cols = ppl_columns(curve)
@@ -100,9 +100,9 @@ def curve_at(curve: pd.DataFrame | None, size_ratio: float, metric: str | None =
     if metric is None:
         return dict(metric=None, value=None, original=None, span=None)
     curve = curve_frame(curve)
-    acip = first_method(curve, metric, fmt)
+    acip = first_method(curve, metric, format)
     originals = curve[(curve.method == "original") & curve[metric].notna()]
-    ref = originals[originals.format == fmt][metric] if fmt in set(originals.format) else originals[metric]
+    ref = originals[originals.format == format][metric] if format in set(originals.format) else originals[metric]
     span = (float(acip.size_ratio.min()), float(acip.size_ratio.max())) if len(acip) else None
     return dict(metric=metric, value=interp_log(acip.size_ratio, acip[metric], size_ratio),
                 original=float(ref.iloc[0]) if len(ref) else None, span=span)

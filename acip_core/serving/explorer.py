@@ -27,16 +27,13 @@ from acip_core.artifacts.artifact import load_artifact
 from acip_core.evaluation.curve import curve_at, rank_for_budget, rule_text, smallest_measured, spread
 from acip_core.sources.data import load_text, token_windows
 from acip_core.evaluation.evaluate import REPETITION_PENALTY, Cancelled, perplexity
-from acip_core.formats.core import parse_format
+from acip_core.formats.registry import APP_FORMATS, parse_format
 from acip_core.engine.materialize import AnySizeModel, Size
 from acip_core.serving.public import check_data, limits
 
 log = logging.getLogger(__name__)
 
-# the formats the app offers (formats.Format keys): float, weight-only int8 / int4 (groups of 32), both
-# with the embedding / LM head in int8 too, and both in the fast layout
-FORMAT_CHOICES = ("float32", "bfloat16", "int8", "int4-g32", "int8+emb8", "int4-g32+emb8", "int8+fast",
-                  "int4-g32+fast")
+FORMAT_CHOICES = APP_FORMATS  # the formats the app offers (formats/registry.py)
 DTYPE_CHOICES = FORMAT_CHOICES  # the app's selector (one list)
 MAX_PROMPT_CHARS = 8000
 MAX_NEW_TOKENS = 1024

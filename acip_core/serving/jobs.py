@@ -176,7 +176,7 @@ class ScoringJobs:
         `options` are further FinetuneConfig fields. The same status/cancel/resume/owner rules and
         public-mode bounds as scoring runs; a refused start leaves no folder."""
         from acip_core.training.finetune import FinetuneConfig
-        from acip_core.formats.core import parse_format
+        from acip_core.formats.registry import parse_format
         from acip_core.artifacts.tuned import is_tuned
 
         lim = public.limits()

@@ -24,7 +24,8 @@ from torch import nn
 from acip_core.artifacts.artifact import load_artifact
 from acip_core.sources.data import BatchStream, load_text, token_windows
 from acip_core.evaluation.evaluate import perplexity
-from acip_core.formats.core import Format, QuantLinear, QuantLowRankLinear, parse_format, zero_rows
+from acip_core.formats.qweight import QuantLinear, QuantLowRankLinear, zero_rows
+from acip_core.formats.registry import Format, parse_format
 from acip_core.engine.layers import LowRankLinear
 from acip_core.engine.materialize import AnySizeModel, Size, _clone_tree, _quantized_embeddings
 from acip_core.sources.models import load_base
@@ -108,28 +109,28 @@ class InFloat32(nn.Module):
         return self.inner(x.to(self.dtype) if x.is_floating_point() else x).float()
 
 
-def _frozen_factors(any_size: AnySizeModel, names: list, ranks: dict, fmt: Format, biases: dict) -> dict:
-    """Each layer's kept factors after the LoRA rows, in `fmt`. Float formats: views of the family's
+def _frozen_factors(any_size: AnySizeModel, names: list, ranks: dict, format: Format, biases: dict) -> dict:
+    """Each layer's kept factors after the LoRA rows, in `format`. Float formats: views of the family's
     factors. Int formats: rows lora..kept of the float32 factors quantized on their own (zero rows
     pad them to the format's rank step), `down` of all layers in one batch (int4: GPTQ with the
     calibration Grams, as the family). Rows of `down` are quantized independently, so its codes are
     the family's; `up`'s groups may differ, so the served size (the family's quantization of all kept
     rows, the tuned LoRA's rows with them) is close to this, not equal: finetune measures the served one."""
     lora = any_size.lora_rank
-    if not fmt.quantized:
-        family = any_size._family(fmt)[1]
+    if not format.quantized:
+        family = any_size._family(format)[1]
         return {n: LowRankLinear(family[n][0][lora:lora + ranks[n]], family[n][1][lora:lora + ranks[n]], biases[n])
                 for n in names}
     family, kept = any_size._family(Format())[1], {}
     for n in names:
-        keep = fmt.kept_rank(lora + ranks[n], any_size.shapes[n].padded_rank(lora, fmt)) - lora
+        keep = format.kept_rank(lora + ranks[n], any_size.shapes[n].padded_rank(lora, format)) - lora
         kept[n] = (family[n][0][lora:lora + keep], family[n][1][lora:lora + keep],
-                   -(-keep // fmt.rank_step) * fmt.rank_step)  # zero rows: whole groups for the kernel
-    grams = any_size.grams(fmt)
+                   -(-keep // format.rank_step) * format.rank_step)  # zero rows: whole groups for the kernel
+    grams = any_size.grams(format)
     # int4: the family's balance (on the whole factors), its kept rows applied
-    balance = any_size.int4_balances(fmt, {n: grams[n] for n in names if n in grams})
+    balance = any_size.int4_balances(format, {n: grams[n] for n in names if n in grams})
     balance = {n: c[lora:] for n, c in balance.items()}
-    downs = fmt.pack_many([kept[n][0] for n in names], [grams.get(n) for n in names], [kept[n][2] for n in names])
+    downs = format.pack_many([kept[n][0] for n in names], [grams.get(n) for n in names], [kept[n][2] for n in names])
     del grams
     frozen = {}
     for n, down in zip(names, downs):
@@ -137,57 +138,57 @@ def _frozen_factors(any_size: AnySizeModel, names: list, ranks: dict, fmt: Forma
         if n in balance:
             c = balance[n][:up_t.shape[0]]
             down, up_t = down.scale_rows(1 / c), up_t * c[:, None]
-        bias = None if biases[n] is None else biases[n].detach().to(fmt.compute_dtype)
-        frozen[n] = InFloat32(QuantLowRankLinear(down, fmt.pack(zero_rows(up_t, rows).t().contiguous()), bias), fmt.compute_dtype)
+        bias = None if biases[n] is None else biases[n].detach().to(format.compute_dtype)
+        frozen[n] = InFloat32(QuantLowRankLinear(down, format.pack(zero_rows(up_t, rows).t().contiguous()), bias), format.compute_dtype)
     return frozen
 
 
-def factorized_targets(any_size: AnySizeModel, size: Size, fmt: Format) -> list[str]:
-    """The target layers that run factorized at `size` in `fmt` (the others run their original weight,
-    which has no LoRA to tune)."""
+def factorized_targets(any_size: AnySizeModel, size: Size, format: Format) -> list[str]:
+    """The target layers that run factorized at `size` in `format` (the others run their original
+    weight, which has no LoRA to tune)."""
     rank = any_size.lora_rank
     return [n for n in any_size.targets
-            if not any_size.shapes[n].format_bytes(int(size.ranks[n]), rank, fmt)[1]]
+            if not any_size.shapes[n].format_bytes(int(size.ranks[n]), rank, format)[1]]
 
 
-def check_tunable(any_size: AnySizeModel, size: Size, fmt: Format | str | None = None) -> None:
+def check_tunable(any_size: AnySizeModel, size: Size, format: Format | str | None = None) -> None:
     """Fine-tuning's rule: a size is tunable when its artifact has LoRA adapters and at least one of
-    its layers runs factorized in `fmt`. ValueError says why not (tunable_model enforces it; the app
+    its layers runs factorized in `format`. ValueError says why not (tunable_model enforces it; the app
     asks it before it launches a run, serving/studio.py)."""
     if not any_size.lora_rank:
         raise ValueError("this artifact has no LoRA adapters to fine-tune")
-    if not factorized_targets(any_size, size, parse_format(fmt or Format())):
+    if not factorized_targets(any_size, size, parse_format(format or Format())):
         raise ValueError(f"no layer is factorized at size {size.size_ratio:.3f} (every one runs its original "
                          "weight): nothing to fine-tune; choose a smaller size")
 
 
 def tunable_model(any_size: AnySizeModel, size: Size, adapters: dict, lora_alpha: float, dropout: float,
-                  fmt: Format | None = None):
-    """The size in `fmt` as a trainable module tree over the shared tensors; returns (model, {fqn: layer}).
+                  format: Format | None = None):
+    """The size in `format` as a trainable module tree over the shared tensors; returns (model, {fqn: layer}).
 
     Float formats: the format's family tree. Int formats: the float32 tree with every weight of the
     format quantized (dense layers and, with +emb8, the embedding / LM head, as the format's family
     quantizes them; factors: _frozen_factors) and run by its kernel; activations stay float32
     (InFloat32). Nothing of the format's whole family is built: training holds only this size."""
-    fmt = fmt or Format()
-    check_tunable(any_size, size, fmt)
-    base, _ = any_size._family(Format() if fmt.quantized else fmt)
+    format = format or Format()
+    check_tunable(any_size, size, format)
+    base, _ = any_size._family(Format() if format.quantized else format)
     rank = any_size.lora_rank
-    swap, factorized = {}, factorized_targets(any_size, size, fmt)
+    swap, factorized = {}, factorized_targets(any_size, size, format)
     for n in any_size.targets:
         original = base.get_submodule(n)
-        if n not in factorized and fmt.quantized:  # the original weight in the format (no LoRA, App. D.3)
-            bias = None if original.bias is None else original.bias.detach().to(fmt.compute_dtype)
-            swap[id(original)] = InFloat32(QuantLinear(fmt.pack(original.weight), bias), fmt.compute_dtype)
-    frozen = _frozen_factors(any_size, factorized, {n: int(size.ranks[n]) for n in factorized}, fmt,
+        if n not in factorized and format.quantized:  # the original weight in the format (no LoRA, App. D.3)
+            bias = None if original.bias is None else original.bias.detach().to(format.compute_dtype)
+            swap[id(original)] = InFloat32(QuantLinear(format.pack(original.weight), bias), format.compute_dtype)
+    frozen = _frozen_factors(any_size, factorized, {n: int(size.ranks[n]) for n in factorized}, format,
                              {n: getattr(base.get_submodule(n), "bias", None) for n in factorized})
     layers = {}
     for n in factorized:
         layers[n] = TunableLowRank(frozen[n], adapters[f"{n}.lora_A"], adapters[f"{n}.lora_B"],
                                    lora_alpha / rank, dropout)
         swap[id(base.get_submodule(n))] = layers[n]
-    if fmt.quantized and fmt.embeddings == "int8":  # the embedding / LM head in int8, as served
-        swap.update({k: InFloat32(m, fmt.compute_dtype) for k, m in _quantized_embeddings(base, base, fmt).items()})
+    if format.quantized and format.embeddings == "int8":  # the embedding / LM head in int8, as served
+        swap.update({k: InFloat32(m, format.compute_dtype) for k, m in _quantized_embeddings(base, base, format).items()})
     for p in base.parameters():  # shared with the base: frozen (the explorer never trains them)
         p.requires_grad_(False)
     return _clone_tree(base, swap), layers
@@ -234,11 +235,11 @@ def run_finetune(artifact_folder: str | Path, size_ratio: float, data: str, out:
         any_size = any_size_from(parent, base, tokenizer)
         size = any_size.size_for_ratio(size_ratio)
         lora = parent.meta.get("lora", {})
-        fmt = parse_format(cfg.format)
+        format = parse_format(cfg.format)
         student, layers = tunable_model(any_size, size, parent.adapters, float(lora.get("alpha", 16.0)),
-                                        cfg.lora_dropout, fmt)
+                                        cfg.lora_dropout, format)
         teacher = any_size.materialize(any_size.original_size()) if cfg.objective != "lm" else None
-        if fmt.quantized:  # the student holds its own quantized packs: the float32 factors can go
+        if format.quantized:  # the student holds its own quantized packs: the float32 factors can go
             any_size.release_float32_factors()  # (the untuned size is measured from a fresh copy)
             release_memory()
         params = {f"{n}.{k}": getattr(l, k) for n, l in layers.items() for k in ("lora_A", "lora_B")}
@@ -263,7 +264,7 @@ def run_finetune(artifact_folder: str | Path, size_ratio: float, data: str, out:
                         source=parent.meta["model"]["source"]),
             size=dict(prefix=size.prefix, size_ratio=round(size.size_ratio, 6), params=size.params,
                       target=float(size_ratio), tuned_layers=len(layers)),
-            format=fmt.key,
+            format=format.key,
             finetune=dict(asdict(cfg), data=data, processes=dist.world_size if dist else 1),
             result=dict(steps=step, seconds=round(seconds, 1), peak_rss_mib=round(training_rss),
                         **steps_memory(out)),
@@ -273,14 +274,14 @@ def run_finetune(artifact_folder: str | Path, size_ratio: float, data: str, out:
         sets = {name: token_windows(tokenizer, load_text(source), 256, eval_windows)
                 for name, source in eval_sets.items()}
         del student, teacher, layers, params
-        if fmt.quantized:  # its float32 factors were released: the parent's any-size model again
+        if format.quantized:  # its float32 factors were released: the parent's any-size model again
             any_size = any_size_from(parent, base, tokenizer)
-        untuned = any_size.materialize(size, fmt)
+        untuned = any_size.materialize(size, format)
         figures = {name: dict(untuned=_ppl(untuned, w), windows=len(w)) for name, w in sets.items()}
         del untuned, any_size
         save_tuned(out, meta, adapters)  # (bf16) then measured as every command serves it
         served, served_size = open_tuned(out)
-        model = served.materialize(served.size_at(served_size.prefix, fmt), fmt)
+        model = served.materialize(served.size_at(served_size.prefix, format), format)
         for name, w in sets.items():
             figures[name]["tuned"] = _ppl(model, w)
         meta["result"]["eval_seconds"] = round(time.perf_counter() - start, 1)

@@ -17,7 +17,7 @@ from acip_core.artifacts.open import any_size_from, artifact_linears, calibratio
 from acip_core.engine.basis import Factors, basis_check, basis_for, default_recipe, meta_basis
 from acip_core.evaluation.curve import acip_curve
 from acip_core.sources.data import BatchStream, load_text, token_windows
-from acip_core.formats.core import parse_format
+from acip_core.formats.registry import parse_format
 from acip_core.engine.materialize import AnySizeModel
 from acip_core.sources.models import load_base, pick_device
 from acip_core.system.version import versions

@@ -317,7 +317,7 @@ def plan_scoring(model: str, batch_size: int = 2, seq_len: int = 256, base_forma
     run over that many processes (`--fsdp`), each with batch_size / fsdp rows. `config`: a
     transformers config to use instead of reading `model`'s."""
     from acip_core.engine.basis import meta_basis
-    from acip_core.formats.core import parse_format
+    from acip_core.formats.registry import parse_format
     from acip_core.engine.parametrize import parametrize_, target_linears, train_only_masks_and_lora_
 
     for name, v in (("batch_size", batch_size), ("seq_len", seq_len), ("fsdp", fsdp)):
@@ -327,8 +327,8 @@ def plan_scoring(model: str, batch_size: int = 2, seq_len: int = 256, base_forma
         raise ValueError(f"device must be cpu or cuda, got {device!r}")
     if batch_size % fsdp:
         raise ValueError(f"the global batch {batch_size} must divide by the {fsdp} processes")
-    fmt = parse_format(base_format)
-    if fmt.quantized and fsdp > 1:
+    format = parse_format(base_format)
+    if format.quantized and fsdp > 1:
         raise ValueError("--base-format int8/int4 does not run under --fsdp (run_scoring refuses it)")
     amp = _amp(precision, device)  # a quantized base's kernels run in its compute dtype, the rest in this
     config = config if config is not None else model_config(model)
@@ -352,19 +352,19 @@ def plan_scoring(model: str, batch_size: int = 2, seq_len: int = 256, base_forma
                   vocab=getattr(config, "vocab_size", None))
 
     quant_bytes = 0
-    if fmt.quantized:
+    if format.quantized:
         for n, m in linears.items():
             try:
-                quant_bytes += fmt.weight_bytes(m.out_features, k_of[n]) + fmt.weight_bytes(k_of[n], m.in_features)
+                quant_bytes += format.weight_bytes(m.out_features, k_of[n]) + format.weight_bytes(k_of[n], m.in_features)
             except ValueError as e:
-                raise ValueError(f"--base-format {fmt.key} does not fit layer {n}: {e}") from None
+                raise ValueError(f"--base-format {format.key} does not fit layer {n}: {e}") from None
 
     # activations: one forward of the scoring form on the meta device, with this process's rows
     with torch.device("meta"):
         parametrize_(net, meta_basis(linears), lora_rank=lora_rank)
     layers = train_only_masks_and_lora_(net)
     for l in layers.values():
-        if amp is not None and not fmt.quantized:  # score_loop stores the frozen tensors in the compute dtype
+        if amp is not None and not format.quantized:  # score_loop stores the frozen tensors in the compute dtype
             l.weight, l.U, l.Vh = l.weight.to(amp), l.U.to(amp), l.Vh.to(amp)
     rows = batch_size // fsdp
     traced = trace_step(net, rows, seq_len, amp)
@@ -398,18 +398,18 @@ def plan_scoring(model: str, batch_size: int = 2, seq_len: int = 256, base_forma
         add(f"{FSDP_BLOCKS_IN_FLIGHT} gathered blocks in flight", FSDP_BLOCKS_IN_FLIGHT * (W + F) // 4 * dt // blocks,
             where_w, ("steps",), "target weights + factors of a block")
     else:
-        load_phases = ("basis build", "setup") + (("steps",) if not fmt.quantized else ())
+        load_phases = ("basis build", "setup") + (("steps",) if not format.quantized else ())
         add("weights (float32)", P, where_w, load_phases, "every parameter, tied ones once")
         if gpu:  # the basis stays in host RAM (the basis dict) and is copied to the GPU by parametrize_
-            add("basis U, s, Vh (float32, host)", F, "ram", ("setup", "steps") if not fmt.quantized else ("setup",))
+            add("basis U, s, Vh (float32, host)", F, "ram", ("setup", "steps") if not format.quantized else ("setup",))
             add("factors U, s, Vh (float32, on the GPU)", F, "gpu",
-                ("setup",) if amp is not None or fmt.quantized else ("setup", "steps"),
+                ("setup",) if amp is not None or format.quantized else ("setup", "steps"),
                 "replaced by the compute dtype's copies before step 1" if amp is not None else "")
         else:
-            add("basis U, s, Vh (float32)", F, "ram", ("setup", "steps") if not fmt.quantized else ("setup",),
+            add("basis U, s, Vh (float32)", F, "ram", ("setup", "steps") if not format.quantized else ("setup",),
                 "beside W: the forward subtracts the pruned part from W")
-        if fmt.quantized:
-            add(f"frozen factors packed ({fmt.key})", quant_bytes, where_w, ("setup", "steps"),
+        if format.quantized:
+            add(f"frozen factors packed ({format.key})", quant_bytes, where_w, ("setup", "steps"),
                 "U, Vh quantized; W and the float factors dropped before step 1")
             add("other parameters (float32 copies)", P - W, where_w, ("steps",), "embeddings, norms, head")
             add("singular values s (float32)", 4 * s_values, where_w, ("steps",))
@@ -435,13 +435,13 @@ def plan_scoring(model: str, batch_size: int = 2, seq_len: int = 256, base_forma
             note)
 
     _serve_terms(add, net, linears, k_of, lora_rank, P, W)
-    plan = Plan(model, dict(batch_size=batch_size, seq_len=seq_len, base_format=fmt.key, fsdp=fsdp, device=device,
+    plan = Plan(model, dict(batch_size=batch_size, seq_len=seq_len, base_format=format.key, fsdp=fsdp, device=device,
                             precision=precision, precision_used=str(amp or torch.float32).removeprefix("torch."),
                             lora_rank=lora_rank, basis=basis), shapes, T)
     plan.available = available_memory(device)
     flops = step_flops(linears, k_of, lora_rank, rows, seq_len, config)
     if probe:
-        plan.step_seconds, plan.step_note = estimate_step_seconds(flops, linears, k_of, device, amp, fmt)
+        plan.step_seconds, plan.step_note = estimate_step_seconds(flops, linears, k_of, device, amp, format)
     else:
         plan.step_note = f"{flops / 1e12:.2f} TFLOP a step (no probe run)"
     return plan
@@ -452,7 +452,7 @@ def _serve_terms(add, net, linears, k_of, lora_rank, P, W) -> None:
     factors in score order with the LoRA rows in front (float32), and each format family it builds:
     bfloat16 copies the tree and the factors; an int format holds the tree in bf16, the dense weights
     and the factors packed."""
-    from acip_core.formats.core import parse_format
+    from acip_core.formats.registry import FAMILIES, Format
 
     rows = {n: k_of[n] + lora_rank for n in linears}
     factors32 = sum(4 * rows[n] * (m.in_features + m.out_features) for n, m in linears.items())
@@ -461,19 +461,18 @@ def _serve_terms(add, net, linears, k_of, lora_rank, P, W) -> None:
     other_bf16 = (P - W) // 2
     add("serve: + bfloat16 family", other_bf16 + W // 2 + factors32 // 2, "ram", ("family",),
         "built on first use of the format")
-    for key in ("int8", "int4-g32"):
-        fmt = parse_format(key)
+    for format in (Format(name) for name, family in FAMILIES.items() if family.quantized):
         try:
-            dense = sum(fmt.weight_bytes(m.out_features, m.in_features) for m in linears.values())
-            packed = sum(fmt.weight_bytes(_padded(rows[n], fmt), m.in_features)
-                         + fmt.weight_bytes(m.out_features, _padded(rows[n], fmt)) for n, m in linears.items())
+            dense = sum(format.weight_bytes(m.out_features, m.in_features) for m in linears.values())
+            packed = sum(format.weight_bytes(_padded(rows[n], format), m.in_features)
+                         + format.weight_bytes(m.out_features, _padded(rows[n], format)) for n, m in linears.items())
         except ValueError:
             continue  # widths this format cannot pack: the app cannot build it either
-        add(f"serve: + {key} family", other_bf16 + dense + packed, "ram", ("family",), "built on first use")
+        add(f"serve: + {format.key} family", other_bf16 + dense + packed, "ram", ("family",), "built on first use")
 
 
-def _padded(rows: int, fmt) -> int:
-    step = fmt.rank_step
+def _padded(rows: int, format) -> int:
+    step = format.rank_step
     return -(-rows // step) * step
 
 
@@ -500,7 +499,7 @@ def step_flops(linears, k_of, lora_rank, rows, seq_len, config) -> float:
 PROBE_MAX_SIDE = 2048
 
 
-def estimate_step_seconds(flops: float, linears, k_of, device: str, amp, fmt) -> tuple[float | None, str]:
+def estimate_step_seconds(flops: float, linears, k_of, device: str, amp, format) -> tuple[float | None, str]:
     """flops over the rate of one product of the largest target layer's factored shape, timed now on
     `device` in the step's compute dtype. An estimate: it leaves out everything that is not a matrix
     product (norms, softmax, the optimizer) and a quantized base's kernels (slower than float ones)."""
@@ -525,8 +524,8 @@ def estimate_step_seconds(flops: float, linears, k_of, device: str, amp, fmt) ->
     rate = 2 * rows * n_in * k * reps / (time.perf_counter() - start)
     note = (f"{flops / 1e12:.3f} TFLOP at {rate / 1e9:.1f} GFLOP/s, the rate of one {rows}×{n_in} · {n_in}×{k} "
             f"{str(dtype).removeprefix('torch.')} product timed now on this {device}; non-matmul work not counted")
-    if fmt.quantized:
-        note += f"; a {fmt.key} base runs low-bit kernels, slower than this"
+    if format.quantized:
+        note += f"; a {format.key} base runs low-bit kernels, slower than this"
     return flops / rate, note
 
 

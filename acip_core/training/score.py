@@ -63,11 +63,13 @@ class ScoreConfig:
             raise ValueError(f"objective must be one of {OBJECTIVES}")
         if not 0.0 < self.temperature <= 100.0:
             raise ValueError("temperature must be in (0, 100]")
-        from acip_core.formats.core import parse_format
+        from acip_core.formats.registry import FAMILIES, Format, parse_format
 
         base = parse_format(self.base_format)  # raises on an unknown format
-        if base.name == "bfloat16" or base.embeddings != "native" or base.layout != "small":
-            raise ValueError("base_format must be float32, int8 or int4[-gNN] (bf16 scoring is --precision bf16; "
+        if (not base.quantized and base != Format()) or base.embeddings != "native" or base.layout != "small":
+            quantized = ", ".join(name for name, family in FAMILIES.items() if family.quantized)
+            raise ValueError(f"base_format must be float32 or a quantized format ({quantized}; "
+                             "bf16 scoring is --precision bf16; "
                              "the embeddings stay as they are; scoring has no sizes, so no layout)")
         if base.quantized and self.objective != "lm":
             raise ValueError(f"objective {self.objective} needs the original's full-precision weights as "

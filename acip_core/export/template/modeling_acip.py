@@ -85,23 +85,100 @@ _INT8_MM = torch.ops.aten._weight_int8pack_mm  # torch's CPU kernels
 _INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu
 
 
+class Int8Codes:
+    """int8 codes [out, in], a scale per row: w = q · scale."""
+
+    @staticmethod
+    def rows(out_features: int) -> int:
+        return out_features
+
+    @staticmethod
+    def buffers(layer, rows: int, dtype) -> dict:
+        return {"qweight": torch.zeros(rows, layer.in_features, dtype=torch.int8),
+                "scales": torch.zeros(rows, dtype=dtype)}
+
+    @staticmethod
+    def dequantize(layer) -> torch.Tensor:
+        return layer.qweight.float() * layer.scales.float()[:, None]
+
+    @staticmethod
+    def cpu_product(layer, x2: torch.Tensor) -> torch.Tensor:
+        if layer.in_features % INT8_INPUT_MULTIPLE:  # codes cast, scale after (as the app)
+            return nn.functional.linear(x2, layer.qweight.to(x2.dtype)) * layer.scales
+        layer._align_()
+        return _INT8_MM(x2.contiguous(), layer.qweight, layer.scales)
+
+
+class Int4Codes:
+    """int4 codes two per byte, low nibble first ([rows, in / 2], rows padded to 32), scale and zero
+    per group of inputs ([in / group, rows, 2]): w = (q - 8) · scale + zero."""
+
+    @staticmethod
+    def rows(out_features: int) -> int:
+        return -(-out_features // 32) * 32
+
+    @staticmethod
+    def buffers(layer, rows: int, dtype) -> dict:
+        layer.group = max(g for g in (32, 64, 128) if g <= layer.group and layer.in_features % g == 0)
+        return {"qweight": torch.zeros(rows, layer.in_features // 2, dtype=torch.uint8),
+                "scales": torch.zeros(layer.in_features // layer.group, rows, 2, dtype=dtype)}
+
+    @staticmethod
+    def dequantize(layer) -> torch.Tensor:
+        rows, g = layer.qweight.shape[0], layer.group
+        sz = layer.scales.float()
+        scale, zero = sz[..., 0].t()[:, :, None], sz[..., 1].t()[:, :, None]
+        return ((layer.codes().float().reshape(rows, -1, g) - 8) * scale + zero).reshape(rows, -1)
+
+    @staticmethod
+    def cpu_product(layer, x2: torch.Tensor) -> torch.Tensor:
+        layer._align_()
+        if layer._packed is None:  # torch's CPU layout, built once from the portable codes
+            layer._packed = aligned(torch.ops.aten._convert_weight_to_int4pack_for_cpu(layer.codes().contiguous(), 1))
+        return _INT4_MM(x2.contiguous(), layer._packed, layer.group, layer.scales)
+
+
+class Float8Codes:
+    """float8 (e4m3) codes [out, in], a float32 scale per row: w = q · scale. The codes cast to the
+    activations' dtype (exact), the product in it, the scale applied after (as ACIP Studio on a CPU)."""
+
+    @staticmethod
+    def rows(out_features: int) -> int:
+        return out_features
+
+    @staticmethod
+    def buffers(layer, rows: int, dtype) -> dict:
+        return {"qweight": torch.zeros(rows, layer.in_features, dtype=torch.float8_e4m3fn),
+                "scales": torch.zeros(rows, dtype=torch.float32)}
+
+    @staticmethod
+    def dequantize(layer) -> torch.Tensor:
+        return layer.qweight.float() * layer.scales.float()[:, None]
+
+    @staticmethod
+    def cpu_product(layer, x2: torch.Tensor) -> torch.Tensor:
+        return (bf16_linear(x2, layer.qweight.to(x2.dtype)).float() * layer.scales.float()).to(x2.dtype)
+
+
+# config.json's acip_quant["kind"] -> how its codes are stored and multiplied (ACIP Studio's format
+# registry writes the kind; a new format is one entry here)
+KINDS = {"int8": Int8Codes, "int4": Int4Codes, "float8": Float8Codes}
+
+
 class QuantLinear(nn.Module):
-    """y = x·Wᵀ (+ b) with W stored as int8 or int4 codes and scales (see the module docstring)."""
+    """y = x·Wᵀ (+ b) with W stored as codes and scales of a kind in KINDS (see the module docstring)."""
 
     def __init__(self, in_features: int, out_features: int, quant: dict, bias: bool = False, dtype=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.kind, self.group = quant["kind"], quant.get("group_size")
+        if self.kind not in KINDS:
+            raise ValueError(f"this model's weights are {self.kind!r}; this module reads {sorted(KINDS)}: "
+                             f"export it again with the ACIP Studio that wrote it")
+        codes = KINDS[self.kind]
         dtype = dtype or torch.bfloat16
-        rows = out_features if self.kind == "int8" else -(-out_features // 32) * 32
-        if self.kind == "int8":
-            self.register_buffer("qweight", torch.zeros(rows, in_features, dtype=torch.int8))
-            self.register_buffer("scales", torch.zeros(rows, dtype=dtype))
-        else:
-            group = max(g for g in (32, 64, 128) if g <= self.group and in_features % g == 0)
-            self.group = group
-            self.register_buffer("qweight", torch.zeros(rows, in_features // 2, dtype=torch.uint8))
-            self.register_buffer("scales", torch.zeros(in_features // group, rows, 2, dtype=dtype))
+        for name, t in codes.buffers(self, codes.rows(out_features), dtype).items():
+            self.register_buffer(name, t)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
         self._packed = None
 
@@ -111,12 +188,7 @@ class QuantLinear(nn.Module):
         return torch.stack([q & 15, q >> 4], dim=-1).reshape(q.shape[0], -1)
 
     def dequantize(self) -> torch.Tensor:
-        if self.kind == "int8":
-            return self.qweight.float() * self.scales.float()[:, None]
-        rows, g = self.qweight.shape[0], self.group
-        sz = self.scales.float()
-        scale, zero = sz[..., 0].t()[:, :, None], sz[..., 1].t()[:, :, None]
-        return ((self.codes().float().reshape(rows, -1, g) - 8) * scale + zero).reshape(rows, -1)
+        return KINDS[self.kind].dequantize(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
@@ -124,16 +196,8 @@ class QuantLinear(nn.Module):
             y = x2.new_zeros(x2.shape[0], self.qweight.shape[0])
         elif x2.device.type != "cpu":
             y = nn.functional.linear(x2, self.dequantize().to(x2.device, x2.dtype))
-        elif self.kind == "int8" and self.in_features % INT8_INPUT_MULTIPLE:  # codes cast, scale after (as the app)
-            y = nn.functional.linear(x2, self.qweight.to(x2.dtype)) * self.scales
-        elif self.kind == "int8":
-            self._align_()
-            y = _INT8_MM(x2.contiguous(), self.qweight, self.scales)
         else:
-            self._align_()
-            if self._packed is None:  # torch's CPU layout, built once from the portable codes
-                self._packed = aligned(torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes().contiguous(), 1))
-            y = _INT4_MM(x2.contiguous(), self._packed, self.group, self.scales)
+            y = KINDS[self.kind].cpu_product(self, x2)
         y = y[:, : self.out_features].reshape(*lead, self.out_features)
         return y if self.bias is None else y + self.bias
 

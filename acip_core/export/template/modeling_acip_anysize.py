@@ -113,18 +113,18 @@ class AnySizeLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(o, dtype=dtype)) if spec["bias"] else None
         self.down = nn.Parameter(torch.empty(rows, i, dtype=dtype))
         self.up_t = nn.Parameter(torch.empty(rows, o, dtype=dtype))
-        for key, fmt in anysize["formats"].items():
+        for key, format in anysize["formats"].items():
             name, q = buffer_name(key), spec["quant_rows"].get(key)
-            if fmt["kind"] == "int8" and fmt["codes"] == "computed":
+            if format["kind"] == "int8" and format["codes"] == "computed":
                 self.register_buffer(f"{name}_up_s", torch.zeros(o, dtype=torch.bfloat16))
-            elif fmt["kind"] == "int8":
+            elif format["kind"] == "int8":
                 for part, shape in (("down", (q, i)), ("up", (o, q)), ("weight", (o, i))):
                     self.register_buffer(f"{name}_{part}_q", torch.zeros(shape, dtype=torch.int8))
                     self.register_buffer(f"{name}_{part}_s", torch.zeros(shape[0], dtype=torch.bfloat16))
-            elif fmt["kind"] == "int4":
-                g, o32 = int(fmt["group_size"]), -(-o // 32) * 32
+            elif format["kind"] == "int4":
+                g, o32 = int(format["group_size"]), -(-o // 32) * 32
                 parts = (("down", (q, i)), ("up", (o32, q)), ("weight", (o32, i)))
-                for part, (r, k) in parts[:2] if fmt.get("dense_codes") == "computed" else parts:
+                for part, (r, k) in parts[:2] if format.get("dense_codes") == "computed" else parts:
                     self.register_buffer(f"{name}_{part}_q", torch.zeros(r, k // 2, dtype=torch.uint8))
                     self.register_buffer(f"{name}_{part}_s", torch.zeros(k // g, r, 2, dtype=torch.bfloat16))
         self.__dict__["_family"] = {}  # format key -> (dense weight, down, up) in that format, built once
@@ -138,19 +138,19 @@ class AnySizeLinear(nn.Module):
     def runs_dense(self, key: str, rank: int) -> bool:
         return rank >= int(self.spec["dense_from"][key])
 
-    def kept(self, fmt: dict, rank: int) -> int:
+    def kept(self, format: dict, rank: int) -> int:
         """Rows kept for `rank` (LoRA included; int formats round up to their rank step)."""
-        keep, step = self.lora + rank, int(fmt["step"])
-        return min(-(-keep // step) * step, int(self.spec["padded"][fmt["key"]])) if keep else 0
+        keep, step = self.lora + rank, int(format["step"])
+        return min(-(-keep // step) * step, int(self.spec["padded"][format["key"]])) if keep else 0
 
-    def set_rank(self, fmt: dict, rank: int) -> None:
-        self.__dict__["runner"] = self.build(fmt, rank)
+    def set_rank(self, format: dict, rank: int) -> None:
+        self.__dict__["runner"] = self.build(format, rank)
 
-    def build(self, fmt: dict, rank: int) -> nn.Module:
-        key, kind = fmt["key"], fmt["kind"]
+    def build(self, format: dict, rank: int) -> nn.Module:
+        key, kind = format["key"], format["kind"]
         dense = self.runs_dense(key, rank)
-        keep = self.kept(fmt, rank)
-        weight, down, up = self._family_of(fmt)
+        keep = self.kept(format, rank)
+        weight, down, up = self._family_of(format)
         i, o = self.in_features, self.out_features
         if not dense and not keep:  # rank 0 and no LoRA: the layer's output is its bias
             dtype = FLOATS.get(kind, torch.bfloat16)
@@ -167,7 +167,7 @@ class AnySizeLinear(nn.Module):
                 m.down.weight, m.up_t = _frozen(down[:keep]), _frozen(up[:keep])
             m.bias = bias
             return m
-        quant = {"kind": kind, "group_size": fmt.get("group_size")}
+        quant = {"kind": kind, "group_size": format.get("group_size")}
         bias = None if self.bias is None else _frozen(self.bias.detach().to(torch.bfloat16))
         if dense:
             m = _meta(QuantLinear, i, o, quant, bias=self.bias is not None, dtype=torch.bfloat16)
@@ -179,23 +179,23 @@ class AnySizeLinear(nn.Module):
             m.down.qweight, m.down.scales = down[0][:keep], down[1][:keep]
             m.up.qweight, m.up.scales = up[0][:, :keep].contiguous(), up[1]
         else:  # int4: rows of down, whole groups of up's columns (two codes a byte along the input)
-            g = int(fmt["group_size"])
+            g = int(format["group_size"])
             m.down.qweight, m.down.scales = down[0][:keep], down[1][:, :keep].contiguous()
             m.up.qweight, m.up.scales = up[0][:, : keep // 2].contiguous(), up[1][: keep // g]
         m.up.bias = bias
         return m
 
-    def _family_of(self, fmt: dict):
-        """(dense weight, down, up) in `fmt`, built on first use and kept (ACIP Studio's "family")."""
-        key = fmt["key"]
+    def _family_of(self, format: dict):
+        """(dense weight, down, up) in `format`, built on first use and kept (ACIP Studio's "family")."""
+        key = format["key"]
         if key in self._family:
             return self._family[key]
         name = buffer_name(key)
-        if fmt["kind"] in FLOATS:
-            dtype = FLOATS[fmt["kind"]]
+        if format["kind"] in FLOATS:
+            dtype = FLOATS[format["kind"]]
             same = self.weight.dtype == dtype  # the stored tensors themselves
             fam = tuple(t.detach() if same else t.detach().to(dtype) for t in (self.weight, self.down, self.up_t))
-        elif fmt["kind"] == "int8" and fmt["codes"] == "computed":
+        elif format["kind"] == "int8" and format["codes"] == "computed":
             # the factors quantized as ACIP Studio does: rows padded with zeros to the padded rank, down per
             # row; up per output row over its whole padded rank (the stored scales: rows past the stored
             # prefix count in them), the codes of the kept columns rounded on that grid
@@ -209,10 +209,10 @@ class AnySizeLinear(nn.Module):
             fam = (quantize_int8(self.weight), quantize_int8(down32), (up_codes, scales))
         else:
             fam = tuple((getattr(self, f"{name}_{p}_q"), getattr(self, f"{name}_{p}_s"))
-                        if p != "weight" or fmt.get("dense_codes") != "computed" else None
+                        if p != "weight" or format.get("dense_codes") != "computed" else None
                         for p in ("weight", "down", "up"))
             if fam[0] is None:  # the dense weight's codes: round to nearest from float32, as ACIP Studio does
-                g = max(x for x in (32, 64, 128) if x <= int(fmt["group_size"]) and self.in_features % x == 0)
+                g = max(x for x in (32, 64, 128) if x <= int(format["group_size"]) and self.in_features % x == 0)
                 fam = (quantize_int4(self.weight, g),) + fam[1:]
         self._family[key] = fam
         return fam
@@ -320,22 +320,22 @@ class AnySizeMixin:
         pick = {}
         if budget_gb is not None:
             pick = self.best_for_budget(budget_gb, format, eval_set)
-            prefix, fmt = pick["prefix"], self._format(pick["format"])
+            prefix, format = pick["prefix"], self._format(pick["format"])
         else:
-            fmt = self._format(format)
+            format = self._format(format)
             prefix = self.prefix_for_ratio(size_ratio)
         names = self.config.acip_anysize["layer_names"]
         layers = [self.get_submodule(n) for n in names]
-        if fmt["kind"] == "float32" and layers and layers[0].weight.dtype != torch.float32:
+        if format["kind"] == "float32" and layers and layers[0].weight.dtype != torch.float32:
             raise ValueError("this model holds bfloat16 weights (a bfloat16 folder, or loaded with a dtype): "
                              "float32 needs the float32 any-size folder, loaded without dtype=")
         ranks = torch.bincount(self.acip_index.layer_of[:prefix].long(), minlength=len(layers)).tolist()
-        self._set_compute_dtype(FLOATS.get(fmt["kind"], torch.bfloat16))
+        self._set_compute_dtype(FLOATS.get(format["kind"], torch.bfloat16))
         dense = 0
         for layer, rank in zip(layers, ranks):
-            layer.set_rank(fmt, rank)
-            dense += layer.runs_dense(fmt["key"], rank)
-        info = dict(self.size_info(prefix, fmt["key"]), dense_layers=dense, ranks=dict(zip(names, ranks)),
+            layer.set_rank(format, rank)
+            dense += layer.runs_dense(format["key"], rank)
+        info = dict(self.size_info(prefix, format["key"]), dense_layers=dense, ranks=dict(zip(names, ranks)),
                     perplexity=pick.get("perplexity"))  # the curve's, for a budget's pick
         self.__dict__["acip_size"] = info
         return info
