@@ -263,7 +263,7 @@ class Handlers:
         if not is_tuned(folder_b):
             return gr.skip()
         tuned = load_tuned(folder_b)
-        return float(tuned.meta["size"].get("target", tuned.size_ratio))
+        return load_tuned(folder_b).meta.target
 
     # -- chat -----------------------------------------------------------------------------------
     @ui_errors
