@@ -262,7 +262,6 @@ class Handlers:
         folder_b = self.folder(folder_b)
         if not is_tuned(folder_b):
             return gr.skip()
-        tuned = load_tuned(folder_b)
         return load_tuned(folder_b).meta.target
 
     # -- chat -----------------------------------------------------------------------------------
