@@ -42,11 +42,9 @@ def test_the_shipped_acip_json_writes_back_byte_identical():
 def test_save_artifact_writes_the_same_json_it_loaded(tmp_path):
     folder = tmp_path / "copy"
     shutil.copytree(SHIPPED, folder, ignore=shutil.ignore_patterns(TUNED_DIR))
-    before = _raw(folder / "acip.json")
+    before = (folder / "acip.json").read_bytes()
     save_artifact(folder, load_artifact(folder))
-    after = _raw(folder / "acip.json")
-    assert list(after) == list(before)
-    assert {k: v for k, v in after.items() if k != "files"} == {k: v for k, v in before.items() if k != "files"}
+    assert (folder / "acip.json").read_bytes() == before  # the tensors and curve re-serialize identically too
     assert load_artifact(folder).meta.block_removal_order == load_artifact(SHIPPED).meta.block_removal_order
 
 

@@ -164,6 +164,18 @@ def test_targets_are_the_checkpoints_own(imported, fam):
     assert meta["lora"] == dict(rank=8, alpha=16.0, dropout=0.05)
 
 
+def test_an_imported_artifact_reads_what_the_import_adds_as_typed_fields(imported):
+    from acip_core.artifacts.artifact import load_artifact
+
+    folder, model = imported["llama", "compact"]
+    meta = load_artifact(folder).meta
+    assert meta.size_rule == "official" and meta.result.imported and meta.result.steps is None
+    assert meta.official.storage == "compact" and meta.official.source.endswith("compact")
+    assert meta.official.bytes and meta.official.factor_error is None  # no stored factors to compare
+    assert meta.lora.rank == 8 and model.meta.official == meta.official
+    assert json.dumps(meta.to_json(), indent=1) == (folder / "acip.json").read_text()
+
+
 def test_official_rule_prunes_ties_at_the_threshold_together_and_ours_is_unchanged():
     shapes = {"a": LayerShape(8, 8), "b": LayerShape(8, 8)}
     scores = {"a": torch.tensor([5., 4., 3., 2., 2., 2., 1., 0.]), "b": torch.tensor([9., 8., 2., 2., 1., 0., 0., 0.])}

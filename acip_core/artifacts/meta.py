@@ -61,6 +61,7 @@ def check_version(raw: Any, where: str, newest: int) -> int:
 class _Record:
     """A JSON object: the typed fields of the subclass and `raw`, the object as read (its other keys)."""
     raw: Mapping = field(default_factory=dict, repr=False, compare=False, kw_only=True)
+    _always = ()  # fields written even when absent when read and at their default
 
     def to_json(self) -> dict:
         """The object to write: the keys as read, in their order, with the typed fields' values (a
@@ -73,7 +74,8 @@ class _Record:
             value = _json_value(getattr(self, f.name))
             if f.name in self.raw and self.raw[f.name] == value:
                 continue
-            if f.name not in self.raw and (value in (None, {}, []) or value == _json_value(_default_of(f))):
+            if f.name not in self.raw and f.name not in self._always and (
+                    value in (None, {}, []) or value == _json_value(_default_of(f))):
                 continue
             out[f.name] = value
         return out
@@ -183,6 +185,7 @@ class TunedFrom(_Record):
 @dataclass(frozen=True)
 class ArtifactMeta(_Record):
     """acip.json (artifact.py) as typed fields."""
+    _always = ("format_version", "files")
     model: ModelInfo
     layers: dict  # fqn -> [out_features, in_features, has_bias]: the target layers, in order
     basis: BasisInfo
@@ -264,6 +267,7 @@ class TunedSizeInfo(_Record):
 @dataclass(frozen=True)
 class TunedMeta(_Record):
     """tuned.json (tuned.py) as typed fields."""
+    _always = ("format_version", "files")
     parent: ParentRef
     size: TunedSizeInfo
     files: dict
