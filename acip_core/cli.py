@@ -114,9 +114,10 @@ def cmd_score(args):
             dist.close()
     if dist is None or dist.rank == 0:
         meta = artifact.meta
-        _emit(args, dict(out=args.out, result=meta["result"], targets=meta["targets"], target_layers=len(meta["layers"])),
-              f"wrote {args.out}: {json.dumps(meta['result'])}\ntargets ({meta.get('targets_chosen_by', '?')}): "
-              f"{len(meta['layers'])} layers named {','.join(meta['targets'])}")
+        _emit(args, dict(out=args.out, result=meta.result.to_json(), targets=list(meta.targets),
+                         target_layers=len(meta.layers)),
+              f"wrote {args.out}: {json.dumps(meta.result.to_json())}\ntargets ({meta.targets_chosen_by or '?'}): "
+              f"{len(meta.layers)} layers named {','.join(meta.targets)}")
 
 
 def _targets(value: str | None):
@@ -138,13 +139,15 @@ def cmd_plan(args):
 
 @command
 def cmd_size(args):
-    from acip_core.artifacts.artifact import load_artifact
+    from acip_core.artifacts.open import open_folder
     from acip_core.evaluation.curve import best_for_budget
-    from acip_core.training.pipeline import open_artifact
 
     if args.budget_gb is not None and args.format is None:  # the best (size, format) by the measured curve
-        model = open_artifact(args.artifact)
-        pick = best_for_budget(model, load_artifact(args.artifact).curve, args.budget_gb, args.eval_set)
+        opened = open_folder(args.artifact)
+        if opened.tuned is not None:
+            raise ValueError(f"{args.artifact} is a tuned size with its own size; leave out --budget-gb")
+        model = opened.any_size
+        pick = best_for_budget(model, opened.artifact.curve, args.budget_gb, args.eval_set)
         size = pick["size"]
         result = dict(_size_dict(size, args.budget_gb), **{k: v for k, v in pick.items() if k != "size"})
     else:
@@ -177,13 +180,13 @@ def cmd_import_acip(args):
 
     artifact = import_official(args.source, args.out, args.base, on_progress)
     artifact = load_artifact(args.out)  # as every later command reads it (checksums verified)
-    official = artifact.meta["official"]
+    official = artifact.meta.official
     ours = {p.name: p.stat().st_size for p in sorted(artifact.path.iterdir()) if p.is_file()}
-    result = dict(out=str(args.out), source=args.source, storage=official["storage"],
-                  base=artifact.meta["model"]["source"], layers=len(artifact.scores),
-                  lora=artifact.meta["lora"], size_rule=artifact.size_rule,
-                  checkpoint_bytes=sum(official["bytes"].values()), artifact_bytes=sum(ours.values()))
-    _emit(args, result, f"wrote {args.out} from {args.source} ({official['storage']} storage, "
+    result = dict(out=str(args.out), source=args.source, storage=official.storage,
+                  base=artifact.meta.model.source, layers=len(artifact.scores),
+                  lora=artifact.meta.lora.to_json(), size_rule=artifact.size_rule,
+                  checkpoint_bytes=sum(official.bytes.values()), artifact_bytes=sum(ours.values()))
+    _emit(args, result, f"wrote {args.out} from {args.source} ({official.storage} storage, "
                         f"{len(artifact.scores)} layers, base {result['base']}): "
                         f"{result['checkpoint_bytes'] / 1e6:.1f} MB of theirs -> {result['artifact_bytes'] / 1e6:.1f} MB; "
                         f"next: python -m acip_core curve --artifact {args.out}")
@@ -259,7 +262,7 @@ def cmd_curve(args):
     lo, hi, step = (float(x) for x in args.sizes.split(":"))
     sizes = [round(lo + i * step, 4) for i in range(int(round((hi - lo) / step)) + 1)]
     artifact = load_artifact(args.artifact)
-    _, tokenizer = load_base(artifact.meta["model"]["source"])
+    _, tokenizer = load_base(artifact.meta.model.source)  # (the tokenizer only: the methods open the folder)
     evals = {}
     for spec in args.eval:
         name, _, source = spec.partition("=")
@@ -318,17 +321,16 @@ def cmd_export(args):
 def _export_any_size(args):
     from pathlib import Path
 
-    from acip_core.artifacts.artifact import load_artifact
     from acip_core.export.anysize import export_anysize, folder_bytes
-    from acip_core.training.pipeline import open_artifact
+    from acip_core.artifacts.open import open_folder
     from acip_core.artifacts.tuned import is_tuned
 
     if args.dense or args.size_ratio is not None or args.format != "float32":
         raise ValueError("--any-size holds every size and format: drop --dense, --size-ratio and --format")
     if is_tuned(args.artifact):
         raise ValueError("a tuned size is one size: export it without --any-size")
-    model = open_artifact(args.artifact)
-    out = export_anysize(model, args.out, args.dtype or "float32", curve=load_artifact(args.artifact).curve,
+    opened = open_folder(args.artifact)
+    out = export_anysize(opened.any_size, args.out, args.dtype or "float32", curve=opened.artifact.curve,
                          card=dict(artifact=Path(args.artifact).name), curve_png=args.curve_png)
     on_disk = folder_bytes(out)
     info = json.loads((out / "acip_export.json").read_text())
@@ -399,12 +401,12 @@ def cmd_finetune(args):
             dist.close()
     if tuned is not None:
         m = tuned.meta
-        lines = [f"wrote {args.out}: size {m['size']['size_ratio']:.4f} in {m['format']}, {m['finetune']['objective']}, "
-                 f"{m['result']['steps']} steps in {m['result']['seconds']:.0f} s, peak RSS "
-                 f"{m['result']['peak_rss_mib']} MiB"]
+        lines = [f"wrote {args.out}: size {m.size.size_ratio:.4f} in {m.format}, {m.finetune['objective']}, "
+                 f"{m.result['steps']} steps in {m.result['seconds']:.0f} s, peak RSS "
+                 f"{m.result['peak_rss_mib']} MiB"]
         lines += [f"  {name}: perplexity {f['untuned']['perplexity']:.2f} untuned -> {f['tuned']['perplexity']:.2f} tuned"
-                  for name, f in m["perplexity"].items()]
-        _emit(args, dict(out=args.out, size=m["size"], result=m["result"], perplexity=m["perplexity"]),
+                  for name, f in m.perplexity.items()]
+        _emit(args, dict(out=args.out, size=m.size.to_json(), result=m.result, perplexity=m.perplexity),
               "\n".join(lines))
 
 

@@ -12,7 +12,7 @@ from collections import defaultdict
 import common  # noqa: E402,F401  (the repository on sys.path, the shared options)
 
 from acip_core.artifacts.artifact import load_artifact  # noqa: E402
-from acip_core.engine.prune import LayerShape, RankIndex  # noqa: E402
+from acip_core.engine.prune import RankIndex  # noqa: E402
 
 
 def main():
@@ -21,9 +21,9 @@ def main():
     parser.add_argument("--size-ratio", type=float, default=None)
     args = parser.parse_args()
     artifact = load_artifact(args.artifact)
-    shapes = {n: LayerShape(*artifact.meta["layers"][n]) for n in artifact.scores}  # [out, in, bias]
+    shapes = {n: artifact.shapes[n] for n in artifact.scores}  # [out, in, bias]
     index = RankIndex(artifact.scores, shapes)
-    ratio = args.size_ratio or artifact.meta["result"]["size_ratio_reached"]
+    ratio = args.size_ratio or artifact.meta.result.size_ratio_reached
     ranks = index.ranks_at(index.prefix_for_ratio(ratio))
     by_type, by_depth = defaultdict(lambda: [0, 0]), defaultdict(lambda: [0, 0])
     blocks = 1 + max(int(re.search(r"layers\.(\d+)\.", n).group(1)) for n in ranks)

@@ -48,7 +48,7 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(2)
     parent = load_artifact(args.artifact)
-    base, tokenizer = load_base(parent.meta["model"]["source"])
+    base, tokenizer = load_base(parent.meta.model.source)
     any_size = any_size_from(parent, base, tokenizer)
     student, layers = tunable_model(any_size, any_size.size_for_ratio(args.size_ratio), parent.adapters, 16.0, 0.05)
     teacher = any_size.materialize(any_size.full_size()) if "kd" in args.objective else None

@@ -38,7 +38,7 @@ def main() -> None:
     rows = []
     for name in args.variants.split(","):
         artifact = load_artifact(Path(args.root) / name)
-        model, tokenizer = load_base(artifact.meta["model"]["source"])
+        model, tokenizer = load_base(artifact.meta.model.source)
         evals = {k: token_windows(tokenizer, load_text(src), 256, args.windows) for k, src in EVAL_SETS.items()}
         learnt = pd.read_csv(Path(args.root) / name / "curve.csv")  # score_variants.sh: the same windows
         learnt = learnt[learnt.format == "float32"]
@@ -50,7 +50,7 @@ def main() -> None:
                 if not any(abs(r.size_ratio - s) < 0.01 for s in sizes):
                     continue
                 cells = {ev: f"{r[f'ppl_{ev}']:.2f} ({r[f'ppl_{ev}'] / original[f'ppl_{ev}']:.3f}×)" for ev in EVAL_SETS}
-                rows.append(dict(variant=name, base=artifact.meta["scoring"].get("base_format", "float32"),
+                rows.append(dict(variant=name, base=artifact.meta.scoring.get("base_format", "float32"),
                                  adapters=adapters, size=round(r.size_ratio, 3), **cells))
         print(f"{name}: done", file=sys.stderr)
     print(pd.DataFrame(rows).to_markdown(index=False))

@@ -27,7 +27,7 @@ def test_round_trip_is_exact(tiny_artifact, tmp_path):
     art = load_artifact(tiny_artifact)
     save_artifact(tmp_path / "again", art)
     again = load_artifact(tmp_path / "again")
-    assert again.meta["layers"] == art.meta["layers"]
+    assert again.meta.layers == art.meta.layers
     for n in art.scores:
         assert torch.equal(again.scores[n], art.scores[n])
     for n in art.adapters:

@@ -45,8 +45,8 @@ def test_scoring_runs_on_the_gpu(tiny_llama_wide, tmp_path, base):
                       stop_ratio=0.4, post_tune_steps=2, checkpoint_every=5, base_format=base)
     art = run_scoring(tiny_llama_wide, "corpus:train", tmp_path / base, "svd", cfg, eval_windows=2,
                       curve_sizes=[0.5, 1.0])
-    assert art.meta["scoring"]["device"].startswith("cuda")
-    assert art.meta["result"]["gpu_peak_mib"] > 0
+    assert art.meta.scoring["device"].startswith("cuda")
+    assert art.meta.result.extra["gpu_peak_mib"] > 0
     log = [json.loads(line) for line in (tmp_path / base / "log.jsonl").read_text().splitlines()]
     assert all(row["gpu_peak_mib"] > 0 for row in log)
     acip = art.curve[art.curve.method == "acip"]

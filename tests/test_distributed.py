@@ -25,7 +25,7 @@ def _run(cmd, tmp_path):
 
 def _compare(a, b):
     a, b = load_artifact(a), load_artifact(b)
-    assert a.meta["result"]["steps"] == b.meta["result"]["steps"]
+    assert a.meta.result.steps == b.meta.result.steps
     for n in a.scores:  # same pruning order: scores equal (fp reduction order may differ slightly)
         torch.testing.assert_close(a.scores[n], b.scores[n], atol=1e-4, rtol=0)
     for n in a.adapters:
@@ -47,7 +47,7 @@ def test_torchrun_two_processes_equal_single_process(single, tiny_llama, tmp_pat
     out = tmp_path / "ddp"
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
           "-m", "acip_core", *ARGS, "--model", tiny_llama, "--out", str(out)], tmp_path)
-    assert load_artifact(out).meta["scoring"]["processes"] == 2
+    assert load_artifact(out).meta.scoring["processes"] == 2
     assert not (out / ".lock").exists() and len((out / "log.jsonl").read_text().splitlines()) == 14
     _compare(single, out)
 
@@ -72,7 +72,7 @@ def test_fsdp_shards_the_frozen_tensors_and_equals_single_process(single, tiny_l
     assert sum(h for h, _ in held) == held[0][1]  # the two ranks split the frozen tensors between them
     assert all(h <= 0.6 * total for h, total in held), held  # each holds about half, not the whole model
     meta = load_artifact(out).meta
-    assert meta["scoring"]["processes"] == 2 and meta["scoring"]["fsdp"] is True
+    assert meta.scoring["processes"] == 2 and meta.scoring["fsdp"] is True
     _compare(single, out)
 
 
@@ -86,5 +86,5 @@ def test_accelerate_launch_two_processes(single, tiny_llama, tmp_path, fsdp):
     _run([accelerate, "launch", *mode, "--num_processes", "2", "--num_machines", "1",
           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "acip_core", *ARGS,
           "--model", tiny_llama, "--out", str(out)], tmp_path)
-    assert load_artifact(out).meta["scoring"]["fsdp"] is fsdp
+    assert load_artifact(out).meta.scoring["fsdp"] is fsdp
     _compare(single, out)

@@ -5,11 +5,13 @@ model.safetensors holds, and a LICENSE names the base model's licence."""
 import json
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from safetensors import safe_open
 
+from acip_core.artifacts.meta import ArtifactMeta, BasisInfo, ModelInfo, TunedFrom, TunedMeta
 from acip_core.export.sized import LICENSE_FILE, export_lowrank
 from acip_core.formats.registry import parse_format
 from acip_core.sources.models import EMBEDDED
@@ -17,6 +19,11 @@ from helpers import random_any_size
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_TUNED = ROOT / "precomputed" / "smollm2-135m-instruct" / "tuned" / "0.7" / "tuned.json"
+
+
+def _meta() -> ArtifactMeta:
+    """The least an artifact's metadata holds (random_any_size's model was opened from none)."""
+    return ArtifactMeta(model=ModelInfo(source="a-folder"), layers={}, basis=BasisInfo(recipe={}))
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +79,13 @@ def test_the_tensor_layout_the_card_describes_is_what_the_file_holds(any_size, t
 
 
 def test_a_tuned_size_says_it_was_fine_tuned(any_size, tmp_path):
-    """The card of a tuned size (meta["tuned"], as pipeline.open_tuned sets it from tuned.json)."""
+    """The card of a tuned size (meta.tuned, as artifacts.open.open_folder sets it from tuned.json)."""
     tuned = json.loads(SHIPPED_TUNED.read_text())
+    typed = TunedMeta.from_json(tuned, str(SHIPPED_TUNED))
     saved = any_size.meta
-    any_size.meta = dict(saved or {}, tuned=dict(format=tuned["format"],
-                                                 **{k: tuned[k] for k in ("size", "finetune", "perplexity")}))
+    any_size.meta = replace(saved or _meta(), tuned=TunedFrom(
+        folder=str(SHIPPED_TUNED.parent), format=typed.format, parent="..", size=typed.size,
+        finetune=typed.finetune, perplexity=typed.perplexity))
     try:
         out = export_lowrank(any_size, 0.7, tmp_path / "tuned")
     finally:
@@ -97,7 +106,7 @@ def test_license_file_names_the_base_models_licence(any_size, tmp_path):
     assert "license: other" in front and f"license_link: {LICENSE_FILE}" in front
     assert "licence applies" in (out / LICENSE_FILE).read_text()
     saved = any_size.meta
-    any_size.meta = dict(saved or {}, model=dict((saved or {}).get("model", {}), source=EMBEDDED))
+    any_size.meta = replace(saved or _meta(), model=ModelInfo(source=EMBEDDED))
     try:
         out = export_lowrank(any_size, 0.5, tmp_path / "smollm2")
     finally:

@@ -155,9 +155,9 @@ def _run_family(family, folder, out, tokenizer, text):
                       precision="fp32", lora_rank=4)
     artifact = run_scoring(folder, str(text), out / "artifact", "whitened", cfg, eval_windows=0,
                            curve_sizes=[0.5, 1.0], targets=MOE_TARGETS.get(family))
-    assert set(artifact.meta["targets"]) == EXPECTED[family]
+    assert set(artifact.meta.targets) == EXPECTED[family]
     any_size = open_artifact(out / "artifact")  # reopened by its recorded layers
-    assert list(any_size.targets) == list(artifact.meta["layers"])
+    assert list(any_size.targets) == list(artifact.meta.layers)
     size = any_size.size_for_ratio(0.5)
     facts = dict(size_ratio=size.size_ratio, dense_layers=size.dense_layers, layers=len(size.ranks))
     model = any_size.materialize(size)
@@ -259,8 +259,8 @@ def test_cli_score_takes_targets_and_writes_what_it_chose(tiny_families, tmp_pat
     assert rc == 0, out
     assert out["targets"] == ["c_attn", "c_proj"] and out["target_layers"] == 4
     meta = load_artifact(tmp_path / "named").meta
-    assert meta["targets_chosen_by"] == "--targets"
-    assert set(meta["layers"]) == {f"transformer.h.{i}.{n}" for i in (0, 1) for n in ("attn.c_attn", "mlp.c_proj")}
+    assert meta.targets_chosen_by == "--targets"
+    assert set(meta.layers) == {f"transformer.h.{i}.{n}" for i in (0, 1) for n in ("attn.c_attn", "mlp.c_proj")}
     rc, out = _cli("score", *common, "--out", str(tmp_path / "bad"), "--targets", "q_proj")
     assert rc == 2 and "GPT2LMHeadModel: no linear layer matches --targets q_proj" in out["error"]
     assert not (tmp_path / "bad" / "acip.json").exists()
@@ -308,7 +308,7 @@ def test_discovery_on_smollm2_picks_the_shipped_artifacts_layers():
 
     model, _ = load_base(EMBEDDED)
     artifact = load_artifact(Path(__file__).parent.parent / "precomputed" / "smollm2-135m-instruct")
-    assert list(target_linears(model)) == list(artifact.meta["layers"]) == list(artifact_linears(artifact, model))
+    assert list(target_linears(model)) == list(artifact.meta.layers) == list(artifact_linears(artifact, model))
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -47,7 +47,7 @@ def test_kill_9_then_resume_equals_uninterrupted(tiny_llama, tmp_path):
         assert torch.equal(a.scores[n], b.scores[n])
     for n in a.adapters:
         torch.testing.assert_close(a.adapters[n], b.adapters[n], atol=1e-6, rtol=1e-6)
-    assert _steps(out / "log.jsonl") == list(range(1, a.meta["result"]["steps"] + 1))
+    assert _steps(out / "log.jsonl") == list(range(1, a.meta.result.steps + 1))
 
 
 def test_truncated_checkpoint_is_named_on_resume(tiny_llama, tmp_path):

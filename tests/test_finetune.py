@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from acip_core.artifacts.artifact import ArtifactError, load_artifact, save_artifact
 from acip_core.training.finetune import FinetuneConfig, run_finetune
-from acip_core.artifacts.open import open_artifact, open_tuned
+from acip_core.artifacts.open import open_artifact, open_folder
 from acip_core.evaluation.baselines import open_sized
 from acip_core.training.train import vocab_loss
 from acip_core.artifacts.tuned import TUNED_FILE, load_tuned, tuned_sizes
@@ -136,8 +136,8 @@ def test_a_size_tuned_in_int8_trains_over_quantized_factors_and_is_served_in_int
     assert layers and all(isinstance(l.frozen.inner, QuantLowRankLinear) for l in layers.values())
     out = tmp_path / "q8"
     t = run_finetune(tiny_artifact, SIZE, "corpus:train", out, _cfg(format="int8"), eval_sets=EVAL, eval_windows=4)
-    assert t.format == "int8" and t.meta["finetune"]["format"] == "int8"
-    fig = t.meta["perplexity"]["heldout"]
+    assert t.format == "int8" and t.meta.finetune["format"] == "int8"
+    fig = t.meta.perplexity["heldout"]
     assert fig["tuned"]["perplexity"] < fig["untuned"]["perplexity"]
     model, size = open_sized(out)
     assert size.format.key == "int8"
@@ -172,14 +172,14 @@ def test_a_tuned_size_refuses_a_parent_with_another_checksum(tuned, tiny_artifac
     meta = json.loads((child / TUNED_FILE).read_text())
     meta["parent"]["path"] = ".."  + os.sep + ".."
     (child / TUNED_FILE).write_text(json.dumps(meta))
-    open_tuned(child)  # the same content elsewhere is fine
+    open_folder(child)  # the same content elsewhere is fine
     assert len(tuned_sizes(parent)) == 1
     art = load_artifact(parent)
     name = next(iter(art.adapters))
     art.adapters[name] = art.adapters[name] + 0.01  # another scoring run's LoRA
     save_artifact(parent, art)
     with pytest.raises(ArtifactError, match="tuned on another artifact"):
-        open_tuned(child)
+        open_folder(child)
     assert tuned_sizes(parent) == []  # listing skips it instead of failing
 
 
@@ -231,7 +231,7 @@ def test_scoring_with_distillation_runs_and_its_teacher_shares_the_weights(tiny_
                       post_tune_steps=2, precision="fp32", objective="lm+kd", temperature=2.0)
     art = run_scoring(tiny_llama, "corpus:train", tmp_path / "kd", "svd", cfg, eval_windows=0, curve_sizes=[0.5])
     log = [json.loads(l) for l in (tmp_path / "kd" / "log.jsonl").read_text().splitlines()]
-    assert art.meta["scoring"]["objective"] == "lm+kd" and min(e["kd"] for e in log) > -1e-6
+    assert art.meta.scoring["objective"] == "lm+kd" and min(e["kd"] for e in log) > -1e-6
     assert max(e["kd"] for e in log) > 0  # the student drifts from the original as it prunes
 
 

@@ -75,7 +75,7 @@ def test_unknown_and_unreachable_tasks_are_clear_errors(tiny):
 
 def test_cli_lm_eval(tiny_llama, monkeypatch, capsys):
     from acip_core import cli
-    from acip_core.training import pipeline
+    from acip_core.evaluation import baselines  # where open_sized finds open_method
     from acip_core.engine.materialize import AnySizeModel
     from helpers import model_and_basis
 
@@ -87,7 +87,7 @@ def test_cli_lm_eval(tiny_llama, monkeypatch, capsys):
         opened.append(method)
         return AnySizeModel(model, tok, basis, scores), None
 
-    monkeypatch.setattr(pipeline, "open_method", open_method)
+    monkeypatch.setattr(baselines, "open_method", open_method)
     rc = cli.main(["lm-eval", "--artifact", "unused", "--size-ratio", "0.6", "--tasks",
                    "acip_next_sentence,acip_last_word", "--limit", "2", "--method", "uniform-whitened", "--json"])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

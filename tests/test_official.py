@@ -133,15 +133,16 @@ def test_compact_storage_imports_the_same_artifact_as_the_full_one(imported, fam
     from acip_core.artifacts.artifact import load_artifact
 
     full, compact = (load_artifact(imported[fam, s][0]) for s in ("full", "compact"))
-    assert full.meta["official"]["storage"] == "full" and compact.meta["official"]["storage"] == "compact"
-    for key in ("model", "targets", "layers", "lora", "size_rule", "mask_scale"):
-        assert full.meta[key] == compact.meta[key], key
+    assert full.meta.official.storage == "full" and compact.meta.official.storage == "compact"
+    for key in ("model", "targets", "layers", "lora", "size_rule"):
+        assert getattr(full.meta, key) == getattr(compact.meta, key), key
+    assert full.meta.extra["mask_scale"] == compact.meta.extra["mask_scale"]
     assert all(torch.equal(full.scores[n], compact.scores[n]) for n in full.scores)
     assert all(torch.equal(full.adapters[n], compact.adapters[n]) for n in full.adapters)
     # the basis: their stored factors vs our SVD of the base, the same singular values
-    for n, (total, top) in full.meta["basis"]["check"].items():
-        assert compact.meta["basis"]["check"][n] == pytest.approx([total, top], rel=1e-5)
-    assert full.meta["official"]["factor_error"] < 1e-5  # U·diag(s)·Vh of their factors is the base weight
+    for n, (total, top) in full.meta.basis.check.items():
+        assert compact.meta.basis.check[n] == pytest.approx([total, top], rel=1e-5)
+    assert full.meta.official.factor_error < 1e-5  # U·diag(s)·Vh of their factors is the base weight
     expected, _ = _expected(fam)
     ids = torch.tensor(expected["input_ids"])
     for key in expected["ratios"]:
@@ -161,6 +162,18 @@ def test_targets_are_the_checkpoints_own(imported, fam):
     assert {n.rsplit(".", 1)[-1] for n in model.targets} == set(targets)
     assert len(model.targets) == len(_expected(fam)[0]["module_shapes"])
     assert meta["lora"] == dict(rank=8, alpha=16.0, dropout=0.05)
+
+
+def test_an_imported_artifact_reads_what_the_import_adds_as_typed_fields(imported):
+    from acip_core.artifacts.artifact import load_artifact
+
+    folder, model = imported["llama", "compact"]
+    meta = load_artifact(folder).meta
+    assert meta.size_rule == "official" and meta.result.imported and meta.result.steps is None
+    assert meta.official.storage == "compact" and meta.official.source.endswith("compact")
+    assert meta.official.bytes and meta.official.factor_error is None  # no stored factors to compare
+    assert meta.lora.rank == 8 and model.meta.official == meta.official
+    assert json.dumps(meta.to_json(), indent=1) == (folder / "acip.json").read_text()
 
 
 def test_official_rule_prunes_ties_at_the_threshold_together_and_ours_is_unchanged():

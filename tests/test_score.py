@@ -29,11 +29,11 @@ def _cfg(**kw):
 
 def test_tiny_run_reaches_its_stop_ratio_and_writes_a_valid_artifact(tiny_artifact):
     art = load_artifact(tiny_artifact)
-    result = art.meta["result"]
-    assert result["stopped_by"] == "stop_ratio" and result["size_ratio_reached"] <= 0.4
-    assert result["post_tune_steps"] == 5
+    result = art.meta.result
+    assert result.stopped_by == "stop_ratio" and result.size_ratio_reached <= 0.4
+    assert result.extra["post_tune_steps"] == 5
     log = [json.loads(l) for l in (tiny_artifact / "log.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in log] == list(range(1, result["steps"] + 1))
+    assert [e["step"] for e in log] == list(range(1, result.steps + 1))
     assert {"loss", "nll", "reg_weight", "size_ratio", "seconds"} <= set(log[0])
     assert not list(tiny_artifact.glob("checkpoint*"))
     # pruned entries have negative integer scores, alive ones their positive mask value
@@ -153,13 +153,13 @@ def test_scoring_on_a_quantized_base_transfers_to_the_full_precision_model(tiny_
         run_scoring(tiny_llama, "corpus:train", tmp_path / "narrow", "svd", cfg, eval_windows=0)
     art = run_scoring(tiny_llama_wide, "corpus:train", tmp_path / "q", "svd", cfg, eval_windows=2,
                       curve_sizes=[0.5, 1.0])
-    assert art.meta["scoring"]["base_format"] == "int4-g32"
-    assert art.meta["result"]["steps_rss_mib"] > 0  # every step logs its resident memory
+    assert art.meta.scoring["base_format"] == "int4-g32"
+    assert art.meta.result.extra["steps_rss_mib"] > 0  # every step logs its resident memory
     log = [json.loads(l) for l in (tmp_path / "q" / "log.jsonl").read_text().splitlines()]
     assert all(e["rss_mib"] > 0 for e in log)
     # the peak within a step (VmHWM, reset at the step's start) is never below the RSS after it
     assert all(e["step_peak_mib"] >= e["rss_mib"] for e in log)
-    assert art.meta["result"]["steps_peak_mib"] == max(e["step_peak_mib"] for e in log)
+    assert art.meta.result.extra["steps_peak_mib"] == max(e["step_peak_mib"] for e in log)
     # the transfer: the curve was measured on the full-precision factors, and the artifact opens as any other
     acip = art.curve[art.curve.method == "acip"]
     assert acip.ppl_heldout.notna().all() and (acip.ppl_heldout < 1e4).all()

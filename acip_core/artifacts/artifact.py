@@ -16,16 +16,18 @@ import os
 import re
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
 import torch
 from safetensors.torch import load, save
 
-from acip_core.engine.prune import DEFAULT_SIZE_RULE, SIZE_RULES, LayerShape
+from acip_core.artifacts.meta import FORMAT_VERSION, ArtifactError, ArtifactMeta, check_version
+from acip_core.engine.prune import SIZE_RULES, LayerShape
 
-FORMAT_VERSION = 1
+__all__ = ["FORMAT_VERSION", "ArtifactError", "ArtifactMeta", "Artifact", "save_artifact", "load_artifact",
+           "write_curve", "problem", "atomic_file", "atomic_write_bytes"]
 META_FILE, SCORES_FILE, ADAPTERS_FILE, CURVE_FILE = ("acip.json", "scores.safetensors",
                                                      "adapters.safetensors", "curve.csv")
 
@@ -33,31 +35,33 @@ META_FILE, SCORES_FILE, ADAPTERS_FILE, CURVE_FILE = ("acip.json", "scores.safete
 _PLAIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # a file name in the folder, never a path
 
 
-class ArtifactError(ValueError):
-    """An artifact that cannot be used; the message names the file and the problem."""
-
-
 @dataclass
 class Artifact:
-    meta: dict  # the contents of acip.json
+    meta: ArtifactMeta  # acip.json, typed (a dict given here is parsed: how a run builds its artifact)
     scores: dict[str, torch.Tensor]  # fqn -> [k] fp32
     adapters: dict[str, torch.Tensor] = field(default_factory=dict)  # fqn.lora_A / fqn.lora_B
     curve: pd.DataFrame | None = None
     path: Path | None = None
 
+    def __post_init__(self):
+        if not isinstance(self.meta, ArtifactMeta):
+            where = self.path / META_FILE if self.path else "the artifact's metadata"
+            self.meta = ArtifactMeta.from_json(self.meta, str(where))
+
     @property
     def shapes(self) -> dict[str, LayerShape]:
-        return {n: LayerShape(*v) for n, v in self.meta["layers"].items()}
+        return self.meta.shapes
 
     @property
     def size_rule(self) -> str:
         """How a ratio becomes ranks and which layers may run dense (prune.SIZE_RULES); an imported
         official checkpoint records "official", our own artifacts have none: the default."""
-        return self.meta.get("size_rule", DEFAULT_SIZE_RULE)
+        return self.meta.size_rule
 
     @property
     def lora_rank(self) -> int:
-        return int(self.meta.get("lora", {}).get("rank", 0)) if self.adapters else 0
+        """The rank of the LoRA the adapters hold (0 without adapters): what every size runs with."""
+        return self.meta.lora.rank if self.adapters else 0
 
 
 @contextmanager
@@ -99,9 +103,9 @@ def save_artifact(folder: str | Path, artifact: Artifact) -> Path:
         blobs[CURVE_FILE] = artifact.curve.to_csv(index=False).encode()
     for name, data in blobs.items():
         atomic_write_bytes(folder / name, data)
-    meta = dict(artifact.meta, format_version=FORMAT_VERSION,
-                files={name: _sha(data) for name, data in blobs.items()})
-    atomic_write_bytes(folder / META_FILE, json.dumps(meta, indent=1).encode())
+    meta = replace(artifact.meta, format_version=FORMAT_VERSION,
+                   files={name: _sha(data) for name, data in blobs.items()})
+    atomic_write_bytes(folder / META_FILE, json.dumps(meta.to_json(), indent=1).encode())
     artifact.meta, artifact.path = meta, folder
     return folder
 
@@ -122,19 +126,12 @@ def load_artifact(folder: str | Path) -> Artifact:
     if not meta_path.is_file():
         raise ArtifactError(f"{meta_path} is missing: not an ACIP artifact (or a run that never finished)")
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        raw = json.loads(meta_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ArtifactError(f"{meta_path} is not valid JSON ({err})") from None
-    version = meta.get("format_version") if isinstance(meta, dict) else None
-    if not isinstance(version, int):
-        raise ArtifactError(f"{meta_path} has no integer format_version")
-    if version > FORMAT_VERSION:
-        raise ArtifactError(f"{meta_path} is format version {version}, newer than this ACIP Studio "
-                            f"understands ({FORMAT_VERSION}): upgrade acip-studio")
-    for key in ("model", "layers", "basis", "files"):
-        if key not in meta:
-            raise ArtifactError(f"{meta_path} lacks the required field {key!r}")
-    files = meta["files"]
+    check_version(raw, str(meta_path), FORMAT_VERSION)
+    meta = ArtifactMeta.from_json(raw, str(meta_path), stored=True)
+    files = meta.files
     if not isinstance(files, dict):
         raise ArtifactError(f"{meta_path}: 'files' must map file names to sha256 digests, "
                             f"got {type(files).__name__}")
@@ -191,7 +188,7 @@ def _check_shapes(artifact: Artifact, folder: Path) -> None:
                                 f"expected ({shape.full_rank},)")
         if not torch.isfinite(s).all():
             raise ArtifactError(f"{folder / SCORES_FILE}: {name} contains NaN or infinite scores")
-    rank = artifact.meta.get("lora", {}).get("rank", 0)
+    rank = artifact.lora_rank
     if artifact.adapters:
         for name, shape in shapes.items():
             for key, expected in ((f"{name}.lora_A", (rank, shape.in_features)),
@@ -204,11 +201,11 @@ def _check_shapes(artifact: Artifact, folder: Path) -> None:
                                         f"expected {expected}")
                 if not torch.isfinite(t).all():
                     raise ArtifactError(f"{folder / ADAPTERS_FILE}: {key} contains NaN or infinity")
-    if artifact.meta.get("size_rule", DEFAULT_SIZE_RULE) not in SIZE_RULES:
-        raise ArtifactError(f"{folder / META_FILE}: unknown size_rule {artifact.meta['size_rule']!r} "
+    if artifact.size_rule not in SIZE_RULES:
+        raise ArtifactError(f"{folder / META_FILE}: unknown size_rule {artifact.size_rule!r} "
                             f"(known: {', '.join(SIZE_RULES)}); a newer ACIP Studio wrote it?")
     if not all(isinstance(v, (int, float)) and math.isfinite(v)
-               for pair in artifact.meta["basis"].get("check", {}).values() for v in pair):
+               for pair in artifact.meta.basis.check.values() for v in pair):
         raise ArtifactError(f"{folder / META_FILE}: basis check values must be finite numbers")
 
 

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load, save
 
 from acip_core.artifacts.artifact import ADAPTERS_FILE, Artifact, ArtifactError, _sha, atomic_write_bytes, load_artifact
+from acip_core.artifacts.meta import ArtifactMeta, TunedMeta, check_version
 from acip_core.formats.registry import parse_format
 
 TUNED_FILE = "tuned.json"
@@ -33,24 +34,24 @@ TUNED_DIR = "tuned"  # <parent>/tuned/<size>/: where a parent's shipped tuned si
 
 @dataclass
 class TunedSize:
-    meta: dict  # the contents of tuned.json
+    meta: TunedMeta  # tuned.json, typed
     adapters: dict[str, torch.Tensor]  # fqn.lora_A / fqn.lora_B of the factorized layers
     path: Path
 
     @property
     def size_ratio(self) -> float:
-        return float(self.meta["size"]["size_ratio"])
+        return self.meta.size.size_ratio
 
     @property
     def format(self) -> str:
         """The format it was tuned in (a Format key; float32 for sizes tuned before formats)."""
-        return str(self.meta.get("format", "float32"))
+        return self.meta.format
 
     @property
     def parent_folder(self) -> Path:
         """The recorded parent; for a size copied into an artifact's tuned/ folder (how sizes are
         shipped), the artifact it sits in. Either way check_parent verifies the checksum."""
-        recorded = (self.path / self.meta["parent"]["path"]).resolve()
+        recorded = (self.path / self.meta.parent.path).resolve()
         home = self.path.resolve().parent
         if not (recorded / "acip.json").is_file() and home.name == TUNED_DIR and (home.parent / "acip.json").is_file():
             return home.parent
@@ -61,15 +62,15 @@ def is_tuned(folder: str | Path) -> bool:
     return (Path(folder) / TUNED_FILE).is_file()
 
 
-def parent_checksum(artifact: "Artifact | dict") -> str:
+def parent_checksum(artifact: "Artifact | ArtifactMeta") -> str:
     """What a tuned size depends on: the base weights, basis, score map and scoring LoRA of its parent
-    (an Artifact, or its acip.json as a dict: the digests are in it, no tensor file is read).
+    (an Artifact, or its acip.json's ArtifactMeta: the digests are in it, no tensor file is read).
 
     (Not acip.json's own hash: re-measuring the parent's curve rewrites acip.json, not the factors.)
     """
-    m = artifact if isinstance(artifact, dict) else artifact.meta
-    key = dict(model=m["model"].get("fingerprint"), basis=m["basis"], lora=m.get("lora"),
-               scores=m["files"].get("scores.safetensors"), adapters=m["files"].get(ADAPTERS_FILE))
+    m = artifact if isinstance(artifact, ArtifactMeta) else artifact.meta
+    key = dict(model=m.model.fingerprint, basis=m.basis.to_json(), lora=m.lora.to_json() or None,
+               scores=m.files.get("scores.safetensors"), adapters=m.files.get(ADAPTERS_FILE))
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -99,25 +100,18 @@ def load_tuned(folder: str | Path) -> TunedSize:
     if not path.is_file():
         raise ArtifactError(f"{path} is missing: not a tuned size")
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ArtifactError(f"{path} is not valid JSON ({err})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("format_version"), int):
-        raise ArtifactError(f"{path} has no integer format_version")
-    if meta["format_version"] > TUNED_FORMAT:
-        raise ArtifactError(f"{path} is format version {meta['format_version']}, newer than this "
-                            f"ACIP Studio understands ({TUNED_FORMAT}): upgrade acip-studio")
-    try:
-        prefix, ratio = int(meta["size"]["prefix"]), float(meta["size"]["size_ratio"])
-        reference, checksum = str(meta["parent"]["path"]), str(meta["parent"]["checksum"])
-        digest = meta["files"][ADAPTERS_FILE]
-    except (KeyError, TypeError, ValueError):
-        raise ArtifactError(f"{path} lacks size.prefix, size.size_ratio, parent.path, parent.checksum "
-                            f"or files.{ADAPTERS_FILE}") from None
-    if prefix < 0 or not 0.0 < ratio <= 1.0 or not reference or not checksum:
+    check_version(raw, str(path), TUNED_FORMAT)
+    meta = TunedMeta.from_json(raw, str(path))
+    digest = meta.files.get(ADAPTERS_FILE)
+    if not isinstance(digest, str):
+        raise ArtifactError(f"{path} lacks the required field 'files.{ADAPTERS_FILE}'")
+    if meta.size.prefix < 0 or not 0.0 < meta.size.size_ratio <= 1.0 or not meta.parent.path or not meta.parent.checksum:
         raise ArtifactError(f"{path}: size or parent out of range")
     try:
-        parse_format(str(meta.get("format", "float32")))
+        parse_format(meta.format)
     except ValueError as err:
         raise ArtifactError(f"{path}: {err}") from None
     blob_path = folder / ADAPTERS_FILE
@@ -135,12 +129,12 @@ def load_tuned(folder: str | Path) -> TunedSize:
 
 def check_parent(tuned: TunedSize, parent: Artifact) -> None:
     """Raises ArtifactError unless `parent` is the artifact the size was tuned on and the adapters fit."""
-    found, expected = parent_checksum(parent), tuned.meta["parent"]["checksum"]
+    found, expected = parent_checksum(parent), tuned.meta.parent.checksum
     if found != expected:
         raise ArtifactError(f"{tuned.path} was tuned on another artifact than {parent.path} (parent "
                             f"checksum {found[:12]}…, expected {expected[:12]}…): use the artifact it was "
                             "tuned on, or tune this one again")
-    rank = int(parent.meta.get("lora", {}).get("rank", 0))
+    rank = parent.lora_rank
     shapes = parent.shapes
     for key, t in tuned.adapters.items():
         name, _, part = key.rpartition(".")
@@ -164,20 +158,21 @@ def tuned_sizes(parent_folder: str | Path, extra_folders=()) -> list[dict]:
     it), smallest first: dict(folder, size_ratio, format, objective, steps, perplexity). For the app's
     lists and curve, called on every refresh: reads the JSON files only (opening a tuned size
     validates everything, load_tuned and check_parent)."""
-    checksum = parent_checksum(json.loads((Path(parent_folder) / "acip.json").read_text(encoding="utf-8")))
+    checksum = parent_checksum(ArtifactMeta.from_json(json.loads(
+        (Path(parent_folder) / "acip.json").read_text(encoding="utf-8")), str(Path(parent_folder) / "acip.json")))
     root = Path(parent_folder) / TUNED_DIR
     candidates = sorted(root.iterdir()) if root.is_dir() else []
     found = []
     for folder in list(candidates) + [Path(f) for f in extra_folders]:
         try:
-            meta = json.loads((folder / TUNED_FILE).read_text(encoding="utf-8"))
-            if meta["parent"]["checksum"] != checksum:
+            meta = TunedMeta.from_json(json.loads((folder / TUNED_FILE).read_text(encoding="utf-8")),
+                                       str(folder / TUNED_FILE))
+            if meta.parent.checksum != checksum:
                 continue
-            ft = meta.get("finetune", {})
-            found.append(dict(folder=str(folder), size_ratio=float(meta["size"]["size_ratio"]),
-                              format=str(meta.get("format", "float32")), objective=str(ft.get("objective")),
-                              steps=ft.get("steps"), perplexity=meta.get("perplexity", {})))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            found.append(dict(folder=str(folder), size_ratio=meta.size.size_ratio, format=meta.format,
+                              objective=str(meta.finetune.get("objective")), steps=meta.finetune.get("steps"),
+                              perplexity=meta.perplexity))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # (ArtifactError is a ValueError)
             continue  # not a tuned size (or a broken one): listing never fails on it
     return sorted(found, key=lambda d: d["size_ratio"])
 

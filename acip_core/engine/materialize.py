@@ -72,11 +72,12 @@ class AnySizeModel:
 
     def __init__(self, base: nn.Module, tokenizer, basis: dict[str, Factors],
                  scores: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor] | None = None,
-                 lora_rank: int = 0, lora_alpha: float = 16.0, meta: dict | None = None,
+                 lora_rank: int = 0, lora_alpha: float = 16.0, meta=None,
                  calibration=None, size_rule: str = DEFAULT_SIZE_RULE):
         # calibration: () -> {layer: input Gram}, for int4's error-compensating quantizer (None: RTN)
         self.calibration = calibration
-        self.base, self.tokenizer, self.meta = base.eval(), tokenizer, meta or {}
+        self.base, self.tokenizer = base.eval(), tokenizer
+        self.meta = meta  # the artifact's ArtifactMeta (artifacts.meta) when opened from one, else None
         self.targets = list(basis)
         self.originals = {n: base.get_submodule(n) for n in self.targets}
         # size_rule (prune.SIZE_RULES): "official" keeps every layer factorized with its LoRA (no dense

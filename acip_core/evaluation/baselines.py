@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
 import pandas as pd
 import torch.nn.functional as F
 
-from acip_core.artifacts.artifact import Artifact, ArtifactError, load_artifact, save_artifact
-from acip_core.artifacts.open import any_size_from, artifact_linears, calibration_for, open_tuned, target_fingerprint
+from acip_core.artifacts.artifact import Artifact, ArtifactError, save_artifact
+from acip_core.artifacts.open import artifact_linears, calibration_for, open_folder, target_fingerprint
 from acip_core.artifacts.tuned import is_tuned
 from acip_core.engine.basis import basis_for, default_recipe
 from acip_core.engine.materialize import AnySizeModel, Size
@@ -28,7 +30,6 @@ from acip_core.engine.prune import size_ratio as ratio_of
 from acip_core.evaluation.curve import DEFAULT_SIZES, size_row
 from acip_core.evaluation.evaluate import perplexity
 from acip_core.formats.registry import parse_format
-from acip_core.sources.models import load_base
 
 log = logging.getLogger(__name__)
 
@@ -117,28 +118,30 @@ def open_method(folder: str | Path, method: str = "acip"):
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    artifact = load_artifact(folder)
-    model, tokenizer = load_base(artifact.meta["model"]["source"])
-    if method == "acip":
-        return any_size_from(artifact, model, tokenizer), artifact
+    opened = open_folder(folder, build=None if method == "acip" else partial(method_model, method))
+    return opened.any_size, opened.artifact
+
+
+def method_model(method: str, artifact: Artifact, model, tokenizer, on_progress=None) -> AnySizeModel:
+    """A baseline's AnySizeModel on the artifact's loaded base model (open_folder's `build`)."""
     linears = artifact_linears(artifact, model)
     fp = target_fingerprint(linears)
-    recipe = artifact.meta["basis"]["recipe"]
+    recipe = artifact.meta.basis.recipe
     if method in ("svd-magnitude", "block-removal"):
         recipe = default_recipe("svd")
     elif recipe["kind"] != "whitened":
         recipe = default_recipe("whitened")
-    basis = basis_for(model, tokenizer, linears, recipe, fp)
+    basis = basis_for(model, tokenizer, linears, recipe, fp, on_progress)
     scores = uniform_scores(basis) if method == "uniform-whitened" else magnitude_scores(basis)
     return AnySizeModel(model, tokenizer, basis, scores, meta=artifact.meta,
-                        calibration=calibration_for(model, tokenizer, linears, artifact.meta["basis"]["recipe"])), artifact
+                        calibration=calibration_for(model, tokenizer, linears, artifact.meta.basis.recipe))
 
 
 def method_size(method: str, any_size: AnySizeModel, artifact: Artifact, size_ratio: float, format="float32"):
     """The Size of `method` for a target ratio in `format` (block removal: its nearest discrete size above)."""
     if method != "block-removal":
         return any_size.size_for_ratio(size_ratio, format)
-    order = artifact.meta.get("baselines", {}).get("block_removal_order")
+    order = artifact.meta.block_removal_order
     if order is None:
         raise ArtifactError(f"{artifact.path} has no block-removal order yet: run "
                             f"python -m acip_core curve --artifact {artifact.path}")
@@ -150,10 +153,10 @@ def method_curve(folder, method: str, evals: dict[str, torch.Tensor], sizes=DEFA
     """Rows of one method in one format at every size (block removal: at each of its own discrete sizes)."""
     any_size, artifact = open_method(folder, method)
     if method == "block-removal":
-        order = artifact.meta.get("baselines", {}).get("block_removal_order")
+        order = artifact.meta.block_removal_order
         if order is None:
             order = block_removal_order(any_size, calib_windows, on_progress)
-            artifact.meta.setdefault("baselines", {})["block_removal_order"] = order
+            artifact.meta = replace(artifact.meta, block_removal_order=tuple(order))
             save_artifact(folder, artifact)
         points = [(None, s) for s in block_removal_sizes(any_size, order, format) if s.size_ratio >= min(sizes) - 1e-9]
     else:
@@ -186,13 +189,14 @@ def open_sized(folder: str | Path, size_ratio: float | None = None, budget_gb: f
     its own size (the options may be left out, or must name that size) and its format (the default);
     an artifact needs a size or a budget, and defaults to float32."""
     if is_tuned(folder):
-        model, size = open_tuned(folder)
         if method != "acip":
             raise ValueError(f"{folder} is a tuned ACIP size; --method {method} needs an artifact")
+        opened = open_folder(folder)
+        model, size = opened.any_size, opened.size
         if budget_gb is not None or (size_ratio is not None and abs(size_ratio - size.size_ratio) > 5e-3):
             raise ValueError(f"{folder} is a tuned size with its own size ({size.size_ratio:.4f}); "
                              "leave out --size-ratio / --budget-gb")
-        return model, model.size_at(size.prefix, format or model.meta["tuned"]["format"])
+        return model, model.size_at(size.prefix, format or opened.tuned.format)
     format = format or "float32"
     if size_ratio is None and budget_gb is None:
         raise ValueError("give --size-ratio or --budget-gb (only a tuned size's folder has its own size)")

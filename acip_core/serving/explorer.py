@@ -23,7 +23,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from acip_core.artifacts.artifact import load_artifact
 from acip_core.evaluation.curve import curve_at, rank_for_budget, rule_text, smallest_measured, spread
 from acip_core.sources.data import load_text, token_windows
 from acip_core.evaluation.evaluate import REPETITION_PENALTY, Cancelled, perplexity
@@ -297,34 +296,20 @@ class Explorer:
 
     @classmethod
     def open(cls, folder: str | Path, on_progress=None, cache_size: int = 4) -> "Explorer":
-        """Loads an artifact folder (base model, cached or rebuilt basis) into an Explorer."""
-        from acip_core.sources.models import load_base
-        from acip_core.artifacts.open import any_size_from
-
-        from acip_core.artifacts.tuned import is_tuned
-
-        if is_tuned(folder):  # a tuned size: its parent's any-size model carrying the tuned LoRA
-            return cls.open_tuned(folder, cache_size)
-        artifact = load_artifact(folder)
-        model, tokenizer = load_base(artifact.meta["model"]["source"])
-        any_size = any_size_from(artifact, model, tokenizer, on_progress)
-        return cls(any_size, artifact.curve, Path(folder).name, folder, cache_size)
-
-    @classmethod
-    def open_tuned(cls, folder: str | Path, cache_size: int = 4) -> "Explorer":
-        """A tuned size's folder (tuned.py). Every size can be materialized with its tuned LoRA, but it
-        was trained and measured at its own size only; the curve shown is the parent's."""
-        from acip_core.artifacts.open import open_tuned
+        """Loads an artifact folder (base model, cached or rebuilt basis) into an Explorer; a tuned
+        size's folder (tuned.py) too: every size can be materialized with its tuned LoRA, but it was
+        trained and measured at its own size only; the curve shown is its parent's."""
+        from acip_core.artifacts.open import open_folder
         from acip_core.artifacts.tuned import tuned_label
 
-        any_size, size = open_tuned(folder)
-        info = any_size.meta["tuned"]  # what open_tuned read: format, size, how it was tuned, the parent
-        parent, ft = Path(info["parent"]), info.get("finetune", {})
-        ex = cls(any_size, load_artifact(parent).curve, tuned_label(parent.name, dict(
-            size_ratio=size.size_ratio, format=info["format"], objective=ft.get("objective"),
-            steps=ft.get("steps"))), folder, cache_size)
-        ex.tuned = dict(size_ratio=size.size_ratio, target=float(info["size"].get("target", size.size_ratio)),
-                        format=info["format"])
+        opened = open_folder(folder, on_progress)
+        if opened.tuned is None:
+            return cls(opened.any_size, opened.artifact.curve, Path(folder).name, folder, cache_size)
+        tuned, size, parent = opened.tuned.meta, opened.size, Path(opened.artifact.path)
+        ex = cls(opened.any_size, opened.artifact.curve, tuned_label(parent.name, dict(
+            size_ratio=size.size_ratio, format=tuned.format, objective=tuned.finetune.get("objective"),
+            steps=tuned.finetune.get("steps"))), folder, cache_size)
+        ex.tuned = dict(size_ratio=size.size_ratio, target=tuned.target, format=tuned.format)
         ex.parent_folder = parent
         return ex
 
@@ -662,7 +647,8 @@ class Explorer:
         text when measured too; else what the artifact's curve says at this size."""
         from acip_core.export.sized import card_from_curve
 
-        card = dict(base_model=self.any_size.meta.get("model", {}).get("source"), artifact=self.name)
+        meta = self.any_size.meta
+        card = dict(base_model=meta.model.source if meta else None, artifact=self.name)
         ppl = pd.DataFrame([r for r in measured if r.get("kind") == "perplexity"
                             and r.get("artifact", self.name) == self.name])
         here = ppl[ppl.size_ratio == round(size.size_ratio, 5)] if len(ppl) else ppl
@@ -680,13 +666,12 @@ class Explorer:
     def describe(self) -> dict:
         """The artifact in a few fields: name, model source and architecture, target layers, basis,
         scoring steps, the size the run stopped at, the smallest size on the curve."""
-        meta = self.any_size.meta or {}
-        model, result = meta.get("model", {}), meta.get("result", {})
-        return dict(name=self.name, model=model.get("source"), architecture=model.get("architecture"),
+        meta = self.any_size.meta
+        return dict(name=self.name, model=meta and meta.model.source, architecture=meta and meta.model.architecture,
                     target_layers=len(self.any_size.targets),
-                    basis=meta.get("basis", {}).get("recipe", {}).get("kind"),
-                    steps=result.get("steps"), stopped_at=result.get("size_ratio_reached"),
-                    imported_from=(meta.get("official") or {}).get("source"),
+                    basis=meta and meta.basis.recipe.get("kind"),
+                    steps=meta and meta.result.steps, stopped_at=meta and meta.result.size_ratio_reached,
+                    imported_from=meta and meta.official and meta.official.source,
                     smallest_measured=smallest_measured(self.curve), tuned=self.tuned)
 
     def tuned_sizes(self, extra=()) -> list[dict]:

@@ -186,8 +186,7 @@ class Studio:
 
         if not is_tuned(folder):
             return None
-        tuned = load_tuned(folder)
-        return float(tuned.meta["size"].get("target", tuned.size_ratio))
+        return load_tuned(folder).meta.target
 
     def clean_at_start(self) -> None:
         """Removes what killed processes left in the downloads, the model cache, the runs and

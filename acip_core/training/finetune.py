@@ -21,14 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from acip_core.artifacts.artifact import load_artifact
 from acip_core.sources.data import BatchStream, load_text, token_windows
 from acip_core.evaluation.evaluate import perplexity
 from acip_core.formats.qweight import QuantLinear, QuantLowRankLinear, zero_rows
 from acip_core.formats.registry import Format, parse_format
 from acip_core.engine.layers import LowRankLinear
 from acip_core.engine.materialize import AnySizeModel, Size, _clone_tree, _quantized_embeddings
-from acip_core.sources.models import load_base
 from acip_core.training.score import autocast_dtype
 from acip_core.training.train import (OBJECTIVES, StepHook, objective, peak_rss_mib, release_memory, remove_checkpoint,
                     steps_memory, train_loop)
@@ -210,7 +208,7 @@ def run_finetune(artifact_folder: str | Path, size_ratio: float, data: str, out:
     (name -> source; default heldout and domain) are measured untuned and tuned into tuned.json;
     fine-tuning on one of them is refused, since its figures would then not be held out.
     """
-    from acip_core.artifacts.open import any_size_from, open_tuned
+    from acip_core.artifacts.open import any_size_from, open_folder
     from acip_core.training.pipeline import RunLock  # (pipeline imports this module lazily)
 
     cfg = cfg or FinetuneConfig()
@@ -230,13 +228,14 @@ def run_finetune(artifact_folder: str | Path, size_ratio: float, data: str, out:
         lock.__enter__()
     try:
         torch.manual_seed(cfg.seed)
-        parent = load_artifact(artifact_folder)
-        base, tokenizer = load_base(parent.meta["model"]["source"])
-        any_size = any_size_from(parent, base, tokenizer)
+        opened = open_folder(artifact_folder)
+        if opened.tuned is not None:
+            raise ValueError(f"{artifact_folder} is a tuned size: fine-tune its artifact ({opened.artifact.path})")
+        parent, any_size = opened.artifact, opened.any_size
+        base, tokenizer = any_size.base, any_size.tokenizer
         size = any_size.size_for_ratio(size_ratio)
-        lora = parent.meta.get("lora", {})
         format = parse_format(cfg.format)
-        student, layers = tunable_model(any_size, size, parent.adapters, float(lora.get("alpha", 16.0)),
+        student, layers = tunable_model(any_size, size, parent.adapters, parent.meta.lora.alpha,
                                         cfg.lora_dropout, format)
         teacher = any_size.materialize(any_size.original_size()) if cfg.objective != "lm" else None
         if format.quantized:  # the student holds its own quantized packs: the float32 factors can go
@@ -259,15 +258,15 @@ def run_finetune(artifact_folder: str | Path, size_ratio: float, data: str, out:
             return None
         training_rss = peak_rss_mib()  # before measuring opens a second copy of the model
         adapters = {k: p.detach() for k, p in params.items()}
+        result = dict(steps=step, seconds=round(seconds, 1), peak_rss_mib=round(training_rss), **steps_memory(out))
         meta = dict(
             parent=dict(path=parent_reference(Path(artifact_folder), out), checksum=parent_checksum(parent),
-                        source=parent.meta["model"]["source"]),
+                        source=parent.meta.model.source),
             size=dict(prefix=size.prefix, size_ratio=round(size.size_ratio, 6), params=size.params,
                       target=float(size_ratio), tuned_layers=len(layers)),
             format=format.key,
             finetune=dict(asdict(cfg), data=data, processes=dist.world_size if dist else 1),
-            result=dict(steps=step, seconds=round(seconds, 1), peak_rss_mib=round(training_rss),
-                        **steps_memory(out)),
+            result=result,
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         )
         start = time.perf_counter()
@@ -280,11 +279,12 @@ def run_finetune(artifact_folder: str | Path, size_ratio: float, data: str, out:
         figures = {name: dict(untuned=_ppl(untuned, w), windows=len(w)) for name, w in sets.items()}
         del untuned, any_size
         save_tuned(out, meta, adapters)  # (bf16) then measured as every command serves it
-        served, served_size = open_tuned(out)
+        served = open_folder(out)
+        served, served_size = served.any_size, served.size
         model = served.materialize(served.size_at(served_size.prefix, format), format)
         for name, w in sets.items():
             figures[name]["tuned"] = _ppl(model, w)
-        meta["result"]["eval_seconds"] = round(time.perf_counter() - start, 1)
+        result["eval_seconds"] = round(time.perf_counter() - start, 1)
         save_tuned(out, dict(meta, perplexity=figures), adapters)
         remove_checkpoint(out)
         return load_tuned(out)
