@@ -290,11 +290,18 @@ def cmd_curve(args):
     _emit(args, dict(rows=len(curve), methods=list(methods)), curve.to_string())
 
 
+def _curve_of(folder):
+    """The artifact's measured curve, for an export's card (a tuned size's folder has none of its own)."""
+    from acip_core.artifacts.artifact import load_artifact
+    from acip_core.artifacts.tuned import is_tuned
+
+    return None if is_tuned(folder) else load_artifact(folder).curve
+
+
 @command
 def cmd_export(args):
     from pathlib import Path
 
-    from acip_core.artifacts.artifact import load_artifact
     from acip_core.export.sized import card_from_curve, export_dense, export_lowrank, saved_params
 
     if args.any_size:
@@ -303,9 +310,7 @@ def cmd_export(args):
         raise ValueError("--dtype and --curve-png belong to --any-size (one size takes --format)")
     model, size = _open_method_size(args)
     export = export_dense if args.dense else export_lowrank
-    from acip_core.artifacts.tuned import is_tuned
-
-    curve = None if is_tuned(args.artifact) else load_artifact(args.artifact).curve
+    curve = _curve_of(args.artifact)
     card = dict(card_from_curve(curve, size.size_ratio, size.format.key),
                 artifact=Path(args.artifact).name)  # measured quality: the artifact's curve
     out = export(model, size, args.out, size.format, card=card)

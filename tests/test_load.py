@@ -4,7 +4,6 @@ no request errors, every greedy reply equal to the lone user's at that size, bou
 import sys
 from pathlib import Path
 
-import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import load_test  # noqa: E402
