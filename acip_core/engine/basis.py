@@ -210,7 +210,7 @@ GRAM_WINDOWS = 16  # calibration windows for int4's Grams: 64 were no better, at
 
 def calibration_grams(model: nn.Module, tokenizer, linears: dict[str, nn.Linear], recipe: dict) -> dict:
     """Every layer input's second moment over GRAM_WINDOWS windows of the recipe's calibration text
-    (float32), for the error-compensating int4 quantizer (formats.quantize_int4). Not cached: one
+    (float32), for the error-compensating int4 quantizer (formats.int4.quantize_int4). Not cached: one
     forward pass, each time an int4 family is built (ARCHITECTURE.md, "int4 quantizer")."""
     start = time.perf_counter()
     windows = calibration_windows(tokenizer, dict(recipe, windows=GRAM_WINDOWS))

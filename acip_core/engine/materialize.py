@@ -191,7 +191,7 @@ class AnySizeModel:
         return self.calibration() if format.calibrated and self.calibration else {}
 
     def int4_balances(self, format: Format, grams: dict) -> dict:
-        """{layer: per-rank scales} of formats.int4_balance for the layers with a Gram, from the whole
+        """{layer: per-rank scales} of formats.int4.int4_balance for the layers with a Gram, from the whole
         float32 factors (LoRA rows first); `up`'s groups run along its padded rank. The family and
         fine-tuning's frozen factors (which take rows lora.. of them) use the same."""
         factors32 = self._families[Format().key][1]
@@ -224,7 +224,7 @@ class AnySizeModel:
             swap.update(_quantized_embeddings(base32, converted, format))
         base = _clone_tree(converted, swap)  # the converted target weights are dropped with `converted`
         # int4 with Grams: the codes of `down` (whose input is the layer's) picked by the output's error
-        # (GPTQ), and the factors balanced along the rank (formats.int4_balance: `up`'s rows scaled
+        # (GPTQ), and the factors balanced along the rank (formats.int4.int4_balance: `up`'s rows scaled
         # before its rounding, `down`'s scales after its GPTQ, the same codes); `up`'s input has a
         # near-diagonal second moment in the whitened basis, where GPTQ is round-to-nearest.
         # Both are padded with zero rank rows to the format's padded rank (a kept prefix never uses them).

@@ -41,7 +41,7 @@ def buffer_name(key: str) -> str:
 
 
 def quantize_int8(weight: torch.Tensor, dtype=torch.bfloat16):
-    """(codes int8 [out, in], scales [out]) symmetric per row: ACIP Studio's formats.quantize_int8."""
+    """(codes int8 [out, in], scales [out]) symmetric per row: ACIP Studio's formats.int8.quantize_int8."""
     w = weight.detach().float()
     scale = (w.abs().amax(dim=1) / 127).clamp_min(1e-12).to(dtype).float()
     return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous(), scale.to(dtype).contiguous()
@@ -53,7 +53,7 @@ INT4_CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)  # ACIP Studio's formats._INT4_CL
 def quantize_int4(weight: torch.Tensor, group: int, dtype=torch.bfloat16):
     """(codes two per byte [rows, in/2] uint8, scales [in/group, rows, 2]; rows padded with zeros to 32):
     round to nearest on the per-group grid with the least squared error among INT4_CLIPS, ACIP Studio's
-    formats.quantize_int4 without a Gram (how it quantizes a dense layer), step for step."""
+    formats.int4.quantize_int4 without a Gram (how it quantizes a dense layer), step for step."""
     w = weight.detach().float()
     rows = -(-w.shape[0] // 32) * 32
     w = torch.cat([w, w.new_zeros(rows - w.shape[0], w.shape[1])]) if rows > w.shape[0] else w
