@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed-stamp
 TF4 := .venv-tf4
 TF4_STAMP := $(TF4)/.installed-stamp
 
-.PHONY: venv run test test-slow clean space-check
+.PHONY: venv run test clean space-check
 
 $(STAMP): requirements.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,9 +32,6 @@ run: venv
 
 test: venv
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False $(PY) -m pytest -q --durations=15
-
-test-slow: venv
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False $(PY) -m pytest -q -m slow
 
 # What the Space builder runs (the Dockerfile's pip steps in a fresh venv, then python app.py on an
 # empty cache, in public mode) and a visitor's page load + chat: README "Public deployment".
