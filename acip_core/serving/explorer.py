@@ -30,7 +30,9 @@ from acip_core.serving.measure import MeasureMixin
 
 
 class Explorer(ChatMixin, MeasureMixin, ExportMixin):
-    """One artifact, ready to answer: sizes, tables, chat, measurements, exports.
+    """One artifact, ready to answer: sizes, budgets and tables here; chat, measurements and exports
+    from its mixins (serving/chat.py, serving/measure.py, serving/exports.py), which work on what this
+    class owns: the any-size model, the size and model caches, and the lock that guards them.
 
     Args:
         any_size: the artifact's AnySizeModel.
