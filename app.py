@@ -17,8 +17,9 @@ import pandas as pd
 
 from acip_core import DATA_CHOICES, DEFAULT_DATA, EMBEDDED, REPETITION_PENALTY, eval_set_label
 from acip_core.serving import public
-from acip_core.serving import studio as text
-from acip_core.serving.explorer import DTYPE_CHOICES, MAX_PROMPT_CHARS
+from acip_core.serving import texts as text
+from acip_core.serving.chat import MAX_PROMPT_CHARS
+from acip_core.serving.checks import FORMAT_CHOICES
 from acip_core.serving.studio import Studio, StudioConfig
 from app_handlers import EXPLORE_VIEWS, EXPORT_KINDS, X_AXES, Handlers  # noqa: F401  (EXPORT_KINDS: tests)
 from app_handlers import score_plan
@@ -91,8 +92,8 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
                         "pick a size or a memory budget, see the trade-off, chat, measure, export.",
                         elem_id="title")
             artifact = gr.Dropdown(choices=choices, label="artifact", scale=0, min_width=340, elem_id="artifact")
-            dtype = gr.Dropdown(list(DTYPE_CHOICES), value="float32", label="format (weights)", scale=0,
-                                min_width=220, elem_id="dtype",
+            format_choice = gr.Dropdown(list(FORMAT_CHOICES), value="float32", label="format (weights)", scale=0,
+                                        min_width=220, elem_id="format",
                                 info="float32/bfloat16, or weight-only int8 / int4 (groups of 32); +emb8: "
                                      "the embedding / LM head in int8 too; +fast: a layer factorized only "
                                      "where that decodes faster (never slower than the original, more GB)")
@@ -191,7 +192,7 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
                         run_eval = gr.Button("Run lm-eval")
                 measure_text = gr.Markdown(elem_id="measure-text")
                 results_table = gr.Dataframe(label="results", interactive=False, wrap=True, elem_id="lm-table",
-                                             headers=["time", "kind", "size_ratio", "dtype", "data", "perplexity"])
+                                             headers=["time", "kind", "size_ratio", "format", "data", "perplexity"])
                 with gr.Row():
                     download = gr.DownloadButton("Download CSV", value=None)
                     clear_results = gr.Button("Clear results")
@@ -253,51 +254,51 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
                     _official_import_box(h)
 
         # -- wiring ---------------------------------------------------------------------------
-        view = [artifact, ratio, x_axis, dtype, metric, results, fitted]
+        view = [artifact, ratio, x_axis, format_choice, metric, results, fitted]
         explore_out = [summary, layers, heatmap, curve, badge, budget, budget_md]
         assert len(explore_out) == len(EXPLORE_VIEWS), "app_handlers.EXPLORE_VIEWS names what size() returns"
         demo.load(h.start, None, [artifact, status, ratio, metric] + explore_out, api_name="start",
                   show_progress="minimal").then(lambda f: gr.update(choices=h.app.artifact_choices(), value=f),
                                                 artifact, artifact_b, api_name=False)
         demo.load(lambda: gr.update(choices=h.app.run_names()), None, runs, api_name="runs")
-        artifact.input(h.artifact, [artifact, ratio, x_axis, dtype], [status, metric, ratio, dtype] + explore_out,
-                       api_name="artifact")
+        artifact.input(h.artifact, [artifact, ratio, x_axis, format_choice],
+                       [status, metric, ratio, format_choice] + explore_out, api_name="artifact")
         # one selected size: every change of the slider (drag, keys, typed, budget) redraws everything
-        gr.on([ratio.change, x_axis.input, dtype.change, metric.input], h.on_size, view, explore_out,
+        gr.on([ratio.change, x_axis.input, format_choice.change, metric.input], h.on_size, view, explore_out,
               api_name="size", concurrency_limit=4, trigger_mode="always_last", show_progress="hidden")
-        gr.on([fit.click, budget.submit], h.budget, [artifact, budget], [ratio, dtype, budget_md, fitted],
+        gr.on([fit.click, budget.submit], h.budget, [artifact, budget], [ratio, format_choice, budget_md, fitted],
               api_name="budget")
 
-        ft_start.click(h.finetune_start, [artifact, ratio, dtype, ft_objective, ft_steps, token], runs,
+        ft_start.click(h.finetune_start, [artifact, ratio, format_choice, ft_objective, ft_steps, token], runs,
                        api_name="finetune_start")
 
         artifact_b.input(h.artifact_b, artifact_b, ratio_b, api_name="artifact_b")  # a tuned size: its size
 
         chat_inputs = [artifact, ratio, artifact_b, ratio_b, side_by_side, message, chat_a, chat_b, max_new,
-                       penalty, dtype]
+                       penalty, format_choice]
         chat_event = gr.on([send.click, message.submit], h.chat, chat_inputs, [chat_a, chat_b, speed, message],
                            api_name="chat", concurrency_limit=2, concurrency_id="chat")
-        sweep_event = sweep_btn.click(h.sweep, [artifact, sweep_sizes, sweep_prompt, sweep_new, dtype], sweep_grid,
-                                      api_name="sweep", concurrency_limit=2, concurrency_id="chat")
+        sweep_event = sweep_btn.click(h.sweep, [artifact, sweep_sizes, sweep_prompt, sweep_new, format_choice],
+                                      sweep_grid, api_name="sweep", concurrency_limit=2, concurrency_id="chat")
         stop.click(h.chat_stop, None, None, api_name="chat_stop", queue=False)
         clear.click(lambda: ([], [], ""), None, [chat_a, chat_b, speed], api_name="chat_clear", queue=False,
                     cancels=[chat_event, sweep_event])
 
         measure_out = [measure_text, results_table, download, results]
-        run_ppl.click(h.perplexity, [artifact, ratio, data, windows, seq_len, dtype, results], measure_out,
+        run_ppl.click(h.perplexity, [artifact, ratio, data, windows, seq_len, format_choice, results], measure_out,
                       api_name="perplexity", concurrency_limit=1, concurrency_id="heavy"
                       ).then(h.on_size, view, explore_out, api_name=False, show_progress="hidden")
-        run_eval.click(h.lm_eval, [artifact, ratio, tasks, limit, batch, dtype, results], measure_out,
+        run_eval.click(h.lm_eval, [artifact, ratio, tasks, limit, batch, format_choice, results], measure_out,
                        api_name="lm_eval", concurrency_limit=1, concurrency_id="heavy")
         cancel.click(h.measure_cancel, None, measure_text, api_name="cancel", queue=False)
         clear_results.click(lambda: (pd.DataFrame(), None, []), None, [results_table, download, results],
                             api_name="results_clear").then(h.on_size, view, explore_out, api_name=False,
                                                            show_progress="hidden")
 
-        export_btn.click(h.export, [artifact, ratio, kind, dtype, results], [export_text, export_file],
+        export_btn.click(h.export, [artifact, ratio, kind, format_choice, results], [export_text, export_file],
                          api_name="export", concurrency_limit=1, concurrency_id="heavy")
         if share_btn is not None:
-            share_btn.click(h.share, [artifact, ratio, kind, dtype, repo_id, hf_token, private], [share_text],
+            share_btn.click(h.share, [artifact, ratio, kind, format_choice, repo_id, hf_token, private], [share_text],
                             api_name="share", concurrency_limit=1, concurrency_id="heavy")
 
         run_view = [runs_table, run_plot, run_text]

@@ -19,10 +19,11 @@ import pandas as pd
 from acip_core import DEFAULT_DATA, EMBEDDED, Cancelled, curve_at, eval_set_label, ppl_columns, suggested_ratio
 from acip_core.evaluation import plots  # the app's figures: a view of evaluation results (.importlinter)
 from acip_core.serving import public
-from acip_core.serving import studio as text
-from acip_core.serving.explorer import (DTYPE_CHOICES, Explorer, check_history, check_int, check_message_count,
-                                        clean_prompt, message_text)
-from acip_core.serving.studio import Studio
+from acip_core.serving import texts as text
+from acip_core.serving.chat import check_history, check_message_count, clean_prompt, message_text
+from acip_core.serving.checks import FORMAT_CHOICES, check_int
+from acip_core.serving.explorer import Explorer
+from acip_core.serving.studio import Studio, check_model_source
 
 log = logging.getLogger("acip_studio")
 X_AXES = {"size ratio": "size_ratio", "GB": "gb"}
@@ -32,7 +33,7 @@ X_AXES = {"size ratio": "size_ratio", "GB": "gb"}
 EXPLORE_VIEWS = ("summary", "layers", "heatmap", "curve", "badge", "budget", "budget answer")
 SKIP_VIEWS = (gr.skip(),) * len(EXPLORE_VIEWS)
 ANY_SIZE_KIND = "any size: every size and format in one folder (choose after download: model.set_size)"
-CHAT_UPDATE_S = 0.2  # streamed text reaches the page at most this often (see studio.throttled)
+CHAT_UPDATE_S = 0.2  # streamed text reaches the page at most this often (see texts.throttled)
 EXPORT_KINDS = {"low-rank: smallest files (loads with trust_remote_code)": False,
                 "dense: original shapes, no memory saved (for compatibility)": True,
                 ANY_SIZE_KIND: None}
@@ -180,7 +181,7 @@ class Handlers:
         return gr.update(choices=[(eval_set_label(c), c) for c in cols], value=cols[0] if cols else None)
 
     @ui_errors
-    def artifact(self, folder, ratio, x_axis, dtype, progress=gr.Progress()):
+    def artifact(self, folder, ratio, x_axis, format, progress=gr.Progress()):
         """Another artifact (or tuned size: the slider and format move to the size it was tuned at)."""
         for line in self._loading(folder, progress):
             yield (line, gr.skip(), gr.skip(), gr.skip()) + SKIP_VIEWS  # metric, ratio, format, the views
@@ -192,16 +193,16 @@ class Handlers:
         moved = (gr.skip(), gr.skip())
         if ex.tuned:
             ratio = ex.tuned["target"]
-            dtype = ex.tuned["format"] if ex.tuned["format"] in DTYPE_CHOICES else dtype
-            moved = (ratio, dtype)
+            format = ex.tuned["format"] if ex.tuned["format"] in FORMAT_CHOICES else format
+            moved = (ratio, format)
         yield (text.describe_text(ex.describe()), self._metric_update(ex)) + moved + \
-            self.size(folder, ratio, x_axis, dtype, None, None)
+            self.size(folder, ratio, x_axis, format, None, None)
 
-    def size(self, folder, ratio, x_axis, dtype, metric, results, fitted=None):
+    def size(self, folder, ratio, x_axis, format, metric, results, fitted=None):
         """The selected size changed (slider, keyboard, typed value, budget), or how it is shown:
         summary, layer table, heatmap, curve, badge and the budget box, all from the one ratio."""
         ex = self.explorer(folder)
-        summary = ex.size_for(ratio, dtype)
+        summary = ex.size_for(ratio, format)
         note = text.below_range_note(summary["size_ratio"], ex.describe()["smallest_measured"])
         size = ex.size(ratio)
         at = curve_at(ex.curve, summary["size_ratio"], metric, format=summary["format"])
@@ -209,23 +210,23 @@ class Handlers:
             budget, answer = gr.skip(), gr.skip()
         else:  # the selected size's need, not a stale budget, and no answer to a budget no longer shown
             budget, answer = text.gb_up(summary["gb"]), ""  # the badge's GB, to the digit
-        return (text.summary_frame(summary, at, note), text.layers_frame(ex.layer_table(size, dtype)),
-                plots.heatmap_figure(ex.rank_heatmap(size, dtype)), self._curve(ex, summary, x_axis, dtype, metric, results),
+        return (text.summary_frame(summary, at, note), text.layers_frame(ex.layer_table(size, format)),
+                plots.heatmap_figure(ex.rank_heatmap(size, format)), self._curve(ex, summary, x_axis, format, metric, results),
                 text.size_badge(summary, note), budget, answer)
 
-    def _curve(self, ex, summary, x_axis, dtype, metric, results):
+    def _curve(self, ex, summary, x_axis, format, metric, results):
         metric = metric if metric in ppl_columns(ex.curve) else None
-        return plots.curve_figure(ex.curve, X_AXES.get(x_axis, "size_ratio"), dtype, metric, summary,
+        return plots.curve_figure(ex.curve, X_AXES.get(x_axis, "size_ratio"), format, metric, summary,
                                   pd.DataFrame([r for r in results or [] if r.get("artifact") == ex.name]),
                                   title=f"{ex.name}: perplexity vs size", tuned=self.app.tuned_sizes(ex))
 
     @ui_errors
-    def on_size(self, folder, ratio, x_axis, dtype, metric, results, fitted):
-        return self.size(folder, ratio, x_axis, dtype, metric, results, fitted)
+    def on_size(self, folder, ratio, x_axis, format, metric, results, fitted):
+        return self.size(folder, ratio, x_axis, format, metric, results, fitted)
 
     @ui_errors
     def budget(self, folder, budget_gb):
-        """Budget: the largest size in every dtype; the slider and dtype move to the best one. A budget
+        """Budget: the largest size in every format; the slider and format move to the best one. A budget
         that cannot be answered replaces the previous answer by why (a stale table beside a new budget
         would read as its answer) and moves nothing."""
         ex = self.explorer(folder)
@@ -241,7 +242,7 @@ class Handlers:
                                           f"format ({text.format_gb(min(f['smallest_gb'] for f in fits))} in "
                                           "the smallest): nothing moved."), gr.skip()
         ratio = text.slider_ratio(best["size_ratio"])  # rounded down: that slider value still fits the budget
-        return ratio, best["dtype"], text.budget_text(float(budget_gb), answer), ratio
+        return ratio, best["format"], text.budget_text(float(budget_gb), answer), ratio
 
     @ui_errors
     def artifact_b(self, folder_b):
@@ -252,7 +253,7 @@ class Handlers:
     # -- chat -----------------------------------------------------------------------------------
     @ui_errors
     def chat(self, folder, ratio_a, folder_b, ratio_b, side_by_side, message, history_a, history_b,
-             max_new_tokens, repetition_penalty, dtype, request: gr.Request = None):
+             max_new_tokens, repetition_penalty, format, request: gr.Request = None):
         """Streams the reply at size A (and at size B, of this or another artifact, when side by side)."""
         ex = self.explorer(folder)
         ex_b = self.explorer(folder_b) if side_by_side and folder_b else ex
@@ -268,14 +269,14 @@ class Handlers:
             check_history(history)
         turn = [dict(role="user", content=shown(message)), dict(role="assistant", content="")]
         new_a, new_b = shown_a + turn, (shown_b + [dict(t) for t in turn]) if side_by_side else shown_b
-        waiting = [x.name for x in {ex, ex_b} if not x.format_ready(dtype)]  # a bad format: refused here
+        waiting = [x.name for x in {ex, ex_b} if not x.format_ready(format)]  # a bad format: refused here
         if side_by_side:
             stream = ex.compare(ratio_a, ratio_b, message, history_a, history_b, max_new_tokens,
-                                repetition_penalty, dtype, other=ex_b)
+                                repetition_penalty, format, other=ex_b)
         else:
             stream = ((snap, None) for snap in ex.stream_chat(ratio_a, history_a, message, max_new_tokens,
-                                                              repetition_penalty, dtype))
-        yield new_a, new_b, (f"preparing {dtype} for {', '.join(waiting)} (its first use in this process: the "
+                                                              repetition_penalty, format))
+        yield new_a, new_b, (f"preparing {format} for {', '.join(waiting)} (its first use in this process: the "
                              "factors are quantized once, up to a minute or two on a CPU)…" if waiting else "generating…"), ""
         try:
             for a, b in text.throttled(stream, CHAT_UPDATE_S):
@@ -296,14 +297,14 @@ class Handlers:
 
     @ui_errors
     @heavy
-    def sweep(self, folder, sizes, message, max_new_tokens, dtype, request: gr.Request = None):
+    def sweep(self, folder, sizes, message, max_new_tokens, format, request: gr.Request = None):
         """One prompt answered by many sizes, one after another (greedy), as a grid of replies."""
         ex = self.explorer(folder)
         ratios = text.parse_sizes(sizes)
         message = clean_prompt(message)
         stop = self._stop(request, "chat")
         stop.clear()
-        stream = ex.sweep(ratios, message, max_new_tokens, dtype=dtype)
+        stream = ex.sweep(ratios, message, max_new_tokens, format=format)
         try:
             for snaps in text.throttled(stream, CHAT_UPDATE_S):
                 yield text.sweep_frame(ex, ratios, snaps)
@@ -321,14 +322,14 @@ class Handlers:
 
     @ui_errors
     @heavy
-    def perplexity(self, folder, ratio, data, windows, seq_len, dtype, results, request: gr.Request = None,
+    def perplexity(self, folder, ratio, data, windows, seq_len, format, results, request: gr.Request = None,
                    progress=gr.Progress()):
         ex = self.explorer(folder)
         stop = self._stop(request, "measure")
         stop.clear()
         progress(0.0, desc="reading the text and preparing the size")
         try:
-            row = ex.measure_perplexity(ratio, data, windows, seq_len, dtype, batch_size=2,
+            row = ex.measure_perplexity(ratio, data, windows, seq_len, format, batch_size=2,
                                         on_progress=_with_eta(progress, "windows", "windows"),
                                         should_stop=stop.is_set)
         except Cancelled:
@@ -338,14 +339,14 @@ class Handlers:
 
     @ui_errors
     @heavy
-    def lm_eval(self, folder, ratio, tasks, limit, batch_size, dtype, results, request: gr.Request = None,
+    def lm_eval(self, folder, ratio, tasks, limit, batch_size, format, results, request: gr.Request = None,
                 progress=gr.Progress()):
         ex = self.explorer(folder)
         stop = self._stop(request, "measure")
         stop.clear()
         progress(0.0, desc="loading lm-eval and its tasks")
         try:
-            row = ex.measure_lm_eval(ratio, tasks, limit, batch_size, dtype,  # it checks both
+            row = ex.measure_lm_eval(ratio, tasks, limit, batch_size, format,  # it checks both
                                      should_stop=stop.is_set,
                                      on_progress=_with_eta(progress, "lm-eval", "requests"))
         except Cancelled:
@@ -364,17 +365,17 @@ class Handlers:
     # -- export ---------------------------------------------------------------------------------
     @ui_errors
     @heavy
-    def export(self, folder, ratio, kind, dtype, results, request: gr.Request = None, progress=gr.Progress()):
+    def export(self, folder, ratio, kind, format, results, request: gr.Request = None, progress=gr.Progress()):
         ex = self.explorer(folder)
         if kind == ANY_SIZE_KIND:
-            return self._export_any_size(ex, dtype, progress, getattr(request, "session_hash", None))
+            return self._export_any_size(ex, format, progress, getattr(request, "session_hash", None))
         dense = EXPORT_KINDS.get(kind, str(kind).startswith("dense"))
         size = ex.size(ratio)
-        name = f"{ex.name}-size{size.size_ratio:.3f}-{'dense' if dense else 'lowrank'}-{dtype}"
+        name = f"{ex.name}-size{size.size_ratio:.3f}-{'dense' if dense else 'lowrank'}-{format}"
         work = self.app.download_dir("exports", getattr(request, "session_hash", None))
         progress(None, desc="writing safetensors and zipping")
         try:
-            info = ex.export(ratio, work / name, dense=dense, dtype=dtype, zip_path=work / f"{name}.zip",
+            info = ex.export(ratio, work / name, dense=dense, format=format, zip_path=work / f"{name}.zip",
                              measured=results or [])
         finally:
             shutil.rmtree(work / name, ignore_errors=True)  # the zip (one copy) is what is downloaded
@@ -382,13 +383,13 @@ class Handlers:
                "`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`")
         what = ("Dense: the original shapes, so it is as large as the base model (no memory saved); "
                 "for runtimes without remote code." if dense else "Low-rank: the smallest files.")
-        return (f"Exported size **{info['size_ratio']:.3f}** ({info['kind']}, {dtype}, "
+        return (f"Exported size **{info['size_ratio']:.3f}** ({info['kind']}, {format}, "
                 f"{text.millions(info['params'])} params stored) in {info['seconds']:.1f} s: "
                 f"{info['bytes'] / 1e6:.1f} MB unzipped. {what} Load the unzipped folder with {how}."), info["zip"]
 
     @ui_errors
     @heavy
-    def share(self, folder, ratio, kind, dtype, repo_id, token, private, request: gr.Request = None,
+    def share(self, folder, ratio, kind, format, repo_id, token, private, request: gr.Request = None,
               progress=gr.Progress()):
         """Exports as the Export tab would and uploads the folder to the hub with the visitor's token
         (local mode only: a public server never uploads with a token typed into it)."""
@@ -396,14 +397,14 @@ class Handlers:
             raise gr.Error("Sharing on the hub is not offered on a public server: export, then push locally "
                            "(python -m acip_core push).")
         dense = None if kind == ANY_SIZE_KIND else EXPORT_KINDS.get(kind, str(kind).startswith("dense"))
-        url = self.app.push(self.folder(folder), ratio, dense, dtype, repo_id, token, private,
+        url = self.app.push(self.folder(folder), ratio, dense, format, repo_id, token, private,
                             on_stage=lambda stage: progress(None, desc=stage))  # repo id, token, network first
         return f"Uploaded to the hub as `{str(repo_id).strip()}` ({public.md_escape(url)})."  # checked: user/name
 
-    def _export_any_size(self, ex, dtype, progress, session=None):
+    def _export_any_size(self, ex, format, progress, session=None):
         """The artifact as one any-size folder (export_anysize.py), zipped: float32 weights, or bfloat16
         ones when bfloat16 is selected (half the bytes; int sizes either way)."""
-        stored = "bfloat16" if dtype == "bfloat16" else "float32"
+        stored = "bfloat16" if format == "bfloat16" else "float32"
         name = f"{ex.name}-anysize-{stored}"
         work = self.app.download_dir("exports", session)
         progress(None, desc="writing every size and format (int4 codes: about a minute the first time)")
@@ -458,7 +459,7 @@ class Handlers:
         name = (name or "").strip() or time.strftime("run-%Y%m%d-%H%M%S")
         if upload:  # a visitor's own text: checked, kept once, the upload itself removed
             data = str(public.accept_upload(upload))
-        text.check_model_source(model or EMBEDDED)  # a bad hub id fails now, not after a minute of retries
+        check_model_source(model or EMBEDDED)  # a bad hub id fails now, not after a minute of retries
         self.app.start_scoring(name, model=(model or EMBEDDED).strip(), data=data or DEFAULT_DATA,
                                steps=check_int(steps, 1, None, "max scoring steps"), basis=basis,
                                stop_ratio=float(stop_ratio), batch_size=check_int(batch_size, 1, None, "batch size"),
@@ -469,7 +470,7 @@ class Handlers:
         return self.runs_frame(), gr.update(choices=self.app.run_names(), value=name), fig, line
 
     @ui_errors
-    def finetune_start(self, folder, ratio, dtype, objective, steps, token=None, request: gr.Request = None):
+    def finetune_start(self, folder, ratio, format, objective, steps, token=None, request: gr.Request = None):
         """Explore's "fine-tune this size": a background fine-tuning run of the selected size and format
         (the Score tab follows it; the tuned size joins the artifact list and the curve when done)."""
         public.check_may_score(token)
@@ -478,9 +479,9 @@ class Handlers:
         steps = check_int(steps, 1, None, "steps")
         name = time.strftime(f"ft-{size.size_ratio:.2f}-{objective}-%Y%m%d-%H%M%S").replace("+", "")
         # what may be tuned is fine-tuning's rule (Studio.start_finetune asks it): its ValueError is the toast
-        self.app.start_finetune(name, folder, float(ratio), format=dtype, objective=objective, steps=steps,
+        self.app.start_finetune(name, folder, float(ratio), format=format, objective=objective, steps=steps,
                                 owner=_who(token, request))
-        gr.Info(toast(f"Fine-tuning size {size.size_ratio:.3f} in {dtype} ({objective}, {steps} steps) as run "
+        gr.Info(toast(f"Fine-tuning size {size.size_ratio:.3f} in {format} ({objective}, {steps} steps) as run "
                 f"{name}: follow it in the Score tab. When done, it is listed as an artifact and on the curve."))
         return gr.update(choices=self.app.run_names(), value=name)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 LOG = Path(os.environ.get("TMPDIR", "/tmp")) / "app_latency.log"
 import common  # noqa: E402  (the repository on sys.path, the shared options)
-from acip_core.serving.explorer import message_text  # noqa: E402
+from acip_core.serving.chat import message_text  # noqa: E402
 from load_test import listed_artifact  # noqa: E402  (this script's folder is on sys.path)
 
 

@@ -33,7 +33,8 @@ def main() -> int:
                         help="only build the prompts, with this model folder's tokenizer and config (no "
                              "model load, no first token): the templating cost alone")
     args = parser.parse_args()
-    from acip_core.serving.explorer import MAX_HISTORY_CHARS, Explorer
+    from acip_core.serving.chat import MAX_HISTORY_CHARS
+    from acip_core.serving.explorer import Explorer
     from acip_core.serving.public import limits
 
     lim = limits()

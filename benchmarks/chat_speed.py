@@ -23,7 +23,7 @@ import torch
 
 import common  # noqa: E402,F401  (the repository on sys.path, the shared options)
 from acip_core.evaluation.bench import cpu_flags, timed_generate  # noqa: E402
-from acip_core.serving.explorer import Generation  # noqa: E402
+from acip_core.serving.chat import Generation  # noqa: E402
 from acip_core.artifacts.open import open_artifact  # noqa: E402
 
 PROMPT = "Explain what a package manager does."

@@ -36,7 +36,8 @@ def one(artifact: str, chats: int, tokens: int, ratio: float, ppl_windows: int) 
     """One configuration, in this process: N concurrent chats (+ a perplexity job)."""
     import torch
 
-    from acip_core.serving.explorer import GATE, Explorer
+    from acip_core.serving.explorer import Explorer
+    from acip_core.serving.gate import GATE
 
     ex = Explorer.open(artifact)
     ex.model(ratio)  # materialized before the clock starts

@@ -100,7 +100,7 @@ def client_check(url: str) -> dict:
     if isinstance(artifact, dict):  # an update: the listed value, else the first choice (the default)
         artifact = artifact.get("value") or artifact["choices"][0][1]
     times["start_s"] = round(time.perf_counter() - start, 1)
-    if "Ready" not in str(status):  # the status line of a loaded artifact (studio.describe_text)
+    if "Ready" not in str(status):  # the status line of a loaded artifact (texts.describe_text)
         raise SystemExit(f"the default artifact did not load: {status!r}")
     start = time.perf_counter()
     hist_a, _hist_b, _speed, _msg = client.predict(artifact, 1.0, artifact, 1.0, False, "What is the capital of France?",

@@ -131,7 +131,7 @@ def test_no_number_field_has_a_gradio_minimum(demo):
 @pytest.mark.parametrize("value,ok", [(3, 3), (3.0, 3), (0, None), (-2, None), (2.5, None), (None, None),
                                       (float("inf"), None), ("x", None), ("2.5", None), ("4", 4)])
 def test_number_fields_are_checked_with_their_name(value, ok):
-    from acip_core.serving.explorer import check_int
+    from acip_core.serving.checks import check_int
 
     if ok is not None:
         assert check_int(value, 1, None, "steps") == ok
@@ -375,7 +375,7 @@ def test_a_size_below_the_curve_is_warned_about(demo, tiny_artifact):
 def test_streamed_updates_are_throttled_but_the_last_always_comes():
     import time
 
-    from acip_core.serving.studio import throttled
+    from acip_core.serving.texts import throttled
 
     def fast():
         for i in range(50):

@@ -307,9 +307,9 @@ def test_the_gb_view_shows_the_frontier_and_a_budget_fits_an_int4_size(browser, 
         budget.press("Enter")
         page.locator("#budget-text").get_by_text(re.compile("best")).first.wait_for(timeout=60_000)
         deadline = time.time() + 60
-        while time.time() < deadline and page.locator("#dtype input").input_value() != "int4-g32":
+        while time.time() < deadline and page.locator("#format input").input_value() != "int4-g32":
             time.sleep(0.2)
-        assert page.locator("#dtype input").input_value() == "int4-g32"
+        assert page.locator("#format input").input_value() == "int4-g32"
         deadline = time.time() + 60  # the summary follows the format
         while time.time() < deadline and "weights in int4-g32" not in page.locator("#summary").inner_text():
             time.sleep(0.2)

@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from acip_core.serving.explorer import ComputeGate
+from acip_core.serving.gate import ComputeGate
 
 
 class _Slow(torch.nn.Module):

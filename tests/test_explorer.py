@@ -9,7 +9,9 @@ import pandas as pd
 import pytest
 
 from acip_core.evaluation.evaluate import Cancelled
-from acip_core.serving.explorer import Explorer, check_ratio, clean_prompt
+from acip_core.serving.chat import clean_prompt
+from acip_core.serving.checks import check_ratio
+from acip_core.serving.explorer import Explorer
 from acip_core.serving.jobs import ScoringJobs, read_log
 
 
@@ -171,7 +173,7 @@ def test_results_csv(explorer, tmp_path):
 
 def test_budget_in_every_dtype_names_the_best(explorer):
     gb = explorer.size_for(0.7)["gb_by_format"]["float32"]
-    fits = {f["dtype"]: f for f in explorer.fit_budget_every_dtype(gb)}
+    fits = {f["format"]: f for f in explorer.fit_budget_every_format(gb)}
     assert fits["bfloat16"]["size_ratio"] >= fits["float32"]["size_ratio"]
     (best,) = [f for f in fits.values() if f.get("best")]
     ranked = [f["perplexity"] for f in fits.values() if f.get("perplexity") is not None]
@@ -180,10 +182,10 @@ def test_budget_in_every_dtype_names_the_best(explorer):
     assert fits["float32"]["perplexity"] is not None and fits["int8"]["perplexity"] is None
     from acip_core.evaluation.curve import best_for_budget  # one ranking: the CLI's `size --budget-gb` picks the same
     pick = best_for_budget(explorer.any_size, explorer.curve, gb, ppl_columns_first(explorer))
-    assert pick["format"] == best["dtype"]  # curve rows keep 5 decimals of the ratio, the app all of them
+    assert pick["format"] == best["format"]  # curve rows keep 5 decimals of the ratio, the app all of them
     assert pick["size_ratio"] == pytest.approx(best["size_ratio"], abs=1e-5)
     tiny = explorer.smallest_gb("bfloat16") * 1.01
-    fits = {f["dtype"]: f for f in explorer.fit_budget_every_dtype(tiny)}
+    fits = {f["format"]: f for f in explorer.fit_budget_every_format(tiny)}
     # (int4 sizes move in whole groups of 32: on 32-wide layers they are not the smallest models)
     assert fits["float32"]["fits"] is False and fits["bfloat16"]["fits"]
     assert sum(bool(f.get("best")) for f in fits.values()) == 1
@@ -298,27 +300,27 @@ def ppl_columns_first(explorer) -> str:
 
 
 def test_a_budget_below_every_measured_size_never_calls_its_answer_measured(explorer):
-    from acip_core.serving import studio
+    from acip_core.serving import texts
 
     tiny = explorer.smallest_gb("bfloat16") * 1.01
     answer = explorer.budget_answer(tiny)
     assert answer["best"] is not None and not answer["measured"]
-    words = studio.budget_text(tiny, answer)
+    words = texts.budget_text(tiny, answer)
     assert "No size that fits was measured" in words and "lowest perplexity" not in words
     small = answer["smallest_measured"]
     assert small["format"] == "float32" and small["size_ratio"] == pytest.approx(0.4, abs=0.01)
-    assert f"it needs {studio.format_gb(small['gb'])}" in words
+    assert f"it needs {texts.format_gb(small['gb'])}" in words
     # the size named is the slider's value (rounded down to 3 decimals), never rounded up past it
-    shown = studio.slider_ratio(answer["best"]["size_ratio"])
-    assert f"size {shown:.3f} in {answer['best']['dtype']}" in words
+    shown = texts.slider_ratio(answer["best"]["size_ratio"])
+    assert f"size {shown:.3f} in {answer['best']['format']}" in words
     assert shown <= answer["best"]["size_ratio"]
 
 
 def test_one_gb_format_everywhere():
-    from acip_core.serving import studio
+    from acip_core.serving import texts
     from acip_core.system.units import format_gb, gb_up
 
     assert format_gb(0.38301) == "0.384 GB" and gb_up(0.38301) == 0.384
     assert format_gb(0.384) == "0.384 GB" and gb_up(0.384) == 0.384
     assert format_gb(0.38399, left=True) == "0.383 GB" and format_gb(0.384, left=True) == "0.384 GB"
-    assert studio.slider_ratio(0.18999) == 0.189 and studio.slider_ratio(0.19) == 0.19
+    assert texts.slider_ratio(0.18999) == 0.189 and texts.slider_ratio(0.19) == 0.19

@@ -330,7 +330,7 @@ def test_the_app_lists_and_opens_an_imported_artifact(imported, tmp_path, monkey
     shutil.copytree(folder, shelf / "acip-opt-tiny")
     assert find_artifacts(precomputed=shelf) == [("acip-opt-tiny (precomputed)", str(shelf / "acip-opt-tiny"))]
     explorer = Explorer.open(shelf / "acip-opt-tiny")
-    from acip_core.serving.studio import describe_text
+    from acip_core.serving.texts import describe_text
 
     line = describe_text(explorer.describe())  # the app's status line: where it came from, no "None steps"
     assert "imported from the official ACIP checkpoint" in line and "None" not in line

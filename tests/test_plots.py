@@ -34,10 +34,11 @@ def test_clipped_baselines_are_said_and_the_title_has_room():
 
 def test_measured_points_carry_their_spread():
     measured = pd.DataFrame([dict(kind="perplexity", size_ratio=0.7, params=80, data="corpus:heldout",
-                                  windows=8, dtype="float32", perplexity=50.0, ppl_low=45.0, ppl_high=56.0)])
+                                  windows=8, format="int8", perplexity=50.0, ppl_low=45.0, ppl_high=56.0)])
     fig = plots.curve_figure(_curve(), measured=measured)
     (point,) = [t for t in fig.data if t.name.startswith("measured")]
     assert list(point.error_y.array) == [6.0] and list(point.error_y.arrayminus) == [5.0]
+    assert point.customdata[0][2] == "int8"  # the hover names the format it was measured in
 
 
 def test_curve_analytics():

@@ -308,7 +308,7 @@ def test_the_largest_allowed_history_costs_a_few_templatings_and_fits_with_the_t
 def test_closing_a_chat_stream_stops_its_generation(explorer, monkeypatch):
     """Gradio closes a streaming handler's generator when its client goes away: the generation
     thread must stop then, not run to max_new_tokens."""
-    from acip_core.serving import explorer as engine
+    from acip_core.serving import chat as engine
 
     started = []
     real = engine.Generation

@@ -1,11 +1,11 @@
-"""What the app says (acip_core/serving/studio.py): no spread from one window, replies without visible text,
+"""What the app says (acip_core/serving/texts.py): no spread from one window, replies without visible text,
 lm-eval counts, ETAs."""
 
-from acip_core.serving import studio as text
+from acip_core.serving import texts as text
 
 
 def _row(windows, low, high):
-    return dict(perplexity=40.0, ppl_low=low, ppl_high=high, size_ratio=0.7, dtype="float32",
+    return dict(perplexity=40.0, ppl_low=low, ppl_high=high, size_ratio=0.7, format="float32",
                 data="corpus:heldout", windows=windows, seq_len=128, seconds=1.0, tokens_per_s=100.0)
 
 

@@ -168,7 +168,7 @@ def curve_figure(curve: pd.DataFrame | None, x: str = "size_ratio", format: str 
                 marker=dict(color=COLORS["measured"] if i == 0 else _PALETTE[i % len(_PALETTE)], size=11,
                             symbol="circle-open", line=dict(width=3)),
                 error_y=_error_bars(rows),
-                customdata=np.stack([rows.size_ratio, rows.windows, rows.dtype], axis=-1),
+                customdata=np.stack([rows.size_ratio, rows.windows, rows["format"]], axis=-1),
                 hovertemplate="measured at %{customdata[0]:.3f} (%{customdata[2]})<br>"
                               "perplexity %{y:.4g}<br>%{customdata[1]} windows<extra></extra>"))
     _tuned_markers(fig, tuned or [], x, metric)

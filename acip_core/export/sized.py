@@ -49,7 +49,7 @@ EXPORT_KEY = "acip_export"  # format 1 kept this block in config.json (still rec
 # loaded and saved again (save_pretrained) does not carry a description that no longer holds
 INFO_FILE = "acip_export.json"
 EXPORT_FORMAT = 2  # 2: factorized layers store up_t [r, out] (1 stored up [out, r])
-# the app's chat settings (explorer.py uses them), written to generation_config.json so that a plain
+# the app's chat settings (serving/chat.py uses them), written to generation_config.json so that a plain
 # generate() on the export decodes as the app does
 GENERATION = dict(do_sample=False, repetition_penalty=REPETITION_PENALTY)
 PAPER = ("Genzel et al., 2025, *Choose Your Model Size: Any Compression of Large Language Models Without "
