@@ -130,11 +130,11 @@ def load_artifact(folder: str | Path) -> Artifact:
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ArtifactError(f"{meta_path} is not valid JSON ({err})") from None
     check_version(raw, str(meta_path), FORMAT_VERSION)
-    meta = ArtifactMeta.from_json(raw, str(meta_path), stored=True)
-    files = meta.files
+    files = raw.get("files")  # checked first: what is read from the folder is named here
     if not isinstance(files, dict):
         raise ArtifactError(f"{meta_path}: 'files' must map file names to sha256 digests, "
                             f"got {type(files).__name__}")
+    meta = ArtifactMeta.from_json(raw, str(meta_path), stored=True)
     blobs = {}
     for name, digest in files.items():
         # plain names of files inside the folder: a path ('../../etc/passwd') is never read
