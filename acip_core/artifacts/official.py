@@ -27,7 +27,11 @@ from pathlib import Path
 import torch
 
 from acip_core.artifacts.artifact import Artifact, save_artifact
+from acip_core.artifacts.open import target_fingerprint
 from acip_core.engine.basis import Factors, basis_check, basis_for, default_recipe
+from acip_core.engine.parametrize import target_linears
+from acip_core.sources.models import hub_offline, hub_reachable, load_base
+from acip_core.system.version import versions
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +109,6 @@ def locate(source: str) -> Path:
         raise OfficialCheckpointError(f"{source!r} is neither a folder nor a hub id like "
                                       f"'{HUB_PREFIX}llama31_8b'")
     from huggingface_hub import snapshot_download
-
-    from acip_core.sources.models import hub_offline, hub_reachable
 
     patterns = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json"]
     try:  # a snapshot already in the local cache works offline
@@ -296,11 +298,6 @@ def convert(ckpt: OfficialCheckpoint, on_progress=None) -> Artifact:
     from lora_A/lora_B, the plain-SVD basis (their stored factors seeded into the basis cache, or an
     SVD of the base for the compact storage), their targets and the official size rule.
     on_progress(stage, done, total) reports the layers read."""
-    from acip_core.sources.models import load_base
-    from acip_core.engine.parametrize import target_linears
-    from acip_core.artifacts.open import target_fingerprint
-    from acip_core.system.version import versions
-
     start = time.perf_counter()
     log.info("loading the base model %s", ckpt.base)
     model, tokenizer = load_base(ckpt.base)

@@ -9,7 +9,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from acip_core.evaluation.curve import eval_set_label, interp_log, ppl_columns  # noqa: F401  (ppl_columns: re-exported)
+from acip_core.evaluation.curve import curve_frame, eval_set_label, interp_log, pareto_frontier, ppl_columns  # noqa: F401  (ppl_columns: re-exported)
 from acip_core.formats.registry import parse_format
 
 COLORS = {"acip": "#4f46e5", "original": "#6b7280", "measured": "#f97316", "current": "#dc2626",
@@ -74,8 +74,6 @@ def curve_figure(curve: pd.DataFrame | None, x: str = "size_ratio", format: str 
         tuned: tuned sizes (Explorer.tuned_sizes: size_ratio, gb, format, objective, steps, perplexity
             per eval set, untuned and tuned), drawn as their own markers beside the untuned line.
     """
-    from acip_core.evaluation.curve import curve_frame, pareto_frontier
-
     curve = curve_frame(curve)
     metric = metric or (ppl_columns(curve)[0] if ppl_columns(curve) else None)
     xlabel = "size ratio (kept fraction of the target layers)" if x == "size_ratio" \

@@ -30,13 +30,28 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from acip_core.system.version import __version__
-from acip_core.export.sized import (CARD_FILE, CONFIG_FILE, EMBEDDED_HUB_ID, INFO_FILE, LICENSES, PAPER, TEMPLATE,
-                     WEIGHTS_FILE, _check_target, _portable_config, _write_folder, public_name,
-                     write_generation_and_tokenizer)
-from acip_core.formats.registry import Format, parse_format
 from acip_core.engine.materialize import AnySizeModel
+from acip_core.evaluation.curve import acip_rows, best_for_budget, comparable_acip, interpolate_ppl
+from acip_core.export.sized import (
+    CARD_FILE,
+    CONFIG_FILE,
+    EMBEDDED_HUB_ID,
+    INFO_FILE,
+    LICENSES,
+    PAPER,
+    TEMPLATE,
+    WEIGHTS_FILE,
+    _check_target,
+    _portable_config,
+    _write_folder,
+    public_name,
+    write_generation_and_tokenizer,
+)
+from acip_core.export.template.modeling_acip_anysize import buffer_name
+from acip_core.formats.registry import Format, parse_format
+from acip_core.sources.models import EMBEDDED
 from acip_core.system.units import format_gb
+from acip_core.system.version import __version__
 
 ANYSIZE_TEMPLATE = TEMPLATE.parent / "modeling_acip_anysize.py"
 ANYSIZE_MODULE = "modeling_acip_anysize.py"
@@ -98,8 +113,6 @@ def _empty_int4(rows: int, cols: int, group: int):
 
 def _tensors(any_size: AnySizeModel, plan: dict, formats: list[Format], dtype: str, int8_codes: str) -> dict:
     """Every tensor of the folder, by the names the remote code gives them."""
-    from acip_core.export.template.modeling_acip_anysize import buffer_name
-
     cast = DTYPES[dtype]
     base = any_size.base
     targets = set(any_size.targets)
@@ -159,8 +172,6 @@ def _tensors(any_size: AnySizeModel, plan: dict, formats: list[Format], dtype: s
 
 def curve_rows(curve) -> list:
     """The curve's ACIP rows as config.json carries them (format, size_ratio, windows, ppl_*; NaN: None)."""
-    from acip_core.evaluation.curve import acip_rows
-
     acip = acip_rows(curve)
     if acip is None:
         return []
@@ -263,9 +274,6 @@ def folder_bytes(folder: str | Path) -> dict:
 # -- the model card --------------------------------------------------------------------------------
 def model_card(any_size: AnySizeModel, info: dict, formats: list[Format], curve, card: dict, png: bool) -> str:
     """README.md: download once, choose later — how to choose, the sizes, the budgets, the provenance."""
-    from acip_core.evaluation.curve import best_for_budget, comparable_acip, interpolate_ppl
-    from acip_core.sources.models import EMBEDDED
-
     meta = any_size.meta
     source = str(meta and meta.model.source or public_name(any_size))
     hub_id = EMBEDDED_HUB_ID if source == EMBEDDED else public_name(any_size) if "/" in public_name(any_size) else None

@@ -31,14 +31,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from acip_core.system.version import __version__
 from acip_core.artifacts.artifact import atomic_file
 from acip_core.engine.layers import LowRankLinear
-from acip_core.evaluation.evaluate import REPETITION_PENALTY
-from acip_core.formats.registry import parse_format
 from acip_core.engine.materialize import AnySizeModel, Size
-from acip_core.system.units import format_gb
 from acip_core.engine.parametrize import transposed_names
+from acip_core.evaluation.curve import curve_at, eval_set_label
+from acip_core.evaluation.evaluate import REPETITION_PENALTY
+from acip_core.formats.qweight import QuantEmbedding, QuantLinear, QuantLowRankLinear
+from acip_core.formats.registry import parse_format
+from acip_core.sources.models import EMBEDDED
+from acip_core.system.units import format_gb
+from acip_core.system.version import __version__
 
 TEMPLATE = Path(__file__).parent / "template" / "modeling_acip.py"
 MODULE_FILE, WEIGHTS_FILE, CONFIG_FILE, CARD_FILE = ("modeling_acip.py", "model.safetensors",
@@ -199,8 +202,6 @@ def _state_dict(model: torch.nn.Module, dtype: torch.dtype, dense: bool, transpo
 
 def _quantized_state_dict(model: torch.nn.Module, format):
     """(tensors, {fqn: rank} of the factorized layers, the config's acip_quant) of a quantized size."""
-    from acip_core.formats.qweight import QuantEmbedding, QuantLinear, QuantLowRankLinear
-
     tensors, ranks, dense, skip = {}, {}, [], set()
     emb = model.get_input_embeddings()
     for name, m in model.named_modules():
@@ -284,8 +285,6 @@ def _portable_tokenizer_config(path: Path) -> None:
 
 def public_name(any_size) -> str:
     """The base model's public name: its hub id (the embedded model's too), else its folder's name."""
-    from acip_core.sources.models import EMBEDDED
-
     source = str(any_size.meta and any_size.meta.model.source
                  or getattr(any_size.base.config, "_name_or_path", "") or "")
     if source == EMBEDDED:
@@ -303,8 +302,6 @@ def saved_params(folder: str | Path) -> int:
 def card_from_curve(curve, size_ratio: float, format: str | None = None) -> dict:
     """Model card quality from an artifact's curve (curve.csv): the first eval set's perplexity at
     this size in this format (interpolated between measured sizes) and the original's; {} outside."""
-    from acip_core.evaluation.curve import curve_at, eval_set_label
-
     at = curve_at(curve, size_ratio, format=format)
     if at["value"] is None:
         return {}
@@ -382,8 +379,6 @@ def zip_folder(folder: str | Path, zip_path: str | Path, base_dir: str | Path | 
 # -- the model card --------------------------------------------------------------------------------
 def model_card(any_size: AnySizeModel, size: Size, info: dict, card: dict) -> str:
     """README.md: what this size is, how to load it, and how it was made."""
-    from acip_core.sources.models import EMBEDDED
-
     meta = any_size.meta
     fingerprint = meta and meta.model.fingerprint
     source = str(meta and meta.model.source or card.get("base_model")

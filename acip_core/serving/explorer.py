@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from acip_core.artifacts.open import open_folder
+from acip_core.artifacts.tuned import tuned_label, tuned_sizes
 from acip_core.engine.materialize import AnySizeModel, Size
 from acip_core.evaluation.curve import rank_for_budget, rule_text, smallest_measured
 from acip_core.serving.chat import ChatMixin
@@ -60,9 +62,6 @@ class Explorer(ChatMixin, MeasureMixin, ExportMixin):
         """Loads an artifact folder (base model, cached or rebuilt basis) into an Explorer; a tuned
         size's folder (tuned.py) too: every size can be materialized with its tuned LoRA, but it was
         trained and measured at its own size only; the curve shown is its parent's."""
-        from acip_core.artifacts.open import open_folder
-        from acip_core.artifacts.tuned import tuned_label
-
         opened = open_folder(folder, on_progress)
         if opened.tuned is None:
             return cls(opened.any_size, opened.artifact.curve, Path(folder).name, folder, cache_size)
@@ -202,8 +201,6 @@ class Explorer(ChatMixin, MeasureMixin, ExportMixin):
 
     def tuned_sizes(self, extra=()) -> list[dict]:
         """The tuned sizes of this artifact (or of a tuned size's parent): tuned.tuned_sizes."""
-        from acip_core.artifacts.tuned import tuned_sizes
-
         if self.parent_folder is None or not (Path(self.parent_folder) / "acip.json").is_file():
             return []
         found = tuned_sizes(self.parent_folder, extra)

@@ -9,6 +9,8 @@ from pathlib import Path
 import pandas as pd
 
 from acip_core.engine.materialize import Size
+from acip_core.export import sized as exporter
+from acip_core.export.sized import card_from_curve
 from acip_core.serving.checks import check_format
 
 
@@ -19,8 +21,6 @@ class ExportMixin:
     def export(self, ratio, out: str | Path, dense: bool = False, format: str = "float32",
                zip_path: str | Path | None = None, measured=()) -> dict:
         """Writes the size to `out` (low-rank with remote code, or dense in the base architecture)."""
-        from acip_core.export import sized as exporter  # lazy: written alongside
-
         format = check_format(format)
         size = self.any_size.size_at(self.size(ratio).prefix, format)
         out = Path(out)
@@ -41,8 +41,6 @@ class ExportMixin:
         """What the model card states (export.model_card keys): the latest perplexity measured at
         this size in this session (rows from measure_perplexity), and the original's on the same
         text when measured too; else what the artifact's curve says at this size."""
-        from acip_core.export.sized import card_from_curve
-
         meta = self.any_size.meta
         card = dict(base_model=meta.model.source if meta else None, artifact=self.name)
         ppl = pd.DataFrame([r for r in measured if r.get("kind") == "perplexity"

@@ -12,8 +12,8 @@ import json
 import logging
 import os
 import re
-import signal
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -22,8 +22,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from acip_core.artifacts.tuned import is_tuned
+from acip_core.formats.registry import parse_format
 from acip_core.serving import public
 from acip_core.sources.data import DEFAULT_DATA
+from acip_core.sources.models import ModelSourceError
+from acip_core.training.finetune import FinetuneConfig
+from acip_core.training.plan import check_fits, plan_for_config
 from acip_core.training.score import ScoreConfig
 
 log = logging.getLogger(__name__)
@@ -90,7 +95,6 @@ def read_log(folder: Path) -> pd.DataFrame:
 
 class ScoringJobs:
     """Starts, lists, cancels and resumes scoring runs under `root` (one folder per run)."""
-
     LIST_TTL_S = 1.0  # list() answers from one scan for this long: every poll of every session shares it
 
     def __init__(self, root: str | Path = "runs", max_running: int | None = None, python: str = sys.executable):
@@ -158,9 +162,6 @@ class ScoringJobs:
         """Refuses (plan.PlanRefused, with needed and available GiB) a run whose memory plan does not fit
         what is free now; a model whose config cannot be read is refused too (the run could only fail).
         A config the plan cannot build on the meta device is let through with a warning."""
-        from acip_core.sources.models import ModelSourceError
-        from acip_core.training.plan import check_fits, plan_for_config
-
         try:
             plan = plan_for_config(model, cfg, basis)
         except ModelSourceError as err:
@@ -175,10 +176,6 @@ class ScoringJobs:
         """Launches `finetune` of one size of `artifact` (a tuned size lands in the run's folder);
         `options` are further FinetuneConfig fields. The same status/cancel/resume/owner rules and
         public-mode bounds as scoring runs; a refused start leaves no folder."""
-        from acip_core.training.finetune import FinetuneConfig
-        from acip_core.formats.registry import parse_format
-        from acip_core.artifacts.tuned import is_tuned
-
         lim = public.limits()
         folder = self.folder(name)
         if folder.exists() and any(folder.iterdir()):

@@ -13,6 +13,7 @@ import torch
 from acip_core.engine.materialize import Size
 from acip_core.evaluation.curve import curve_at, spread
 from acip_core.evaluation.evaluate import perplexity
+from acip_core.evaluation.lmeval import run_lm_eval
 from acip_core.serving.checks import check_format, check_int
 from acip_core.serving.gate import GATE
 from acip_core.serving.public import check_data, limits
@@ -72,8 +73,6 @@ class MeasureMixin:
     def measure_lm_eval(self, ratio, tasks, limit=None, batch_size: int = 8, format: str = "float32",
                         should_stop=None, on_progress=None) -> dict:
         """lm-eval tasks on one size (acip_core.evaluation.lmeval); adds a results row with every metric."""
-        from acip_core.evaluation.lmeval import run_lm_eval  # lazy: lm-eval is a heavy import
-
         if isinstance(tasks, str):
             tasks = [t.strip() for t in tasks.split(",")]
         tasks = [t for t in (tasks or []) if t]

@@ -14,7 +14,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from acip_core.artifacts.tuned import tuned_label
+from acip_core.artifacts.artifact import problem
+from acip_core.artifacts.tuned import tuned_label, tuned_sizes
 from acip_core.serving.explorer import Explorer
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,6 @@ def find_artifacts(folders=(), precomputed: str | Path | None = None, runs: list
     if precomputed is not None and Path(precomputed).is_dir():
         found += sorted(p for p in Path(precomputed).iterdir() if p.is_dir())
     found += [Path(p) for p in runs]
-    from acip_core.artifacts.artifact import problem
 
     runs_root = Path(runs_root).resolve() if runs_root is not None else None
     first = str(found[0]) if found else None
@@ -50,8 +50,6 @@ def find_artifacts(folders=(), precomputed: str | Path | None = None, runs: list
 
 
 def _tuned_choices(parent: Path, extra, seen: set) -> list[tuple[str, str]]:
-    from acip_core.artifacts.tuned import tuned_sizes
-
     try:
         found = tuned_sizes(parent, extra)
     except Exception:  # a parent that cannot be read lists no tuned sizes (it is refused on opening)

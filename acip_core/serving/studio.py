@@ -19,10 +19,19 @@ from pathlib import Path
 
 import pandas as pd
 
+from acip_core.artifacts.official import import_official
+from acip_core.artifacts.tuned import is_tuned, load_tuned
+from acip_core.export.anysize import FORMATS, export_anysize
+from acip_core.export.push import check_push, push_folder
+from acip_core.export.sized import zip_folder
 from acip_core.serving import public
 from acip_core.serving.explorer import Explorer
 from acip_core.serving.jobs import ScoringJobs
 from acip_core.serving.registry import Registry, find_artifacts
+from acip_core.sources.models import EMBEDDED, cache_dir, hub_offline, hub_reachable, pick_device
+from acip_core.training.finetune import check_tunable
+from acip_core.training.plan import plan_scoring
+from acip_core.training.score import CHECKPOINT_STATE
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_NAME = "smollm2-135m-instruct"
@@ -159,8 +168,6 @@ class Studio:
     @staticmethod
     def tuned_target(folder: str) -> float | None:
         """The size a tuned size's artifact was tuned at (its target), or None for an untuned artifact."""
-        from acip_core.artifacts.tuned import is_tuned, load_tuned
-
         if not is_tuned(folder):
             return None
         return load_tuned(folder).meta.target
@@ -168,8 +175,6 @@ class Studio:
     def clean_at_start(self) -> None:
         """Removes what killed processes left in the downloads, the model cache, the runs and
         precomputed (public.clean_at_start)."""
-        from acip_core.sources.models import cache_dir
-
         public.clean_at_start(exports=self.config.downloads / "exports",
                               roots=[cache_dir(), self.jobs.root, self.config.precomputed])
 
@@ -202,8 +207,6 @@ class Studio:
         with nothing to tune is refused now, by fine-tuning's own rule (training/finetune.py
         `check_tunable`), not by a run that fails a second later; a tuned size's artifact is refused
         by start_finetune itself."""
-        from acip_core.training.finetune import check_tunable
-
         ex = self.explorer(folder)
         if not ex.tuned:
             check_tunable(ex.any_size, ex.size(ratio), format)
@@ -222,21 +225,15 @@ class Studio:
     @staticmethod
     def any_size_formats(stored: str) -> list[str]:
         """The formats an any-size folder of `stored` weights (float32 or bfloat16) offers."""
-        from acip_core.export.anysize import FORMATS
-
         return list(FORMATS[stored])
 
     @staticmethod
     def export_any_size(ex: Explorer, out: Path, stored: str) -> Path:
         """The explorer's artifact as one any-size folder (export/anysize.py) with its curve."""
-        from acip_core.export.anysize import export_anysize
-
         return export_anysize(ex.any_size, out, stored, curve=ex.curve, card=dict(artifact=ex.name))
 
     @staticmethod
     def zip_folder(folder: Path, zip_path: Path) -> Path:
-        from acip_core.export.sized import zip_folder
-
         return zip_folder(folder, zip_path)
 
     def push(self, folder: str, ratio, dense: bool | None, format: str, repo_id: str, token, private: bool,
@@ -246,8 +243,6 @@ class Studio:
         network are checked before any work, the artifact's load included (export/push.py). Returns the
         repository's URL."""
         import tempfile
-
-        from acip_core.export.push import check_push, push_folder
 
         repo_id = str(repo_id or "").strip()
         token = check_push(repo_id, token)
@@ -270,8 +265,6 @@ class Studio:
         only: artifacts/official.py); the artifact list then shows it. Returns the name."""
         import re
 
-        from acip_core.artifacts.official import import_official
-
         if public.is_public():
             raise ValueError("importing official ACIP models is available locally only")
         source, name = str(source or "").strip(), str(name or "").strip()
@@ -288,8 +281,6 @@ class Studio:
     def plan_run(model: str, batch_size: int, seq_len: int):
         """The memory plan of a scoring run of `model` (training/plan.py: from the config alone, no
         weights read) on this host's device."""
-        from acip_core.training.plan import plan_scoring
-
         return plan_scoring(model, batch_size, seq_len, device=Studio.device_name(), probe=False)
 
     @staticmethod
@@ -304,8 +295,6 @@ class Studio:
     @staticmethod
     def device_name() -> str:
         """Where scoring runs here: "cuda" or "cpu"."""
-        from acip_core.sources.models import pick_device
-
         return pick_device().type
 
 
@@ -347,8 +336,6 @@ def prune(root: Path, max_bytes: int, max_age_s: float, grace_s: float = DOWNLOA
 def check_model_source(source: str, reachable=None) -> None:
     """Refuses at once a hub id that can only fail: not in the local cache while the hub is
     unreachable (huggingface_hub would retry for about a minute first). ValueError says why."""
-    from acip_core.sources.models import EMBEDDED
-
     source = (source or "").strip()
     if source == EMBEDDED or Path(source).expanduser().exists() or source.count("/") != 1:
         return  # embedded, a local folder, or something models.load_base refuses at once itself
@@ -356,7 +343,6 @@ def check_model_source(source: str, reachable=None) -> None:
 
     if isinstance(try_to_load_from_cache(source, "config.json"), str):
         return
-    from acip_core.sources.models import hub_offline, hub_reachable
 
     reachable = reachable or hub_reachable
     offline = hub_offline()
@@ -369,8 +355,6 @@ def check_model_source(source: str, reachable=None) -> None:
 def checkpoint_step(run_folder: Path) -> int | None:
     """The step a scoring run's last checkpoint holds (what --resume continues after), or None."""
     import json
-
-    from acip_core.training.score import CHECKPOINT_STATE
 
     try:
         return int(json.loads((Path(run_folder) / CHECKPOINT_STATE).read_text())["step"])

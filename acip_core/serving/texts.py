@@ -13,7 +13,9 @@ import pandas as pd
 
 from acip_core.evaluation.curve import eval_set_label
 from acip_core.serving import public
+from acip_core.serving.public import md_escape
 from acip_core.system.units import format_gb, gb_up  # noqa: F401  (gb_up: the app's budget box)
+from acip_core.training.plan import GiB
 
 # the "What am I looking at?" panel (its README references are section titles)
 HELP = """
@@ -55,8 +57,6 @@ FINETUNE_HELP = (
 
 def describe_text(info: dict) -> str:
     """The status line of a loaded artifact (Explorer.describe())."""
-    from acip_core.serving.public import md_escape  # an artifact's fields may come from a visitor's run: shown as text
-
     info = {k: md_escape(str(v)) if isinstance(v, str) else v for k, v in info.items()}
     how = (f"imported from the official ACIP checkpoint {info['imported_from']} (their sizes: their size rule)"
            if info.get("imported_from") else
@@ -293,8 +293,6 @@ def runs_frame(runs: list[dict]) -> pd.DataFrame:
 
 def plan_text(source: str, plan) -> str:
     """The Score tab's memory plan of a model and settings (Studio.plan_run), as Markdown."""
-    from acip_core.training.plan import GiB
-
     lines = [f"**Memory plan** of {public.md_escape(source)} at batch {plan.settings['batch_size']} × "
              f"{plan.settings['seq_len']} tokens ({plan.settings['precision_used']}, on {plan.settings['device']}; "
              "an estimate from the config, no weights read):"]

@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from acip_core.engine.parametrize import replace_modules_
+
 log = logging.getLogger(__name__)
 
 
@@ -97,8 +99,6 @@ class DistContext:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         from torch.distributed.fsdp import ShardingStrategy
 
-        from acip_core.engine.parametrize import replace_modules_
-
         for layer in layers.values():
             for name in ("weight", "U", "Vh"):
                 layer.register_parameter(name, nn.Parameter(layer._buffers.pop(name), requires_grad=False))
@@ -137,7 +137,6 @@ class DistContext:
 
     def reducer_of(self, params: list):
         """Averages the gradients of `params` over the ranks (scoring: masks + LoRA; fine-tuning: LoRA)."""
-
         def reduce_grads():
             live = [p for p in params if p.grad is not None]
             flat = torch.cat([p.grad.reshape(-1) for p in live])

@@ -21,16 +21,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from acip_core.sources.data import BatchStream, load_text, token_windows
+from acip_core.artifacts.open import any_size_from, open_folder
+from acip_core.artifacts.tuned import TUNED_FILE, TunedSize, load_tuned, parent_checksum, parent_reference, save_tuned
+from acip_core.engine.layers import LowRankLinear
+from acip_core.engine.materialize import AnySizeModel, Size, _clone_tree, _quantized_embeddings
 from acip_core.evaluation.evaluate import perplexity
 from acip_core.formats.qweight import QuantLinear, QuantLowRankLinear, zero_rows
 from acip_core.formats.registry import Format, parse_format
-from acip_core.engine.layers import LowRankLinear
-from acip_core.engine.materialize import AnySizeModel, Size, _clone_tree, _quantized_embeddings
+from acip_core.sources.data import BatchStream, load_text, token_windows
+from acip_core.training.pipeline import RunLock
 from acip_core.training.score import autocast_dtype
-from acip_core.training.train import (OBJECTIVES, StepHook, objective, peak_rss_mib, release_memory, remove_checkpoint,
-                    steps_memory, train_loop)
-from acip_core.artifacts.tuned import TUNED_FILE, TunedSize, load_tuned, parent_checksum, parent_reference, save_tuned
+from acip_core.training.train import (
+    OBJECTIVES,
+    StepHook,
+    objective,
+    peak_rss_mib,
+    release_memory,
+    remove_checkpoint,
+    steps_memory,
+    train_loop,
+)
 
 log = logging.getLogger(__name__)
 EVAL_SETS = {"heldout": "corpus:heldout", "domain": "corpus:domain"}
@@ -208,9 +218,6 @@ def run_finetune(artifact_folder: str | Path, size_ratio: float, data: str, out:
     (name -> source; default heldout and domain) are measured untuned and tuned into tuned.json;
     fine-tuning on one of them is refused, since its figures would then not be held out.
     """
-    from acip_core.artifacts.open import any_size_from, open_folder
-    from acip_core.training.pipeline import RunLock  # (pipeline imports this module lazily)
-
     cfg = cfg or FinetuneConfig()
     out = Path(out)
     eval_sets = EVAL_SETS if eval_sets is None else eval_sets

@@ -15,14 +15,21 @@ import torch
 from acip_core.artifacts.artifact import Artifact, load_artifact, save_artifact
 from acip_core.artifacts.open import any_size_from, artifact_linears, calibration_for, open_artifact, target_fingerprint  # noqa: F401 (open_artifact: the package's verb)
 from acip_core.engine.basis import Factors, basis_check, basis_for, default_recipe, meta_basis
+from acip_core.engine.materialize import AnySizeModel, _clone_tree
+from acip_core.engine.parametrize import (
+    acip_layers,
+    parametrize_,
+    replace_modules_,
+    target_linears,
+    target_names,
+    train_only_masks_and_lora_,
+    weight_share,
+)
 from acip_core.evaluation.curve import acip_curve
-from acip_core.sources.data import BatchStream, load_text, token_windows
 from acip_core.formats.registry import parse_format
-from acip_core.engine.materialize import AnySizeModel
+from acip_core.sources.data import BatchStream, load_text, token_windows
 from acip_core.sources.models import load_base, pick_device
 from acip_core.system.version import versions
-from acip_core.engine.parametrize import (acip_layers, parametrize_, replace_modules_, target_linears, target_names,
-                          train_only_masks_and_lora_, weight_share)
 from acip_core.training.score import ScoreConfig, autocast_dtype, remove_checkpoint, score_loop
 from acip_core.training.train import release_memory, steps_memory
 
@@ -213,7 +220,5 @@ def run_scoring(model_source: str, data: str, out: str | Path, basis_kind: str =
 def original_model(model, originals: dict) -> torch.nn.Module:
     """The original model beside a parametrized one (the distillation teacher): a module tree over
     the same tensors with the original linears in place of the ACIPLinears; no weight is copied."""
-    from acip_core.engine.materialize import _clone_tree
-
     swap = {id(model.get_submodule(n)): m for n, m in originals.items()}
     return _clone_tree(model, swap).eval()

@@ -36,6 +36,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from acip_core.engine.basis import meta_basis
+from acip_core.engine.parametrize import parametrize_, target_linears, train_only_masks_and_lora_
+from acip_core.formats.registry import FAMILIES, Format, parse_format
+from acip_core.sources.models import (
+    _EMBEDDED_GGUF,
+    EMBEDDED,
+    ModelSourceError,
+    _embedded_folder,
+    cache_dir,
+    hub_offline,
+    hub_reachable,
+    pick_device,
+)
+from acip_core.training.score import autocast_dtype
+from acip_core.training.train import vocab_loss
+
 log = logging.getLogger(__name__)
 
 GiB = 2**30
@@ -143,8 +159,6 @@ def model_config(source: str):
     (from the local cache, else fetched with huggingface_hub; offline and not cached: ModelSourceError)."""
     from transformers import AutoConfig
 
-    from acip_core.sources.models import EMBEDDED, ModelSourceError, cache_dir, hub_offline, hub_reachable
-
     if not isinstance(source, str) or not source.strip():
         raise ModelSourceError(f"give a model: {EMBEDDED!r}, a local directory or a Hugging Face id")
     source = source.strip()
@@ -152,7 +166,6 @@ def model_config(source: str):
         converted = cache_dir() / "models" / EMBEDDED
         if (converted / "config.json").is_file():
             return AutoConfig.from_pretrained(converted)
-        from acip_core.sources.models import _EMBEDDED_GGUF, _embedded_folder
 
         import importlib.util
 
@@ -277,8 +290,6 @@ def trace_step(model: nn.Module, batch: int, seq_len: int, amp_dtype: torch.dtyp
     """Bytes a training step of the parametrized meta `model` holds for its backward, by one forward
     on the meta device with the saved tensors counted (each storage once; frozen parameters and
     buffers excluded: they are counted as weights). Returns dict(saved, logits)."""
-    from acip_core.training.train import vocab_loss
-
     frozen = {id(t) for t in list(model.parameters()) + list(model.buffers())}
     kept: dict[int, torch.Tensor] = {}
 
@@ -302,8 +313,6 @@ def trace_step(model: nn.Module, batch: int, seq_len: int, amp_dtype: torch.dtyp
 # -- the plan -------------------------------------------------------------------------------------
 def _amp(precision: str, device: str) -> torch.dtype | None:
     """score.autocast_dtype for a device named, not held (a plan for cuda made on a CPU machine)."""
-    from acip_core.training.score import autocast_dtype
-
     if device == "cuda" and precision != "fp32":
         return torch.bfloat16
     return autocast_dtype(precision, torch.device("cpu"))
@@ -316,10 +325,6 @@ def plan_scoring(model: str, batch_size: int = 2, seq_len: int = 256, base_forma
     result in the explorer), from the model's config alone. `fsdp` > 1: per process of a sharded
     run over that many processes (`--fsdp`), each with batch_size / fsdp rows. `config`: a
     transformers config to use instead of reading `model`'s."""
-    from acip_core.engine.basis import meta_basis
-    from acip_core.formats.registry import parse_format
-    from acip_core.engine.parametrize import parametrize_, target_linears, train_only_masks_and_lora_
-
     for name, v in (("batch_size", batch_size), ("seq_len", seq_len), ("fsdp", fsdp)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a whole number >= 1, got {v!r}")
@@ -452,8 +457,6 @@ def _serve_terms(add, net, linears, k_of, lora_rank, P, W) -> None:
     factors in score order with the LoRA rows in front (float32), and each format family it builds:
     bfloat16 copies the tree and the factors; an int format holds the tree in bf16, the dense weights
     and the factors packed."""
-    from acip_core.formats.registry import FAMILIES, Format
-
     rows = {n: k_of[n] + lora_rank for n in linears}
     factors32 = sum(4 * rows[n] * (m.in_features + m.out_features) for n, m in linears.items())
     add("serve: factors in score order (float32)", factors32, "ram", ("serve",), "LoRA rows merged in front")
@@ -577,8 +580,6 @@ def check_fits(plan: Plan) -> None:
 
 def plan_for_config(model: str, cfg, basis: str = "whitened", fsdp: int = 1, device: str | None = None) -> Plan:
     """The plan of a scoring run described by a score.ScoreConfig on this machine's device."""
-    from acip_core.sources.models import pick_device
-
     return plan_scoring(model, cfg.batch_size, cfg.seq_len, cfg.base_format, fsdp=fsdp,
                         device=device or pick_device().type, precision=cfg.precision, lora_rank=cfg.lora_rank,
                         basis=basis, probe=False)

@@ -16,11 +16,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from acip_core.training import train
 from acip_core.engine.layers import ACIPLinear
 from acip_core.engine.prune import LayerShape, size_ratio
-from acip_core.training.train import (CHECKPOINT_GLOB, CHECKPOINT_STATE, OBJECTIVES, StepHook, objective,  # noqa: F401
-                    remove_checkpoint, train_loop)
+from acip_core.formats.registry import FAMILIES, Format, parse_format
+from acip_core.training import train
+from acip_core.training.train import (  # noqa: F401
+    CHECKPOINT_GLOB,
+    CHECKPOINT_STATE,
+    OBJECTIVES,
+    StepHook,
+    objective,
+    remove_checkpoint,
+    train_loop,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +36,6 @@ log = logging.getLogger(__name__)
 @dataclass
 class ScoreConfig:
     """Hyperparameters of a scoring run (defaults: acip-method.md, adapted and measured for CPU)."""
-
     steps: int = 1400  # max ACIP steps; the run normally stops earlier, at stop_ratio
     batch_size: int = 2
     seq_len: int = 256
@@ -63,7 +70,6 @@ class ScoreConfig:
             raise ValueError(f"objective must be one of {OBJECTIVES}")
         if not 0.0 < self.temperature <= 100.0:
             raise ValueError("temperature must be in (0, 100]")
-        from acip_core.formats.registry import FAMILIES, Format, parse_format
 
         base = parse_format(self.base_format)  # raises on an unknown format
         if (not base.quantized and base != Format()) or base.embeddings != "native" or base.layout != "small":
