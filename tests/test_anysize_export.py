@@ -355,3 +355,31 @@ def test_the_apps_share_button_uploads_an_export_locally_only(tiny_artifact, tmp
     monkeypatch.setenv("ACIP_PUBLIC", "1")
     h.share(str(tiny_artifact), 0.6, kind, "float32", "someone/x", "hf_typed", True, **quiet)
     assert Recorder.calls == []  # no token, then public mode: refused before any work
+
+
+def test_an_official_size_rule_travels_with_the_folder_ties_included(tiny_llama, tmp_path):
+    """An imported official checkpoint keeps the official code's size rule in its any-size folder
+    (strictly above the target, scores tied at the threshold pruned together): with scores made of
+    four values, so ties are everywhere, the folder picks the app's prefix at every size, and at some
+    sizes that differs from ACIP Studio's own rule (so the rule is really the official one)."""
+    from acip_core.engine.materialize import AnySizeModel
+    from helpers import model_and_basis
+
+    model, tok, _, basis = model_and_basis(tiny_llama)
+    g = torch.Generator().manual_seed(3)
+    scores = {n: torch.randint(0, 4, (len(f.s),), generator=g).float() for n, f in basis.items()}
+    adapters = {}
+    for n, f in basis.items():
+        adapters[f"{n}.lora_A"] = 0.1 * torch.randn(4, f.Vh.shape[1], generator=g)
+        adapters[f"{n}.lora_B"] = 0.1 * torch.randn(f.U.shape[0], 4, generator=g)
+    official = AnySizeModel(model, tok, basis, scores, adapters, 4, 8.0, size_rule="official")
+    studio = AnySizeModel(model, tok, basis, scores, adapters, 4, 8.0)
+    out = export_anysize(official, tmp_path / "any", "float32")
+    net = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True, local_files_only=True).eval()
+    targets = [i / 40 for i in range(1, 40)]
+    assert [net.prefix_for_ratio(t) for t in targets] == [official.index.prefix_for_ratio(t) for t in targets]
+    assert any(official.index.prefix_for_ratio(t) != studio.index.prefix_for_ratio(t) for t in targets)
+    ids = random_ids(official.base.config.vocab_size)
+    net.set_size(0.5, "float32")
+    with torch.no_grad():
+        assert torch.equal(net(ids).logits, official.materialize(official.size_for_ratio(0.5))(ids).logits)

@@ -251,6 +251,28 @@ with torch.no_grad():
     assert (torch.tensor(fresh["logits"]) - logits).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_an_imported_checkpoint_exported_any_size_gives_the_official_logits_at_every_size(imported, fam, tmp_path):
+    """Download once, choose later, for an official checkpoint too: the any-size folder of an imported
+    one, loaded with plain from_pretrained, gives the official code's logits at each recorded size
+    (their size rule travels with it) and the app's exactly."""
+    from transformers import AutoModelForCausalLM
+
+    from acip_core.artifacts.artifact import load_artifact
+    from acip_core.export.anysize import export_anysize
+
+    folder, model = imported[fam, "full"]
+    out = export_anysize(model, tmp_path / "any", "float32", curve=load_artifact(folder).curve)
+    net = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True, local_files_only=True).eval()
+    expected, logits = _expected(fam)
+    ids = torch.tensor(expected["input_ids"])
+    for key in expected["ratios"]:
+        net.set_size(float(key), "float32")
+        got = _logits(net, ids)
+        assert (got - logits[f"logits_{key}"]).abs().max() <= TOLERANCE["full"], key
+        assert torch.equal(got, _logits(model.materialize(model.size_for_ratio(float(key))), ids)), key
+
+
 def test_offline_hub_id_is_refused_at_once(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))

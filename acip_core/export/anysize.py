@@ -158,6 +158,8 @@ def _tensors(any_size: AnySizeModel, plan: dict, formats: list[Format], dtype: s
     index = any_size.index
     tensors["acip_index.layer_of"] = index.layer_of.to(torch.int32)
     tensors["acip_index.paper_cum"] = index.paper_cum.to(torch.int64)
+    if any_size.size_rule == "official":  # its threshold needs the scores (ties are pruned together)
+        tensors["acip_index.descending"] = index._descending.to(torch.float32)
     for f in formats:
         tensors[f"acip_index.bytes_{buffer_name(f.key)}"] = index.bytes_cum(f, any_size.other_bytes(f)).to(torch.int64)
     out, storages = {}, set()
@@ -223,6 +225,7 @@ def export_anysize(any_size: AnySizeModel, out_dir: str | Path, dtype: str = "fl
     rows = curve_rows(curve) if curve is not None else []
     spec = dict(version=ANYSIZE_FORMAT, dtype=dtype, lora_rank=any_size.lora_rank,
                 entries=len(any_size.index.layer_of), dense_total=any_size.index.dense_total,
+                size_rule=any_size.size_rule,
                 layer_names=list(any_size.targets), layers=plan,
                 formats={f.key: dict(kind=f.name, step=f.rank_step, group_size=f.group_size,
                                      codes=int8_codes if f.name == "int8" else None,

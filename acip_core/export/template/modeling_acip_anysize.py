@@ -227,6 +227,8 @@ class AnySizeMixin:
         n = int(spec["entries"])
         self.acip_index.register_buffer("layer_of", torch.zeros(n, dtype=torch.int32))
         self.acip_index.register_buffer("paper_cum", torch.zeros(n + 1, dtype=torch.int64))
+        if spec.get("size_rule") == "official":  # the scores in the global order: the official threshold
+            self.acip_index.register_buffer("descending", torch.zeros(n, dtype=torch.float32))
         for key in spec["formats"]:
             self.acip_index.register_buffer(f"bytes_{buffer_name(key)}", torch.zeros(n + 1, dtype=torch.int64))
         for name in spec["layer_names"]:  # the order of acip_index.layer_of (config keys may be re-sorted)
@@ -254,12 +256,20 @@ class AnySizeMixin:
         return dict(formats[key], key=key)
 
     def prefix_for_ratio(self, size_ratio: float) -> int:
-        """Fewest score entries whose size ratio is >= size_ratio (ACIP Studio's RankIndex rule)."""
+        """Fewest score entries whose size ratio is >= size_ratio (ACIP Studio's RankIndex rule), or,
+        for an imported official checkpoint (size_rule "official"), the official code's rule: prune the
+        k lowest scores for the largest k >= 1 whose ratio stays strictly above size_ratio, scores tied
+        at the threshold pruned together."""
         size_ratio = float(size_ratio)
         if not 0.0 <= size_ratio <= 1.0:
             raise ValueError(f"size_ratio must be within [0, 1], got {size_ratio}")
         if size_ratio == 1.0:
             return int(self.config.acip_anysize["entries"])
+        if self.config.acip_anysize.get("size_rule") == "official":
+            ascending = self.acip_index.descending.flip(0)
+            kept = len(ascending) - torch.searchsorted(ascending, ascending, right=True)  # for k = 1..n
+            above = (self.acip_index.paper_cum[kept].double() / self.config.acip_anysize["dense_total"]) > size_ratio
+            return int(kept[max(int(above.sum()), 1) - 1])
         need = torch.tensor([size_ratio * self.config.acip_anysize["dense_total"] - 1e-6], dtype=torch.float64)
         return int(torch.searchsorted(self.acip_index.paper_cum.double(), need, side="left"))
 
