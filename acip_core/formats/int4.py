@@ -16,7 +16,7 @@ from acip_core.formats.family import Family
 from acip_core.formats.qweight import QWeight, zero_rows
 
 INT4_GROUP_SIZES = (32, 64, 128)
-DEFAULT_GROUP_SIZE = 32  # chosen by measurement (benchmarks/RESULTS.md, "Formats")
+DEFAULT_GROUP_SIZE = 32  # chosen by measurement (benchmarks/RESULTS.md, "Precision as a second axis: the formats")
 _INT4_CPU = torch.ops.aten._weight_int4pack_mm_for_cpu  # torch's CPU kernel (looked up once)
 
 
