@@ -30,7 +30,8 @@ from acip_core.artifacts.artifact import Artifact, save_artifact
 from acip_core.artifacts.open import target_fingerprint
 from acip_core.engine.basis import Factors, basis_check, basis_for, default_recipe
 from acip_core.engine.parametrize import target_linears
-from acip_core.sources.models import hub_offline, hub_reachable, load_base
+from acip_core.sources import models  # models.hub_reachable looked up at call time (tests stand in for the hub)
+from acip_core.sources.models import load_base
 from acip_core.system.version import versions
 
 log = logging.getLogger(__name__)
@@ -115,8 +116,8 @@ def locate(source: str) -> Path:
         return Path(snapshot_download(source, allow_patterns=patterns, local_files_only=True))
     except Exception:  # noqa: BLE001 - huggingface_hub raises several kinds for "not cached"
         pass
-    why = ("HF_HUB_OFFLINE is set" if hub_offline() else
-           None if hub_reachable() else "the Hugging Face hub cannot be reached (offline?)")
+    why = ("HF_HUB_OFFLINE is set" if models.hub_offline() else
+           None if models.hub_reachable() else "the Hugging Face hub cannot be reached (offline?)")
     if why:
         raise OfficialCheckpointError(
             f"{source!r} is not in the local Hugging Face cache and {why}. Download it once online "
