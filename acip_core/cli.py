@@ -221,7 +221,7 @@ def cmd_size_latency(args):
     """Median time of size_for_ratio + materialize for random ratios (in-process)."""
     import random
 
-    from acip_core.training.pipeline import open_artifact
+    from acip_core.artifacts.open import open_artifact
 
     model = open_artifact(args.artifact)
     rng, times = random.Random(0), []

@@ -63,7 +63,7 @@ def main():
         result[key] = time.perf_counter() - t
     result.update(llama7b_threshold_ms())
     if os.path.exists(os.path.join(args.artifact, "acip.json")):
-        from acip_core.training.pipeline import open_artifact
+        from acip_core.artifacts.open import open_artifact
 
         t = time.perf_counter()
         model = open_artifact(args.artifact)

@@ -66,7 +66,7 @@ def anysize_rows(fam: str, checkpoint: Path, folder: Path, model, expected: dict
 
 def measure(fixtures: Path, work: Path, any_size: bool = False) -> list[dict]:
     from acip_core.artifacts.official import import_official
-    from acip_core.training.pipeline import open_artifact
+    from acip_core.artifacts.open import open_artifact
 
     rows = []
     for fam in ("llama", "opt"):

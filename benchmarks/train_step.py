@@ -22,7 +22,7 @@ from acip_core.evaluation.bench import cpu_flags  # noqa: E402
 from acip_core.sources.data import BatchStream, load_text, token_windows  # noqa: E402
 from acip_core.training.finetune import tunable_model  # noqa: E402
 from acip_core.sources.models import load_base  # noqa: E402
-from acip_core.training.pipeline import any_size_from  # noqa: E402
+from acip_core.artifacts.open import any_size_from  # noqa: E402
 from acip_core.training.score import autocast_dtype  # noqa: E402
 
 

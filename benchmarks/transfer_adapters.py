@@ -24,7 +24,7 @@ from acip_core.evaluation.curve import acip_curve  # noqa: E402
 from acip_core.sources.data import load_text, token_windows  # noqa: E402
 from acip_core.training.finetune import EVAL_SETS  # noqa: E402
 from acip_core.sources.models import load_base  # noqa: E402
-from acip_core.training.pipeline import any_size_from  # noqa: E402
+from acip_core.artifacts.open import any_size_from  # noqa: E402
 
 
 def main() -> None:

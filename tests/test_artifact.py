@@ -7,7 +7,7 @@ import torch
 
 from acip_core import ArtifactError, load_artifact, save_artifact
 from acip_core.sources.models import load_base
-from acip_core.training.pipeline import any_size_from, open_artifact
+from acip_core.artifacts.open import any_size_from, open_artifact
 
 
 @pytest.fixture

@@ -271,7 +271,7 @@ def test_the_gb_view_shows_the_frontier_and_a_budget_fits_an_int4_size(browser, 
     from acip_core.artifacts.artifact import load_artifact, write_curve
     from acip_core.evaluation.baselines import method_curve
     from acip_core.sources.data import load_text, token_windows
-    from acip_core.training.pipeline import open_artifact
+    from acip_core.artifacts.open import open_artifact
     from acip_core.serving.studio import StudioConfig
 
     from helpers import score_tiny

@@ -149,7 +149,7 @@ def _run_family(family, folder, out, tokenizer, text):
     from acip_core.evaluation.evaluate import generate_text
     from acip_core.export.sized import export_dense, export_lowrank
     from acip_core.engine.materialize import count_bytes, count_params
-    from acip_core.training.pipeline import open_artifact
+    from acip_core.artifacts.open import open_artifact
 
     cfg = ScoreConfig(steps=3, batch_size=2, seq_len=32, lr=2e-3, post_tune_steps=0, checkpoint_every=100,
                       precision="fp32", lora_rank=4)
@@ -304,7 +304,7 @@ def test_discovery_on_smollm2_picks_the_shipped_artifacts_layers():
 
     from acip_core.artifacts.artifact import load_artifact
     from acip_core.sources.models import EMBEDDED
-    from acip_core.training.pipeline import artifact_linears
+    from acip_core.artifacts.open import artifact_linears
 
     model, _ = load_base(EMBEDDED)
     artifact = load_artifact(Path(__file__).parent.parent / "precomputed" / "smollm2-135m-instruct")

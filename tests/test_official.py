@@ -59,7 +59,7 @@ def families(tmp_path_factory):
 def imported(families, tmp_path_factory):
     """(family, storage) -> (artifact folder, AnySizeModel), each import with its own basis cache, so
     the compact one really computes an SVD and the full one really uses the stored factors."""
-    from acip_core.training.pipeline import open_artifact
+    from acip_core.artifacts.open import open_artifact
 
     out, previous = {}, os.environ.get("ACIP_STUDIO_CACHE")
     try:
@@ -426,7 +426,7 @@ def test_an_unknown_size_rule_is_refused_and_ours_stays_the_default(imported, tm
     meta.pop("size_rule")  # an artifact of ours: no rule recorded, ours applies
     (folder / "acip.json").write_text(json.dumps(meta))
     assert load_artifact(folder).size_rule == "acip-studio"
-    from acip_core.training.pipeline import open_artifact
+    from acip_core.artifacts.open import open_artifact
 
     ours = open_artifact(folder)  # the same scores under our rule: size 1.0 is the original, dense
     assert ours.size_rule == "acip-studio" and ours.original_size() == ours.full_size()

@@ -1,4 +1,4 @@
-"""Glue from sources to artifacts and back: run_scoring() and open_artifact()."""
+"""Glue from sources to an artifact: run_scoring() (an artifact is opened again by artifacts/open.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from acip_core.artifacts.artifact import Artifact, load_artifact, save_artifact
-from acip_core.artifacts.open import any_size_from, artifact_linears, calibration_for, open_artifact, target_fingerprint  # noqa: F401 (open_artifact: the package's verb)
+from acip_core.artifacts.open import target_fingerprint
 from acip_core.engine.basis import Factors, basis_check, basis_for, default_recipe, meta_basis
 from acip_core.engine.materialize import AnySizeModel, _clone_tree
 from acip_core.engine.parametrize import (
