@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load, save
 
-from acip_core.artifacts.meta import FORMAT_VERSION, ArtifactError, ArtifactMeta, check_version
+from acip_core.artifacts.meta import FORMAT_VERSION, ArtifactError, ArtifactMeta, check_version, read_json
 from acip_core.engine.prune import SIZE_RULES, LayerShape
 
 __all__ = ["FORMAT_VERSION", "ArtifactError", "ArtifactMeta", "Artifact", "save_artifact", "load_artifact",
@@ -123,12 +123,7 @@ def load_artifact(folder: str | Path) -> Artifact:
     if not folder.is_dir():
         raise ArtifactError(f"artifact folder {folder} does not exist")
     meta_path = folder / META_FILE
-    if not meta_path.is_file():
-        raise ArtifactError(f"{meta_path} is missing: not an ACIP artifact (or a run that never finished)")
-    try:
-        raw = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ArtifactError(f"{meta_path} is not valid JSON ({err})") from None
+    raw = read_json(meta_path, "an ACIP artifact (or a run that never finished)")
     check_version(raw, str(meta_path), FORMAT_VERSION)
     files = raw.get("files")  # checked first: what is read from the folder is named here
     if not isinstance(files, dict):

@@ -8,7 +8,9 @@ raises ArtifactError naming the key and the file.
 
 from __future__ import annotations
 
+import json
 from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
 from typing import Any, Mapping
 
 from acip_core.engine.prune import DEFAULT_SIZE_RULE, LayerShape
@@ -21,6 +23,17 @@ class ArtifactError(ValueError):
 
 
 _MISSING = object()
+
+
+def read_json(path: Path, what: str, error: type[Exception] = ArtifactError) -> Any:
+    """The JSON of a folder's metadata file; `error` names the file when it is missing ("not `what`")
+    or is not JSON (acip.json, tuned.json, an official checkpoint's config.json)."""
+    if not path.is_file():
+        raise error(f"{path} is missing: not {what}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise error(f"{path} is not valid JSON ({err})") from None
 
 
 def _get(raw: Mapping, key: str, where: str, path: str = "", kind=None, default=_MISSING):

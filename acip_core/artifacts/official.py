@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from acip_core.artifacts.artifact import Artifact, save_artifact
+from acip_core.artifacts.meta import read_json
 from acip_core.artifacts.open import target_fingerprint
 from acip_core.engine.basis import Factors, basis_check, basis_for, default_recipe
 from acip_core.engine.parametrize import target_linears
@@ -139,12 +140,7 @@ def read_checkpoint(source: str, base: str | None = None) -> OfficialCheckpoint:
     """
     folder = locate(source)
     config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise OfficialCheckpointError(f"{config_path} is missing: not an official ACIP checkpoint")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise OfficialCheckpointError(f"{config_path} is not valid JSON ({err})") from None
+    config = read_json(config_path, "an official ACIP checkpoint", OfficialCheckpointError)
     if not isinstance(config, dict) or config.get("model_type") != "acip_model":
         got = config.get("model_type") if isinstance(config, dict) else type(config).__name__
         raise OfficialCheckpointError(f"{config_path}: model_type is {got!r}, not 'acip_model': "

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load, save
 
 from acip_core.artifacts.artifact import ADAPTERS_FILE, Artifact, ArtifactError, _sha, atomic_write_bytes, load_artifact
-from acip_core.artifacts.meta import ArtifactMeta, TunedMeta, check_version
+from acip_core.artifacts.meta import ArtifactMeta, TunedMeta, check_version, read_json
 from acip_core.formats.registry import parse_format
 
 TUNED_FILE = "tuned.json"
@@ -97,12 +97,7 @@ def load_tuned(folder: str | Path) -> TunedSize:
     """Reads and validates a tuned size's own files (the parent is checked by check_parent)."""
     folder = Path(folder)
     path = folder / TUNED_FILE
-    if not path.is_file():
-        raise ArtifactError(f"{path} is missing: not a tuned size")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ArtifactError(f"{path} is not valid JSON ({err})") from None
+    raw = read_json(path, "a tuned size")
     check_version(raw, str(path), TUNED_FORMAT)
     meta = TunedMeta.from_json(raw, str(path))
     digest = meta.files.get(ADAPTERS_FILE)
