@@ -138,22 +138,15 @@ class Int4Codes:
         return _INT4_MM(x2.contiguous(), layer._packed, layer.group, layer.scales)
 
 
-class Float8Codes:
-    """float8 (e4m3) codes [out, in], a float32 scale per row: w = q · scale. The codes cast to the
-    activations' dtype (exact), the product in it, the scale applied after (as ACIP Studio on a CPU)."""
-
-    @staticmethod
-    def rows(out_features: int) -> int:
-        return out_features
+class Float8Codes(Int8Codes):
+    """float8 (e4m3) codes [out, in], a float32 scale per row: w = q · scale (int8's rows and
+    dequantization). The codes cast to the activations' dtype (exact), the product in it, the scale
+    applied after (as ACIP Studio on a CPU)."""
 
     @staticmethod
     def buffers(layer, rows: int, dtype) -> dict:
         return {"qweight": torch.zeros(rows, layer.in_features, dtype=torch.float8_e4m3fn),
                 "scales": torch.zeros(rows, dtype=torch.float32)}
-
-    @staticmethod
-    def dequantize(layer) -> torch.Tensor:
-        return layer.qweight.float() * layer.scales.float()[:, None]
 
     @staticmethod
     def cpu_product(layer, x2: torch.Tensor) -> torch.Tensor:
