@@ -29,7 +29,7 @@ from acip_core.evaluation.evaluate import perplexity
 from acip_core.formats.qweight import QuantLinear, QuantLowRankLinear, zero_rows
 from acip_core.formats.registry import Format, parse_format
 from acip_core.sources.data import BatchStream, load_text, token_windows
-from acip_core.training.pipeline import RunLock
+from acip_core.training.pipeline import RunLock, finished_run
 from acip_core.training.score import autocast_dtype
 from acip_core.training.train import (
     OBJECTIVES,
@@ -225,11 +225,9 @@ def run_finetune(artifact_folder: str | Path, size_ratio: float, data: str, out:
         raise ValueError(f"{data} is an evaluation set; fine-tune on other text (e.g. corpus:broad)")
     if not 0.0 < float(size_ratio) < 1.0:
         raise ValueError(f"size_ratio must be in (0, 1), got {size_ratio}")
-    if resume and (out / TUNED_FILE).exists() and not (out / "checkpoint.json").exists():
-        return load_tuned(out)  # that run had finished
     writer = dist is None or dist.rank == 0
-    if writer and not resume and (out / TUNED_FILE).exists():
-        raise FileExistsError(f"{out} already holds a tuned size; pick another --out (or --resume)")
+    if finished_run(out, TUNED_FILE, "a tuned size", resume, writer):
+        return load_tuned(out)
     lock = RunLock(out) if writer else None
     if lock:
         lock.__enter__()

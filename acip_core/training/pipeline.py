@@ -79,6 +79,17 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def finished_run(out: Path, result_file: str, holds: str, resume: bool, writer: bool) -> bool:
+    """Whether `out` holds a run that had finished (its result file, no checkpoint left), to return as
+    it is on --resume; a new run into a folder holding one is refused (FileExistsError). Scoring and
+    fine-tuning share it."""
+    if resume and (out / result_file).exists() and not (out / "checkpoint.json").exists():
+        return True
+    if writer and not resume and (out / result_file).exists():
+        raise FileExistsError(f"{out} already holds {holds}; pick another --out (or --resume)")
+    return False
+
+
 def run_scoring(model_source: str, data: str, out: str | Path, basis_kind: str = "whitened",
                 cfg: ScoreConfig | None = None, resume: bool = False, on_step=None, should_stop=None,
                 eval_data: str | None = "corpus:heldout", eval_windows: int = 8, curve_sizes=None,
@@ -98,10 +109,8 @@ def run_scoring(model_source: str, data: str, out: str | Path, basis_kind: str =
     if base_format.quantized and dist is not None and dist.fsdp:
         raise ValueError("--base-format quantizes the frozen factors whole on every process; it does not run "
                          "under --fsdp (which shards them instead)")
-    if resume and (out / "acip.json").exists() and not (out / "checkpoint.json").exists():
-        return load_artifact(out)  # that run had finished
-    if writer and not resume and (out / "acip.json").exists():
-        raise FileExistsError(f"{out} already holds an artifact; pick another --out (or --resume)")
+    if finished_run(out, "acip.json", "an artifact", resume, writer):
+        return load_artifact(out)
     lock = RunLock(out) if writer else None
     if lock:
         lock.__enter__()
