@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from acip_core.engine.attention import use_decode_attention
 from acip_core.engine.basis import Factors
 from acip_core.formats.int4 import int4_balance
 from acip_core.formats.qweight import QuantEmbedding, QuantLinear, QuantLowRankLinear, weight_nbytes, zero_rows
@@ -76,6 +77,7 @@ class AnySizeModel:
                  calibration=None, size_rule: str = DEFAULT_SIZE_RULE):
         # calibration: () -> {layer: input Gram}, for int4's error-compensating quantizer (None: RTN)
         self.calibration = calibration
+        use_decode_attention(base)  # before the formats' copies of it: they keep it
         self.base, self.tokenizer = base.eval(), tokenizer
         self.meta = meta  # the artifact's ArtifactMeta (artifacts.meta) when opened from one, else None
         self.targets = list(basis)

@@ -78,6 +78,13 @@ class Int4Weight(QWeight, kind="int4"):
     def _cpu_product(self, x2: torch.Tensor) -> torch.Tensor:
         return _INT4_CPU(x2.contiguous(), self.data, self.group_size, self.scales)
 
+    def cpu_kernel(self):
+        out, k = self.shape
+        if self.data.is_cuda or not out or not k or self.data.shape[0] != out:
+            return None
+        op, data, group, scales = _INT4_CPU.default, self.data, self.group_size, self.scales
+        return lambda x2: op(x2, data, group, scales)
+
     def _cuda_product(self, x2: torch.Tensor) -> torch.Tensor:
         """torch's CUDA int4 kernel where it runs (_pack_int4 chose its layout), else the dequantized
         reference."""

@@ -46,6 +46,13 @@ class Int8Weight(QWeight, kind="int8"):
         # traffic of dequantizing first)
         return bf16_linear(x2, self.data.to(x2.dtype)) * self.scales
 
+    def cpu_kernel(self):
+        out, k = self.shape
+        if self.data.is_cuda or not out or not k or k % _INT8_INPUT_MULTIPLE:
+            return None
+        op, data, scales = _INT8_CPU.default, self.data, self.scales
+        return lambda x2: op(x2, data, scales)
+
     def _cuda_product(self, x2: torch.Tensor) -> torch.Tensor:
         """The codes cast to the activations' dtype, the scale applied to the product (gpt-fast's int8
         form; no float copy of W is kept)."""

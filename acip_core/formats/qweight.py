@@ -104,6 +104,14 @@ class QWeight:
             y = y[:, :out]
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out)
 
+    def cpu_kernel(self):
+        """`x2 -> y` for a contiguous 2-D CPU input that wants no gradient: the CPU kernel with this
+        weight's tensors bound, or None where that is not one plain call (padded rows, a fallback
+        product, the weight on a GPU). A decode step makes ~400 products of one row each; the modules
+        below call this once per layer and skip `matmul`'s checks on every token (benchmarks/RESULTS.md,
+        "The formats' decode speed on an AVX2 CPU")."""
+        return None
+
     # -- what each family's subclass owns ---------------------------------------------------------
     def _cpu_product(self, x2: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -175,9 +183,14 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.qweight, self.bias = weight, bias  # plain attributes: frozen, shared, never trained
         self.out_features, self.in_features = weight.shape
+        self._kernel = weight.cpu_kernel()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.qweight.matmul(x)
+        if self._kernel is not None and x.is_cpu and not x.requires_grad:  # inference: one plain call
+            y = self._kernel(x.reshape(-1, self.in_features).contiguous())
+            y = y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+        else:
+            y = self.qweight.matmul(x)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
@@ -192,6 +205,8 @@ class QuantLowRankLinear(nn.Module):
         # plain attributes, set past Module.__setattr__ (200 layers a new size: ~8 ms through it);
         # frozen and shared like QuantLinear's (a bias here is the family's tensor, never a Parameter)
         self.__dict__.update(down=down, up=up, bias=bias, in_features=down.shape[1], out_features=up.shape[0])
+        down_kernel, up_kernel = down.cpu_kernel(), up.cpu_kernel()
+        self.__dict__["_kernels"] = None if down_kernel is None or up_kernel is None else (down_kernel, up_kernel)
 
     @property
     def rank(self) -> int:
@@ -199,7 +214,10 @@ class QuantLowRankLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # flattened once for both products
-        y = self.up.matmul(self.down.matmul(x2))
+        if self._kernels is not None and x2.is_cpu and not x2.requires_grad:  # inference: two plain calls
+            y = self._kernels[1](self._kernels[0](x2.contiguous()))
+        else:
+            y = self.up.matmul(self.down.matmul(x2))
         y = y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
         return y if self.bias is None else y + self.bias
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .modeling_acip import (Bf16Linear, LowRankLinear, QuantLinear, QuantLowRankLinear, base_classes, derived_config,
-                            own_dtype)
+                            own_dtype, use_decode_attention)
 
 CONFIG_PREFIX, MODEL_PREFIX, MODEL_TYPE_PREFIX = "ACIPAnySizeConfig__", "ACIPAnySizeForCausalLM__", "acip_anysize_"
 FLOATS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -421,6 +421,7 @@ def classes_for(base_model_type: str):
 
         def from_pretrained(cls, *args, size_ratio=None, format=None, budget_gb=None, **kwargs):
             model = base_model.from_pretrained.__func__(cls, *args, **own_dtype(kwargs))
+            use_decode_attention(model)  # the app's decode attention (modeling_acip.decode_sdpa)
             default = model.config.acip_anysize.get("default", {})
             if budget_gb is not None:
                 model.set_size(budget_gb=budget_gb, format=format)
