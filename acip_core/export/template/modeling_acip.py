@@ -322,7 +322,7 @@ def _quantize_(model: nn.Module, quant: dict, dtype: torch.dtype, swap) -> None:
 _CLASSES: dict = {}
 
 
-# -- attention for one new token: ACIP Studio's (its acip_core/engine/attention.py), so that an export
+# -- attention for one new token: the same function as ACIP Studio's own, so that an export
 # decodes with the app's numbers. With no mask, transformers' SDPA passes enable_gqa=True, which on the
 # CPU in bf16 is a slow path (61 against 24 µs a layer with 64 cached tokens, 212 against 49 with 300);
 # the query heads folded onto their key/value heads (transformers' pack_gqa) take the flash kernel.
