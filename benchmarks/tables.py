@@ -160,6 +160,17 @@ def llamacpp_speed() -> list[str]:
     return out
 
 
+# ---- a decode step's own overheads, off and on (benchmarks/decode_overhead.py) ----
+
+def decode_overhead() -> list[str]:
+    out = _head("format", "model", "prompt tokens", "decode tok/s: transformers' SDPA, QWeight.matmul",
+                "decode attention, bound kernels", "×")
+    for r in figures("decode_overhead")["rows"]:
+        out.append(_row(r["format"], r["size"], r["prompt_tokens"], f"{r['decode_tok_s_before']:.1f}",
+                        f"{r['decode_tok_s_after']:.1f}", f"{r['speedup']:.2f}"))
+    return out
+
+
 # ---- formats: decode speed (benchmarks/format_speed.py) ----
 
 def _format_speed(name: str, *, new_size=False, originals=False) -> list[str]:
@@ -196,6 +207,7 @@ TABLES = {
     "load_test": load_test,
     "concurrency": concurrency,
     "llamacpp_speed": llamacpp_speed,
+    "decode_overhead": decode_overhead,
     "format_speed": lambda: _format_speed("format_speed"),
     "format_speed_avx512": lambda: _format_speed("format_speed_avx512", new_size=True),
     "format_speed_avx512_int8": lambda: _format_speed("format_speed_avx512_int8", new_size=True, originals=True),
