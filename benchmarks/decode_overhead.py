@@ -1,7 +1,8 @@
 """The per-token overheads of a decode step that are ours to cut, switched off and on in one process:
 the decode attention (engine/attention.py: folded grouped heads for one bf16 CPU query, against
-transformers' enable_gqa path) and the bound kernel calls of the int layers (QWeight.cpu_kernel,
-against QWeight.matmul's checks). Each row alternates the two settings on the same model.
+transformers' enable_gqa path), the bound kernel calls of the int layers (QWeight.cpu_kernel, against
+QWeight.matmul's checks) and the bf16 low-rank layers' decode products through torch.mv
+(formats/kernels.bf16_linear, against F.linear). Each row alternates the two settings on the same model.
 
     .venv/bin/python benchmarks/decode_overhead.py [--formats float32,bfloat16,int8,int4-g32]
         [--size-ratio 0.5] [--prompts 64,256] [--new-tokens 64] [--rounds 3] [--json]
@@ -14,14 +15,28 @@ import torch
 
 import common  # noqa: E402  (the repository on sys.path, the shared options)
 
+import torch.nn.functional as F  # noqa: E402
+
 from acip_core.artifacts.open import open_artifact  # noqa: E402
+from acip_core.engine import layers  # noqa: E402
 from acip_core.engine.attention import NAME  # noqa: E402
 from acip_core.evaluation.bench import speed  # noqa: E402
 
 
+BF16_LINEAR = layers.bf16_linear
+
+
+def plain_bf16_linear(x, weight, bias=None):
+    """bf16_linear as it was: F.linear for few rows whatever the weight's layout."""
+    if x.numel() < 16 * x.shape[-1]:
+        return F.linear(x, weight, bias)
+    return BF16_LINEAR(x, weight, bias)
+
+
 def switch(model, on: bool, saved: dict) -> None:
-    """Both overheads cut (on) or as transformers' SDPA and QWeight.matmul run them (off)."""
+    """The overheads cut (on) or as transformers' SDPA, QWeight.matmul and F.linear run them (off)."""
     model.config._attn_implementation = NAME if on else "sdpa"
+    layers.bf16_linear = BF16_LINEAR if on else plain_bf16_linear
     for m in model.modules():
         for attr in ("_kernel", "_kernels"):
             if attr in m.__dict__:

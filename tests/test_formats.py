@@ -524,3 +524,32 @@ def test_room_for_the_original_gets_it_unless_a_smaller_size_is_better_beyond_no
     # the app's answer is the same ranking (one implementation)
     ranking = rank_for_budget(model, _noisy_curve(0.024), huge, None, ["float32", "bfloat16"])
     assert (ranking["best"]["format"], ranking["best"]["size_ratio"]) == ("float32", 1.0)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_bf16_decode_against_a_transposed_weight_goes_through_mv_with_the_same_bits(monkeypatch, rows):
+    """A low-rank layer's `up_t.t()` (a transposed view) times few bf16 rows: row by row through
+    torch.mv where the CPU has no bf16 instructions (torch's general bf16 product is ~10x slower there),
+    bit for bit F.linear's result; a bias keeps F.linear (its own rounding of the sum)."""
+    from acip_core.engine import layers
+    from acip_core.formats import kernels
+
+    monkeypatch.setattr(kernels, "_fast_bf16", lambda: False)
+    g = torch.Generator().manual_seed(rows)
+    down = torch.randn(96, 64, generator=g).to(torch.bfloat16)
+    up_t = torch.randn(128, 300, generator=g).to(torch.bfloat16)[:96]  # a rank prefix of the stored rows
+    bias = torch.randn(300, generator=g).to(torch.bfloat16)
+    x = torch.randn(1, rows, 64, generator=g).to(torch.bfloat16)
+    h = torch.nn.functional.linear(x, down)
+    mv_calls = []
+    real_mv = torch.mv
+    monkeypatch.setattr(kernels.torch, "mv", lambda *a: mv_calls.append(1) or real_mv(*a))
+    with torch.no_grad():
+        assert torch.equal(kernels.bf16_linear(h, up_t.t()), torch.nn.functional.linear(h, up_t.t()))
+        assert len(mv_calls) == rows
+        assert torch.equal(layers.LowRankLinear(down, up_t)(x), torch.nn.functional.linear(h, up_t.t()))
+        mv_calls.clear()
+        with_bias = kernels.bf16_linear(h, up_t.t(), bias)
+        assert torch.equal(with_bias, torch.nn.functional.linear(h, up_t.t(), bias)) and not mv_calls
+        square = torch.randn(300, 96, generator=g).to(torch.bfloat16)  # a contiguous weight: F.linear
+        assert torch.equal(kernels.bf16_linear(h, square), torch.nn.functional.linear(h, square)) and not mv_calls

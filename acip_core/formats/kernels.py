@@ -15,9 +15,21 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     against 21 ms in float32: benchmarks/RESULTS.md, "The LM head"), so the product runs in float32
     over chunks of CHUNK_ROWS weight rows and is rounded to bf16 once: a bf16 GEMM with float32
     accumulation, the arithmetic of bf16 GEMMs on CPUs and GPUs that have them. Few rows (decode) keep
-    the bf16 product, where converting the weight costs more than it saves."""
-    if x.dtype is not torch.bfloat16 or x.numel() < FLOAT32_ROWS * x.shape[-1] or not x.is_cpu or _fast_bf16():
+    the bf16 product, where converting the weight costs more than it saves; against a transposed weight
+    (a low-rank layer's `up_t.t()`) they go row by row through torch.mv: torch's bf16 product of a row
+    by a transposed matrix is a slow general path there (a 1 x 256 by 256 x 1536 product 617 µs, 55.7 µs
+    through mv, the same bits), the per-token cost that made bf16 sizes decode slower than the bf16
+    original (benchmarks/RESULTS.md, "The formats' decode speed on an AVX2 CPU")."""
+    if x.dtype is not torch.bfloat16 or not x.is_cpu or _fast_bf16():
         return F.linear(x, weight, bias)
+    if x.numel() < FLOAT32_ROWS * x.shape[-1]:
+        if (bias is not None or weight.dim() != 2 or weight.stride(0) != 1 or not weight.t().is_contiguous()
+                or not x.numel()):  # a bias: F.linear's own rounding of the sum, which mv + bias does not give
+            return F.linear(x, weight, bias)
+        rows = x.reshape(-1, x.shape[-1])
+        y = torch.stack([torch.mv(weight, row) for row in rows]) if len(rows) > 1 else torch.mv(weight, rows[0])[None]
+        y = y.reshape(*x.shape[:-1], weight.shape[0])
+        return y
     xf = x.float()
     out = x.new_empty(*x.shape[:-1], weight.shape[0])
     for i in range(0, weight.shape[0], CHUNK_ROWS):
