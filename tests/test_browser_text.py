@@ -150,3 +150,37 @@ def test_a_reply_with_markup_is_text_in_the_sweep_grid(app_url, browser, bait, m
         assert hits == [], f"the browser fetched {hits}"
     finally:
         page.close()
+
+
+def test_entities_typed_in_a_prompt_reach_the_model_as_typed(app_url, browser, monkeypatch):  # noqa: F811
+    """`&lt;` typed in a prompt is the four characters `&lt;` for the model, in the turn it is sent and
+    in the history of the next (the panes get escaped text, the model reads the inverse: `shown`, `said`)."""
+    import app_handlers
+
+    typed = "a &lt; b &amp; <c> &#60;"
+    read = []
+    real_said = app_handlers.said
+    monkeypatch.setattr(app_handlers, "said", lambda history: read.append(real_said(history)) or read[-1])
+    url, _ = app_url
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    page.get_by_text(re.compile(r"Ready\.")).wait_for(timeout=600_000)
+    try:
+        page.get_by_role("tab", name="Chat").click()
+        max_new = page.locator("#max-new input[type=number]")
+        max_new.fill("4")
+        max_new.press("Enter")
+        box = page.locator("#chat-input textarea")
+        speed = page.locator("#speed")
+        for message in (typed, "next"):
+            box.fill(message)
+            box.press("Enter")
+            deadline = time.time() + 300
+            time.sleep(0.5)
+            while time.time() < deadline and "done" not in speed.inner_text():
+                time.sleep(0.3)
+        page.locator("#chat-a").get_by_text(typed, exact=False).first.wait_for(timeout=30_000)  # shown as typed
+        user_turns = [m["content"] for m in read[-1] if m["role"] == "user"]
+        assert user_turns == [typed], read
+    finally:
+        page.close()
