@@ -212,6 +212,7 @@ TABLES = {
     "format_speed_avx512": lambda: _format_speed("format_speed_avx512", new_size=True),
     "format_speed_avx512_int8": lambda: _format_speed("format_speed_avx512_int8", new_size=True, originals=True),
     "format_speed_layouts": lambda: _format_speed("format_speed_layouts", originals=True),
+    "format_speed_fast": lambda: _format_speed("format_speed_fast", originals=True),
     "format_speed_bf16": lambda: _format_speed("format_speed_bf16", originals=True),
     "format_speed_layouts_07": lambda: _format_speed("format_speed_layouts_07", new_size=True, originals=True),
     "lmeval_sweep": lmeval_sweep,
