@@ -21,6 +21,7 @@ from acip_core.artifacts.open import open_artifact  # noqa: E402
 from acip_core.engine import layers  # noqa: E402
 from acip_core.engine.attention import NAME  # noqa: E402
 from acip_core.evaluation.bench import speed  # noqa: E402
+from acip_core.formats.kernels import FLOAT32_ROWS  # noqa: E402
 
 
 BF16_LINEAR = layers.bf16_linear
@@ -28,7 +29,7 @@ BF16_LINEAR = layers.bf16_linear
 
 def plain_bf16_linear(x, weight, bias=None):
     """bf16_linear as it was: F.linear for few rows whatever the weight's layout."""
-    if x.numel() < 16 * x.shape[-1]:
+    if x.numel() < FLOAT32_ROWS * x.shape[-1]:
         return F.linear(x, weight, bias)
     return BF16_LINEAR(x, weight, bias)
 

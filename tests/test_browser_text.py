@@ -34,6 +34,14 @@ def bait():
     server.shutdown()
 
 
+def _ready_page(chromium, url, width=1400):
+    """A new page on the app, once its model is loaded (the status says "Ready.")."""
+    page = chromium.new_page(viewport={"width": width, "height": 1000})
+    page.goto(url)
+    page.get_by_text(re.compile(r"Ready\.")).wait_for(timeout=600_000)
+    return page
+
+
 def _markup(base, what):
     return (f'<img src="{base}/{what}-img.png"> ![x]({base}/{what}-md.png) '
             f'<a href="{base}/{what}-a">link</a> **bold**')
@@ -42,9 +50,7 @@ def _markup(base, what):
 def test_visitor_strings_are_text_in_toasts_and_chat(app_url, browser, bait):  # noqa: F811
     url, name = app_url
     base, hits = bait
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(url)
-    page.get_by_text(re.compile(r"Ready\.")).wait_for(timeout=600_000)
+    page = _ready_page(browser, url)
     try:
         # sweep sizes: refused, and the refusal (a toast) echoes them
         page.get_by_role("tab", name="Sweep").click()
@@ -93,9 +99,7 @@ def test_nothing_is_cut_at_common_widths(app_url, browser, width):  # noqa: F811
     """Numbers and choices are whole at 1024 and 1400 px (a slider's maximum read "25" for 256, the
     B artifact and evaluation-set dropdowns were cut); screenshots of each tab for a look."""
     url, name = app_url
-    page = browser.new_page(viewport={"width": width, "height": 1000})
-    page.goto(url)
-    page.get_by_text(re.compile(r"Ready\.")).wait_for(timeout=600_000)
+    page = _ready_page(browser, url, width)
     page.locator("#curve .main-svg").first.wait_for(timeout=180_000)
     time.sleep(1)
     cut = """els => els.filter(e => e.offsetParent !== null && e.scrollWidth > e.clientWidth + 1)
@@ -132,9 +136,7 @@ def test_a_reply_with_markup_is_text_in_the_sweep_grid(app_url, browser, bait, m
             yield list(done)
 
     monkeypatch.setattr(Explorer, "sweep", markup_sweep)
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(url)
-    page.get_by_text(re.compile(r"Ready\.")).wait_for(timeout=600_000)
+    page = _ready_page(browser, url)
     try:
         page.get_by_role("tab", name="Sweep").click()
         page.locator("#sweep-sizes textarea, #sweep-sizes input").first.fill("1.0,0.5")
@@ -162,9 +164,7 @@ def test_entities_typed_in_a_prompt_reach_the_model_as_typed(app_url, browser, m
     real_said = app_handlers.said
     monkeypatch.setattr(app_handlers, "said", lambda history: read.append(real_said(history)) or read[-1])
     url, _ = app_url
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(url)
-    page.get_by_text(re.compile(r"Ready\.")).wait_for(timeout=600_000)
+    page = _ready_page(browser, url)
     try:
         page.get_by_role("tab", name="Chat").click()
         max_new = page.locator("#max-new input[type=number]")

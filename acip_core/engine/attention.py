@@ -5,8 +5,9 @@ With no mask (batch-1 decoding) transformers' SDPA passes `enable_gqa=True`, whi
 takes a slow path: 61 µs a call with 64 cached tokens and 212 µs with 300 (SmolLM2's 9 query and 3
 key/value heads, 2 threads, AVX2), ×30 layers a token. Folding the query heads of each group into the
 query-length axis (transformers' `pack_gqa`, the form it uses when a mask is present) gives the same
-attention with the flash kernel: 24 and 49 µs, bit for bit the same output in bf16 (tested). float32
-keeps transformers' path, which is the faster one there (14 against 27 µs). Measured in
+attention with the flash kernel: 24 and 49 µs. The kernel blocks the work differently, so outputs can
+differ in the last bf16 bit, with the same error against a float64 reference (tested; greedy tokens
+equal). float32 keeps transformers' path, which is the faster one there (14 against 27 µs). Measured in
 benchmarks/RESULTS.md, "The formats' decode speed on an AVX2 CPU".
 """
 

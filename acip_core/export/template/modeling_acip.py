@@ -262,8 +262,7 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
             return F.linear(x, weight, bias)
         rows = x.reshape(-1, x.shape[-1])
         y = torch.stack([torch.mv(weight, row) for row in rows]) if len(rows) > 1 else torch.mv(weight, rows[0])[None]
-        y = y.reshape(*x.shape[:-1], weight.shape[0])
-        return y
+        return y.reshape(*x.shape[:-1], weight.shape[0])
     xf = x.float()
     out = x.new_empty(*x.shape[:-1], weight.shape[0])
     for i in range(0, weight.shape[0], 1024):
