@@ -306,8 +306,8 @@ def cmd_export(args):
 
     if args.any_size:
         return _export_any_size(args)
-    if args.dtype is not None or args.curve_png is not None:
-        raise ValueError("--dtype and --curve-png belong to --any-size (one size takes --format)")
+    if args.dtype is not None or args.curve_png is not None or args.formats is not None:
+        raise ValueError("--dtype, --formats and --curve-png belong to --any-size (one size takes --format)")
     model, size = _open_method_size(args)
     export = export_dense if args.dense else export_lowrank
     curve = _curve_of(args.artifact)
@@ -335,8 +335,11 @@ def _export_any_size(args):
     if is_tuned(args.artifact):
         raise ValueError("a tuned size is one size: export it without --any-size")
     opened = open_folder(args.artifact)
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()] if args.formats is not None else None
+    if formats == []:
+        raise ValueError("--formats: name at least one format key")
     out = export_anysize(opened.any_size, args.out, args.dtype or "float32", curve=opened.artifact.curve,
-                         card=dict(artifact=Path(args.artifact).name), curve_png=args.curve_png)
+                         card=dict(artifact=Path(args.artifact).name), curve_png=args.curve_png, formats=formats)
     on_disk = folder_bytes(out)
     info = json.loads((out / "acip_export.json").read_text())
     result = dict(out=str(out), kind="anysize", dtype=info["dtype"], formats=info["formats"],
@@ -603,6 +606,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "format=) or model.set_size(...) after loading")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="--any-size: the stored weights (bfloat16: half the bytes, no float32 sizes)")
+    p.add_argument("--formats", default=None,
+                   help="--any-size: comma list of the format keys it holds (default: each of float32, bfloat16, "
+                        "int8, float8, int4-g32 the weights allow, but float8 in a bfloat16 folder only when "
+                        "named: there it stores its codes)")
     p.add_argument("--curve-png", default=None, help="--any-size: a plot of the curve for the model card")
     _format_args(p)
     p = sub.add_parser("push", help="upload an export folder to the Hugging Face hub")

@@ -25,7 +25,7 @@ def kinds(path: Path, layers: list) -> dict:
         for key in f.keys():
             sl = f.get_slice(key)
             shape, dtype = sl.get_shape(), sl.get_dtype()
-            size = {"F32": 4, "BF16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1}[dtype]
+            size = {"F32": 4, "BF16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "F8_E4M3": 1}[dtype]
             n = size
             for d in shape:
                 n *= d
@@ -33,7 +33,7 @@ def kinds(path: Path, layers: list) -> dict:
                 kind = "index"
             elif key.startswith(prefixes):
                 leaf = key.rsplit(".", 1)[1]
-                kind = ("int4" if "int4" in leaf else "int8" if "int8" in leaf else
+                kind = ("int4" if "int4" in leaf else "int8" if "int8" in leaf else "float8" if "float8" in leaf else
                         "factors" if leaf in ("down", "up_t") else "dense weights" if leaf in ("weight", "bias") else leaf)
             else:
                 kind = "other (embeddings, norms)"
@@ -48,7 +48,7 @@ def planned(artifact: str) -> dict:
 
     import pandas as pd
 
-    from acip_core.export.anysize import FORMATS, layer_plan
+    from acip_core.export.anysize import FORMATS, ROW_SCALED, layer_plan
     from acip_core.formats.registry import parse_format
     from acip_core.engine.prune import LayerShape
 
@@ -60,8 +60,12 @@ def planned(artifact: str) -> dict:
     targets = sum(s.dense_params for s in shapes.values())
     entries = sum(s.full_rank for s in shapes.values())
     out = {}
-    for dtype, size in (("float32", 4), ("bfloat16", 2)):
-        formats = [parse_format(f) for f in FORMATS[dtype]]
+    folders = {"float32": FORMATS["float32"], "bfloat16": FORMATS["bfloat16"],
+               "bfloat16+float8": FORMATS["bfloat16"] + ("float8",)}  # float8 named: its codes stored
+    for name, keys in folders.items():
+        dtype = name.split("+")[0]
+        size = 4 if dtype == "float32" else 2
+        formats = [parse_format(f) for f in keys]
         plan = layer_plan(fake, formats, dtype)
         split = {"dense weights": targets * size, "factors": sum(p["rows"] * (p["in"] + p["out"]) for p in plan.values()) * size,
                  "other (embeddings, norms)": (base_params - targets) * size,
@@ -73,12 +77,12 @@ def planned(artifact: str) -> dict:
             total = 0
             for p in plan.values():
                 r, i, o = p["quant_rows"][f.key], p["in"], p["out"]
-                if f.name == "int8" and not stored:
-                    total += 2 * o  # up's scales
+                if f.name in ROW_SCALED and not stored:
+                    total += f.weight_bytes(o, 0)  # up's scales
                     continue
                 total += f.weight_bytes(r, i) + (f.weight_bytes(o, r) if r else 0) + (f.weight_bytes(o, i) if stored else 0)
             split[f.name] = total
-        out[dtype] = dict(split=split, total=sum(split.values()))
+        out[name] = dict(split=split, total=sum(split.values()))
     full = sum(s.full_rank * (s.in_features + s.out_features + 1) for s in shapes.values())
     out["official_estimate"] = (base_params + full) * 4
     out["original"] = base_params * 4
@@ -94,7 +98,7 @@ def main():
     args = parser.parse_args()
     if args.plan:
         plan = planned(args.plan)
-        for dtype in ("float32", "bfloat16"):
+        for dtype in ("float32", "bfloat16", "bfloat16+float8"):
             t = plan[dtype]["total"]
             print(f"{dtype}: {t / 1e6:.1f} MB of tensors = {t / plan['original']:.2f}x the original's float32 params, "
                   f"{t / plan['official_estimate']:.2f}x the official layout ({plan['official_estimate'] / 1e6:.1f} MB)")

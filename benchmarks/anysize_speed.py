@@ -1,7 +1,7 @@
 """Load time and time to change size of an any-size folder (python -m acip_core export --any-size).
 
     .venv/bin/python -m acip_core export --artifact precomputed/smollm2-135m-instruct --any-size --out out/smol-any
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/anysize_speed.py out/smol-any [--repeats 5] [--json]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/anysize_speed.py out/smol-any [--repeats 5] [--formats float8] [--json]
 
 Prints, from fresh processes (one per load, so the OS file cache is the only thing shared):
 - load_s: AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, size_ratio=1.0, format=F)
@@ -44,9 +44,10 @@ def main():
     parser.add_argument("folder")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--formats", default=None, help="comma list of the folder's format keys (default: all)")
     args = parser.parse_args()
     config = json.load(open(os.path.join(args.folder, "config.json")))
-    formats = list(config["acip_anysize"]["formats"])
+    formats = args.formats.split(",") if args.formats else list(config["acip_anysize"]["formats"])
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     out = {}
     for fmt in formats:

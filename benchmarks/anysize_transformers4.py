@@ -20,7 +20,7 @@ from helpers import random_any_size  # noqa: E402
 
 from acip_core.export.anysize import export_anysize  # noqa: E402
 
-SIZES, FORMATS = (0.5, 0.8, 1.0), ("float32", "bfloat16", "int8", "int4-g32")
+SIZES, FORMATS = (0.5, 0.8, 1.0), ("float32", "bfloat16", "int8", "float8", "int4-g32")
 parser = argparse.ArgumentParser()
 parser.add_argument("--tf4", default="/tmp/tf4")
 args = parser.parse_args()

@@ -22,7 +22,7 @@ from acip_core.export.anysize import export_anysize, layer_plan
 from acip_core.formats.registry import parse_format
 from helpers import random_any_size, random_ids
 
-SIZES, FORMATS = (0.5, 0.8, 1.0), ("float32", "bfloat16", "int8", "int4-g32")
+SIZES, FORMATS = (0.5, 0.8, 1.0), ("float32", "bfloat16", "int8", "float8", "int4-g32")
 OTHER_USER = "acip-anysize-test"
 # the interpreter of the fresh process: this one, or one another user can run where this one lives under
 # a private home (e.g. a script that sets PYTHONHOME and PYTHONPATH for a copy of it, then execs it)
@@ -217,13 +217,17 @@ def test_bytes_stay_below_twice_the_original_and_the_official_layout(wide, folde
 
 def test_a_bfloat16_folder_holds_half_and_gives_the_apps_numbers(wide, tmp_path):
     any_size, curve = wide
-    out = export_anysize(any_size, tmp_path / "bf16", "bfloat16", curve=curve)
-    f32_bytes = json.loads((tmp_path / "bf16" / "acip_export.json").read_text())["tensor_bytes"]
-    assert f32_bytes < json.loads((tmp_path / "bf16" / "acip_export.json").read_text())["original_float32_bytes"] * 1.6
+    plain = json.loads((export_anysize(any_size, tmp_path / "plain", "bfloat16") / "acip_export.json").read_text())
+    assert plain["formats"] == ["bfloat16", "int8", "int4-g32"]  # float8's stored codes only when named
+    assert plain["tensor_bytes"] < plain["original_float32_bytes"] * 1.6
+    out = export_anysize(any_size, tmp_path / "bf16", "bfloat16", curve=curve,
+                         formats=["bfloat16", "int8", "float8", "int4-g32"])
+    info = json.loads((out / "acip_export.json").read_text())
+    assert plain["tensor_bytes"] < info["tensor_bytes"] < plain["tensor_bytes"] * 1.3
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, local_files_only=True,
                                                  size_ratio=0.5, format="bfloat16").eval()
     ids = random_ids(len(any_size.tokenizer))
-    for fmt in ("bfloat16", "int8", "int4-g32"):
+    for fmt in info["formats"]:
         for r in (0.5, 0.8):
             model.set_size(r, fmt)
             with torch.no_grad():
@@ -293,6 +297,22 @@ def test_cli_any_size_refuses_one_size_options(tmp_path, capsys):
     assert "--any-size holds every size" in capsys.readouterr().err
     assert cli.main(["export", "--artifact", str(tmp_path), "--size-ratio", "0.5", "--dtype", "bfloat16",
                      "--out", str(tmp_path / "o")]) == 2
+    assert cli.main(["export", "--artifact", str(tmp_path), "--size-ratio", "0.5", "--formats", "int8",
+                     "--out", str(tmp_path / "o")]) == 2
+    assert "--formats" in capsys.readouterr().err
+
+
+def test_cli_any_size_holds_the_formats_named(tiny_artifact, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert cli.main(["export", "--artifact", str(tiny_artifact), "--any-size", "--dtype", "bfloat16",
+                     "--formats", "float8, int8", "--out", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["formats"] == ["float8", "int8"]
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, local_files_only=True,
+                                                 size_ratio=0.7).eval()
+    assert model.acip_size["format"] == "float8"  # the first named is the default
+    assert cli.main(["export", "--artifact", str(tiny_artifact), "--any-size", "--formats", "int8+emb8",
+                     "--out", str(tmp_path / "bad")]) == 2
+    assert "plain formats" in capsys.readouterr().err
 
 
 def test_the_apps_export_tab_writes_an_any_size_zip(tiny_artifact, tmp_path):

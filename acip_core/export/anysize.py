@@ -11,8 +11,9 @@ compressed layer (materialize.py's layout, score order, LoRA merged in front):
 - int4 codes and scales of the factors' prefix, as the app's int4 family holds them (GPTQ with the
   artifact's calibration Grams cannot be redone without the calibration text); those of the dense
   weight (round to nearest: the same arithmetic from float32) only in a bfloat16 folder;
-- int8: in a float32 folder only `up`'s per-row scales (they span the whole padded rank; the codes are
-  recomputed exactly from the float32 rows on first use), in a bfloat16 folder the codes themselves.
+- int8 and float8 (one scale per row each): in a float32 folder only `up`'s per-row scales (they span the
+  whole padded rank; the codes are recomputed exactly from the float32 rows on first use), in a bfloat16
+  folder the codes themselves.
 Globally: the layer of each score entry (the global order), the size ratio and the bytes in every
 format after each prefix, and the artifact's curve (config.json, so the budget rule needs no file).
 
@@ -58,11 +59,16 @@ ANYSIZE_MODULE = "modeling_acip_anysize.py"
 ANYSIZE_FORMAT = 1
 CURVE_FILE, CURVE_PNG = "curve.csv", "curve.png"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-FORMATS = {"float32": ("float32", "bfloat16", "int8", "int4-g32"), "bfloat16": ("bfloat16", "int8", "int4-g32")}
-# the families modeling_acip_anysize.py slices per size (its own code per family: int8 codes computed from
-# float rows or stored, int4 prefixes repacked); other families are exported one size at a time
-# (export/sized.py)
-ANYSIZE_FAMILIES = ("float32", "bfloat16", "int8", "int4")
+# the default formats: a float32 folder computes float8's codes at load (its `up` scales cost 4 bytes a
+# row); a bfloat16 folder would store them (about as many bytes as int8's), so there float8 is named
+# (formats=, `export --any-size --formats`)
+FORMATS = {"float32": ("float32", "bfloat16", "int8", "float8", "int4-g32"),
+           "bfloat16": ("bfloat16", "int8", "int4-g32")}
+# the families modeling_acip_anysize.py slices per size (its own code per family: int8 and float8 codes
+# computed from float rows or stored, int4 prefixes repacked); other families are exported one size at a
+# time (export/sized.py)
+ANYSIZE_FAMILIES = ("float32", "bfloat16", "int8", "int4", "float8")
+ROW_SCALED = ("int8", "float8")  # one scale per row: a float32 folder computes their codes at load
 CARD_RATIOS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
@@ -97,7 +103,7 @@ def layer_plan(any_size: AnySizeModel, formats: list[Format], dtype: str) -> dic
             used = _kept(sh, lora, f, r - 1) if r > 0 else 0  # the most rows a factorized size keeps
             if f.quantized:
                 quant_rows[f.key] = used
-            if not f.quantized or (f.name == "int8" and dtype == "float32"):  # rows read as floats
+            if not f.quantized or (f.name in ROW_SCALED and dtype == "float32"):  # rows read as floats
                 rows = max(rows, used)
         plan[n] = dict(**{"in": sh.in_features, "out": sh.out_features}, bias=sh.bias,
                        rows=min(rows, lora + sh.full_rank), quant_rows=quant_rows, dense_from=crossover,
@@ -111,7 +117,7 @@ def _empty_int4(rows: int, cols: int, group: int):
             "scales": torch.zeros(cols // group, rows, 2, dtype=torch.bfloat16)}
 
 
-def _tensors(any_size: AnySizeModel, plan: dict, formats: list[Format], dtype: str, int8_codes: str) -> dict:
+def _tensors(any_size: AnySizeModel, plan: dict, formats: list[Format], dtype: str, codes: str) -> dict:
     """Every tensor of the folder, by the names the remote code gives them."""
     cast = DTYPES[dtype]
     base = any_size.base
@@ -140,21 +146,21 @@ def _tensors(any_size: AnySizeModel, plan: dict, formats: list[Format], dtype: s
             fam_base, fam_factors = families[f.key]
             qdown, qup = fam_factors[n]
             dense = fam_base.get_submodule(n).qweight
-            if f.name == "int8" and int8_codes == "computed":
+            if f.name in ROW_SCALED and codes == "computed":
                 tensors[f"{name}_up_s"] = qup.scales
                 continue
-            if f.name == "int8":
+            if f.name in ROW_SCALED:
                 parts = {"down": (qdown.data[:q], qdown.scales[:q]), "up": (qup.data[:, :q], qup.scales),
                          "weight": (dense.data, dense.scales)}
             else:
                 g = f.group_for(original.in_features)
-                parts = {} if int8_codes == "computed" else {"weight": dense.portable()}  # else rounded at load
+                parts = {} if codes == "computed" else {"weight": dense.portable()}  # else rounded at load
                 parts["down"] = qdown.rows(q).portable() if q else _empty_int4(0, original.in_features, g)
                 parts["up"] = qup.cols(q).portable() if q else \
                     _empty_int4(-(-original.out_features // 32) * 32, 0, qup.group_size)
                 parts = {k: (v["qweight"], v["scales"]) for k, v in parts.items()}
-            for part, (codes, scales) in parts.items():
-                tensors[f"{name}_{part}_q"], tensors[f"{name}_{part}_s"] = codes, scales
+            for part, (q_part, s_part) in parts.items():
+                tensors[f"{name}_{part}_q"], tensors[f"{name}_{part}_s"] = q_part, s_part
     index = any_size.index
     tensors["acip_index.layer_of"] = index.layer_of.to(torch.int32)
     tensors["acip_index.paper_cum"] = index.paper_cum.to(torch.int64)
@@ -219,17 +225,17 @@ def export_anysize(any_size: AnySizeModel, out_dir: str | Path, dtype: str = "fl
     base_type = any_size.base.config.model_type
     if not base_type.isidentifier():
         raise ValueError(f"model_type {base_type!r} cannot be named in a class")
-    int8_codes = "computed" if dtype == "float32" else "stored"
+    codes = "computed" if dtype == "float32" else "stored"
     plan = layer_plan(any_size, formats, dtype)
-    tensors = _tensors(any_size, plan, formats, dtype, int8_codes)
+    tensors = _tensors(any_size, plan, formats, dtype, codes)
     rows = curve_rows(curve) if curve is not None else []
     spec = dict(version=ANYSIZE_FORMAT, dtype=dtype, lora_rank=any_size.lora_rank,
                 entries=len(any_size.index.layer_of), dense_total=any_size.index.dense_total,
                 size_rule=any_size.size_rule,
                 layer_names=list(any_size.targets), layers=plan,
                 formats={f.key: dict(kind=f.name, step=f.rank_step, group_size=f.group_size,
-                                     codes=int8_codes if f.name == "int8" else None,
-                                     dense_codes=int8_codes if f.name == "int4" else None) for f in formats},
+                                     codes=codes if f.name in ROW_SCALED else None,
+                                     dense_codes=codes if f.name == "int4" else None) for f in formats},
                 default=dict(size_ratio=float(default_size), format=formats[0].key), curve=rows)
     config = _portable_config(any_size.base.config.to_dict(), any_size)
     config.update(dtype=dtype, model_type=f"acip_anysize_{base_type}", acip_base_model_type=base_type,
@@ -304,7 +310,7 @@ def model_card(any_size: AnySizeModel, info: dict, formats: list[Format], curve,
               "Quality falls as it falls: read the table below, then measure on your own task.",
               f"- `format`: {', '.join(f'`{f.key}`' for f in formats)}"
               + (" (`int4` names the int4 one)" if any(f.family.group_sizes for f in formats) else "")
-              + ". Activations run in bfloat16 for int8 / int4 (weight-only quantization).",
+              + ". Activations run in bfloat16 for the quantized formats (weight-only quantization).",
               "- `budget_gb` picks, in every format (or the one you name), the largest size whose weights fit and "
               "every measured size below it, and keeps the one with the lowest measured perplexity — the rule "
               "ACIP Studio's budget picker uses.", ""]

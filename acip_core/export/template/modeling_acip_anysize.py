@@ -7,7 +7,7 @@ transformers. Load with
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True[, size_ratio=0.6, format="int4"])
     model.set_size(0.5)                      # any kept fraction of the compressed layers, in [0, 1]
     model.set_size(budget_gb=0.12)           # the best measured (size, format) within 0.12 GB (curve.csv)
-    model.set_size(0.7, format="bfloat16")   # float32 (float32 folders only), bfloat16, int8, int4
+    model.set_size(0.7, format="bfloat16")   # float32 (float32 folders only), bfloat16, int8, float8, int4
 
 config.json → `acip_anysize` describes what is stored. Each compressed layer holds its factors once,
 in the artifact's score order with the LoRA merged in front, down = [(α/r)·A ; diag(s)·Vh] and
@@ -16,8 +16,8 @@ factorized are stored (past them the layer runs its original weight, which is st
 global order (`acip_index.layer_of`: the layer of each score entry, best first) turns a size ratio
 into ranks; `acip_index.bytes_<format>` holds the bytes of the model after each prefix. The int4 codes
 of the factors are stored as ACIP Studio quantized them (GPTQ on its calibration text); a float32
-folder computes int8 codes and the dense weights' int4 codes from its float32 weights on first use, as
-ACIP Studio computes them (a bfloat16 folder stores those too).
+folder computes int8 and float8 codes and the dense weights' int4 codes from its float32 weights on first
+use, as ACIP Studio computes them (a bfloat16 folder stores those too).
 """
 
 from __future__ import annotations
@@ -46,6 +46,25 @@ def quantize_int8(weight: torch.Tensor, dtype=torch.bfloat16):
     scale = (w.abs().amax(dim=1) / 127).clamp_min(1e-12).to(dtype).float()
     return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous(), scale.to(dtype).contiguous()
 
+
+FLOAT8_MAX = 448.0  # e4m3's largest finite value
+
+
+def quantize_float8(weight: torch.Tensor):
+    """(codes float8_e4m3fn [out, in], scales float32 [out]): each row scaled to its largest magnitude,
+    ACIP Studio's formats.float8.quantize_float8."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / FLOAT8_MAX).clamp_min(1e-12)
+    return (w / scale[:, None]).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(torch.float8_e4m3fn).contiguous(), scale.contiguous()
+
+
+# the formats with one scale per row: (code dtype, scale dtype, quantizer, codes of w on given row scales)
+ROW_SCALED = {
+    "int8": (torch.int8, torch.bfloat16, quantize_int8,
+             lambda w, s: torch.round(w / s.float()[:, None]).clamp(-127, 127).to(torch.int8)),
+    "float8": (torch.float8_e4m3fn, torch.float32, quantize_float8,
+               lambda w, s: (w / s[:, None]).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(torch.float8_e4m3fn)),
+}
 
 INT4_CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)  # ACIP Studio's formats._INT4_CLIPS
 
@@ -115,12 +134,14 @@ class AnySizeLinear(nn.Module):
         self.up_t = nn.Parameter(torch.empty(rows, o, dtype=dtype))
         for key, format in anysize["formats"].items():
             name, q = buffer_name(key), spec["quant_rows"].get(key)
-            if format["kind"] == "int8" and format["codes"] == "computed":
-                self.register_buffer(f"{name}_up_s", torch.zeros(o, dtype=torch.bfloat16))
-            elif format["kind"] == "int8":
+            if format["kind"] in ROW_SCALED:
+                code_dtype, scale_dtype = ROW_SCALED[format["kind"]][:2]
+                if format["codes"] == "computed":
+                    self.register_buffer(f"{name}_up_s", torch.zeros(o, dtype=scale_dtype))
+                    continue
                 for part, shape in (("down", (q, i)), ("up", (o, q)), ("weight", (o, i))):
-                    self.register_buffer(f"{name}_{part}_q", torch.zeros(shape, dtype=torch.int8))
-                    self.register_buffer(f"{name}_{part}_s", torch.zeros(shape[0], dtype=torch.bfloat16))
+                    self.register_buffer(f"{name}_{part}_q", torch.zeros(shape, dtype=code_dtype))
+                    self.register_buffer(f"{name}_{part}_s", torch.zeros(shape[0], dtype=scale_dtype))
             elif format["kind"] == "int4":
                 g, o32 = int(format["group_size"]), -(-o // 32) * 32
                 parts = (("down", (q, i)), ("up", (o32, q)), ("weight", (o32, i)))
@@ -175,7 +196,7 @@ class AnySizeLinear(nn.Module):
             m.bias = bias
             return m
         m = _meta(QuantLowRankLinear, i, o, keep, quant, bias=self.bias is not None, dtype=torch.bfloat16)
-        if kind == "int8":  # down: a row prefix; up: a column prefix (scales per output row)
+        if kind in ROW_SCALED:  # down: a row prefix; up: a column prefix (scales per output row)
             m.down.qweight, m.down.scales = down[0][:keep], down[1][:keep]
             m.up.qweight, m.up.scales = up[0][:, :keep].contiguous(), up[1]
         else:  # int4: rows of down, whole groups of up's columns (two codes a byte along the input)
@@ -195,18 +216,18 @@ class AnySizeLinear(nn.Module):
             dtype = FLOATS[format["kind"]]
             same = self.weight.dtype == dtype  # the stored tensors themselves
             fam = tuple(t.detach() if same else t.detach().to(dtype) for t in (self.weight, self.down, self.up_t))
-        elif format["kind"] == "int8" and format["codes"] == "computed":
+        elif format["kind"] in ROW_SCALED and format["codes"] == "computed":
             # the factors quantized as ACIP Studio does: rows padded with zeros to the padded rank, down per
             # row; up per output row over its whole padded rank (the stored scales: rows past the stored
             # prefix count in them), the codes of the kept columns rounded on that grid
+            quantize, codes_on = ROW_SCALED[format["kind"]][2:]
             q = int(self.spec["quant_rows"][key])
             down32 = self.down.detach().float()
             down32 = torch.cat([down32, down32.new_zeros(max(q - down32.shape[0], 0), down32.shape[1])])[:q]
             up32 = self.up_t.detach().float()
             up32 = torch.cat([up32, up32.new_zeros(max(q - up32.shape[0], 0), up32.shape[1])])[:q].t()
             scales = getattr(self, f"{name}_up_s")
-            up_codes = torch.round(up32 / scales.float()[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-            fam = (quantize_int8(self.weight), quantize_int8(down32), (up_codes, scales))
+            fam = (quantize(self.weight), quantize(down32), (codes_on(up32, scales).contiguous(), scales))
         else:
             fam = tuple((getattr(self, f"{name}_{p}_q"), getattr(self, f"{name}_{p}_s"))
                         if p != "weight" or format.get("dense_codes") != "computed" else None
