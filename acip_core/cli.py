@@ -302,7 +302,9 @@ def _curve_of(folder):
 def cmd_export(args):
     from pathlib import Path
 
-    from acip_core.export.sized import card_from_curve, export_dense, export_lowrank, saved_params
+    from acip_core.export.card import card_from_curve
+    from acip_core.export.folder import saved_params
+    from acip_core.export.sized import export_dense, export_lowrank
 
     if args.any_size:
         return _export_any_size(args)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from acip_core.formats import int4, int8
-from acip_core.export.sized import TEMPLATE
+from acip_core.export.folder import TEMPLATE
 from acip_core.formats.qweight import ALIGNMENT, QWeight, aligned
 from acip_core.formats.registry import parse_format
 

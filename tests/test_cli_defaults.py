@@ -36,7 +36,7 @@ def test_bench_runs_in_float32_and_another_format_as_text_and_json(tiny_llama, m
 def test_one_repetition_penalty_for_the_cli_the_app_the_sweep_and_the_exports():
     from acip_core.evaluation.evaluate import REPETITION_PENALTY, generate_text
     from acip_core.serving.explorer import Explorer
-    from acip_core.export.sized import GENERATION
+    from acip_core.export.folder import GENERATION
 
     assert inspect.signature(generate_text).parameters["repetition_penalty"].default == REPETITION_PENALTY
     for method in (Explorer.start_chat, Explorer.stream_chat, Explorer.compare, Explorer.sweep):

@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from acip_core.export.sized import TEMPLATE, export_dense, export_lowrank, zip_folder
+from acip_core.export.folder import TEMPLATE, zip_folder
+from acip_core.export.sized import export_dense, export_lowrank
 from acip_core.engine.layers import LowRankLinear
 from acip_core.engine.materialize import count_params
 from helpers import random_any_size, random_ids
@@ -228,7 +229,7 @@ def test_export_folder_is_portable(tied_llama, tmp_path):
     """What a user who downloads an export meets: readable files, the app's generation settings,
     a config transformers 4.x reads right (rope_theta), no machine paths, a licence, a card whose
     snippet never stops to ask about remote code, and a dense card that says it saves nothing."""
-    from acip_core.export.sized import GENERATION
+    from acip_core.export.folder import GENERATION
 
     any_size = random_any_size(tied_llama)[0]
     for dense in (False, True):

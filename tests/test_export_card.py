@@ -12,7 +12,8 @@ import pytest
 from safetensors import safe_open
 
 from acip_core.artifacts.meta import ArtifactMeta, BasisInfo, ModelInfo, TunedFrom, TunedMeta
-from acip_core.export.sized import LICENSE_FILE, export_lowrank
+from acip_core.export.folder import LICENSE_FILE
+from acip_core.export.sized import export_lowrank
 from acip_core.formats.registry import parse_format
 from acip_core.sources.models import EMBEDDED
 from helpers import random_any_size

@@ -136,7 +136,7 @@ print(json.dumps(out))
 
 def _app_tokens(any_size, size, fmt, ids, pad):
     """What the app's chat does at this size (explorer.Generation): greedy, repetition penalty 1.15."""
-    from acip_core.export.sized import GENERATION
+    from acip_core.export.folder import GENERATION
 
     with torch.no_grad():
         return any_size.materialize(size, fmt).generate(

@@ -127,7 +127,8 @@ def test_the_budget_picker_can_answer_float8(tiny_llama_tied):
 
 
 def test_a_float8_export_loads_in_a_fresh_process_with_the_apps_tokens(tiny_llama_wide, tmp_path):
-    from acip_core.export.sized import export_info, export_lowrank
+    from acip_core.export.folder import export_info
+    from acip_core.export.sized import export_lowrank
     from test_formats import _FRESH
 
     model, _, _ = random_any_size(tiny_llama_wide)

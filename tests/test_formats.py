@@ -345,7 +345,7 @@ def test_quantized_export_loads_in_a_fresh_process_with_the_apps_tokens(tiny_lla
         model.calibration = lambda: grams
     size = model.size_for_ratio(0.5, key)
     out = export_lowrank(model, size, tmp_path / key)
-    from acip_core.export.sized import export_info
+    from acip_core.export.folder import export_info
 
     config = json.loads((out / "config.json").read_text())
     assert config["acip_quant"]["kind"] == key[:4] and export_info(out)["weights_format"] == key

@@ -32,32 +32,28 @@ import torch
 from safetensors.torch import save_file
 
 from acip_core.engine.materialize import AnySizeModel
-from acip_core.evaluation.curve import acip_rows, best_for_budget, comparable_acip, interpolate_ppl
-from acip_core.export.sized import (
+from acip_core.evaluation.curve import acip_rows
+from acip_core.export.card import anysize_card
+from acip_core.export.folder import (
     CARD_FILE,
     CONFIG_FILE,
-    EMBEDDED_HUB_ID,
+    CURVE_FILE,
+    CURVE_PNG,
     INFO_FILE,
-    LICENSES,
-    PAPER,
     TEMPLATE,
     WEIGHTS_FILE,
-    _check_target,
-    _portable_config,
-    _write_folder,
-    public_name,
+    check_target,
+    portable_config,
+    write_folder,
     write_generation_and_tokenizer,
 )
 from acip_core.export.template.modeling_acip_anysize import buffer_name
 from acip_core.formats.registry import Format, parse_format
-from acip_core.sources.models import EMBEDDED
-from acip_core.system.units import format_gb
 from acip_core.system.version import __version__
 
 ANYSIZE_TEMPLATE = TEMPLATE.parent / "modeling_acip_anysize.py"
 ANYSIZE_MODULE = "modeling_acip_anysize.py"
 ANYSIZE_FORMAT = 1
-CURVE_FILE, CURVE_PNG = "curve.csv", "curve.png"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # the default formats: a float32 folder computes float8's codes at load (its `up` scales cost 4 bytes a
 # row); a bfloat16 folder would store them (about as many bytes as int8's), so there float8 is named
@@ -69,7 +65,6 @@ FORMATS = {"float32": ("float32", "bfloat16", "int8", "float8", "int4-g32"),
 # time (export/sized.py)
 ANYSIZE_FAMILIES = ("float32", "bfloat16", "int8", "int4", "float8")
 ROW_SCALED = ("int8", "float8")  # one scale per row: a float32 folder computes their codes at load
-CARD_RATIOS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 def dense_from(shape, lora_rank: int, format: Format) -> int:
@@ -221,7 +216,7 @@ def export_anysize(any_size: AnySizeModel, out_dir: str | Path, dtype: str = "fl
     if curve_png is not None and not Path(curve_png).is_file():
         raise FileNotFoundError(f"curve image {curve_png} not found")
     out = Path(out_dir).expanduser().absolute()
-    _check_target(out)
+    check_target(out)
     base_type = any_size.base.config.model_type
     if not base_type.isidentifier():
         raise ValueError(f"model_type {base_type!r} cannot be named in a class")
@@ -237,7 +232,7 @@ def export_anysize(any_size: AnySizeModel, out_dir: str | Path, dtype: str = "fl
                                      codes=codes if f.name in ROW_SCALED else None,
                                      dense_codes=codes if f.name == "int4" else None) for f in formats},
                 default=dict(size_ratio=float(default_size), format=formats[0].key), curve=rows)
-    config = _portable_config(any_size.base.config.to_dict(), any_size)
+    config = portable_config(any_size.base.config.to_dict(), any_size)
     config.update(dtype=dtype, model_type=f"acip_anysize_{base_type}", acip_base_model_type=base_type,
                   architectures=[f"ACIPAnySizeForCausalLM__{base_type}"], acip_anysize=spec,
                   auto_map={"AutoConfig": f"modeling_acip_anysize.ACIPAnySizeConfig__{base_type}",
@@ -251,7 +246,7 @@ def export_anysize(any_size: AnySizeModel, out_dir: str | Path, dtype: str = "fl
                 base_model=any_size.meta and any_size.meta.model.source,
                 base_fingerprint=any_size.meta and any_size.meta.model.fingerprint, acip_studio=__version__,
                 created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    readme = model_card(any_size, info, formats, curve, card or {}, curve_png is not None)
+    readme = anysize_card(any_size, info, formats, curve, card or {}, curve_png is not None)
 
     def fill(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -269,7 +264,7 @@ def export_anysize(any_size: AnySizeModel, out_dir: str | Path, dtype: str = "fl
             if path.is_file():
                 path.chmod(0o644)
 
-    _write_folder(out, fill)
+    write_folder(out, fill)
     return out
 
 
@@ -278,88 +273,3 @@ def folder_bytes(folder: str | Path) -> dict:
     folder = Path(folder)
     files = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
     return dict(weights=files.get(WEIGHTS_FILE, 0), total=sum(files.values()), files=files)
-
-
-# -- the model card --------------------------------------------------------------------------------
-def model_card(any_size: AnySizeModel, info: dict, formats: list[Format], curve, card: dict, png: bool) -> str:
-    """README.md: download once, choose later — how to choose, the sizes, the budgets, the provenance."""
-    meta = any_size.meta
-    source = str(meta and meta.model.source or public_name(any_size))
-    hub_id = EMBEDDED_HUB_ID if source == EMBEDDED else public_name(any_size) if "/" in public_name(any_size) else None
-    licence = LICENSES.get(source)
-    name = card.get("title") or f"{Path(source).name}, any size (ACIP)"
-    lines = ["---", "library_name: transformers", "tags:", "- acip", "- compression", "- low-rank", "- any-size"]
-    lines += [f"base_model: {hub_id}"] if hub_id else []
-    lines += [f"license: {licence}" if licence else "license: other  # the base model's licence applies", "---", ""]
-    lines += [f"# {name}", "",
-              f"Every size of **{source}**" + (f" ([{hub_id}](https://huggingface.co/{hub_id}))" if hub_id else "")
-              + " in one folder: **download once, choose the size later**. ACIP (Any Compression via Iterative "
-              "Pruning) scored every singular value of every compressed layer once; a size is a prefix of that "
-              "order, so choosing one takes a moment and needs no data, no GPU and no second download.", "",
-              "## Choose a size", "", "Needs `torch` and `transformers` >= 4.45.", "", "```python",
-              "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-              "folder = \"path/to/this/folder\"  # or the hub id",
-              "model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, size_ratio=0.6, "
-              f"format=\"{formats[-1].name}\")",
-              "tokenizer = AutoTokenizer.from_pretrained(folder)",
-              "model.set_size(0.8)                     # another size, same weights in memory, no reload",
-              "model.set_size(budget_gb=0.2)           # the best measured size and format within 0.2 GB",
-              "print(model.acip_size)                  # what runs now: size_ratio, format, gb, dense layers",
-              "```", "",
-              "- `size_ratio` is the kept fraction of the compressed layers' parameters (1.0: the original). "
-              "Quality falls as it falls: read the table below, then measure on your own task.",
-              f"- `format`: {', '.join(f'`{f.key}`' for f in formats)}"
-              + (" (`int4` names the int4 one)" if any(f.family.group_sizes for f in formats) else "")
-              + ". Activations run in bfloat16 for the quantized formats (weight-only quantization).",
-              "- `budget_gb` picks, in every format (or the one you name), the largest size whose weights fit and "
-              "every measured size below it, and keeps the one with the lowest measured perplexity — the rule "
-              "ACIP Studio's budget picker uses.", ""]
-    acip = comparable_acip(curve) if curve is not None else None
-    eval_set = "heldout" if acip is not None and "ppl_heldout" in acip else None
-    lines += ["## Sizes", "", "| size ratio | " + " | ".join(f"{f.key}" for f in formats)
-              + (" | perplexity (" + eval_set + ", " + formats[0].key + ")" if eval_set else "") + " |",
-              "|---" * (len(formats) + 1 + bool(eval_set)) + "|"]
-    for r in CARD_RATIOS:
-        sizes = [any_size.size_for_ratio(r, f) for f in formats]
-        row = f"| {r:.2f} | " + " | ".join(format_gb(s.gigabytes) for s in sizes)
-        if eval_set:
-            line = acip[acip.format == formats[0].key]
-            ppl = interpolate_ppl(line, sizes[0].size_ratio, eval_set) if len(line) else None
-            row += f" | {ppl:.2f}" if ppl is not None else " | –"
-        lines.append(row + " |")
-    lines.append("")
-    if png:
-        lines += [f"![the compression–performance curve]({CURVE_PNG})", ""]
-    if acip is not None and eval_set:
-        keys = [f.key for f in formats if f.key in set(acip.format)]
-        full = any_size.full_size(formats[0]).gigabytes
-        budgets = sorted({float(f"{full * x:.2g}") for x in (0.25, 0.35, 0.5, 0.75, 1.0)})
-        lines += ["## Budgets", "", f"The answer of `set_size(budget_gb=...)` (perplexity on {eval_set} text, "
-                  "interpolated on the measured curve, `curve.csv`):", "",
-                  "| budget (GB) | format | size ratio | GB | perplexity |", "|---|---|---|---|---|"]
-        for b in budgets:
-            try:
-                pick = best_for_budget(any_size, curve, b, eval_set, formats=keys)
-                lines.append(f"| {b:g} | {pick['format']} | {pick['size_ratio']:.3f} | {format_gb(pick['gb'])} | "
-                             f"{pick['perplexity']:.2f} |")
-            except ValueError as err:
-                lines.append(f"| {b:g} | – | – | – | {err} |")
-        lines.append("")
-    lines += ["## What is in the folder", "",
-              f"- `model.safetensors`: {format_gb(info['tensor_bytes'] / 1e9)} of tensors ({info['dtype']} weights). The original "
-              f"in float32 is {format_gb(info['original_float32_bytes'] / 1e9)}; the official ACIP layout (full-rank factors "
-              f"plus the base model) would be about {format_gb(info['official_layout_bytes'] / 1e9)}.",
-              "- Each compressed layer holds its two factors once, in score order with the LoRA merged, only "
-              "the rows some size runs factorized (a layer whose factors would not be smaller runs its original "
-              "weight, also stored), and the int codes a quantized size needs.",
-              "- `modeling_acip_anysize.py` + `modeling_acip.py`: the code `trust_remote_code` runs (torch and "
-              "transformers only).", "- `curve.csv`: the measured curve (every method, format and size)."]
-    lines += ["", "## How it was made", "", f"- **Base model**: `{source}`", f"- **Method**: ACIP ({PAPER})."]
-    if meta and meta.scoring:
-        steps = meta.result.steps if meta.result.steps is not None else "?"
-        lines.append(f"- **Scoring**: `{meta.scoring.get('data', '?')}`, {steps} steps")
-    if card.get("artifact"):
-        lines.append(f"- **Artifact**: `{card['artifact']}`")
-    lines.append(f"- **Export**: ACIP Studio {__version__}, {info['created']}, any size, {info['dtype']}")
-    lines += [f"- **Licence**: {licence or 'the base model' + chr(39) + 's licence applies'}", ""]
-    return "\n".join(lines)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from huggingface_hub import HfApi
 
-from acip_core.export.sized import export_info
+from acip_core.export.folder import export_info
 from acip_core.sources.models import hub_offline, hub_reachable
 
 log = logging.getLogger(__name__)

@@ -9,8 +9,9 @@ from pathlib import Path
 import pandas as pd
 
 from acip_core.engine.materialize import Size
-from acip_core.export import sized as exporter
-from acip_core.export.sized import card_from_curve
+from acip_core.export.card import card_from_curve
+from acip_core.export.folder import saved_params, zip_folder
+from acip_core.export.sized import export_dense, export_lowrank
 from acip_core.serving.checks import check_format
 
 
@@ -26,14 +27,14 @@ class ExportMixin:
         out = Path(out)
         start = time.perf_counter()
         if dense:
-            exporter.export_dense(self.any_size, size, out, format, self._card(size, measured))
+            export_dense(self.any_size, size, out, format, self._card(size, measured))
         else:
-            exporter.export_lowrank(self.any_size, size, out, format, self._card(size, measured))
+            export_lowrank(self.any_size, size, out, format, self._card(size, measured))
         info = dict(folder=str(out), kind="dense" if dense else "low-rank", format=format,
-                    size_ratio=size.size_ratio, params=exporter.saved_params(out),
+                    size_ratio=size.size_ratio, params=saved_params(out),
                     bytes=sum(f.stat().st_size for f in out.rglob("*") if f.is_file()))
         if zip_path is not None:
-            info["zip"] = str(exporter.zip_folder(out, zip_path) or zip_path)
+            info["zip"] = str(zip_folder(out, zip_path) or zip_path)
         info["seconds"] = time.perf_counter() - start
         return info
 

@@ -23,7 +23,7 @@ from acip_core.artifacts.official import import_official
 from acip_core.artifacts.tuned import is_tuned, load_tuned
 from acip_core.export.anysize import FORMATS, export_anysize
 from acip_core.export.push import check_push, push_folder
-from acip_core.export.sized import zip_folder
+from acip_core.export.folder import zip_folder
 from acip_core.serving import public
 from acip_core.serving.explorer import Explorer
 from acip_core.serving.jobs import ScoringJobs
