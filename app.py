@@ -94,9 +94,10 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
             artifact = gr.Dropdown(choices=choices, label="artifact", scale=0, min_width=340, elem_id="artifact")
             format_choice = gr.Dropdown(list(FORMAT_CHOICES), value="float32", label="format (weights)", scale=0,
                                         min_width=220, elem_id="format",
-                                info="float32/bfloat16, or weight-only int8 / int4 (groups of 32); +emb8: "
-                                     "the embedding / LM head in int8 too; +fast: a layer factorized only "
-                                     "where that decodes faster (never slower than the original, more GB)")
+                                info="float32/bfloat16, or weight-only int8 / int4 (groups of 32) / float8 "
+                                     "(e4m3: fast on GPUs with fp8 units); +emb8: the embedding / LM head in "
+                                     "int8 too; +fast: a layer factorized only where that decodes faster "
+                                     "(never slower than the original, more GB)")
         with gr.Row():
             status = gr.Markdown("Loading the model…", elem_id="status")
             badge = gr.Markdown(elem_id="size-badge")
@@ -200,7 +201,7 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
                 gr.Markdown("Writes the selected size as a folder (zipped): safetensors, config, tokenizer "
                             "and a model card. Downloads are kept for an hour.")
                 with gr.Row():
-                    kind = gr.Radio(list(EXPORT_KINDS), value=next(iter(EXPORT_KINDS)), label="format")
+                    kind = gr.Radio(list(EXPORT_KINDS), value=next(iter(EXPORT_KINDS)), label="export as")
                     export_btn = gr.Button("Export", variant="primary")
                 export_text = gr.Markdown(elem_id="export-text")
                 export_file = gr.File(label="download", interactive=False)
