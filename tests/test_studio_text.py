@@ -1,6 +1,8 @@
 """What the app says (acip_core/serving/texts.py): no spread from one window, replies without visible text,
 lm-eval counts, ETAs."""
 
+import pytest
+
 from acip_core.serving import texts as text
 
 
@@ -32,3 +34,23 @@ def test_lm_eval_counts_are_whole_numbers_and_etas_read_well():
     assert text.eta_text(0, 10, 5.0) == "" and text.eta_text(10, 10, 5.0) == ""
     assert text.eta_text(5, 10, 10.0) == "ETA 10 s"
     assert text.eta_text(1, 10, 30.0) == "ETA 4 min 30 s"
+
+
+def test_sweep_sizes_are_parsed_and_a_huge_range_is_refused_before_it_is_built():
+    import time
+
+    from acip_core.serving.texts import parse_sizes
+
+    assert parse_sizes("1.0:0.4:0.1") == [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4]
+    assert parse_sizes("0.5, 1; 0.5") == [1.0, 0.5]
+    start = time.perf_counter()
+    for bad in ("1:0:1e-9", "1:0:1e-300", "1e308:0:1e-308"):
+        with pytest.raises(ValueError, match="at most 12 sizes per sweep"):
+            parse_sizes(bad)
+    assert time.perf_counter() - start < 0.5  # counted, not listed (1e9 floats would take minutes and GBs)
+    for bad in ("inf:0:0.1", "1:-inf:0.1", "1:0:inf", "nan:0:0.1", "1:0:0", "1:0:-0.1", "a:b:c", ""):
+        with pytest.raises(ValueError):
+            parse_sizes(bad)
+    with pytest.raises(ValueError) as err:
+        parse_sizes("2, " + "0.5, " * 10_000)
+    assert len(str(err.value)) < 200  # the message does not echo a huge field

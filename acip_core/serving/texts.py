@@ -198,20 +198,30 @@ def throttled(stream, every: float = 0.2):
 def parse_sizes(text: str, limit: int = 12) -> list[float]:
     """'1.0, 0.9, 0.8' (or '1.0:0.4:0.1' for a range) -> distinct sizes in [0, 1], largest first."""
     text = (text or "").strip()
+    shown = repr(text[:60])  # a message never echoes a huge field
     try:
-        if text.count(":") == 2:
-            hi, lo, step = (float(x) for x in text.split(":"))
-            if not step > 0:
-                raise ValueError
-            sizes = [round(hi - i * step, 6) for i in range(int(math.floor((hi - lo) / step + 1e-9)) + 1)]
-        else:
-            sizes = [float(x) for x in text.replace(";", ",").split(",") if x.strip()]
+        numbers = [float(x) for x in text.replace(";", ",").replace(":", ",").split(",") if x.strip()]
     except ValueError:
+        numbers = None
+    if text.count(":") == 2 and numbers is not None and len(numbers) == 3:
+        hi, lo, step = numbers
+        if not (step > 0 and all(map(math.isfinite, numbers))):
+            numbers = None
+        else:
+            span = (hi - lo) / step + 1e-9  # the count, before any list is built
+            if not span < limit:
+                raise ValueError(f"at most {limit} sizes per sweep, got {span + 1:.3g} in {shown}")
+            if span < 0:
+                raise ValueError(f"a range runs from high to low (high:low:step), got {shown}")
+            numbers = [round(hi - i * step, 6) for i in range(max(math.floor(span) + 1, 0))]
+    elif ":" in text:
+        numbers = None
+    if numbers is None:
         raise ValueError(f"sizes must be numbers separated by commas (e.g. 1.0, 0.8, 0.6) or "
-                         f"a range high:low:step (e.g. 1.0:0.4:0.1), got {text!r}") from None
-    sizes = sorted({s for s in sizes}, reverse=True)
+                         f"a range high:low:step (e.g. 1.0:0.4:0.1), got {shown}")
+    sizes = sorted(set(numbers), reverse=True)
     if not sizes or any(not (math.isfinite(s) and 0 <= s <= 1) for s in sizes):
-        raise ValueError(f"every size must be within [0, 1], got {text!r}")
+        raise ValueError(f"every size must be within [0, 1], got {shown}")
     if len(sizes) > limit:
         raise ValueError(f"at most {limit} sizes per sweep, got {len(sizes)}")
     return sizes
