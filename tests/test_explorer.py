@@ -163,6 +163,27 @@ def test_perplexity_rows_carry_their_spread_and_cancel(explorer):
         explorer.measure_perplexity(0.7, data="/nonexistent/file.txt", seq_len=32)
 
 
+def test_perplexity_checks_every_input_before_work_and_keeps_few_windows(explorer, monkeypatch):
+    """A refused request does no work (the app gives its quota back for it), and the token windows a
+    visitor's choices of text and length create are bounded (measure.WINDOW_CACHE)."""
+    from acip_core.serving import measure
+
+    tokenized = []
+    real = measure.token_windows
+    monkeypatch.setattr(measure, "token_windows", lambda *a: tokenized.append(a[2]) or real(*a))
+    explorer._windows.clear()
+    for seq_len in range(8, 40):
+        with pytest.raises(ValueError, match="format"):
+            explorer.measure_perplexity(0.7, "corpus:heldout", windows=1, seq_len=seq_len, format="bogus")
+    assert tokenized == [] and not explorer._windows
+    for seq_len in range(8, 8 + 2 * measure.WINDOW_CACHE):
+        explorer.measure_perplexity(0.7, "corpus:heldout", windows=1, seq_len=seq_len)
+    assert len(explorer._windows) == measure.WINDOW_CACHE
+    assert sorted(k[1] for k in explorer._windows) == list(range(8 + measure.WINDOW_CACHE, 8 + 2 * measure.WINDOW_CACHE))
+    explorer.measure_perplexity(0.7, "corpus:heldout", windows=1, seq_len=8 + 2 * measure.WINDOW_CACHE - 1)
+    assert len(tokenized) == 2 * measure.WINDOW_CACHE  # the most recent one came from the cache
+
+
 def test_results_csv(explorer, tmp_path):
     row = explorer.measure_perplexity(0.9, windows=2, seq_len=32)
     path = explorer.results_csv([row], tmp_path / "out" / "results.csv")

@@ -577,3 +577,20 @@ def test_a_visitors_newest_download_is_not_pruned_by_another_visitors_export(tmp
     os.utime(mine, (old, old))
     studio.download_dir("exports", "visitor-c")
     assert not mine.exists()
+
+
+def test_a_run_without_an_owner_is_the_admins_alone(tmp_path):
+    """A run started from the command line (or in local mode) records no owner: on a public Space no
+    visitor may cancel, resume or delete it; the admin token may, and so may local mode (who=None)."""
+    folder = tmp_path / "runs" / "cli-run"
+    folder.mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps(dict(name="cli-run", args=["x"], model="m", created=1.0,
+                                                     pid=None, config={})))
+    jobs = ScoringJobs(tmp_path / "runs")
+    for action in (jobs.cancel, jobs.resume, jobs.delete):
+        with pytest.raises(ValueError, match="belongs to whoever started it"):
+            action("cli-run", who="session-b")
+    assert folder.is_dir()
+    assert public.may_control(None, public.ADMIN) and public.may_control(None, None)
+    jobs.delete("cli-run", who=public.ADMIN)
+    assert not folder.exists()

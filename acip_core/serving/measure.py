@@ -20,19 +20,26 @@ from acip_core.serving.public import check_data, limits
 from acip_core.sources.data import load_text, token_windows
 
 
+WINDOW_CACHE = 4  # token windows kept per artifact: (text, seq_len) pairs, least recently used dropped
+
+
 class MeasureMixin:
     """Perplexity, lm-eval and results rows for the Explorer (serving/explorer.py), which provides
     `any_size`, `tokenizer`, `curve`, `name`, `size(ratio)`, `model(ratio, format)`, and the `_lock`
     that guards its `_windows` cache."""
 
     def _eval_windows(self, data: str, seq_len: int) -> torch.Tensor:
+        """The token windows of `data` at `seq_len`; the last WINDOW_CACHE of them kept (each holds a
+        whole text's tokens: visitors name texts and lengths, so the cache is bounded)."""
         key = (data, seq_len)
         with self._lock:
-            cached = self._windows.get(key)
+            cached = self._windows.pop(key, None)
         if cached is None:  # a visitor names only offered texts and their own uploads (public.py)
             cached = token_windows(self.tokenizer, load_text(check_data(data)), seq_len)
-            with self._lock:
-                self._windows[key] = cached
+        with self._lock:
+            self._windows[key] = cached  # the most recent last
+            while len(self._windows) > WINDOW_CACHE:
+                self._windows.pop(next(iter(self._windows)))
         return cached
 
     def _row(self, kind: str, size: Size, format: str, **values) -> dict:
@@ -53,13 +60,14 @@ class MeasureMixin:
         """
         windows = check_int(windows, 1, limits().perplexity_windows, "windows")
         seq_len = check_int(seq_len, 8, 8192, "seq_len")
+        format = check_format(format)  # every input checked before any work (a refusal costs no quota)
         size = self.size(ratio)
         limit = int(getattr(self.any_size.base.config, "max_position_embeddings", seq_len) or seq_len)
         if seq_len > limit:
             raise ValueError(f"seq_len {seq_len} exceeds the model's context of {limit} tokens")
-        all_windows = self._eval_windows(data, seq_len)
-        picked = all_windows[:windows]
+        check_data(data)
         model = self.model(ratio, format)
+        picked = self._eval_windows(data, seq_len)[:windows]
         result = perplexity(model, picked, batch_size, on_progress, should_stop)
         low, high = spread(result["perplexity"], result["nll_std"], result["windows"])
         metric = f"ppl_{data.removeprefix('corpus:')}"  # the curve's column of the same text, if any

@@ -193,8 +193,12 @@ def check_may_score(token=None, env=None) -> None:
 
 
 def may_control(run_owner: str | None, who: str | None) -> bool:
-    """Whether `who` may cancel, resume or delete a run owned by `run_owner` (None = unrestricted)."""
-    return who is None or who == ADMIN or run_owner is None or hmac.compare_digest(str(run_owner), str(who))
+    """Whether `who` may cancel, resume or delete a run owned by `run_owner`. `who` None: unrestricted
+    (local mode). A run without an owner (started from the command line, or in local mode, in a runs
+    folder a public Space also reads) is the admin's alone."""
+    if who is None or who == ADMIN:
+        return True
+    return run_owner is not None and hmac.compare_digest(str(run_owner), str(who))
 
 
 # -- what a visitor may name --------------------------------------------------------------------
