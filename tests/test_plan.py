@@ -188,3 +188,26 @@ def test_the_score_tab_shows_the_plan_of_the_typed_model(tiny_llama, monkeypatch
     _tight(monkeypatch, 2**20)
     assert "does not fit" in app_handlers.score_plan(tiny_llama, 2, 32)
     assert "not available" in app_handlers.score_plan(tiny_llama, 0, 32)  # said in place, not raised
+
+
+def test_a_config_too_large_to_build_is_refused_before_building(tmp_path):
+    """Anybody can publish a config: one with a million layers (or layers × experts beyond any real
+    model) is refused at once instead of building a meta model for an hour."""
+    import time
+
+    from transformers import LlamaConfig, MixtralConfig
+
+    from acip_core.training.plan import MAX_EXPERT_BLOCKS, MAX_LAYERS, check_buildable
+
+    start = time.perf_counter()
+    for config in (LlamaConfig(num_hidden_layers=1_000_000),
+                   MixtralConfig(num_hidden_layers=MAX_LAYERS, num_local_experts=MAX_EXPERT_BLOCKS // MAX_LAYERS + 1)):
+        with pytest.raises(ValueError, match="beyond what a plan builds"):
+            plan_mod.meta_model(config)
+    folder = tmp_path / "huge"
+    LlamaConfig(num_hidden_layers=10 ** 6).save_pretrained(folder)
+    with pytest.raises(ValueError, match="beyond what a plan builds"):
+        plan_scoring(str(folder), probe=False)
+    assert time.perf_counter() - start < 5
+    check_buildable(LlamaConfig(num_hidden_layers=126))  # the largest real models pass
+    check_buildable(MixtralConfig(num_hidden_layers=61, num_local_experts=256))

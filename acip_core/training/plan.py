@@ -144,11 +144,29 @@ class Plan:
 
 
 # -- the model, without its weights -----------------------------------------------------------------
+# Bounds on a config before its meta model is built: building costs CPU time per module (≈ 3 ms a
+# decoder layer), and a config is what anybody can publish on the hub. The largest real models are far
+# below (126 decoder layers; 61 layers × 256 experts).
+MAX_LAYERS, MAX_EXPERT_BLOCKS = 1024, 65_536
+
+
+def check_buildable(config) -> None:
+    """Refuses (ValueError) a config whose meta model would take minutes to build."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = max([int(getattr(text, k, 0) or 0) for k in ("num_hidden_layers", "n_layer", "num_layers")] + [0])
+    experts = max([int(getattr(text, k, 0) or 0) for k in ("num_local_experts", "num_experts", "n_routed_experts")] + [1])
+    if layers > MAX_LAYERS or layers * experts > MAX_EXPERT_BLOCKS:
+        raise ValueError(f"this config describes {layers} layers" + (f" × {experts} experts" if experts > 1 else "")
+                         + f": beyond what a plan builds (at most {MAX_LAYERS} layers and {MAX_EXPERT_BLOCKS} "
+                         "expert blocks; the largest published models are far below)")
+
+
 def meta_model(config) -> nn.Module:
     """The causal LM of `config` on the meta device, in float32 (what load_base reads): exact shapes,
-    no memory."""
+    no memory; a config beyond check_buildable's bounds is refused first."""
     from transformers import AutoModelForCausalLM
 
+    check_buildable(config)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
