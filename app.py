@@ -335,13 +335,15 @@ def _official_import_box(h: Handlers) -> None:
 
 def launch_options() -> dict:
     # uploads above the cap are refused by Gradio itself (413), before any handler runs; the bytes one
-    # visitor and all visitors may upload, and non-text files, by the app's middleware (app_uploads.py)
+    # visitor and all visitors may upload, non-text files, and files named by URL in a public Space's
+    # API calls, by the app's middleware (app_uploads.py)
     from starlette.middleware import Middleware
 
-    from app_uploads import UploadGuard
+    from app_uploads import RemoteFileGuard, UploadGuard
 
     return dict(theme=gr.themes.Soft(primary_hue="indigo"), css=CSS, js=JS,
-                max_file_size=public.limits().upload_bytes, app_kwargs=dict(middleware=[Middleware(UploadGuard)]))
+                max_file_size=public.limits().upload_bytes,
+                app_kwargs=dict(middleware=[Middleware(UploadGuard), Middleware(RemoteFileGuard)]))
 
 
 if __name__ == "__main__":

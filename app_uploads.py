@@ -1,4 +1,6 @@
-"""The app's guard on Gradio's upload route (POST /gradio_api/upload), as ASGI middleware.
+"""The app's guards on what a request can make the server store, as ASGI middleware: Gradio's upload
+route (POST /gradio_api/upload, UploadGuard) and, on a public Space, files named by URL in an API call
+(RemoteFileGuard).
 
 Gradio 6 caps one file (launch(max_file_size=...)) but not how much one visitor uploads, and it
 stores any bytes. The route itself cannot be given a hook, but the FastAPI app Gradio creates
@@ -8,6 +10,11 @@ accepts middleware (launch(app_kwargs={"middleware": [...]})), which sees every 
   (a request without one is refused: its size would be unknown until stored);
 - everywhere: a stored file holding a NUL byte is not text (the app's only upload is calibration
   text): it is deleted and the upload answered 400, so it is never kept for an hour.
+
+Gradio also downloads, before any handler runs, every file an event's payload names by an http(s)
+`path` (a FileData in a gr.File value or a chat history), with no size bound and past the upload
+quota. The app's own page only sends paths of files it uploaded, so on a public Space such a payload
+is refused (400), and a payload is read whole only up to MAX_API_BODY.
 """
 
 from __future__ import annotations
@@ -15,11 +22,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from types import SimpleNamespace
 
 from acip_core.serving import public
 
 log = logging.getLogger("acip_studio")
+
+
+MAX_API_BODY = 8 * 2**20  # an event's JSON payload (a chat history is the largest the page sends)
+_API_CALL = re.compile(r"/gradio_api/(queue/join|run/|api/|call/)")
 
 
 def _is_upload(scope) -> bool:
@@ -96,3 +108,62 @@ class UploadGuard:
                 return await _answer(send, 400, "the uploaded file is not text (it holds NUL bytes)")
         for message in sent:
             await send(message)
+
+
+def _names_remote_file(value) -> bool:
+    """Whether a JSON payload holds a dict whose `path` is an http(s) URL (what Gradio would fetch)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            path = item.get("path")
+            if isinstance(path, str) and path.strip().lower().startswith(("http://", "https://")):
+                return True
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+class RemoteFileGuard:
+    """ASGI middleware (public mode): an API call whose payload names a file by URL is refused, and
+    one larger than MAX_API_BODY too; others pass with their body unchanged."""
+
+    def __init__(self, app, limits: public.Limits | None = None):
+        self.app = app
+        self.public = (limits or public.limits()).public
+
+    async def __call__(self, scope, receive, send):
+        if not (self.public and scope["type"] == "http" and scope["method"] == "POST"
+                and _API_CALL.search(scope["path"])):
+            return await self.app(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > MAX_API_BODY:
+                return await _answer(send, 413, f"a request's payload may hold at most {MAX_API_BODY // 2**20} MB here")
+            if not message.get("more_body"):
+                break
+        body = b"".join(chunks)
+        try:
+            remote = _names_remote_file(json.loads(body))
+        except (ValueError, RecursionError):
+            remote = False  # not JSON: Gradio answers it
+        if remote:
+            log.info("refused an API call that names a file by URL (%s)", scope["path"])
+            return await _answer(send, 400, "files are uploaded to this Space first (POST /gradio_api/upload); "
+                                             "a file named by URL is not fetched")
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return dict(type="http.request", body=body, more_body=False)
+            return await receive()
+
+        return await self.app(scope, replay, send)

@@ -301,3 +301,34 @@ def test_the_chat_panes_are_gradios_chatbot_showing_plain_text(public_app):
     panes = [c for c in demo.config["components"] if c["type"] == "chatbot"]
     assert len(panes) == 2 and all(c["type"] == "chatbot" for c in panes), panes
     assert all(c["props"]["render_markdown"] is False and c["props"]["sanitize_html"] for c in panes)
+
+
+def _post_json(url, payload: bytes):
+    request = urllib.request.Request(url, data=payload, method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def test_a_file_named_by_url_in_a_payload_is_refused_before_gradio_fetches_it(public_app):
+    """Gradio downloads any http(s) `path` of a FileData in an event's payload (no size bound, past the
+    upload quota): the app's middleware refuses such a payload, and an oversized one, before that."""
+    from app_uploads import MAX_API_BODY
+
+    url, _, demo = public_app
+    before = set(_gradio_files(demo))
+    remote = {"path": "https://example.invalid/huge.txt", "meta": {"_type": "gradio.FileData"}}
+    history = [{"role": "user", "content": [{"type": "file", "file": remote}]}]
+    for route, body in (("gradio_api/queue/join", dict(data=["hi", history], fn_index=0, session_hash="x")),
+                        ("gradio_api/call/score_upload", dict(data=[remote])),
+                        ("gradio_api/run/chat", dict(data=[{"nested": [[{"path": " HTTP://10.0.0.1/x"}]]}]))):
+        status, text = _post_json(url + route, json.dumps(body).encode())
+        assert status == 400 and "not fetched" in text, (route, status, text)
+    status, text = _post_json(url + "gradio_api/queue/join", b"[" + b"0," * (MAX_API_BODY // 2) + b"0]")
+    assert status == 413
+    assert set(_gradio_files(demo)) == before
+    # a payload without a remote file reaches Gradio unchanged (it answers it itself)
+    status, text = _post_json(url + "gradio_api/call/score_plan", json.dumps(dict(data=["", 2, 64])).encode())
+    assert status == 200 and "event_id" in text, (status, text)
