@@ -21,7 +21,7 @@ from acip_core.evaluation import plots  # the app's figures: a view of evaluatio
 from acip_core.serving import public
 from acip_core.serving import texts as text
 from acip_core.serving.chat import check_history, check_message_count, clean_prompt, message_text
-from acip_core.serving.checks import FORMAT_CHOICES, check_int
+from acip_core.serving.checks import FORMAT_CHOICES, check_format, check_int
 from acip_core.serving.explorer import Explorer
 from acip_core.serving.studio import Studio, check_model_source
 
@@ -32,6 +32,7 @@ X_AXES = {"size ratio": "size_ratio", "GB": "gb"}
 # new view changes one line, not a hand-counted number in every handler.
 EXPLORE_VIEWS = ("summary", "layers", "heatmap", "curve", "badge", "budget", "budget answer")
 SKIP_VIEWS = (gr.skip(),) * len(EXPLORE_VIEWS)
+STOP_EVENTS = 10_000  # sessions × kinds whose stop button is remembered (Handlers._stop)
 ANY_SIZE_KIND = "any size: every size and format in one folder (choose after download: model.set_size)"
 CHAT_UPDATE_S = 0.2  # streamed text reaches the page at most this often (see texts.throttled)
 EXPORT_KINDS = {"low-rank: smallest files (loads with trust_remote_code)": False,
@@ -149,9 +150,15 @@ class Handlers:
             yield f"Loading **{os.path.basename(folder)}**: {line}"
 
     def _stop(self, request, kind: str) -> threading.Event:
+        """The session's stop event for `kind`; the most recently used STOP_EVENTS are kept (session
+        hashes come from visitors, so the table is bounded)."""
         key = (getattr(request, "session_hash", None) or "anonymous", kind)
         with self._lock:
-            return self._stops.setdefault(key, threading.Event())
+            event = self._stops.pop(key, None) or threading.Event()
+            self._stops[key] = event  # the most recent last
+            while len(self._stops) > STOP_EVENTS:
+                self._stops.pop(next(iter(self._stops)))
+            return event
 
     # -- explore --------------------------------------------------------------------------------
     @ui_errors
@@ -367,6 +374,7 @@ class Handlers:
     @heavy
     def export(self, folder, ratio, kind, format, results, request: gr.Request = None, progress=gr.Progress()):
         ex = self.explorer(folder)
+        format = check_format(format)  # the key, as the file name shows it
         if kind == ANY_SIZE_KIND:
             return self._export_any_size(ex, format, progress, getattr(request, "session_hash", None))
         dense = EXPORT_KINDS.get(kind, str(kind).startswith("dense"))

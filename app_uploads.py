@@ -73,10 +73,10 @@ class UploadGuard:
         if self.limits.public:
             request = SimpleNamespace(headers=headers, client=SimpleNamespace(host=(scope.get("client") or [None])[0]))
             key = public.visitor_keys(request)[-1]  # the IP where known, else the session key
-            try:
-                length = int(headers["content-length"])
-            except (KeyError, ValueError):
+            length = headers.get("content-length", "").strip()
+            if not length.isascii() or not length.isdigit():  # int() would take "+5", "1_0", "٣"
                 return await _answer(send, 411, "an upload needs a Content-Length header on this public Space")
+            length = int(length)
             try:
                 self.quota.take(key, length)
             except ValueError as err:

@@ -594,3 +594,36 @@ def test_a_run_without_an_owner_is_the_admins_alone(tmp_path):
     assert public.may_control(None, public.ADMIN) and public.may_control(None, None)
     jobs.delete("cli-run", who=public.ADMIN)
     assert not folder.exists()
+
+
+def test_a_run_name_or_targets_with_a_trailing_newline_are_refused(tmp_path):
+    jobs = ScoringJobs(tmp_path / "runs")
+    with pytest.raises(ValueError):
+        jobs.folder("run\n")  # a regex's `$` alone would take it (a folder name with a newline)
+    with pytest.raises(ValueError, match="targets"):
+        jobs.start("fine", model="smollm2-135m-instruct", data="corpus:train", targets="q_proj,k_proj\nx")
+    assert not (tmp_path / "runs" / "fine").exists()
+
+
+@pytest.mark.parametrize("length", ["+5", "1_0", "-1", "٣", ""])
+def test_an_upload_with_an_odd_content_length_is_refused_before_its_body(length):
+    import asyncio
+
+    from app_uploads import UploadGuard
+
+    sent = []
+
+    async def app(scope, receive, send):
+        raise AssertionError("reached Gradio")
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        raise AssertionError("body read")
+
+    guard = UploadGuard(app, public.limits({"ACIP_PUBLIC": "1"}))
+    headers = [(b"content-length", length.encode())] if length else []
+    scope = dict(type="http", method="POST", path="/gradio_api/upload", headers=headers, client=("1.2.3.4", 1))
+    asyncio.run(guard(scope, receive, send))
+    assert sent[0]["status"] == 411

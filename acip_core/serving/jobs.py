@@ -108,7 +108,7 @@ class ScoringJobs:
         self.scans = 0  # how many times the runs folder was scanned (tests: once per poll tick)
 
     def folder(self, name: str) -> Path:
-        if not isinstance(name, str) or not _NAME.match(name):
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise ValueError(f"run name {name!r}: use 1-64 letters, digits, '.', '_' or '-'")
         return self.root / name
 
@@ -137,7 +137,7 @@ class ScoringJobs:
             if getattr(cfg, key) > most:
                 raise ValueError(f"{key} {getattr(cfg, key)} is above the limit of {most} here")
         targets = ",".join(t.strip() for t in (targets or "").split(",") if t.strip())
-        if targets and not _TARGETS.match(targets):
+        if targets and not _TARGETS.fullmatch(targets):
             raise ValueError(f"targets {targets[:80]!r}: comma-separated layer names (letters, digits, '_', '.')")
         # --force: the memory plan is checked here, once (_check_memory), not again by the child
         args = ["-m", "acip_core", "-v", "score", "--model", model, "--data", data,
@@ -248,7 +248,7 @@ class ScoringJobs:
         if not self.root.is_dir():
             return []
         return [f.name for f in self.root.iterdir()
-                if f.is_dir() and _NAME.match(f.name) and self._running(f.name, f)]
+                if f.is_dir() and _NAME.fullmatch(f.name) and self._running(f.name, f)]
 
     def _check_slot(self) -> None:
         running = self._running_names()
@@ -260,7 +260,7 @@ class ScoringJobs:
         """Removes the oldest runs that are not running until the runs folder holds at most max_bytes."""
         if max_bytes == float("inf") or not self.root.is_dir():
             return
-        idle = [f for f in self.root.iterdir() if f.is_dir() and _NAME.match(f.name)
+        idle = [f for f in self.root.iterdir() if f.is_dir() and _NAME.fullmatch(f.name)
                 and not self._running(f.name, f)]
         for f in public.evict_oldest(self.root, max_bytes, entries=idle):
             log.info("removed the old run %s (runs folder bound)", f.name)
@@ -423,7 +423,7 @@ class ScoringJobs:
             return []
         specs = {}
         for f in self.root.iterdir():
-            if f.is_dir() and _NAME.match(f.name) and ((f / RUN_FILE).is_file() or (f / LOG_FILE).is_file()
+            if f.is_dir() and _NAME.fullmatch(f.name) and ((f / RUN_FILE).is_file() or (f / LOG_FILE).is_file()
                                                        or (f / "acip.json").is_file()
                                                        or (f / "tuned.json").is_file()):
                 specs[f.name] = (self._spec(f) or {}).get("created") or f.stat().st_mtime
