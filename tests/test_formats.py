@@ -326,17 +326,23 @@ print(json.dumps(out.tolist()))
 """
 
 
-@pytest.mark.parametrize("key, calibrated", [("int8", False), ("int4-g32+emb8", False), ("int4-g32", True)])
-def test_quantized_export_loads_in_a_fresh_process_with_the_apps_tokens(tiny_llama_wide, tmp_path, key, calibrated):
-    """Calibrated int4: GPTQ codes and balanced factors (`down`'s divided scales) travel with the export."""
+@pytest.mark.parametrize("key, calibrated, tied", [("int8", False, True), ("int4-g32+emb8", False, True),
+                                                   ("int4-g32", True, True), ("int8+emb8", False, False)])
+def test_quantized_export_loads_in_a_fresh_process_with_the_apps_tokens(tiny_llama_wide, tiny_tokenizer, tmp_path,
+                                                                       key, calibrated, tied):
+    """Calibrated int4: GPTQ codes and balanced factors (`down`'s divided scales) travel with the export;
+    an untied head in int8 (+emb8) too, with its own codes."""
     import json
     import os
     import subprocess
     import sys
 
     from acip_core.export.sized import export_lowrank
+    from conftest import _tiny
 
-    model, _, _ = random_any_size(tiny_llama_wide)
+    base = tiny_llama_wide if tied else _tiny("llama", tmp_path / "untied", tiny_tokenizer, hidden_size=128,
+                                              intermediate_size=256)
+    model, _, _ = random_any_size(base)
     if calibrated:
         from acip_core.engine.basis import input_grams
         from helpers import calib_windows
@@ -349,6 +355,7 @@ def test_quantized_export_loads_in_a_fresh_process_with_the_apps_tokens(tiny_lla
 
     config = json.loads((out / "config.json").read_text())
     assert config["acip_quant"]["kind"] == key[:4] and export_info(out)["weights_format"] == key
+    assert config["acip_quant"].get("head", "tied") == ("own" if "+emb8" in key and not tied else "tied")
     on_disk = os.path.getsize(out / "model.safetensors")
     assert abs(on_disk - size.nbytes) <= 0.05 * size.nbytes, (on_disk, size.nbytes)
     ids = random_ids(model.tokenizer.vocab_size, (1, 10))

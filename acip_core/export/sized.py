@@ -205,4 +205,8 @@ def _quantized_state_dict(model: torch.nn.Module, format):
         storages.add(t.untyped_storage().data_ptr())
         out[k] = t
     quant = dict(format.export_quant(), dense=sorted(dense))  # the template's loader: KINDS[kind]
+    head = model.get_output_embeddings()
+    if quant.get("embeddings") == "int8" and isinstance(head, QuantLinear) and not (
+            isinstance(emb, QuantEmbedding) and head.qweight is emb.qweight):
+        quant["head"] = "own"  # an untied head: its own int8 codes (modeling_acip._quantize_)
     return out, ranks, quant

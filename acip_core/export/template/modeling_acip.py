@@ -314,16 +314,21 @@ def factorize_(model: nn.Module, ranks: dict, quant: dict | None = None, transpo
 
 
 def _quantize_(model: nn.Module, quant: dict, dtype: torch.dtype, swap) -> None:
-    """Every listed dense layer by its quantized form, and the tied embedding / head in int8 if listed."""
+    """Every listed dense layer by its quantized form, and the embedding and head in int8 if listed: a
+    tied head reads the embedding's codes, an untied one (`head` "own") has int8 codes of its own."""
     for name in quant.get("dense", []):
         old = model.get_submodule(name)
         if isinstance(old, nn.Linear):
             swap(name, QuantLinear(old.in_features, old.out_features, quant, old.bias is not None, dtype))
     if quant.get("embeddings") == "int8":
-        emb = model.get_input_embeddings()
+        emb, head = model.get_input_embeddings(), model.get_output_embeddings()
         q = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, dtype)
         model.set_input_embeddings(q)
-        model.set_output_embeddings(QuantHead(q))
+        if quant.get("head", "tied") == "own":
+            model.set_output_embeddings(QuantLinear(head.in_features, head.out_features, {"kind": "int8"},
+                                                    head.bias is not None, dtype))
+        else:
+            model.set_output_embeddings(QuantHead(q))
 
 
 _CLASSES: dict = {}
