@@ -403,3 +403,23 @@ def test_an_official_size_rule_travels_with_the_folder_ties_included(tiny_llama,
     net.set_size(0.5, "float32")
     with torch.no_grad():
         assert torch.equal(net(ids).logits, official.materialize(official.size_for_ratio(0.5))(ids).logits)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_int4_groups_that_do_not_divide_a_width_load_as_the_app_runs_them(tiny_tokenizer, tmp_path, dtype):
+    """int4-g128 on 96-wide inputs runs groups of 32 there (formats.int4 group_for), 64 on 192-wide ones:
+    the folder's buffers take the same groups, so it loads and gives the app's logits."""
+    from conftest import _tiny
+
+    base = _tiny("llama", tmp_path / "odd", tiny_tokenizer, hidden_size=96, intermediate_size=192,
+                 num_attention_heads=4, num_key_value_heads=2)
+    any_size = random_any_size(base)[0]
+    out = export_anysize(any_size, tmp_path / "any", dtype, formats=["bfloat16", "int4-g128"])
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, local_files_only=True,
+                                                 size_ratio=1.0, format="int4").eval()
+    ids = random_ids(len(any_size.tokenizer))
+    for r in (0.3, 0.6, 1.0):
+        model.set_size(r, "int4-g128")
+        with torch.no_grad():
+            want = any_size.materialize(any_size.size_for_ratio(r, "int4-g128"), "int4-g128")(ids).logits
+            assert torch.equal(model(ids).logits, want), r

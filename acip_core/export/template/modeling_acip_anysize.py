@@ -69,6 +69,12 @@ ROW_SCALED = {
 INT4_CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)  # ACIP Studio's formats._INT4_CLIPS
 
 
+def group_for(group_size: int, in_features: int) -> int:
+    """The int4 group length for an input size: the largest of 32, 64, 128 up to group_size that divides
+    it (ACIP Studio's formats.int4 group_for; SmolLM2's 576-wide inputs take 64 when 128 is asked)."""
+    return max(g for g in (32, 64, 128) if g <= group_size and in_features % g == 0)
+
+
 def quantize_int4(weight: torch.Tensor, group: int, dtype=torch.bfloat16):
     """(codes two per byte [rows, in/2] uint8, scales [in/group, rows, 2]; rows padded with zeros to 32):
     round to nearest on the per-group grid with the least squared error among INT4_CLIPS, ACIP Studio's
@@ -147,7 +153,7 @@ class AnySizeLinear(nn.Module):
                 parts = (("down", (q, i)), ("up", (o32, q)), ("weight", (o32, i)))
                 for part, (r, k) in parts[:2] if format.get("dense_codes") == "computed" else parts:
                     self.register_buffer(f"{name}_{part}_q", torch.zeros(r, k // 2, dtype=torch.uint8))
-                    self.register_buffer(f"{name}_{part}_s", torch.zeros(k // g, r, 2, dtype=torch.bfloat16))
+                    self.register_buffer(f"{name}_{part}_s", torch.zeros(k // group_for(g, k), r, 2, dtype=torch.bfloat16))
         self.__dict__["_family"] = {}  # format key -> (dense weight, down, up) in that format, built once
         self.__dict__["runner"] = None  # the module the chosen size runs (not a child: never saved)
 
@@ -233,8 +239,7 @@ class AnySizeLinear(nn.Module):
                         if p != "weight" or format.get("dense_codes") != "computed" else None
                         for p in ("weight", "down", "up"))
             if fam[0] is None:  # the dense weight's codes: round to nearest from float32, as ACIP Studio does
-                g = max(x for x in (32, 64, 128) if x <= int(format["group_size"]) and self.in_features % x == 0)
-                fam = (quantize_int4(self.weight, g),) + fam[1:]
+                fam = (quantize_int4(self.weight, group_for(int(format["group_size"]), self.in_features)),) + fam[1:]
         self._family[key] = fam
         return fam
 
