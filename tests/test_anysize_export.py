@@ -31,14 +31,15 @@ PYTHON = os.environ.get("ACIP_TEST_PYTHON", sys.executable)
 
 def _curve(any_size) -> pd.DataFrame:
     """A measured-looking curve: each format worse than the one before it, 0.9 better than 1.0 in
-    float32 (a curve need not be monotone), one window count for all."""
+    float32 (a curve need not be monotone), one window count for all, with a spread that makes close
+    sizes ties (the budget rule then takes the larger) and leaves far ones apart."""
     rows = [dict(method="original", format="float32", size_ratio=1.0, ppl_heldout=10.0, windows=16)]
     for i, key in enumerate(FORMATS):
         for r in (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0):
             ppl = 10.0 * (1 + 2 * (1 - r) ** 2) * (1 + 0.05 * i) + (0.5 if key == "float32" and r == 1.0 else 0)
             size = any_size.size_for_ratio(r, key)
             rows.append(dict(method="acip", format=key, size_ratio=round(size.size_ratio, 5), ppl_heldout=ppl,
-                             gb=size.gigabytes, windows=16))
+                             nll_std_heldout=0.2 + 0.3 * r, gb=size.gigabytes, windows=16))
     return pd.DataFrame(rows)
 
 
@@ -150,9 +151,14 @@ def test_set_size_by_budget_is_the_apps_answer(wide, folder):
     assert model.acip_size["size_ratio"] == 1.0 and model.acip_size["format"] == "float32"
     full = any_size.full_size().gigabytes
     smallest = min(any_size.size_at(0, f).gigabytes for f in FORMATS)
-    for budget in (smallest * 1.05, full * 0.3, full * 0.45, full * 0.7, full * 1.5):
+    budgets = [smallest * 1.05] + [full * x for x in (0.3, 0.38, 0.45, 0.55, 0.62, 0.7, 0.85, 1.0, 1.5)]
+    noiseless = curve.drop(columns=["nll_std_heldout"])
+    differs = 0  # budgets where the noise rule answers otherwise than the lowest perplexity alone
+    for budget in budgets:
         try:
             want = best_for_budget(any_size, curve, budget, formats=list(FORMATS))
+            plain = best_for_budget(any_size, noiseless, budget, formats=list(FORMATS))
+            differs += (plain["format"], plain["size"].prefix) != (want["format"], want["size"].prefix)
         except ValueError as err:  # e.g. no measured size fits: the same refusal
             with pytest.raises(ValueError, match=str(err).split(" GB ")[1][:20]):
                 model.set_size(budget_gb=budget)
@@ -171,6 +177,7 @@ def test_set_size_by_budget_is_the_apps_answer(wide, folder):
                 continue
             got = model.set_size(budget_gb=budget, format=key)
             assert (got["format"], got["prefix"]) == (key, want["size"].prefix)
+    assert differs, "the test curve's spread should decide some budget"
     # the model runs the size it reports
     ids = random_ids(len(any_size.tokenizer))
     info = model.set_size(budget_gb=full * 0.45)
@@ -212,7 +219,23 @@ def test_bytes_stay_below_twice_the_original_and_the_official_layout(wide, folde
     assert layer_plan(any_size, [parse_format(f) for f in FORMATS], "float32") == plan
     card = (folder / "README.md").read_text()
     assert "download once, choose the size later" in card and "set_size(budget_gb=" in card
-    assert "## Budgets" in card and "| 0.50 |" in card and "license:" in card
+    assert "## Budgets" in card and "| 0.50 |" in card and "license: other" in card
+    assert "license_link: LICENSE" in card and "licence applies" in (folder / "LICENSE").read_text()
+
+
+def test_a_known_licence_is_named_by_its_id_in_the_any_size_card(wide, monkeypatch):
+    from acip_core.export import card
+    from acip_core.export.card import anysize_card, license_text
+    from acip_core.export.folder import public_name
+
+    any_size, curve = wide
+    monkeypatch.setattr(card, "LICENSES", {public_name(any_size): ("apache-2.0", "Apache License, Version 2.0",
+                                                                   "https://www.apache.org/licenses/LICENSE-2.0")})
+    info = dict(tensor_bytes=1, original_float32_bytes=2, official_layout_bytes=3, dtype="float32", created="now")
+    text = anysize_card(any_size, info, [parse_format("float32")], None, {}, False)
+    front = text.split("---")[1]
+    assert "license: apache-2.0\n" in front and "license_link: LICENSE" in front and "(" not in front
+    assert "Apache License, Version 2.0" in text and "SPDX-License-Identifier: Apache-2.0" in license_text(any_size)
 
 
 def test_a_bfloat16_folder_holds_half_and_gives_the_apps_numbers(wide, tmp_path):
@@ -423,3 +446,31 @@ def test_int4_groups_that_do_not_divide_a_width_load_as_the_app_runs_them(tiny_t
         with torch.no_grad():
             want = any_size.materialize(any_size.size_for_ratio(r, "int4-g128"), "int4-g128")(ids).logits
             assert torch.equal(model(ids).logits, want), r
+
+
+def test_to_moves_every_tensor_a_size_runs_and_computed_codes_want_float32(wide, folder):
+    """.to(device) moves the size's own modules, the formats' tensors and the other parameters' stored
+    copies with the model (`meta` stands in for a GPU here: a tensor left behind fails the forward);
+    codes computed at load come from float32 weights only."""
+    any_size, _ = wide
+    ids = random_ids(len(any_size.tokenizer))
+    for fmt in FORMATS:
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, local_files_only=True,
+                                                     size_ratio=0.6, format=fmt).eval()
+        model.to("cpu")  # a no-op move rebuilds the size: the same numbers
+        with torch.no_grad():
+            want = any_size.materialize(any_size.size_for_ratio(0.6, fmt), fmt)(ids).logits
+            assert torch.equal(model(ids).logits, want), fmt
+            model.to("meta")
+            assert model(ids.to("meta")).logits.device.type == "meta", fmt
+            model.set_size(0.8, fmt)  # sizes change where the model now is
+            assert model(ids.to("meta")).logits.device.type == "meta", fmt
+    bf = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, local_files_only=True,
+                                              size_ratio=0.6, format="bfloat16").eval().to(torch.bfloat16)
+    with torch.no_grad():  # the bf16 size runs on (.to(bf16) casts the rotary tables too, as on any model)
+        assert bf(ids).logits.dtype == torch.bfloat16 and torch.isfinite(bf(ids).logits).all()
+    for fmt in ("int8", "float8", "int4-g32"):
+        with pytest.raises(ValueError, match="computes its codes from this folder's float32 weights"):
+            bf.set_size(0.5, fmt)
+    with pytest.raises(ValueError, match="holds bfloat16 weights"):
+        bf.set_size(0.5, "float32")

@@ -117,3 +117,17 @@ def test_license_file_names_the_base_models_licence(any_size, tmp_path):
     text = (out / LICENSE_FILE).read_text()
     assert "Apache License, Version 2.0" in text and "HuggingFaceTB/SmolLM2-135M-Instruct" in text
     assert oct((out / LICENSE_FILE).stat().st_mode & 0o777) == "0o644"
+
+
+def test_a_local_path_is_shown_by_its_name_only():
+    """A folder is pushed to the hub: its card and acip_export.json name a local model or text by its
+    last part, never this machine's path."""
+    from acip_core.export.folder import shown_source
+
+    assert shown_source("smollm2-135m-instruct") == "smollm2-135m-instruct"
+    assert shown_source("Qwen/Qwen2.5-7B-Instruct") == "Qwen/Qwen2.5-7B-Instruct"
+    assert shown_source("hf:allenai/c4:en:train") == "hf:allenai/c4:en:train"
+    assert shown_source("corpus:broad") == "corpus:broad"
+    assert shown_source("/home/someone/private/models/my-llama") == "my-llama"
+    assert shown_source("/home/someone/notes.txt") == "notes.txt"
+    assert shown_source(None) is None

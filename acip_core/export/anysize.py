@@ -18,7 +18,9 @@ Globally: the layer of each score entry (the global order), the size ratio and t
 format after each prefix, and the artifact's curve (config.json, so the budget rule needs no file).
 
 Bytes on disk: a layer's factor rows up to its dense crossover cost at most its dense weight, so the
-float part is below 2× the compressed layers plus everything else once (export_bytes() says how much).
+float part is below 2× the compressed layers plus everything else once (folder_bytes() says how much).
+An imported official checkpoint (size_rule "official") keeps every layer factorized at every size, so
+its folder stores all factor rows besides the weight: three times a square layer's weight.
 """
 
 from __future__ import annotations
@@ -33,17 +35,19 @@ from safetensors.torch import save_file
 
 from acip_core.engine.materialize import AnySizeModel
 from acip_core.evaluation.curve import acip_rows
-from acip_core.export.card import anysize_card
+from acip_core.export.card import anysize_card, license_text
 from acip_core.export.folder import (
     CARD_FILE,
     CONFIG_FILE,
     CURVE_FILE,
     CURVE_PNG,
     INFO_FILE,
+    LICENSE_FILE,
     TEMPLATE,
     WEIGHTS_FILE,
     check_target,
     portable_config,
+    shown_source,
     write_folder,
     write_generation_and_tokenizer,
 )
@@ -174,11 +178,13 @@ def _tensors(any_size: AnySizeModel, plan: dict, formats: list[Format], dtype: s
 
 
 def curve_rows(curve) -> list:
-    """The curve's ACIP rows as config.json carries them (format, size_ratio, windows, ppl_*; NaN: None)."""
+    """The curve's ACIP rows as config.json carries them (format, size_ratio, windows, ppl_*, nll_std_*:
+    what the budget rule reads; NaN: None)."""
     acip = acip_rows(curve)
     if acip is None:
         return []
-    cols = ["format", "size_ratio"] + [c for c in acip.columns if c == "windows" or c.startswith("ppl_")]
+    cols = ["format", "size_ratio"] + [c for c in acip.columns
+                                       if c == "windows" or c.startswith(("ppl_", "nll_std_"))]
     rows = []
     for _, r in acip[cols].iterrows():
         rows.append({c: (r[c] if c == "format" else (None if r[c] != r[c] else float(r[c]))) for c in cols})
@@ -243,7 +249,7 @@ def export_anysize(any_size: AnySizeModel, out_dir: str | Path, dtype: str = "fl
                 tensor_bytes=sum(t.numel() * t.element_size() for t in tensors.values()),
                 original_float32_bytes=original, official_layout_bytes=official_layout_bytes(any_size, "float32"),
                 target_layers=len(any_size.targets),
-                base_model=any_size.meta and any_size.meta.model.source,
+                base_model=shown_source(any_size.meta and any_size.meta.model.source),
                 base_fingerprint=any_size.meta and any_size.meta.model.fingerprint, acip_studio=__version__,
                 created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     readme = anysize_card(any_size, info, formats, curve, card or {}, curve_png is not None)
@@ -260,6 +266,7 @@ def export_anysize(any_size: AnySizeModel, out_dir: str | Path, dtype: str = "fl
         if curve_png is not None:
             shutil.copyfile(curve_png, tmp / CURVE_PNG)
         (tmp / CARD_FILE).write_text(readme, encoding="utf-8")
+        (tmp / LICENSE_FILE).write_text(license_text(any_size), encoding="utf-8")
         for path in tmp.iterdir():  # readable by another uid
             if path.is_file():
                 path.chmod(0o644)

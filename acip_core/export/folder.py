@@ -100,6 +100,14 @@ def _portable_tokenizer_config(path: Path) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def shown_source(source: str | None) -> str | None:
+    """A model source as an export may show it to others: the embedded name or a hub id as they are, a
+    local path by its last part only (a folder is pushed to the hub; this machine's paths stay here)."""
+    if not source or source == EMBEDDED or (source.count("/") == 1 and not Path(source).expanduser().exists()):
+        return source
+    return Path(source).name
+
+
 def public_name(any_size) -> str:
     """The base model's public name: its hub id (the embedded model's too), else its folder's name."""
     source = str(any_size.meta and any_size.meta.model.source

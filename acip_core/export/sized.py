@@ -39,6 +39,7 @@ from acip_core.export.folder import (
     WEIGHTS_FILE,
     check_target,
     portable_config,
+    shown_source,
     write_folder,
     write_generation_and_tokenizer,
 )
@@ -92,7 +93,7 @@ def _export(any_size, size, out_dir, format, card, dense: bool) -> Path:
                 weights_format=format.key, weights_bytes=size.nbytes,
                 size_ratio=round(size.size_ratio, 6), params=params, runtime_params=size.params,
                 factorized_layers=len(ranks), target_layers=len(any_size.targets),
-                base_model=any_size.meta and any_size.meta.model.source,
+                base_model=shown_source(any_size.meta and any_size.meta.model.source),
                 base_fingerprint=any_size.meta and any_size.meta.model.fingerprint,
                 acip_studio=__version__,
                 created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))

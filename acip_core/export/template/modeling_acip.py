@@ -10,11 +10,14 @@ torch and transformers (no ACIP Studio). Load with
 config.json names the base architecture (`acip_base_model_type`, e.g. "llama" or "qwen2") and the
 factorized layers with their ranks (`acip_ranks`, {module name: rank}); every other layer is the
 base architecture's own, except GPT-2-style Conv1D layers listed in `acip_transposed`, stored and run
-as nn.Linear ([out, in]). A weight-only int8/int4 export also has `acip_quant` ({"kind", "group_size",
-"embeddings", "dense": [names]}): every factor and every listed dense layer then holds codes
-(`qweight`: int8, or two 4-bit codes per uint8 byte, low nibble first) and `scales` (int8: one per
-output row; int4: [in/group, rows, 2] scale and zero, w = (q - 8)·scale + zero), multiplied on the CPU
-by torch's weight-only kernels with bfloat16 activations (elsewhere by the dequantized matrix). `auto_map` names ACIPConfig__<base> and ACIPForCausalLM__<base>: this
+as nn.Linear ([out, in]). A weight-only int8/int4/float8 export also has `acip_quant` ({"kind",
+"group_size", "embeddings", "head", "dense": [names]}): every factor and every listed dense layer then
+holds codes (`qweight`: int8, float8 e4m3, or two 4-bit codes per uint8 byte, low nibble first) and
+`scales` (int8: one bf16 per output row; float8: one float32 per output row; int4: [in/group, rows, 2]
+scale and zero, w = (q - 8)·scale + zero; table KINDS), multiplied on the CPU by torch's weight-only
+kernels with bfloat16 activations (float8: its codes cast to bf16; elsewhere by the dequantized
+matrix). With "embeddings" "int8" the embedding holds int8 codes too, and the head reads them (tied)
+or holds its own (`head` "own"). `auto_map` names ACIPConfig__<base> and ACIPForCausalLM__<base>: this
 module builds those classes on first use, subclassing the base config and CausalLM classes.
 """
 
@@ -106,7 +109,7 @@ class Int8Codes:
     @staticmethod
     def cpu_product(layer, x2: torch.Tensor) -> torch.Tensor:
         if layer.in_features % INT8_INPUT_MULTIPLE:  # codes cast, scale after (as the app)
-            return nn.functional.linear(x2, layer.qweight.to(x2.dtype)) * layer.scales
+            return bf16_linear(x2, layer.qweight.to(x2.dtype)) * layer.scales
         layer._align_()
         return _INT8_MM(x2.contiguous(), layer.qweight, layer.scales)
 

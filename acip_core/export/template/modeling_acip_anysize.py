@@ -212,6 +212,14 @@ class AnySizeLinear(nn.Module):
         m.up.bias = bias
         return m
 
+    def _float32_weights(self, key: str) -> None:
+        """Codes are computed from the float32 weights (ACIP Studio's numbers); others would round
+        otherwise: refused."""
+        if self.weight.dtype != torch.float32:
+            raise ValueError(f"{key} computes its codes from this folder's float32 weights, which are now "
+                             f"{str(self.weight.dtype).removeprefix('torch.')} (a dtype= at load, or .to()): "
+                             "keep them float32")
+
     def _family_of(self, format: dict):
         """(dense weight, down, up) in `format`, built on first use and kept (ACIP Studio's "family")."""
         key = format["key"]
@@ -223,6 +231,7 @@ class AnySizeLinear(nn.Module):
             same = self.weight.dtype == dtype  # the stored tensors themselves
             fam = tuple(t.detach() if same else t.detach().to(dtype) for t in (self.weight, self.down, self.up_t))
         elif format["kind"] in ROW_SCALED and format["codes"] == "computed":
+            self._float32_weights(key)
             # the factors quantized as ACIP Studio does: rows padded with zeros to the padded rank, down per
             # row; up per output row over its whole padded rank (the stored scales: rows past the stored
             # prefix count in them), the codes of the kept columns rounded on that grid
@@ -239,6 +248,7 @@ class AnySizeLinear(nn.Module):
                         if p != "weight" or format.get("dense_codes") != "computed" else None
                         for p in ("weight", "down", "up"))
             if fam[0] is None:  # the dense weight's codes: round to nearest from float32, as ACIP Studio does
+                self._float32_weights(key)
                 fam = (quantize_int4(self.weight, group_for(int(format["group_size"]), self.in_features)),) + fam[1:]
         self._family[key] = fam
         return fam
@@ -312,9 +322,10 @@ class AnySizeMixin:
         return dict(prefix=prefix, format=key, size_ratio=ratio, bytes=nbytes, gb=nbytes / 1e9)
 
     def best_for_budget(self, budget_gb: float, format: str | None = None, eval_set: str = "heldout") -> dict:
-        """ACIP Studio's budget answer (curve.best_in_format in each format, the best by the curve's
-        perplexity on `eval_set`; with `format`, that format's answer): dict(prefix, format, size_ratio,
-        bytes, gb, perplexity)."""
+        """ACIP Studio's budget answer (curve.rank_for_budget; with `format`, curve.best_in_format): in each
+        format the largest size that fits and every measured size below it, ranked by the curve's
+        perplexity on `eval_set`: the lowest wins unless a larger size is within noise of it (`_pick`).
+        Returns dict(prefix, format, size_ratio, bytes, gb, perplexity, noise)."""
         budget_gb = float(budget_gb)
         if not budget_gb == budget_gb or budget_gb <= 0:
             raise ValueError(f"the budget must be a positive number of GB, got {budget_gb}")
@@ -323,28 +334,30 @@ class AnySizeMixin:
             [k for k in dict.fromkeys(r["format"] for r in acip) if k in self.acip_formats]
         if not keys:  # no measured curve for this folder's formats: the largest size in the current one
             keys = [self._format(None)["key"]]
-        picks, smallest = [], []
+        picks, pool, smallest = {}, [], []
         for key in keys:
             largest = self.prefix_for_budget(budget_gb, key)
             if largest < 0:
                 smallest.append((self.size_info(0, key)["gb"], key))
                 continue
-            best = dict(self.size_info(largest, key), perplexity=None)
-            line = [r for r in acip if r["format"] == key]
-            for ratio in [best["size_ratio"]] + [r["size_ratio"] for r in line if r["size_ratio"] < best["size_ratio"] - 1e-9]:
-                info = self.size_info(self.prefix_for_ratio(ratio), key) if ratio != best["size_ratio"] else best
+            top, line, found = self.size_info(largest, key), [r for r in acip if r["format"] == key], []
+            for ratio in [top["size_ratio"]] + [r["size_ratio"] for r in line if r["size_ratio"] < top["size_ratio"] - 1e-9]:
+                info = top if ratio == top["size_ratio"] else self.size_info(self.prefix_for_ratio(ratio), key)
                 ppl = _interpolate_ppl(line, info["size_ratio"], eval_set)
-                if ppl is not None and info["gb"] <= budget_gb and (best["perplexity"] is None or ppl < best["perplexity"]):
-                    best = dict(info, perplexity=ppl)
-            picks.append(best)
+                if ppl is not None and info["gb"] <= budget_gb:
+                    found.append(dict(info, perplexity=ppl, noise=_noise_at(line, info["size_ratio"], eval_set)))
+            picks[key] = _pick(found) or dict(top, perplexity=None, noise=None)
+            pool += found
         if not picks:
             gb, key = min(smallest)
             raise ValueError(f"{budget_gb:g} GB is smaller than the smallest model ({gb:.4f} GB in {key})")
-        ranked = picks if format is not None or not acip else [p for p in picks if p["perplexity"] is not None]
-        if not ranked:
+        if format is not None or not acip:
+            return next(iter(picks.values()))
+        winner = _pick(pool)
+        if winner is None:
             raise ValueError(f"{budget_gb:g} GB holds no measured size in any format (measured sizes start at "
                              f"{min(r['size_ratio'] for r in acip):.2f}; pass format= for an unmeasured size)")
-        return min(ranked, key=lambda p: p["perplexity"])  # min keeps the first of equals, as a stable sort
+        return picks[winner["format"]]  # that format's own answer, as the app shows it
 
     def set_size(self, size_ratio: float | None = None, format: str | None = None, budget_gb: float | None = None,
                  eval_set: str = "heldout") -> dict:
@@ -360,11 +373,16 @@ class AnySizeMixin:
         else:
             format = self._format(format)
             prefix = self.prefix_for_ratio(size_ratio)
+        return self._run_prefix(prefix, format, pick.get("perplexity"))
+
+    def _run_prefix(self, prefix: int, format: dict, perplexity=None) -> dict:
+        """Builds the size of the first `prefix` score entries in `format` and runs it."""
         names = self.config.acip_anysize["layer_names"]
         layers = [self.get_submodule(n) for n in names]
         if format["kind"] == "float32" and layers and layers[0].weight.dtype != torch.float32:
-            raise ValueError("this model holds bfloat16 weights (a bfloat16 folder, or loaded with a dtype): "
-                             "float32 needs the float32 any-size folder, loaded without dtype=")
+            raise ValueError(f"this model holds {str(layers[0].weight.dtype).removeprefix('torch.')} weights (a "
+                             "bfloat16 folder, or a dtype= at load, or .to()): float32 needs the float32 any-size "
+                             "folder, loaded without dtype=")
         ranks = torch.bincount(self.acip_index.layer_of[:prefix].long(), minlength=len(layers)).tolist()
         self._set_compute_dtype(FLOATS.get(format["kind"], torch.bfloat16))
         dense = 0
@@ -372,9 +390,31 @@ class AnySizeMixin:
             layer.set_rank(format, rank)
             dense += layer.runs_dense(format["key"], rank)
         info = dict(self.size_info(prefix, format["key"]), dense_layers=dense, ranks=dict(zip(names, ranks)),
-                    perplexity=pick.get("perplexity"))  # the curve's, for a budget's pick
+                    perplexity=perplexity)  # the curve's, for a budget's pick
         self.__dict__["acip_size"] = info
         return info
+
+    def _apply(self, fn, recurse=True):
+        """.to(), .cuda(), .half(), ... as on any module. The size's own modules, each format's tensors
+        and the stored copies of the other parameters are not children, so they follow here: the copies
+        converted too, the formats' tensors dropped (built again on use) and the current size rebuilt.
+        The index (acip_index: exact integer and float32 tables read on the CPU) stays as it is."""
+        index = self._modules.pop("acip_index", None)
+        try:
+            out = super()._apply(fn, recurse)
+        finally:
+            if index is not None:
+                self._modules["acip_index"] = index
+        masters = self.__dict__.get("_acip_masters")
+        if masters is not None:
+            self.__dict__["_acip_masters"] = {k: (p, fn(m)) for k, (p, m) in masters.items()}
+        for m in self.modules():
+            if isinstance(m, AnySizeLinear):
+                m._family.clear()
+        size = self.__dict__.get("acip_size")
+        if size is not None:
+            self._run_prefix(size["prefix"], self._format(size["format"]), size.get("perplexity"))
+        return out
 
     def _set_compute_dtype(self, dtype: torch.dtype) -> None:
         """Every parameter outside the compressed layers (embeddings, norms, head: tied ones stay one
@@ -408,6 +448,32 @@ def _comparable_acip(rows: list) -> list:
         counts[w] = counts.get(w, 0) + 1
     mode = min(w for w, c in counts.items() if c == max(counts.values()))
     return [r for r in rows if per_format.get(r["format"]) == mode]
+
+
+def _noise_at(line: list, size_ratio: float, eval_set: str):
+    """One standard error of log perplexity at size_ratio on one format's line (curve.noise_at:
+    nll_std / √windows, interpolated between measured sizes); None where the curve records no spread."""
+    col = f"nll_std_{eval_set}"
+    pts = sorted(((r["size_ratio"], r[col] / math.sqrt(max(r["windows"], 1))) for r in line
+                  if all(k in r and r[k] == r[k] for k in ("size_ratio", col, "windows"))), key=lambda p: p[0])
+    if not pts:
+        return None
+    return float(np.interp(size_ratio, [p[0] for p in pts], [p[1] for p in pts]))
+
+
+def _pick(candidates: list):
+    """ACIP Studio's ranking rule (curve._pick): the lowest perplexity wins unless a larger size (or, at
+    the same size, a format with more bytes) is within noise of it, one standard error of the two log
+    perplexities' difference; then the largest such wins. None without candidates."""
+    if not candidates:
+        return None
+    best = min(candidates, key=lambda c: c["perplexity"])
+
+    def tied(c):
+        se = math.hypot(c["noise"] or 0.0, best["noise"] or 0.0)
+        return math.log(c["perplexity"]) - math.log(best["perplexity"]) <= se
+
+    return max((c for c in candidates if tied(c)), key=lambda c: (round(round(c["size_ratio"], 5), 4), c["gb"]))
 
 
 def _interpolate_ppl(line: list, size_ratio: float, eval_set: str):
