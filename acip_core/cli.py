@@ -642,7 +642,7 @@ def main(argv=None) -> int:
         _quiet_progress_bars()
     try:
         COMMANDS[args.command](args)
-    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, OSError, RuntimeError) as err:  # OSError: FileExistsError, IsADirectoryError, ...
         if args.json:
             print(json.dumps({"error": str(err)}))
         print(f"error: {err}", file=sys.stderr)

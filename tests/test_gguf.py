@@ -144,3 +144,25 @@ def test_a_gguf_gets_a_memory_plan_before_it_is_loaded_or_converted(tiny_qwen, t
     bad.write_bytes(b"not a gguf at all")
     with pytest.raises(ModelSourceError, match="cannot read this GGUF's config"):
         load_config(str(bad))
+
+
+def test_a_hub_id_whose_cache_holds_only_its_config_goes_on_to_download(tmp_path, monkeypatch):
+    """A memory plan fetches a hub id's config.json alone; the run that follows must not take that
+    partial copy for the model (transformers raises ValueError for the missing tokenizer), but try the
+    hub, and offline say so."""
+    from transformers import LlamaConfig
+
+    from acip_core.sources.models import load_config
+
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--someone--tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                vocab_size=100).save_pretrained(repo / "snapshots" / "abc123")
+    assert load_config("someone/tiny").num_hidden_layers == 1
+    with pytest.raises(ModelSourceError, match="not in the local Hugging Face cache and HF_HUB_OFFLINE is set"):
+        load_base("someone/tiny")

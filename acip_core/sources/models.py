@@ -173,7 +173,7 @@ def _load_from_hub(model_id: str, dtype: torch.dtype, meta: bool = False):
     try:  # a copy already in the local HF cache works offline too
         tokenizer = AutoTokenizer.from_pretrained(model_id, local_files_only=True)
         model = _model(model_id, dtype, meta, local_files_only=True)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a partial copy (a plan fetched config.json alone)
         why = ("HF_HUB_OFFLINE is set" if hub_offline() else
                None if hub_reachable() else "the Hugging Face hub cannot be reached (offline?)")
         if why:  # fail at once, not after a minute of retries
