@@ -150,8 +150,7 @@ def cmd_size(args):
         pick = best_for_budget(model, opened.artifact.curve, args.budget_gb, args.eval_set)
         size = pick["size"]
         result = dict(_size_dict(size, args.budget_gb), **{k: v for k, v in pick.items() if k != "size"})
-    else:
-        args.format = args.format or "float32"
+    else:  # no --format: float32, or a tuned size's own format (open_sized)
         model, size = _open_method_size(args)
         result = _size_dict(size, args.size_ratio if args.size_ratio is not None else args.budget_gb)
     if args.budget_gb is not None:
@@ -332,7 +331,7 @@ def _export_any_size(args):
     from acip_core.artifacts.open import open_folder
     from acip_core.artifacts.tuned import is_tuned
 
-    if args.dense or args.size_ratio is not None or args.format != "float32":
+    if args.dense or args.size_ratio is not None or args.format is not None:
         raise ValueError("--any-size holds every size and format: drop --dense, --size-ratio and --format")
     if is_tuned(args.artifact):
         raise ValueError("a tuned size is one size: export it without --any-size")
@@ -365,8 +364,8 @@ def cmd_push(args):
 def cmd_bench(args):
     from acip_core.evaluation.bench import compare_speed
 
-    format = _format(args)
     model, size = _open_method_size(args)
+    format = size.format  # --format, or float32, or a tuned size's own
     result = compare_speed(model, size.size_ratio, format, args.prompt_tokens,
                            args.new_tokens, args.rounds)
     lines = [f"size {result['size_ratio']:.3f} vs original, {format.key}, {result['threads']} threads, batch 1:",
@@ -570,7 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifact", required=True, help="artifact folder, or a tuned size's folder")
     p.add_argument("--size-ratio", "--compression-ratio", dest="size_ratio", type=float,
                    help="not needed for a tuned size")
-    _format_args(p)
+    _format_args(p, None)  # None: float32, or a tuned size's own format
     p.add_argument("--prompt-tokens", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
@@ -613,7 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "int8, float8, int4-g32 the weights allow, but float8 in a bfloat16 folder only when "
                         "named: there it stores its codes)")
     p.add_argument("--curve-png", default=None, help="--any-size: a plot of the curve for the model card")
-    _format_args(p)
+    _format_args(p, None)  # None: float32, or a tuned size's own format
     p = sub.add_parser("push", help="upload an export folder to the Hugging Face hub")
     p.add_argument("folder", help="an export folder (python -m acip_core export ...)")
     p.add_argument("--repo-id", required=True, help="user/name (created if needed)")

@@ -121,7 +121,7 @@ def test_the_tuned_size_opens_with_its_own_size_and_its_figures_reproduce(tuned,
         open_sized(tiny_artifact)
 
 
-def test_a_size_tuned_in_int8_trains_over_quantized_factors_and_is_served_in_int8(tiny_artifact, tmp_path):
+def test_a_size_tuned_in_int8_trains_over_quantized_factors_and_is_served_in_int8(tiny_artifact, tmp_path, capsys):
     """ACIP → int8 → FT (the paper's Table A4 order): the frozen factors are int8 QWeights while the
     LoRA trains; the tuned size opens in int8 by default and its recorded figures are the served ones."""
     from acip_core.sources.data import load_text, token_windows
@@ -145,6 +145,14 @@ def test_a_size_tuned_in_int8_trains_over_quantized_factors_and_is_served_in_int
     assert perplexity(model.materialize(size, size.format), w)["perplexity"] == \
         pytest.approx(fig["tuned"]["perplexity"], rel=1e-4)
     assert open_sized(out, format="float32")[1].format.key == "float32"  # any format may still be asked for
+    from acip_core import cli  # every command opens it in its own format unless --format asks for another
+
+    capsys.readouterr()
+    for argv, key in ((["size"], "int8"), (["size", "--format", "bfloat16"], "bfloat16"),
+                      (["export", "--out", str(tmp_path / "x")], "int8")):
+        assert cli.main(argv + ["--artifact", str(out), "--json"]) == 0, argv
+        result = json.loads(capsys.readouterr().out)
+        assert result["format"] == key, (argv, result)
 
 def test_resume_after_an_interruption_equals_the_uninterrupted_run(tiny_artifact, tmp_path):
     cfg = _cfg(objective="kd", temperature=2.0, lora_dropout=0.1)
