@@ -51,3 +51,16 @@ def test_the_gate_can_be_turned_off_or_widened():
     two = ComputeGate(2).wrap(_Slow())
     _hammer(two)
     assert two.most <= 2
+
+
+def test_a_gated_model_keeps_its_forward_signature(tiny_llama):
+    """generate() passes logits_to_keep only to a forward that names it: behind the gate a prefill
+    still computes the head for the last token only."""
+    import inspect
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    ComputeGate(1).wrap(model)
+    assert "logits_to_keep" in inspect.signature(model.forward).parameters
+    assert model._supports_logits_to_keep()

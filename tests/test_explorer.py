@@ -163,6 +163,14 @@ def test_perplexity_rows_carry_their_spread_and_cancel(explorer):
         explorer.measure_perplexity(0.7, data="/nonexistent/file.txt", seq_len=32)
 
 
+def test_lm_eval_checks_its_format_before_building_anything(explorer):
+    families = set(explorer.any_size._families)
+    for bad in ("int8+emb8+fast", "float8+fast", "bogus"):
+        with pytest.raises(ValueError, match="format"):
+            explorer.measure_lm_eval(0.7, "acip_last_word", limit=2, format=bad)
+    assert set(explorer.any_size._families) == families
+
+
 def test_perplexity_checks_every_input_before_work_and_keeps_few_windows(explorer, monkeypatch):
     """A refused request does no work (the app gives its quota back for it), and the token windows a
     visitor's choices of text and length create are bounded (measure.WINDOW_CACHE)."""

@@ -112,3 +112,33 @@ def test_bfloat16_materialization_runs_and_stays_close(tiny_llama):
         a = any_size.materialize(size, "float32")(ids).logits
         b = any_size.materialize(size, "bfloat16")(ids).logits.float()
     assert (a - b).abs().max() < 0.1 * a.abs().max()
+
+
+@pytest.mark.parametrize("fmt", ["float32", "bfloat16", "int8"])
+def test_a_hook_on_one_size_runs_on_that_size_only(tiny_llama, fmt):
+    """lm-eval puts a stop hook on the size it measures: another visitor's size of the same format (and
+    the next family built from the base) must not run it."""
+    model = random_any_size(tiny_llama)[0]
+    ids = random_ids(len(model.tokenizer))
+    a = model.materialize(model.size_for_ratio(0.5, fmt), fmt)
+    calls = []
+    handles = [m.register_forward_pre_hook(lambda *_: calls.append(1)) for m in a.modules()]
+    b = model.materialize(model.size_for_ratio(0.9, fmt), fmt)
+    with torch.no_grad():
+        b(ids)
+        model.materialize(model.full_size(fmt), fmt)(ids)
+        model.materialize(model.size_for_ratio(0.7, "bfloat16"), "bfloat16")(ids)  # a family built now
+    assert calls == []
+    with torch.no_grad():
+        a(ids)
+    assert calls
+    for h in handles:
+        h.remove()
+
+
+def test_a_budget_of_exactly_a_sizes_bytes_takes_that_size(tiny_llama):
+    model = random_any_size(tiny_llama)[0]
+    for r in (0.3, 0.55, 0.8):
+        for fmt in ("float32", "int8"):
+            size = model.size_for_ratio(r, fmt)
+            assert model.size_for_budget(size.gigabytes, fmt).nbytes == size.nbytes, (r, fmt)

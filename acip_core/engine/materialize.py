@@ -150,7 +150,8 @@ class AnySizeModel:
         if not gigabytes == gigabytes or gigabytes <= 0:  # NaN or non-positive
             raise ValueError(f"the budget must be a positive number of GB, got {gigabytes}")
         # clamped before the integer conversion: 1e308 GB is "everything", not an overflow
-        max_bytes = int(min(gigabytes, 1e9) * 1e9)  # 1e18 bytes: within int64
+        # + 1e-3: a size's own `gigabytes` (nbytes / 1e9) times 1e9 can land a hair below nbytes
+        max_bytes = int(min(gigabytes, 1e9) * 1e9 + 1e-3)  # 1e18 bytes: within int64
         prefix = self.index.prefix_for_bytes(format, self.other_bytes(format), max_bytes)
         if prefix < 0:
             smallest = self.size_at(0, format).gigabytes
@@ -260,8 +261,7 @@ class AnySizeModel:
             if not 0 <= r <= self.shapes[n].full_rank:
                 raise ValueError(f"{n}: rank {r} outside [0, {self.shapes[n].full_rank}]")
             if is_original or self.shapes[n].format_bytes(r, self.lora_rank, format)[1]:
-                swap[id(original)] = original  # shared module: the original weight, no LoRA
-                continue
+                continue  # the original weight, no LoRA: _clone_tree copies the module (hooks its own)
             down, up = factors[n]
             bias = getattr(original, "bias", None)
             if format.quantized:
@@ -322,8 +322,16 @@ def _clone_tree(module: nn.Module, swap: dict[int, nn.Module]) -> nn.Module:
     new.__dict__.update(module.__dict__)
     new.__dict__.update(  # not through Module.__setattr__: these are its own bookkeeping dicts
         _parameters=dict(module._parameters), _buffers=dict(module._buffers),
-        _modules={k: None if c is None else _clone_tree(c, swap) for k, c in module._modules.items()})
+        _modules={k: None if c is None else _clone_tree(c, swap) for k, c in module._modules.items()},
+        # hooks of its own: one registered on a size (lm-eval's stop hook) must not run on every other
+        # size, nor on the base tree the next family is copied from
+        **{name: type(module.__dict__[name])(module.__dict__[name]) for name in _HOOK_DICTS if name in module.__dict__})
     return new
+
+
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+               "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
 
 
 def count_bytes(model: nn.Module) -> int:

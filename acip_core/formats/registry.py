@@ -68,6 +68,9 @@ class Format:
         if self.layout == "fast" and not self.quantized:
             raise ValueError(f"only the quantized formats have a fast layout (their kernels' per-call floor); "
                              f"{self.name} has none")
+        if self.embeddings == "int8" and not self.quantized:  # their embeddings stay in the float dtype
+            raise ValueError(f"only the quantized formats take int8 embeddings (+emb8); {self.name} keeps its "
+                             "embedding in its own dtype")
 
     # -- identity ---------------------------------------------------------------------------------
     @property

@@ -4,6 +4,7 @@ by it (serving/explorer.py, serving/measure.py)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 
@@ -34,6 +35,7 @@ class ComputeGate:
             return model
         inner, sem = model.forward, self._sem
 
+        @functools.wraps(inner)  # its signature: generate() passes logits_to_keep only where forward takes it
         def forward(*args, **kwargs):
             with sem:
                 return inner(*args, **kwargs)

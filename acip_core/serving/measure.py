@@ -90,6 +90,7 @@ class MeasureMixin:
         if limit is not None or lim.public:
             limit = check_int(lim.lm_eval_items if limit is None else limit, 1, lim.lm_eval_items, "limit")
         batch_size = check_int(batch_size, 1, 512, "batch_size")
+        format = check_format(format)  # before anything is built (a family of another key would stay)
         size = self.size(ratio)
         model = GATE.wrap(self.any_size.materialize(size, format))  # its own tree: lm-eval's hooks stay on it
         start = time.perf_counter()

@@ -312,7 +312,7 @@ class AnySizeMixin:
     def prefix_for_budget(self, budget_gb: float, key: str) -> int:
         """Most entries whose model fits in budget_gb (1 GB = 1e9 bytes) in format `key`; -1 if none."""
         cum = getattr(self.acip_index, f"bytes_{buffer_name(key)}")
-        max_bytes = int(min(budget_gb, 1e9) * 1e9)
+        max_bytes = int(min(budget_gb, 1e9) * 1e9 + 1e-3)  # as ACIP Studio's size_for_budget
         return int(torch.searchsorted(cum, torch.tensor([max_bytes]), side="right")) - 1
 
     def size_info(self, prefix: int, key: str) -> dict:
