@@ -142,3 +142,23 @@ def test_a_budget_of_exactly_a_sizes_bytes_takes_that_size(tiny_llama):
         for fmt in ("float32", "int8"):
             size = model.size_for_ratio(r, fmt)
             assert model.size_for_budget(size.gigabytes, fmt).nbytes == size.nbytes, (r, fmt)
+
+
+def test_int4_calibration_hooks_a_tree_of_its_own(tiny_llama, monkeypatch):
+    """The Grams are measured with hooks on modules no size shares (a float32 size's dense layers are
+    the original modules: another request's forward would add to the Grams, or break the pass), and
+    they equal the Grams measured on the model itself."""
+    from acip_core.engine import basis
+
+    model = random_any_size(tiny_llama)[0]
+    recipe = dict(kind="whitened", data="corpus:train", seq_len=32)
+    hooked = []
+    real = basis.input_grams
+    monkeypatch.setattr(basis, "input_grams", lambda m, linears, *a, **k: hooked.extend(linears.values()) or real(m, linears, *a, **k))
+    grams = basis.calibration_grams(model.base, model.tokenizer, model.originals, recipe)
+    shared = {id(m) for m in model.base.modules()}
+    assert hooked and not any(id(m) in shared for m in hooked)
+    assert not any(m._forward_pre_hooks for m in model.base.modules())
+    windows = basis.calibration_windows(model.tokenizer, dict(recipe, windows=basis.GRAM_WINDOWS))
+    want = real(model.base, model.originals, windows, dtype=torch.float32)
+    assert grams.keys() == want.keys() and all(torch.equal(grams[n], want[n]) for n in want)

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from acip_core.engine.tree import clone_tree
 from acip_core.sources.data import DEFAULT_DATA, load_text, token_windows
 from acip_core.sources.models import cache_dir
 from acip_core.system.disk import evict_oldest
@@ -214,7 +215,12 @@ def calibration_grams(model: nn.Module, tokenizer, linears: dict[str, nn.Linear]
     forward pass, each time an int4 family is built (ARCHITECTURE.md, "int4 quantizer")."""
     start = time.perf_counter()
     windows = calibration_windows(tokenizer, dict(recipe, windows=GRAM_WINDOWS))
-    grams = input_grams(model, linears, windows, dtype=torch.float32)
+    # on a tree of its own: its hooks must not see (nor break) a float32 size's forward, whose dense
+    # layers are these very modules, run by another request meanwhile
+    names = {id(m): n for n, m in model.named_modules()}
+    private = clone_tree(model, {})
+    grams = input_grams(private, {n: private.get_submodule(names[id(m)]) for n, m in linears.items()}, windows,
+                        dtype=torch.float32)
     log.info("measured %d input Grams for int4 in %.1f s", len(grams), time.perf_counter() - start)
     return grams
 

@@ -34,6 +34,7 @@ from acip_core.formats.registry import Format, parse_format
 from acip_core.engine.layers import LowRankLinear
 from acip_core.formats.kernels import Bf16Linear
 from acip_core.engine.prune import DEFAULT_SIZE_RULE, LayerShape, RankIndex, check_size_rule
+from acip_core.engine.tree import clone_tree
 from acip_core.system.units import format_gb
 
 log = logging.getLogger(__name__)
@@ -225,7 +226,7 @@ class AnySizeModel:
             swap[id(converted.get_submodule(n))] = QuantLinear(format.pack(lin.weight), bias).eval()
         if format.embeddings == "int8":
             swap.update(_quantized_embeddings(base32, converted, format))
-        base = _clone_tree(converted, swap)  # the converted target weights are dropped with `converted`
+        base = clone_tree(converted, swap)  # the converted target weights are dropped with `converted`
         # int4 with Grams: the codes of `down` (whose input is the layer's) picked by the output's error
         # (GPTQ), and the factors balanced along the rank (formats.int4.int4_balance: `up`'s rows scaled
         # before its rounding, `down`'s scales after its GPTQ, the same codes); `up`'s input has a
@@ -261,7 +262,7 @@ class AnySizeModel:
             if not 0 <= r <= self.shapes[n].full_rank:
                 raise ValueError(f"{n}: rank {r} outside [0, {self.shapes[n].full_rank}]")
             if is_original or self.shapes[n].format_bytes(r, self.lora_rank, format)[1]:
-                continue  # the original weight, no LoRA: _clone_tree copies the module (hooks its own)
+                continue  # the original weight, no LoRA: clone_tree copies the module (hooks its own)
             down, up = factors[n]
             bias = getattr(original, "bias", None)
             if format.quantized:
@@ -270,7 +271,7 @@ class AnySizeModel:
             else:
                 keep = self.lora_rank + r
                 swap[id(original)] = LowRankLinear(down[:keep], up[:keep], bias).eval()  # views
-        model = _clone_tree(base, swap)
+        model = clone_tree(base, swap)
         model.generation_config = copy.deepcopy(base.generation_config)  # generate() may edit it
         return model
 
@@ -308,30 +309,6 @@ def _quantized_embeddings(base32: nn.Module, converted: nn.Module, format: Forma
         bias = None if getattr(head, "bias", None) is None else head.bias.detach().to(format.compute_dtype)
         swap[id(converted.get_output_embeddings())] = QuantLinear(q_head, bias)
     return swap
-
-
-def _clone_tree(module: nn.Module, swap: dict[int, nn.Module]) -> nn.Module:
-    """A new module tree over the same tensors: each module shallow-copied, swapped ones replaced.
-
-    A deepcopy with every tensor memoized gives the same result but walks every attribute of
-    every object (~40 ms for SmolLM2); modules only own their child dicts, so copying those is enough.
-    """
-    if id(module) in swap:
-        return swap[id(module)]
-    new = module.__class__.__new__(module.__class__)  # copy.copy's protocol costs ~4 hasattr a module
-    new.__dict__.update(module.__dict__)
-    new.__dict__.update(  # not through Module.__setattr__: these are its own bookkeeping dicts
-        _parameters=dict(module._parameters), _buffers=dict(module._buffers),
-        _modules={k: None if c is None else _clone_tree(c, swap) for k, c in module._modules.items()},
-        # hooks of its own: one registered on a size (lm-eval's stop hook) must not run on every other
-        # size, nor on the base tree the next family is copied from
-        **{name: type(module.__dict__[name])(module.__dict__[name]) for name in _HOOK_DICTS if name in module.__dict__})
-    return new
-
-
-_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
-               "_forward_hooks_always_called", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
-               "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
 
 
 def count_bytes(model: nn.Module) -> int:

@@ -24,7 +24,8 @@ from torch import nn
 from acip_core.artifacts.open import any_size_from, open_folder
 from acip_core.artifacts.tuned import TUNED_FILE, TunedSize, load_tuned, parent_checksum, parent_reference, save_tuned
 from acip_core.engine.layers import LowRankLinear
-from acip_core.engine.materialize import AnySizeModel, Size, _clone_tree, _quantized_embeddings
+from acip_core.engine.materialize import AnySizeModel, Size, _quantized_embeddings
+from acip_core.engine.tree import clone_tree
 from acip_core.evaluation.evaluate import perplexity
 from acip_core.formats.qweight import QuantLinear, QuantLowRankLinear, zero_rows
 from acip_core.formats.registry import Format, parse_format
@@ -199,7 +200,7 @@ def tunable_model(any_size: AnySizeModel, size: Size, adapters: dict, lora_alpha
         swap.update({k: InFloat32(m, format.compute_dtype) for k, m in _quantized_embeddings(base, base, format).items()})
     for p in base.parameters():  # shared with the base: frozen (the explorer never trains them)
         p.requires_grad_(False)
-    return _clone_tree(base, swap), layers
+    return clone_tree(base, swap), layers
 
 
 class FinetuneHook(StepHook):

@@ -15,7 +15,8 @@ import torch
 from acip_core.artifacts.artifact import Artifact, load_artifact, save_artifact
 from acip_core.artifacts.open import target_fingerprint
 from acip_core.engine.basis import Factors, basis_check, basis_for, default_recipe, meta_basis
-from acip_core.engine.materialize import AnySizeModel, _clone_tree
+from acip_core.engine.materialize import AnySizeModel
+from acip_core.engine.tree import clone_tree
 from acip_core.engine.parametrize import (
     acip_layers,
     parametrize_,
@@ -230,4 +231,4 @@ def original_model(model, originals: dict) -> torch.nn.Module:
     """The original model beside a parametrized one (the distillation teacher): a module tree over
     the same tensors with the original linears in place of the ACIPLinears; no weight is copied."""
     swap = {id(model.get_submodule(n)): m for n, m in originals.items()}
-    return _clone_tree(model, swap).eval()
+    return clone_tree(model, swap).eval()
