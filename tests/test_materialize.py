@@ -116,13 +116,14 @@ def test_bfloat16_materialization_runs_and_stays_close(tiny_llama):
 
 @pytest.mark.parametrize("fmt", ["float32", "bfloat16", "int8"])
 def test_a_hook_on_one_size_runs_on_that_size_only(tiny_llama, fmt):
-    """lm-eval puts a stop hook on the size it measures: another visitor's size of the same format (and
-    the next family built from the base) must not run it."""
+    """lm-eval puts a stop hook on the size it measures (its root): another visitor's size of the same
+    format (and the next family built from the base) must not run it."""
     model = random_any_size(tiny_llama)[0]
     ids = random_ids(len(model.tokenizer))
     a = model.materialize(model.size_for_ratio(0.5, fmt), fmt)
     calls = []
-    handles = [m.register_forward_pre_hook(lambda *_: calls.append(1)) for m in a.modules()]
+    handles = [a.register_forward_pre_hook(lambda *_: calls.append(1)),
+               a.register_forward_hook(lambda *_: calls.append(2))]
     b = model.materialize(model.size_for_ratio(0.9, fmt), fmt)
     with torch.no_grad():
         b(ids)

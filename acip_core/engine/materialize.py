@@ -262,7 +262,8 @@ class AnySizeModel:
             if not 0 <= r <= self.shapes[n].full_rank:
                 raise ValueError(f"{n}: rank {r} outside [0, {self.shapes[n].full_rank}]")
             if is_original or self.shapes[n].format_bytes(r, self.lora_rank, format)[1]:
-                continue  # the original weight, no LoRA: clone_tree copies the module (hooks its own)
+                swap[id(original)] = original  # shared module: the original weight, no LoRA
+                continue
             down, up = factors[n]
             bias = getattr(original, "bias", None)
             if format.quantized:
