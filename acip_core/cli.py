@@ -255,11 +255,25 @@ def cmd_curve(args):
     from acip_core.evaluation.baselines import method_curve
     from acip_core.evaluation.curve import curve_frame
     from acip_core.sources.data import load_text, token_windows
+    from acip_core.formats.registry import parse_format
     from acip_core.sources.models import load_base
 
-    methods = METHODS if args.methods == "all" else args.methods.split(",")
-    lo, hi, step = (float(x) for x in args.sizes.split(":"))
-    sizes = [round(lo + i * step, 4) for i in range(int(round((hi - lo) / step)) + 1)]
+    # every option checked before anything is loaded or any row dropped (an empty plan rewrote the
+    # curve with the original's row alone)
+    methods = METHODS if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"--methods: unknown {unknown or methods}; choose from all, {', '.join(METHODS)}")
+    sizes = _size_grid(args.sizes)
+    formats = [parse_format(f.strip()) for f in args.formats.split(",") if f.strip()]
+    pairs = [(f, m) for f in formats for m in methods if m == "acip" or not f.quantized]
+    if not pairs:
+        raise ValueError("nothing to measure: the baselines are measured in float formats only "
+                         "(quantization is ACIP's second axis); add acip or a float format")
+    for spec in args.eval:
+        name, eq, source = spec.partition("=")
+        if not (name.strip() and eq and source.strip()):
+            raise ValueError(f"--eval takes NAME=SOURCE (e.g. heldout=corpus:heldout), got {spec!r}")
     artifact = load_artifact(args.artifact)
     _, tokenizer = load_base(artifact.meta.model.source)  # (the tokenizer only: the methods open the folder)
     evals = {}
@@ -269,24 +283,32 @@ def cmd_curve(args):
     calib = token_windows(tokenizer, load_text("corpus:train"), 128, 4)  # block-removal order: small, like IteRABRe
     remeasured = list(methods) + (["original"] if "acip" in methods else [])  # acip's rows bring the original's
     frames = [] if args.replace or artifact.curve is None else [curve_frame(artifact.curve)]
-    from acip_core.formats.registry import parse_format
-
-    formats = [parse_format(f) for f in args.formats.split(",")]
     if frames:  # only the (method, format) pairs measured now are replaced
         old = frames[0]
         keep = ~(old.method.isin(remeasured) & old.format.isin([f.key for f in formats]))
         frames = [old[keep]]
-    for format in formats:
-        for method in methods:
-            if method != "acip" and format.quantized:
-                continue  # baselines are compared in float formats; quantization is ACIP's second axis
-            start = time.perf_counter()
-            frames.append(method_curve(args.artifact, method, evals, sizes, format, args.batch_size, calib))
-            print(f"{method} {format.key}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-            curve = pd.concat(frames, ignore_index=True)
-            curve.attrs = {}
-            write_curve(args.artifact, curve)  # after every line: an interrupted run keeps what it measured
+    for format, method in pairs:  # baselines in float formats only: quantization is ACIP's second axis
+        start = time.perf_counter()
+        frames.append(method_curve(args.artifact, method, evals, sizes, format, args.batch_size, calib))
+        print(f"{method} {format.key}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+        curve = pd.concat(frames, ignore_index=True)
+        curve.attrs = {}
+        write_curve(args.artifact, curve)  # after every line: an interrupted run keeps what it measured
     _emit(args, dict(rows=len(curve), methods=list(methods)), curve.to_string())
+
+
+def _size_grid(text: str) -> list[float]:
+    """--sizes LO:HI:STEP as sizes in [0, 1], smallest first (a ValueError that says what is wrong)."""
+    try:
+        lo, hi, step = (float(x) for x in text.split(":"))
+    except ValueError:
+        raise ValueError(f"--sizes takes LO:HI:STEP, e.g. 0.30:1.00:0.05; got {text!r}") from None
+    if not (0 <= lo <= hi <= 1 and step > 0):
+        raise ValueError(f"--sizes {text!r}: need 0 <= LO <= HI <= 1 and STEP > 0")
+    count = round((hi - lo) / step) + 1
+    if count > 1000:
+        raise ValueError(f"--sizes {text!r}: {count} sizes; at most 1000")
+    return [round(lo + i * step, 4) for i in range(count)]
 
 
 def _curve_of(folder):

@@ -49,3 +49,26 @@ def test_the_layout_flag_reaches_the_size(tiny_artifact):
     assert fast["size_ratio"] == small["size_ratio"]
     rc, out = _cli("size", "--artifact", str(tiny_artifact), "--size-ratio", "0.3", "--layout", "fast")
     assert rc == 2 and "only the quantized formats have a fast layout" in out["error"]
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--methods", "acip", "--sizes", "1.0:0.3:0.05"], "LO <= HI"),
+    (["--methods", "acip", "--sizes", "0.3:1:0"], "STEP > 0"),
+    (["--methods", "acip", "--sizes", "0.3:1"], "LO:HI:STEP"),
+    (["--methods", "svd-magnitude", "--formats", "int8"], "nothing to measure"),
+    (["--methods", "acip,nope"], "unknown"),
+    (["--methods", "acip", "--eval", "heldout"], "NAME=SOURCE"),
+])
+def test_curve_refuses_a_plan_before_it_drops_any_row(tiny_artifact, tmp_path, capsys, options, message):
+    """A curve run that cannot measure anything said so only after rewriting curve.csv with the
+    original's row alone (or crashed): now every option is checked before anything is touched."""
+    import shutil
+
+    from acip_core import cli
+
+    folder = tmp_path / "art"
+    shutil.copytree(tiny_artifact, folder)
+    before = (folder / "curve.csv").read_bytes()
+    assert cli.main(["curve", "--artifact", str(folder), "--windows", "2", "--seq-len", "32"] + options) == 2
+    assert message in capsys.readouterr().err
+    assert (folder / "curve.csv").read_bytes() == before
