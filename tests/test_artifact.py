@@ -107,3 +107,23 @@ def test_unknown_model_offline_fails_at_once_with_advice():
         load_base("someone/not-a-cached-model")
     with pytest.raises(ModelSourceError, match="unknown model"):
         load_base("no such model")
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m.setdefault("baselines", {}).update(block_removal_order=["x"]),
+    lambda m: m.update(targets=5),
+    lambda m: m["basis"].update(check={"model.layers.0.self_attn.q_proj": 5}),
+    lambda m: m.update(layers=[1, 2]),
+    lambda m: m.update(lora="rank"),
+])
+def test_a_value_of_the_wrong_kind_is_an_artifact_error_and_listing_skips_it(copy, tiny_artifact, edit):
+    """One folder with a malformed acip.json is named as broken; the artifact list goes on without it."""
+    from acip_core.artifacts.artifact import problem
+    from acip_core.serving.registry import find_artifacts
+
+    _edit_meta(copy, edit)
+    with pytest.raises(ArtifactError):
+        load_artifact(copy)
+    assert problem(copy)
+    listed = [c[1] for c in find_artifacts([str(tiny_artifact), str(copy)])]
+    assert str(tiny_artifact) in listed and str(copy) not in listed

@@ -118,8 +118,18 @@ def write_curve(folder: str | Path, curve: pd.DataFrame) -> None:
 
 
 def load_artifact(folder: str | Path) -> Artifact:
-    """Reads and validates an artifact folder; raises ArtifactError naming what is wrong."""
-    folder = Path(folder)
+    """Reads and validates an artifact folder; raises ArtifactError naming what is wrong (a value of
+    the wrong kind anywhere in acip.json too: one broken folder must not break listing the others)."""
+    try:
+        return _read_artifact(Path(folder))
+    except ArtifactError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as err:
+        raise ArtifactError(f"{Path(folder) / META_FILE} is malformed ({type(err).__name__}: "
+                            f"{str(err)[:200]})") from None
+
+
+def _read_artifact(folder: Path) -> Artifact:
     if not folder.is_dir():
         raise ArtifactError(f"artifact folder {folder} does not exist")
     meta_path = folder / META_FILE
