@@ -166,3 +166,22 @@ def test_a_hub_id_whose_cache_holds_only_its_config_goes_on_to_download(tmp_path
     assert load_config("someone/tiny").num_hidden_layers == 1
     with pytest.raises(ModelSourceError, match="not in the local Hugging Face cache and HF_HUB_OFFLINE is set"):
         load_base("someone/tiny")
+
+
+def test_a_sharded_conversion_counts_as_cached(tmp_path, monkeypatch):
+    """A model over ~12.5 B parameters is saved in shards (model.safetensors.index.json, no
+    model.safetensors): its conversion is found, not redone (and renamed onto itself) at every load."""
+    monkeypatch.setenv("ACIP_STUDIO_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "big.gguf"
+    gguf.write_bytes(b"GGUF")
+    target = tmp_path / "cache" / "models" / gguf_key(gguf)
+    target.mkdir(parents=True)
+    (target / "config.json").write_text("{}")
+    def converted_again(*a):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(models, "_convert_gguf", converted_again)
+    with pytest.raises(AssertionError, match="converted again"):
+        models.gguf_folder(gguf)  # config alone: not complete
+    (target / "model.safetensors.index.json").write_text("{}")
+    assert models.gguf_folder(gguf) == target

@@ -196,7 +196,7 @@ def _load_from_hub(model_id: str, dtype: torch.dtype, meta: bool = False):
 def _embedded_folder() -> Path:
     """The embedded model as cached safetensors, converting it from the wheel's GGUF on first use."""
     target = cache_dir() / "models" / EMBEDDED
-    if (target / "model.safetensors").is_file():
+    if _converted(target):
         return target
     return _convert_gguf(embedded_gguf(), target)
 
@@ -228,9 +228,16 @@ def gguf_folder(path: Path) -> Path:
     """A local GGUF of any architecture transformers reads (dequantized to float32), as a cached
     safetensors folder under cache_dir()/models, converted on first use."""
     target = cache_dir() / "models" / gguf_key(path)
-    if (target / "model.safetensors").is_file():
+    if _converted(target):
         return target
     return _convert_gguf(path, target)
+
+
+def _converted(target: Path) -> bool:
+    """Whether a converted folder is complete: its config and its weights, in one file or in shards
+    (save_pretrained shards a model over 50 GB: about 12.5 B parameters in float32)."""
+    return (target / "config.json").is_file() and any(
+        (target / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json"))
 
 
 def _convert_gguf(path: Path, target: Path) -> Path:
@@ -254,7 +261,7 @@ def _convert_gguf(path: Path, target: Path) -> Path:
         try:
             os.rename(tmp, target)
         except OSError:  # another process won the race; its copy is complete
-            if not (target / "model.safetensors").is_file():
+            if not _converted(target):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
