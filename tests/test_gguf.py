@@ -185,3 +185,16 @@ def test_a_sharded_conversion_counts_as_cached(tmp_path, monkeypatch):
         models.gguf_folder(gguf)  # config alone: not complete
     (target / "model.safetensors.index.json").write_text("{}")
     assert models.gguf_folder(gguf) == target
+
+
+def test_a_local_source_is_recorded_by_its_absolute_path(tmp_path, monkeypatch):
+    """An artifact names its base model for every later command, run from any directory: a relative
+    path would read there as a hub id ('not in the local Hugging Face cache')."""
+    from acip_core.sources.models import recorded_source
+
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert recorded_source("models/tiny") == str(tmp_path / "models" / "tiny")
+    assert recorded_source("./models/tiny") == str(tmp_path / "models" / "tiny")
+    assert recorded_source("Qwen/Qwen2.5-7B-Instruct") == "Qwen/Qwen2.5-7B-Instruct"  # no such folder here
+    assert recorded_source(EMBEDDED) == EMBEDDED

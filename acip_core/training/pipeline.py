@@ -29,7 +29,7 @@ from acip_core.engine.parametrize import (
 from acip_core.evaluation.curve import acip_curve
 from acip_core.formats.registry import parse_format
 from acip_core.sources.data import BatchStream, load_text, token_windows
-from acip_core.sources.models import load_base, pick_device
+from acip_core.sources.models import load_base, pick_device, recorded_source
 from acip_core.system.version import versions
 from acip_core.training.score import ScoreConfig, autocast_dtype, remove_checkpoint, score_loop
 from acip_core.training.train import release_memory, steps_memory
@@ -189,7 +189,7 @@ def run_scoring(model_source: str, data: str, out: str | Path, basis_kind: str =
             replace_modules_(model, originals)
             model.cpu()
         meta = dict(
-            model=dict(source=model_source, fingerprint=fp, architecture=type(model).__name__,
+            model=dict(source=recorded_source(model_source), fingerprint=fp, architecture=type(model).__name__,
                        model_type=model.config.model_type),
             targets=chosen,  # leaf names; the exact layers are `layers`' keys (reopened by them)
             targets_chosen_by="discovery" if targets is None else "--targets",
