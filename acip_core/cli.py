@@ -97,6 +97,14 @@ def cmd_score(args):
 
     from acip_core.training.distributed import DistContext
 
+    from acip_core.sources.data import load_text
+
+    for option, source in (("--data", args.data), ("--eval-data", args.eval_data)):  # read now, not hours in
+        if source is not None:
+            try:
+                load_text(source)
+            except (ValueError, OSError) as err:
+                raise ValueError(f"{option} {source!r}: {err}") from None
     dist = DistContext.from_env(fsdp=args.fsdp)  # set up by torchrun / accelerate launch
     if args.fsdp and dist is None:
         logging.getLogger(__name__).warning("--fsdp needs more than one process (torchrun / accelerate launch); running unsharded")
@@ -235,10 +243,15 @@ def cmd_size_latency(args):
 
 @command
 def cmd_self_text(args):
+    from pathlib import Path
+
     from acip_core.artifacts.artifact import atomic_write_bytes
     from acip_core.sources.models import load_base
     from acip_core.evaluation.selftext import sample_text
 
+    out = Path(args.out).expanduser()  # checked before minutes of sampling, not after
+    if out.is_dir() or not out.parent.is_dir():
+        raise ValueError(f"--out {args.out}: name a file in an existing folder")
     model, tokenizer = load_base(args.model, torch_dtype(args.dtype))
     text = sample_text(model, tokenizer, args.prompts, args.max_new_tokens, args.batch_size, args.seed,
                        drop=args.drop)

@@ -72,3 +72,20 @@ def test_curve_refuses_a_plan_before_it_drops_any_row(tiny_artifact, tmp_path, c
     assert cli.main(["curve", "--artifact", str(folder), "--windows", "2", "--seq-len", "32"] + options) == 2
     assert message in capsys.readouterr().err
     assert (folder / "curve.csv").read_bytes() == before
+
+
+def test_texts_and_outputs_are_checked_before_any_long_work(tmp_path, capsys, monkeypatch):
+    """score reads --data and --eval-data before loading the model (a typo failed after the whole run),
+    self-text checks --out before sampling (a folder failed after minutes of sampling)."""
+    from acip_core import cli
+    from acip_core.sources import models
+
+    monkeypatch.setattr(models, "load_base", lambda *a, **k: pytest.fail("loaded a model"))
+    for argv, message in ((["score", "--data", "corpus:nope", "--out", str(tmp_path / "a")], "--data 'corpus:nope'"),
+                          (["score", "--eval-data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "b")],
+                           "--eval-data"),
+                          (["self-text", "--out", str(tmp_path)], "name a file in an existing folder"),
+                          (["self-text", "--out", str(tmp_path / "no" / "such" / "x.txt")], "existing folder")):
+        assert cli.main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
