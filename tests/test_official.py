@@ -284,6 +284,29 @@ def test_offline_hub_id_is_refused_at_once(tmp_path, monkeypatch):
         read_checkpoint(str(tmp_path / "no" / "such" / "folder"))
 
 
+def test_a_cached_snapshot_without_its_weights_is_not_taken_for_the_checkpoint(tmp_path, monkeypatch):
+    """A snapshot holding config.json alone (fetched by something else) goes on to the download;
+    offline, that says so instead of "has neither model.safetensors nor index"."""
+    from acip_core.artifacts.official import locate
+
+    hub = tmp_path / "hub"
+    repo = hub / "models--MerantixMomentum--acip_tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(hub))
+    with pytest.raises(OfficialCheckpointError, match="not in the local Hugging Face cache"):
+        locate("MerantixMomentum/acip_tiny")
+    (snap / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-1.safetensors"}}))
+    with pytest.raises(OfficialCheckpointError, match="not in the local Hugging Face cache"):
+        locate("MerantixMomentum/acip_tiny")  # a shard missing
+    (snap / "model-1.safetensors").write_bytes(b"x")
+    assert locate("MerantixMomentum/acip_tiny") == snap
+
+
 def _broken(families, tmp_path, edit) -> Path:
     folder = tmp_path / "ckpt"
     shutil.copytree(families["llama"], folder, ignore=shutil.ignore_patterns("base"))

@@ -113,8 +113,10 @@ def locate(source: str) -> Path:
     from huggingface_hub import snapshot_download
 
     patterns = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json"]
-    try:  # a snapshot already in the local cache works offline
-        return Path(snapshot_download(source, allow_patterns=patterns, local_files_only=True))
+    try:  # a snapshot already in the local cache works offline, if complete (a plan may have
+        cached = Path(snapshot_download(source, allow_patterns=patterns, local_files_only=True))  # fetched
+        if _complete(cached):  # config.json alone)
+            return cached
     except Exception:  # noqa: BLE001 - huggingface_hub raises several kinds for "not cached"
         pass
     why = ("HF_HUB_OFFLINE is set" if models.hub_offline() else
@@ -129,6 +131,21 @@ def locate(source: str) -> Path:
     except Exception as err:  # noqa: BLE001 - repository missing, gated, network: all said in words
         raise OfficialCheckpointError(f"could not download {source!r} from the Hugging Face hub "
                                       f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+
+
+def _complete(folder: Path) -> bool:
+    """Whether a cached snapshot holds a config and its weights: one file, or an index and every
+    shard it names."""
+    if not (folder / "config.json").is_file():
+        return False
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError):
+            return False
+        return all((folder / s).is_file() for s in shards)
+    return any(folder.glob("*.safetensors"))
 
 
 def read_checkpoint(source: str, base: str | None = None) -> OfficialCheckpoint:
