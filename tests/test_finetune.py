@@ -166,6 +166,17 @@ def test_resume_after_an_interruption_equals_the_uninterrupted_run(tiny_artifact
     part = tmp_path / "part"
     assert run_finetune(tiny_artifact, SIZE, "corpus:train", part, cfg, should_stop=stop_after_7, eval_sets={}) is None
     assert json.loads((part / "checkpoint.json").read_text())["step"] == 7
+    before = (part / "checkpoint.json").read_bytes()
+    # another run's settings do not resume it (nor does a new run overwrite it): both refused, nothing touched
+    with pytest.raises(ValueError, match=r"a run with lr=.*resume it with its own settings"):
+        run_finetune(tiny_artifact, SIZE, "corpus:train", part, _cfg(objective="kd", temperature=2.0,
+                                                                      lora_dropout=0.1, lr=cfg.lr * 2),
+                     resume=True, eval_sets={})
+    with pytest.raises(ValueError, match="data="):
+        run_finetune(tiny_artifact, SIZE, "corpus:heldout", part, cfg, resume=True, eval_sets={})
+    with pytest.raises(FileExistsError, match="checkpoint of an unfinished run"):
+        run_finetune(tiny_artifact, SIZE, "corpus:train", part, cfg, eval_sets={})
+    assert (part / "checkpoint.json").read_bytes() == before
     resumed = run_finetune(tiny_artifact, SIZE, "corpus:train", part, cfg, resume=True, eval_sets={})
     assert set(resumed.adapters) == set(full.adapters)
     for k in full.adapters:

@@ -39,6 +39,7 @@ from acip_core.training.train import (
     peak_rss_mib,
     release_memory,
     remove_checkpoint,
+    run_identity,
     steps_memory,
     train_loop,
 )
@@ -259,7 +260,10 @@ def run_finetune(artifact_folder: str | Path, size_ratio: float, data: str, out:
         step, seconds = train_loop(student, params, stream, objective(cfg.objective, student, teacher, cfg.temperature),
                                    FinetuneHook(cfg.steps), cfg, out, resume, on_step, should_stop,
                                    dist.reducer_of(list(params.values())) if dist else None, writer,
-                                   autocast_dtype(cfg.precision, device))
+                                   autocast_dtype(cfg.precision, device),
+                                   run_identity(cfg, artifact=str(Path(parent.path).resolve()),
+                                                size_ratio=float(size_ratio), data=data,
+                                                processes=dist.world_size if dist else 1))
         if step < cfg.steps or not writer:
             return None
         training_rss = peak_rss_mib()  # before measuring opens a second copy of the model

@@ -32,7 +32,7 @@ from acip_core.sources.data import BatchStream, load_text, token_windows
 from acip_core.sources.models import load_base, pick_device, recorded_source
 from acip_core.system.version import versions
 from acip_core.training.score import ScoreConfig, autocast_dtype, remove_checkpoint, score_loop
-from acip_core.training.train import release_memory, steps_memory
+from acip_core.training.train import CHECKPOINT_STATE, release_memory, run_identity, steps_memory
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +82,14 @@ def _alive(pid: int) -> bool:
 
 def finished_run(out: Path, result_file: str, holds: str, resume: bool, writer: bool) -> bool:
     """Whether `out` holds a run that had finished (its result file, no checkpoint left), to return as
-    it is on --resume; a new run into a folder holding one is refused (FileExistsError). Scoring and
-    fine-tuning share it."""
-    if resume and (out / result_file).exists() and not (out / "checkpoint.json").exists():
+    it is on --resume; a new run into a folder holding one, or an unfinished run's checkpoint, is
+    refused (FileExistsError: it would be overwritten). Scoring and fine-tuning share it."""
+    if resume and (out / result_file).exists() and not (out / CHECKPOINT_STATE).exists():
         return True
     if writer and not resume and (out / result_file).exists():
         raise FileExistsError(f"{out} already holds {holds}; pick another --out (or --resume)")
+    if writer and not resume and (out / CHECKPOINT_STATE).exists():
+        raise FileExistsError(f"{out} holds the checkpoint of an unfinished run: --resume it, or pick another --out")
     return False
 
 
@@ -170,9 +172,11 @@ def run_scoring(model_source: str, data: str, out: str | Path, basis_kind: str =
             for t in itertools.chain(model.parameters(), model.buffers()):  # the rest off the model file's
                 t.data = t.data.clone()  # mapping, which then goes (measured: 1.6 -> 0.7 GB before step 1)
             release_memory()  # the float factors and the quantizer's temporaries
+        identity = run_identity(cfg, model=recorded_source(model_source), data=data, basis=basis_kind,
+                                targets=sorted(layers), processes=dist.world_size if dist else 1)
         scores, state = score_loop(train_model, layers, stream, cfg, out, resume, on_step, should_stop,
                                    reduce_grads=dist.reducer(layers) if dist else None, is_writer=writer,
-                                   teacher=teacher)
+                                   teacher=teacher, identity=identity)
         teacher = None
         if state.phase != "done":
             return None

@@ -207,8 +207,9 @@ def load_checkpoint(folder: Path, params, opt):
 
 def score_loop(model, layers: dict[str, ACIPLinear], stream, cfg: ScoreConfig, folder: Path,
                resume: bool = False, on_step=None, should_stop=None, reduce_grads=None,
-               is_writer: bool = True, teacher=None):
+               is_writer: bool = True, teacher=None, identity: dict | None = None):
     """Runs (or resumes) the ACIP loop on a parametrized model; returns (scores, RunState).
+    `identity` (train.run_identity): what a resume must match.
 
     Args:
         stream: a BatchStream; batch(step) gives token ids [B, L].
@@ -232,6 +233,6 @@ def score_loop(model, layers: dict[str, ACIPLinear], stream, cfg: ScoreConfig, f
         return loss + hook.penalty(), metrics
 
     step, seconds = train_loop(model, trainable(layers), stream, loss_fn, hook, cfg, folder, resume,
-                               on_step, should_stop, reduce_grads, is_writer, amp_dtype)
+                               on_step, should_stop, reduce_grads, is_writer, amp_dtype, identity)
     hook.run.step, hook.run.seconds = step, seconds
     return hook.scores, hook.run

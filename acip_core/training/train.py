@@ -11,6 +11,7 @@ optimizer state, so a resumed run equals an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -272,6 +273,35 @@ def load_checkpoint(folder: Path, params, opt):
     return meta, extra
 
 
+# settings a resume may change without making it another run: when it stops, how often it saves
+RESUMABLE_CHANGES = frozenset({"steps", "post_tune_steps", "checkpoint_every", "stop_ratio"})
+
+
+def run_identity(cfg, **what) -> dict:
+    """What makes a run this run (its sources and every setting its steps depend on), as JSON: kept in
+    its checkpoint, so that a resume with other settings is refused instead of mixing two runs."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE_CHANGES}
+    return json.loads(json.dumps(dict(what, **settings), default=str))
+
+
+def check_same_run(folder: Path, identity: dict | None) -> None:
+    """Refuses (ValueError) to resume the checkpoint in `folder` as a run with other settings."""
+    path = Path(folder) / CHECKPOINT_STATE
+    if identity is None or not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text()).get("run")
+    except (OSError, ValueError, AttributeError):
+        return  # load_checkpoint says what is wrong with it
+    if not isinstance(saved, dict):
+        return  # written before checkpoints named their run
+    differ = sorted(k for k in identity.keys() & saved.keys() if identity[k] != saved[k])
+    if differ:
+        was = ", ".join(f"{k}={saved[k]!r} (now {identity[k]!r})" for k in differ[:4])
+        raise ValueError(f"the checkpoint in {folder} is of a run with {was}: resume it with its own settings, "
+                         "or start a new run in another folder")
+
+
 def remove_checkpoint(folder: Path) -> None:
     (folder / CHECKPOINT_STATE).unlink(missing_ok=True)  # first: a json never points at nothing
     for blob in folder.glob(CHECKPOINT_GLOB):
@@ -288,7 +318,8 @@ def _truncate_log(path: Path, step: int) -> None:
 # -- the loop --------------------------------------------------------------------------------------
 def train_loop(model, params: dict[str, torch.nn.Parameter], stream, loss_fn, hook: StepHook, cfg,
                folder: Path, resume: bool = False, on_step=None, should_stop=None, reduce_grads=None,
-               is_writer: bool = True, amp_dtype: torch.dtype | None = None) -> tuple[int, float]:
+               is_writer: bool = True, amp_dtype: torch.dtype | None = None,
+               identity: dict | None = None) -> tuple[int, float]:
     """Runs (or resumes) a training run until hook.done() or should_stop(); returns (step, seconds).
 
     Args:
@@ -299,6 +330,7 @@ def train_loop(model, params: dict[str, torch.nn.Parameter], stream, loss_fn, ho
         on_step: called with each log line (a dict: step, loss, the metrics, the hook's fields, seconds).
         should_stop: a callable; True ends the loop after a checkpoint (the run can be resumed).
         reduce_grads: called between backward and optimizer step (all-reduce in distributed runs).
+        identity: run_identity(...): saved in each checkpoint; a resume with another one is refused.
     """
     folder = Path(folder)
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=0.0)
@@ -306,9 +338,11 @@ def train_loop(model, params: dict[str, torch.nn.Parameter], stream, loss_fn, ho
     step, seconds = 0, 0.0
     log_path = folder / LOG_FILE
     if resume:
+        check_same_run(folder, identity)  # before anything is restored
         restored = load_checkpoint(folder, params, opt)
         if restored:
             meta, extra = restored
+            meta.pop("run", None)
             step, seconds = int(meta.pop("step")), float(meta.pop("seconds"))
             hook.load_state(meta)
             hook.load_tensors(extra)
@@ -346,8 +380,8 @@ def train_loop(model, params: dict[str, torch.nn.Parameter], stream, loss_fn, ho
             on_step(event)
         stop = should_stop is not None and should_stop()
         if is_writer and (step % cfg.checkpoint_every == 0 or stop or hook.done(step)):
-            save_checkpoint(folder, dict(step=step, seconds=seconds, **hook.state()), params, opt,
-                            hook.tensors())
+            save_checkpoint(folder, dict(step=step, seconds=seconds, **({"run": identity} if identity else {}),
+                                         **hook.state()), params, opt, hook.tensors())
         if stop:
             log.info("stopped at step %d; resume with --resume", step)
             break
