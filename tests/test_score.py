@@ -56,6 +56,10 @@ def test_resume_after_interruption_equals_uninterrupted_run(tiny_llama, tmp_path
     assert run_scoring(tiny_llama, "corpus:train", part, "svd", cfg, should_stop=stop_after_8,
                        eval_windows=0, curve_sizes=[0.5]) is None
     assert json.loads((part / "checkpoint.json").read_text())["step"] == 8
+    with pytest.raises(ValueError, match="data='corpus:train'"):  # another run's settings: refused
+        run_scoring(tiny_llama, "corpus:heldout", part, "svd", cfg, resume=True, eval_windows=0, curve_sizes=[0.5])
+    with pytest.raises(FileExistsError, match="unfinished run"):  # nor overwritten by a new run
+        run_scoring(tiny_llama, "corpus:train", part, "svd", cfg, eval_windows=0, curve_sizes=[0.5])
     resumed = run_scoring(tiny_llama, "corpus:train", part, "svd", cfg, resume=True, eval_windows=0,
                           curve_sizes=[0.5])
     for n in full.scores:
