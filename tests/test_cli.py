@@ -89,3 +89,11 @@ def test_texts_and_outputs_are_checked_before_any_long_work(tmp_path, capsys, mo
         assert cli.main(argv) == 2, argv
         assert message in capsys.readouterr().err, argv
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_budget_on_an_eval_set_the_curve_lacks_names_the_ones_it_has(tiny_artifact, capsys):
+    from acip_core import cli
+
+    assert cli.main(["size", "--artifact", str(tiny_artifact), "--budget-gb", "1", "--eval-set", "typo"]) == 2
+    err = capsys.readouterr().err
+    assert "no perplexity on 'typo'" in err and "heldout" in err

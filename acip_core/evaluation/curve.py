@@ -304,6 +304,9 @@ def best_for_budget(any_size: AnySizeModel, curve: pd.DataFrame | None, budget_g
     if acip is None:
         raise ValueError("this artifact has no measured curve to rank formats by: pass --format, or "
                          "measure one with python -m acip_core curve --formats ...")
+    measured = [c[len("ppl_"):] for c in ppl_columns(curve)]
+    if eval_set not in measured:
+        raise ValueError(f"the curve measured no perplexity on {eval_set!r}; it has {', '.join(measured) or 'none'}")
     keys = [k for k in (formats or dict.fromkeys(acip.format)) if k in set(acip.format)]
     ranking = rank_for_budget(any_size, curve, budget_gb, eval_set, keys)
     fitting = [r for r in ranking["rows"] if r["fits"]]
