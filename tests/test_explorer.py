@@ -353,3 +353,32 @@ def test_one_gb_format_everywhere():
     assert format_gb(0.384) == "0.384 GB" and gb_up(0.384) == 0.384
     assert format_gb(0.38399, left=True) == "0.383 GB" and format_gb(0.384, left=True) == "0.384 GB"
     assert texts.slider_ratio(0.18999) == 0.189 and texts.slider_ratio(0.19) == 0.19
+
+
+def test_a_family_being_built_does_not_stall_other_sizes(explorer, monkeypatch):
+    """The first size of a format builds its family (int4: about a minute on 2 cores); meanwhile other
+    visitors' sizes, budget rows and built formats answer at once."""
+    import threading
+    import time
+
+    any_size = explorer.any_size
+    explorer.model(0.5, "float32")  # float32 built before
+    real, started = any_size._build_family, threading.Event()
+
+    def slow(format):
+        started.set()
+        time.sleep(3)
+        return real(format)
+
+    monkeypatch.setattr(any_size, "_build_family", slow)
+    any_size._families.pop("int8", None)
+    builder = threading.Thread(target=lambda: explorer.model(0.7, "int8"))
+    builder.start()
+    assert started.wait(10)
+    t = time.perf_counter()
+    explorer.model(0.6, "float32")
+    explorer.size_for(0.45)
+    explorer.size_for_budget(0.001, "float32")
+    assert time.perf_counter() - t < 1.5  # not the 3 s build
+    builder.join()
+    assert any_size.has_family("int8")

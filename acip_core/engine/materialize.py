@@ -178,7 +178,11 @@ class AnySizeModel:
 
     # -- materializing --------------------------------------------------------------------------
     def _family(self, format: Format):
-        """(base tree, factors, dense weights) in `format`, built once (under the lock) on first use."""
+        """(base tree, factors, dense weights) in `format`, built once (under the lock) on first use; a
+        built one is read without the lock (a float32 size does not wait for another format's build)."""
+        built = self._families.get(format.key)
+        if built is not None:
+            return built
         with self._lock:
             if format.key not in self._families:
                 self._set_family(format.key, self._build_family(format))
@@ -279,8 +283,8 @@ class AnySizeModel:
     def _set_family(self, key: str, family: tuple) -> None:
         """Stores a family and its target modules, looked up once here (get_submodule walks the path:
         210 walks in every materialize were ~9 ms of a 50 ms new size)."""
-        self._families[key] = family
         self._targets_of[key] = {n: family[0].get_submodule(n) for n in self.targets}
+        self._families[key] = family  # last: a reader without the lock finds its targets already there
 
 
 class _Released(dict):

@@ -123,12 +123,19 @@ class Explorer(ChatMixin, MeasureMixin, ExportMixin):
         size = self.size(ratio)
         key = (size.prefix, format)
         with self._lock:
-            if key not in self._models:
-                self._models[key] = GATE.wrap(self.any_size.materialize(size, format))
-                while len(self._models) > self._cache_size:
-                    self._models.popitem(last=False)
+            model = self._models.get(key)
+            if model is not None:
+                self._models.move_to_end(key)
+                return model
+        # outside the lock: a first size of a format builds its family (int4: about a minute), which must
+        # not stall every other visitor's size() and budget rows meanwhile
+        model = GATE.wrap(self.any_size.materialize(size, format))
+        with self._lock:
+            model = self._models.setdefault(key, model)  # one of two racing builds is kept
             self._models.move_to_end(key)
-            return self._models[key]
+            while len(self._models) > self._cache_size:
+                self._models.popitem(last=False)
+            return model
 
     def format_ready(self, format: str) -> bool:
         """Whether a size in this format materializes at once (else its family is built first)."""
