@@ -36,3 +36,24 @@ def test_programming_reference_is_not_python():
 def test_unknown_split_is_a_clear_error():
     with pytest.raises(DataSourceError, match="unknown corpus part"):
         load_text("corpus:nope")
+
+
+def test_an_hf_dataset_is_read_from_its_text_column_whatever_the_first_column_holds(monkeypatch):
+    """Rows whose `text` is empty are skipped (the first column, an int id, was taken instead and failed
+    as "could not load"); without a `text` column the first string column is read; none: said so."""
+    import sys
+    import types
+
+    from acip_core.sources import data
+
+    rows = {"with-text": [dict(id=1, text="first doc"), dict(id=2, text=""), dict(id=3, text="third doc")],
+            "no-text": [dict(id=1, body="a body"), dict(id=2, body="another")],
+            "no-strings": [dict(id=1, score=0.5)]}
+    fake = types.SimpleNamespace(load_dataset=lambda name, config, split, streaming: iter(rows[name]))
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    monkeypatch.setattr(data, "datasets_offline", lambda: False)
+    monkeypatch.setattr(data, "is_public", lambda: False)
+    assert load_text("hf:with-text") == "first doc\n\nthird doc"
+    assert load_text("hf:no-text") == "a body\n\nanother"
+    with pytest.raises(DataSourceError, match="no text column"):
+        load_text("hf:no-strings")

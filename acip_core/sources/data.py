@@ -126,10 +126,18 @@ def _load_hf(spec: str) -> str:
         import datasets
 
         ds = datasets.load_dataset(name, config, split=split, streaming=True)
-        texts = []
+        texts, column, size = [], None, 0
         for row in ds:  # the paper's calibration: whole documents, in stream order
-            texts.append(row.get("text") or row.get("page") or next(iter(row.values())))
-            if sum(map(len, texts)) > 4_000_000:
+            if column is None:  # `text`, else `page`, else the first column holding strings
+                column = next((k for k in ("text", "page") if k in row), None) or \
+                    next((k for k, v in row.items() if isinstance(v, str)), None)
+                if column is None:
+                    raise DataSourceError(f"no text column (columns: {', '.join(map(str, row))})")
+            value = row.get(column)
+            if isinstance(value, str) and value:  # an empty or missing document is skipped
+                texts.append(value)
+                size += len(value)
+            if size > 4_000_000:
                 break
         return "\n\n".join(texts)
     except Exception as err:
