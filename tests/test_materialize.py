@@ -163,3 +163,23 @@ def test_int4_calibration_hooks_a_tree_of_its_own(tiny_llama, monkeypatch):
     windows = basis.calibration_windows(model.tokenizer, dict(recipe, windows=basis.GRAM_WINDOWS))
     want = real(model.base, model.originals, windows, dtype=torch.float32)
     assert grams.keys() == want.keys() and all(torch.equal(grams[n], want[n]) for n in want)
+
+
+@pytest.mark.parametrize("first, then", [("int8", "int8+emb8"), ("int8+fast", "int8"), ("int4-g32", "int4-g32+emb8")])
+def test_format_variants_share_their_packed_weights(tiny_llama_wide, first, then):
+    """int8, int8+emb8 and int8+fast pack the same dense weights and factors: a second variant shares
+    them (one family's memory, as the memory plan counts it) and gives the numbers it gives alone."""
+    from acip_core.engine.materialize import count_bytes
+
+    model = random_any_size(tiny_llama_wide)[0]
+    ids = random_ids(len(model.tokenizer))
+    model.materialize(model.size_for_ratio(0.6, first), first)
+    size = model.size_for_ratio(0.6, then)
+    shared = model.materialize(size, then)
+    a, b = model._families[first], model._families[then]
+    assert b[1] is a[1]  # the factors
+    assert all(model._targets_of[then][n].qweight is model._targets_of[first][n].qweight for n in model.targets)
+    alone = random_any_size(tiny_llama_wide)[0]  # the same random model, this variant built alone
+    with torch.no_grad():
+        assert torch.equal(shared(ids).logits, alone.materialize(alone.size_for_ratio(0.6, then), then)(ids).logits)
+    assert count_bytes(shared) == size.nbytes

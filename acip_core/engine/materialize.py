@@ -223,14 +223,23 @@ class AnySizeModel:
         if not format.quantized:  # bfloat16: the converted copy of the tree and of the factors
             return converted, {n: (a.to(dtype), b.to(dtype)) for n, (a, b) in factors32.items()}
         start = time.perf_counter()
+        # a built variant of the same family and group (int8 / int8+emb8 / int8+fast) packed the same
+        # dense weights and factors: they are shared, not packed (and held) again
+        sibling = next((k for k in self._families if k != format.key and parse_format(k).quantized
+                        and (parse_format(k).name, parse_format(k).group_size) == (format.name, format.group_size)), None)
         swap = {}
         for n in self.targets:  # dense layers: the original float32 weight, quantized
             lin = self.originals[n]
             bias = None if lin.bias is None else lin.bias.detach().to(dtype)
-            swap[id(converted.get_submodule(n))] = QuantLinear(format.pack(lin.weight), bias).eval()
+            packed = self._targets_of[sibling][n].qweight if sibling else format.pack(lin.weight)
+            swap[id(converted.get_submodule(n))] = QuantLinear(packed, bias).eval()
         if format.embeddings == "int8":
             swap.update(_quantized_embeddings(base32, converted, format))
         base = clone_tree(converted, swap)  # the converted target weights are dropped with `converted`
+        if sibling:
+            log.info("built the %s family in %.1f s (the %s family's packed weights)", format.key,
+                     time.perf_counter() - start, sibling)
+            return base, self._families[sibling][1]
         # int4 with Grams: the codes of `down` (whose input is the layer's) picked by the output's error
         # (GPTQ), and the factors balanced along the rank (formats.int4.int4_balance: `up`'s rows scaled
         # before its rounding, `down`'s scales after its GPTQ, the same codes); `up`'s input has a
