@@ -1,4 +1,5 @@
 import json
+import os
 import pickle
 import shutil
 
@@ -127,3 +128,46 @@ def test_a_value_of_the_wrong_kind_is_an_artifact_error_and_listing_skips_it(cop
     assert problem(copy)
     listed = [c[1] for c in find_artifacts([str(tiny_artifact), str(copy)])]
     assert str(tiny_artifact) in listed and str(copy) not in listed
+
+
+@pytest.mark.parametrize("killed", ["before acip.json", "after acip.json"])
+def test_a_curve_rewrite_killed_midway_leaves_a_loadable_artifact(copy, monkeypatch, killed):
+    """curve.csv and acip.json (its checksum) were replaced one after the other: a kill between them left
+    an artifact refused as corrupted. Now the new version waits beside the old one until acip.json names
+    it: killed before, the old artifact loads whole; after, the load finishes the save."""
+    import pandas as pd
+
+    from acip_core.artifacts import artifact as art
+
+    old = load_artifact(copy).curve
+    new = pd.concat([old, old.tail(1).assign(size_ratio=0.123)], ignore_index=True)
+
+    class Killed(Exception):
+        pass
+
+    if killed == "before acip.json":
+        real = art.atomic_write_bytes
+
+        def write(path, data):
+            if path.name == art.META_FILE:
+                raise Killed
+            return real(path, data)
+        monkeypatch.setattr(art, "atomic_write_bytes", write)
+    else:
+        real_replace = os.replace
+
+        def replace(src, dst):  # killed as the first pending version is moved into place
+            if str(src).endswith(art.PENDING):
+                raise Killed
+            return real_replace(src, dst)
+        monkeypatch.setattr(art.os, "replace", replace)
+    with pytest.raises(Killed):
+        art.write_curve(copy, new)
+    monkeypatch.undo()
+    loaded = load_artifact(copy).curve
+    want = old if killed == "before acip.json" else new
+    assert len(loaded) == len(want) and list(loaded.size_ratio) == pytest.approx(list(want.size_ratio))
+    if killed == "after acip.json":
+        assert not list(copy.glob("*.new"))  # moved into place by the load
+    art.write_curve(copy, new)  # and the next save goes through, leftovers gone
+    assert len(load_artifact(copy).curve) == len(new) and not list(copy.glob("*.new"))

@@ -94,18 +94,31 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+PENDING = ".new"  # a file's next version, written before acip.json names it (save_artifact)
+
+
 def save_artifact(folder: str | Path, artifact: Artifact) -> Path:
-    """Writes the artifact's files atomically, acip.json last (with their checksums)."""
+    """Writes the artifact's files so that a kill at any moment leaves a loadable artifact: each file's
+    new version beside it (`<name>.new`, atomically), then acip.json with their checksums, then each
+    moved into place. Killed before acip.json: the old artifact, whole; after it: load_artifact moves
+    the pending versions in (their checksums are the ones acip.json names)."""
     folder = Path(folder)
     blobs = {SCORES_FILE: save({k: v.detach().float().contiguous().cpu() for k, v in artifact.scores.items()}),
              ADAPTERS_FILE: save({k: v.detach().float().contiguous().cpu() for k, v in artifact.adapters.items()})}
     if artifact.curve is not None:
         blobs[CURVE_FILE] = artifact.curve.to_csv(index=False).encode()
-    for name, data in blobs.items():
-        atomic_write_bytes(folder / name, data)
+    changed = [name for name, data in blobs.items()
+               if not (folder / name).is_file() or _sha((folder / name).read_bytes()) != _sha(data)]
+    for name in blobs:
+        if name in changed:
+            atomic_write_bytes(folder / (name + PENDING), blobs[name])
+        else:  # a leftover of a save killed before its acip.json: never named, never needed
+            (folder / (name + PENDING)).unlink(missing_ok=True)
     meta = replace(artifact.meta, format_version=FORMAT_VERSION,
                    files={name: _sha(data) for name, data in blobs.items()})
     atomic_write_bytes(folder / META_FILE, json.dumps(meta.to_json(), indent=1).encode())
+    for name in changed:
+        os.replace(folder / (name + PENDING), folder / name)
     artifact.meta, artifact.path = meta, folder
     return folder
 
@@ -147,6 +160,12 @@ def _read_artifact(folder: Path) -> Artifact:
             raise ArtifactError(f"{meta_path}: 'files' lists {name!r}; it must map plain file names "
                                 "in the folder (like scores.safetensors) to sha256 digests")
         path = folder / name
+        pending = folder / (name + PENDING)
+        if pending.is_file() and _sha(pending.read_bytes()) == digest:  # a save killed after acip.json
+            try:
+                os.replace(pending, path)  # finished here (save_artifact)
+            except OSError:
+                pass  # a read-only folder: read below as it is
         if not path.is_file():
             raise ArtifactError(f"{path} is missing")
         blobs[name] = path.read_bytes()
