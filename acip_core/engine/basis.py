@@ -217,10 +217,8 @@ def calibration_grams(model: nn.Module, tokenizer, linears: dict[str, nn.Linear]
     windows = calibration_windows(tokenizer, dict(recipe, windows=GRAM_WINDOWS))
     # on a tree of its own: its hooks must not see (nor break) a float32 size's forward, whose dense
     # layers are these very modules, run by another request meanwhile
-    names = {id(m): n for n, m in model.named_modules()}
     private = clone_tree(model, {}, own_hooks=True)
-    grams = input_grams(private, {n: private.get_submodule(names[id(m)]) for n, m in linears.items()}, windows,
-                        dtype=torch.float32)
+    grams = input_grams(private, {n: private.get_submodule(n) for n in linears}, windows, dtype=torch.float32)
     log.info("measured %d input Grams for int4 in %.1f s", len(grams), time.perf_counter() - start)
     return grams
 

@@ -225,8 +225,8 @@ class AnySizeModel:
         start = time.perf_counter()
         # a built variant of the same family and group (int8 / int8+emb8 / int8+fast) packed the same
         # dense weights and factors: they are shared, not packed (and held) again
-        sibling = next((k for k in self._families if k != format.key and parse_format(k).quantized
-                        and (parse_format(k).name, parse_format(k).group_size) == (format.name, format.group_size)), None)
+        built = {k: parse_format(k) for k in self._families if k != format.key}
+        sibling = next((k for k, f in built.items() if f.quantized and (f.name, f.group_size) == (format.name, format.group_size)), None)
         swap = {}
         for n in self.targets:  # dense layers: the original float32 weight, quantized
             lin = self.originals[n]

@@ -80,25 +80,45 @@ def load_base(source: str = EMBEDDED, dtype: torch.dtype = torch.float32, meta: 
     Returns:
         (model in eval mode, tokenizer)
     """
-    if source == EMBEDDED:
-        folder = _embedded_folder()
-    elif Path(source).expanduser().is_dir():
-        folder = Path(source).expanduser()
-    elif Path(source).expanduser().is_file() and source.lower().endswith(".gguf"):
-        folder = gguf_folder(Path(source).expanduser())
-    elif Path(source).expanduser().exists():
-        raise ModelSourceError(f"{source!r} is a file; give a model directory, a .gguf file, a hub id "
-                               f"or {EMBEDDED!r}")
-    elif source.lower().endswith(".gguf"):
-        raise ModelSourceError(f"{source!r}: no such GGUF file")
-    else:
+    kind, path = _where(source)
+    if kind == "hub":
         return _load_from_hub(source, dtype, meta)
-    if not (folder / "config.json").is_file():
-        raise ModelSourceError(f"{folder} has no config.json: not a transformers model directory")
+    folder = _embedded_folder() if kind == "embedded" else gguf_folder(path) if kind == "gguf" else path
+    _check_folder(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = _model(folder, dtype, meta)
     model.eval()
     return model, tokenizer
+
+
+def _where(source: str) -> tuple[str, Path | None]:
+    """What kind of source `source` is (load_base and load_config take the same): ("embedded", None),
+    ("folder", path), ("gguf", path) or ("hub", None); a file of another kind, or a missing .gguf, is
+    refused (ModelSourceError)."""
+    path = Path(source).expanduser()
+    if source == EMBEDDED:
+        return "embedded", None
+    if path.is_dir():
+        return "folder", path
+    if path.is_file() and source.lower().endswith(".gguf"):
+        return "gguf", path
+    if path.exists():
+        raise ModelSourceError(f"{source!r} is a file; give a model directory, a .gguf file, a hub id "
+                               f"or {EMBEDDED!r}")
+    if source.lower().endswith(".gguf"):
+        raise ModelSourceError(f"{source!r}: no such GGUF file")
+    return "hub", None
+
+
+def _check_folder(folder: Path) -> None:
+    if not (folder / "config.json").is_file():
+        raise ModelSourceError(f"{folder} has no config.json: not a transformers model directory")
+
+
+def _check_hub_id(source: str) -> None:
+    if source.count("/") != 1 or any(c.isspace() for c in source):
+        raise ModelSourceError(f"unknown model {source!r}: give {EMBEDDED!r}, an existing local directory, "
+                               "a .gguf file, or a Hugging Face id like 'HuggingFaceTB/SmolLM2-360M-Instruct'")
 
 
 def recorded_source(source: str) -> str:
@@ -116,24 +136,15 @@ def load_config(source: str):
     if not isinstance(source, str) or not source.strip():
         raise ModelSourceError(f"give a model: {EMBEDDED!r}, a local directory, a .gguf file or a Hugging Face id")
     source = source.strip()
-    path = Path(source).expanduser()
-    if source == EMBEDDED:  # its converted folder needs no wheel
-        converted = cache_dir() / "models" / EMBEDDED
-        return _config_of_gguf(converted, embedded_gguf)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelSourceError(f"{path} has no config.json: not a transformers model directory")
-        return AutoConfig.from_pretrained(path)
-    if path.is_file() and source.lower().endswith(".gguf"):
+    kind, path = _where(source)
+    if kind == "embedded":  # its converted folder needs no wheel
+        return _config_of_gguf(cache_dir() / "models" / EMBEDDED, embedded_gguf)
+    if kind == "gguf":
         return _config_of_gguf(cache_dir() / "models" / gguf_key(path), lambda: path)
-    if path.exists():
-        raise ModelSourceError(f"{source!r} is a file; give a model directory, a .gguf file, a hub id "
-                               f"or {EMBEDDED!r}")
-    if source.lower().endswith(".gguf"):
-        raise ModelSourceError(f"{source!r}: no such GGUF file")
-    if source.count("/") != 1 or any(c.isspace() for c in source):
-        raise ModelSourceError(f"unknown model {source!r}: give {EMBEDDED!r}, an existing local directory, "
-                               "a .gguf file, or a Hugging Face id like 'Qwen/Qwen2.5-7B-Instruct'")
+    if kind == "folder":
+        _check_folder(path)
+        return AutoConfig.from_pretrained(path)
+    _check_hub_id(source)
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
     cached = try_to_load_from_cache(source, "config.json")
@@ -173,10 +184,7 @@ def _model(name_or_folder, dtype: torch.dtype, meta: bool, **kwargs):
 
 
 def _load_from_hub(model_id: str, dtype: torch.dtype, meta: bool = False):
-    if model_id.count("/") != 1 or any(c.isspace() for c in model_id):
-        raise ModelSourceError(
-            f"unknown model {model_id!r}: give {EMBEDDED!r}, an existing local directory, "
-            "or a Hugging Face id like 'HuggingFaceTB/SmolLM2-360M-Instruct'")
+    _check_hub_id(model_id)
     try:  # a copy already in the local HF cache works offline too
         tokenizer = AutoTokenizer.from_pretrained(model_id, local_files_only=True)
         model = _model(model_id, dtype, meta, local_files_only=True)
