@@ -471,9 +471,15 @@ def cmd_lm_eval(args):
                          args.batch_size)
     result = dict(method=args.method, size_ratio=round(size.size_ratio, 5), params=size.params, limit=args.limit,
                   tasks=scores, seconds=time.perf_counter() - start)
-    _emit(args, result, "\n".join(f"{t}: acc {r['acc']:.4f} ± {r['acc_stderr'] or 0:.4f}, acc_norm "
-                                  f"{r['acc_norm']:.4f} ({r['samples']} items)" for t, r in scores.items())
+    _emit(args, result, "\n".join(_task_line(t, r) for t, r in scores.items())
           + f"\nat size {size.size_ratio:.4f} in {result['seconds']:.1f} s")
+
+
+def _task_line(task: str, r: dict) -> str:
+    """One task's accuracy in words; a task without acc_norm (winogrande) or a stderr says so."""
+    def value(key):
+        return "n/a" if r.get(key) is None else f"{r[key]:.4f}"
+    return f"{task}: acc {value('acc')} ± {value('acc_stderr')}, acc_norm {value('acc_norm')} ({r['samples']} items)"
 
 
 @command

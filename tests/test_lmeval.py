@@ -114,3 +114,55 @@ def test_task_files_for_lm_evals_own_cli(tmp_path, capsys):
     loaded = manager.load(["acip_last_word"])
     (task,) = loaded["tasks"].values()
     assert len(task.eval_docs) > 10
+
+
+def test_an_emb8_size_of_a_tied_model_runs(tiny_llama_tied):
+    """lm-eval's HFLM calls tie_weights(); +emb8's int8 embedding has no weight parameter to tie
+    (it raised AttributeError before any item was scored)."""
+    from acip_core.engine.materialize import AnySizeModel
+    from helpers import model_and_basis
+
+    model, tok, _, basis = model_and_basis(tiny_llama_tied)
+    assert model.config.tie_word_embeddings
+    scores = {n: torch.linspace(1, 0, len(f.s)) for n, f in basis.items()}
+    any_size = AnySizeModel(model, tok, basis, scores)
+    small = any_size.materialize(any_size.size_for_ratio(0.6), "int8+emb8")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        before = small(input_ids=ids).logits
+        out = run_lm_eval(small, tok, ["acip_last_word"], limit=2, batch_size=4)
+        after = small(input_ids=ids).logits
+    assert out["acip_last_word"]["samples"] == 2
+    assert torch.equal(before, after) and "tie_weights" not in vars(small)  # nothing left changed
+
+
+def test_cli_task_line_without_acc_norm():
+    from acip_core import cli
+
+    line = cli._task_line("winogrande", dict(acc=0.5, acc_stderr=None, acc_norm=None, samples=3))
+    assert line == "winogrande: acc 0.5000 ± n/a, acc_norm n/a (3 items)"
+
+
+def test_task_items_are_read_without_growing_the_datasets_cache(tmp_path):
+    """The app writes the task folder anew for every run: a cached load_dataset("json") added a
+    cache folder per run to ~/.cache/huggingface/datasets that nothing removed."""
+    import importlib.util
+    from pathlib import Path
+
+    import datasets
+
+    from acip_core.evaluation.lmeval import write_task_configs
+
+    cache = Path(datasets.config.HF_DATASETS_CACHE) / "json"
+    before = sorted(cache.iterdir()) if cache.is_dir() else []
+    for run in ("a", "b"):
+        folder = tmp_path / run
+        folder.mkdir()
+        write_task_configs(["acip_last_word"], folder)
+        spec = importlib.util.spec_from_file_location(f"acip_data_{run}", folder / "acip_data.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        items = module.load("acip_last_word.jsonl")["test"]
+        lines = (folder / "acip_last_word.jsonl").read_text(encoding="utf-8").splitlines()
+        assert len(items) == len(lines) and items[0] == json.loads(lines[0])
+    assert (sorted(cache.iterdir()) if cache.is_dir() else []) == before

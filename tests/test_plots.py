@@ -3,7 +3,7 @@
 import pandas as pd
 
 from acip_core.evaluation import plots
-from acip_core.evaluation.curve import curve_at, interp_log, suggested_ratio
+from acip_core.evaluation.curve import curve_at, interp_log, smallest_measured, suggested_ratio
 
 
 def _curve():
@@ -48,6 +48,12 @@ def test_curve_analytics():
     assert 51.6 < at["value"] < 100 and at["value"] == interp_log([0.4, 0.7], [100.0, 51.6], 0.55)
     assert curve_at(curve, 0.2)["value"] is None
     assert suggested_ratio(curve) == 1.0 and suggested_ratio(curve, within=1.5) == 0.7
+    # the artifact's own method by name: `curve --methods` appends re-measured baselines after it
+    baseline = pd.DataFrame([dict(method="svd-magnitude", size_ratio=r, params=50, ppl_heldout=1e6)
+                             for r in (0.3, 0.5)])
+    moved = pd.concat([curve[curve.method == "original"], baseline, curve[curve.method != "original"]])
+    assert curve_at(moved, 0.55) == at and smallest_measured(moved) == 0.4
+    assert suggested_ratio(moved, within=1.5) == 0.7
 
 
 def _formats_curve():

@@ -161,9 +161,13 @@ def method_curve(folder, method: str, evals: dict[str, torch.Tensor], sizes=DEFA
         points = [(None, s) for s in block_removal_sizes(any_size, order, format) if s.size_ratio >= min(sizes) - 1e-9]
     else:
         points = [(t, any_size.size_for_ratio(t, format)) for t in sizes]
+    # windows: the fewest of any eval set, so a set's standard error (nll_std / √windows) is never
+    # smaller than measured; seq_len: a perplexity is comparable only at the same window length
+    shape = dict(windows=min((len(w) for w in evals.values()), default=0),
+                 seq_len=max((w.shape[-1] for w in evals.values()), default=0))
     rows = []
     for i, (target, size) in enumerate(points):
-        row = dict(size_row(method, target, size), windows=max((len(w) for w in evals.values()), default=0))
+        row = dict(size_row(method, target, size), **shape)
         net = any_size.materialize(size, format)
         for name, windows in evals.items():
             result = perplexity(net, windows, batch_size)
@@ -174,8 +178,7 @@ def method_curve(folder, method: str, evals: dict[str, torch.Tensor], sizes=DEFA
         if on_progress:
             on_progress(i + 1, len(points))
     if method == "acip":  # the reference line, measured the same way
-        row = dict(size_row("original", 1.0, any_size.original_size(format)),
-                   windows=max((len(w) for w in evals.values()), default=0))
+        row = dict(size_row("original", 1.0, any_size.original_size(format)), **shape)
         for name, windows in evals.items():
             result = perplexity(any_size.materialize(any_size.original_size(format), format), windows, batch_size)
             row[f"ppl_{name}"], row[f"nll_std_{name}"] = result["perplexity"], result["nll_std"]

@@ -38,9 +38,12 @@ def acip_curve(model: AnySizeModel, evals: dict[str, torch.Tensor], sizes=DEFAUL
                batch_size: int = 4, on_progress=None, method: str = "acip") -> pd.DataFrame:
     """Rows for the original and for each size (perplexity on every eval set)."""
     rows = [original_row(model, evals, batch_size)] if evals else [size_row("original", 1.0, model.original_size())]
+    seq_len = max((w.shape[-1] for w in evals.values()), default=None)  # curve_seq_len reads it
+    if seq_len:
+        rows[0]["seq_len"] = seq_len
     for i, target in enumerate(sizes):
         size = model.size_for_ratio(target)
-        row = size_row(method, target, size)
+        row = dict(size_row(method, target, size), **({"seq_len": seq_len} if seq_len else {}))
         if evals:
             net = model.materialize(size)
             for name, windows in evals.items():
@@ -81,11 +84,13 @@ def interp_log(xs, ys, x0) -> float | None:
 
 
 def first_method(curve: pd.DataFrame, metric: str, format: str | None = None) -> pd.DataFrame:
-    """Rows of the curve's first compressed method (the artifact's own: ACIP) that have `metric`, in
-    format `format` when it was measured in it (else in its first measured format)."""
+    """Rows of the artifact's own method (ACIP; a curve without ACIP rows: its first compressed method)
+    that have `metric`, in format `format` when it was measured in it (else in its first measured
+    format). By name, not by place: `curve --methods` appends re-measured methods after the kept rows."""
     curve = curve_frame(curve)
     rows = curve[(curve.method != "original") & curve[metric].notna()]
-    rows = rows[rows.method == rows.method.iloc[0]] if len(rows) else rows
+    own = "acip" if (rows.method == "acip").any() else (rows.method.iloc[0] if len(rows) else None)
+    rows = rows[rows.method == own]
     if len(rows):
         rows = rows[rows.format == (format if format in set(rows.format) else rows.format.iloc[0])]
     return rows
@@ -118,7 +123,8 @@ def suggested_ratio(curve: pd.DataFrame | None, within: float = 1.25) -> float:
     ref = curve[curve.method == "original"][m].dropna()
     if not len(ref):
         return 1.0
-    good = curve[(curve.method != "original") & (curve[m] <= within * float(ref.iloc[0]))]
+    rows = first_method(curve, m)
+    good = rows[rows[m] <= within * float(ref.iloc[0])]
     return float(good.size_ratio.min()) if len(good) else 1.0
 
 
@@ -129,6 +135,16 @@ def smallest_measured(curve: pd.DataFrame | None) -> float | None:
         return None
     rows = first_method(curve, cols[0])
     return float(rows.size_ratio.min()) if len(rows) else None
+
+
+CURVE_SEQ_LEN = 256  # the window length of curves that do not record theirs (every curve before seq_len)
+
+
+def curve_seq_len(curve: pd.DataFrame | None) -> int:
+    """The window length (tokens) the curve's perplexities were measured at."""
+    if curve is not None and "seq_len" in curve and curve.seq_len.notna().any():
+        return int(curve.seq_len.max())
+    return CURVE_SEQ_LEN
 
 
 def spread(perplexity: float, nll_std: float, windows: int) -> tuple[float, float]:

@@ -115,6 +115,17 @@ def _stop_hook(should_stop, count=None):
     return hook
 
 
+def _wrap(HFLM, model, tokenizer, batch_size):
+    """HFLM over the model as it is. HFLM calls model.tie_weights(); a materialized size is tied already
+    (a tied head shares the embedding's tensor, or under +emb8 its int8 QWeight, which has no `weight`
+    parameter for transformers to tie: it raised AttributeError), so the call is skipped here."""
+    model.tie_weights = lambda *args, **kwargs: None  # an instance attribute, removed right after
+    try:
+        return HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=int(batch_size))
+    finally:
+        del model.tie_weights
+
+
 def run_lm_eval(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 16,
                 should_stop=None, on_progress=None) -> dict:
     """Zero-shot accuracy of an in-memory causal LM on lm-eval tasks.
@@ -165,7 +176,7 @@ def run_lm_eval(model, tokenizer, tasks: list[str], limit: int | None = None, ba
             if task.get_config("num_fewshot") is None:
                 task.set_config(key="num_fewshot", value=0)
             task.set_fewshot_seed(seed=1234)
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=int(batch_size))
+        lm = _wrap(HFLM, model, tokenizer, batch_size)
         if should_stop is not None or on_progress is not None:
             hook = model.register_forward_pre_hook(_stop_hook(should_stop or (lambda: False),
                                                               _counter(lm, on_progress)), with_kwargs=True)

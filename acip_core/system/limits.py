@@ -35,6 +35,7 @@ class Limits:
     max_run_seconds: float  # wall time of one scoring run; then it is stopped (resumable)
     max_running: int  # scoring runs at once, in total
     lm_eval_items: int  # items per task of one lm-eval measurement
+    lm_eval_batch: int  # requests per forward: lm-eval holds batch × length × vocab log-probs at once
     perplexity_windows: int
     upload_bytes: int  # one uploaded file (Gradio's max_file_size too)
     uploads_bytes: int  # all kept calibration uploads
@@ -51,20 +52,23 @@ class Limits:
 
 def _local() -> Limits:
     return Limits(public=False, scoring="open", max_steps=100_000, max_batch_size=256, max_seq_len=32_768,
-                  max_run_seconds=math.inf, max_running=1, lm_eval_items=100_000, perplexity_windows=1024,
-                  upload_bytes=200 * MB, uploads_bytes=2 * GB, runs_bytes=math.inf, exports_bytes=20 * GB,
-                  bases_bytes=20 * GB, chat_tokens=4096, chat_messages=2000, cache_seconds=24 * 3600,
-                  heavy_per_hour=math.inf, visitor_upload_bytes=math.inf, total_upload_bytes=math.inf)
+                  max_run_seconds=math.inf, max_running=1, lm_eval_items=100_000, lm_eval_batch=512,
+                  perplexity_windows=1024, upload_bytes=200 * MB, uploads_bytes=2 * GB, runs_bytes=math.inf,
+                  exports_bytes=20 * GB, bases_bytes=20 * GB, chat_tokens=4096, chat_messages=2000,
+                  cache_seconds=24 * 3600, heavy_per_hour=math.inf, visitor_upload_bytes=math.inf,
+                  total_upload_bytes=math.inf)
 
 
 def _public(env) -> Limits:
     # steps/batch/sequence: a run of the embedded model stays under ~3 GB of memory and 30 min on a
-    # 2-core Space (README, "Public deployment"); bases are ~0.6 GB each for SmolLM2
+    # 2-core Space (README, "Public deployment"); bases are ~0.6 GB each for SmolLM2. lm-eval's batch:
+    # 16 × ~130 tokens × 49,152 vocab × 4 B ≈ 0.4 GB of logits (and as much again for their log-softmax)
     return Limits(public=True, scoring="token" if env.get("ACIP_ADMIN_TOKEN") else "off", max_steps=400,
                   max_batch_size=4, max_seq_len=512, max_run_seconds=1800, max_running=1, lm_eval_items=100,
-                  perplexity_windows=64, upload_bytes=10 * MB, uploads_bytes=100 * MB, runs_bytes=3 * GB,
-                  exports_bytes=2 * GB, bases_bytes=3 * GB, chat_tokens=1024, chat_messages=400, cache_seconds=3600,
-                  heavy_per_hour=20, visitor_upload_bytes=30 * MB, total_upload_bytes=300 * MB)
+                  lm_eval_batch=16, perplexity_windows=64, upload_bytes=10 * MB, uploads_bytes=100 * MB,
+                  runs_bytes=3 * GB, exports_bytes=2 * GB, bases_bytes=3 * GB, chat_tokens=1024,
+                  chat_messages=400, cache_seconds=3600, heavy_per_hour=20, visitor_upload_bytes=30 * MB,
+                  total_upload_bytes=300 * MB)
 
 
 def limits(env=None) -> Limits:
@@ -96,7 +100,7 @@ def describe(lim: Limits | None = None) -> str:
     return (f"**Public Space.** To keep it usable by everyone, visitors' work is bounded: scoring runs are "
             f"{scoring}, one at a time, at most {lim.max_steps} steps, batch {lim.max_batch_size} × "
             f"{lim.max_seq_len} tokens and {lim.max_run_seconds / 60:.0f} min; lm-eval at most "
-            f"{lim.lm_eval_items} items per task; {lim.heavy_per_hour:g} measurements, sweeps or exports per "
+            f"{lim.lm_eval_items} items per task, batch {lim.lm_eval_batch}; {lim.heavy_per_hour:g} measurements, sweeps or exports per "
             f"visitor (session and address) per hour; chat history {lim.chat_messages} messages and "
             f"{lim.chat_tokens} tokens; uploads {lim.upload_bytes / MB:g} MB of text per file, "
             f"{lim.visitor_upload_bytes / MB:g} MB per address per hour; models and texts only by name (no server paths); old "

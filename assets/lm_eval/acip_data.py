@@ -2,6 +2,7 @@
 beside this file (its name is the YAML's `dataset_kwargs: data_file`), so a folder of task YAMLs works
 wherever it is copied. lm-eval 0.4.13 finds this module next to the YAML (`!function acip_data.load`)."""
 
+import json
 from pathlib import Path
 
 import datasets
@@ -12,4 +13,7 @@ def load(data_file: str, **_metadata):
     path = Path(__file__).resolve().parent / data_file
     if Path(data_file).name != data_file or not path.is_file():
         raise FileNotFoundError(f"{data_file!r} is not a file beside {Path(__file__).name} in {path.parent}")
-    return datasets.load_dataset("json", data_files={"test": str(path)})
+    # in memory: load_dataset("json") would add a cache folder per path to ~/.cache/huggingface/datasets
+    # at every run (the app writes the task folder anew each time), never removed
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
