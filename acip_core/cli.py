@@ -66,6 +66,17 @@ def _format(args):
     return parse_format(args.format, args.group_size if grouped else None, args.embeddings, args.layout)
 
 
+def _windows(text: str) -> int:
+    """--eval-windows: a count ≥ 0 (a negative one failed only after the whole run, at its curve)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a whole number of windows >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a whole number of windows >= 0, got {text!r}")
+    return value
+
+
 def _size_args(p, budget=True, format_default=None):
     p.add_argument("--artifact", required=True, help="artifact folder (e.g. precomputed/smollm2-135m-instruct), "
                                                      "or a tuned size's folder (its size is its own)")
@@ -111,7 +122,7 @@ def cmd_score(args):
     if dist is None and not args.force:  # a run that cannot fit is refused before it loads anything
         from acip_core.training.plan import check_fits, plan_for_config
 
-        check_fits(plan_for_config(args.model, cfg, args.basis))
+        check_fits(plan_for_config(args.model, cfg, args.basis, targets=_targets(args.targets)))
     try:
         artifact = run_scoring(args.model, args.data, args.out, args.basis, cfg, args.resume,
                                on_step if dist is None or dist.rank == 0 else None,
@@ -141,7 +152,7 @@ def cmd_plan(args):
 
     plan = plan_scoring(args.model, args.batch_size, args.seq_len, args.base_format, fsdp=args.fsdp,
                         device=args.device or pick_device().type, precision=args.precision, lora_rank=args.lora_rank, basis=args.basis,
-                        probe=not args.no_probe)
+                        probe=not args.no_probe, objective=args.objective, targets=_targets(args.targets))
     _emit(args, plan.to_dict(), plan.table())
 
 
@@ -435,7 +446,7 @@ def cmd_finetune(args):
                   + (f" kd {e['kd']:.4f}" if "kd" in e else "") + f" {e['seconds']:.0f}s eta {eta}",
                   flush=True)
 
-    dist = DistContext.from_env()  # set up by torchrun / accelerate launch
+    dist = DistContext.from_env(cpu=True)  # set up by torchrun / accelerate launch; fine-tuning runs on the CPU
     try:
         tuned = run_finetune(args.artifact, args.size_ratio, args.data, args.out, cfg, args.resume,
                              on_step if dist is None or dist.rank == 0 else None,
@@ -507,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("score", help="run ACIP scoring and write an artifact")
-    p.add_argument("--model", default=EMBEDDED, help=f"{EMBEDDED}, a local directory, or a hub id")
+    p.add_argument("--model", default=EMBEDDED, help=f"{EMBEDDED}, a local directory, a local .gguf file, or a hub id")
     p.add_argument("--data", default=DEFAULT_DATA, help=f"{DEFAULT_DATA}, a text file, or hf:NAME[:CONFIG][:SPLIT]")
     p.add_argument("--out", required=True, help="output folder of the artifact")
     p.add_argument("--basis", default="whitened", choices=BASIS_KINDS)
@@ -518,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="start even when the memory plan (python -m acip_core plan) says it cannot fit")
     p.add_argument("--eval-data", default="corpus:heldout", help="text for the artifact's quick curve")
-    p.add_argument("--eval-windows", type=int, default=8, help="256-token windows for that curve (0: none)")
+    p.add_argument("--eval-windows", type=_windows, default=8, help="256-token windows for that curve (0: none)")
     p.add_argument("--targets", default=None,
                    help="comma-separated layer names to compress (leaf names like q_proj,o_proj or FQN "
                         "suffixes like mlp.c_proj); default: every linear projection of the decoder blocks")
@@ -535,7 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=(note + "; " if note else "") + f"default {getattr(defaults, f.name)}")
 
     p = sub.add_parser("plan", help="memory (and step time) a scoring run needs, from the model's config alone")
-    p.add_argument("--model", default=EMBEDDED, help=f"{EMBEDDED}, a local directory, or a hub id (config.json only)")
+    p.add_argument("--model", default=EMBEDDED,
+                   help=f"{EMBEDDED}, a local directory, a local .gguf file (its header), or a hub id (config.json only)")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="global batch (rows)")
     p.add_argument("--seq-len", type=int, default=defaults.seq_len)
     p.add_argument("--base-format", default="float32", help=f"float32 or a quantized format key ({quantized})")
@@ -545,6 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-rank", type=int, default=defaults.lora_rank)
     p.add_argument("--basis", default="whitened", choices=BASIS_KINDS)
     p.add_argument("--no-probe", action="store_true", help="no timed matrix product (no step-time estimate)")
+    p.add_argument("--objective", default=defaults.objective, choices=list(OBJECTIVES),
+                   help="kd / lm+kd hold the teacher's logits through a step")
+    p.add_argument("--targets", default=None, help="as score's --targets (default: every linear projection)")
 
     from acip_core.training.finetune import FinetuneConfig
 
@@ -555,7 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=DEFAULT_DATA, help="training text (never an evaluation set)")
     p.add_argument("--out", required=True, help="output folder of the tuned size")
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
-    p.add_argument("--eval-windows", type=int, default=32,
+    p.add_argument("--eval-windows", type=_windows, default=32,
                    help="256-token windows of corpus:heldout and corpus:domain measured untuned and tuned")
     _format_args(p)  # the frozen size's format: int8 / int4 train a LoRA over quantized factors
     ft_defaults = FinetuneConfig()
@@ -682,7 +697,8 @@ def main(argv=None) -> int:
         _quiet_progress_bars()
     try:
         COMMANDS[args.command](args)
-    except (ValueError, OSError, RuntimeError) as err:  # OSError: FileExistsError, IsADirectoryError, ...
+    except (ValueError, OSError, RuntimeError, ArithmeticError) as err:  # OSError: FileExistsError, IsADirectoryError, ...
+        # ArithmeticError: a loss that turned NaN (train.train_loop's FloatingPointError)
         if args.json:
             print(json.dumps({"error": str(err)}))
         print(f"error: {err}", file=sys.stderr)

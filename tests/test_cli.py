@@ -97,3 +97,21 @@ def test_a_budget_on_an_eval_set_the_curve_lacks_names_the_ones_it_has(tiny_arti
     assert cli.main(["size", "--artifact", str(tiny_artifact), "--budget-gb", "1", "--eval-set", "typo"]) == 2
     err = capsys.readouterr().err
     assert "no perplexity on 'typo'" in err and "heldout" in err
+
+
+def test_negative_eval_windows_and_a_nan_loss_are_clear_errors(tmp_path, capsys, monkeypatch):
+    """--eval-windows -1 failed only after the whole run (at its curve); a loss that turned NaN
+    (FloatingPointError, an ArithmeticError) escaped the CLI as a traceback."""
+    from acip_core import cli
+    from acip_core.sources import models
+
+    monkeypatch.setattr(models, "load_base", lambda *a, **k: pytest.fail("loaded a model"))
+    for argv in (["score", "--eval-windows", "-1", "--out", str(tmp_path / "a")],
+                 ["finetune", "--artifact", "x", "--size-ratio", "0.5", "--eval-windows", "-2", "--out", str(tmp_path / "b")]):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        assert "windows >= 0" in capsys.readouterr().err
+    monkeypatch.setitem(cli.COMMANDS, "plan", lambda args: (_ for _ in ()).throw(
+        FloatingPointError("loss became nan at step 3; lower --lr")))
+    assert cli.main(["plan", "--json"]) == 2
+    assert "loss became nan" in json.loads(capsys.readouterr().out)["error"]

@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from transformers import AutoConfig
 
 from acip_core.training import plan as plan_mod
 from acip_core.sources.models import load_config
@@ -85,6 +86,13 @@ def test_the_plan_counts_what_the_scoring_form_holds(tiny_qwen):
         plan_scoring(tiny_qwen, 3, 32, fsdp=2, probe=False)
     with pytest.raises(ValueError, match="fsdp"):
         plan_scoring(tiny_qwen, 2, 32, base_format="int8", fsdp=2, probe=False)
+    # the teacher's logits under kd; --targets plans only the layers it names
+    kd = plan_scoring(tiny_qwen, 2, 32, probe=False, objective="lm+kd")
+    vocab = plan.shapes["vocab"]
+    assert steps(kd) - steps(plan) == 2 * 4 * 2 * 31 * vocab
+    some = plan_scoring(tiny_qwen, 2, 32, probe=False, targets=["q_proj"])
+    assert some.shapes["target_layers"] == len([n for n in targets if n.endswith("q_proj")])
+    assert some.shapes["target_params"] < plan.shapes["target_params"]
 
 
 def test_a_7b_plan_follows_the_readme_accounting():
@@ -188,6 +196,16 @@ def test_the_score_tab_shows_the_plan_of_the_typed_model(tiny_llama, monkeypatch
     _tight(monkeypatch, 2**20)
     assert "does not fit" in app_handlers.score_plan(tiny_llama, 2, 32)
     assert "not available" in app_handlers.score_plan(tiny_llama, 0, 32)  # said in place, not raised
+    # past the model's context, or past what a run may use: refused before a step is traced (its cost
+    # grows with seq_len: 10**7 tokens ran for minutes)
+    context = AutoConfig.from_pretrained(tiny_llama).max_position_embeddings
+    assert f"exceeds the model's context of {context}" in app_handlers.score_plan(tiny_llama, 2, context + 1)
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        plan_scoring(tiny_llama, 2, context + 1, probe=False)
+    monkeypatch.setenv("ACIP_PUBLIC", "1")
+    monkeypatch.setattr(app_handlers.public, "check_model", lambda source: source)  # the tiny folder
+    assert r"tokens per sequence must be a whole number in \[8, 512\]" in app_handlers.score_plan(tiny_llama, 2, 10**7)
+    assert r"batch size must be a whole number in \[1, 4\]" in app_handlers.score_plan(tiny_llama, 10**6, 32)
 
 
 def test_a_config_too_large_to_build_is_refused_before_building(tmp_path):

@@ -89,7 +89,11 @@ def test_a_live_run_locks_its_folder(tiny_llama, tmp_path):
 @pytest.mark.parametrize("bad", [dict(stop_ratio=1.5), dict(steps=0), dict(lr=-1.0), dict(precision="fp8"),
                                  dict(base_format="int3"), dict(base_format="bfloat16"),
                                  dict(base_format="int8+emb8"), dict(base_format="int8+fast"),
-                                 dict(base_format="int4", objective="kd")])
+                                 dict(base_format="int4", objective="kd"), dict(mask_scale=0.0),
+                                 dict(mask_scale=-0.02), dict(reg_init=float("nan")), dict(reg_growth=float("nan")),
+                                 dict(lr=float("nan")), dict(lr=float("inf")), dict(lora_rank=-3),
+                                 dict(lora_alpha=float("nan")), dict(lora_dropout=1.5), dict(steps=10**12),
+                                 dict(post_tune_steps=10**12)])
 def test_bad_config_is_rejected(bad):
     with pytest.raises(ValueError):
         _cfg(**bad)
@@ -116,8 +120,10 @@ def test_a_save_killed_before_the_state_swap_leaves_the_previous_checkpoint_load
     monkeypatch.undo()
     state, _ = score.load_checkpoint(tmp_path, {"p": p}, opt)
     assert state.step == 4 and torch.equal(p.detach(), torch.ones(3))
+    (tmp_path / ".checkpoint-0123456789abcdef.safetensors.x1y2.tmp").write_bytes(b"half")  # a killed write's
     score.save_checkpoint(tmp_path, score.RunState(step=8), {"p": p}, opt, None)
     assert len(list(tmp_path.glob(score.CHECKPOINT_GLOB))) == 1  # the stale tensor file is gone
+    assert not list(tmp_path.glob(".checkpoint*.tmp"))  # and the killed write's leftover
     score.remove_checkpoint(tmp_path)
     assert not list(tmp_path.glob("checkpoint*"))
 
@@ -172,3 +178,36 @@ def test_scoring_on_a_quantized_base_transfers_to_the_full_precision_model(tiny_
     assert abs(full - orig) / orig < 0.05  # at full size the transferred model is the original (+ its LoRA)
     model, _ = open_method(tmp_path / "q")
     assert abs(model.size_for_ratio(0.5).size_ratio - 0.5) < 0.05
+
+
+def test_peak_rss_keeps_what_came_before_the_step_windows():
+    """Each step resets Linux's high-water mark (clear_refs), which also resets ru_maxrss: the
+    reported peak lost loading, family builds and the teacher."""
+    import sys
+
+    from acip_core.training import train
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("clear_refs is Linux's")
+    big = torch.ones(100 * 2**20)  # 400 MiB, every page written
+    held = train.rss_mib()
+    del big
+    train.reset_step_peak()
+    train.reset_step_peak()
+    assert train.peak_rss_mib() >= held
+
+
+def test_a_checkpoint_naming_its_run_loads_and_a_torn_log_line_is_skipped(tmp_path):
+    from acip_core.training import score
+    from acip_core.training import train
+
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([p])
+    train.save_checkpoint(tmp_path, dict(step=4, phase="acip", run={"seed": 1}), {"p": p}, opt)
+    state, _ = score.load_checkpoint(tmp_path, {"p": p}, opt)  # a real checkpoint has "run": TypeError before
+    assert state.step == 4 and state.phase == "acip"
+    log = tmp_path / train.LOG_FILE
+    log.write_text('{"step": 1, "rss_mib": 10}\n{"step": 2, "rss_mib": 30}\n{"no_step": 1}\n{"step": 3, "rss_')
+    assert train.steps_memory(tmp_path)["steps_rss_mib"] == 30  # a torn last line (disk full) is skipped
+    train._truncate_log(log, 1)
+    assert [r["step"] for r in train.log_rows(log)] == [1]

@@ -51,6 +51,9 @@ def test_sweep_sizes_are_parsed_and_a_huge_range_is_refused_before_it_is_built()
     for bad in ("inf:0:0.1", "1:-inf:0.1", "1:0:inf", "nan:0:0.1", "1:0:0", "1:0:-0.1", "a:b:c", ""):
         with pytest.raises(ValueError):
             parse_sizes(bad)
+    for empty in ("", "  ", ",,"):
+        with pytest.raises(ValueError, match="give at least one size"):
+            parse_sizes(empty)
     with pytest.raises(ValueError) as err:
         parse_sizes("2, " + "0.5, " * 10_000)
     assert len(str(err.value)) < 200  # the message does not echo a huge field

@@ -184,11 +184,13 @@ def check_may_score(token=None, env=None) -> None:
     """Raises ValueError (with what to do) when scoring runs may not start: public mode without the token."""
     lim = limits(env)
     if lim.scoring == "off":
-        raise ValueError("Scoring runs are off on this public Space: they take the whole machine for "
-                         "up to half an hour. The Space's owner can enable them by setting the secret "
-                         "ACIP_ADMIN_TOKEN; run ACIP Studio locally (make run) to score any model.")
+        raise ValueError("Training runs (scoring and fine-tuning) are off on this public Space: they take "
+                         "the whole machine for up to half an hour. The Space's owner can enable them by "
+                         "setting the secret ACIP_ADMIN_TOKEN; run ACIP Studio locally (make run) to score "
+                         "or fine-tune any model.")
     if lim.scoring == "token" and not token_ok(token, env):
-        raise ValueError("Starting or controlling scoring runs on this public Space needs the owner's "
+        raise ValueError("Starting or controlling training runs (scoring, fine-tuning) on this public Space "
+                         "needs the owner's "
                          "admin token (ACIP_ADMIN_TOKEN): type it in the admin token field.")
 
 

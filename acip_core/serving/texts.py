@@ -220,7 +220,10 @@ def parse_sizes(text: str, limit: int = 12) -> list[float]:
         raise ValueError(f"sizes must be numbers separated by commas (e.g. 1.0, 0.8, 0.6) or "
                          f"a range high:low:step (e.g. 1.0:0.4:0.1), got {shown}")
     sizes = sorted(set(numbers), reverse=True)
-    if not sizes or any(not (math.isfinite(s) and 0 <= s <= 1) for s in sizes):
+    if not sizes:
+        raise ValueError("give at least one size: numbers separated by commas (e.g. 1.0, 0.8, 0.6) or a "
+                         "range high:low:step (e.g. 1.0:0.4:0.1)")
+    if any(not (math.isfinite(s) and 0 <= s <= 1) for s in sizes):
         raise ValueError(f"every size must be within [0, 1], got {shown}")
     if len(sizes) > limit:
         raise ValueError(f"at most {limit} sizes per sweep, got {len(sizes)}")

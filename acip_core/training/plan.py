@@ -39,7 +39,7 @@ from torch import nn
 from acip_core.engine.basis import meta_basis
 from acip_core.engine.parametrize import parametrize_, target_linears, train_only_masks_and_lora_
 from acip_core.formats.registry import FAMILIES, Format, parse_format
-from acip_core.sources.models import load_config, pick_device
+from acip_core.sources.models import check_context, load_config, pick_device
 from acip_core.training.score import autocast_dtype
 from acip_core.training.train import vocab_loss
 
@@ -282,11 +282,13 @@ def _amp(precision: str, device: str) -> torch.dtype | None:
 
 def plan_scoring(model: str, batch_size: int = 2, seq_len: int = 256, base_format: str = "float32",
                  fsdp: int = 1, device: str = "cpu", precision: str = "auto", lora_rank: int = DEFAULT_LORA_RANK,
-                 basis: str = "whitened", probe: bool = True, config=None) -> Plan:
+                 basis: str = "whitened", probe: bool = True, config=None, objective: str = "lm",
+                 targets=None) -> Plan:
     """The memory plan of `python -m acip_core score` with these settings (and of serving the
     result in the explorer), from the model's config alone. `fsdp` > 1: per process of a sharded
     run over that many processes (`--fsdp`), each with batch_size / fsdp rows. `config`: a
-    transformers config to use instead of reading `model`'s."""
+    transformers config to use instead of reading `model`'s. `objective` kd / lm+kd: the teacher's
+    logits are held through the step; `targets`: the layers `--targets` names (default: discovered)."""
     for name, v in (("batch_size", batch_size), ("seq_len", seq_len), ("fsdp", fsdp)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a whole number >= 1, got {v!r}")
@@ -299,9 +301,10 @@ def plan_scoring(model: str, batch_size: int = 2, seq_len: int = 256, base_forma
         raise ValueError("--base-format int8/int4 does not run under --fsdp (run_scoring refuses it)")
     amp = _amp(precision, device)  # a quantized base's kernels run in its compute dtype, the rest in this
     config = config if config is not None else load_config(model)
+    check_context(config, seq_len)  # before tracing a step: its cost grows with seq_len
     net = meta_model(config)
     params = _unique_params(net)
-    linears = target_linears(net)
+    linears = target_linears(net, targets)
     if not linears:
         raise ValueError(f"{model}: no target linear layers found")
     P = sum(4 * p.numel() for p in params)
@@ -389,6 +392,9 @@ def plan_scoring(model: str, batch_size: int = 2, seq_len: int = 256, base_forma
     add(f"activations saved for backward ({rows} × {seq_len})", traced["saved"], where_w, ("steps",),
         "counted on the meta model; includes the loss's float32 [tokens, vocab] gradient")
     add("loss backward (tokens × vocab)", loss_peak, where_w, ("steps",), f"{tokens} × {vocab} float32")
+    if objective != "lm":  # train.objective: the teacher's logits, and the softmax the KD gradient keeps
+        add("teacher logits + softmax (kd)", 2 * 4 * tokens * vocab, where_w, ("steps",),
+            f"{tokens} × {vocab} float32, twice")
     # the first build of the basis (not when cached): its largest moment of three, beside the weights.
     # basis.input_grams sums float64 Grams on the model's device and keeps their means in RAM (on a CPU
     # both at once); the factors are computed in RAM, and safetensors' save_file serializes a copy of them.
@@ -540,8 +546,9 @@ def check_fits(plan: Plan) -> None:
                 "processes, or a bigger machine (python -m acip_core plan shows every term; --force runs anyway).")
 
 
-def plan_for_config(model: str, cfg, basis: str = "whitened", fsdp: int = 1, device: str | None = None) -> Plan:
+def plan_for_config(model: str, cfg, basis: str = "whitened", fsdp: int = 1, device: str | None = None,
+                    targets=None) -> Plan:
     """The plan of a scoring run described by a score.ScoreConfig on this machine's device."""
     return plan_scoring(model, cfg.batch_size, cfg.seq_len, cfg.base_format, fsdp=fsdp,
                         device=device or pick_device().type, precision=cfg.precision, lora_rank=cfg.lora_rank,
-                        basis=basis, probe=False)
+                        basis=basis, probe=False, objective=cfg.objective, targets=targets)

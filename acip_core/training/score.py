@@ -10,7 +10,7 @@ also does checkpoints and exact resume.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -60,10 +60,19 @@ class ScoreConfig:
         if not 0.0 < self.stop_ratio < 1.0:
             raise ValueError(f"stop_ratio must be in (0, 1), got {self.stop_ratio}")
         for name in ("steps", "batch_size", "seq_len", "reg_every", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
-        if self.post_tune_steps < 0 or self.lr <= 0 or self.reg_growth < 1.0:
-            raise ValueError("post_tune_steps >= 0, lr > 0 and reg_growth >= 1 are required")
+            if not 1 <= getattr(self, name) <= 1_000_000:
+                raise ValueError(f"{name} must be in [1, 1000000], got {getattr(self, name)}")
+        if not 0 <= self.post_tune_steps <= 1_000_000:
+            raise ValueError(f"post_tune_steps must be in [0, 1000000], got {self.post_tune_steps}")
+        # `not a <= x <= b` is also True for NaN: every float setting is checked this way
+        if not 0 < self.lr <= 1.0 or not 1.0 <= self.reg_growth <= 2.0 or not 0 <= self.reg_init <= 1e3:
+            raise ValueError("lr in (0, 1], reg_growth in [1, 2] and reg_init in [0, 1000] are required, got "
+                             f"{self.lr}, {self.reg_growth}, {self.reg_init}")
+        if not 0 < self.mask_scale <= 1.0:  # the STE mask divides by it; ≤ 0 pruned everything at once
+            raise ValueError(f"mask_scale must be in (0, 1], got {self.mask_scale}")
+        if not 1 <= self.lora_rank <= 4096 or not 0 < self.lora_alpha <= 1e4 or not 0 <= self.lora_dropout < 1:
+            raise ValueError("lora_rank in [1, 4096], lora_alpha in (0, 10000] and lora_dropout in [0, 1) are "
+                             f"required, got {self.lora_rank}, {self.lora_alpha}, {self.lora_dropout}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError("precision must be auto, bf16 or fp32")
         if self.objective not in OBJECTIVES:
@@ -202,7 +211,10 @@ def save_checkpoint(folder: Path, state: RunState, params, opt, scores) -> None:
 def load_checkpoint(folder: Path, params, opt):
     """Restores params and optimizer state in place; returns (RunState, scores) or None."""
     restored = train.load_checkpoint(folder, params, opt)
-    return None if restored is None else (RunState(**restored[0]), restored[1] or None)
+    if restored is None:
+        return None
+    known = {f.name for f in fields(RunState)}  # the checkpoint also names its run ("run": train.run_identity)
+    return RunState(**{k: v for k, v in restored[0].items() if k in known}), restored[1] or None
 
 
 def score_loop(model, layers: dict[str, ACIPLinear], stream, cfg: ScoreConfig, folder: Path,

@@ -69,9 +69,17 @@ def rss_mib() -> float | None:
     return round(pages * resource.getpagesize() / 2**20)
 
 
+_PEAK_MIB = [0.0]  # the highest peak seen before the kernel's counter was last reset (reset_step_peak)
+
+
+def _kernel_peak_mib() -> float:
+    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, step_peak_mib() or 0.0)  # KiB
+
+
 def peak_rss_mib() -> float:
-    """The process's peak resident memory, MiB (set while loading: basis, factors)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """The process's peak resident memory, MiB, since it started (loading, basis, factors, the steps).
+    Linux's clear_refs (reset_step_peak) also resets ru_maxrss, so every reset first keeps the peak."""
+    return max(_PEAK_MIB[0], _kernel_peak_mib())
 
 
 def release_memory() -> None:
@@ -91,6 +99,7 @@ def release_memory() -> None:
 def reset_step_peak() -> None:
     """Starts a new window for `step_peak_mib` (Linux: writing 5 to /proc/self/clear_refs resets the
     kernel's high-water mark VmHWM to the RSS now; elsewhere nothing, and the peak reads None)."""
+    _PEAK_MIB[0] = peak_rss_mib()
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
@@ -116,10 +125,23 @@ def memory_fields(device: torch.device) -> dict:
     return fields
 
 
+def log_rows(path: Path) -> list[dict]:
+    """The step rows of a log.jsonl; a line that is not one (torn by a full disk or a power cut) is
+    skipped, so it never blocks a resume or the end of a run."""
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if path.exists() else []:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
+
+
 def steps_memory(folder: Path) -> dict:
     """The maxima of a finished run's per-step memory fields (log.jsonl), None where never logged."""
-    rows = [json.loads(line) for line in (folder / LOG_FILE).read_text().splitlines() if line] \
-        if (folder / LOG_FILE).exists() else []
+    rows = log_rows(folder / LOG_FILE)
     out = {}
     for key, name in (("rss_mib", "steps_rss_mib"), ("step_peak_mib", "steps_peak_mib"),
                       ("gpu_peak_mib", "gpu_peak_mib")):
@@ -244,6 +266,8 @@ def save_checkpoint(folder: Path, meta: dict, params, opt, extra: dict | None = 
     for old in folder.glob(CHECKPOINT_GLOB):
         if old.name != blob_name:
             old.unlink(missing_ok=True)
+    for leftover in folder.glob(".checkpoint*.tmp"):  # a killed save's (atomic_file): never renamed, never
+        leftover.unlink(missing_ok=True)               # matched by CHECKPOINT_GLOB (RunLock: no other writer)
 
 
 def load_checkpoint(folder: Path, params, opt):
@@ -311,7 +335,7 @@ def remove_checkpoint(folder: Path) -> None:
 def _truncate_log(path: Path, step: int) -> None:
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    keep = [json.dumps(row) for row in log_rows(path) if row["step"] <= step]
     atomic_write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
 
 
