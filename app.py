@@ -286,12 +286,15 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
                     cancels=[chat_event, sweep_event])
 
         measure_out = [measure_text, results_table, download, results]
-        run_ppl.click(h.perplexity, [artifact, ratio, data, windows, seq_len, format_choice, results], measure_out,
-                      api_name="perplexity", concurrency_limit=1, concurrency_id="heavy"
-                      ).then(h.on_size, view, explore_out, api_name=False, show_progress="hidden")
-        run_eval.click(h.lm_eval, [artifact, ratio, tasks, limit, batch, format_choice, results], measure_out,
-                       api_name="lm_eval", concurrency_limit=1, concurrency_id="heavy")
-        cancel.click(h.measure_cancel, None, measure_text, api_name="cancel", queue=False)
+        ppl_event = run_ppl.click(h.perplexity, [artifact, ratio, data, windows, seq_len, format_choice, results],
+                                  measure_out, api_name="perplexity", concurrency_limit=1, concurrency_id="heavy")
+        ppl_event.then(h.on_size, view, explore_out, api_name=False, show_progress="hidden")
+        eval_event = run_eval.click(h.lm_eval, [artifact, ratio, tasks, limit, batch, format_choice, results],
+                                    measure_out, api_name="lm_eval", concurrency_limit=1, concurrency_id="heavy")
+        # the page's cancels drop this session's measurement still waiting in the queue (heavy jobs run
+        # one at a time: it would start later and run in full); the stop event ends a running one
+        cancel.click(h.measure_cancel, None, measure_text, api_name="cancel", queue=False,
+                     cancels=[ppl_event, eval_event])
         clear_results.click(lambda: (pd.DataFrame(), None, []), None, [results_table, download, results],
                             api_name="results_clear").then(h.on_size, view, explore_out, api_name=False,
                                                            show_progress="hidden")

@@ -366,8 +366,10 @@ class Handlers:
                 f"({row['seconds']:.0f} s)."), text.results_table(results), self._results_file(results, request), results
 
     def measure_cancel(self, request: gr.Request = None):
+        """Stops this session's running measurement (at its next window or batch); the page also drops
+        one still queued (app.py: the button's cancels), so the answer is final either way."""
         self._stop(request, "measure").set()
-        return "Cancelling…"
+        return "Measurement cancelled."
 
     # -- export ---------------------------------------------------------------------------------
     @ui_errors

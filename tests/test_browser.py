@@ -263,6 +263,44 @@ def test_a_second_visitor_sees_none_of_the_first_ones_measurements(app_url, brow
         other.close()
 
 
+def test_cancel_drops_a_measurement_still_waiting_for_the_heavy_slot(app_url, browser, monkeypatch):
+    """Heavy jobs run one at a time: a visitor's Cancel while theirs waited behind another one was
+    cleared when it started, so it ran in full. The page's cancels now drop it from the queue."""
+    from acip_core.evaluation.evaluate import Cancelled
+    from acip_core.serving.measure import MeasureMixin
+
+    real, started = MeasureMixin.measure_perplexity, []
+
+    def slow(self, ratio, *args, should_stop=None, **kwargs):  # holds the heavy slot for ~5 s
+        started.append(ratio)
+        for _ in range(50):
+            if should_stop is not None and should_stop():
+                raise Cancelled("cancelled")
+            time.sleep(0.1)
+        return real(self, ratio, *args, should_stop=should_stop, **kwargs)
+
+    monkeypatch.setattr(MeasureMixin, "measure_perplexity", slow)
+    url, _ = app_url
+    first, second = (browser.new_page(viewport={"width": 1400, "height": 1000}) for _ in range(2))
+    try:
+        for visitor in (first, second):
+            visitor.goto(url)
+            visitor.get_by_text(re.compile(r"Ready\.")).wait_for(timeout=120_000)
+            visitor.get_by_role("tab", name="Measure").click()
+        first.locator("#run-ppl").click()
+        _wait_change(lambda: len(started), 0, timeout=30)
+        second.locator("#run-ppl").click()  # queued behind the first visitor's
+        time.sleep(1)
+        second.get_by_role("button", name="Cancel", exact=True).click()
+        second.locator("#measure-text").get_by_text("Measurement cancelled.").wait_for(timeout=10_000)
+        first.locator("#measure-text").get_by_text(re.compile("Added to the curve")).wait_for(timeout=180_000)
+        time.sleep(2)  # the slot is free: a job left in the queue would start now
+        assert len(started) == 1, "the cancelled measurement ran"
+    finally:
+        first.close()
+        second.close()
+
+
 def test_the_gb_view_shows_the_frontier_and_a_budget_fits_an_int4_size(browser, tiny_llama, tmp_path):
     """Precision as the second axis, as a person sees it: on an artifact whose curve has float32 and
     int4 rows, the GB view draws both lines and the frontier, and a budget that only int4 meets

@@ -34,6 +34,9 @@ def test_the_image_installs_cpu_torch_then_the_makefiles_steps():
     assert torch_step[torch_step.index("--index-url") + 1] == args["TORCH_INDEX"]
     # the same pins, in the same order, as the Makefile (CI) and requirements.txt
     makefile = (ROOT / "Makefile").read_text()
+    choose_index = "$(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "  # make run TORCH_INDEX=... (README)
+    assert choose_index + "torch==" in makefile
+    makefile = makefile.replace(choose_index, "")
     make_steps = [line.split("pip install -q ", 1)[1].split() for line in makefile.splitlines()
                   if "pip install -q " in line and "$(TF4)" not in line]  # transformers 4.x: tests only
     docker_steps = [[a for a in p if a not in ("--user", "--index-url", args["TORCH_INDEX"])] for p in pips]
