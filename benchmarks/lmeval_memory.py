@@ -1,12 +1,13 @@
 """Memory of one lm-eval measurement by batch size: why a public Space bounds lm-eval's batch.
 
-    python benchmarks/lmeval_memory.py [--batches 4,16,64] [--limit 100] [--task acip_last_word] [--json]
+    python benchmarks/lmeval_memory.py [--batches 4,16,64,128] [--limit 100] [--task acip_last_word] [--json]
 
 lm-eval's HFLM scores `batch` requests (an item's answer options) per forward and holds their logits
 and log-softmax, batch × length × vocabulary float32 each (SmolLM2: 49,152 entries a token). Each batch
 size runs in its own process (the peak resident memory, VmHWM, is per process): the shipped artifact's
-original in float32, the task's first `limit` items (4 options each). Reported: the peak RSS after
-loading, the peak after lm-eval, their difference, and the wall time of the evaluation.
+original in float32, the task's first `limit` items (4 options each). Reported: the RSS once loaded
+(freed heap returned), the peak RSS during lm-eval (the high-water mark reset after loading), their
+difference, and the wall time of the evaluation.
 """
 
 from __future__ import annotations
@@ -30,9 +31,13 @@ def child(artifact: str, task: str, limit: int, batch: int) -> dict:
     from acip_core.artifacts.open import open_folder
     from acip_core.evaluation.lmeval import run_lm_eval
 
+    from acip_core.training.train import release_memory, rss_mib
+
     any_size = open_folder(artifact).any_size
     model = any_size.materialize(any_size.original_size())
-    loaded = _vmhwm_mib()
+    release_memory()  # what loading freed goes back to the OS, then the high-water mark starts anew
+    loaded = rss_mib()
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the RSS now (Linux)
     start = time.perf_counter()
     result = run_lm_eval(model, any_size.tokenizer, [task], limit, batch)
     seconds = time.perf_counter() - start
@@ -43,7 +48,7 @@ def child(artifact: str, task: str, limit: int, batch: int) -> dict:
 
 def main() -> None:
     p = common.add_artifact(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
-    p.add_argument("--batches", default="4,16,64")
+    p.add_argument("--batches", default="4,16,64,128")
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--task", default="acip_last_word")
     p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)

@@ -61,8 +61,8 @@ def _local() -> Limits:
 
 def _public(env) -> Limits:
     # steps/batch/sequence: a run of the embedded model stays under ~3 GB of memory and 30 min on a
-    # 2-core Space (README, "Public deployment"); bases are ~0.6 GB each for SmolLM2. lm-eval's batch:
-    # 16 × ~130 tokens × 49,152 vocab × 4 B ≈ 0.4 GB of logits (and as much again for their log-softmax)
+    # 2-core Space (README, "Public deployment"); bases are ~0.6 GB each for SmolLM2. lm-eval's batch of
+    # 16 held +0.97 GiB on SmolLM2, ~32 MiB a request (benchmarks/RESULTS.md, "lm-eval's batch")
     return Limits(public=True, scoring="token" if env.get("ACIP_ADMIN_TOKEN") else "off", max_steps=400,
                   max_batch_size=4, max_seq_len=512, max_run_seconds=1800, max_running=1, lm_eval_items=100,
                   lm_eval_batch=16, perplexity_windows=64, upload_bytes=10 * MB, uploads_bytes=100 * MB,
