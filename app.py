@@ -281,20 +281,21 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
                            api_name="chat", concurrency_limit=2, concurrency_id="chat")
         sweep_event = sweep_btn.click(h.sweep, [artifact, sweep_sizes, sweep_prompt, sweep_new, format_choice],
                                       sweep_grid, api_name="sweep", concurrency_limit=2, concurrency_id="chat")
+        # a chat or sweep still waiting for a slot is dropped at its turn, a running one stops at its next
+        # token (app_queue.py: Gradio's cancels put an "Error" overlay on every output of a running one)
         stop.click(h.chat_stop, None, None, api_name="chat_stop", queue=False)
         clear.click(lambda: ([], [], ""), None, [chat_a, chat_b, speed], api_name="chat_clear", queue=False,
                     cancels=[chat_event, sweep_event])
 
         measure_out = [measure_text, results_table, download, results]
-        ppl_event = run_ppl.click(h.perplexity, [artifact, ratio, data, windows, seq_len, format_choice, results],
-                                  measure_out, api_name="perplexity", concurrency_limit=1, concurrency_id="heavy")
-        ppl_event.then(h.on_size, view, explore_out, api_name=False, show_progress="hidden")
-        eval_event = run_eval.click(h.lm_eval, [artifact, ratio, tasks, limit, batch, format_choice, results],
-                                    measure_out, api_name="lm_eval", concurrency_limit=1, concurrency_id="heavy")
-        # the page's cancels drop this session's measurement still waiting in the queue (heavy jobs run
-        # one at a time: it would start later and run in full); the stop event ends a running one
-        cancel.click(h.measure_cancel, None, measure_text, api_name="cancel", queue=False,
-                     cancels=[ppl_event, eval_event])
+        run_ppl.click(h.perplexity, [artifact, ratio, data, windows, seq_len, format_choice, results],
+                      measure_out, api_name="perplexity", concurrency_limit=1, concurrency_id="heavy"
+                      ).then(h.on_size, view, explore_out, api_name=False, show_progress="hidden")
+        run_eval.click(h.lm_eval, [artifact, ratio, tasks, limit, batch, format_choice, results],
+                       measure_out, api_name="lm_eval", concurrency_limit=1, concurrency_id="heavy")
+        # a measurement still waiting for the heavy slot when Cancel is pressed is dropped at its turn,
+        # a running one stops at its next window or batch (app_queue.py: not Gradio's cancels)
+        cancel.click(h.measure_cancel, None, measure_text, api_name="cancel", queue=False)
         clear_results.click(lambda: (pd.DataFrame(), None, []), None, [results_table, download, results],
                             api_name="results_clear").then(h.on_size, view, explore_out, api_name=False,
                                                            show_progress="hidden")
@@ -342,11 +343,13 @@ def launch_options() -> dict:
     # API calls, by the app's middleware (app_uploads.py)
     from starlette.middleware import Middleware
 
+    from app_queue import ArrivalStamp
     from app_uploads import RemoteFileGuard, UploadGuard
 
     return dict(theme=gr.themes.Soft(primary_hue="indigo"), css=CSS, js=JS,
                 max_file_size=public.limits().upload_bytes,
-                app_kwargs=dict(middleware=[Middleware(UploadGuard), Middleware(RemoteFileGuard)]))
+                app_kwargs=dict(middleware=[Middleware(ArrivalStamp), Middleware(UploadGuard),
+                                            Middleware(RemoteFileGuard)]))
 
 
 if __name__ == "__main__":

@@ -24,9 +24,29 @@ from acip_core.serving.chat import check_history, check_message_count, clean_pro
 from acip_core.serving.checks import FORMAT_CHOICES, check_float, check_format, check_int
 from acip_core.serving.explorer import Explorer
 from acip_core.serving.studio import Studio, check_model_source
+from app_queue import arrived
 
 log = logging.getLogger("acip_studio")
 X_AXES = {"size ratio": "size_ratio", "GB": "gb"}
+
+
+class StopEvent(threading.Event):
+    """A session's Stop/Cancel for one kind of job. It remembers when it was pressed, so a job that was
+    still waiting in the queue then (app_queue.arrived: when it entered) is dropped when its turn comes;
+    a running job reads is_set() between tokens, windows or batches."""
+
+    pressed_at: float | None = None
+
+    def set(self) -> None:
+        self.pressed_at = time.monotonic()
+        super().set()
+
+    def came_while_queued(self, arrived_at: float | None) -> bool:
+        """Whether Stop was pressed after a job that arrived at `arrived_at` entered the queue (and it
+        has not started since: each job clears the event when it starts)."""
+        return arrived_at is not None and self.is_set() and self.pressed_at is not None \
+            and self.pressed_at > arrived_at
+
 # What `Handlers.size` returns, in order: the Explore tab's views (app.py wires them as `explore_out`
 # and checks the count). Handlers that lead with other outputs skip these views by this tuple, so a
 # new view changes one line, not a hand-counted number in every handler.
@@ -125,7 +145,7 @@ class Handlers:
 
     def __init__(self, app: Studio):
         self.app = app
-        self._stops: dict[tuple[str, str], threading.Event] = {}
+        self._stops: dict[tuple[str, str], StopEvent] = {}
         self._lock = threading.Lock()
         self.quota = public.SessionQuota(public.limits().heavy_per_hour)  # heavy jobs per visitor (public)
 
@@ -149,12 +169,12 @@ class Handlers:
                          "building the basis", unit="layers")
             yield f"Loading **{os.path.basename(folder)}**: {line}"
 
-    def _stop(self, request, kind: str) -> threading.Event:
+    def _stop(self, request, kind: str) -> StopEvent:
         """The session's stop event for `kind`; the most recently used STOP_EVENTS are kept (session
         hashes come from visitors, so the table is bounded)."""
         key = (getattr(request, "session_hash", None) or "anonymous", kind)
         with self._lock:
-            event = self._stops.pop(key, None) or threading.Event()
+            event = self._stops.pop(key, None) or StopEvent()
             self._stops[key] = event  # the most recent last
             while len(self._stops) > STOP_EVENTS:
                 self._stops.pop(next(iter(self._stops)))
@@ -269,6 +289,9 @@ class Handlers:
         if note:
             gr.Warning(toast(f"Size A {float(ratio_a):.3f}: {note}"), title="Size A")
         stop = self._stop(request, "chat")
+        if stop.came_while_queued(arrived(request)):  # Stop pressed while this chat waited for a slot
+            yield gr.skip(), gr.skip(), "*stopped before it started*", gr.skip()
+            return
         stop.clear()
         shown_a, shown_b = check_message_count(history_a), check_message_count(history_b)
         history_a, history_b = said(shown_a), said(shown_b)  # what the model reads: the text itself
@@ -310,6 +333,9 @@ class Handlers:
         ratios = text.parse_sizes(sizes)
         message = clean_prompt(message)
         stop = self._stop(request, "chat")
+        if stop.came_while_queued(arrived(request)):  # Stop pressed while this sweep waited for a slot
+            yield gr.skip()
+            return
         stop.clear()
         stream = ex.sweep(ratios, message, max_new_tokens, format=format)
         try:
@@ -333,6 +359,8 @@ class Handlers:
                    progress=gr.Progress()):
         ex = self.explorer(folder)
         stop = self._stop(request, "measure")
+        if stop.came_while_queued(arrived(request)):  # Cancel pressed while it waited for the heavy slot
+            return "Measurement cancelled.", gr.skip(), gr.skip(), gr.skip()
         stop.clear()
         progress(0.0, desc="reading the text and preparing the size")
         try:
@@ -350,6 +378,8 @@ class Handlers:
                 progress=gr.Progress()):
         ex = self.explorer(folder)
         stop = self._stop(request, "measure")
+        if stop.came_while_queued(arrived(request)):
+            return "Measurement cancelled.", gr.skip(), gr.skip(), gr.skip()
         stop.clear()
         progress(0.0, desc="loading lm-eval and its tasks")
         try:
@@ -366,8 +396,8 @@ class Handlers:
                 f"({row['seconds']:.0f} s)."), text.results_table(results), self._results_file(results, request), results
 
     def measure_cancel(self, request: gr.Request = None):
-        """Stops this session's running measurement (at its next window or batch); the page also drops
-        one still queued (app.py: the button's cancels), so the answer is final either way."""
+        """Stops this session's running measurement (at its next window or batch), or drops one still
+        waiting for the heavy slot when its turn comes (StopEvent), so the answer is final either way."""
         self._stop(request, "measure").set()
         return "Measurement cancelled."
 

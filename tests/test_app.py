@@ -34,6 +34,49 @@ def test_build_demo_returns_blocks_with_named_endpoints(tiny_artifact, tmp_path)
             "score_cancel", "score_resume", "score_poll", "cancel"} <= names
 
 
+def test_a_stop_pressed_while_a_job_waits_drops_it_at_its_turn(tiny_artifact, tmp_path):
+    """Stop/Cancel pressed while the job waits in the queue: the stop event was cleared when the job
+    started, so it ran in full. A job that entered the queue before the press is now dropped; one that
+    entered after it runs (a Stop pressed earlier never cancels the next message)."""
+    import asyncio
+    import time
+    from types import SimpleNamespace
+
+    import app_handlers
+    from app_queue import ARRIVED, ArrivalStamp, arrived
+
+    scopes = []
+
+    async def inner(scope, receive, send):
+        scopes.append(scope)
+
+    asyncio.run(ArrivalStamp(inner)({"type": "http"}, None, None))
+    request = SimpleNamespace(request=SimpleNamespace(scope=scopes[0]), session_hash="s")
+    entered = arrived(request)
+    assert isinstance(entered, float) and entered == scopes[0][ARRIVED]
+    assert arrived(SimpleNamespace(session_hash="s")) is None  # an in-process call: no arrival known
+
+    stop = app_handlers.StopEvent()
+    assert not stop.came_while_queued(entered)
+    time.sleep(0.01)
+    stop.set()  # pressed while the job that entered at `entered` waits
+    assert stop.came_while_queued(entered) and not stop.came_while_queued(None)
+    assert not stop.came_while_queued(time.monotonic())  # a job sent after the press runs
+
+    # the handlers: a measurement and a chat that waited while Stop/Cancel was pressed do nothing
+    import app
+
+    h = app.build_demo(_config(tiny_artifact, tmp_path)).handlers
+    h.measure_cancel(request)
+    out = h.perplexity.__wrapped__.__wrapped__(h, str(tiny_artifact), 1.0, "corpus:heldout", 2, 32, "float32",
+                                               [], request=request, progress=lambda *a, **k: None)
+    assert out[0] == "Measurement cancelled."
+    h.chat_stop(request)
+    replies = list(h.chat.__wrapped__(h, str(tiny_artifact), 1.0, None, 1.0, False, "hi", [], [], 4, 1.15,
+                                      "float32", request=request))
+    assert len(replies) == 1 and "stopped before it started" in replies[0][2]
+
+
 @pytest.fixture(scope="module")
 def demo(tiny_artifact, tmp_path_factory):
     import app

@@ -23,7 +23,7 @@ def test_the_library_never_imports_gradio():
     assert out.strip() == "False"
 
 
-# The app (app.py, app_handlers.py, app_uploads.py) may import acip_core's public verbs
+# The app (app.py, app_handlers.py, app_uploads.py, app_queue.py) may import acip_core's public verbs
 # (acip_core/__init__.py) and the serving layer (acip_core.serving: the Studio's verbs, the Explorer,
 # public mode), never a layer below it directly. One exception: acip_core.evaluation.plots, the figures
 # of a curve and of a run (a view of evaluation results with no serving state; benchmarks draw them
@@ -54,7 +54,7 @@ def library_imports_outside_the_app_contract(source: str) -> list[str]:
 
 def test_the_app_imports_only_acip_cores_verbs_and_the_serving_layer():
     sources = sorted(ROOT.glob("app*.py"))
-    assert {p.name for p in sources} >= {"app.py", "app_handlers.py", "app_uploads.py"}
+    assert {p.name for p in sources} >= {"app.py", "app_handlers.py", "app_uploads.py", "app_queue.py"}
     outside = {p.name: library_imports_outside_the_app_contract(p.read_text()) for p in sources}
     assert not any(outside.values()), outside
 
