@@ -37,8 +37,10 @@ class StopEvent(threading.Event):
 
     pressed_at: float | None = None
 
-    def set(self) -> None:
-        self.pressed_at = time.monotonic()
+    def set(self, at: float | None = None) -> None:
+        """`at`: when the Stop request reached the server (app_queue.arrived), so that a message sent
+        just after it is not taken for one that waited while it was pressed; now when unknown."""
+        self.pressed_at = time.monotonic() if at is None else at
         super().set()
 
     def came_while_queued(self, arrived_at: float | None) -> bool:
@@ -138,6 +140,33 @@ def heavy(fn):
         with self.quota.job(keys(self, args, kwargs), refused):
             return fn(self, *args, **kwargs)
     return wrapper
+
+
+def dropped_when_stopped(kind: str, answer):
+    """A handler whose job is dropped, before any work or quota (place it above @heavy), when its
+    visitor pressed Stop/Cancel of `kind` while it waited in the queue (StopEvent): it answers
+    `answer` (a generator handler: yields it once) instead of running."""
+    def decorate(fn):
+        signature = inspect.signature(fn)
+
+        def stopped(self, args, kwargs) -> bool:
+            request = signature.bind_partial(self, *args, **kwargs).arguments.get("request")
+            return self._stop(request, kind).came_while_queued(arrived(request))
+
+        if inspect.isgeneratorfunction(fn):
+            @functools.wraps(fn)
+            def gen_wrapper(self, *args, **kwargs):
+                if stopped(self, args, kwargs):
+                    yield answer
+                    return
+                yield from fn(self, *args, **kwargs)
+            return gen_wrapper
+
+        @functools.wraps(fn)
+        def wrapper(self, *args, **kwargs):
+            return answer if stopped(self, args, kwargs) else fn(self, *args, **kwargs)
+        return wrapper
+    return decorate
 
 
 class Handlers:
@@ -279,6 +308,7 @@ class Handlers:
 
     # -- chat -----------------------------------------------------------------------------------
     @ui_errors
+    @dropped_when_stopped("chat", (gr.skip(), gr.skip(), "*stopped before it started*", gr.skip()))
     def chat(self, folder, ratio_a, folder_b, ratio_b, side_by_side, message, history_a, history_b,
              max_new_tokens, repetition_penalty, format, request: gr.Request = None):
         """Streams the reply at size A (and at size B, of this or another artifact, when side by side)."""
@@ -289,9 +319,6 @@ class Handlers:
         if note:
             gr.Warning(toast(f"Size A {float(ratio_a):.3f}: {note}"), title="Size A")
         stop = self._stop(request, "chat")
-        if stop.came_while_queued(arrived(request)):  # Stop pressed while this chat waited for a slot
-            yield gr.skip(), gr.skip(), "*stopped before it started*", gr.skip()
-            return
         stop.clear()
         shown_a, shown_b = check_message_count(history_a), check_message_count(history_b)
         history_a, history_b = said(shown_a), said(shown_b)  # what the model reads: the text itself
@@ -323,7 +350,7 @@ class Handlers:
             stream.close()
 
     def chat_stop(self, request: gr.Request = None):
-        self._stop(request, "chat").set()
+        self._stop(request, "chat").set(at=arrived(request))
 
     @ui_errors
     @heavy
@@ -332,10 +359,7 @@ class Handlers:
         ex = self.explorer(folder)
         ratios = text.parse_sizes(sizes)
         message = clean_prompt(message)
-        stop = self._stop(request, "chat")
-        if stop.came_while_queued(arrived(request)):  # Stop pressed while this sweep waited for a slot
-            yield gr.skip()
-            return
+        stop = self._stop(request, "chat")  # Chat's Stop ends a running sweep; a queued one is not dropped
         stop.clear()
         stream = ex.sweep(ratios, message, max_new_tokens, format=format)
         try:
@@ -354,13 +378,12 @@ class Handlers:
         return str(Explorer.results_csv(results, folder / "acip-results.csv"))
 
     @ui_errors
+    @dropped_when_stopped("measure", ("Measurement cancelled.", gr.skip(), gr.skip(), gr.skip()))
     @heavy
     def perplexity(self, folder, ratio, data, windows, seq_len, format, results, request: gr.Request = None,
                    progress=gr.Progress()):
         ex = self.explorer(folder)
         stop = self._stop(request, "measure")
-        if stop.came_while_queued(arrived(request)):  # Cancel pressed while it waited for the heavy slot
-            return "Measurement cancelled.", gr.skip(), gr.skip(), gr.skip()
         stop.clear()
         progress(0.0, desc="reading the text and preparing the size")
         try:
@@ -373,13 +396,12 @@ class Handlers:
         return text.perplexity_text(row), text.results_table(results), self._results_file(results, request), results
 
     @ui_errors
+    @dropped_when_stopped("measure", ("Measurement cancelled.", gr.skip(), gr.skip(), gr.skip()))
     @heavy
     def lm_eval(self, folder, ratio, tasks, limit, batch_size, format, results, request: gr.Request = None,
                 progress=gr.Progress()):
         ex = self.explorer(folder)
         stop = self._stop(request, "measure")
-        if stop.came_while_queued(arrived(request)):
-            return "Measurement cancelled.", gr.skip(), gr.skip(), gr.skip()
         stop.clear()
         progress(0.0, desc="loading lm-eval and its tasks")
         try:
@@ -396,10 +418,10 @@ class Handlers:
                 f"({row['seconds']:.0f} s)."), text.results_table(results), self._results_file(results, request), results
 
     def measure_cancel(self, request: gr.Request = None):
-        """Stops this session's running measurement (at its next window or batch), or drops one still
-        waiting for the heavy slot when its turn comes (StopEvent), so the answer is final either way."""
-        self._stop(request, "measure").set()
-        return "Measurement cancelled."
+        """Stops this session's running measurement at its next window or batch ("… cancelled."), or
+        drops one still waiting for the heavy slot when its turn comes ("Measurement cancelled.")."""
+        self._stop(request, "measure").set(at=arrived(request))
+        return "Cancelling…"
 
     # -- export ---------------------------------------------------------------------------------
     @ui_errors

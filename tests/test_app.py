@@ -39,6 +39,7 @@ def test_a_stop_pressed_while_a_job_waits_drops_it_at_its_turn(tiny_artifact, tm
     started, so it ran in full. A job that entered the queue before the press is now dropped; one that
     entered after it runs (a Stop pressed earlier never cancels the next message)."""
     import asyncio
+    import contextlib
     import time
     from types import SimpleNamespace
 
@@ -67,14 +68,23 @@ def test_a_stop_pressed_while_a_job_waits_drops_it_at_its_turn(tiny_artifact, tm
     import app
 
     h = app.build_demo(_config(tiny_artifact, tmp_path)).handlers
-    h.measure_cancel(request)
-    out = h.perplexity.__wrapped__.__wrapped__(h, str(tiny_artifact), 1.0, "corpus:heldout", 2, 32, "float32",
-                                               [], request=request, progress=lambda *a, **k: None)
-    assert out[0] == "Measurement cancelled."
-    h.chat_stop(request)
+    asyncio.run(ArrivalStamp(inner)({"type": "http"}, None, None))  # the Stop/Cancel request, after it
+    pressed = SimpleNamespace(request=SimpleNamespace(scope=scopes[-1]), session_hash="s")
+    h.measure_cancel(pressed)
+    taken = []
+    h.quota.job = lambda *a: taken.append(a) or contextlib.nullcontext()  # a dropped job costs no quota
+    out = h.perplexity.__wrapped__(h, str(tiny_artifact), 1.0, "corpus:heldout", 2, 32, "float32",
+                                   [], request=request, progress=lambda *a, **k: None)
+    assert out[0] == "Measurement cancelled." and not taken
+    h.chat_stop(pressed)
     replies = list(h.chat.__wrapped__(h, str(tiny_artifact), 1.0, None, 1.0, False, "hi", [], [], 4, 1.15,
                                       "float32", request=request))
     assert len(replies) == 1 and "stopped before it started" in replies[0][2]
+    # a Stop request is dated by its arrival: a message sent just after it runs, however late the
+    # Stop's handler ran
+    late = app_handlers.StopEvent()
+    late.set(at=entered - 1.0)
+    assert not late.came_while_queued(entered)
 
 
 @pytest.fixture(scope="module")

@@ -292,10 +292,12 @@ def test_cancel_drops_a_measurement_still_waiting_for_the_heavy_slot(app_url, br
         second.locator("#run-ppl").click()  # queued behind the first visitor's
         time.sleep(1)
         second.get_by_role("button", name="Cancel", exact=True).click()
-        second.locator("#measure-text").get_by_text("Measurement cancelled.").wait_for(timeout=10_000)
+        second.locator("#measure-text").get_by_text("Cancelling…").wait_for(timeout=10_000)
         first.locator("#measure-text").get_by_text(re.compile("Added to the curve")).wait_for(timeout=180_000)
-        time.sleep(2)  # the slot is free: a job left in the queue would start now
+        # at its turn the waiting one answers without running
+        second.locator("#measure-text").get_by_text("Measurement cancelled.").wait_for(timeout=30_000)
         assert len(started) == 1, "the cancelled measurement ran"
+        assert not second.get_by_text(re.compile(r"^Error$")).count(), "an error overlay covers an output"
     finally:
         first.close()
         second.close()

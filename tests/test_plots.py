@@ -1,9 +1,10 @@
 """The curve figure: readable log ticks, a title that is not covered, a hint when baselines are clipped."""
 
 import pandas as pd
+import pytest
 
 from acip_core.evaluation import plots
-from acip_core.evaluation.curve import curve_at, interp_log, smallest_measured, suggested_ratio
+from acip_core.evaluation.curve import comparable_value, curve_at, interp_log, smallest_measured, suggested_ratio
 
 
 def _curve():
@@ -79,3 +80,20 @@ def test_one_colour_per_method_and_formats_told_apart_by_dash_or_marker():
     fig = plots.curve_figure(_formats_curve(), "gb", "int8")
     styles = [(t.line.dash, t.marker.symbol) for t in fig.data if t.name.startswith("acip ")]
     assert len(styles) == 3 and len(set(styles)) == 3, styles  # each format its own dash/marker
+
+
+def test_a_measurement_is_compared_with_its_own_formats_line_at_its_window_length():
+    """Measure set a perplexity beside the curve's first format (float32 beside an int8 measurement) and
+    at any window length; `curve --formats/--seq-len` add lines beside the kept (256-token) ones."""
+    kept = pd.DataFrame([dict(method=m, format="float32", size_ratio=r, ppl_heldout=p) for m, r, p in
+                         (("original", 1.0, 36.6), ("acip", 0.4, 100.0), ("acip", 0.7, 51.6))])
+    added = pd.DataFrame([dict(method="acip", format="int8", size_ratio=r, ppl_heldout=p, seq_len=128)
+                          for r, p in ((0.4, 130.0), (0.7, 70.0))])
+    curve = pd.concat([kept, added], ignore_index=True)
+    assert comparable_value(curve, 0.7, "ppl_heldout", "float32", 256) == pytest.approx(51.6)  # no seq_len: 256
+    assert comparable_value(curve, 0.7, "ppl_heldout", "int8", 128) == pytest.approx(70.0)
+    assert comparable_value(curve, 0.7, "ppl_heldout", "int8", 256) is None
+    assert comparable_value(curve, 0.7, "ppl_heldout", "float32", 128) is None
+    assert comparable_value(curve, 0.7, "ppl_heldout", "int4-g32", 256) is None  # never measured in it
+    assert comparable_value(curve, 0.7, "ppl_domain", "float32", 256) is None
+    assert comparable_value(None, 0.7, "ppl_heldout", "float32", 256) is None

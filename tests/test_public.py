@@ -331,7 +331,7 @@ def test_closing_a_chat_stream_stops_its_generation(explorer, monkeypatch):
 def test_lm_eval_items_are_capped_in_public_mode(explorer, public_mode):
     with pytest.raises(ValueError, match=r"limit must be a whole number in \[1, 100\]"):
         explorer.measure_lm_eval(1.0, ["any"], limit=100_000)
-    with pytest.raises(ValueError, match=r"batch_size must be a whole number in \[1, 16\]"):
+    with pytest.raises(ValueError, match=r"batch size must be a whole number in \[1, 16\]"):
         explorer.measure_lm_eval(1.0, ["any"], limit=10, batch_size=512)  # batch × length × vocab floats
     with pytest.raises(ValueError, match=r"windows must be a whole number in \[1, 64\]"):
         explorer.measure_perplexity(1.0, windows=1000)

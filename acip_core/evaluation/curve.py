@@ -140,11 +140,19 @@ def smallest_measured(curve: pd.DataFrame | None) -> float | None:
 CURVE_SEQ_LEN = 256  # the window length of curves that do not record theirs (every curve before seq_len)
 
 
-def curve_seq_len(curve: pd.DataFrame | None) -> int:
-    """The window length (tokens) the curve's perplexities were measured at."""
-    if curve is not None and "seq_len" in curve and curve.seq_len.notna().any():
-        return int(curve.seq_len.max())
-    return CURVE_SEQ_LEN
+def comparable_value(curve: pd.DataFrame | None, size_ratio: float, metric: str, format: str,
+                     seq_len: int) -> float | None:
+    """What the curve says at a size for a measurement to be set beside it: the artifact's own line
+    measured in `format` on `metric` at `seq_len` tokens a window (rows without `seq_len` were measured
+    at CURVE_SEQ_LEN), interpolated; None where the curve has no such rows (`curve --formats/--seq-len`
+    add lines of other formats and lengths beside the kept ones)."""
+    if metric not in ppl_columns(curve):
+        return None
+    line = first_method(curve, metric, format)
+    line = line[line.format == format]
+    lengths = line.seq_len.fillna(CURVE_SEQ_LEN) if "seq_len" in line else pd.Series(CURVE_SEQ_LEN, index=line.index)
+    line = line[lengths == seq_len]
+    return interp_log(line.size_ratio, line[metric], size_ratio)
 
 
 def spread(perplexity: float, nll_std: float, windows: int) -> tuple[float, float]:

@@ -26,7 +26,7 @@ from acip_core.artifacts.tuned import is_tuned
 from acip_core.formats.registry import parse_format
 from acip_core.serving import public
 from acip_core.sources.data import DEFAULT_DATA
-from acip_core.sources.models import ModelSourceError
+from acip_core.sources.models import ContextLengthError, ModelSourceError
 from acip_core.training.finetune import FinetuneConfig
 from acip_core.training.plan import check_fits, plan_for_config
 from acip_core.training.score import ScoreConfig
@@ -148,7 +148,7 @@ class ScoringJobs:
                 args += ["--" + key.replace("_", "-"), str(value)]
         with self._lock:
             self._check_slot()
-            self._check_memory(model, cfg, basis)
+            self._check_memory(model, cfg, basis, targets.split(",") if targets else None)
             self._bound_disk(lim.runs_bytes)
             folder.mkdir(parents=True, exist_ok=True)
             spec = dict(name=name, args=args, model=model, data=data, basis=basis, config=vars(cfg),
@@ -158,12 +158,15 @@ class ScoringJobs:
             return self._launch(name, args)
 
     @staticmethod
-    def _check_memory(model: str, cfg: ScoreConfig, basis: str) -> None:
+    def _check_memory(model: str, cfg: ScoreConfig, basis: str, targets=None) -> None:
         """Refuses (plan.PlanRefused, with needed and available GiB) a run whose memory plan does not fit
-        what is free now; a model whose config cannot be read is refused too (the run could only fail).
-        A config the plan cannot build on the meta device is let through with a warning."""
+        what is free now; a model whose config cannot be read, or a sequence past its context, is refused
+        too (the run could only fail). A config the plan cannot build on the meta device is let through
+        with a warning."""
         try:
-            plan = plan_for_config(model, cfg, basis)
+            plan = plan_for_config(model, cfg, basis, targets=targets)
+        except ContextLengthError:
+            raise
         except ModelSourceError as err:
             raise ValueError(str(err)) from None
         except Exception as err:  # noqa: BLE001 - the plan is advice; an architecture it cannot build runs unplanned

@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 
 from acip_core.engine.materialize import Size
-from acip_core.evaluation.curve import curve_at, curve_seq_len, spread
+from acip_core.evaluation.curve import comparable_value, spread
 from acip_core.evaluation.evaluate import perplexity
 from acip_core.evaluation.lmeval import run_lm_eval
 from acip_core.serving.checks import check_format, check_int
@@ -72,13 +72,10 @@ class MeasureMixin:
         result = perplexity(model, picked, batch_size, on_progress, should_stop)
         low, high = spread(result["perplexity"], result["nll_std"], result["windows"])
         metric = f"ppl_{data.removeprefix('corpus:')}"  # the curve's column of the same text, if any
-        curve = curve_at(self.curve, size.size_ratio, metric, format=format)
-        if seq_len != curve_seq_len(self.curve):  # another window length measures another perplexity
-            curve = dict(metric=None, value=None)
         return self._row("perplexity", size, format, data=data, windows=result["windows"],
                          seq_len=seq_len, tokens=result["tokens"], perplexity=result["perplexity"],
                          ppl_low=low, ppl_high=high, nll_std=result["nll_std"],
-                         curve_perplexity=curve["value"] if curve["metric"] == metric else None,
+                         curve_perplexity=comparable_value(self.curve, size.size_ratio, metric, format, seq_len),
                          seconds=round(result["seconds"], 2), tokens_per_s=round(result["tokens_per_s"], 1))
 
     def measure_lm_eval(self, ratio, tasks, limit=None, batch_size: int = 8, format: str = "float32",
@@ -92,7 +89,7 @@ class MeasureMixin:
         lim = limits()  # the heavy slot is shared: bounded work in public mode (public.py)
         if limit is not None or lim.public:
             limit = check_int(lim.lm_eval_items if limit is None else limit, 1, lim.lm_eval_items, "limit")
-        batch_size = check_int(batch_size, 1, lim.lm_eval_batch, "batch_size")
+        batch_size = check_int(batch_size, 1, lim.lm_eval_batch, "batch size")
         format = check_format(format)  # before anything is built (a family of another key would stay)
         size = self.size(ratio)
         model = GATE.wrap(self.any_size.materialize(size, format))  # its own tree: lm-eval's hooks stay on it

@@ -140,11 +140,15 @@ def context_length(config) -> int | None:
     return None
 
 
+class ContextLengthError(ValueError):
+    """A sequence length past the model's context (check_context): the run could only fail."""
+
+
 def check_context(config, seq_len: int) -> None:
-    """ValueError when `seq_len` is past the model's context (context_length)."""
+    """ContextLengthError (a ValueError) when `seq_len` is past the model's context (context_length)."""
     context = context_length(config)
     if context is not None and seq_len > context:
-        raise ValueError(f"seq_len {seq_len} exceeds the model's context of {context} tokens")
+        raise ContextLengthError(f"seq_len {seq_len} exceeds the model's context of {context} tokens")
 
 
 def load_config(source: str):
