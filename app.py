@@ -235,10 +235,12 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
                     score_targets = gr.Textbox(value="", label="targets", placeholder="e.g. q_proj,o_proj",
                                                info="empty: every linear projection of the decoder blocks")
                 with gr.Row():
-                    start = gr.Button("Start run", variant="primary")
+                    # off on a public Space without the admin token: the text above says why, and a
+                    # click would only be refused (the handlers refuse it all the same)
+                    start = gr.Button("Start run", variant="primary", interactive=lim.scoring != "off")
                     runs = gr.Dropdown(choices=[], label="run", allow_custom_value=False)
                     cancel_run = gr.Button("Cancel run")
-                    resume_run = gr.Button("Resume run")
+                    resume_run = gr.Button("Resume run", interactive=lim.scoring != "off")
                     delete_run = gr.Button("Delete run")
                 with gr.Row():
                     score_upload = gr.File(label="or upload calibration text (UTF-8 .txt)", file_types=[".txt"],

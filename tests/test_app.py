@@ -440,3 +440,20 @@ def test_streamed_updates_are_throttled_but_the_last_always_comes():
     elapsed = time.perf_counter() - start  # ≥ 0.25 s; longer on a busy machine
     assert out[-1] == 49 and 2 <= len(out) <= elapsed / 0.1 + 2 and len(out) < 50
     assert list(throttled(iter([]), 0.1)) == [] and list(throttled(iter([7]), 10)) == [7]
+
+
+@pytest.mark.parametrize("token, interactive", [(None, False), ("s3cret", True)])
+def test_start_and_resume_are_off_where_scoring_is(tiny_artifact, tmp_path, monkeypatch, token, interactive):
+    """A public Space without the admin token refuses every run: its Start/Resume buttons are disabled
+    (the tab's text says why) instead of inviting a click that can only be refused."""
+    import app
+
+    monkeypatch.setenv("ACIP_PUBLIC", "1")
+    if token:
+        monkeypatch.setenv("ACIP_ADMIN_TOKEN", token)
+    else:
+        monkeypatch.delenv("ACIP_ADMIN_TOKEN", raising=False)
+    demo = app.build_demo(_config(tiny_artifact, tmp_path))
+    buttons = {b.value: b for b in demo.blocks.values() if isinstance(b, gr.Button)}
+    assert buttons["Start run"].interactive is interactive and buttons["Resume run"].interactive is interactive
+    assert buttons["Cancel run"].interactive is not False  # a visitor's own runs stay under their control
