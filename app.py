@@ -214,7 +214,7 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
                             private = gr.Checkbox(label="private", value=True)
                             share_btn = gr.Button("Export and upload")
                         share_text = gr.Markdown(elem_id="share-text")
-            with gr.Tab("Score", id="score"):
+            with gr.Tab("Score", id="score") as score_tab:
                 gr.Markdown("Start a new scoring run in the background (a separate process: it survives page "
                             "reloads). A finished run appears in the artifact list at the top. A run has two "
                             "phases: scoring (until the stop ratio or max steps) then post-tuning the LoRA. "
@@ -312,7 +312,9 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
         start.click(h.score_start, [run_name, model, score_data, steps, basis, stop_ratio, batch_size, score_seq,
                                     post_tune, token, score_upload, score_targets], [runs_table, runs, run_plot, run_text],
                     api_name="score_start")
-        gr.on([model.submit, model.blur, batch_size.blur, score_seq.blur], score_plan, [model, batch_size, score_seq],
+        # opening the tab shows the plan of what the form holds (the embedded model at first): ~1 s
+        gr.on([score_tab.select, model.submit, model.blur, batch_size.blur, score_seq.blur], score_plan,
+              [model, batch_size, score_seq],
               plan_md, api_name="score_plan", concurrency_limit=2, trigger_mode="always_last")
         cancel_run.click(h.score_cancel, [runs, token], run_view, api_name="score_cancel")
         resume_run.click(h.score_resume, [runs, token], run_view, api_name="score_resume")

@@ -224,6 +224,8 @@ def _path(page):
     page.shot("08-export")
     page.get_by_role("tab", name="Score").click()
     page.get_by_text("Start a new scoring run").wait_for(timeout=10_000)
+    # the plan of what the form holds, as soon as the tab opens (it waited for a field to change)
+    page.locator("#score-plan").get_by_text(re.compile("Memory plan")).wait_for(timeout=60_000)
     time.sleep(4)  # one timer tick fills the runs table and the plot
     page.shot("09-score")
 
