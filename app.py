@@ -130,7 +130,12 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
                                                         elem_id="ft-objective")
                                 ft_steps = gr.Number(value=60, precision=0, label="steps",
                                                      elem_id="ft-steps")
-                                ft_start = gr.Button("fine-tune this size", elem_id="ft-start")
+                                ft_start = gr.Button("fine-tune this size", elem_id="ft-start",
+                                                     interactive=lim.scoring != "off")
+                            if lim.scoring == "off":
+                                gr.Markdown("Fine-tuning runs are off on this public Space (the owner can enable "
+                                            "them with the secret `ACIP_ADMIN_TOKEN`); run ACIP Studio locally "
+                                            "(`make run`) to fine-tune any size.", elem_id="ft-off")
                 with gr.Row():
                     with gr.Column(scale=1):
                         heatmap = gr.Plot(label="kept rank per layer", show_label=False, elem_id="heatmap")
@@ -229,7 +234,7 @@ def build_demo(config: StudioConfig | None = None) -> gr.Blocks:
                     steps = gr.Number(value=200, precision=0, label="max scoring steps")
                     post_tune = gr.Number(value=150, precision=0, label="post-tune steps")
                     basis = gr.Radio(["whitened", "svd"], value="whitened", label="basis")
-                    stop_ratio = gr.Slider(0.05, 0.95, value=0.4, step=0.05, label="stop at size ratio")
+                    stop_ratio = gr.Slider(0.05, 0.95, value=0.4, step=0.05, label="stop at size ratio", min_width=220)
                     batch_size = gr.Number(value=2, precision=0, label="batch size")
                     score_seq = gr.Number(value=128, precision=0, label="tokens per sequence")
                     score_targets = gr.Textbox(value="", label="targets", placeholder="e.g. q_proj,o_proj",

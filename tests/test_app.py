@@ -456,4 +456,5 @@ def test_start_and_resume_are_off_where_scoring_is(tiny_artifact, tmp_path, monk
     demo = app.build_demo(_config(tiny_artifact, tmp_path))
     buttons = {b.value: b for b in demo.blocks.values() if isinstance(b, gr.Button)}
     assert buttons["Start run"].interactive is interactive and buttons["Resume run"].interactive is interactive
+    assert buttons["fine-tune this size"].interactive is interactive
     assert buttons["Cancel run"].interactive is not False  # a visitor's own runs stay under their control
