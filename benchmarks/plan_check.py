@@ -1,6 +1,6 @@
 """The memory plan (acip_core/training/plan.py) against measured peaks (benchmarks/RESULTS.md, "Memory plan").
 
-  .venv/bin/python benchmarks/plan_check.py [--run-tiny] [--run-smollm2 STEPS]
+  .venv/bin/python benchmarks/plan_check.py [--run-tiny] [--run-smollm2 STEPS [--objective lm|kd|lm+kd]]
 
 Prints, for each case, the plan's figure, the measured one and the error (plan / measured − 1):
 - recorded peaks of RESULTS.md (base_memory.sh, fsdp_memory.sh, the H200 runs), planned for exactly
@@ -59,6 +59,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run-tiny", action="store_true")
     ap.add_argument("--run-smollm2", type=int, default=0, metavar="STEPS")
+    ap.add_argument("--objective", default="lm", choices=["lm", "kd", "lm+kd"],
+                    help="the --run-smollm2 run's objective (kd / lm+kd: the teacher's logits, planned too)")
     args = ap.parse_args()
 
     def plan(batch, seq, **kw):
@@ -103,8 +105,11 @@ def main() -> None:
                                                                                ("--precision", "fp32")),
              "this script, now")
     if args.run_smollm2:
-        measured = _steps_peak("smollm2-135m-instruct", "corpus:broad", 4, 256, args.run_smollm2, ("--precision", "fp32"))
-        _row(f"SmolLM2 4 × 256, float32 base, {args.run_smollm2} steps", mib(fp32), measured, "this script, now")
+        measured = _steps_peak("smollm2-135m-instruct", "corpus:broad", 4, 256, args.run_smollm2,
+                               ("--precision", "fp32", "--objective", args.objective))
+        planned = plan(4, 256, precision="fp32", objective=args.objective)
+        _row(f"SmolLM2 4 × 256, float32 base, {args.objective}, {args.run_smollm2} steps", mib(planned), measured,
+             "this script, now")
 
 
 if __name__ == "__main__":
