@@ -46,8 +46,8 @@ class StopEvent(threading.Event):
     def came_while_queued(self, arrived_at: float | None) -> bool:
         """Whether Stop was pressed after a job that arrived at `arrived_at` entered the queue (and it
         has not started since: each job clears the event when it starts)."""
-        return arrived_at is not None and self.is_set() and self.pressed_at is not None \
-            and self.pressed_at > arrived_at
+        return arrived_at is not None and self.is_set() and self.pressed_at > arrived_at  # set() dates it
+
 
 # What `Handlers.size` returns, in order: the Explore tab's views (app.py wires them as `explore_out`
 # and checks the count). Handlers that lead with other outputs skip these views by this tuple, so a
@@ -114,14 +114,19 @@ def ui_errors(fn):
     return wrapper
 
 
+def _request_of(signature: inspect.Signature, self, args, kwargs):
+    """A handler call's gr.Request (Gradio passes it by position or by name), or None."""
+    return signature.bind_partial(self, *args, **kwargs).arguments.get("request")
+
+
 def heavy(fn):
     """A heavy job (perplexity, lm-eval, sweep, export): counted against the visitor's hourly quota
     (public.SessionQuota, by session and client IP) before it runs; given back when the request is
     refused for its input (ValueError, FileNotFoundError: no work was done)."""
     refused, signature = (ValueError, FileNotFoundError), inspect.signature(fn)
 
-    def keys(self, args, kwargs):  # Gradio passes the request by position or by name
-        return public.visitor_keys(signature.bind_partial(self, *args, **kwargs).arguments.get("request"))
+    def keys(self, args, kwargs):
+        return public.visitor_keys(_request_of(signature, self, args, kwargs))
 
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
@@ -150,7 +155,7 @@ def dropped_when_stopped(kind: str, answer):
         signature = inspect.signature(fn)
 
         def stopped(self, args, kwargs) -> bool:
-            request = signature.bind_partial(self, *args, **kwargs).arguments.get("request")
+            request = _request_of(signature, self, args, kwargs)
             return self._stop(request, kind).came_while_queued(arrived(request))
 
         if inspect.isgeneratorfunction(fn):

@@ -38,12 +38,12 @@ def acip_curve(model: AnySizeModel, evals: dict[str, torch.Tensor], sizes=DEFAUL
                batch_size: int = 4, on_progress=None, method: str = "acip") -> pd.DataFrame:
     """Rows for the original and for each size (perplexity on every eval set)."""
     rows = [original_row(model, evals, batch_size)] if evals else [size_row("original", 1.0, model.original_size())]
-    seq_len = max((w.shape[-1] for w in evals.values()), default=None)  # curve_seq_len reads it
-    if seq_len:
-        rows[0]["seq_len"] = seq_len
+    # the window length, which comparable_value matches a measurement against
+    shape = {"seq_len": max(w.shape[-1] for w in evals.values())} if evals else {}
+    rows[0].update(shape)
     for i, target in enumerate(sizes):
         size = model.size_for_ratio(target)
-        row = dict(size_row(method, target, size), **({"seq_len": seq_len} if seq_len else {}))
+        row = dict(size_row(method, target, size), **shape)
         if evals:
             net = model.materialize(size)
             for name, windows in evals.items():

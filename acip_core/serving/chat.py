@@ -16,6 +16,7 @@ import torch
 from acip_core.evaluation.evaluate import REPETITION_PENALTY
 from acip_core.serving.checks import check_float, check_int
 from acip_core.serving.public import limits
+from acip_core.sources.models import context_length
 
 MAX_PROMPT_CHARS = 8000
 MAX_NEW_TOKENS = 1024
@@ -188,7 +189,7 @@ class ChatMixin:
                     for m in raw if isinstance(m, dict) and m.get("role") in ("user", "assistant")]
         messages = [m for m in messages if m["content"]]
         check_history(messages)
-        limit = int(getattr(self.any_size.base.config, "max_position_embeddings", 2048) or 2048)
+        limit = context_length(self.any_size.base.config) or 2048
         budget = max(min(limit - max_new_tokens, lim.chat_tokens), 8)
         kept, chars = [], len(message)  # newest first, by characters (a token holds at most ~16)
         for m in reversed(messages):
@@ -228,7 +229,7 @@ class ChatMixin:
         max_new_tokens = check_int(max_new_tokens, 1, MAX_NEW_TOKENS, "max_new_tokens")
         repetition_penalty = check_float(repetition_penalty, 1.0, 2.0, "repetition_penalty")
         model = self.model(ratio, format)
-        limit = int(getattr(self.any_size.base.config, "max_position_embeddings", 2048) or 2048)
+        limit = context_length(self.any_size.base.config) or 2048
         max_new_tokens = min(max_new_tokens, max(limit - 8, 1))
         ids, truncated = self._chat_ids(history, message, max_new_tokens)
         return Generation(model, self.tokenizer, ids, max_new_tokens, repetition_penalty, truncated)

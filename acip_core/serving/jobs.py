@@ -30,11 +30,12 @@ from acip_core.sources.models import ContextLengthError, ModelSourceError
 from acip_core.training.finetune import FinetuneConfig
 from acip_core.training.plan import check_fits, plan_for_config
 from acip_core.training.score import ScoreConfig
+from acip_core.training.train import LOG_FILE, log_rows
 
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
-RUN_FILE, LOG_FILE, OUTPUT_FILE = "run.json", "log.jsonl", "output.log"
+RUN_FILE, OUTPUT_FILE = "run.json", "output.log"  # a run's log.jsonl: train.LOG_FILE
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _TARGETS = re.compile(r"^[A-Za-z0-9_.]{1,64}(,[A-Za-z0-9_.]{1,64}){0,63}$")
 
@@ -82,15 +83,7 @@ def _last_log_row(folder: Path) -> dict:
 
 def read_log(folder: Path) -> pd.DataFrame:
     """log.jsonl as a DataFrame (step, phase, loss, nll, reg_weight, size_ratio, seconds)."""
-    path = Path(folder) / LOG_FILE
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line being written
-                pass
-    return pd.DataFrame(rows)
+    return pd.DataFrame(log_rows(Path(folder) / LOG_FILE))  # a line being written is skipped
 
 
 class ScoringJobs:

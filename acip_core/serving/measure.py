@@ -18,7 +18,7 @@ from acip_core.serving.checks import check_format, check_int
 from acip_core.serving.gate import GATE
 from acip_core.serving.public import check_data, limits
 from acip_core.sources.data import load_text, token_windows
-from acip_core.sources.models import context_length
+from acip_core.sources.models import check_context
 
 
 WINDOW_CACHE = 4  # token windows kept per artifact: (text, seq_len) pairs, least recently used dropped
@@ -63,9 +63,7 @@ class MeasureMixin:
         seq_len = check_int(seq_len, 8, 8192, "seq_len")
         format = check_format(format)  # every input checked before any work (a refusal costs no quota)
         size = self.size(ratio)
-        limit = context_length(self.any_size.base.config) or seq_len
-        if seq_len > limit:
-            raise ValueError(f"seq_len {seq_len} exceeds the model's context of {limit} tokens")
+        check_context(self.any_size.base.config, seq_len)
         check_data(data)
         model = self.model(ratio, format)
         picked = self._eval_windows(data, seq_len)[:windows]
